@@ -1,0 +1,179 @@
+"""Causal self-attention with a KV cache: mha, gqa (and MQA), sliding_window.
+
+All three are one module, ``CausalSelfAttention``, with different head and window settings:
+multi-head attention is grouped-query attention with as many key/value heads as query heads.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import Field
+
+from gptkit.components.base import AttentionSpec
+from gptkit.components.positional import PositionalEncoding
+from gptkit.hookspecs import hookimpl
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # keys, values: (B, H_kv, T_past, hd) each
+
+
+class CausalSelfAttention(nn.Module):
+    """Attention of each token over itself and the tokens before it.
+
+    ``forward(x, positions, past, key_mask)``:
+
+    - ``x``: (B, T, d_model), the new tokens; ``positions``: (B, T) their absolute positions;
+    - ``past``: the cached (keys, values) of the T_past earlier tokens, or None;
+    - ``key_mask``: (B, T_past + T) bool, False for padding (batches of uneven prompts), or None.
+
+    Returns the output (B, T, d_model) and the cache extended by the new tokens.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        dropout: float,
+        bias: bool,
+        positional: PositionalEncoding,
+        window: int | None = None,
+        fused: bool = True,
+    ) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        self.window = window
+        self.fused = fused  # False: the plain softmax(QK^T)V path, used as a reference in tests
+        self.dropout = dropout
+        # Queries, keys and values in one matrix multiply: (d_model) -> (H + 2 * H_kv) * hd.
+        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.resid_dropout = nn.Dropout(dropout)
+        # The positional scheme belongs to the GPT and is shared by every block; keep a plain
+        # reference so its parameters are not registered (and saved) once per layer.
+        self.__dict__["positional"] = positional
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        past: KVCache | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, KVCache]:
+        B, T, C = x.shape
+        H, H_kv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([H * hd, H_kv * hd, H_kv * hd], dim=-1)
+        q = q.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, H_kv, hd).transpose(1, 2)  # (B, H_kv, T, hd)
+        v = v.view(B, T, H_kv, hd).transpose(1, 2)  # (B, H_kv, T, hd)
+        q, k = self.positional.rotate(q, k, positions)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # (B, H_kv, T_past + T, hd)
+            v = torch.cat([past[1], v], dim=2)
+        present = (k, v)
+        if H_kv != H:  # each group of H / H_kv query heads shares one key/value head
+            k = k.repeat_interleave(H // H_kv, dim=1)  # (B, H, T_all, hd)
+            v = v.repeat_interleave(H // H_kv, dim=1)
+
+        T_all = k.size(2)
+        bias = self.positional.score_bias(T, T_all)  # (1, H, T, T_all) or None
+        dropout_p = self.dropout if self.training else 0.0
+        simple = past is None and key_mask is None and bias is None and self.window is None
+        if self.fused and simple:
+            # The common training case: the fused kernel with its own causal mask. (Its
+            # is_causal mask is aligned top-left, which is only right when T == T_all.)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            allowed = self.allowed(T, T_all, key_mask, x.device)  # (B or 1, 1, T, T_all)
+            if self.fused:
+                mask = allowed
+                if bias is not None:
+                    mask = bias.to(q.dtype).masked_fill(~allowed, float("-inf"))
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            else:
+                att = (q @ k.transpose(-2, -1)) / math.sqrt(hd)  # (B, H, T, T_all)
+                if bias is not None:
+                    att = att + bias
+                att = att.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+                att = F.dropout(att, p=dropout_p, training=self.training)
+                y = att @ v  # (B, H, T, hd)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads
+        return self.resid_dropout(self.out_proj(y)), present
+
+    def allowed(
+        self, q_len: int, k_len: int, key_mask: torch.Tensor | None, device: torch.device
+    ) -> torch.Tensor:
+        """Which keys each query may see: (B or 1, 1, q_len, k_len) bool.
+
+        The queries are the last q_len of the k_len tokens. Causal: a key at or before the
+        query; sliding window: fewer than ``window`` tokens back; padding keys never. A token
+        always sees itself, so a padding query's softmax has something to normalise over.
+        """
+        q_idx = torch.arange(k_len - q_len, k_len, device=device)[:, None]  # (Tq, 1)
+        k_idx = torch.arange(k_len, device=device)[None, :]  # (1, Tk)
+        allowed = k_idx <= q_idx
+        if self.window is not None:
+            allowed = allowed & (q_idx - k_idx < self.window)
+        allowed = allowed[None, None]  # (1, 1, Tq, Tk)
+        if key_mask is not None:
+            allowed = (allowed & key_mask[:, None, None, :].bool()) | (k_idx == q_idx)
+        return allowed
+
+
+# --------------------------------------------------------------------------- specs
+
+
+class MHASpec(AttentionSpec):
+    """Causal multi-head attention (Vaswani et al., 2017)."""
+
+    kind: Literal["mha"] = "mha"
+
+    def build(self, *, d_model, n_heads, max_seq_len, dropout, bias, positional):
+        return CausalSelfAttention(d_model, n_heads, n_heads, dropout, bias, positional)
+
+
+class GQASpec(AttentionSpec):
+    """Grouped-query attention (Ainslie et al., 2023): fewer key/value heads than query heads,
+    so the KV cache is smaller. ``n_kv_heads: 1`` is multi-query attention."""
+
+    kind: Literal["gqa"] = "gqa"
+    n_kv_heads: int = Field(2, gt=0, description="Key/value heads; must divide n_heads.")
+
+    def check(self, model):
+        if model.n_heads % self.n_kv_heads:
+            return [
+                ("n_kv_heads", f"n_heads ({model.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+            ]
+        return []
+
+    def build(self, *, d_model, n_heads, max_seq_len, dropout, bias, positional):
+        return CausalSelfAttention(d_model, n_heads, self.n_kv_heads, dropout, bias, positional)
+
+
+class SlidingWindowSpec(AttentionSpec):
+    """Local causal attention: each token sees only the last ``window`` tokens (itself included),
+    as in Longformer and Mistral."""
+
+    kind: Literal["sliding_window"] = "sliding_window"
+    window: int = Field(64, gt=0, description="Tokens each query sees, itself included.")
+
+    def check(self, model):
+        if self.window > model.max_seq_len:
+            return [("window", f"window ({self.window}) must be <= max_seq_len ({model.max_seq_len})")]
+        return []
+
+    def build(self, *, d_model, n_heads, max_seq_len, dropout, bias, positional):
+        return CausalSelfAttention(
+            d_model, n_heads, n_heads, dropout, bias, positional, window=self.window
+        )
+
+
+@hookimpl
+def gptkit_register_attention(register):
+    for spec in (MHASpec, GQASpec, SlidingWindowSpec):
+        register(spec)

@@ -1,0 +1,501 @@
+"""The typed experiment spec: load a YAML/TOML file, apply ``--set`` overrides, validate.
+
+Component slots (attention, positional, tokenizer, sampler, optimizer) accept any kind the
+registry knows, so the concrete spec class is assembled after plugins load
+(:func:`spec_class`). The static classes here hold every field that is not a component.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import re
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from gptkit.components.base import (
+    AttentionSpec,
+    ComponentSpec,
+    OptimizerSpec,
+    PositionalSpec,
+    SamplerSpec,
+    TokenizerSpec,
+)
+from gptkit.errors import GptkitError, SpecError, did_you_mean
+from gptkit.registry import Registry, load_registry
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+MAX_SPEC_BYTES = 1_000_000
+
+# The seed project's three configurations.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"d_model": 128, "n_heads": 4, "n_layers": 4, "d_ff": 512, "max_seq_len": 128},
+    "small": {"d_model": 384, "n_heads": 6, "n_layers": 6, "d_ff": 1536, "max_seq_len": 256},
+    "large": {"d_model": 768, "n_heads": 12, "n_layers": 12, "d_ff": 3072, "max_seq_len": 1024},
+}
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(StrictModel):
+    """The GPT's shape and parts."""
+
+    preset: Literal["tiny", "small", "large"] | None = Field(
+        None, description="Start from a named configuration; fields set here override it."
+    )
+    vocab_size: int | None = Field(
+        None, gt=0, description="Vocabulary size; default: the fitted tokenizer's."
+    )
+    d_model: int = Field(384, gt=0, description="Width of the residual stream.")
+    n_heads: int = Field(6, gt=0, description="Attention (query) heads per layer.")
+    n_layers: int = Field(6, gt=0, description="Transformer blocks.")
+    d_ff: int | None = Field(None, gt=0, description="Hidden width of the MLP; default 4*d_model.")
+    max_seq_len: int = Field(256, gt=0, description="Longest context the model attends over.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention and residuals.")
+    bias: bool = Field(False, description="Biases in linear layers and LayerNorm.")
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    activation: Literal["gelu", "relu", "relu2", "silu", "swiglu"] = Field(
+        "gelu", description="MLP non-linearity (relu2 = squared ReLU; swiglu is gated)."
+    )
+    tie_embeddings: bool = Field(True, description="Share the token embedding with the LM head.")
+    scale_embeddings: bool = Field(
+        False, description="Multiply token embeddings by sqrt(d_model), as the seed did."
+    )
+    attention: AttentionSpec
+    positional: PositionalSpec
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            return {**PRESETS[data["preset"]], **data}
+        return data
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ModelSpec:
+        problems: list[tuple[str, str]] = []
+        if self.d_model % self.n_heads:
+            problems.append(
+                ("n_heads", f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+            )
+        else:
+            for slot in ("attention", "positional"):
+                component: ComponentSpec = getattr(self, slot)
+                problems += [(f"{slot}.{f}", m) for f, m in component.check(self)]
+        if problems:
+            raise PydanticCustomError(
+                "cross_field",
+                "; ".join(f"{p}: {m}" for p, m in problems),
+            )
+        return self
+
+
+class DataSpec(StrictModel):
+    """Where the text comes from and how it is split."""
+
+    source: str | list[str] = Field(
+        "tinyshakespeare",
+        description="'tinyshakespeare' (embedded), a text file, a glob, or a list of them.",
+    )
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Last part held out.")
+
+
+class TrainSpec(StrictModel):
+    """The optimisation loop."""
+
+    batch_size: int = Field(64, gt=0)
+    grad_accum_steps: int = Field(1, gt=0)
+    max_steps: int = Field(5000, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of lr.")
+    warmup_steps: int = Field(100, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    grad_clip: float | None = Field(1.0, gt=0, description="Max global grad norm; null: off.")
+    eval_every: int = Field(250, gt=0)
+    eval_batches: int = Field(20, gt=0)
+    checkpoint_every: int | None = Field(None, gt=0, description="Default: eval_every.")
+    keep_last: int = Field(2, gt=0, description="Checkpoints kept besides the best.")
+    log_every: int = Field(10, gt=0)
+    sample_tokens: int = Field(200, ge=0, description="Text printed at each evaluation.")
+    max_bad_steps: int = Field(
+        5, gt=0, description="Stop after this many non-finite steps in a row."
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast where the device supports it."
+    )
+    compile: bool = Field(False, description="torch.compile the model.")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads; default: torch's.")
+    optimizer: OptimizerSpec
+
+
+class TrackingSpec(StrictModel):
+    """MLflow tracking."""
+
+    enabled: bool = True
+    uri: str | None = Field(
+        None, description="Default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."
+    )
+    experiment: str | None = Field(None, description="Default: the spec's name.")
+
+
+class ExportSpec(StrictModel):
+    """What to export when training ends."""
+
+    onnx: bool = False
+    quantize: Literal["int8"] | None = None
+
+
+class ExperimentSpec(StrictModel):
+    """A whole experiment: data, tokenizer, model, training, sampling, tracking."""
+
+    name: str = Field(
+        "experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100
+    )
+    seed: int = 1337
+    data: DataSpec = Field(default_factory=DataSpec)
+    tokenizer: TokenizerSpec
+    model: ModelSpec
+    train: TrainSpec
+    sampler: SamplerSpec
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    plugins: list[str] = Field(default_factory=list, description="Extra plugin modules to load.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved spec as plain JSON-able data (what the run directory stores)."""
+        return self.model_dump(mode="json")
+
+
+# Default kind for each component slot, and where the slot lives in the spec.
+SLOT_DEFAULTS = {
+    "attention": "mha",
+    "positional": "learned",
+    "tokenizer": "char",
+    "sampler": "top_p",
+    "optimizer": "adamw",
+}
+SLOT_PATHS = {
+    ("model", "attention"): "attention",
+    ("model", "positional"): "positional",
+    ("tokenizer",): "tokenizer",
+    ("sampler",): "sampler",
+    ("train", "optimizer"): "optimizer",
+}
+
+
+def _coerce_component(registry: Registry, slot: str, value: Any) -> Any:
+    """Accept ``rope`` for ``{kind: rope}``; reject unknown kinds with a did-you-mean."""
+    if isinstance(value, ComponentSpec):
+        return value
+    if isinstance(value, str):
+        value = {"kind": value}
+    if not isinstance(value, Mapping):
+        raise PydanticCustomError(
+            "component_type",
+            "expected a kind name or a mapping with 'kind', got {got}",
+            {"got": type(value).__name__},
+        )
+    if "kind" not in value:
+        raise PydanticCustomError(
+            "component_kind_missing",
+            "missing 'kind'; installed: {installed}",
+            {"installed": ", ".join(registry.kinds(slot))},
+        )
+    if value["kind"] not in registry.components[slot]:
+        raise PydanticCustomError("unknown_component", registry.unknown_kind_message(slot, value["kind"]))
+    return dict(value)
+
+
+def _slot_field(registry: Registry, slot: str) -> tuple[Any, Any]:
+    classes = registry.classes(slot)
+    if not classes:
+        return (Any, Field(...))
+    union: Any = classes[0] if len(classes) == 1 else Union[tuple(classes)]  # noqa: UP007
+    parts: list[Any] = [union]
+    if len(classes) > 1:
+        parts.append(Field(discriminator="kind"))
+    parts.append(BeforeValidator(functools.partial(_coerce_component, registry, slot)))
+    annotated = Annotated[tuple(parts)]  # type: ignore[valid-type]
+    default_kind = SLOT_DEFAULTS[slot]
+    if default_kind in registry.components[slot]:
+        default_cls = registry.components[slot][default_kind].cls
+        return (annotated, Field(default_factory=lambda: default_cls(kind=default_kind)))
+    return (annotated, Field(...))
+
+
+@functools.lru_cache(maxsize=16)
+def _spec_class(registry: Registry) -> type[ExperimentSpec]:
+    model_cls = create_model(
+        "ModelSpec",
+        __base__=ModelSpec,
+        __module__=__name__,
+        attention=_slot_field(registry, "attention"),
+        positional=_slot_field(registry, "positional"),
+    )
+    train_cls = create_model(
+        "TrainSpec", __base__=TrainSpec, __module__=__name__,
+        optimizer=_slot_field(registry, "optimizer"),
+    )
+    return create_model(
+        "ExperimentSpec",
+        __base__=ExperimentSpec,
+        __module__=__name__,
+        tokenizer=_slot_field(registry, "tokenizer"),
+        sampler=_slot_field(registry, "sampler"),
+        model=(model_cls, Field(default_factory=model_cls)),
+        train=(train_cls, Field(default_factory=train_cls)),
+    )
+
+
+def spec_class(registry: Registry | None = None) -> type[ExperimentSpec]:
+    """The ``ExperimentSpec`` class whose component slots accept the registry's kinds."""
+    return _spec_class(registry or load_registry())
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def read_spec_file(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML or TOML spec file into a mapping, with clear errors."""
+    path = Path(path)
+    if not path.exists():
+        raise GptkitError(f"spec file not found: {path}", "Try one of experiments/*.yaml.")
+    if path.is_dir():
+        raise GptkitError(f"spec path is a directory, not a file: {path}")
+    size = path.stat().st_size
+    if size > MAX_SPEC_BYTES:
+        raise GptkitError(
+            f"spec file {path} is {size:,} bytes; a spec is at most {MAX_SPEC_BYTES:,} bytes"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise GptkitError(f"spec file {path} is not UTF-8 text: {exc.reason}") from None
+    if not text.strip():
+        raise GptkitError(f"spec file {path} is empty", "See experiments/smoke.yaml for an example.")
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        try:
+            data: Any = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise GptkitError(f"spec file {path} is not valid TOML: {exc}") from None
+    elif suffix in (".yaml", ".yml", ".json"):
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise GptkitError(f"spec file {path} is not valid YAML: {exc}") from None
+        except RecursionError:
+            raise GptkitError(f"spec file {path} nests too deeply (recursive anchors?)") from None
+    else:
+        raise GptkitError(
+            f"spec file {path} has suffix '{path.suffix}'; use .yaml, .yml or .toml"
+        )
+    if not isinstance(data, dict):
+        raise GptkitError(
+            f"spec file {path} must hold a mapping of fields (name:, model:, ...), "
+            f"not a {type(data).__name__}"
+        )
+    _check_acyclic(data, str(path))
+    return data
+
+
+def _check_acyclic(data: Any, source: str, _stack: tuple[int, ...] = ()) -> None:
+    """YAML anchors can make a structure contain itself; refuse that before validating."""
+    if isinstance(data, (dict, list)):
+        if id(data) in _stack:
+            raise GptkitError(f"{source}: the spec refers to itself (recursive YAML anchor)")
+        children = data.values() if isinstance(data, dict) else data
+        for child in children:
+            _check_acyclic(child, source, (*_stack, id(data)))
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+_PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``model.dropout=0.1`` -> (['model', 'dropout'], 0.1); the value is parsed as YAML."""
+    if "=" not in text:
+        raise GptkitError(
+            f"--set {text!r}: expected PATH=VALUE, for example --set model.dropout=0.1"
+        )
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not _PATH_RE.match(key):
+        raise GptkitError(f"--set {text!r}: {key!r} is not a dotted field path like train.lr")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(
+    data: dict[str, Any], overrides: Iterable[str], registry: Registry | None = None
+) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``PATH=VALUE`` applied, in order.
+
+    Changing a component's ``kind`` drops the fields the new kind does not have, so
+    ``--set sampler.kind=greedy`` works on a spec whose sampler had ``p: 0.9``.
+    """
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = data
+        for i, key in enumerate(path[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            elif isinstance(child, str) and tuple(path[: i + 1]) in SLOT_PATHS:
+                child = node[key] = {"kind": child}  # bare component name
+            elif not isinstance(child, dict):
+                where = ".".join(path[: i + 1])
+                raise GptkitError(f"--set {text!r}: {where} is a {type(child).__name__}, not a section")
+            node = child
+        last = path[-1]
+        slot = SLOT_PATHS.get(tuple(path[:-1]))
+        if last == "kind" and slot and registry is not None and node.get("kind") != value:
+            if value not in registry.components[slot]:
+                raise GptkitError(f"--set {text!r}: " + registry.unknown_kind_message(slot, value))
+            keep = registry.components[slot][value].cls.model_fields
+            for stale in [k for k in node if k not in keep]:
+                del node[stale]
+        node[last] = value
+    return data
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _model_at(cls: Any, loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that the error location ``loc`` points into."""
+    current: Any = cls
+    i = 0
+    while i < len(loc):
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        f = current.model_fields.get(str(loc[i]))
+        if f is None:
+            return None
+        ann = f.annotation
+        options = [a for a in _flatten(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if len(options) > 1 and i + 1 < len(loc):
+            tagged = [o for o in options if issubclass(o, ComponentSpec) and o.kind_name() == loc[i + 1]]
+            current = tagged[0] if tagged else None
+            i += 2
+            continue
+        current = options[0] if options else None
+        i += 1
+    return current if isinstance(current, type) else None
+
+
+def _flatten(ann: Any) -> list[Any]:
+    import typing
+
+    args = typing.get_args(ann)
+    if typing.get_origin(ann) is Annotated:
+        return _flatten(args[0])
+    if args and typing.get_origin(ann) in (Union, getattr(__import__("types"), "UnionType", Union)):
+        return [x for a in args for x in _flatten(a)]
+    return [ann]
+
+
+def format_errors(exc: ValidationError, cls: type[BaseModel], registry: Registry) -> list[tuple[str, str]]:
+    """Turn pydantic's errors into (dotted path, message) pairs a user can act on."""
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        # A discriminated union puts the tag in the location: model.attention.gqa.n_kv_heads.
+        clean: list[Any] = []
+        for part in loc:
+            slot = SLOT_PATHS.get(tuple(clean))
+            if slot and part in registry.components.get(slot, {}):
+                continue
+            clean.append(part)
+        kind, msg = err["type"], err["msg"]
+        if kind == "unknown_component":
+            clean.append("kind")
+        path = ".".join(str(p) for p in clean)
+        if kind == "extra_forbidden":
+            owner = _model_at(cls, loc[:-1])
+            known = sorted(owner.model_fields) if owner else []
+            msg = f"unknown key '{loc[-1]}'{did_you_mean(str(loc[-1]), known)}"
+            if known:
+                msg += f"; allowed here: {', '.join(known)}"
+        elif kind == "cross_field":
+            for part in msg.split("; "):
+                sub, _, m = part.partition(": ")
+                problems.append((f"{path}.{sub}" if path else sub, m))
+            continue
+        elif kind not in ("unknown_component", "missing", "component_kind_missing"):
+            value = err.get("input")
+            shown = json.dumps(value, default=str) if not isinstance(value, (dict, list)) else None
+            if shown is not None and len(shown) <= 60:
+                msg += f" (got {shown})"
+        problems.append((path, msg))
+    return problems
+
+
+def validate_spec(
+    data: Mapping[str, Any], source: str = "<spec>", overrides: Iterable[str] = ()
+) -> ExperimentSpec:
+    """Validate a spec mapping (plus ``--set`` overrides) against the loaded plugins."""
+    overrides = list(overrides)
+    raw = apply_overrides(dict(data), overrides)  # first pass: `plugins` may be overridden
+    plugins = raw.get("plugins", [])
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise SpecError(source, [("plugins", "must be a list of module names")])
+    registry = load_registry(tuple(plugins))
+    raw = apply_overrides(dict(data), overrides, registry)
+    cls = spec_class(registry)
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(source, format_errors(exc, cls, registry)) from None
+
+
+def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentSpec:
+    """Read, override and validate a spec file."""
+    return validate_spec(read_spec_file(path), str(path), overrides)
+
+
+def dump_spec(spec: ExperimentSpec, path: str | Path) -> None:
+    """Write the resolved spec as YAML (or TOML-free JSON if the suffix is .json)."""
+    path = Path(path)
+    data = spec.to_dict()
+    if path.suffix == ".json":
+        path.write_text(json.dumps(data, indent=2) + "\n")
+    else:
+        path.write_text(yaml.safe_dump(data, sort_keys=False))

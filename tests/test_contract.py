@@ -1,0 +1,77 @@
+"""Contract tests, timm style: every registered attention x positional combination."""
+
+import pytest
+import torch
+
+from gptkit import testing
+from gptkit.testing import combinations
+
+BUILTIN = combinations()
+
+
+def test_every_builtin_combination_is_covered():
+    assert len(BUILTIN) == 15  # 3 attention x 5 positional kinds
+
+
+@pytest.mark.parametrize(("attention", "positional"), BUILTIN)
+def test_contract(attention, positional):
+    testing.check_all(attention, positional)
+
+
+@pytest.mark.parametrize(("attention", "positional"), BUILTIN)
+def test_fused_kernel_matches_reference_path(attention, positional):
+    model = testing.tiny_model(attention, positional)
+    idx = torch.randint(0, testing.VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fused = model(idx).logits
+        for block in model.blocks:
+            block.attn.fused = False
+        reference = model(idx).logits
+    torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("attention", "positional"), combinations(("inline_attention",), ["naive"]))
+def test_contract_for_a_plugin_component(attention, positional):
+    testing.check_all({"kind": attention, "score_scale": 1.3}, positional, ["inline_attention"])
+    model = testing.tiny_model({"kind": "naive"}, positional, ["inline_attention"])
+    assert type(model.blocks[0].attn).__name__ == "NaiveAttention"
+
+
+def test_sliding_window_really_limits_the_view():
+    model = testing.tiny_model({"kind": "sliding_window", "window": 3}, "rope")
+    idx = torch.randint(0, testing.VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    changed = idx.clone()
+    changed[0, 2] = (changed[0, 2] + 1) % testing.VOCAB
+    with torch.no_grad():
+        a, b = model(idx).logits, model(changed).logits
+    # Two layers of window 3 see 2 * (3 - 1) = 4 tokens back: position 7 is out of reach of 2.
+    torch.testing.assert_close(a[0, 7:], b[0, 7:], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[0, 2:5], b[0, 2:5])
+
+
+def test_gqa_cache_is_smaller():
+    mha = testing.tiny_model("mha", "rope")
+    gqa = testing.tiny_model({"kind": "gqa", "n_kv_heads": 1}, "rope")
+    idx = torch.zeros(1, 5, dtype=torch.long)
+    with torch.no_grad():
+        assert mha(idx).past_key_values[0][0].shape[1] == 4
+        assert gqa(idx).past_key_values[0][0].shape[1] == 1
+
+
+def test_tied_embeddings_share_storage_and_untied_do_not():
+    tied = testing.tiny_model()
+    untied = testing.tiny_model(tie_embeddings=False)
+    assert tied.lm_head.weight is tied.tok_emb.weight
+    assert untied.lm_head.weight is not untied.tok_emb.weight
+
+
+@pytest.mark.parametrize("options", [
+    {"norm": "rmsnorm"}, {"activation": "swiglu"}, {"activation": "relu2"},
+    {"bias": True, "scale_embeddings": True},
+])
+def test_model_options_keep_the_contract(options):
+    model = testing.tiny_model("mha", "rope", **options)
+    with torch.no_grad():
+        testing.check_kv_cache(model)
+        testing.check_causal(model)
+    testing.check_gradients(model)

@@ -1,0 +1,128 @@
+"""The plugin manager and registry: discovery, attribution, and broken plugins."""
+
+import json
+import textwrap
+
+import pytest
+
+from gptkit.errors import PluginError
+from gptkit.plugins import plugin_manager
+from gptkit.registry import Registry, load_registry
+from gptkit.spec import validate_spec
+from tests.helpers import assert_user_error, run_cli
+
+
+def test_builtins_register_through_the_hooks():
+    registry = load_registry()
+    assert registry.kinds("attention") == ["gqa", "mha", "sliding_window"]
+    assert registry.kinds("positional") == ["alibi", "learned", "none", "rope", "sinusoidal"]
+    assert {"greedy", "top_k", "top_p", "min_p", "typical", "temperature"} <= set(
+        registry.kinds("sampler")
+    )
+    assert registry.components["positional"]["rope"].provider == "gptkit.components.positional"
+    assert registry.problems == []
+
+
+def test_spec_plugins_build_a_third_party_attention_into_the_model():
+    from gptkit.model import build_model
+
+    spec = validate_spec({
+        "plugins": ["inline_attention"],
+        "model": {"attention": {"kind": "naive", "score_scale": 2.0}, "d_model": 32,
+                  "n_heads": 4, "n_layers": 1, "vocab_size": 10},
+    })
+    assert spec.model.attention.score_scale == 2.0
+    model = build_model(spec)
+    assert type(model.blocks[0].attn).__name__ == "NaiveAttention"
+    assert model.blocks[0].attn.score_scale == 2.0
+
+
+def test_gptkit_plugins_env_variable(monkeypatch):
+    monkeypatch.setenv("GPTKIT_PLUGINS", "inline_attention")
+    registry = load_registry()
+    assert registry.components["attention"]["naive"].provider == "inline_attention"
+    assert registry.components["attention"]["naive"].version == "0.0.1"
+
+
+def test_misspelled_hook_is_an_error_naming_the_plugin():
+    with pytest.raises(PluginError) as err:
+        plugin_manager(("misspelled_hook",), autoload=False)
+    msg = str(err.value)
+    assert "misspelled_hook" in msg
+    assert "'gptkit_register_attenton' is not a gptkit hook" in msg
+    assert "did you mean 'gptkit_register_attention'" in msg
+
+
+def test_missing_plugin_module_is_a_clear_error():
+    with pytest.raises(PluginError, match="plugin module 'no_such_plugin'"):
+        plugin_manager(("no_such_plugin",), autoload=False)
+
+
+def test_duplicate_kind_names_both_providers_and_keeps_the_first():
+    registry = Registry.from_manager(plugin_manager(("duplicate_kind",), autoload=False))
+    (problem,) = registry.problems
+    assert "duplicate attention kind 'mha'" in problem
+    assert "gptkit.components.attention" in problem and "duplicate_kind' 9.9" in problem
+    assert registry.components["attention"]["mha"].provider == "gptkit.components.attention"
+    assert "gqa" in registry.components["attention"]  # the rest keep working
+
+
+def test_bad_default_is_reported_and_skipped():
+    registry = Registry.from_manager(plugin_manager(("bad_default",), autoload=False))
+    assert "bad_default" not in registry.components["sampler"]
+    assert any("invalid default" in p and "bad_default" in p for p in registry.problems)
+
+
+def _fake_distribution(tmp_path, name, module_source, module_name):
+    """A real installed distribution: a module plus a .dist-info with an entry point."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / f"{module_name}.py").write_text(textwrap.dedent(module_source))
+    info = site / f"{name.replace('-', '_')}-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.2.3\n")
+    (info / "entry_points.txt").write_text(f"[gptkit]\n{name} = {module_name}\n")
+    return site
+
+
+def test_entry_points_load_and_a_broken_one_is_reported_not_fatal(tmp_path):
+    good = """
+        from typing import Literal
+        from gptkit import hookimpl
+        from gptkit.components.base import SamplerSpec
+
+        class EtaSpec(SamplerSpec):
+            kind: Literal["eta_test"] = "eta_test"
+
+        @hookimpl
+        def gptkit_register_sampler(register):
+            register(EtaSpec)
+    """
+    site = _fake_distribution(tmp_path, "gptkit-good", good, "good_plugin")
+    _fake_distribution(tmp_path, "gptkit-broken", "raise ImportError('boom')", "broken_plugin")
+    env = {"PYTHONPATH": str(site)}
+    result = run_cli("plugins", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["components"]["sampler"]["eta_test"]["provider"] == "gptkit-good"
+    assert doc["components"]["sampler"]["eta_test"]["version"] == "1.2.3"
+    broken = [p for p in doc["plugins"] if p["name"] == "gptkit-broken"]
+    assert broken and "boom" in broken[0]["error"] and broken[0]["version"] == "1.2.3"
+    assert "mha" in doc["components"]["attention"]
+
+    off = run_cli("plugins", "--json", env={**env, "GPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    assert "eta_test" not in json.loads(off.stdout)["components"]["sampler"]
+
+
+def test_plugins_command_lists_every_builtin_with_provider():
+    result = run_cli("plugins")
+    assert result.returncode == 0, result.stderr
+    for kind in ("mha", "gqa", "sliding_window", "learned", "sinusoidal", "rope", "alibi", "none"):
+        assert f" {kind} " in result.stdout
+    assert "gptkit.components.attention" in result.stdout
+
+
+def test_spec_naming_a_missing_plugin_exits_2(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("plugins: [not_a_module_anywhere]\n")
+    assert_user_error(run_cli("validate", spec), "not_a_module_anywhere", "could not be imported")
