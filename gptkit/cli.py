@@ -176,6 +176,117 @@ def _vocab_size_from_tokenizer(spec) -> int:
     return tokenizer.vocab_size
 
 
+# --------------------------------------------------------------------------- train, generate, eval
+
+
+@app.command()
+def train(
+    spec: SpecArg,
+    overrides: SetOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the latest run of this spec (or --run-dir).")
+    ] = False,
+    run_dir: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--run-dir", help="Run directory (default runs/<name>/<time>)."),
+    ] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="Plain log lines only.")] = False,
+) -> None:
+    """Validate SPEC, prepare data, train with progress, checkpoint, and track in MLflow."""
+    require_torch("train")
+    from gptkit.spec import load_spec
+    from gptkit.train import Trainer
+
+    resolved = load_spec(spec, overrides or [])
+    result = Trainer(resolved, run_dir=run_dir, resume=resume, progress=not no_progress).run()
+    val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+    echo(
+        f"done: {result.step} steps in {result.elapsed:.1f}s, val loss {val}, "
+        f"{result.tokens_per_sec:,.0f} tokens/s\nrun: {result.run_dir}"
+    )
+
+
+@app.command()
+def generate(
+    run: Annotated[Path, typer.Argument(help="A run directory (or runs/<name> for its newest).")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "",
+    max_new_tokens: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--max-new-tokens", "-n", help="Default: the sampler's max_new_tokens."),
+    ] = None,
+    overrides: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--set", "-s", help="Override a spec field, e.g. --set sampler.p=0.9."),
+    ] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (repeatable output).")] = None,  # noqa: UP045
+    stream: Annotated[bool, typer.Option("--stream", help="Print text as it is produced.")] = False,
+    num_samples: Annotated[
+        int, typer.Option("--num-samples", "-k", min=1, help="Continuations to generate at once.")
+    ] = 1,
+    stop: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--stop", help="Stop at this string (repeatable; escapes like \\n work)."),
+    ] = None,
+    checkpoint: Annotated[str, typer.Option(help="latest, best, or step-N.")] = "latest",
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole context each token.")] = False,
+) -> None:
+    """Generate text from a training run."""
+    require_torch("generate")
+    from gptkit.generate import Generator
+
+    if max_new_tokens is not None and max_new_tokens < 0:
+        raise GptkitError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    sets = list(overrides or [])
+    sets = [s if s.startswith("sampler.") else s for s in sets]
+    gen = Generator.from_run(run, checkpoint=checkpoint, overrides=sets)
+    stops = [codecs_unescape(s) for s in (stop or [])]
+    sampler = gen.sampler
+    if stops:
+        sampler = sampler.model_copy(update={"stop": [*sampler.stop, *stops]})
+    gen.sampler = sampler
+    prompt = codecs_unescape(prompt)
+    prompts = [prompt] * num_samples
+    if stream and num_samples == 1:
+        typer.echo(prompt, nl=False)
+        gen.complete(prompts, max_new_tokens=max_new_tokens, seed=seed, use_cache=not no_cache,
+                     on_text=lambda row, piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        typer.echo()
+        return
+    out = gen.complete(prompts, max_new_tokens=max_new_tokens, seed=seed, use_cache=not no_cache)
+    for i, completion in enumerate(out):
+        if num_samples > 1:
+            echo(f"--- sample {i + 1} ({completion.finish_reason}) ---")
+        echo(prompt + completion.text)
+
+
+def codecs_unescape(text: str) -> str:
+    """'\\n' typed on a command line -> a newline (only simple escapes)."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+@app.command("eval")
+def eval_cmd(
+    run: Annotated[Path, typer.Argument(help="A run directory.")],
+    data: Annotated[Path, typer.Option("--data", help="A UTF-8 text file to score.")],
+    checkpoint: Annotated[str, typer.Option(help="latest, best, or step-N.")] = "latest",
+    as_json: JsonOpt = False,
+) -> None:
+    """Loss, perplexity and bits per byte of a model on a text file."""
+    require_torch("eval")
+    from gptkit.evaluate import evaluate_text
+    from gptkit.run import load_run
+
+    loaded = load_run(run, checkpoint=checkpoint)
+    result = evaluate_text(loaded.model, loaded.tokenizer, data)
+    if as_json:
+        echo(json.dumps(result))
+        return
+    echo(f"{data}: {result['tokens']:,} tokens, {result['bytes']:,} bytes")
+    echo(f"  loss            {result['loss']:.4f} nats/token")
+    echo(f"  perplexity      {result['perplexity']:.3f}")
+    echo(f"  bits per byte   {result['bits_per_byte']:.4f}")
+
+
 # --------------------------------------------------------------------------- entry point
 
 

@@ -21,3 +21,23 @@ def _fresh_registry(monkeypatch):
     clear_registry_cache()
     yield
     clear_registry_cache()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Token caches and MLflow stores of the tests live in temporary folders."""
+    os.environ["GPTKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("gptkit-cache"))
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """One finished smoke training run (shared: several tests read from it)."""
+    work = tmp_path_factory.mktemp("smoke-run")
+    from tests.helpers import run_cli
+
+    result = run_cli("train", ROOT / "experiments" / "smoke.yaml", "--run-dir", work / "run",
+                     "--no-progress", cwd=work)
+    assert result.returncode == 0, result.stderr
+    return work / "run"

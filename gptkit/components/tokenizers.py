@@ -43,6 +43,10 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
+    def encode_lenient(self, text: str) -> list[int]:
+        """Encode, dropping what the vocabulary cannot represent (for held-out text)."""
+        return self.encode(text)
+
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
@@ -123,13 +127,17 @@ class CharTokenizer(Tokenizer):
             pass
         unseen = sorted({c for c in text if c not in ids})
         if self.spec.unknown == "skip":
-            return [ids[c] for c in text if c in ids]
+            return self.encode_lenient(text)
         shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in unseen[:5])
         raise DataError(
             f"text has {len(unseen)} character(s) the char tokenizer never saw: {shown}; "
             f"its vocabulary is the {len(self.chars)} characters of the training text",
             "Set tokenizer.unknown=skip to drop them, or use tokenizer: byte.",
         )
+
+    def encode_lenient(self, text: str) -> list[int]:
+        ids = self._ids
+        return [ids[c] for c in text if c in ids]
 
     def decode(self, ids: Sequence[int]) -> str:
         n = len(self.chars)

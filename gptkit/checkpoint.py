@@ -1,0 +1,163 @@
+"""Checkpoints: weights in safetensors plus a tensor-only training state, written atomically.
+
+Layout inside a run directory::
+
+    checkpoints/step-000250/model.safetensors   weights
+    checkpoints/step-000250/state.pt            optimizer, step, RNG states (weights_only-safe)
+    checkpoints/step-000250/meta.json           step, val_loss, spec fingerprint
+    checkpoints/latest                          name of the newest complete checkpoint
+    checkpoints/best                            name of the one with the lowest val_loss
+
+A checkpoint is written into a hidden temporary folder, fsynced, then renamed into place; only
+then does ``latest`` move (itself replaced atomically). A crash at any moment leaves the
+previous checkpoint valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from gptkit.errors import RunError
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_pointer(path: Path, target: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(target + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def read_pointer(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def save_checkpoint(
+    ckpt_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write checkpoint ``step`` atomically, move ``latest`` (and ``best``), prune old ones."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    name = checkpoint_name(step)
+    final = ckpt_dir / name
+    tmp = ckpt_dir / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_model(model, str(tmp / MODEL_FILE))
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=2))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # e.g. Ctrl-C right after an evaluation saved this step
+            trash = ckpt_dir / f".old-{name}-{os.getpid()}"
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(ckpt_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_pointer(ckpt_dir / "latest", name)
+    val = meta.get("val_loss")
+    best_name = read_pointer(ckpt_dir / "best")
+    best_val = _meta(ckpt_dir / best_name).get("val_loss") if best_name else None
+    if val is not None and (best_val is None or val < best_val):
+        write_pointer(ckpt_dir / "best", name)
+        best_name = name
+    _prune(ckpt_dir, keep_last, keep={name, best_name})
+    return final
+
+
+def _meta(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def _prune(ckpt_dir: Path, keep_last: int, keep: set[str | None]) -> None:
+    ckpts = list_checkpoints(ckpt_dir)
+    for path in ckpts[:-keep_last] if keep_last else ckpts:
+        if path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load weights into ``model``; return (training state, meta). Never unpickles code."""
+    for f in (MODEL_FILE, STATE_FILE, META_FILE):
+        if not (path / f).is_file():
+            raise RunError(f"checkpoint {path} is incomplete: {f} is missing")
+    try:
+        missing, unexpected = load_model(model, str(path / MODEL_FILE), strict=False)
+    except Exception as exc:
+        raise RunError(f"checkpoint {path}: cannot read {MODEL_FILE}: {exc}") from None
+    if missing or unexpected:
+        raise RunError(
+            f"checkpoint {path} does not fit this model (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]})"
+        )
+    try:
+        # weights_only=True: tensors and plain containers only. A file carrying a pickled
+        # object (code) is refused here instead of being run.
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RunError(f"checkpoint {path}: refusing {STATE_FILE}: {exc}") from None
+    return state, _meta(path)
+
+
+def resume_candidates(ckpt_dir: Path) -> list[Path]:
+    """Checkpoints to try on resume: the one ``latest`` names, then older ones, newest first."""
+    ckpts = list(reversed(list_checkpoints(ckpt_dir)))
+    latest = read_pointer(ckpt_dir / "latest")
+    if latest and (ckpt_dir / latest) in ckpts:
+        ckpts.remove(ckpt_dir / latest)
+        ckpts.insert(0, ckpt_dir / latest)
+    return ckpts

@@ -1,0 +1,105 @@
+"""MLflow tracking against a real SQLite store and a real `mlflow server`, including an outage."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import ROOT
+from tests.helpers import run_cli
+from tests.mlflow_server import MlflowServer
+
+SMOKE = ROOT / "experiments" / "smoke.yaml"
+
+
+def only_run(client, experiment):
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment {experiment}"
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return runs[0]
+
+
+def test_sqlite_store_gets_params_metrics_and_artifacts(smoke_run):
+    client = MlflowClient(f"sqlite:///{smoke_run.parent / 'mlflow.db'}")
+    run = only_run(client, "smoke")
+    assert run.info.run_id == json.loads((smoke_run / "mlflow.json").read_text())["run_id"]
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["model.d_model"] == "32" and p["model.attention.kind"] == "mha"
+    assert p["model.vocab_size"] == "66" and p["tokenizer.kind"] == "char"
+    val = client.get_metric_history(run.info.run_id, "val_loss")
+    assert [m.step for m in val] == [10, 20]
+    assert {"train_loss", "lr", "grad_norm", "tokens_per_sec", "val_ppl"} <= set(run.data.metrics)
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"spec.yaml", "loss_curve.png", "metrics.jsonl", "samples.txt", "tokenizer"} <= names
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield srv
+    srv.kill()
+
+
+def test_remote_server_receives_the_run(server, tmp_path):
+    result = run_cli("train", SMOKE, "--no-progress", "--set", f"tracking.uri={server.uri}",
+                     "--set", "tracking.experiment=remote", "--run-dir", tmp_path / "run",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    client = MlflowClient(server.uri)
+    run = only_run(client, "remote")
+    assert run.data.params["train.max_steps"] == "20"
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 2
+    local = client.download_artifacts(run.info.run_id, "spec.yaml", str(tmp_path))
+    assert "d_model: 32" in open(local).read()
+    assert not (tmp_path / "run" / "mlflow-spool.jsonl").exists()
+
+
+def test_server_killed_mid_run_training_finishes_and_catches_up(tmp_path):
+    srv = MlflowServer(tmp_path / "srv").start()
+    steps = 600
+    args = [sys.executable, "-m", "gptkit", "train", str(SMOKE), "--no-progress",
+            "--run-dir", str(tmp_path / "run"), "--set", f"tracking.uri={srv.uri}",
+            "--set", f"train.max_steps={steps}", "--set", "train.log_every=1",
+            "--set", "train.eval_every=100", "--set", "train.threads=1",
+            "--set", "tracking.experiment=outage"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "run" / "mlflow.json").exists():  # the run exists on the server
+            assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        assert proc.poll() is None, "training ended before the outage"
+        srv.kill()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        srv.kill()
+    assert proc.returncode == 0, err
+    assert "MLflow tracking at" in err and "failed" in err and "spooled" in err
+    run_dir = tmp_path / "run"
+    # Nothing is lost from the run directory.
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train_loss" in r] == list(range(1, steps + 1))
+    assert (run_dir / "checkpoints" / f"step-{steps:06d}" / "model.safetensors").exists()
+    assert (run_dir / "mlflow-spool.jsonl").exists()
+
+    # The server comes back (same store, same port); resuming sends what was spooled.
+    srv2 = MlflowServer(tmp_path / "srv", port=srv.port).start()
+    try:
+        again = subprocess.run(args + ["--resume"], cwd=tmp_path, capture_output=True, text=True,
+                               timeout=300)
+        assert again.returncode == 0, again.stderr
+        client = MlflowClient(srv2.uri)
+        run = only_run(client, "outage")
+        history = client.get_metric_history(run.info.run_id, "train_loss")
+        assert sorted({m.step for m in history}) == list(range(1, steps + 1))
+        assert run.info.status == "FINISHED"
+        assert not (run_dir / "mlflow-spool.jsonl").exists()
+    finally:
+        srv2.kill()

@@ -1,0 +1,201 @@
+"""Training: the run directory, schedules, checkpoints, exact resume after a real kill."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gptkit.checkpoint import read_pointer
+from gptkit.spec import validate_spec
+from gptkit.train import lr_at
+from tests.conftest import ROOT
+from tests.helpers import assert_user_error, run_cli
+
+SMOKE = ROOT / "experiments" / "smoke.yaml"
+# Small, single-threaded (bit-exact across processes), no tracking, a checkpoint every 5 steps.
+EXACT = ["--set", "train.max_steps=40", "--set", "train.eval_every=5", "--set", "train.log_every=1",
+         "--set", "train.threads=1", "--set", "tracking.enabled=false", "--set", "model.dropout=0.1",
+         "--set", "train.sample_tokens=0", "--no-progress"]
+
+
+def final_weights(run_dir):
+    name = read_pointer(run_dir / "checkpoints" / "latest")
+    return load_file(run_dir / "checkpoints" / name / "model.safetensors")
+
+
+def test_run_directory_layout(smoke_run):
+    for name in ("spec.yaml", "tokenizer/tokenizer.gptkit.json", "metrics.jsonl", "samples.txt",
+                 "mlflow.json", "loss_curve.png", "checkpoints/latest", "checkpoints/best"):
+        assert (smoke_run / name).exists(), name
+    latest = read_pointer(smoke_run / "checkpoints" / "latest")
+    assert latest == "step-000020"
+    for f in ("model.safetensors", "state.pt", "meta.json"):
+        assert (smoke_run / "checkpoints" / latest / f).is_file()
+    state = torch.load(smoke_run / "checkpoints" / latest / "state.pt", weights_only=True)
+    assert state["step"] == 20
+    rows = [json.loads(x) for x in (smoke_run / "metrics.jsonl").read_text().splitlines()]
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(vals) == 2 and vals[1] < vals[0]  # it learns something in 20 steps
+    assert all({"train_loss", "lr", "grad_norm", "tokens_per_sec"} <= set(r) for r in rows
+               if "train_loss" in r)
+
+
+def test_schedule_warmup_then_cosine_to_min():
+    t = validate_spec({"train": {"lr": 1.0, "warmup_steps": 10, "max_steps": 110,
+                                 "min_lr_ratio": 0.1}}).train
+    assert lr_at(0, t) == pytest.approx(0.1)
+    assert lr_at(9, t) == pytest.approx(1.0)
+    assert lr_at(60, t) == pytest.approx(0.55)
+    assert lr_at(110, t) == pytest.approx(0.1)
+    const = t.model_copy(update={"schedule": "constant"})
+    assert lr_at(80, const) == 1.0
+    lin = t.model_copy(update={"schedule": "linear"})
+    assert lr_at(60, lin) == pytest.approx(0.55)
+
+
+def _train(run_dir, *extra, cwd):
+    return subprocess.Popen(
+        [sys.executable, "-m", "gptkit", "train", str(SMOKE), "--run-dir", str(run_dir), *EXACT,
+         *extra], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _wait_for_step(proc, step):
+    for line in proc.stdout:
+        if line.startswith("step") and f"{step:>6}/" in line:
+            return
+    raise AssertionError(f"never reached step {step}: {proc.stderr.read()}")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("reference")
+    proc = _train(work / "run", cwd=work)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return work / "run"
+
+
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, reference_run):
+    kill_at = random.Random().randint(6, 38)
+    proc = _train(tmp_path / "run", cwd=tmp_path)
+    _wait_for_step(proc, kill_at)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    resumed = run_cli("train", SMOKE, "--run-dir", tmp_path / "run", "--resume", *EXACT,
+                      cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    a, b = final_weights(reference_run), final_weights(tmp_path / "run")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after a kill at step {kill_at}"
+    # The log holds each step once, as if the run had never stopped.
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text()
+             .splitlines() if "train_loss" in x]
+    assert steps == list(range(1, 41))
+
+
+def test_sigint_writes_a_checkpoint_and_exits_cleanly(tmp_path, reference_run):
+    proc = _train(tmp_path / "run", cwd=tmp_path)
+    _wait_for_step(proc, 7)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "stopped by SIGINT at step" in err
+    step = int(err.split("stopped by SIGINT at step ")[1].split(";")[0])
+    assert (tmp_path / "run" / "checkpoints" / f"step-{step:06d}" / "model.safetensors").exists()
+    resumed = run_cli("train", SMOKE, "--run-dir", tmp_path / "run", "--resume", *EXACT,
+                      cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = final_weights(reference_run), final_weights(tmp_path / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_falls_back_when_the_latest_checkpoint_is_corrupt(tmp_path, reference_run):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    latest = run / "checkpoints" / read_pointer(run / "checkpoints" / "latest")
+    (latest / "model.safetensors").write_bytes(b"truncated")
+    result = run_cli("train", SMOKE, "--run-dir", run, "--resume", *EXACT,
+                     "--set", "train.max_steps=40", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "skipping unusable checkpoint" in result.stderr
+    a, b = final_weights(reference_run), final_weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # retrained the last 5 steps exactly
+
+
+def test_resume_refuses_a_different_model_but_allows_more_steps(tmp_path, reference_run):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    bad = run_cli("train", SMOKE, "--run-dir", run, "--resume", *EXACT,
+                  "--set", "model.d_model=64", cwd=tmp_path)
+    assert_user_error(bad, "cannot resume", "model.d_model: 32 in the checkpoint, 64 now")
+    more = run_cli("train", SMOKE, "--run-dir", run, "--resume", *EXACT,
+                   "--set", "train.max_steps=45", cwd=tmp_path)
+    assert more.returncode == 0, more.stderr
+    assert read_pointer(run / "checkpoints" / "latest") == "step-000045"
+
+
+def test_nothing_to_resume_and_existing_run_dir(tmp_path, reference_run):
+    assert_user_error(run_cli("train", SMOKE, "--resume", *EXACT, cwd=tmp_path),
+                      "nothing to resume")
+    assert_user_error(run_cli("train", SMOKE, "--run-dir", reference_run, *EXACT, cwd=tmp_path),
+                      "already holds checkpoints", "--resume")
+
+
+def test_diverging_loss_stops_with_step_and_checkpoint(tmp_path):
+    result = run_cli("train", SMOKE, "--no-progress", "--set", "train.lr=1e30",
+                     "--set", "train.grad_clip=null", "--set", "tracking.enabled=false",
+                     cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "training stopped at step 5: 5 non-finite steps in a row" in result.stderr
+    assert "last good checkpoint" in result.stderr
+
+
+def test_pickle_payload_in_a_checkpoint_is_refused_without_running_it(tmp_path, reference_run):
+    import pickle
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    for ckpt in (run / "checkpoints").glob("step-*"):
+        with open(ckpt / "state.pt", "wb") as f:
+            pickle.dump({"step": Payload()}, f)
+    result = run_cli("train", SMOKE, "--run-dir", run, "--resume", *EXACT, cwd=tmp_path)
+    assert_user_error(result, "refusing state.pt")
+    assert not marker.exists()
+
+
+def test_eval_command(smoke_run, tmp_path):
+    text = tmp_path / "t.txt"
+    sample = (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
+    text.write_text(sample.read_text()[:2000] if sample.exists() else "To be, or not to be. " * 50)
+    result = run_cli("eval", smoke_run, "--data", text, "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["tokens"] == doc["bytes"] - 1  # char-level: every char but the first is predicted
+    assert 1.0 < doc["loss"] < 5.0
+    import math
+    assert doc["perplexity"] == pytest.approx(math.exp(doc["loss"]))
+    assert doc["bits_per_byte"] == pytest.approx(doc["loss"] * doc["tokens"] / doc["bytes"] / math.log(2))
+    assert_user_error(run_cli("eval", tmp_path / "missing", "--data", text), "run not found")
+    assert_user_error(run_cli("eval", tmp_path, "--data", text), "not a gptkit run directory")
