@@ -439,9 +439,11 @@ def format_errors(exc: ValidationError, cls: type[BaseModel], registry: Registry
         loc = tuple(err["loc"])
         # A discriminated union puts the tag in the location: model.attention.gqa.n_kv_heads.
         clean: list[Any] = []
+        stripped = False
         for part in loc:
             slot = SLOT_PATHS.get(tuple(clean))
-            if slot and part in registry.components.get(slot, {}):
+            if slot and not stripped and part in registry.components.get(slot, {}):
+                stripped = True  # only the tag right after the slot, not a field named alike
                 continue
             clean.append(part)
         kind, msg = err["type"], err["msg"]

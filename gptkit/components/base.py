@@ -9,7 +9,7 @@ import typing
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class ComponentSpec(BaseModel):
@@ -76,6 +76,13 @@ class SamplerSpec(ComponentSpec):
     max_new_tokens: int = Field(256, gt=0)
     stop: list[str] = Field(default_factory=list, description="Stop at any of these strings.")
     stop_at_eot: bool = Field(True, description="Stop at the end-of-text token.")
+
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def _no_zero_temperature(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and value == 0:
+            raise ValueError("temperature must be > 0; for deterministic output use sampler.kind=greedy")
+        return value
 
     def build(self) -> SamplerSpec:
         return self

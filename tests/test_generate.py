@@ -1,0 +1,234 @@
+"""Generation: KV cache vs full recompute, batches, seeds, samplers' distributions, stop strings."""
+
+import numpy as np
+import pytest
+import torch
+
+from gptkit import testing
+from gptkit.components.tokenizers import ByteTokenizerSpec, CharTokenizerSpec
+from gptkit.decoding import decode_loop
+from gptkit.generate import TorchBackend
+from gptkit.registry import load_registry
+from gptkit.testing import combinations
+from tests.helpers import assert_user_error, run_cli
+
+ALPHABET = "abcdefghijklmnopqrstuv"  # 22 characters + <|endoftext|> = testing.VOCAB
+
+
+def char_tokenizer():
+    tok = CharTokenizerSpec().build()
+    tok.fit(ALPHABET)
+    assert tok.vocab_size == testing.VOCAB
+    return tok
+
+
+def sampler(kind, **fields):
+    return load_registry().get("sampler", kind).model_validate({"kind": kind, **fields})
+
+
+GREEDY = {"kind": "greedy", "stop_at_eot": False}
+
+
+@pytest.mark.parametrize(("attention", "positional"), combinations())
+def test_greedy_with_cache_equals_without_for_64_steps(attention, positional):
+    model = testing.tiny_model(attention, positional, max_seq_len=128)
+    backend, tok = TorchBackend(model), char_tokenizer()
+    s = sampler(**GREEDY)
+    cached = decode_loop(backend, tok, ["abcabd"], s, max_new_tokens=64, use_cache=True)[0]
+    full = decode_loop(backend, tok, ["abcabd"], s, max_new_tokens=64, use_cache=False)[0]
+    assert len(cached.tokens) == 64
+    assert cached.tokens == full.tokens
+    # And both equal the plainest possible loop: argmax of a full forward, one token at a time.
+    idx = torch.tensor([tok.encode("abcabd")])
+    with torch.no_grad():
+        for _ in range(64):
+            idx = torch.cat([idx, model(idx).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert idx[0, 6:].tolist() == cached.tokens
+
+
+@pytest.mark.parametrize(("attention", "positional"), combinations())
+def test_batch_of_uneven_prompts_equals_one_at_a_time(attention, positional):
+    model = testing.tiny_model(attention, positional, max_seq_len=128)
+    backend, tok, s = TorchBackend(model), char_tokenizer(), sampler(**GREEDY)
+    prompts = ["a", "bcdefghij", "kkkk"]
+    batch = decode_loop(backend, tok, prompts, s, max_new_tokens=20)
+    for prompt, got in zip(prompts, batch):
+        alone = decode_loop(backend, tok, [prompt], s, max_new_tokens=20)[0]
+        assert got.tokens == alone.tokens, prompt
+
+
+def test_context_full_policy_crops_and_continues():
+    model = testing.tiny_model("mha", "learned", max_seq_len=16)
+    backend, tok = TorchBackend(model), char_tokenizer()
+    out = decode_loop(backend, tok, ["abcdefghij"], sampler(**GREEDY), max_new_tokens=40)[0]
+    assert len(out.tokens) == 40  # learned positions would fail past 16 without the crop
+    nocache = decode_loop(backend, tok, ["abcdefghij"], sampler(**GREEDY), max_new_tokens=40,
+                          use_cache=False)[0]
+    assert nocache.tokens == out.tokens
+
+
+def test_same_seed_same_text_other_seed_other_text():
+    model = testing.tiny_model("mha", "rope")
+    backend, tok = TorchBackend(model), char_tokenizer()
+    s = sampler("temperature", temperature=1.5, stop_at_eot=False)
+    a = decode_loop(backend, tok, ["ab", "c"], s, max_new_tokens=30, seed=5)
+    b = decode_loop(backend, tok, ["ab", "c"], s, max_new_tokens=30, seed=5)
+    c = decode_loop(backend, tok, ["ab", "c"], s, max_new_tokens=30, seed=6)
+    assert [x.tokens for x in a] == [x.tokens for x in b]
+    assert [x.tokens for x in a] != [x.tokens for x in c]
+
+
+# ----------------------------------------------------------------------- samplers' distributions
+
+LOGITS = np.array([[2.0, 1.5, 1.0, 0.2, -0.5, -1.0, -3.0]])
+# Upper 0.1% points of the chi-square distribution, by degrees of freedom.
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46}
+
+
+def softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def truncated(keep, temperature=1.0):
+    p = softmax(LOGITS[0] / temperature)
+    p = np.where(keep, p, 0.0)
+    return p / p.sum()
+
+
+def expected(kind, **f):
+    p = softmax(LOGITS[0] / f.get("temperature", 1.0))
+    order = np.argsort(-p)
+    if kind == "temperature":
+        return p
+    if kind == "top_k":
+        keep = np.zeros(7, bool)
+        keep[order[: f["k"]]] = True
+        return truncated(keep, f.get("temperature", 1.0))
+    if kind == "top_p":
+        keep, total = np.zeros(7, bool), 0.0
+        for i in order:
+            if total >= f["p"]:
+                break
+            keep[i], total = True, total + p[i]
+        return truncated(keep, f.get("temperature", 1.0))
+    if kind == "min_p":
+        return truncated(p >= f["p"] * p.max(), f.get("temperature", 1.0))
+    if kind == "typical":
+        surprise = -np.log(p)
+        entropy = (p * surprise).sum()
+        keep, total = np.zeros(7, bool), 0.0
+        for i in np.argsort(np.abs(surprise - entropy), kind="stable"):
+            if total >= f["p"]:
+                break
+            keep[i], total = True, total + p[i]
+        return truncated(keep, f.get("temperature", 1.0))
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(("kind", "fields"), [
+    ("temperature", {"temperature": 1.0}),
+    ("temperature", {"temperature": 0.7}),
+    ("top_k", {"k": 3}),
+    ("top_p", {"p": 0.8}),
+    ("top_p", {"p": 0.5, "temperature": 1.3}),
+    ("min_p", {"p": 0.2}),
+    ("typical", {"p": 0.6}),
+])
+def test_sampler_distribution_matches_its_analytic_truncation(kind, fields):
+    want = expected(kind, **fields)
+    s = sampler(kind, **fields)
+    np.testing.assert_allclose(s.probs(LOGITS)[0], want, atol=1e-12)
+    rng = np.random.default_rng(1234)
+    n = 40_000
+    draws = np.concatenate([s.sample(np.repeat(LOGITS, 1000, axis=0), rng) for _ in range(n // 1000)])
+    counts = np.bincount(draws, minlength=7)
+    assert counts[want == 0].sum() == 0, "drew a token the sampler excludes"
+    support = want > 0
+    chi2 = (((counts[support] - n * want[support]) ** 2) / (n * want[support])).sum()
+    dof = int(support.sum()) - 1
+    if dof:
+        assert chi2 < CHI2_999[dof], (chi2, counts, n * want)
+
+
+def test_greedy_and_repetition_penalty():
+    assert sampler("greedy").sample(LOGITS, np.random.default_rng(0)).tolist() == [0]
+    penalised = sampler("greedy", repetition_penalty=2.0)
+    # token 0 (logit 2.0 -> 1.0) falls below token 1 (1.5) once it has been generated
+    assert penalised.sample(LOGITS, np.random.default_rng(0), np.array([[0]])).tolist() == [1]
+
+
+# ----------------------------------------------------------------------- stop strings, streaming
+
+
+class Scripted:
+    """A backend that always predicts the next token of a fixed script (tests the loop only)."""
+
+    max_seq_len = 64
+
+    def __init__(self, script_ids, vocab):
+        self.script, self.vocab, self.i = script_ids, vocab, 0
+
+    def __call__(self, ids, positions, key_mask, past):
+        logits = np.full((ids.shape[0], self.vocab), -1e9)
+        logits[:, self.script[min(self.i, len(self.script) - 1)]] = 0.0
+        self.i += 1
+        return logits, object()
+
+
+def test_stop_string_across_tokens_is_never_streamed_halfway():
+    tok = CharTokenizerSpec().build()
+    tok.fit("abcdef\n")
+    backend = Scripted(tok.encode("ab\ncd\n\nef"), tok.vocab_size)
+    pieces = []
+    out = decode_loop(backend, tok, ["a"], sampler("greedy", stop=["\n\n"]), max_new_tokens=20,
+                      on_text=lambda row, piece: pieces.append(piece))[0]
+    assert out.text == "ab\ncd" and out.finish_reason == "stop"
+    assert "".join(pieces) == "ab\ncd"
+    assert "ab\n" not in pieces[:2] and not any(p.endswith("\n") for p in pieces[:-1])
+
+
+def test_streaming_holds_back_partial_utf8():
+    tok = ByteTokenizerSpec().build()
+    backend = Scripted(list("né!".encode()), tok.vocab_size)
+    pieces = []
+    out = decode_loop(backend, tok, ["x"], sampler("greedy"), max_new_tokens=4,
+                      on_text=lambda row, piece: pieces.append(piece))[0]
+    assert out.text == "né!"
+    assert "".join(pieces) == "né!" and not any("\ufffd" in p for p in pieces)
+
+
+def test_end_of_text_stops_a_row():
+    tok = char_tokenizer()
+    backend = Scripted([0, 1, tok.eot_id, 2], tok.vocab_size)
+    out = decode_loop(backend, tok, ["a"], sampler("greedy"), max_new_tokens=10)[0]
+    assert out.text == "ab" and out.finish_reason == "eot"
+
+
+# ----------------------------------------------------------------------- command line
+
+
+def test_cli_generate_stream_samples_seed_and_sampler(smoke_run):
+    a = run_cli("generate", smoke_run, "--prompt", "ROMEO:", "-n", "40", "--seed", "3", "--stream")
+    b = run_cli("generate", smoke_run, "--prompt", "ROMEO:", "-n", "40", "--seed", "3")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert a.stdout.startswith("ROMEO:") and a.stdout == b.stdout
+    k = run_cli("generate", smoke_run, "-p", "A", "-n", "10", "--num-samples", "3",
+                "--set", "sampler.kind=min_p", "--set", "sampler.p=0.05", "--seed", "1")
+    assert k.returncode == 0, k.stderr
+    assert k.stdout.count("--- sample") == 3
+    stop = run_cli("generate", smoke_run, "-p", "A", "-n", "60", "--stop", "e",
+                   "--set", "sampler.kind=greedy", "--set", "sampler.stop_at_eot=false")
+    assert stop.returncode == 0 and "e" not in stop.stdout.strip()[1:]
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["-n", "-1"], "--max-new-tokens must be >= 0"),
+    (["--set", "sampler.temperature=0"], "sampler.temperature: Value error, temperature must be > 0; for deterministic output use sampler.kind=greedy"),
+    (["--set", "sampler.kind=top_p", "--set", "sampler.p=1.5"], "sampler.p"),
+    (["--prompt", "x" * 40], "the model's context is 32"),
+    (["--prompt", "ROMEO: ☃"], "never saw"),
+    (["--set", "sampler.kind=mni_p"], "did you mean 'min_p'"),
+])
+def test_cli_generate_bad_arguments(smoke_run, args, needle):
+    assert_user_error(run_cli("generate", smoke_run, *args), needle)
