@@ -208,7 +208,9 @@ def train(
 
 @app.command()
 def generate(
-    run: Annotated[Path, typer.Argument(help="A run directory (or runs/<name> for its newest).")],
+    run: Annotated[
+        Path, typer.Argument(help="A run directory (or runs/<name>), or an export bundle.")
+    ],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "",
     max_new_tokens: Annotated[
         Optional[int],  # noqa: UP045
@@ -216,7 +218,7 @@ def generate(
     ] = None,
     overrides: Annotated[
         Optional[list[str]],  # noqa: UP045
-        typer.Option("--set", "-s", help="Override a spec field, e.g. --set sampler.p=0.9."),
+        typer.Option("--set", "-s", help="Override a sampler field, e.g. --set sampler.p=0.9."),
     ] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (repeatable output).")] = None,  # noqa: UP045
     stream: Annotated[bool, typer.Option("--stream", help="Print text as it is produced.")] = False,
@@ -225,38 +227,63 @@ def generate(
     ] = 1,
     stop: Annotated[
         Optional[list[str]],  # noqa: UP045
-        typer.Option("--stop", help="Stop at this string (repeatable; escapes like \\n work)."),
+        typer.Option("--stop", help="Stop at this string (repeatable; \\n and \\t work)."),
     ] = None,
-    checkpoint: Annotated[str, typer.Option(help="latest, best, or step-N.")] = "latest",
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole context each token.")] = False,
+    checkpoint: Annotated[str, typer.Option(help="For runs: latest, best, or step-N.")] = "latest",
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Recompute the whole context for every token.")
+    ] = False,
 ) -> None:
-    """Generate text from a training run."""
-    require_torch("generate")
-    from gptkit.generate import Generator
-
+    """Generate text from a training run (torch) or an export bundle (onnxruntime, no torch)."""
     if max_new_tokens is not None and max_new_tokens < 0:
         raise GptkitError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-    sets = list(overrides or [])
-    sets = [s if s.startswith("sampler.") else s for s in sets]
-    gen = Generator.from_run(run, checkpoint=checkpoint, overrides=sets)
     stops = [codecs_unescape(s) for s in (stop or [])]
-    sampler = gen.sampler
-    if stops:
-        sampler = sampler.model_copy(update={"stop": [*sampler.stop, *stops]})
-    gen.sampler = sampler
     prompt = codecs_unescape(prompt)
+    sets = list(overrides or [])
+    if (run / "gptkit.json").is_file():
+        from gptkit.runtime import Bundle
+
+        bundle = Bundle.load(run)
+        changes = _sampler_changes(sets)
+        if stops:
+            changes["stop"] = [*bundle.sampler.stop, *stops]
+        sampler = bundle.sampler_with(**changes)
+
+        def complete(prompts, **kw):
+            return bundle.complete(prompts, sampler=sampler, **kw)
+    else:
+        require_torch("generate")
+        from gptkit.generate import Generator
+
+        gen = Generator.from_run(run, checkpoint=checkpoint, overrides=sets)
+        if stops:
+            gen.sampler = gen.sampler.model_copy(update={"stop": [*gen.sampler.stop, *stops]})
+        complete = gen.complete
     prompts = [prompt] * num_samples
     if stream and num_samples == 1:
         typer.echo(prompt, nl=False)
-        gen.complete(prompts, max_new_tokens=max_new_tokens, seed=seed, use_cache=not no_cache,
-                     on_text=lambda row, piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        complete(prompts, max_new_tokens=max_new_tokens, seed=seed, use_cache=not no_cache,
+                 on_text=lambda row, piece: (sys.stdout.write(piece), sys.stdout.flush()))
         typer.echo()
         return
-    out = gen.complete(prompts, max_new_tokens=max_new_tokens, seed=seed, use_cache=not no_cache)
+    out = complete(prompts, max_new_tokens=max_new_tokens, seed=seed, use_cache=not no_cache)
     for i, completion in enumerate(out):
         if num_samples > 1:
             echo(f"--- sample {i + 1} ({completion.finish_reason}) ---")
         echo(prompt + completion.text)
+
+
+def _sampler_changes(sets: list[str]) -> dict:
+    """``--set sampler.x=y`` for a bundle: only sampler fields can change there."""
+    from gptkit.spec import parse_override
+
+    changes = {}
+    for text in sets:
+        path, value = parse_override(text)
+        if len(path) != 2 or path[0] != "sampler":
+            raise GptkitError(f"--set {text!r}: a bundle only takes sampler.FIELD=VALUE overrides")
+        changes[path[1]] = value
+    return changes
 
 
 def codecs_unescape(text: str) -> str:
@@ -285,6 +312,49 @@ def eval_cmd(
     echo(f"  loss            {result['loss']:.4f} nats/token")
     echo(f"  perplexity      {result['perplexity']:.3f}")
     echo(f"  bits per byte   {result['bits_per_byte']:.4f}")
+
+
+# --------------------------------------------------------------------------- export, serve
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="A run directory (or runs/<name>).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write.")],
+    quantize: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--quantize", help="int8: dynamic quantization of the matmuls."),
+    ] = None,
+    checkpoint: Annotated[str, typer.Option(help="latest, best, or step-N.")] = "latest",
+    register: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--register", help="Also register the model in MLflow under this name."),
+    ] = None,
+) -> None:
+    """Export a run to an ONNX bundle with a KV cache, parity-checked against torch."""
+    require_torch("export")
+    if quantize not in (None, "int8"):
+        raise GptkitError(f"--quantize {quantize!r}: the only option is int8")
+    from gptkit.export import export_run
+
+    export_run(run, out, quantize=quantize, checkpoint=checkpoint, register=register)
+
+
+@app.command()
+def serve(
+    bundle: Annotated[Path, typer.Argument(help="An export bundle folder.")],
+    host: Annotated[str, typer.Option(help="Address to bind (default: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    max_concurrent: Annotated[int, typer.Option(min=1, help="Generations at once.")] = 4,
+    max_queued: Annotated[int, typer.Option(min=0, help="Requests waiting beyond those.")] = 64,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens accepted.")] = 1024,
+) -> None:
+    """Serve an export bundle over HTTP (OpenAI-style /v1/completions) on onnxruntime."""
+    from gptkit.serve import Limits
+    from gptkit.serve import serve as run_server
+
+    run_server(str(bundle), host, port, Limits(max_concurrent=max_concurrent,
+                                               max_queued=max_queued, max_tokens=max_tokens))
 
 
 # --------------------------------------------------------------------------- entry point

@@ -23,7 +23,13 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 
 
 def resolve_uri(spec_uri: str | None) -> str:
-    return spec_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """The tracking URI; a relative SQLite path is made absolute (runs are reopened from
+    other working directories by resume and export)."""
+    uri = spec_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        uri = prefix + os.path.abspath(uri[len(prefix):])
+    return uri
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:

@@ -30,9 +30,16 @@ def test_fused_kernel_matches_reference_path(attention, positional):
     torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(("attention", "positional"), BUILTIN)
+def test_onnx_export_contract(attention, positional, tmp_path):
+    report = testing.check_onnx(testing.tiny_model(attention, positional), tmp_path)
+    assert report["decode_steps"] == 32
+
+
 @pytest.mark.parametrize(("attention", "positional"), combinations(("inline_attention",), ["naive"]))
-def test_contract_for_a_plugin_component(attention, positional):
-    testing.check_all({"kind": attention, "score_scale": 1.3}, positional, ["inline_attention"])
+def test_contract_for_a_plugin_component(attention, positional, tmp_path):
+    testing.check_all({"kind": attention, "score_scale": 1.3}, positional, ["inline_attention"],
+                      onnx_dir=tmp_path)
     model = testing.tiny_model({"kind": "naive"}, positional, ["inline_attention"])
     assert type(model.blocks[0].attn).__name__ == "NaiveAttention"
 

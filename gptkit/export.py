@@ -1,0 +1,318 @@
+"""Export a trained run to an ONNX bundle with a KV cache, parity-checked against torch.
+
+One graph serves prefill and decode::
+
+    inputs   input_ids (B, T) int64, position_ids (B, T) int64,
+             attention_mask (B, P + T) int64 (1 = real token, 0 = left padding),
+             past_key_values.{i}.key / .value (B, H_kv, P, hd) float32   (P may be 0)
+    outputs  logits (B, T, V) float32, present.{i}.key / .value (B, H_kv, P + T, hd)
+
+Names follow onnxruntime-genai / Optimum. Batch, sequence and past lengths are symbolic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gptkit.errors import GptkitError, RunError
+from gptkit.model import GPT
+
+OPSET = 18
+MANIFEST = "gptkit.json"
+MODEL_FILE = "model.onnx"
+PARITY_ATOL = 1e-4
+
+
+class _OnnxDecoder(torch.nn.Module):
+    """The GPT with flat, named inputs and outputs for export."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, attention_mask, past_key_values):
+        out = self.model(input_ids, positions=position_ids, past_key_values=past_key_values,
+                         key_mask=attention_mask.bool())
+        return out.logits, out.past_key_values
+
+
+def io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    return ["input_ids", "position_ids", "attention_mask", *past], ["logits", *present]
+
+
+def cache_shape(model: GPT) -> tuple[int, int]:
+    """(H_kv, head_dim) of the first block's cache, read from a one-token forward."""
+    with torch.no_grad():
+        out = model(torch.zeros(1, 1, dtype=torch.long))
+    k = out.past_key_values[0][0]
+    return int(k.shape[1]), int(k.shape[3])
+
+
+def export_onnx(model: GPT, path: Path, opset: int = OPSET) -> None:
+    """Write ``model`` as ONNX to ``path`` with symbolic batch / sequence / past dimensions."""
+    from torch.export import Dim
+
+    model = model.eval()
+    n_layers = model.spec.n_layers
+    h_kv, hd = cache_shape(model)
+    # Example sizes of 2 and more: sizes 0 and 1 would be frozen into the graph.
+    B, T, P = 2, 3, 4
+    past = [(torch.randn(B, h_kv, P, hd), torch.randn(B, h_kv, P, hd)) for _ in range(n_layers)]
+    args = (torch.randint(0, model.spec.vocab_size, (B, T)),
+            torch.arange(P, P + T).expand(B, T).contiguous(),
+            torch.ones(B, P + T, dtype=torch.long), past)
+    batch, seq = Dim("batch", min=1, max=4096), Dim("sequence", min=1, max=1 << 16)
+    past_len = Dim("past_sequence", min=0, max=1 << 16)
+    dynamic = {
+        "input_ids": {0: batch, 1: seq},
+        "position_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: Dim.AUTO},
+        "past_key_values": [({0: batch, 2: past_len}, {0: batch, 2: past_len})] * n_layers,
+    }
+    inputs, outputs = io_names(n_layers)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import logging
+
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        program = torch.onnx.export(
+            _OnnxDecoder(model), args, dynamic_shapes=dynamic, dynamo=True, opset_version=opset,
+            input_names=inputs, output_names=outputs, verbose=False, optimize=True,
+        )
+    program.save(str(path))
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- parity
+
+
+def parity_check(model: GPT, onnx_path: Path, decode_steps: int = 32, seed: int = 0) -> dict[str, Any]:
+    """Run torch and onnxruntime side by side: a prefill, then cached decode steps."""
+    from gptkit.runtime import OnnxModel
+
+    ort_model = OnnxModel(onnx_path)
+    gen = torch.Generator().manual_seed(seed)
+    V, T = model.spec.vocab_size, min(16, model.spec.max_seq_len - decode_steps - 1)
+    if T < 1:
+        T = max(1, model.spec.max_seq_len // 2)
+        decode_steps = max(1, model.spec.max_seq_len - T - 1)
+    ids = torch.randint(0, V, (2, T), generator=gen)
+    mask = np.ones((2, T), dtype=bool)
+    pos = np.arange(T)[None].repeat(2, 0)
+    with torch.no_grad():
+        ref = model(ids, positions=torch.from_numpy(pos))
+    logits, past = ort_model.run(ids.numpy(), pos, mask, None, all_logits=True)
+    prefill_diff = float(np.abs(logits - ref.logits.numpy()).max())
+    decode_diff, greedy_same = 0.0, True
+    torch_past = ref.past_key_values
+    tok_t = ref.logits[:, -1].argmax(-1, keepdim=True)
+    tok_o = torch.from_numpy(logits[:, -1].argmax(-1)[:, None])
+    for step in range(decode_steps):
+        greedy_same &= bool(torch.equal(tok_t, tok_o))
+        p = np.full((2, 1), T + step, dtype=np.int64)
+        mask = np.ones((2, T + step + 1), dtype=bool)
+        with torch.no_grad():
+            out = model(tok_t, positions=torch.from_numpy(p), past_key_values=torch_past)
+        logits, past = ort_model.run(tok_t.numpy(), p, mask, past, all_logits=True)
+        decode_diff = max(decode_diff, float(np.abs(logits - out.logits.numpy()).max()))
+        torch_past = out.past_key_values
+        tok_t = out.logits[:, -1].argmax(-1, keepdim=True)
+        tok_o = torch.from_numpy(logits[:, -1].argmax(-1)[:, None])
+    ok = prefill_diff <= PARITY_ATOL and decode_diff <= PARITY_ATOL and greedy_same
+    return {"prefill_max_abs_diff": prefill_diff, "decode_max_abs_diff": decode_diff,
+            "decode_steps": decode_steps, "greedy_tokens_identical": greedy_same,
+            "tolerance": PARITY_ATOL, "passed": ok}
+
+
+# --------------------------------------------------------------------------- int8
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """Dynamic int8 quantization of the matrix multiplications (onnxruntime's tool)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul", "Gemm"])
+
+
+def quality_report(fp32: Path, int8: Path, val_ids: np.ndarray, window: int,
+                   max_windows: int = 16) -> dict[str, Any]:
+    """Greedy top-1 agreement and validation perplexity, int8 against fp32."""
+    from gptkit.runtime import OnnxModel
+
+    a, b = OnnxModel(fp32), OnnxModel(int8)
+    n = min(max_windows, max(1, (len(val_ids) - 1) // window))
+    agree = total = 0
+    nll = {"fp32": 0.0, "int8": 0.0}
+    for i in range(n):
+        chunk = np.asarray(val_ids[i * window : i * window + window + 1], dtype=np.int64)
+        x, y = chunk[None, :-1], chunk[1:]
+        pos = np.arange(x.shape[1])[None]
+        mask = np.ones_like(x, dtype=bool)
+        la, _ = a.run(x, pos, mask, None, all_logits=True)
+        lb, _ = b.run(x, pos, mask, None, all_logits=True)
+        agree += int((la[0].argmax(-1) == lb[0].argmax(-1)).sum())
+        total += len(y)
+        for name, lg in (("fp32", la[0]), ("int8", lb[0])):
+            lg = lg - lg.max(-1, keepdims=True)
+            logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
+            nll[name] -= float(logp[np.arange(len(y)), y].sum())
+    ppl = {k: float(np.exp(v / total)) for k, v in nll.items()}
+    return {"top1_agreement": agree / total, "tokens": total, "val_ppl_fp32": ppl["fp32"],
+            "val_ppl_int8": ppl["int8"], "val_ppl_change": ppl["int8"] - ppl["fp32"]}
+
+
+# --------------------------------------------------------------------------- bundle
+
+
+def export_run(run: str | Path, out: str | Path, quantize: str | None = None,
+               checkpoint: str = "latest", register: str | None = None, log=print) -> dict[str, Any]:
+    """Export a run to a bundle folder; returns the manifest. Refuses to finish on a parity miss."""
+    from gptkit.run import load_run
+
+    loaded = load_run(run, checkpoint=checkpoint)
+    model, spec = loaded.model, loaded.spec
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not (out / MANIFEST).exists():
+            raise GptkitError(f"{out} exists and is not an export bundle; refusing to overwrite it",
+                              "Choose an empty or new --out folder.")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        t0 = time.time()
+        log(f"exporting {loaded.checkpoint} to ONNX (opset {OPSET}) ...")
+        export_onnx(model, tmp / MODEL_FILE)
+        log(f"  exported in {time.time() - t0:.1f}s; checking parity with torch ...")
+        parity = parity_check(model, tmp / MODEL_FILE)
+        log(f"  prefill max |diff| {parity['prefill_max_abs_diff']:.2e}, "
+            f"{parity['decode_steps']} decode steps {parity['decode_max_abs_diff']:.2e}, "
+            f"greedy identical: {parity['greedy_tokens_identical']}")
+        if not parity["passed"]:
+            raise GptkitError(
+                f"ONNX parity check failed: {json.dumps(parity)}; the bundle was not written",
+                "This is a bug in an attention/positional component's export path; "
+                "run gptkit's contract tests for it.")
+        quant = None
+        model_file = MODEL_FILE
+        if quantize == "int8":
+            from gptkit.data import prepare_data
+
+            log("  quantizing matrix multiplications to int8 ...")
+            quantize_int8(tmp / MODEL_FILE, tmp / "model.int8.onnx")
+            data = prepare_data(spec.data, spec.tokenizer)
+            quant = quality_report(tmp / MODEL_FILE, tmp / "model.int8.onnx", data.val,
+                                   spec.model.max_seq_len)
+            quant["size_fp32"] = (tmp / MODEL_FILE).stat().st_size
+            quant["size_int8"] = (tmp / "model.int8.onnx").stat().st_size
+            os.replace(tmp / "model.int8.onnx", tmp / MODEL_FILE)
+            log(f"  int8: top-1 agreement {quant['top1_agreement']:.2%}, val perplexity "
+                f"{quant['val_ppl_fp32']:.3f} -> {quant['val_ppl_int8']:.3f}, size "
+                f"{quant['size_fp32'] / 1e6:.1f} MB -> {quant['size_int8'] / 1e6:.1f} MB")
+        tok_files = loaded.tokenizer.save(tmp / "tokenizer")
+        h_kv, hd = cache_shape(model)
+        inputs, outputs = io_names(spec.model.n_layers)
+        files = [model_file, *[f"tokenizer/{f}" for f in tok_files]]
+        files += [f.name for f in tmp.iterdir() if f.is_file() and f.name not in (MODEL_FILE,)
+                  and f.name != MANIFEST]
+        manifest = {
+            "format": 1,
+            "gptkit_version": __import__("gptkit").__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source_run": str(loaded.run_dir),
+            "checkpoint": loaded.checkpoint.name,
+            "spec": spec.to_dict(),
+            "inputs": inputs,
+            "outputs": outputs,
+            "vocab_size": spec.model.vocab_size,
+            "special_tokens": {"eot": loaded.tokenizer.eot_id, "pad": loaded.tokenizer.pad_id},
+            "max_seq_len": spec.model.max_seq_len,
+            "n_layers": spec.model.n_layers,
+            "n_kv_heads": h_kv,
+            "head_dim": hd,
+            "opset": OPSET,
+            "precision": quantize or "fp32",
+            "parity": parity,
+            "quantization": quant,
+            "files": {f: sha256_file(tmp / f) for f in sorted(set(files))},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"bundle written: {out}")
+    _log_to_mlflow(loaded.run_dir, out, manifest, register, log)
+    return manifest
+
+
+def _log_to_mlflow(run_dir: Path, bundle: Path, manifest: dict[str, Any], register: str | None,
+                   log) -> None:
+    """Attach the bundle and an ONNX-flavour model to the run's MLflow run (never fatal)."""
+    info_path = run_dir / "mlflow.json"
+    if not info_path.exists():
+        if register:
+            raise RunError(f"--register needs the run's MLflow record ({info_path} is missing)")
+        return
+    info = json.loads(info_path.read_text())
+    try:
+        import mlflow
+        import onnx
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        client = mlflow.tracking.MlflowClient(info["uri"])
+        run_id = info["run_id"]
+        parity = manifest["parity"]
+        metrics = {"onnx_prefill_max_abs_diff": parity["prefill_max_abs_diff"],
+                   "onnx_decode_max_abs_diff": parity["decode_max_abs_diff"]}
+        if manifest.get("quantization"):
+            q = manifest["quantization"]
+            metrics.update(int8_top1_agreement=q["top1_agreement"],
+                           int8_val_ppl_change=q["val_ppl_change"])
+        for k, v in metrics.items():
+            client.log_metric(run_id, k, float(v))
+        client.log_artifacts(run_id, str(bundle), "bundle")
+        hd, hkv = manifest["head_dim"], manifest["n_kv_heads"]
+        inputs = [TensorSpec(np.dtype(np.int64), (-1, -1), n) for n in manifest["inputs"][:3]]
+        inputs += [TensorSpec(np.dtype(np.float32), (-1, hkv, -1, hd), n)
+                   for n in manifest["inputs"][3:]]
+        outputs = [TensorSpec(np.dtype(np.float32), (-1, -1, manifest["vocab_size"]), "logits")]
+        outputs += [TensorSpec(np.dtype(np.float32), (-1, hkv, -1, hd), n)
+                    for n in manifest["outputs"][1:]]
+        signature = ModelSignature(Schema(inputs), Schema(outputs))
+        mlflow.set_tracking_uri(info["uri"])
+        with mlflow.start_run(run_id=run_id):
+            mlflow.onnx.log_model(onnx.load(str(bundle / MODEL_FILE)), name="onnx-model",
+                                  signature=signature, registered_model_name=register)
+        log(f"logged to MLflow run {run_id}" + (f", registered as '{register}'" if register else ""))
+    except Exception as exc:
+        if register:
+            raise GptkitError(f"could not register the model in MLflow: {exc}") from None
+        log(f"gptkit: warning: bundle not logged to MLflow ({type(exc).__name__}: {exc})")

@@ -1,0 +1,192 @@
+"""Run an exported bundle with onnxruntime. Needs numpy, onnxruntime and the tokenizer
+library — never torch (the tests check that ``torch`` stays out of ``sys.modules``).
+
+>>> bundle = Bundle.load("bundles/shakespeare")                 # doctest: +SKIP
+>>> bundle.generate("ROMEO:", max_new_tokens=100, seed=1)        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gptkit.decoding import Completion, decode_loop
+from gptkit.errors import GptkitError, RunError
+
+MANIFEST = "gptkit.json"
+MODEL_FILE = "model.onnx"
+
+
+def _session_options(threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # One inter-op thread and all cores inside each op: decoding is a chain of small ops.
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.inter_op_num_threads = 1
+    opts.intra_op_num_threads = threads or int(os.environ.get("GPTKIT_ORT_THREADS", 0)) or (
+        os.cpu_count() or 1)
+    return opts
+
+
+class OnnxModel:
+    """An exported decoder graph. ``run`` follows the decoding loop's backend protocol."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(self.path), _session_options(threads),
+                                            providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        shape = self.session.get_inputs()[self.inputs.index(self.past_names[0])].shape
+        self.n_kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+
+    def run(self, ids, positions, key_mask, past, all_logits: bool = False):
+        """ids/positions (B, T), key_mask (B, P + T) -> last (or all) logits and the new cache."""
+        B = ids.shape[0]
+        if past is None:
+            empty = np.zeros((B, self.n_kv_heads, 0, self.head_dim), dtype=np.float32)
+            past = [empty] * len(self.past_names)
+        feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64),
+                 "position_ids": np.ascontiguousarray(positions, dtype=np.int64),
+                 "attention_mask": np.ascontiguousarray(key_mask, dtype=np.int64)}
+        feeds.update(zip(self.past_names, past))
+        logits, *present = self.session.run(None, feeds)
+        return (logits if all_logits else logits[:, -1]), present
+
+
+class _Backend:
+    def __init__(self, model: OnnxModel, max_seq_len: int) -> None:
+        self.model, self.max_seq_len = model, max_seq_len
+
+    def __call__(self, ids, positions, key_mask, past):
+        return self.model.run(ids, positions, key_mask, past)
+
+
+def _runtime_registry():
+    """Tokenizers and samplers only: the torch-free built-ins plus installed plugins."""
+    from gptkit.components import TORCH_FREE_BUILTINS
+    from gptkit.plugins import plugin_manager
+    from gptkit.registry import Registry
+
+    return Registry.from_manager(plugin_manager(builtins=TORCH_FREE_BUILTINS))
+
+
+def verify_bundle(folder: Path) -> dict[str, Any]:
+    """Read the manifest and check every file's sha256 and every external-data path."""
+    manifest_path = folder / MANIFEST
+    if not folder.is_dir():
+        raise RunError(f"bundle not found: {folder}" if not folder.exists()
+                       else f"{folder} is a file; expected a bundle folder")
+    if not manifest_path.is_file():
+        raise RunError(f"{folder} is not an export bundle (no {MANIFEST})",
+                       "Make one with: gptkit export RUN --out BUNDLE")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RunError(f"{manifest_path} is not a valid manifest: {exc}") from None
+    root = folder.resolve()
+    for name, digest in files.items():
+        path = (folder / name).resolve()
+        if root not in path.parents:
+            raise RunError(f"{manifest_path} lists a file outside the bundle: {name}")
+        if not path.is_file():
+            raise RunError(f"bundle {folder} is missing {name}")
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != digest:
+            raise RunError(f"bundle {folder}: {name} does not match its sha256 in {MANIFEST} "
+                           "(modified or damaged)", "Export the bundle again.")
+    _check_external_data(folder / MODEL_FILE, root)
+    return manifest
+
+
+def _check_external_data(model_path: Path, root: Path) -> None:
+    """Refuse ONNX external-data locations that point outside the bundle folder."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:
+        raise RunError(f"{model_path} is not a readable ONNX model: {exc}") from None
+    tensors = list(proto.graph.initializer)
+    for node in proto.graph.node:
+        tensors += [a.t for a in node.attribute if a.HasField("t")]
+    for t in tensors:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in t.external_data if e.key == "location"), "")
+            target = (model_path.parent / location).resolve()
+            if os.path.isabs(location) or root not in target.parents:
+                raise RunError(f"{model_path}: tensor '{t.name}' keeps its data at "
+                               f"'{location}', outside the bundle; refusing to load it")
+
+
+class Bundle:
+    """A verified export bundle: onnxruntime model, tokenizer and default sampler."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], model: OnnxModel, tokenizer: Any,
+                 sampler: Any, registry: Any) -> None:
+        self.folder, self.manifest = folder, manifest
+        self.model, self.tokenizer, self.sampler = model, tokenizer, sampler
+        self.registry = registry
+        self.max_seq_len = int(manifest["max_seq_len"])
+        self.backend = _Backend(model, self.max_seq_len)
+
+    @classmethod
+    def load(cls, folder: str | Path, threads: int | None = None) -> Bundle:
+        from gptkit.components.tokenizers import load_tokenizer
+
+        folder = Path(folder)
+        manifest = verify_bundle(folder)
+        registry = _runtime_registry()
+        tokenizer = load_tokenizer(folder / "tokenizer", registry)
+        sampler = cls._sampler(registry, manifest["spec"].get("sampler", {"kind": "top_p"}), {})
+        return cls(folder, manifest, OnnxModel(folder / MODEL_FILE, threads), tokenizer, sampler,
+                   registry)
+
+    @staticmethod
+    def _sampler(registry, base: dict[str, Any], changes: dict[str, Any]):
+        from pydantic import ValidationError
+
+        kind = changes.get("kind", base.get("kind"))
+        cls = registry.get("sampler", kind)
+        data = {k: v for k, v in base.items() if k in cls.model_fields}
+        data.update(changes)
+        data["kind"] = kind
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(f"sampler.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                 for e in exc.errors(include_url=False))
+            raise GptkitError(problems) from None
+
+    def sampler_with(self, **changes: Any):
+        """The bundle's sampler with some fields changed (``kind`` too)."""
+        return self._sampler(self.registry, self.sampler.model_dump(), changes)
+
+    def complete(self, prompts: Sequence[str], *, sampler: Any = None,
+                 max_new_tokens: int | None = None, seed: int | None = None,
+                 use_cache: bool = True,
+                 on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
+        return decode_loop(self.backend, self.tokenizer, list(prompts), sampler or self.sampler,
+                           max_new_tokens=max_new_tokens, seed=seed, use_cache=use_cache,
+                           on_text=on_text)
+
+    def generate(self, prompt: str, max_new_tokens: int = 200, seed: int | None = None,
+                 **sampler_changes: Any) -> str:
+        sampler = self.sampler_with(**sampler_changes) if sampler_changes else self.sampler
+        return self.complete([prompt], sampler=sampler, max_new_tokens=max_new_tokens,
+                             seed=seed)[0].text

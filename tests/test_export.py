@@ -1,0 +1,151 @@
+"""Export bundles: manifest, torch-free runtime, parity with torch, tampering, int8, MLflow."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from gptkit.errors import RunError
+from gptkit.runtime import Bundle
+from tests.helpers import assert_user_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def bundle(smoke_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    result = run_cli("export", smoke_run, "--out", out, cwd=smoke_run.parent)
+    assert result.returncode == 0, result.stderr
+    assert "greedy identical: True" in result.stdout
+    return out
+
+
+def test_manifest_lists_every_file_with_its_hash(bundle):
+    manifest = json.loads((bundle / "gptkit.json").read_text())
+    assert set(manifest["files"]) == {"model.onnx", "tokenizer/tokenizer.gptkit.json"}
+    assert manifest["inputs"][:3] == ["input_ids", "position_ids", "attention_mask"]
+    assert manifest["inputs"][3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert manifest["outputs"][:2] == ["logits", "present.0.key"]
+    assert manifest["vocab_size"] == 66 and manifest["max_seq_len"] == 32
+    assert manifest["special_tokens"] == {"eot": 65, "pad": 65}
+    parity = manifest["parity"]
+    assert parity["passed"] and parity["prefill_max_abs_diff"] <= 1e-4
+    assert parity["decode_steps"] > 0 and parity["greedy_tokens_identical"]
+
+
+def test_bundle_generates_without_torch_installed(bundle):
+    # torch cannot be imported at all in this process: sys.modules['torch'] = None.
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from gptkit.runtime import Bundle\n"
+        f"b = Bundle.load({str(bundle)!r})\n"
+        "text = b.generate('ROMEO:', max_new_tokens=30, seed=1)\n"
+        "assert isinstance(text, str) and len(text) > 0, text\n"
+        "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "print('ok', len(text))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok")
+    cli = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['torch'] = None\n"
+         "from gptkit.cli import main; main()", "generate", str(bundle), "-p", "ROMEO:",
+         "-n", "20", "--seed", "2", "--stream"], capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.startswith("ROMEO:")
+
+
+def test_bundle_and_torch_give_the_same_tokens_for_the_same_seed(smoke_run, bundle):
+    from gptkit.generate import Generator
+
+    gen = Generator.from_run(smoke_run)
+    b = Bundle.load(bundle)
+    for changes in ({"kind": "greedy", "stop_at_eot": False},
+                    {"kind": "top_k", "k": 5, "stop_at_eot": False}):
+        sampler = b.sampler_with(**changes)
+        gen.sampler = sampler
+        torch_out = gen.complete(["ROMEO:", "To be"], max_new_tokens=40, seed=11)
+        ort_out = b.complete(["ROMEO:", "To be"], sampler=sampler, max_new_tokens=40, seed=11)
+        assert [c.tokens for c in torch_out] == [c.tokens for c in ort_out], changes
+
+
+def test_cli_generate_from_bundle_matches_run(smoke_run, bundle):
+    args = ["-p", "KING:", "-n", "25", "--seed", "4", "--set", "sampler.kind=greedy"]
+    a, b = run_cli("generate", smoke_run, *args), run_cli("generate", bundle, *args)
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert a.stdout == b.stdout
+
+
+def test_tampered_bundle_is_refused(bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    tok = copy / "tokenizer" / "tokenizer.gptkit.json"
+    tok.write_text(tok.read_text().replace("a", "b", 1))
+    with pytest.raises(RunError, match="does not match its sha256"):
+        Bundle.load(copy)
+    assert_user_error(run_cli("generate", copy, "-p", "a"), "does not match its sha256")
+
+
+def test_external_data_outside_the_bundle_is_refused(bundle, tmp_path):
+    import hashlib
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    (tmp_path / "secret.bin").write_bytes(np.zeros(4, np.float32).tobytes())
+    model = onnx.load(str(copy / "model.onnx"))
+    t = numpy_helper.from_array(np.zeros(4, np.float32), "stolen")
+    t.ClearField("raw_data")
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", "../secret.bin"), ("offset", "0"), ("length", "16")):
+        entry = t.external_data.add()
+        entry.key, entry.value = k, v
+    model.graph.initializer.append(t)
+    onnx.save(model, str(copy / "model.onnx"))
+    manifest = json.loads((copy / "gptkit.json").read_text())
+    manifest["files"]["model.onnx"] = hashlib.sha256((copy / "model.onnx").read_bytes()).hexdigest()
+    (copy / "gptkit.json").write_text(json.dumps(manifest))
+    assert_user_error(run_cli("generate", copy, "-p", "a"), "outside the bundle",
+                      "../secret.bin")
+
+
+def test_not_a_bundle_and_missing(tmp_path):
+    assert_user_error(run_cli("serve", tmp_path / "nope"), "bundle not found")
+    assert_user_error(run_cli("serve", tmp_path), "is not an export bundle")
+
+
+def test_int8_bundle_reports_quality_and_is_smaller(smoke_run, tmp_path):
+    out = tmp_path / "q"
+    result = run_cli("export", smoke_run, "--out", out, "--quantize", "int8",
+                     cwd=smoke_run.parent)
+    assert result.returncode == 0, result.stderr
+    q = json.loads((out / "gptkit.json").read_text())["quantization"]
+    assert 0.5 <= q["top1_agreement"] <= 1.0 and q["tokens"] > 0
+    assert q["size_int8"] < q["size_fp32"]
+    assert abs(q["val_ppl_change"]) < 0.5 * q["val_ppl_fp32"]
+    assert json.loads((out / "gptkit.json").read_text())["precision"] == "int8"
+    gen = run_cli("generate", out, "-p", "ROMEO:", "-n", "20", "--seed", "1")
+    assert gen.returncode == 0, gen.stderr
+
+
+def test_bundle_and_model_are_logged_to_mlflow_and_registered(smoke_run, tmp_path):
+    out = tmp_path / "r"
+    result = run_cli("export", smoke_run, "--out", out, "--register", "smoke-model",
+                     cwd=smoke_run.parent)
+    assert result.returncode == 0, result.stderr
+    info = json.loads((smoke_run / "mlflow.json").read_text())
+    assert info["uri"] == f"sqlite:///{smoke_run.parent / 'mlflow.db'}"
+    client = MlflowClient(info["uri"])
+    names = {a.path for a in client.list_artifacts(info["run_id"], "bundle")}
+    assert "bundle/gptkit.json" in names and "bundle/model.onnx" in names
+    run = client.get_run(info["run_id"])
+    assert run.data.metrics["onnx_prefill_max_abs_diff"] <= 1e-4
+    versions = client.search_model_versions("name='smoke-model'")
+    assert versions and versions[0].run_id == info["run_id"]
