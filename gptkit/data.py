@@ -144,7 +144,8 @@ def prepare_data(data_spec, tokenizer_spec, min_len: int = 0, cache: Path | None
     text = load_text(data_spec.source)
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
     spec_blob = json.dumps(
-        {"tok": tokenizer_spec.model_dump(mode="json"), "val": data_spec.val_fraction},
+        {"tok": tokenizer_spec.model_dump(mode="json"), "val": data_spec.val_fraction,
+         "fingerprint": tokenizer_spec.fingerprint()},
         sort_keys=True,
     )
     key = f"{digest}-{hashlib.sha256(spec_blob.encode()).hexdigest()[:12]}"

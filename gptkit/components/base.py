@@ -57,6 +57,10 @@ class TokenizerSpec(ComponentSpec):
 
     slot: ClassVar[str] = "tokenizer"
 
+    def fingerprint(self) -> str:
+        """Anything besides the fields that changes the result (e.g. a file's hash)."""
+        return ""
+
 
 class SamplerSpec(ComponentSpec):
     """Sampler: picks the next token from a numpy array of logits.

@@ -61,12 +61,6 @@ class Tokenizer:
         """Write extra files (e.g. a tokenizer.json); return their names."""
         return []
 
-    def identity(self) -> str:
-        """A hash of the spec and fitted state: the token cache keys on it."""
-        blob = json.dumps({"spec": self.spec.model_dump(mode="json"), "state": self.state()},
-                          sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
     def save(self, directory: str | Path) -> list[str]:
         """Save into ``directory``; returns the names of the files written."""
         directory = Path(directory)
@@ -189,7 +183,197 @@ class ByteTokenizerSpec(TokenizerSpec):
         return ByteTokenizer(self)
 
 
+# --------------------------------------------------------------------------- library-backed
+
+
+def _require(module: str, kind: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = {"tokenizers": "tokenizers", "sentencepiece": "sentencepiece"}[module]
+        raise DataError(
+            f"tokenizer kind '{kind}' needs the '{package}' package, which is not installed",
+            "Install it: pip install 'gptkit[tokenizers]'.",
+        ) from None
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizers`` tokenizer kept in ``tokenizer.json``."""
+
+    FILE = "tokenizer.json"
+
+    def __init__(self, spec: TokenizerSpec) -> None:
+        super().__init__(spec)
+        self.hf = None
+
+    def _attach(self, hf, eot: str | None) -> None:
+        self.hf = hf
+        self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+        eot_id = hf.token_to_id(eot) if eot else None
+        if eot_id is None:
+            raise DataError(f"tokenizer has no end-of-text token {eot!r}",
+                            "Set tokenizer.eot_token to a token in its vocabulary.")
+        self.eot_id = eot_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=True)
+
+    def state(self) -> dict[str, Any]:
+        return {"file": self.FILE, "eot": self.hf.id_to_token(self.eot_id)}
+
+    def save_files(self, directory: Path) -> list[str]:
+        self.hf.save(str(directory / self.FILE))
+        return [self.FILE]
+
+    def load_state(self, state: dict[str, Any], directory: Path) -> None:
+        tk = _require("tokenizers", self.spec.kind)
+        self._attach(tk.Tokenizer.from_file(str(directory / state["file"])), state["eot"])
+
+
+class BPETokenizer(HFTokenizer):
+    """Byte-level BPE (GPT-2 style) trained on the training text with Hugging Face tokenizers."""
+
+    def fit(self, text: str) -> None:
+        tk = _require("tokenizers", "bpe")
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        hf = tk.Tokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=self.spec.vocab_size, min_frequency=self.spec.min_frequency,
+            special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        hf.train_from_iterator(_chunks(text), trainer)
+        self._attach(hf, EOT)
+
+
+def _chunks(text: str, size: int = 1 << 16):
+    for i in range(0, len(text), size):
+        yield text[i : i + size]
+
+
+class BPETokenizerSpec(TokenizerSpec):
+    """Byte-level BPE trained on the training text (Hugging Face ``tokenizers``): any UTF-8
+    text round-trips."""
+
+    kind: Literal["bpe"] = "bpe"
+    vocab_size: int = Field(512, ge=258, le=1 << 20, description="Target vocabulary size.")
+    min_frequency: int = Field(2, ge=1)
+
+    def build(self) -> BPETokenizer:
+        return BPETokenizer(self)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model trained on the training text, with byte fallback."""
+
+    FILE = "tokenizer.model"
+
+    def __init__(self, spec: SentencePieceSpec) -> None:
+        super().__init__(spec)
+        self.sp = None
+        self._proto = b""
+
+    def _attach(self, proto: bytes) -> None:
+        spm = _require("sentencepiece", "sentencepiece")
+        self._proto = proto
+        self.sp = spm.SentencePieceProcessor(model_proto=proto)
+        self.vocab_size = self.sp.get_piece_size()
+        self.eot_id = self.sp.piece_to_id(EOT)
+
+    def fit(self, text: str) -> None:
+        import io
+
+        spm = _require("sentencepiece", "sentencepiece")
+        out = io.BytesIO()
+        try:
+            self._train(spm, text, out)
+        except RuntimeError as exc:
+            raise DataError(f"sentencepiece could not train: {str(exc).split(']')[-1].strip()}",
+                            "Increase tokenizer.vocab_size.") from None
+        self._attach(out.getvalue())
+
+    def _train(self, spm, text: str, out) -> None:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(text.split("\n")), model_writer=out,
+            vocab_size=self.spec.vocab_size, model_type=self.spec.model_type,
+            byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
+            allow_whitespace_only_pieces=True, user_defined_symbols=["\n"],
+            control_symbols=[EOT], minloglevel=2, num_threads=1,
+            max_sentence_length=1 << 16, hard_vocab_limit=False,
+        )
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([i for i in ids if i != self.eot_id])
+
+    def state(self) -> dict[str, Any]:
+        return {"file": self.FILE}
+
+    def save_files(self, directory: Path) -> list[str]:
+        (directory / self.FILE).write_bytes(self._proto)
+        return [self.FILE]
+
+    def load_state(self, state: dict[str, Any], directory: Path) -> None:
+        self._attach((directory / state["file"]).read_bytes())
+
+
+class SentencePieceSpec(TokenizerSpec):
+    """SentencePiece (BPE or unigram) trained on the training text, bytes for unseen characters."""
+
+    kind: Literal["sentencepiece"] = "sentencepiece"
+    vocab_size: int = Field(512, ge=300, le=1 << 20)
+    model_type: Literal["bpe", "unigram"] = "bpe"
+
+    def build(self) -> SentencePieceTokenizer:
+        return SentencePieceTokenizer(self)
+
+
+class PretrainedTokenizer(HFTokenizer):
+    """A ready-made ``tokenizer.json`` from a local file (nothing is downloaded)."""
+
+    def fit(self, text: str) -> None:
+        tk = _require("tokenizers", "pretrained")
+        path = Path(self.spec.path)
+        if not path.is_file():
+            raise DataError(f"tokenizer.path not found: {path}",
+                            "Point it at a local tokenizer.json file.")
+        try:
+            hf = tk.Tokenizer.from_file(str(path))
+        except Exception as exc:
+            raise DataError(f"tokenizer.path {path} is not a tokenizer.json: {exc}") from None
+        self._attach(hf, self.spec.eot_token)
+
+
+class PretrainedSpec(TokenizerSpec):
+    """A local Hugging Face ``tokenizer.json`` (e.g. GPT-2's), used as it is."""
+
+    kind: Literal["pretrained"] = "pretrained"
+    path: str = Field(..., description="Path to a tokenizer.json file.")
+    eot_token: str = Field(EOT, description="The end-of-text token in its vocabulary.")
+
+    def fingerprint(self) -> str:
+        try:
+            return hashlib.sha256(Path(self.path).read_bytes()).hexdigest()[:16]
+        except OSError:
+            return "missing"
+
+    def build(self) -> PretrainedTokenizer:
+        return PretrainedTokenizer(self)
+
+
 @hookimpl
 def gptkit_register_tokenizer(register):
-    register(CharTokenizerSpec)
-    register(ByteTokenizerSpec)
+    for spec in (CharTokenizerSpec, ByteTokenizerSpec, BPETokenizerSpec, SentencePieceSpec,
+                 PretrainedSpec):
+        register(spec)

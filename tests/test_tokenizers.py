@@ -1,0 +1,124 @@
+"""Tokenizers: each kind fits, round-trips, saves and loads (without torch), and trains end to end."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gptkit.components.tokenizers import load_tokenizer
+from gptkit.data import load_corpus
+from gptkit.errors import DataError
+from gptkit.registry import load_registry
+from tests.conftest import ROOT
+from tests.helpers import run_cli
+
+CORPUS = load_corpus("tinyshakespeare")[:60_000]
+
+
+def make(kind, **fields):
+    return load_registry().get("tokenizer", kind).model_validate({"kind": kind, **fields}).build()
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer_json(tmp_path_factory):
+    """A local tokenizer.json (a small byte-level BPE trained here; nothing is downloaded)."""
+    tok = make("bpe", vocab_size=300)
+    tok.fit(CORPUS)
+    folder = tmp_path_factory.mktemp("pretrained")
+    tok.save(folder)
+    return folder / "tokenizer.json"
+
+
+@pytest.fixture(scope="module")
+def fitted(hf_tokenizer_json):
+    tokenizers = {"char": make("char"), "byte": make("byte"), "bpe": make("bpe", vocab_size=400),
+                  "sentencepiece": make("sentencepiece", vocab_size=400),
+                  "pretrained": make("pretrained", path=str(hf_tokenizer_json))}
+    for tok in tokenizers.values():
+        tok.fit(CORPUS)
+    return tokenizers
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "bpe", "sentencepiece", "pretrained"])
+def test_fit_encode_decode_save_load(kind, fitted, tmp_path):
+    tok = fitted[kind]
+    text = "ROMEO:\nWhat light through yonder window breaks?\n\n  It is the east."
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert 0 <= tok.eot_id < tok.vocab_size and max(ids) < tok.vocab_size
+    assert tok.decode([*ids, tok.eot_id]) == text  # special tokens are not text
+    if kind in ("bpe", "sentencepiece"):
+        assert len(ids) < len(text) * 0.8  # merges learned from the corpus
+    files = tok.save(tmp_path / "t")
+    loaded = load_tokenizer(tmp_path / "t")
+    assert loaded.encode(text) == ids and loaded.vocab_size == tok.vocab_size
+    assert all((tmp_path / "t" / f).is_file() for f in files)
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe", "sentencepiece"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=200))
+def test_byte_level_tokenizers_round_trip_any_text(kind, fitted, text):
+    tok = fitted[kind]
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_char_unseen_characters_policy():
+    tok = make("char")
+    tok.fit("abc")
+    with pytest.raises(DataError, match="never saw"):
+        tok.encode("abz")
+    skip = make("char", unknown="skip")
+    skip.fit("abc")
+    assert skip.decode(skip.encode("abzc")) == "abc"
+
+
+def test_tokenizers_load_without_torch(fitted, tmp_path):
+    for kind in ("bpe", "sentencepiece", "char"):
+        fitted[kind].save(tmp_path / kind)
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from gptkit.components.tokenizers import load_tokenizer\n"
+            "from gptkit.runtime import _runtime_registry\n"
+            "r = _runtime_registry()\n"
+            f"for k in ('bpe', 'sentencepiece', 'char'):\n"
+            f"    t = load_tokenizer({str(tmp_path)!r} + '/' + k, r)\n"
+            "    assert t.decode(t.encode('To be, or not')) == 'To be, or not'\n"
+            "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_pretrained_missing_file_is_a_clear_error(tmp_path):
+    result = run_cli("train", ROOT / "experiments" / "smoke.yaml", "--no-progress",
+                     "--set", "tokenizer.kind=pretrained",
+                     "--set", f"tokenizer.path={tmp_path / 'nope.json'}", cwd=tmp_path)
+    assert result.returncode == 2 and "tokenizer.path not found" in result.stderr
+
+
+@pytest.mark.parametrize("tokenizer", [
+    ["tokenizer.kind=byte"],
+    ["tokenizer.kind=bpe", "tokenizer.vocab_size=300"],
+    ["tokenizer.kind=sentencepiece", "tokenizer.vocab_size=400"],
+    "pretrained",
+])
+def test_each_tokenizer_trains_generates_and_exports(tokenizer, hf_tokenizer_json, tmp_path):
+    sets = (["tokenizer.kind=pretrained", f"tokenizer.path={hf_tokenizer_json}"]
+            if tokenizer == "pretrained" else tokenizer)
+    args = [a for s in sets for a in ("--set", s)]
+    run = tmp_path / "run"
+    train = run_cli("train", ROOT / "experiments" / "smoke.yaml", "--no-progress", "--run-dir", run,
+                    "--set", "train.max_steps=6", "--set", "train.eval_every=3",
+                    "--set", "tracking.enabled=false", *args, cwd=tmp_path)
+    assert train.returncode == 0, train.stderr
+    out = run_cli("export", run, "--out", tmp_path / "bundle", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    manifest = json.loads((tmp_path / "bundle" / "gptkit.json").read_text())
+    kind = sets[0].split("=")[1]
+    assert manifest["spec"]["tokenizer"]["kind"] == kind
+    for source in (run, tmp_path / "bundle"):
+        gen = run_cli("generate", source, "-p", "ROMEO:", "-n", "12", "--seed", "1")
+        assert gen.returncode == 0, gen.stderr
+        assert gen.stdout.startswith("ROMEO:")
