@@ -176,3 +176,36 @@ def check_all(attention: Any = "mha", positional: Any = "learned", plugins=(),
     check_determinism(attention, positional, plugins)
     if onnx_dir is not None:
         check_onnx(model, onnx_dir)
+
+
+def chi2_critical(dof: int, z: float = 3.09) -> float:
+    """Upper critical value of chi-square (z = 3.09: the 0.1% tail), Wilson-Hilferty."""
+    c = 2.0 / (9.0 * dof)
+    return dof * (1.0 - c + z * c**0.5) ** 3
+
+
+def check_sampler(sampler: Any, vocab: int = 12, draws: int = 30_000, seed: int = 0) -> None:
+    """Contract for samplers: a proper distribution, draws only from its support, an empirical
+    distribution that matches ``probs`` (chi-square, 0.1% level), and seeded repeatability."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 2, size=(4, vocab))
+    p = sampler.probs(logits)
+    assert p.shape == logits.shape and (p >= 0).all()
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-9)
+    a = sampler.sample(logits, np.random.default_rng(1))
+    b = sampler.sample(logits, np.random.default_rng(1))
+    assert (a == b).all(), "the same seed gave different tokens"
+    row = logits[:1]
+    batch = np.repeat(row, 1000, axis=0)
+    gen = np.random.default_rng(2)
+    counts = np.bincount(np.concatenate([sampler.sample(batch, gen) for _ in range(draws // 1000)]),
+                         minlength=vocab)
+    want = p[0] * counts.sum()
+    assert counts[want == 0].sum() == 0, "drew a token outside the sampler's support"
+    support = want > 0
+    dof = int(support.sum()) - 1
+    if dof > 0:
+        chi2 = float((((counts[support] - want[support]) ** 2) / want[support]).sum())
+        assert chi2 < chi2_critical(dof), (chi2, counts.tolist(), want.round(1).tolist())

@@ -18,6 +18,9 @@ def _fresh_registry(monkeypatch):
     from gptkit.registry import clear_registry_cache
 
     monkeypatch.delenv("GPTKIT_PLUGINS", raising=False)
+    # In-process tests see the built-ins only; installed example plugins are tested on purpose
+    # (tests/test_plugin_packages.py) and in their own folders.
+    monkeypatch.setenv("GPTKIT_DISABLE_PLUGIN_AUTOLOAD", "1")
     clear_registry_cache()
     yield
     clear_registry_cache()

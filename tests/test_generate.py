@@ -9,8 +9,8 @@ from gptkit.components.tokenizers import ByteTokenizerSpec, CharTokenizerSpec
 from gptkit.decoding import decode_loop
 from gptkit.generate import TorchBackend
 from gptkit.registry import load_registry
-from gptkit.testing import combinations
 from tests.helpers import assert_user_error, run_cli
+from tests.test_contract import BUILTIN
 
 ALPHABET = "abcdefghijklmnopqrstuv"  # 22 characters + <|endoftext|> = testing.VOCAB
 
@@ -29,7 +29,7 @@ def sampler(kind, **fields):
 GREEDY = {"kind": "greedy", "stop_at_eot": False}
 
 
-@pytest.mark.parametrize(("attention", "positional"), combinations())
+@pytest.mark.parametrize(("attention", "positional"), BUILTIN)
 def test_greedy_with_cache_equals_without_for_64_steps(attention, positional):
     model = testing.tiny_model(attention, positional, max_seq_len=128)
     backend, tok = TorchBackend(model), char_tokenizer()
@@ -46,7 +46,7 @@ def test_greedy_with_cache_equals_without_for_64_steps(attention, positional):
     assert idx[0, 6:].tolist() == cached.tokens
 
 
-@pytest.mark.parametrize(("attention", "positional"), combinations())
+@pytest.mark.parametrize(("attention", "positional"), BUILTIN)
 def test_batch_of_uneven_prompts_equals_one_at_a_time(attention, positional):
     model = testing.tiny_model(attention, positional, max_seq_len=128)
     backend, tok, s = TorchBackend(model), char_tokenizer(), sampler(**GREEDY)
@@ -232,3 +232,8 @@ def test_cli_generate_stream_samples_seed_and_sampler(smoke_run):
 ])
 def test_cli_generate_bad_arguments(smoke_run, args, needle):
     assert_user_error(run_cli("generate", smoke_run, *args), needle)
+
+
+@pytest.mark.parametrize("kind", ["temperature", "top_k", "top_p", "min_p", "typical", "greedy"])
+def test_builtin_samplers_pass_the_plugin_sampler_contract(kind):
+    testing.check_sampler(sampler(kind))

@@ -100,7 +100,7 @@ def test_entry_points_load_and_a_broken_one_is_reported_not_fatal(tmp_path):
     """
     site = _fake_distribution(tmp_path, "gptkit-good", good, "good_plugin")
     _fake_distribution(tmp_path, "gptkit-broken", "raise ImportError('boom')", "broken_plugin")
-    env = {"PYTHONPATH": str(site)}
+    env = {"PYTHONPATH": str(site), "GPTKIT_DISABLE_PLUGIN_AUTOLOAD": "0"}
     result = run_cli("plugins", "--json", env=env)
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)

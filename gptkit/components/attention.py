@@ -71,6 +71,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, H_kv, hd).transpose(1, 2)  # (B, H_kv, T, hd)
         v = v.view(B, T, H_kv, hd).transpose(1, 2)  # (B, H_kv, T, hd)
+        q, k = self.normalize_qk(q, k)
         q, k = self.positional.rotate(q, k, positions)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # (B, H_kv, T_past + T, hd)
@@ -104,6 +105,11 @@ class CausalSelfAttention(nn.Module):
                 y = att @ v  # (B, H, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads
         return self.resid_dropout(self.out_proj(y)), present
+
+    def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hook for variants that transform queries and keys per head before positions are
+        applied (e.g. QK-norm); the identity here."""
+        return q, k
 
     def allowed(
         self, q_len: int, k_len: int, key_mask: torch.Tensor | None, device: torch.device
