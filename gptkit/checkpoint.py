@@ -135,10 +135,11 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[dict[str, Any],
     for f in (MODEL_FILE, STATE_FILE, META_FILE):
         if not (path / f).is_file():
             raise RunError(f"checkpoint {path} is incomplete: {f} is missing")
+    _check_shapes(path / MODEL_FILE, model)
     try:
         missing, unexpected = load_model(model, str(path / MODEL_FILE), strict=False)
     except Exception as exc:
-        raise RunError(f"checkpoint {path}: cannot read {MODEL_FILE}: {exc}") from None
+        raise RunError(f"checkpoint {path}: cannot read {MODEL_FILE}: {str(exc)[:300]}") from None
     if missing or unexpected:
         raise RunError(
             f"checkpoint {path} does not fit this model (missing {sorted(missing)[:3]}, "
@@ -151,6 +152,26 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[dict[str, Any],
     except Exception as exc:
         raise RunError(f"checkpoint {path}: refusing {STATE_FILE}: {exc}") from None
     return state, _meta(path)
+
+
+def _check_shapes(file: Path, model: torch.nn.Module) -> None:
+    """Compare tensor shapes from the safetensors header with the model, for a short message."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as exc:
+        raise RunError(f"checkpoint {file.parent}: {MODEL_FILE} is unreadable "
+                       f"(truncated or not safetensors): {str(exc)[:200]}") from None
+    wanted = {k: list(v.shape) for k, v in model.state_dict().items()}
+    bad = [k for k in shapes if k in wanted and shapes[k] != wanted[k]]
+    if bad:
+        k = bad[0]
+        raise RunError(
+            f"checkpoint {file.parent} does not fit this model: {len(bad)} tensors differ in "
+            f"shape (e.g. {k}: {shapes[k]} in the checkpoint, {wanted[k]} in the model)",
+            "Was spec.yaml edited? The model must be built from the spec it was trained with.")
 
 
 def resume_candidates(ckpt_dir: Path) -> list[Path]:

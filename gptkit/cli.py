@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 
 from gptkit.errors import GptkitError
@@ -357,23 +356,45 @@ def serve(
                                                max_queued=max_queued, max_tokens=max_tokens))
 
 
+@app.command()
+def bench(
+    spec: SpecArg,
+    overrides: SetOpt = None,
+    baseline: Annotated[
+        bool, typer.Option("--baseline", help="Also time a plain single-file GPT of the same shape.")
+    ] = False,
+    batch: Annotated[
+        Optional[int], typer.Option(min=1, help="Training batch (default: the spec's).")  # noqa: UP045
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Timed training steps.")] = 5,
+    gen_tokens: Annotated[int, typer.Option(min=1, help="New tokens per generation run.")] = 256,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the models.")] = False,
+    no_onnx: Annotated[bool, typer.Option("--no-onnx", help="Skip onnxruntime.")] = False,
+    no_growth: Annotated[bool, typer.Option("--no-growth", help="Skip the 64 vs 1024 context step.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Training tokens/s and MFU; generation tokens/s for torch, onnxruntime fp32 and int8."""
+    require_torch("bench")
+    from gptkit.bench import format_report, run_bench
+    from gptkit.spec import load_spec
+
+    resolved = load_spec(spec, overrides or [])
+    report = run_bench(resolved, batch=batch, steps=steps, baseline=baseline, compile=compile,
+                       gen_tokens=gen_tokens, onnx=not no_onnx, context_growth=not no_growth,
+                       log=lambda m: echo(m, err=True))
+    echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
 # --------------------------------------------------------------------------- entry point
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; user errors print a message and exit 2, never a traceback."""
+    """Run the CLI; user errors print a message and exit 2, never a traceback.
+
+    Usage errors (bad flags) are handled by the CLI library itself, which also exits 2.
+    """
     try:
-        code = app(args=argv, prog_name="gptkit", standalone_mode=False)
+        app(args=argv, prog_name="gptkit", standalone_mode=True)
     except GptkitError as exc:
         echo(f"gptkit: error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except click.exceptions.UsageError as exc:
-        exc.show()
-        sys.exit(2)
-    except click.exceptions.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        echo("gptkit: interrupted", err=True)
-        sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)

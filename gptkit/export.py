@@ -152,10 +152,18 @@ def parity_check(model: GPT, onnx_path: Path, decode_steps: int = 32, seed: int 
 
 def quantize_int8(src: Path, dst: Path) -> None:
     """Dynamic int8 quantization of the matrix multiplications (onnxruntime's tool)."""
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
-                     op_types_to_quantize=["MatMul", "Gemm"])
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the tool logs a generic pre-processing hint at WARNING
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm"])
+    finally:
+        root.setLevel(level)
 
 
 def quality_report(fp32: Path, int8: Path, val_ids: np.ndarray, window: int,

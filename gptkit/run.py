@@ -108,7 +108,8 @@ def load_run(run: str | Path, checkpoint: str = "latest", overrides=(), device: 
             return LoadedRun(run_dir, spec, model.to(device).eval(), tokenizer, path, meta)
         except RunError as exc:
             errors.append(str(exc))
-    raise RunError(f"no usable checkpoint in {ckpt_dir}: " + "; ".join(errors))
+    more = f" (and {len(errors) - 1} older checkpoint(s) failed too)" if len(errors) > 1 else ""
+    raise RunError(f"no usable checkpoint in {ckpt_dir}: {errors[0]}{more}")
 
 
 def dump_yaml(data: Any, path: Path) -> None:

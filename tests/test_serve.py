@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -145,3 +146,13 @@ def test_burst_of_200_concurrent_requests_all_answered_or_refused(server):
     assert set(codes) <= {200, 429, 503}, sorted(set(codes))  # answered, or refused outright
     assert codes.count(200) >= 10  # 2 running + 8 queued are always admitted
     assert httpx.get(server["url"] + "/health").json()["active"] == 0
+
+
+def test_openapi_schema_fuzzed_without_server_errors(server):
+    st = Path(sys.executable).parent / "st"
+    result = subprocess.run(
+        [str(st), "run", server["url"] + "/openapi.json", "--checks", "not_a_server_error",
+         "--max-examples", "40", "--seed", "1", "--request-timeout", "60"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert httpx.get(server["url"] + "/health").status_code == 200
