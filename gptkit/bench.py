@@ -80,7 +80,7 @@ def train_speed(spec, vocab: int, batch: int, steps: int, warmup: int, baseline:
         runs["baseline"] = baseline_step
     # Alternate short rounds so drift (thermal, other load) hits both alike.
     per = {k: [] for k in runs}
-    for k, fn in runs.items():
+    for fn in runs.values():
         for _ in range(warmup):
             fn()
     rounds = max(1, steps)

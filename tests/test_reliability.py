@@ -69,7 +69,7 @@ while True:
 
 def test_sigkill_during_checkpoint_writes_leaves_a_valid_latest(tmp_path):
     ckpt = tmp_path / "checkpoints"
-    for attempt in range(4):
+    for _ in range(4):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(ckpt)], stdout=subprocess.PIPE,
                                 text=True)
         for line in proc.stdout:
