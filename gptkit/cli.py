@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -193,11 +194,25 @@ def train(
 ) -> None:
     """Validate SPEC, prepare data, train with progress, checkpoint, and track in MLflow."""
     require_torch("train")
-    from gptkit.spec import load_spec
+    from gptkit.spec import read_spec_file, validate_spec
     from gptkit.train import Trainer
 
-    resolved = load_spec(spec, overrides or [])
+    raw = read_spec_file(spec)
+    resolved = validate_spec(raw, str(spec), overrides or [])
+    if resolved.sweep:
+        if resume:
+            raise GptkitError("--resume continues one run; resume a sweep point with its --run-dir")
+        from gptkit.sweep import run_sweep
+
+        results = run_sweep(raw, str(spec), list(overrides or []), resolved, run_dir,
+                            progress=not no_progress)
+        echo("sweep done:")
+        for r in results:
+            echo(f"  {r['point']:<40} val loss {r['val_loss']:.4f}  {r['run_dir']}")
+        return
     result = Trainer(resolved, run_dir=run_dir, resume=resume, progress=not no_progress).run()
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
     echo(
         f"done: {result.step} steps in {result.elapsed:.1f}s, val loss {val}, "
@@ -383,6 +398,37 @@ def bench(
                        gen_tokens=gen_tokens, onnx=not no_onnx, context_growth=not no_growth,
                        log=lambda m: echo(m, err=True))
     echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@app.command("compare")
+def compare_cmd(
+    experiment: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Argument(help="MLflow experiment (default: the most recently updated)."),
+    ] = None,
+    tracking_uri: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--tracking-uri", help="Default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db."),
+    ] = None,
+    plot: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--plot", help="Where to write the curves (default compare-EXPERIMENT.png)."),
+    ] = None,
+) -> None:
+    """Runs side by side from MLflow: the spec fields that differ, final metrics, curves."""
+    from gptkit.compare import compare
+
+    grid, out = compare(experiment, tracking_uri, plot)
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table()
+    for col in grid[0]:
+        t.add_column(col)
+    for row in grid[1:]:
+        t.add_row(*row)
+    Console(width=None if sys.stdout.isatty() else 200).print(t)
+    echo(f"validation curves: {out}")
 
 
 # --------------------------------------------------------------------------- entry point

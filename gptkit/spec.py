@@ -190,6 +190,11 @@ class ExperimentSpec(StrictModel):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     plugins: list[str] = Field(default_factory=list, description="Extra plugin modules to load.")
+    sweep: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="A grid: dotted field -> values. 'gptkit train' runs every combination as "
+        "a child MLflow run of one parent run.",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec as plain JSON-able data (what the run directory stores)."""

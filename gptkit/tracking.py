@@ -54,7 +54,9 @@ class Tracker:
         run_name: str,
         warn=None,
         retry_seconds: float = 2.0,
+        parent_run_id: str | None = None,
     ) -> None:
+        self.parent_run_id = parent_run_id
         self.uri = uri
         self.experiment = experiment
         self.run_dir = Path(run_dir)
@@ -168,8 +170,10 @@ class Tracker:
         if self.run_id is None:
             exp = client.get_experiment_by_name(self.experiment)
             exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
-            run = client.create_run(exp_id, run_name=self.run_name,
-                                    tags={"gptkit.run_dir": str(self.run_dir.resolve())})
+            tags = {"gptkit.run_dir": str(self.run_dir.resolve())}
+            if self.parent_run_id:
+                tags["mlflow.parentRunId"] = self.parent_run_id  # nests it under a sweep
+            run = client.create_run(exp_id, run_name=self.run_name, tags=tags)
             self.run_id = run.info.run_id
             self._write_run_file({"uri": self.uri, "run_id": self.run_id,
                                   "experiment_id": exp_id, "experiment": self.experiment})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -37,6 +38,58 @@ from gptkit.run import SPEC_FILE, dump_yaml, latest_run_dir, new_run_dir, read_r
 from gptkit.spec import ExperimentSpec
 
 EVAL_SEED_OFFSET = 1_000_003
+
+
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 when run alone)."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+        if self.enabled and not dist.is_initialized():
+            # gloo on CPU, NCCL on GPU: PyTorch's own engine, set up by torchrun's env vars.
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's value of a small picklable object, on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def mean(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return float(t.item()) / self.world
+
+    def any(self, flag: bool) -> bool:
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1 if flag else 0])
+        torch.distributed.all_reduce(t)
+        return bool(t.item())
+
+    def gather(self, obj: Any) -> list[Any]:
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
 
 
 class TrainingError(GptkitError):
@@ -103,9 +156,16 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 
 def get_batch(data: np.ndarray, batch_size: int, block: int, gen: torch.Generator,
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``batch_size`` random windows of ``block`` tokens and their next-token targets."""
+              device: torch.device, part: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch_size`` random windows of ``block`` tokens and their next-token targets.
+
+    With ``part=(rank, world)`` every rank draws the same global batch and keeps its slice,
+    so N processes see exactly the batch one process would.
+    """
     starts = torch.randint(len(data) - block, (batch_size,), generator=gen).numpy()
+    rank, world = part
+    share = batch_size // world
+    starts = starts[rank * share : (rank + 1) * share]
     windows = np.asarray(data[starts[:, None] + np.arange(block + 1)], dtype=np.int64)
     xy = torch.from_numpy(windows)
     x, y = xy[:, :-1], xy[:, 1:]
@@ -192,12 +252,23 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        parent_run_id: str | None = None,
+        run_name: str | None = None,
     ) -> None:
         self.spec = spec
+        self.parent_run_id = parent_run_id
+        self.run_name = run_name
         self.resume = resume
         self.show_progress = progress
         self.on_event = on_event or (lambda kind, data: None)
-        self.run_dir = self._choose_run_dir(Path(run_dir) if run_dir else None)
+        self.dist = Dist()
+        if self.dist.world > 1 and spec.train.batch_size % self.dist.world:
+            raise GptkitError(
+                f"train.batch_size ({spec.train.batch_size}) must be divisible by the number of "
+                f"processes ({self.dist.world}): it is the global batch, split across them")
+        # Rank 0 picks the folder (a new one is named by the clock) and tells the others.
+        chosen = self._choose_run_dir(Path(run_dir) if run_dir else None) if self.dist.main else None
+        self.run_dir = Path(self.dist.broadcast(str(chosen) if chosen else None) or ".")
         self._stop_signal: str | None = None
 
     def _choose_run_dir(self, run_dir: Path | None) -> Path:
@@ -227,7 +298,11 @@ class Trainer:
         self.device = pick_device(spec.train.device)
         self.bf16 = use_bf16(spec.train.precision, self.device)
         block = spec.model.max_seq_len
+        if not self.dist.main:
+            self.dist.barrier()  # rank 0 fills the token cache first
         self.data: TokenData = prepare_data(spec.data, spec.tokenizer, min_len=block + 1)
+        if self.dist.main:
+            self.dist.barrier()
         tok = self.data.tokenizer
         vocab = spec.model.vocab_size or tok.vocab_size
         if vocab < tok.vocab_size:
@@ -238,6 +313,8 @@ class Trainer:
         self.spec = spec = spec.model_copy(
             update={"model": spec.model.model_copy(update={"vocab_size": vocab})}
         )
+        if not self.dist.main:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.resume:
             old = read_run_spec(self.run_dir)
@@ -288,25 +365,36 @@ class Trainer:
         last_val: float | None = None
         ckpt_dir = self.run_dir / "checkpoints"
 
+        d = self.dist
         if self.resume:
             state, ckpt = self._load_latest(model, ckpt_dir)
             optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["torch_rng"])
+            rngs = state.get("torch_rng_per_rank") or [state["torch_rng"]]
+            torch.set_rng_state(rngs[d.rank] if d.rank < len(rngs) else state["torch_rng"])
             gen.set_state(state["data_rng"])
             if self.device.type == "cuda" and state.get("cuda_rng"):
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
             step, best_val = int(state["step"]), state.get("best_val_loss")
             skipped, tokens_seen = int(state["skipped_steps"]), int(state["tokens_seen"])
             last_val = state.get("val_loss")
-            self._truncate_metrics(step)
-            print(f"resuming {self.run_dir} from {ckpt.name} (step {step})", flush=True)
+            if d.main:
+                self._truncate_metrics(step)
+                print(f"resuming {self.run_dir} from {ckpt.name} (step {step})", flush=True)
 
         forward = torch.compile(model) if t.compile else model
+        if d.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Gradients are averaged across processes in backward: one optimizer step over the
+            # global batch, the same on every rank.
+            forward = DistributedDataParallel(
+                forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         tracker = None
-        if spec.tracking.enabled:
+        if spec.tracking.enabled and d.main:
             tracker = Tracker(resolve_uri(spec.tracking.uri), spec.tracking.experiment or spec.name,
-                              self.run_dir, self.run_dir.name,
-                              warn=lambda m: print(f"gptkit: warning: {m}", file=sys.stderr, flush=True))
+                              self.run_dir, self.run_name or self.run_dir.name,
+                              warn=lambda m: print(f"gptkit: warning: {m}", file=sys.stderr, flush=True),
+                              parent_run_id=self.parent_run_id)
             if self.resume and tracker.run_id:
                 tracker.reopen()
                 tracker.set_tags({f"gptkit.resumed_at.{step}": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -321,7 +409,11 @@ class Trainer:
                 tracker.log_params(params)
 
         def checkpoint(val_loss):
+            rngs = d.gather(torch.get_rng_state())  # each rank's dropout stream
+            if not d.main:
+                return None
             state = {
+                "torch_rng_per_rank": rngs,
                 "step": step, "optimizer": optimizer.state_dict(),
                 "torch_rng": torch.get_rng_state(), "data_rng": gen.get_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
@@ -335,19 +427,23 @@ class Trainer:
 
         block, tokens_per_step = spec.model.max_seq_len, t.batch_size * spec.model.max_seq_len * t.grad_accum_steps
         ckpt_every = t.checkpoint_every or t.eval_every
-        progress = Progress(t.max_steps, step, self.show_progress)
+        progress = Progress(t.max_steps, step, self.show_progress and d.main)
+        if not d.main:
+            progress.print = lambda text: None  # one voice: rank 0's
         previous_handlers = self._install_signals()
         started = time.time()
         window_t, window_tokens = time.perf_counter(), 0
         n_params = model.num_params(non_embedding=False)
         progress.print(f"run {self.run_dir} | {n_params / 1e6:.2f}M parameters | device "
-                       f"{self.device.type}{' bf16' if self.bf16 else ''} | "
+                       f"{self.device.type}{' bf16' if self.bf16 else ''}"
+                       f"{f' x {d.world} processes' if d.enabled else ''} | "
                        f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens")
         status = "FAILED"
         try:
             model.train()
             while step < t.max_steps:
-                if self._stop_signal:
+                if d.any(self._stop_signal is not None):  # every rank stops at the same step
+                    self._stop_signal = self._stop_signal or "a signal to another process"
                     path = checkpoint(last_val)
                     status = "KILLED"
                     raise Interrupted(
@@ -358,12 +454,18 @@ class Trainer:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss_sum = 0.0
-                for _ in range(t.grad_accum_steps):
-                    x, y = get_batch(self.data.train, t.batch_size, block, gen, self.device)
-                    with self._autocast():
+                for micro in range(t.grad_accum_steps):
+                    x, y = get_batch(self.data.train, t.batch_size, block, gen, self.device,
+                                     (d.rank, d.world))
+                    # Under DDP, synchronise gradients only on the last micro-step.
+                    sync = nullcontext() if not d.enabled or micro == t.grad_accum_steps - 1 \
+                        else forward.no_sync()
+                    with sync, self._autocast():
                         loss = forward(x, y).loss / t.grad_accum_steps
-                    loss.backward()
+                    with sync:
+                        loss.backward()
                     loss_sum += loss.item()
+                loss_sum = d.mean(loss_sum)
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
                 grad_norm = float(norm)
                 if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
@@ -389,7 +491,7 @@ class Trainer:
                 tokens_seen += tokens_per_step
                 window_tokens += tokens_per_step
 
-                if step % t.log_every == 0 or step == t.max_steps:
+                if d.main and (step % t.log_every == 0 or step == t.max_steps):
                     now = time.perf_counter()
                     tps = window_tokens / max(now - window_t, 1e-9)
                     window_t, window_tokens = now, 0
@@ -405,10 +507,11 @@ class Trainer:
                 if step % t.eval_every == 0 or step == t.max_steps:
                     last_val = evaluate(model, self.data.val, spec, self.device, self._autocast)
                     best_val = last_val if best_val is None else min(best_val, last_val)
-                    self._log_metrics({"step": step, "val_loss": last_val,
-                                       "val_ppl": math.exp(min(last_val, 50))}, tracker)
+                    if d.main:
+                        self._log_metrics({"step": step, "val_loss": last_val,
+                                           "val_ppl": math.exp(min(last_val, 50))}, tracker)
                     progress.print(f"step {step}: val loss {last_val:.4f} (best {best_val:.4f})")
-                    if t.sample_tokens:
+                    if t.sample_tokens and d.main:
                         text = sample_text(model, self.data.tokenizer, spec.sampler,
                                            t.sample_tokens, seed=spec.seed + step)
                         progress.print(f"--- sample at step {step} ---\n{text}\n---")

@@ -1,0 +1,108 @@
+"""DDP through torchrun (gloo on CPU) with real processes; sweeps and `gptkit compare`."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from gptkit.checkpoint import read_pointer
+from tests.conftest import ROOT
+from tests.helpers import run_cli
+
+SMOKE = ROOT / "experiments" / "smoke.yaml"
+COMMON = ["--no-progress", "--set", "tracking.enabled=false", "--set", "train.threads=1",
+          "--set", "model.dropout=0.0", "--set", "train.batch_size=8", "--set", "train.eval_every=4",
+          "--set", "train.sample_tokens=0", "--set", "train.log_every=1"]
+
+
+def torchrun(*args, cwd, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           "-m", "gptkit", "train", str(SMOKE), *map(str, args)]
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            **kw)
+
+
+def weights(run):
+    return load_file(run / "checkpoints" / read_pointer(run / "checkpoints" / "latest") /
+                     "model.safetensors")
+
+
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path):
+    single = run_cli("train", SMOKE, "--run-dir", tmp_path / "one", *COMMON,
+                     "--set", "train.max_steps=8", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    proc = torchrun("--run-dir", tmp_path / "two", *COMMON, "--set", "train.max_steps=8",
+                    cwd=tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert out.count("done:") == 1  # one voice: rank 0
+    assert "x 2 processes" in out
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    # Rank 0 alone wrote the run directory.
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").glob("step-*")) == \
+        ["step-000004", "step-000008"]
+
+
+def test_two_process_run_killed_and_resumed_continues_exactly(tmp_path):
+    ref = torchrun("--run-dir", tmp_path / "ref", *COMMON, "--set", "train.max_steps=12",
+                   cwd=tmp_path)
+    _, err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err[-3000:]
+    proc = torchrun("--run-dir", tmp_path / "run", *COMMON, "--set", "train.max_steps=12",
+                    cwd=tmp_path)
+    deadline = time.time() + 300
+    while not (tmp_path / "run" / "checkpoints" / "step-000004").exists():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, for real
+    proc.wait(timeout=60)
+    again = torchrun("--run-dir", tmp_path / "run", "--resume", *COMMON,
+                     "--set", "train.max_steps=12", cwd=tmp_path)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    assert "resuming" in out
+    a, b = weights(tmp_path / "ref"), weights(tmp_path / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sweep_makes_child_runs_and_compare_shows_what_differs(tmp_path):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(SMOKE.read_text() + "sweep:\n  model.positional.kind: [learned, rope]\n"
+                    "  train.lr: [0.003, 0.001]\n")
+    result = run_cli("train", spec, "--no-progress", "--set", "train.max_steps=4",
+                     "--set", "train.eval_every=2", "--set", "train.sample_tokens=0",
+                     "--run-dir", tmp_path / "sweep", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("=== sweep point") == 4
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([exp.experiment_id])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["parent_run_id"]]
+    assert len(children) == 4
+    assert {r.data.params["model.positional.kind"] for r in children} == {"learned", "rope"}
+
+    cmp = run_cli("compare", "smoke", "--plot", tmp_path / "cmp.png", cwd=tmp_path)
+    assert cmp.returncode == 0, cmp.stderr
+    header = cmp.stdout.splitlines()[1]
+    assert "model.positional.kind" in header and "train.lr" in header
+    assert "model.d_model" not in header  # equal in every run, so not shown
+    assert cmp.stdout.count("positional=learned") + cmp.stdout.count("kind=learned") >= 1
+    assert (tmp_path / "cmp.png").stat().st_size > 1000
+    logged = [r for r in client.search_runs([exp.experiment_id])
+              if r.data.tags.get("gptkit.kind") == "compare"]
+    assert logged and any(a.path == "cmp.png" for a in client.list_artifacts(logged[0].info.run_id))
+
+
+def test_compare_unknown_experiment_is_a_clear_error(tmp_path):
+    result = run_cli("compare", "nope", cwd=tmp_path)
+    assert result.returncode == 2 and "no MLflow experiment named 'nope'" in result.stderr
