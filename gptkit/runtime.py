@@ -73,13 +73,27 @@ class _Backend:
         return self.model.run(ids, positions, key_mask, past)
 
 
-def _runtime_registry():
-    """Tokenizers and samplers only: the torch-free built-ins plus installed plugins."""
+def _runtime_registry(autoload: bool = False):
+    """The torch-free built-ins (tokenizers, samplers); installed plugins only on request.
+
+    Third-party plugins are loaded only when a bundle names a kind the built-ins lack: an
+    installed attention plugin imports torch, and a deployment should not pay for that.
+    """
     from gptkit.components import TORCH_FREE_BUILTINS
     from gptkit.plugins import plugin_manager
     from gptkit.registry import Registry
 
-    return Registry.from_manager(plugin_manager(builtins=TORCH_FREE_BUILTINS))
+    return Registry.from_manager(plugin_manager(builtins=TORCH_FREE_BUILTINS, autoload=autoload))
+
+
+def _registry_for(kinds: dict[str, str]):
+    """A registry that knows every (slot -> kind) in ``kinds``, loading plugins if needed."""
+    registry = _runtime_registry()
+    if all(kind in registry.components[slot] for slot, kind in kinds.items()):
+        return registry
+    from gptkit.plugins import autoload_enabled
+
+    return _runtime_registry(autoload=autoload_enabled())
 
 
 def verify_bundle(folder: Path) -> dict[str, Any]:
@@ -151,9 +165,11 @@ class Bundle:
 
         folder = Path(folder)
         manifest = verify_bundle(folder)
-        registry = _runtime_registry()
+        sampler_spec = manifest["spec"].get("sampler", {"kind": "top_p"})
+        registry = _registry_for({"tokenizer": manifest["spec"]["tokenizer"]["kind"],
+                                  "sampler": sampler_spec["kind"]})
         tokenizer = load_tokenizer(folder / "tokenizer", registry)
-        sampler = cls._sampler(registry, manifest["spec"].get("sampler", {"kind": "top_p"}), {})
+        sampler = cls._sampler(registry, sampler_spec, {})
         return cls(folder, manifest, OnnxModel(folder / MODEL_FILE, threads), tokenizer, sampler,
                    registry)
 
@@ -175,6 +191,9 @@ class Bundle:
 
     def sampler_with(self, **changes: Any):
         """The bundle's sampler with some fields changed (``kind`` too)."""
+        kind = changes.get("kind", self.sampler.kind)
+        if kind not in self.registry.components["sampler"]:
+            self.registry = _registry_for({"sampler": kind})
         return self._sampler(self.registry, self.sampler.model_dump(), changes)
 
     def complete(self, prompts: Sequence[str], *, sampler: Any = None,

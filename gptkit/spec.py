@@ -155,6 +155,9 @@ class TrainSpec(StrictModel):
     )
     compile: bool = Field(False, description="torch.compile the model.")
     threads: int | None = Field(None, gt=0, description="torch CPU threads; default: torch's.")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Under torchrun: replicate (DDP) or shard (FSDP2) the model."
+    )
     optimizer: OptimizerSpec
 
 

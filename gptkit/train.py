@@ -359,16 +359,38 @@ class Trainer:
         self._prepare()
         spec, t = self.spec, self.spec.train
         model = GPT(spec.model).to(self.device)
-        optimizer = t.optimizer.build(model, lr=t.lr)
         gen = torch.Generator().manual_seed(spec.seed)
         step, best_val, bad_in_a_row, skipped, tokens_seen = 0, None, 0, 0, 0
         last_val: float | None = None
         ckpt_dir = self.run_dir / "checkpoints"
-
         d = self.dist
-        if self.resume:
+        fsdp = d.enabled and t.parallel == "fsdp"
+        state = ckpt = None
+        if self.resume:  # weights go into the whole model, before any sharding
             state, ckpt = self._load_latest(model, ckpt_dir)
-            optimizer.load_state_dict(state["optimizer"])
+        if fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            # FSDP2: each block's parameters are split across processes and gathered only
+            # while that block runs; the root wraps what is left (embeddings, final norm).
+            for block in model.blocks:
+                fully_shard(block)
+            fully_shard(model)
+        optimizer = t.optimizer.build(model, lr=t.lr)
+        if state is not None:
+            if fsdp != (state.get("optimizer_format") == "full"):
+                raise RunError("this checkpoint's optimizer state was saved with train.parallel="
+                               f"{'fsdp' if not fsdp else 'ddp or one process'}; resume it the same way")
+            if fsdp:
+                from torch.distributed.checkpoint.state_dict import (
+                    StateDictOptions,
+                    set_optimizer_state_dict,
+                )
+
+                set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                optimizer.load_state_dict(state["optimizer"])
             rngs = state.get("torch_rng_per_rank") or [state["torch_rng"]]
             torch.set_rng_state(rngs[d.rank] if d.rank < len(rngs) else state["torch_rng"])
             gen.set_state(state["data_rng"])
@@ -382,7 +404,7 @@ class Trainer:
                 print(f"resuming {self.run_dir} from {ckpt.name} (step {step})", flush=True)
 
         forward = torch.compile(model) if t.compile else model
-        if d.enabled:
+        if d.enabled and not fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
             # Gradients are averaged across processes in backward: one optimizer step over the
@@ -410,11 +432,26 @@ class Trainer:
 
         def checkpoint(val_loss):
             rngs = d.gather(torch.get_rng_state())  # each rank's dropout stream
+            weights, opt_state = model, None
+            if fsdp:  # gather full (unsharded) states on rank 0: one checkpoint format for all
+                from torch.distributed.checkpoint.state_dict import (
+                    StateDictOptions,
+                    get_model_state_dict,
+                    get_optimizer_state_dict,
+                )
+
+                full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+                model_state = get_model_state_dict(model, options=full)
+                opt_state = get_optimizer_state_dict(model, optimizer, options=full)
+                if d.main:
+                    weights = GPT(spec.model)
+                    weights.load_state_dict(model_state)
             if not d.main:
                 return None
             state = {
                 "torch_rng_per_rank": rngs,
-                "step": step, "optimizer": optimizer.state_dict(),
+                "optimizer_format": "full" if fsdp else "local",
+                "step": step, "optimizer": opt_state if fsdp else optimizer.state_dict(),
                 "torch_rng": torch.get_rng_state(), "data_rng": gen.get_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
                 "best_val_loss": best_val, "val_loss": val_loss, "skipped_steps": skipped,
@@ -423,7 +460,7 @@ class Trainer:
             meta = {"val_loss": val_loss, "time": time.time(),
                     "fingerprint": hashlib.sha256(json.dumps(fingerprint(spec), sort_keys=True)
                                                   .encode()).hexdigest()[:16]}
-            return save_checkpoint(ckpt_dir, step, model, state, meta, t.keep_last)
+            return save_checkpoint(ckpt_dir, step, weights, state, meta, t.keep_last)
 
         block, tokens_per_step = spec.model.max_seq_len, t.batch_size * spec.model.max_seq_len * t.grad_accum_steps
         ckpt_every = t.checkpoint_every or t.eval_every
@@ -467,7 +504,7 @@ class Trainer:
                     loss_sum += loss.item()
                 loss_sum = d.mean(loss_sum)
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
-                grad_norm = float(norm)
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
                 if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                     optimizer.zero_grad(set_to_none=True)
                     skipped += 1
@@ -511,12 +548,14 @@ class Trainer:
                         self._log_metrics({"step": step, "val_loss": last_val,
                                            "val_ppl": math.exp(min(last_val, 50))}, tracker)
                     progress.print(f"step {step}: val loss {last_val:.4f} (best {best_val:.4f})")
-                    if t.sample_tokens and d.main:
+                    # A sharded model runs only with every rank taking part.
+                    if t.sample_tokens and (d.main or fsdp):
                         text = sample_text(model, self.data.tokenizer, spec.sampler,
                                            t.sample_tokens, seed=spec.seed + step)
                         progress.print(f"--- sample at step {step} ---\n{text}\n---")
-                        with open(self.run_dir / "samples.txt", "a", encoding="utf-8") as f:
-                            f.write(f"--- step {step} ---\n{text}\n")
+                        if d.main:
+                            with open(self.run_dir / "samples.txt", "a", encoding="utf-8") as f:
+                                f.write(f"--- step {step} ---\n{text}\n")
                     self.on_event("eval", {"step": step, "val_loss": last_val})
                 if step % ckpt_every == 0 or step == t.max_steps:
                     checkpoint(last_val)

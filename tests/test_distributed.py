@@ -106,3 +106,31 @@ def test_sweep_makes_child_runs_and_compare_shows_what_differs(tmp_path):
 def test_compare_unknown_experiment_is_a_clear_error(tmp_path):
     result = run_cli("compare", "nope", cwd=tmp_path)
     assert result.returncode == 2 and "no MLflow experiment named 'nope'" in result.stderr
+
+
+def test_fsdp_two_processes_train_checkpoint_and_resume(tmp_path):
+    """FSDP2 on CPU (gloo): sharded training matches one process; its checkpoint (gathered to
+    full tensors on rank 0) resumes into a sharded model after a real kill and ends where a
+    straight run ends."""
+    fsdp = ["--set", "train.parallel=fsdp", "--set", "train.max_steps=12"]
+    single = run_cli("train", SMOKE, "--run-dir", tmp_path / "one", *COMMON,
+                     "--set", "train.max_steps=12", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    straight = torchrun("--run-dir", tmp_path / "straight", *COMMON, *fsdp, cwd=tmp_path)
+    _, err = straight.communicate(timeout=300)
+    assert straight.returncode == 0, err[-3000:]
+    proc = torchrun("--run-dir", tmp_path / "killed", *COMMON, *fsdp, cwd=tmp_path)
+    deadline = time.time() + 300
+    while not (tmp_path / "killed" / "checkpoints" / "step-000004").exists():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    rest = torchrun("--run-dir", tmp_path / "killed", "--resume", *COMMON, *fsdp, cwd=tmp_path)
+    out, err = rest.communicate(timeout=300)
+    assert rest.returncode == 0, err[-3000:]
+    assert "resuming" in out
+    a, b, c = weights(tmp_path / "one"), weights(tmp_path / "straight"), weights(tmp_path / "killed")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
+        torch.testing.assert_close(c[k], b[k], rtol=0, atol=1e-6)

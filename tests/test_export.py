@@ -149,3 +149,20 @@ def test_bundle_and_model_are_logged_to_mlflow_and_registered(smoke_run, tmp_pat
     assert run.data.metrics["onnx_prefill_max_abs_diff"] <= 1e-4
     versions = client.search_model_versions("name='smoke-model'")
     assert versions and versions[0].run_id == info["run_id"]
+
+
+def test_runtime_loads_plugins_only_for_kinds_it_lacks(bundle):
+    # With the example plugins installed (CI installs them), the runtime stays torch-free for a
+    # bundle of built-in kinds, and still finds a plugin sampler when asked for one.
+    code = (
+        "import sys\n"
+        "from gptkit.runtime import Bundle\n"
+        f"b = Bundle.load({str(bundle)!r})\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "s = b.sampler_with(kind='eta', epsilon=0.01)\n"
+        "print(s.kind, len(b.complete(['A'], sampler=s, max_new_tokens=5, seed=1)[0].tokens))\n"
+    )
+    env = {**__import__("os").environ, "GPTKIT_DISABLE_PLUGIN_AUTOLOAD": "0"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == "eta"
