@@ -95,8 +95,11 @@ def save_checkpoint(
         else:
             os.replace(tmp, final)
         _fsync_dir(ckpt_dir)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and not isinstance(exc, OSError):
+            # safetensors reports I/O failures (disk full, file too large) as its own error.
+            raise OSError(str(exc)) from exc
         raise
     write_pointer(ckpt_dir / "latest", name)
     val = meta.get("val_loss")

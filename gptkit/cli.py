@@ -362,13 +362,17 @@ def serve(
     max_concurrent: Annotated[int, typer.Option(min=1, help="Generations at once.")] = 4,
     max_queued: Annotated[int, typer.Option(min=0, help="Requests waiting beyond those.")] = 64,
     max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens accepted.")] = 1024,
+    body_timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds a client has to send its request body.")
+    ] = 10.0,
 ) -> None:
     """Serve an export bundle over HTTP (OpenAI-style /v1/completions) on onnxruntime."""
     from gptkit.serve import Limits
     from gptkit.serve import serve as run_server
 
     run_server(str(bundle), host, port, Limits(max_concurrent=max_concurrent,
-                                               max_queued=max_queued, max_tokens=max_tokens))
+                                               max_queued=max_queued, max_tokens=max_tokens,
+                                               body_timeout_s=body_timeout))
 
 
 @app.command()

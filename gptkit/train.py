@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from gptkit.checkpoint import (
+    checkpoint_name,
     list_checkpoints,
     load_checkpoint,
     read_pointer,
@@ -460,7 +461,16 @@ class Trainer:
             meta = {"val_loss": val_loss, "time": time.time(),
                     "fingerprint": hashlib.sha256(json.dumps(fingerprint(spec), sort_keys=True)
                                                   .encode()).hexdigest()[:16]}
-            return save_checkpoint(ckpt_dir, step, weights, state, meta, t.keep_last)
+            try:
+                return save_checkpoint(ckpt_dir, step, weights, state, meta, t.keep_last)
+            except OSError as exc:  # disk full, read-only, quota: say so, keep what exists
+                last = read_pointer(ckpt_dir / "latest")
+                raise RunError(
+                    f"could not write checkpoint {checkpoint_name(step)} in {ckpt_dir}: "
+                    f"{exc.strerror or exc}; the last good checkpoint "
+                    f"({last or 'none yet'}) is intact",
+                    "Free space or fix permissions, then continue with --resume.",
+                ) from None
 
         block, tokens_per_step = spec.model.max_seq_len, t.batch_size * spec.model.max_seq_len * t.grad_accum_steps
         ckpt_every = t.checkpoint_every or t.eval_every

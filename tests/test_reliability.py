@@ -165,3 +165,28 @@ def test_a_user_error_never_prints_a_traceback_even_for_json_output(tmp_path):
     assert_user_error(result, "not a gptkit run directory")
     assert json.dumps  # the error goes to stderr, stdout stays empty for pipes
     assert result.stdout == ""
+
+
+def test_full_disk_during_training_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path):
+    """The file-size limit (RLIMIT_FSIZE) makes writes fail as on a full disk, for real."""
+    import resource
+
+    run = tmp_path / "run"
+    ok = run_cli("train", SMOKE, "--run-dir", run, *QUIET, "--set", "train.eval_every=5",
+                 "--set", "train.max_steps=5", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    before = (run / "checkpoints" / "step-000005" / "model.safetensors").read_bytes()
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "gptkit", "train", str(SMOKE), "--run-dir", str(run), "--resume",
+         *QUIET, "--set", "train.eval_every=5"], cwd=tmp_path, capture_output=True, text=True,
+        preexec_fn=small_files, timeout=300)
+    assert_user_error(result, "could not write checkpoint step-000010",
+                      "the last good checkpoint (step-000005) is intact")
+    assert read_pointer(run / "checkpoints" / "latest") == "step-000005"
+    assert (run / "checkpoints" / "step-000005" / "model.safetensors").read_bytes() == before
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
