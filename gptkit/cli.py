@@ -29,8 +29,8 @@ SetOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-def echo(text: str = "", err: bool = False) -> None:
-    typer.echo(text, err=err)
+def echo(text: str = "", err: bool = False, nl: bool = True) -> None:
+    typer.echo(text, err=err, nl=nl)
 
 
 def require_torch(command: str) -> None:
@@ -97,6 +97,9 @@ def schema(
         Optional[list[str]],  # noqa: UP045
         typer.Option("--plugin", "-p", help="Also load this plugin module (repeatable)."),
     ] = None,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="A readable reference of every field instead.")
+    ] = False,
 ) -> None:
     """Print the JSON Schema of the experiment spec, after plugins load (for editors)."""
     from gptkit.registry import load_registry
@@ -104,6 +107,11 @@ def schema(
 
     registry = load_registry(tuple(plugin or ()))
     warn_plugin_problems(registry)
+    if markdown:
+        from gptkit.docs import spec_reference_markdown
+
+        echo(spec_reference_markdown(registry), nl=False)
+        return
     echo(json.dumps(spec_class(registry).model_json_schema(), indent=2))
 
 
@@ -433,6 +441,39 @@ def compare_cmd(
         t.add_row(*row)
     Console(width=None if sys.stdout.isatty() else 200).print(t)
     echo(f"validation curves: {out}")
+
+
+@app.command("import-hf")
+def import_hf_cmd(
+    src: Annotated[Path, typer.Argument(help="A local Hugging Face GPT-2 folder.")],
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--out", help="Run directory to create (default runs/NAME/<time>)."),
+    ] = None,
+    name: Annotated[Optional[str], typer.Option(help="Spec name (default gpt2-import).")] = None,  # noqa: UP045
+) -> None:
+    """Turn a local GPT-2 checkpoint (config.json + model.safetensors) into a gptkit run."""
+    require_torch("import-hf")
+    from gptkit.hf import import_hf
+
+    run = import_hf(src, out, name)
+    echo(f"imported {src} -> {run}\n"
+         f"  generate:  gptkit generate {run} --prompt ...\n"
+         f"  fine-tune: gptkit train {run}/spec.yaml --resume --run-dir {run} "
+         f"--set data.source=FILE --set train.max_steps=N\n"
+         f"  export:    gptkit export {run} --out BUNDLE")
+
+
+@app.command("export-hf")
+def export_hf_cmd(
+    run: Annotated[Path, typer.Argument(help="A run directory of a GPT-2-shaped model.")],
+    out: Annotated[Path, typer.Argument(help="Folder to write config.json + model.safetensors.")],
+) -> None:
+    """Write a run as a Hugging Face GPT-2 folder (GPT2LMHeadModel.from_pretrained loads it)."""
+    require_torch("export-hf")
+    from gptkit.hf import export_hf
+
+    echo(f"wrote {export_hf(run, out)}")
 
 
 # --------------------------------------------------------------------------- entry point

@@ -44,6 +44,8 @@ class MLP(nn.Module):
             h = F.silu(gate) * a
         elif self.activation == "gelu":
             h = F.gelu(h)
+        elif self.activation == "gelu_tanh":  # GPT-2's approximation ("gelu_new")
+            h = F.gelu(h, approximate="tanh")
         elif self.activation == "relu":
             h = F.relu(h)
         elif self.activation == "relu2":  # squared ReLU (So et al., 2021), used by speedruns

@@ -75,8 +75,9 @@ class ModelSpec(StrictModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention and residuals.")
     bias: bool = Field(False, description="Biases in linear layers and LayerNorm.")
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    activation: Literal["gelu", "relu", "relu2", "silu", "swiglu"] = Field(
-        "gelu", description="MLP non-linearity (relu2 = squared ReLU; swiglu is gated)."
+    activation: Literal["gelu", "gelu_tanh", "relu", "relu2", "silu", "swiglu"] = Field(
+        "gelu",
+        description="MLP non-linearity (gelu_tanh = GPT-2's; relu2 = squared ReLU; swiglu is gated).",
     )
     tie_embeddings: bool = Field(True, description="Share the token embedding with the LM head.")
     scale_embeddings: bool = Field(
@@ -266,17 +267,19 @@ def _spec_class(registry: Registry) -> type[ExperimentSpec]:
     model_cls = create_model(
         "ModelSpec",
         __base__=ModelSpec,
+        __doc__=ModelSpec.__doc__,
         __module__=__name__,
         attention=_slot_field(registry, "attention"),
         positional=_slot_field(registry, "positional"),
     )
     train_cls = create_model(
-        "TrainSpec", __base__=TrainSpec, __module__=__name__,
+        "TrainSpec", __base__=TrainSpec, __module__=__name__, __doc__=TrainSpec.__doc__,
         optimizer=_slot_field(registry, "optimizer"),
     )
     return create_model(
         "ExperimentSpec",
         __base__=ExperimentSpec,
+        __doc__=ExperimentSpec.__doc__,
         __module__=__name__,
         tokenizer=_slot_field(registry, "tokenizer"),
         sampler=_slot_field(registry, "sampler"),

@@ -379,26 +379,30 @@ class Trainer:
             fully_shard(model)
         optimizer = t.optimizer.build(model, lr=t.lr)
         if state is not None:
-            if fsdp != (state.get("optimizer_format") == "full"):
-                raise RunError("this checkpoint's optimizer state was saved with train.parallel="
-                               f"{'fsdp' if not fsdp else 'ddp or one process'}; resume it the same way")
-            if fsdp:
-                from torch.distributed.checkpoint.state_dict import (
-                    StateDictOptions,
-                    set_optimizer_state_dict,
-                )
+            if state.get("optimizer") is not None:  # (an imported model has none yet)
+                if fsdp != (state.get("optimizer_format") == "full"):
+                    raise RunError("this checkpoint's optimizer state was saved with "
+                                   f"train.parallel={'fsdp' if not fsdp else 'ddp or one process'}; "
+                                   "resume it the same way")
+                if fsdp:
+                    from torch.distributed.checkpoint.state_dict import (
+                        StateDictOptions,
+                        set_optimizer_state_dict,
+                    )
 
-                set_optimizer_state_dict(model, optimizer, state["optimizer"],
-                                         options=StateDictOptions(full_state_dict=True))
-            else:
-                optimizer.load_state_dict(state["optimizer"])
-            rngs = state.get("torch_rng_per_rank") or [state["torch_rng"]]
-            torch.set_rng_state(rngs[d.rank] if d.rank < len(rngs) else state["torch_rng"])
-            gen.set_state(state["data_rng"])
+                    set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                                             options=StateDictOptions(full_state_dict=True))
+                else:
+                    optimizer.load_state_dict(state["optimizer"])
+            rngs = state.get("torch_rng_per_rank") or [state.get("torch_rng")]
+            if rngs[min(d.rank, len(rngs) - 1)] is not None:
+                torch.set_rng_state(rngs[min(d.rank, len(rngs) - 1)])
+            if "data_rng" in state:
+                gen.set_state(state["data_rng"])
             if self.device.type == "cuda" and state.get("cuda_rng"):
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
             step, best_val = int(state["step"]), state.get("best_val_loss")
-            skipped, tokens_seen = int(state["skipped_steps"]), int(state["tokens_seen"])
+            skipped, tokens_seen = int(state.get("skipped_steps", 0)), int(state.get("tokens_seen", 0))
             last_val = state.get("val_loss")
             if d.main:
                 self._truncate_metrics(step)

@@ -7,6 +7,7 @@ import yaml
 
 from gptkit.errors import GptkitError, SpecError
 from gptkit.spec import load_spec, spec_class, validate_spec
+from tests.conftest import ROOT
 from tests.helpers import assert_user_error, run_cli
 
 
@@ -144,3 +145,14 @@ def test_validate_prints_the_resolved_model():
     assert result.returncode == 0, result.stderr
     assert "positional  alibi" in result.stdout
     assert "parameters" in result.stdout and "vocab_size  66" in result.stdout
+
+
+def test_committed_spec_reference_is_current():
+    from gptkit.docs import spec_reference_markdown
+
+    committed = (ROOT / "docs" / "spec-reference.md").read_text()
+    assert committed == spec_reference_markdown(), (
+        "docs/spec-reference.md is stale: run "
+        "GPTKIT_DISABLE_PLUGIN_AUTOLOAD=1 gptkit schema --markdown > docs/spec-reference.md")
+    for kind in ("mha", "rope", "top_p", "sentencepiece", "adamw"):
+        assert f"#### `{kind}`" in committed

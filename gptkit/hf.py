@@ -1,0 +1,165 @@
+"""GPT-2 weights in and out: a local Hugging Face GPT-2 folder (config.json +
+model.safetensors [+ tokenizer.json]) <-> a gptkit run. Local files only; nothing is fetched.
+
+GPT-2 is a gptkit GPT with learned positions, multi-head attention, LayerNorm with biases,
+GPT-2's tanh-approximated GELU and tied embeddings. Its ``Conv1D`` layers store weights as
+(in, out), so every projection is transposed on the way in and out.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
+from gptkit.errors import GptkitError, RunError
+
+ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
+               "relu": "relu"}
+
+
+def _per_layer(i: int) -> list[tuple[str, str, bool]]:
+    """(gptkit name, GPT-2 name, transposed) for one block."""
+    g, h = f"blocks.{i}.", f"h.{i}."
+    return [
+        (g + "norm1.weight", h + "ln_1.weight", False), (g + "norm1.bias", h + "ln_1.bias", False),
+        (g + "attn.qkv.weight", h + "attn.c_attn.weight", True),
+        (g + "attn.qkv.bias", h + "attn.c_attn.bias", False),
+        (g + "attn.out_proj.weight", h + "attn.c_proj.weight", True),
+        (g + "attn.out_proj.bias", h + "attn.c_proj.bias", False),
+        (g + "norm2.weight", h + "ln_2.weight", False), (g + "norm2.bias", h + "ln_2.bias", False),
+        (g + "mlp.in_proj.weight", h + "mlp.c_fc.weight", True),
+        (g + "mlp.in_proj.bias", h + "mlp.c_fc.bias", False),
+        (g + "mlp.out_proj.weight", h + "mlp.c_proj.weight", True),
+        (g + "mlp.out_proj.bias", h + "mlp.c_proj.bias", False),
+    ]
+
+
+def name_map(n_layers: int) -> list[tuple[str, str, bool]]:
+    pairs = [("tok_emb.weight", "wte.weight", False), ("positional.table.weight", "wpe.weight", False)]
+    for i in range(n_layers):
+        pairs += _per_layer(i)
+    return pairs + [("norm_f.weight", "ln_f.weight", False), ("norm_f.bias", "ln_f.bias", False)]
+
+
+def _model_fields(config: dict[str, Any]) -> dict[str, Any]:
+    if config.get("model_type") != "gpt2":
+        raise GptkitError(f"config.json has model_type {config.get('model_type')!r}; "
+                          "import-hf reads GPT-2 checkpoints (model_type 'gpt2')")
+    act = config.get("activation_function", "gelu_new")
+    if act not in ACTIVATIONS:
+        raise GptkitError(f"config.json activation_function {act!r} is not supported; "
+                          f"supported: {', '.join(ACTIVATIONS)}")
+    if abs(config.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+        raise GptkitError("config.json layer_norm_epsilon must be 1e-5 (gptkit's LayerNorm)")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if config.get(flag):
+            raise GptkitError(f"config.json sets {flag}, which gptkit does not implement")
+    if config.get("scale_attn_weights") is False:
+        raise GptkitError("config.json sets scale_attn_weights false; gptkit always scales")
+    d = config["n_embd"]
+    return {"vocab_size": config["vocab_size"], "d_model": d, "n_heads": config["n_head"],
+            "n_layers": config["n_layer"], "d_ff": config.get("n_inner") or 4 * d,
+            "max_seq_len": config["n_positions"], "dropout": 0.0, "bias": True,
+            "norm": "layernorm", "activation": ACTIVATIONS[act],
+            "tie_embeddings": config.get("tie_word_embeddings", True),
+            "attention": {"kind": "mha"}, "positional": {"kind": "learned"}}
+
+
+def import_hf(src: str | Path, out: str | Path | None = None, name: str | None = None) -> Path:
+    """Make a run directory (spec, tokenizer, checkpoint step 0) from a local GPT-2 folder."""
+    from gptkit.checkpoint import save_checkpoint
+    from gptkit.model import GPT
+    from gptkit.run import RUNS_ROOT, SPEC_FILE, dump_yaml
+    from gptkit.spec import validate_spec
+
+    src = Path(src)
+    for f in ("config.json", "model.safetensors"):
+        if not (src / f).is_file():
+            raise RunError(f"{src} has no {f}; import-hf needs a local Hugging Face GPT-2 folder "
+                           "(config.json, model.safetensors, tokenizer.json)")
+    if not (src / "tokenizer.json").is_file():
+        raise RunError(f"{src} has no tokenizer.json (the fast tokenizer file); gptkit needs it "
+                       "to turn text into the model's tokens")
+    config = json.loads((src / "config.json").read_text())
+    name = name or "gpt2-import"
+    run = Path(out) if out else RUNS_ROOT / name / time.strftime("%Y%m%d-%H%M%S")
+    if (run / "checkpoints").exists():
+        raise RunError(f"{run} already holds a run; choose another --out")
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "tokenizer").mkdir(exist_ok=True)
+    shutil.copyfile(src / "tokenizer.json", run / "tokenizer" / "tokenizer.json")
+    spec = validate_spec({
+        "name": name,
+        "tokenizer": {"kind": "pretrained", "path": str((run / "tokenizer" / "tokenizer.json").resolve())},
+        "model": _model_fields(config),
+        "tracking": {"enabled": False},
+    }, str(src / "config.json"))
+    tok = spec.tokenizer.build()
+    tok.fit("")
+    tok.save(run / "tokenizer")
+    weights = load_file(str(src / "model.safetensors"))
+    prefix = "transformer." if any(k.startswith("transformer.") for k in weights) else ""
+    model = GPT(spec.model)
+    state = {}
+    for ours, theirs, transpose in name_map(spec.model.n_layers):
+        key = prefix + theirs
+        if key not in weights:
+            raise RunError(f"{src / 'model.safetensors'} lacks {key}")
+        t = weights[key]
+        state[ours] = t.t().contiguous() if transpose else t
+    if not spec.model.tie_embeddings:
+        state["lm_head.weight"] = weights["lm_head.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and spec.model.tie_embeddings)]
+    if missing or unexpected:
+        raise RunError(f"weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    dump_yaml(spec.to_dict(), run / SPEC_FILE)
+    save_checkpoint(run / "checkpoints", 0, model, {"step": 0, "imported_from": str(src)},
+                    {"val_loss": None, "imported_from": str(src)}, keep_last=1)
+    return run
+
+
+def export_hf(run: str | Path, out: str | Path) -> Path:
+    """Write a run as a Hugging Face GPT-2 folder that ``GPT2LMHeadModel.from_pretrained`` loads."""
+    from gptkit.run import load_run
+
+    loaded = load_run(run)
+    m = loaded.spec.model
+    problems = [f"{k} is {v!r}, GPT-2 needs {want!r}" for k, v, want in (
+        ("model.attention.kind", m.attention.kind, "mha"),
+        ("model.positional.kind", m.positional.kind, "learned"),
+        ("model.norm", m.norm, "layernorm"), ("model.bias", m.bias, True),
+        ("model.scale_embeddings", m.scale_embeddings, False),
+        ("model.tie_embeddings", m.tie_embeddings, True)) if v != want]
+    if m.activation not in ("gelu_tanh", "gelu"):
+        problems.append(f"model.activation is {m.activation!r}, GPT-2 needs 'gelu_tanh' or 'gelu'")
+    if problems:
+        raise GptkitError("this run is not a GPT-2: " + "; ".join(problems))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = loaded.model.state_dict()
+    tensors = {f"transformer.{theirs}": (sd[ours].t() if transpose else sd[ours]).contiguous()
+               for ours, theirs, transpose in name_map(m.n_layers)}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    eot = loaded.tokenizer.eot_id
+    config = {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": m.vocab_size, "n_positions": m.max_seq_len, "n_embd": m.d_model,
+        "n_layer": m.n_layers, "n_head": m.n_heads, "n_inner": m.hidden_dim,
+        "activation_function": "gelu_new" if m.activation == "gelu_tanh" else "gelu",
+        "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "tie_word_embeddings": True, "bos_token_id": eot, "eos_token_id": eot,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    hf_tokenizer = loaded.run_dir / "tokenizer" / "tokenizer.json"
+    if hf_tokenizer.is_file():
+        shutil.copyfile(hf_tokenizer, out / "tokenizer.json")
+    return out
+
+
+__all__ = ["import_hf", "export_hf"]
