@@ -255,8 +255,10 @@ class Trainer:
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         parent_run_id: str | None = None,
         run_name: str | None = None,
+        model: GPT | None = None,
     ) -> None:
         self.spec = spec
+        self.initial_model = model  # train this instance instead of a fresh one
         self.parent_run_id = parent_run_id
         self.run_name = run_name
         self.resume = resume
@@ -359,7 +361,13 @@ class Trainer:
 
         self._prepare()
         spec, t = self.spec, self.spec.train
-        model = GPT(spec.model).to(self.device)
+        if self.initial_model is not None:
+            if self.initial_model.spec.model_dump(exclude={"vocab_size"}) != \
+                    spec.model.model_dump(exclude={"vocab_size"}):
+                raise GptkitError("the model passed in does not match the spec's model: build it from that spec")
+            model = self.initial_model.to(self.device)
+        else:
+            model = GPT(spec.model).to(self.device)
         gen = torch.Generator().manual_seed(spec.seed)
         step, best_val, bad_in_a_row, skipped, tokens_seen = 0, None, 0, 0, 0
         last_val: float | None = None
