@@ -148,3 +148,47 @@ class Inference(Generator):
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, **kwargs: Any) -> Inference:
         return cls.from_run(checkpoint_dir, **kwargs)
+
+
+@torch.no_grad()
+def attention_map(model: GPT, tokenizer: Any, text: str, layer: int = 0) -> torch.Tensor:
+    """Attention weights (H, T, T) of one layer for ``text``: row i is how much token i
+    attends to each earlier token. Recomputed from the layer's own projections (built-in
+    attention modules: mha, gqa, sliding_window)."""
+    import math
+
+    from gptkit.components.attention import CausalSelfAttention
+
+    attn = model.blocks[layer].attn
+    if not isinstance(attn, CausalSelfAttention):
+        raise GptkitError(f"attention_map reads CausalSelfAttention layers, not {type(attn).__name__}")
+    seen: dict[str, torch.Tensor] = {}
+
+    def capture(module, args):  # returns None: the forward goes on unchanged
+        seen["x"] = args[0]
+
+    hook = attn.register_forward_pre_hook(capture)
+    ids = torch.tensor([tokenizer.encode(text)])
+    was_training = model.training
+    model.eval()
+    try:
+        model(ids)
+    finally:
+        hook.remove()
+        model.train(was_training)
+    x = seen["x"]
+    B, T, _ = x.shape
+    H, H_kv, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    q, k, _ = attn.qkv(x).split([H * hd, H_kv * hd, H_kv * hd], dim=-1)
+    q = q.view(B, T, H, hd).transpose(1, 2)
+    k = k.view(B, T, H_kv, hd).transpose(1, 2)
+    q, k = attn.normalize_qk(q, k)
+    positions = torch.arange(T)[None]
+    q, k = attn.positional.rotate(q, k, positions)
+    k = k.repeat_interleave(H // H_kv, dim=1)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(hd)
+    bias = attn.positional.score_bias(T, T)
+    if bias is not None:
+        scores = scores + bias
+    scores = scores.masked_fill(~attn.allowed(T, T, None, x.device), float("-inf"))
+    return scores.softmax(-1)[0]  # (H, T, T)
