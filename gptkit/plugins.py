@@ -101,7 +101,17 @@ def plugin_manager(
 
     pm = PluginManager()
     for name in builtins:
-        pm.add(importlib.import_module(name), name, __version__, "builtin")
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            if exc.name != "torch":
+                raise
+            raise PluginError(
+                f"gptkit's built-in {name.rsplit('.', 1)[-1]} need PyTorch, which is not installed",
+                "Install the training extra: pip install 'gptkit[train]' (exported bundles run "
+                "without it: gptkit generate BUNDLE, gptkit serve BUNDLE).",
+            ) from None
+        pm.add(module, name, __version__, "builtin")
 
     if autoload if autoload is not None else autoload_enabled():
         for ep in md.entry_points(group=ENTRY_POINT_GROUP):

@@ -166,3 +166,13 @@ def test_runtime_loads_plugins_only_for_kinds_it_lacks(bundle):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[0] == "eta"
+
+
+def test_without_torch_the_cli_says_what_needs_it():
+    from tests.conftest import ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['torch'] = None\n"
+         "from gptkit.cli import main; main()", "validate", str(ROOT / "experiments" / "smoke.yaml")],
+        capture_output=True, text=True)
+    assert_user_error(result, "need PyTorch, which is not installed", "pip install 'gptkit[train]'")
