@@ -112,5 +112,19 @@ def load_run(run: str | Path, checkpoint: str = "latest", overrides=(), device: 
     raise RunError(f"no usable checkpoint in {ckpt_dir}: {errors[0]}{more}")
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file; a line cut short by a crash is skipped."""
+    import json
+
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
 def dump_yaml(data: Any, path: Path) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))

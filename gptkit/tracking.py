@@ -233,15 +233,9 @@ class Tracker:
         os.replace(tmp, path)
 
     def _read_spool(self) -> list[dict[str, Any]]:
-        path = self.run_dir / SPOOL_FILE
-        events = []
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    events.append(json.loads(line))
-                except ValueError:
-                    continue  # a line cut short by a crash
-        return [e for e in events if e.get("op") != "end"]
+        from gptkit.run import read_jsonl
+
+        return [e for e in read_jsonl(self.run_dir / SPOOL_FILE) if e.get("op") != "end"]
 
     def _write_spool(self) -> None:
         path = self.run_dir / SPOOL_FILE

@@ -35,7 +35,7 @@ from gptkit.checkpoint import (
 from gptkit.data import TokenData, prepare_data
 from gptkit.errors import GptkitError, RunError
 from gptkit.model import GPT
-from gptkit.run import SPEC_FILE, dump_yaml, latest_run_dir, new_run_dir, read_run_spec
+from gptkit.run import SPEC_FILE, dump_yaml, latest_run_dir, new_run_dir, read_jsonl, read_run_spec
 from gptkit.spec import ExperimentSpec
 
 EVAL_SEED_OFFSET = 1_000_003
@@ -630,14 +630,8 @@ class Trainer:
         """Drop log lines past the checkpoint: the resumed run writes them again."""
         path = self.run_dir / "metrics.jsonl"
         if path.exists():
-            keep = []
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= step:
-                        keep.append(line + "\n")
-                except (ValueError, KeyError):
-                    continue
-            path.write_text("".join(keep))
+            rows = [r for r in read_jsonl(path) if r.get("step", step + 1) <= step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def _final_artifacts(self, tracker) -> None:
         plot = self.run_dir / "loss_curve.png"
@@ -651,17 +645,6 @@ class Trainer:
         tracker.log_artifact(self.run_dir / "tokenizer", "tokenizer")
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-    return rows
-
-
 def plot_losses(metrics: Path, out: Path, title: str) -> None:
     """Train and validation loss against step, as a PNG."""
     import matplotlib
@@ -669,7 +652,7 @@ def plot_losses(metrics: Path, out: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(metrics)
+    rows = read_jsonl(metrics)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
         pts = [(r["step"], r[key]) for r in rows if key in r]
