@@ -45,6 +45,38 @@ class Completion:
     finish_reason: str = "length"  # "length" | "stop" | "eot"
 
 
+def sampler_changes(temperature: float | None = None, top_k: int | None = None,
+                    top_p: float | None = None, min_p: float | None = None,
+                    **fields: Any) -> dict[str, Any]:
+    """The familiar generation options as sampler spec changes: ``temperature=0`` means greedy,
+    ``top_k`` / ``top_p`` / ``min_p`` pick that sampler; other keys are sampler fields."""
+    changes = {k: v for k, v in fields.items() if v is not None}
+    if temperature == 0:
+        return {**changes, "kind": "greedy"}
+    if temperature is not None:
+        changes["temperature"] = temperature
+    for kind, name, value in (("top_k", "k", top_k), ("top_p", "p", top_p), ("min_p", "p", min_p)):
+        if value is not None:
+            changes.update({"kind": kind, name: value})
+            break
+    return changes
+
+
+def derive_sampler(registry: Any, base: Any, changes: dict[str, Any]) -> Any:
+    """``base`` (a sampler spec) with ``changes``; a new ``kind`` keeps the fields it shares."""
+    from pydantic import ValidationError
+
+    kind = changes.get("kind", base.kind)
+    cls = registry.get("sampler", kind)
+    data = {k: v for k, v in base.model_dump().items() if k in cls.model_fields}
+    data.update(changes, kind=kind)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise GptkitError("; ".join(f"sampler.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                    for e in exc.errors(include_url=False))) from None
+
+
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows of different lengths -> ids (B, T) and a mask (B, T), padding on the left."""
     width = max(len(r) for r in rows)

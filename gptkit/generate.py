@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from gptkit.decoding import Completion, decode_loop
+from gptkit.decoding import Completion, decode_loop, derive_sampler, sampler_changes
 from gptkit.model import GPT
 
 
@@ -54,28 +54,11 @@ class Generator:
         return cls(loaded.model, loaded.tokenizer, loaded.spec.sampler, device)
 
     def sampler_with(self, **options: Any) -> Any:
-        """The run's sampler, with options such as ``temperature=0.7`` or ``top_k=40``.
-
-        ``top_k``/``top_p``/``min_p`` switch to that sampler kind; ``temperature=0`` is greedy.
-        """
+        """The run's sampler, with options such as ``temperature=0.7`` or ``top_k=40``
+        (``top_k``/``top_p``/``min_p`` switch to that sampler; ``temperature=0`` is greedy)."""
         from gptkit.registry import load_registry
 
-        options = {k: v for k, v in options.items() if v is not None}
-        kind = self.sampler.kind
-        for name in ("top_k", "top_p", "min_p"):
-            if name in options:
-                kind = name
-                value = options.pop(name)
-                options["k" if name == "top_k" else "p"] = value
-        if options.get("temperature") == 0:
-            kind = "greedy"
-            options.pop("temperature")
-        registry = load_registry()
-        cls = registry.get("sampler", kind)
-        base = self.sampler.model_dump()
-        data = {k: v for k, v in base.items() if k in cls.model_fields}
-        data.update(options, kind=kind)
-        return cls.model_validate(data)
+        return derive_sampler(load_registry(), self.sampler, sampler_changes(**options))
 
     def complete(
         self,

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from gptkit.decoding import Completion, decode_loop
-from gptkit.errors import GptkitError, RunError
+from gptkit.decoding import Completion, decode_loop, derive_sampler
+from gptkit.errors import RunError
 
 MANIFEST = "gptkit.json"
 MODEL_FILE = "model.onnx"
@@ -169,32 +169,16 @@ class Bundle:
         registry = _registry_for({"tokenizer": manifest["spec"]["tokenizer"]["kind"],
                                   "sampler": sampler_spec["kind"]})
         tokenizer = load_tokenizer(folder / "tokenizer", registry)
-        sampler = cls._sampler(registry, sampler_spec, {})
+        sampler = registry.get("sampler", sampler_spec["kind"]).model_validate(sampler_spec)
         return cls(folder, manifest, OnnxModel(folder / MODEL_FILE, threads), tokenizer, sampler,
                    registry)
-
-    @staticmethod
-    def _sampler(registry, base: dict[str, Any], changes: dict[str, Any]):
-        from pydantic import ValidationError
-
-        kind = changes.get("kind", base.get("kind"))
-        cls = registry.get("sampler", kind)
-        data = {k: v for k, v in base.items() if k in cls.model_fields}
-        data.update(changes)
-        data["kind"] = kind
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            problems = "; ".join(f"sampler.{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                 for e in exc.errors(include_url=False))
-            raise GptkitError(problems) from None
 
     def sampler_with(self, **changes: Any):
         """The bundle's sampler with some fields changed (``kind`` too)."""
         kind = changes.get("kind", self.sampler.kind)
         if kind not in self.registry.components["sampler"]:
             self.registry = _registry_for({"sampler": kind})
-        return self._sampler(self.registry, self.sampler.model_dump(), changes)
+        return derive_sampler(self.registry, self.sampler, changes)
 
     def complete(self, prompts: Sequence[str], *, sampler: Any = None,
                  max_new_tokens: int | None = None, seed: int | None = None,

@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from gptkit.decoding import sampler_changes
 from gptkit.errors import GptkitError
 from gptkit.runtime import Bundle
 
@@ -169,17 +170,8 @@ def create_app(bundle: Bundle, limits: Limits | None = None, name: str | None = 
         if len(stops) > 4 or any(not s or len(s) > 64 for s in stops):
             return _error(400, "stop: up to 4 non-empty strings of at most 64 characters")
         try:
-            changes: dict[str, Any] = {"stop": stops}
-            if req.temperature == 0:
-                changes["kind"] = "greedy"
-            else:
-                if req.temperature is not None:
-                    changes["temperature"] = req.temperature
-                if req.top_k is not None:
-                    changes.update(kind="top_k", k=req.top_k)
-                elif req.top_p is not None:
-                    changes.update(kind="top_p", p=req.top_p)
-            sampler = bundle.sampler_with(**changes)
+            sampler = bundle.sampler_with(**sampler_changes(
+                temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, stop=stops))
             for i, p in enumerate(prompts):
                 n_tokens = len(bundle.tokenizer.encode(p))
                 if n_tokens > bundle.max_seq_len:
