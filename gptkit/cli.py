@@ -221,6 +221,10 @@ def train(
     result = Trainer(resolved, run_dir=run_dir, resume=resume, progress=not no_progress).run()
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports
+    if resolved.export.onnx:  # export: {onnx: true} in the spec: a bundle inside the run
+        from gptkit.export import export_run
+
+        export_run(result.run_dir, result.run_dir / "bundle", quantize=resolved.export.quantize)
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
     echo(
         f"done: {result.step} steps in {result.elapsed:.1f}s, val loss {val}, "

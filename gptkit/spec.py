@@ -175,8 +175,8 @@ class TrackingSpec(StrictModel):
 class ExportSpec(StrictModel):
     """What to export when training ends."""
 
-    onnx: bool = False
-    quantize: Literal["int8"] | None = None
+    onnx: bool = Field(False, description="Write an ONNX bundle to RUN/bundle after training.")
+    quantize: Literal["int8"] | None = Field(None, description="Quantize that bundle.")
 
 
 class ExperimentSpec(StrictModel):

@@ -176,3 +176,15 @@ def test_without_torch_the_cli_says_what_needs_it():
          "from gptkit.cli import main; main()", "validate", str(ROOT / "experiments" / "smoke.yaml")],
         capture_output=True, text=True)
     assert_user_error(result, "need PyTorch, which is not installed", "pip install 'gptkit[train]'")
+
+
+def test_spec_export_onnx_writes_a_bundle_after_training(tmp_path):
+    from tests.conftest import ROOT
+
+    run = tmp_path / "run"
+    result = run_cli("train", ROOT / "experiments" / "smoke.yaml", "--no-progress", "--run-dir", run,
+                     "--set", "train.max_steps=4", "--set", "train.eval_every=2",
+                     "--set", "tracking.enabled=false", "--set", "export.onnx=true", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((run / "bundle" / "gptkit.json").read_text())
+    assert manifest["parity"]["passed"] and manifest["checkpoint"] == "step-000004"
