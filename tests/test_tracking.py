@@ -103,3 +103,42 @@ def test_server_killed_mid_run_training_finishes_and_catches_up(tmp_path):
         assert not (run_dir / "mlflow-spool.jsonl").exists()
     finally:
         srv2.kill()
+
+
+def test_server_away_and_back_during_the_run_gets_everything_without_resume(tmp_path):
+    """The server dies mid-run and comes back (same store and port) while training goes on:
+    the spooled metrics are delivered by the end of the run itself."""
+    srv = MlflowServer(tmp_path / "srv").start()
+    steps = 1500
+    args = [sys.executable, "-m", "gptkit", "train", str(SMOKE), "--no-progress",
+            "--run-dir", str(tmp_path / "run"), "--set", f"tracking.uri={srv.uri}",
+            "--set", f"train.max_steps={steps}", "--set", "train.log_every=1",
+            "--set", "train.eval_every=500", "--set", "train.threads=1",
+            "--set", "train.sample_tokens=0", "--set", "tracking.experiment=flaky",
+            "--set", "train.batch_size=32"]  # long enough to outlast a server restart
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    srv2 = None
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "run" / "mlflow.json").exists():
+            assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        srv.kill()
+        time.sleep(1.0)
+        srv2 = MlflowServer(tmp_path / "srv", port=srv.port).start()
+        assert proc.poll() is None, "training ended before the server came back"
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        assert "failed" in err and "is back" in err
+        assert not (tmp_path / "run" / "mlflow-spool.jsonl").exists()
+        client = MlflowClient(srv2.uri)
+        run = only_run(client, "flaky")
+        history = client.get_metric_history(run.info.run_id, "train_loss")
+        assert sorted({m.step for m in history}) == list(range(1, steps + 1))
+        assert run.info.status == "FINISHED"
+    finally:
+        proc.kill()
+        srv.kill()
+        if srv2:
+            srv2.kill()
