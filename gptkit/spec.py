@@ -502,13 +502,3 @@ def validate_spec(
 def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentSpec:
     """Read, override and validate a spec file."""
     return validate_spec(read_spec_file(path), str(path), overrides)
-
-
-def dump_spec(spec: ExperimentSpec, path: str | Path) -> None:
-    """Write the resolved spec as YAML (or TOML-free JSON if the suffix is .json)."""
-    path = Path(path)
-    data = spec.to_dict()
-    if path.suffix == ".json":
-        path.write_text(json.dumps(data, indent=2) + "\n")
-    else:
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
