@@ -59,21 +59,29 @@ def test_remote_server_receives_the_run(server, tmp_path):
     assert not (tmp_path / "run" / "mlflow-spool.jsonl").exists()
 
 
+def outage_run(tmp_path, uri, experiment, steps, *extra):
+    """A logging-heavy training subprocess against ``uri``, and a wait until its MLflow run
+    exists on the server (so an outage hits a run in progress)."""
+    args = [sys.executable, "-m", "gptkit", "train", str(SMOKE), "--no-progress",
+            "--run-dir", str(tmp_path / "run"), "--set", f"tracking.uri={uri}",
+            "--set", f"train.max_steps={steps}", "--set", "train.log_every=1",
+            "--set", "train.threads=1", "--set", f"tracking.experiment={experiment}", *extra]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "mlflow.json").exists():
+        if time.time() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError(proc.stderr.read())
+        time.sleep(0.05)
+    return proc, args
+
+
 def test_server_killed_mid_run_training_finishes_and_catches_up(tmp_path):
     srv = MlflowServer(tmp_path / "srv").start()
     steps = 600
-    args = [sys.executable, "-m", "gptkit", "train", str(SMOKE), "--no-progress",
-            "--run-dir", str(tmp_path / "run"), "--set", f"tracking.uri={srv.uri}",
-            "--set", f"train.max_steps={steps}", "--set", "train.log_every=1",
-            "--set", "train.eval_every=100", "--set", "train.threads=1",
-            "--set", "tracking.experiment=outage"]
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc, args = outage_run(tmp_path, srv.uri, "outage", steps, "--set", "train.eval_every=100")
     try:
-        deadline = time.time() + 120
-        while not (tmp_path / "run" / "mlflow.json").exists():  # the run exists on the server
-            assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
-            time.sleep(0.05)
         assert proc.poll() is None, "training ended before the outage"
         srv.kill()
         out, err = proc.communicate(timeout=300)
@@ -110,20 +118,11 @@ def test_server_away_and_back_during_the_run_gets_everything_without_resume(tmp_
     the spooled metrics are delivered by the end of the run itself."""
     srv = MlflowServer(tmp_path / "srv").start()
     steps = 1500
-    args = [sys.executable, "-m", "gptkit", "train", str(SMOKE), "--no-progress",
-            "--run-dir", str(tmp_path / "run"), "--set", f"tracking.uri={srv.uri}",
-            "--set", f"train.max_steps={steps}", "--set", "train.log_every=1",
-            "--set", "train.eval_every=500", "--set", "train.threads=1",
-            "--set", "train.sample_tokens=0", "--set", "tracking.experiment=flaky",
-            "--set", "train.batch_size=32"]  # long enough to outlast a server restart
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc, _ = outage_run(tmp_path, srv.uri, "flaky", steps, "--set", "train.eval_every=500",
+                         "--set", "train.sample_tokens=0",
+                         "--set", "train.batch_size=32")  # long enough to outlast a restart
     srv2 = None
     try:
-        deadline = time.time() + 120
-        while not (tmp_path / "run" / "mlflow.json").exists():
-            assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
-            time.sleep(0.05)
         srv.kill()
         time.sleep(1.0)
         srv2 = MlflowServer(tmp_path / "srv", port=srv.port).start()
