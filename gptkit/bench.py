@@ -83,8 +83,7 @@ def train_speed(spec, vocab: int, batch: int, steps: int, warmup: int, baseline:
     for fn in runs.values():
         for _ in range(warmup):
             fn()
-    rounds = max(1, steps)
-    for _ in range(rounds):
+    for _ in range(steps):
         for k, fn in runs.items():
             t = time.perf_counter()
             fn()
