@@ -25,8 +25,9 @@ from gptkit.errors import GptkitError
 from gptkit.generate import Generator
 from gptkit.model import GPT
 from gptkit.spec import PRESETS, validate_spec
-from gptkit.train import Trainer as _SpecTrainer
-from gptkit.train import get_batch
+from gptkit.training.loop import Trainer as _SpecTrainer
+from gptkit.training.loop import get_batch
+from gptkit.training.rundir import RunDir
 
 
 @dataclass
@@ -131,7 +132,7 @@ class Trainer:
         """Train for ``epochs`` passes over the training loader; returns the result (val loss,
         tokens/s, run directory). Calling it again continues from the last checkpoint."""
         spec = self.spec(epochs)
-        resume = (self.checkpoint_dir / "checkpoints" / "latest").exists()
+        resume = RunDir(self.checkpoint_dir).is_run()
         if resume:  # continue: same model, more steps
             done = self.result.step if self.result else 0
             spec = spec.model_copy(update={"train": spec.train.model_copy(

@@ -189,47 +189,156 @@ def _vocab_size_from_tokenizer(spec) -> int:
 
 @app.command()
 def train(
-    spec: SpecArg,
+    spec: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Argument(help="Experiment spec file (.yaml, .yml or .toml); with --resume "
+                       "--run-dir it may be left out (the run's own spec is used)."),
+    ] = None,
     overrides: SetOpt = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the latest run of this spec (or --run-dir).")
+        bool, typer.Option("--resume", help="Continue the newest run of this spec (or --run-dir) "
+                           "exactly as it was started; --set changes fields on purpose.")
     ] = False,
     run_dir: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option("--run-dir", help="Run directory (default runs/<name>/<time>)."),
     ] = None,
+    name: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--name", help="Run name (default: the spec's name and the --set changes)."),
+    ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Plain log lines only.")] = False,
 ) -> None:
     """Validate SPEC, prepare data, train with progress, checkpoint, and track in MLflow."""
     require_torch("train")
-    from gptkit.spec import read_spec_file, validate_spec
-    from gptkit.train import Trainer
+    from gptkit.training.loop import Trainer
+    from gptkit.training.rundir import default_run_name
 
-    raw = read_spec_file(spec)
-    resolved = validate_spec(raw, str(spec), overrides or [])
-    if resolved.sweep:
-        if resume:
-            raise GptkitError("--resume continues one run; resume a sweep point with its --run-dir")
-        from gptkit.sweep import run_sweep
+    sets = list(overrides or [])
+    if resume:
+        resolved, run_dir = _resume_spec(spec, run_dir, sets)
+    else:
+        if spec is None:
+            raise GptkitError("gptkit train needs a SPEC file (or --resume --run-dir RUN)")
+        from gptkit.spec import read_spec_file, validate_spec
 
-        results = run_sweep(raw, str(spec), list(overrides or []), resolved, run_dir,
-                            progress=not no_progress)
-        echo("sweep done:")
-        for r in results:
-            echo(f"  {r['point']:<40} val loss {r['val_loss']:.4f}  {r['run_dir']}")
-        return
-    result = Trainer(resolved, run_dir=run_dir, resume=resume, progress=not no_progress).run()
+        raw = read_spec_file(spec)
+        resolved = validate_spec(raw, str(spec), sets)
+        if resolved.sweep:
+            _train_sweep(raw, spec, sets, resolved, run_dir, not no_progress)
+            return
+    trainer = Trainer(resolved, run_dir=run_dir, resume=resume, progress=not no_progress,
+                      run_name=name or (None if resume else default_run_name(resolved.name, sets)),
+                      overrides=sets, command=_command_line())
+    result = trainer.run()
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports
     if resolved.export.onnx:  # export: {onnx: true} in the spec: a bundle inside the run
         from gptkit.export import export_run
 
-        export_run(result.run_dir, result.run_dir / "bundle", quantize=resolved.export.quantize)
+        export_run(result.run_dir, trainer.rundir.default_bundle, quantize=resolved.export.quantize)
+    echo(_train_report(result))
+
+
+def _command_line() -> str:
+    import shlex
+
+    return "gptkit " + shlex.join(sys.argv[1:])
+
+
+def _resume_spec(spec_file: Path | None, run_dir: Path | None, sets: list[str]):
+    """The run's own spec (what was asked), with this command's --set changes on top."""
+    from gptkit.spec import load_spec
+    from gptkit.training.rundir import RUNS_ROOT, RunDir
+
+    from_file = load_spec(spec_file, sets) if spec_file is not None else None
+    if run_dir is None:
+        if from_file is None:
+            raise GptkitError("--resume needs --run-dir RUN or a SPEC whose newest run to continue")
+        found = RunDir.latest(RUNS_ROOT / from_file.name)
+        if found is None:
+            raise GptkitError(f"nothing to resume: no run of '{from_file.name}' under "
+                              f"{RUNS_ROOT / from_file.name}", "Start it without --resume.")
+        echo(f"gptkit: resuming {found.path} (newest run of '{from_file.name}')", err=True)
+        run_dir = found.path
+    run = RunDir(run_dir)
+    if not run.is_run():
+        raise GptkitError(f"nothing to resume in {run_dir}: it is not a gptkit run (no spec.yaml)",
+                          "Start it without --resume.")
+    resolved = run.read_spec(sets)
+    if from_file is not None:
+        _warn_spec_file_ignored(spec_file, from_file, resolved)
+    return resolved, run.path
+
+
+def _warn_spec_file_ignored(path: Path, from_file, resolved) -> None:
+    from gptkit.training.loop import spec_diff
+
+    diffs = [(k, a, b) for k, a, b in spec_diff(resolved.to_dict(), from_file.to_dict())
+             if k != "model.vocab_size"]
+    if diffs:
+        shown = "; ".join(f"{k}: {a!r} in the run, {b!r} in {path.name}" for k, a, b in diffs[:5])
+        echo(f"gptkit: warning: the run continues its own spec; {path} differs and is not "
+             f"applied ({shown}). Pass --set FIELD=VALUE to change a field on purpose.", err=True)
+
+
+def _train_sweep(raw, spec: Path, sets: list[str], resolved, run_dir, progress: bool) -> None:
+    from gptkit.training.sweep import run_sweep
+
+    results = run_sweep(raw, str(spec), sets, resolved, run_dir, progress=progress,
+                        command=_command_line())
+    echo("sweep done:")
+    for r in results:
+        val = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "n/a"
+        echo(f"  {r['point']:<40} val loss {val}  {r['run_dir']}")
+
+
+def _train_report(result) -> str:
+    if result.steps_trained == 0:
+        return (f"nothing to train: the run is already at step {result.step} "
+                f"(raise it with --set train.max_steps=N)\nrun: {result.run_dir}")
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
-    echo(
-        f"done: {result.step} steps in {result.elapsed:.1f}s, val loss {val}, "
-        f"{result.tokens_per_sec:,.0f} tokens/s\nrun: {result.run_dir}"
-    )
+    return (f"done: {result.steps_trained} steps (now at step {result.step}) in "
+            f"{result.elapsed:.1f}s, val loss {val}, {result.tokens_per_sec:,.0f} tokens/s"
+            f"\nrun: {result.run_dir}")
+
+
+@app.command("runs")
+def runs_cmd(
+    experiment: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Argument(help="Only the runs of this spec name (a folder under runs/)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List runs newest first: name, status, steps, best/final val loss, tokens/s, wall time."""
+    from gptkit.training.listing import format_rows, list_runs
+    from gptkit.training.rundir import RUNS_ROOT
+
+    if experiment and not (RUNS_ROOT / experiment).is_dir():
+        have = sorted(p.name for p in RUNS_ROOT.iterdir() if p.is_dir()) if RUNS_ROOT.is_dir() else []
+        raise GptkitError(f"no runs of '{experiment}' under {RUNS_ROOT}/; there are runs of: "
+                          f"{', '.join(have) or '(none)'}")
+    rows = list_runs(experiment)
+    if as_json:
+        echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        echo(f"no runs under {RUNS_ROOT}/ yet. Train one: gptkit train SPEC")
+        return
+    _print_table(format_rows(rows))
+
+
+def _print_table(grid: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table()
+    for col in grid[0]:
+        t.add_column(col)
+    for row in grid[1:]:
+        t.add_row(*row)
+    Console(width=None if sys.stdout.isatty() else 200).print(t)
 
 
 @app.command()
@@ -327,7 +436,7 @@ def eval_cmd(
     """Loss, perplexity and bits per byte of a model on a text file."""
     require_torch("eval")
     from gptkit.evaluate import evaluate_text
-    from gptkit.run import load_run
+    from gptkit.training.rundir import load_run
 
     loaded = load_run(run, checkpoint=checkpoint)
     result = evaluate_text(loaded.model, loaded.tokenizer, data)
@@ -430,20 +539,17 @@ def compare_cmd(
         Optional[Path],  # noqa: UP045
         typer.Option("--plot", help="Where to write the curves (default compare-EXPERIMENT.png)."),
     ] = None,
+    log: Annotated[
+        bool, typer.Option("--log", help="Also keep the comparison in MLflow (experiment "
+                           "EXPERIMENT-comparisons, apart from the runs).")
+    ] = False,
 ) -> None:
-    """Runs side by side from MLflow: the spec fields that differ, final metrics, curves."""
-    from gptkit.compare import compare
+    """Runs side by side from MLflow, best first: the spec fields that differ, final metrics,
+    curves. Adds nothing to the experiment."""
+    from gptkit.training.compare import compare
 
-    grid, out = compare(experiment, tracking_uri, plot)
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table()
-    for col in grid[0]:
-        t.add_column(col)
-    for row in grid[1:]:
-        t.add_row(*row)
-    Console(width=None if sys.stdout.isatty() else 200).print(t)
+    grid, out = compare(experiment, tracking_uri, plot, log=log)
+    _print_table(grid)
     echo(f"validation curves: {out}")
 
 

@@ -199,7 +199,7 @@ def quality_report(fp32: Path, int8: Path, val_ids: np.ndarray, window: int,
 def export_run(run: str | Path, out: str | Path, quantize: str | None = None,
                checkpoint: str = "latest", register: str | None = None, log=print) -> dict[str, Any]:
     """Export a run to a bundle folder; returns the manifest. Refuses to finish on a parity miss."""
-    from gptkit.run import load_run
+    from gptkit.training.rundir import load_run
 
     loaded = load_run(run, checkpoint=checkpoint)
     model, spec = loaded.model, loaded.spec
@@ -282,45 +282,73 @@ def export_run(run: str | Path, out: str | Path, quantize: str | None = None,
 
 def _log_to_mlflow(run_dir: Path, bundle: Path, manifest: dict[str, Any], register: str | None,
                    log) -> None:
-    """Attach the bundle and an ONNX-flavour model to the run's MLflow run (never fatal)."""
-    info_path = run_dir / "mlflow.json"
-    if not info_path.exists():
-        if register:
-            raise RunError(f"--register needs the run's MLflow record ({info_path} is missing)")
-        return
-    info = json.loads(info_path.read_text())
-    try:
-        import mlflow
-        import onnx
-        from mlflow.models import ModelSignature
-        from mlflow.types import Schema, TensorSpec
+    """Attach the bundle and an ONNX-flavour model to the run's MLflow run, under a name of
+    its own (``onnx-fp32``, ``onnx-int8``, then ``-2``, ``-3`` ...), without moving the
+    training run's times or status. Never fatal unless ``--register`` was asked for."""
+    from gptkit.training.rundir import RunDir
+    from gptkit.training.tracking import quick_timeouts, read_mlflow_link
 
-        client = mlflow.tracking.MlflowClient(info["uri"])
-        run_id = info["run_id"]
-        parity = manifest["parity"]
-        metrics = {"onnx_prefill_max_abs_diff": parity["prefill_max_abs_diff"],
-                   "onnx_decode_max_abs_diff": parity["decode_max_abs_diff"]}
-        if manifest.get("quantization"):
-            q = manifest["quantization"]
-            metrics.update(int8_top1_agreement=q["top1_agreement"],
-                           int8_val_ppl_change=q["val_ppl_change"])
-        for k, v in metrics.items():
-            client.log_metric(run_id, k, float(v))
-        client.log_artifacts(run_id, str(bundle), "bundle")
-        hd, hkv = manifest["head_dim"], manifest["n_kv_heads"]
-        inputs = [TensorSpec(np.dtype(np.int64), (-1, -1), n) for n in manifest["inputs"][:3]]
-        inputs += [TensorSpec(np.dtype(np.float32), (-1, hkv, -1, hd), n)
-                   for n in manifest["inputs"][3:]]
-        outputs = [TensorSpec(np.dtype(np.float32), (-1, -1, manifest["vocab_size"]), "logits")]
-        outputs += [TensorSpec(np.dtype(np.float32), (-1, hkv, -1, hd), n)
-                    for n in manifest["outputs"][1:]]
-        signature = ModelSignature(Schema(inputs), Schema(outputs))
-        mlflow.set_tracking_uri(info["uri"])
-        with mlflow.start_run(run_id=run_id):
-            mlflow.onnx.log_model(onnx.load(str(bundle / MODEL_FILE)), name="onnx-model",
-                                  signature=signature, registered_model_name=register)
-        log(f"logged to MLflow run {run_id}" + (f", registered as '{register}'" if register else ""))
+    info = read_mlflow_link(RunDir(run_dir))
+    if not info:
+        if register:
+            raise RunError(f"--register needs the run's MLflow record "
+                           f"({RunDir(run_dir).mlflow_file} is missing or damaged)")
+        return
+    try:
+        quick_timeouts()
+        name = _attach_bundle(info, bundle, manifest, register)
+        log(f"logged to MLflow run {info['run_id']} as '{name}'"
+            + (f", registered as '{register}'" if register else ""))
     except Exception as exc:
         if register:
             raise GptkitError(f"could not register the model in MLflow: {exc}") from None
         log(f"gptkit: warning: bundle not logged to MLflow ({type(exc).__name__}: {exc})")
+
+
+def _attach_bundle(info: dict[str, Any], bundle: Path, manifest: dict[str, Any],
+                   register: str | None) -> str:
+    import mlflow
+    import onnx
+
+    client = mlflow.tracking.MlflowClient(info["uri"])
+    run_id = info["run_id"]
+    before = client.get_run(run_id).info
+    taken = {a.path for a in client.list_artifacts(run_id, "bundles")}
+    base = f"onnx-{manifest['precision']}"
+    name, n = base, 1
+    while f"bundles/{name}" in taken:
+        n += 1
+        name = f"{base}-{n}"
+    parity = manifest["parity"]
+    metrics = {f"{name}.prefill_max_abs_diff": parity["prefill_max_abs_diff"],
+               f"{name}.decode_max_abs_diff": parity["decode_max_abs_diff"]}
+    if manifest.get("quantization"):
+        q = manifest["quantization"]
+        metrics.update({f"{name}.top1_agreement": q["top1_agreement"],
+                        f"{name}.val_ppl_change": q["val_ppl_change"]})
+    for k, v in metrics.items():
+        client.log_metric(run_id, k, float(v))
+    client.log_artifacts(run_id, str(bundle), f"bundles/{name}")
+    mlflow.set_tracking_uri(info["uri"])
+    try:
+        with mlflow.start_run(run_id=run_id):
+            mlflow.onnx.log_model(onnx.load(str(bundle / MODEL_FILE)), name=name,
+                                  signature=_signature(manifest), registered_model_name=register)
+    finally:  # start_run reopened the run: put its status and end time back as they were
+        if before.end_time:
+            client.set_terminated(run_id, status=before.status, end_time=before.end_time)
+    return name
+
+
+def _signature(manifest: dict[str, Any]):
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    hd, hkv = manifest["head_dim"], manifest["n_kv_heads"]
+    inputs = [TensorSpec(np.dtype(np.int64), (-1, -1), n) for n in manifest["inputs"][:3]]
+    inputs += [TensorSpec(np.dtype(np.float32), (-1, hkv, -1, hd), n)
+               for n in manifest["inputs"][3:]]
+    outputs = [TensorSpec(np.dtype(np.float32), (-1, -1, manifest["vocab_size"]), "logits")]
+    outputs += [TensorSpec(np.dtype(np.float32), (-1, hkv, -1, hd), n)
+                for n in manifest["outputs"][1:]]
+    return ModelSignature(Schema(inputs), Schema(outputs))

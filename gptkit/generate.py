@@ -48,7 +48,7 @@ class Generator:
     def from_run(cls, run: str | Path, checkpoint: str = "latest", overrides: Sequence[str] = (),
                  device: str = "cpu") -> Generator:
         """Load a run directory's model, tokenizer and sampler (``overrides``: --set style)."""
-        from gptkit.run import load_run
+        from gptkit.training.rundir import load_run
 
         loaded = load_run(run, checkpoint=checkpoint, overrides=overrides, device=device)
         return cls(loaded.model, loaded.tokenizer, loaded.spec.sampler, device)

@@ -72,10 +72,10 @@ def _model_fields(config: dict[str, Any]) -> dict[str, Any]:
 
 def import_hf(src: str | Path, out: str | Path | None = None, name: str | None = None) -> Path:
     """Make a run directory (spec, tokenizer, checkpoint step 0) from a local GPT-2 folder."""
-    from gptkit.checkpoint import save_checkpoint
     from gptkit.model import GPT
-    from gptkit.run import RUNS_ROOT, SPEC_FILE, dump_yaml
     from gptkit.spec import validate_spec
+    from gptkit.training.checkpoint import save_checkpoint
+    from gptkit.training.rundir import RunDir
 
     src = Path(src)
     for f in ("config.json", "model.safetensors"):
@@ -87,21 +87,21 @@ def import_hf(src: str | Path, out: str | Path | None = None, name: str | None =
                        "to turn text into the model's tokens")
     config = json.loads((src / "config.json").read_text())
     name = name or "gpt2-import"
-    run = Path(out) if out else RUNS_ROOT / name / time.strftime("%Y%m%d-%H%M%S")
-    if (run / "checkpoints").exists():
+    run = RunDir(Path(out)) if out else RunDir.new(name)
+    run.check_writable_target()
+    if run.is_run() or run.checkpoints.exists():
         raise RunError(f"{run} already holds a run; choose another --out")
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "tokenizer").mkdir(exist_ok=True)
-    shutil.copyfile(src / "tokenizer.json", run / "tokenizer" / "tokenizer.json")
+    run.tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src / "tokenizer.json", run.tokenizer_dir / "tokenizer.json")
     spec = validate_spec({
         "name": name,
-        "tokenizer": {"kind": "pretrained", "path": str((run / "tokenizer" / "tokenizer.json").resolve())},
+        "tokenizer": {"kind": "pretrained", "path": str((run.tokenizer_dir / "tokenizer.json").resolve())},
         "model": _model_fields(config),
         "tracking": {"enabled": False},
     }, str(src / "config.json"))
     tok = spec.tokenizer.build()
     tok.fit("")
-    tok.save(run / "tokenizer")
+    tok.save(run.tokenizer_dir)
     weights = load_file(str(src / "model.safetensors"))
     prefix = "transformer." if any(k.startswith("transformer.") for k in weights) else ""
     model = GPT(spec.model)
@@ -118,15 +118,17 @@ def import_hf(src: str | Path, out: str | Path | None = None, name: str | None =
     missing = [m for m in missing if not (m == "lm_head.weight" and spec.model.tie_embeddings)]
     if missing or unexpected:
         raise RunError(f"weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    dump_yaml(spec.to_dict(), run / SPEC_FILE)
-    save_checkpoint(run / "checkpoints", 0, model, {"step": 0, "imported_from": str(src)},
+    save_checkpoint(run.checkpoints, 0, model, {"step": 0, "imported_from": str(src)},
                     {"val_loss": None, "imported_from": str(src)}, keep_last=1)
-    return run
+    run.update_info(name=f"{name} (imported from {src.name})", spec_name=name,
+                    created=time.time(), command=f"gptkit import-hf {src}", status="IMPORTED")
+    run.write_spec(spec)  # last: a folder with spec.yaml is a complete run
+    return run.path
 
 
 def export_hf(run: str | Path, out: str | Path) -> Path:
     """Write a run as a Hugging Face GPT-2 folder that ``GPT2LMHeadModel.from_pretrained`` loads."""
-    from gptkit.run import load_run
+    from gptkit.training.rundir import load_run
 
     loaded = load_run(run)
     m = loaded.spec.model
@@ -156,7 +158,7 @@ def export_hf(run: str | Path, out: str | Path) -> Path:
         "tie_word_embeddings": True, "bos_token_id": eot, "eos_token_id": eot,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    hf_tokenizer = loaded.run_dir / "tokenizer" / "tokenizer.json"
+    hf_tokenizer = loaded.run.tokenizer_dir / "tokenizer.json"
     if hf_tokenizer.is_file():
         shutil.copyfile(hf_tokenizer, out / "tokenizer.json")
     return out

@@ -11,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from gptkit.checkpoint import read_pointer
+from gptkit.training.checkpoint import read_pointer
 from tests.conftest import ROOT
 from tests.helpers import run_cli
 

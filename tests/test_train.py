@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptkit.checkpoint import read_pointer
+from gptkit.training.checkpoint import read_pointer
 from gptkit.spec import validate_spec
-from gptkit.train import lr_at
+from gptkit.training.loop import lr_at
 from tests.conftest import ROOT
 from tests.helpers import assert_user_error, run_cli
 

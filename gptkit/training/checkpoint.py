@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -53,10 +54,16 @@ def write_pointer(path: Path, target: str) -> None:
 
 
 def read_pointer(path: Path) -> str | None:
+    """The checkpoint name a pointer file holds; ``None`` if missing, empty, or anything but
+    a plain ``step-N`` name (a pointer never leads out of its folder)."""
     try:
-        return path.read_text().strip() or None
+        name = path.read_text(errors="replace").strip()
     except OSError:
         return None
+    return name if _NAME.fullmatch(name) else None
+
+
+_NAME = re.compile(r"step-\d{1,12}")
 
 
 def checkpoint_name(step: int) -> str:
@@ -123,7 +130,8 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Complete checkpoint folders, oldest first."""
     if not ckpt_dir.is_dir():
         return []
-    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    return sorted(p for p in ckpt_dir.iterdir()
+                  if p.is_dir() and not p.is_symlink() and _NAME.fullmatch(p.name))
 
 
 def _prune(ckpt_dir: Path, keep_last: int, keep: set[str | None]) -> None:
@@ -185,3 +193,19 @@ def resume_candidates(ckpt_dir: Path) -> list[Path]:
         ckpts.remove(ckpt_dir / latest)
         ckpts.insert(0, ckpt_dir / latest)
     return ckpts
+
+
+def checkpoint_candidates(ckpt_dir: Path, which: str = "latest") -> list[Path]:
+    """Checkpoints to try for ``which`` (latest, best, or step-N), best guess first."""
+    if which == "latest":
+        return resume_candidates(ckpt_dir)
+    if which == "best":
+        name = read_pointer(ckpt_dir / "best")
+        return [ckpt_dir / name] if name else []
+    if not _NAME.fullmatch(which):
+        raise RunError(f"--checkpoint {which!r}: use latest, best, or step-N (a folder in "
+                       f"{ckpt_dir})")
+    if not (ckpt_dir / which).is_dir():
+        have = ", ".join(p.name for p in list_checkpoints(ckpt_dir)) or "none"
+        raise RunError(f"no checkpoint {which} in {ckpt_dir}; available: {have}")
+    return [ckpt_dir / which]

@@ -1,0 +1,655 @@
+"""The trainer: batches of random windows, the spec's optimizer, warmup + decay, evaluation,
+checkpoints, exact resume, MLflow tracking.
+
+The loop body reads like nanoGPT's: set up → (step → log → evaluate → checkpoint)* → finish.
+Everything a resume needs is one ``TrainState`` (plus the optimizer's own state), saved whole in
+each checkpoint; every random stream lives there (dropout per rank, batch positions), so a run
+killed at any moment and resumed ends with the same weights, bit for bit on CPU, as one that
+never stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gptkit.errors import GptkitError, RunError
+from gptkit.model import GPT
+from gptkit.spec import ExperimentSpec
+from gptkit.training.checkpoint import checkpoint_name, read_pointer, resume_candidates
+from gptkit.training.checkpoint import load_checkpoint as load_checkpoint_files
+from gptkit.training.checkpoint import save_checkpoint as save_checkpoint_files
+from gptkit.training.distributed import Dist
+from gptkit.training.progress import Progress, one_line
+from gptkit.training.rundir import RUNS_ROOT, RunDir
+from gptkit.training.state import TrainState
+
+EVAL_SEED_OFFSET = 1_000_003
+
+
+class TrainingError(GptkitError):
+    """Training could not go on (e.g. the loss kept diverging)."""
+
+    exit_code = 1
+
+
+class Interrupted(GptkitError):
+    """Stopped by Ctrl-C / SIGTERM after writing a checkpoint."""
+
+    exit_code = 130
+
+
+@dataclass
+class TrainResult:
+    """What one ``Trainer.run`` did (figures are for this process's session only)."""
+
+    run_dir: Path
+    step: int
+    steps_trained: int
+    val_loss: float | None
+    best_val_loss: float | None
+    elapsed: float
+    tokens_per_sec: float
+    skipped_steps: int
+    spooled_events: int
+    mlflow_url: str | None = None
+
+
+def lr_at(step: int, train: Any) -> float:
+    """Linear warmup to ``lr``, then cosine / linear decay to ``lr * min_lr_ratio`` (or constant)."""
+    if train.warmup_steps and step < train.warmup_steps:
+        return train.lr * (step + 1) / train.warmup_steps
+    if train.schedule == "constant":
+        return train.lr
+    span = max(1, train.max_steps - train.warmup_steps)
+    progress = min(1.0, (step - train.warmup_steps) / span)
+    min_lr = train.lr * train.min_lr_ratio
+    if train.schedule == "linear":
+        return train.lr - (train.lr - min_lr) * progress
+    return min_lr + 0.5 * (train.lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, peak: float) -> None:
+    """Scale every param group's own learning rate by the schedule: a group built with half
+    the base lr keeps half of the scheduled lr (the group's ``initial_lr`` is its peak)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lr / peak
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GptkitError("train.device is 'cuda' but no CUDA device is available",
+                          "Use train.device=auto or cpu.")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise GptkitError("train.device is 'mps' but MPS is not available", "Use auto or cpu.")
+    return torch.device(name)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision == "fp32":
+        return False
+    supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "bf16" and not supported:
+        raise GptkitError(f"train.precision is bf16 but {device.type} has no bf16 autocast here",
+                          "Use train.precision=auto or fp32.")
+    return supported
+
+
+def get_batch(data: np.ndarray, batch_size: int, block: int, gen: torch.Generator,
+              device: torch.device, part: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch_size`` random windows of ``block`` tokens and their next-token targets.
+
+    With ``part=(rank, world)`` every rank draws the same global batch and keeps its slice,
+    so N processes see exactly the batch one process would.
+    """
+    starts = torch.randint(len(data) - block, (batch_size,), generator=gen).numpy()
+    rank, world = part
+    share = batch_size // world
+    starts = starts[rank * share : (rank + 1) * share]
+    windows = np.asarray(data[starts[:, None] + np.arange(block + 1)], dtype=np.int64)
+    xy = torch.from_numpy(windows)
+    x, y = xy[:, :-1], xy[:, 1:]
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: np.ndarray, spec: ExperimentSpec, device, autocast) -> float:
+    """Mean loss over ``eval_batches`` fixed batches (the same ones at every evaluation)."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(spec.seed + EVAL_SEED_OFFSET)
+    losses = []
+    for _ in range(spec.train.eval_batches):
+        x, y = get_batch(data, spec.train.batch_size, spec.model.max_seq_len, gen, device)
+        with autocast():
+            losses.append(model(x, y).loss.item())
+    model.train(was_training)
+    return float(np.mean(losses))
+
+
+def fingerprint(spec: ExperimentSpec) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the model and the tokenizer."""
+    return {"model": spec.model.model_dump(mode="json"),
+            "tokenizer": spec.tokenizer.model_dump(mode="json")}
+
+
+def spec_diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted field, old, new) for every field that differs between two spec dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += spec_diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [(prefix[:-1], a, b)]
+
+
+class Trainer:
+    """Train an ``ExperimentSpec`` in a run directory (new, or resumed).
+
+    ``overrides`` and ``command`` are recorded with the run (what was asked, and how), so a
+    resume continues exactly that.
+    """
+
+    def __init__(
+        self,
+        spec: ExperimentSpec,
+        run_dir: str | Path | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        parent_run_id: str | None = None,
+        run_name: str | None = None,
+        model: GPT | None = None,
+        overrides: list[str] | tuple[str, ...] = (),
+        command: str | None = None,
+    ) -> None:
+        self.spec = spec
+        self.initial_model = model  # train this instance instead of a fresh one
+        self.parent_run_id = parent_run_id
+        self.resume = resume
+        self.show_progress = progress
+        self.overrides = list(overrides)
+        self.command = command
+        self.dist = Dist()
+        if self.dist.world > 1 and spec.train.batch_size % self.dist.world:
+            raise GptkitError(
+                f"train.batch_size ({spec.train.batch_size}) must be divisible by the number of "
+                f"processes ({self.dist.world}): it is the global batch, split across them")
+        # Rank 0 picks the folder (a new one is named by the clock) and tells the others.
+        chosen = self._choose_run_dir(Path(run_dir) if run_dir else None) if self.dist.main else None
+        self.rundir = RunDir(Path(self.dist.broadcast(str(chosen.path) if chosen else None) or "."))
+        self.run_name = run_name or self.rundir.info().get("name") or self.rundir.path.name
+        self._stop_signal: str | None = None
+        self.changes: list[tuple[str, Any, Any]] = []
+
+    @property
+    def run_dir(self) -> Path:
+        return self.rundir.path
+
+    def _choose_run_dir(self, path: Path | None) -> RunDir:
+        if self.resume:
+            found = RunDir(path) if path else RunDir.latest(RUNS_ROOT / self.spec.name)
+            if found is None or not found.is_run():
+                where = f"in {path}" if path else f"under {RUNS_ROOT / self.spec.name}"
+                raise RunError(f"nothing to resume: no run of '{self.spec.name}' {where}",
+                               "Start it without --resume.")
+            return found
+        if path is None:
+            return RunDir.new(self.spec.name)
+        run = RunDir(path)
+        run.check_writable_target()
+        if resume_candidates(run.checkpoints) or run.is_run():
+            raise RunError(f"{path} already holds a run",
+                           "Add --resume to continue it, or choose another --run-dir.")
+        return run
+
+    # ------------------------------------------------------------------ set-up
+
+    def _setup(self) -> None:
+        """Seed, device, data, model, optimizer; on resume, the checkpoint's state."""
+        spec = self.spec
+        torch.manual_seed(spec.seed)
+        if spec.train.threads:
+            torch.set_num_threads(spec.train.threads)
+        self.device = pick_device(spec.train.device)
+        self.bf16 = use_bf16(spec.train.precision, self.device)
+        self._prepare_data()
+        if self.dist.main:
+            self.rundir.lock()  # one writer per run, from here on
+        self.model = self._build_model()
+        self.data_gen = torch.Generator().manual_seed(spec.seed)
+        self.state, saved = TrainState(), None
+        if self.resume:  # weights go into the whole model, before any sharding
+            self.state, saved = self._restore()
+        self.fsdp = self.dist.enabled and spec.train.parallel == "fsdp"
+        if self.fsdp:
+            self._shard()
+        self.optimizer = spec.train.optimizer.build(self.model, lr=spec.train.lr)
+        for group in self.optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        if saved is not None and saved.get("optimizer") is not None:
+            self._load_optimizer(saved)
+        self.forward = self._wrap_for_speed()
+        if self.dist.main:
+            self._record_run()
+
+    def _prepare_data(self) -> None:
+        from gptkit.data import prepare_data
+
+        spec, d = self.spec, self.dist
+        if not d.main:
+            d.barrier()  # rank 0 fills the token cache first
+        self.data = prepare_data(spec.data, spec.tokenizer, min_len=spec.model.max_seq_len + 1)
+        if d.main:
+            d.barrier()
+        tok = self.data.tokenizer
+        vocab = spec.model.vocab_size or tok.vocab_size
+        if vocab < tok.vocab_size:
+            raise GptkitError(
+                f"model.vocab_size is {vocab} but the tokenizer has {tok.vocab_size} tokens",
+                "Leave model.vocab_size unset to take the tokenizer's.",
+            )
+        self.spec = spec.model_copy(
+            update={"model": spec.model.model_copy(update={"vocab_size": vocab})})
+        if self.resume and d.main:
+            self._check_resumable()
+
+    def _check_resumable(self) -> None:
+        """Refuse a resume that would change what the checkpoints mean (nothing written yet)."""
+        old = self.rundir.read_spec()
+        diffs = spec_diff(fingerprint(old), fingerprint(self.spec))
+        if diffs:
+            shown = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, a, b in diffs[:6])
+            raise RunError(
+                f"cannot resume {self.run_dir}: the model or tokenizer would change: {shown}",
+                "Only fields outside model: and tokenizer: (such as train.max_steps) may "
+                "change on resume; start a new run for a different model.",
+            )
+        from gptkit.components.tokenizers import load_tokenizer
+
+        saved = load_tokenizer(self.rundir.tokenizer_dir)
+        if saved.state() != self.data.tokenizer.state():
+            raise RunError(
+                f"cannot resume {self.run_dir}: the data would give it a different tokenizer "
+                f"than the one its checkpoints were trained with ({self.rundir.tokenizer_dir})",
+                "Resume on the same data.source, or start a new run.",
+            )
+        self.changes = [c for c in spec_diff(old.to_dict(), self.spec.to_dict())]
+
+    def _build_model(self) -> GPT:
+        spec = self.spec
+        if self.initial_model is None:
+            return GPT(spec.model).to(self.device)
+        if self.initial_model.spec.model_dump(exclude={"vocab_size"}) != \
+                spec.model.model_dump(exclude={"vocab_size"}):
+            raise GptkitError("the model passed in does not match the spec's model: build it from that spec")
+        return self.initial_model.to(self.device)
+
+    def _restore(self) -> tuple[TrainState, dict[str, Any]]:
+        """The newest usable checkpoint's weights (into the model) and state."""
+        errors = []
+        for path in resume_candidates(self.rundir.checkpoints):
+            try:
+                saved, _ = load_checkpoint_files(path, self.model)
+                state = TrainState.from_checkpoint(saved, f"checkpoint {path}")
+                state.restore_rngs(self.dist.rank, self.data_gen, self.device)
+            except (RunError, RuntimeError) as exc:
+                errors.append(str(exc))
+                print(f"gptkit: warning: skipping unusable checkpoint: {exc}", file=sys.stderr)
+                continue
+            if self.dist.main:
+                print(f"resuming {self.run_dir} from {path.name} (step {state.step})", flush=True)
+            return state, saved
+        raise RunError(f"cannot resume {self.run_dir}: no usable checkpoint"
+                       + (": " + "; ".join(errors) if errors else " (none written yet)"),
+                       "Start a new run without --resume.")
+
+    def _shard(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        # FSDP2: each block's parameters are split across processes and gathered only
+        # while that block runs; the root wraps what is left (embeddings, final norm).
+        for block in self.model.blocks:
+            fully_shard(block)
+        fully_shard(self.model)
+
+    def _load_optimizer(self, saved: dict[str, Any]) -> None:
+        if self.fsdp != (saved.get("optimizer_format") == "full"):
+            raise RunError("this checkpoint's optimizer state was saved with "
+                           f"train.parallel={'fsdp' if not self.fsdp else 'ddp or one process'}; "
+                           "resume it the same way")
+        try:
+            if self.fsdp:
+                from torch.distributed.checkpoint.state_dict import (
+                    StateDictOptions,
+                    set_optimizer_state_dict,
+                )
+
+                set_optimizer_state_dict(self.model, self.optimizer, saved["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                self.optimizer.load_state_dict(saved["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise RunError(f"cannot resume {self.run_dir}: the checkpoint's optimizer state "
+                           f"does not fit train.optimizer ({str(exc)[:200]})") from None
+        for group in self.optimizer.param_groups:  # a resumed run keeps its own peaks
+            group.setdefault("initial_lr", group["lr"])
+
+    def _wrap_for_speed(self) -> torch.nn.Module:
+        forward = torch.compile(self.model) if self.spec.train.compile else self.model
+        if self.dist.enabled and not self.fsdp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Gradients are averaged across processes in backward: one optimizer step over the
+            # global batch, the same on every rank.
+            forward = DistributedDataParallel(
+                forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return forward
+
+    def _record_run(self) -> None:
+        """Write what the run is (spec, tokenizer, name, command, provenance), now that the
+        resume (if any) is known to work; a refused resume has changed nothing."""
+        from gptkit.training.record import plugin_provenance
+
+        run = self.rundir
+        if self.resume:
+            run.truncate_metrics(self.state.step)
+            resumes = run.info().get("resumes", [])
+            resumes.append({"step": self.state.step, "time": time.time(), "command": self.command,
+                            "changes": {k: [a, b] for k, a, b in self.changes}})
+            run.update_info(resumes=resumes, status="RUNNING")
+        else:
+            self.data.tokenizer.save(run.tokenizer_dir)
+            run.update_info(name=self.run_name, spec_name=self.spec.name, created=time.time(),
+                            command=self.command, overrides=self.overrides, status="RUNNING")
+        run.write_spec(self.spec)
+        provenance = plugin_provenance(self.spec)
+        if provenance:
+            from gptkit.training.rundir import atomic_write_text
+
+            atomic_write_text(run.plugins_file, json.dumps(provenance, indent=2))
+
+    def _autocast(self):
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _install_signals(self) -> dict[int, Any]:
+        previous = {}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:  # second signal: stop now
+                signal.signal(signum, previous.get(signum, signal.SIG_DFL))
+                raise KeyboardInterrupt
+            self._stop_signal = signal.Signals(signum).name
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not in the main thread
+                pass
+        return previous
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> TrainResult:
+        """Train to ``train.max_steps``; returns what this session did."""
+        from gptkit.training.record import RunRecord
+
+        self._created = time.time()  # the MLflow run's start: the command's own
+        try:
+            self._setup()
+        except BaseException:
+            if self.dist.main:
+                self.rundir.unlock()
+            raise
+        t = self.spec.train
+        self.tokens_per_step = t.batch_size * self.spec.model.max_seq_len * t.grad_accum_steps
+        self.first_step = self.state.step
+        self.progress = Progress(t.max_steps, self.state.step, self.show_progress,
+                                 quiet=not self.dist.main)
+        self.record = RunRecord.start(self) if self.dist.main else None
+        self._started = time.time()  # training time counts from here
+        self._announce()
+        previous_handlers = self._install_signals()
+        status = "FAILED"
+        try:
+            self._fit()
+            status = "FINISHED"
+        except Interrupted:
+            status = "KILLED"
+            raise
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise Interrupted(f"interrupted at step {self.state.step} (no checkpoint written for it)",
+                              f"Resume from the last checkpoint: {self.resume_hint()}") from None
+        finally:
+            for sig, h in previous_handlers.items():
+                signal.signal(sig, h)
+            self.progress.close()
+            spooled = self._finish(status)
+        return self._result(spooled)
+
+    def _fit(self) -> None:
+        """The loop: step → log → evaluate → checkpoint, until max_steps."""
+        t, state = self.spec.train, self.state
+        self.model.train()
+        while state.step < t.max_steps:
+            self._stop_if_asked()
+            t0 = time.perf_counter()
+            lr = lr_at(state.step, t)
+            loss, grad_norm = self._train_step(lr)
+            state.step += 1
+            if self._step_was_bad(loss, grad_norm):
+                continue
+            state.tokens_seen += self.tokens_per_step
+            self._log(loss, lr, grad_norm, time.perf_counter() - t0)
+            if state.step % t.eval_every == 0 or state.step == t.max_steps:
+                self._evaluate()
+            if state.step % (t.checkpoint_every or t.eval_every) == 0 or state.step == t.max_steps:
+                self._checkpoint()
+        if state.bad_in_a_row:
+            self._checkpoint()  # the weights are the last good ones; keep the step counters
+            raise TrainingError(
+                f"training ended on {state.bad_in_a_row} non-finite step(s) (loss or gradient); "
+                f"the weights are those of the last good step, in {self._latest_checkpoint()}",
+                "Lower train.lr, set train.grad_clip, or check the data.",
+            )
+
+    def _stop_if_asked(self) -> None:
+        if self.dist.any(self._stop_signal is not None):  # every rank stops at the same step
+            self._stop_signal = self._stop_signal or "a signal to another process"
+            path = self._checkpoint()
+            raise Interrupted(
+                f"stopped by {self._stop_signal} at step {self.state.step}; checkpoint {path}",
+                f"Continue with: {self.resume_hint()}",
+            )
+
+    def resume_hint(self) -> str:
+        """The command that continues this run exactly (its spec and overrides are its own)."""
+        return f"gptkit train --resume --run-dir {self.run_dir}"
+
+    def _train_step(self, lr: float) -> tuple[float, float]:
+        """Forward/backward over ``grad_accum_steps`` micro-batches, clip, step."""
+        t, d = self.spec.train, self.dist
+        set_lr(self.optimizer, lr, t.lr)
+        loss_sum = 0.0
+        for micro in range(t.grad_accum_steps):
+            x, y = get_batch(self.data.train, t.batch_size, self.spec.model.max_seq_len,
+                             self.data_gen, self.device, (d.rank, d.world))
+            # Under DDP, synchronise gradients only on the last micro-step.
+            last = micro == t.grad_accum_steps - 1
+            sync = nullcontext() if not d.enabled or last else self.forward.no_sync()
+            with sync, self._autocast():
+                loss = self.forward(x, y).loss / t.grad_accum_steps
+            with sync:
+                loss.backward()
+            loss_sum += loss.item()
+        loss_sum = d.mean(loss_sum)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or float("inf"))
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if math.isfinite(loss_sum) and math.isfinite(grad_norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, grad_norm
+
+    def _step_was_bad(self, loss: float, grad_norm: float) -> bool:
+        """Count a non-finite step (it was not applied); stop after too many in a row."""
+        state = self.state
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            state.bad_in_a_row = 0
+            return False
+        state.skipped += 1
+        state.bad_in_a_row += 1
+        self.progress.print(f"step {state.step}: non-finite loss or gradient ({loss}, "
+                            f"{grad_norm}); step skipped")
+        if state.bad_in_a_row >= self.spec.train.max_bad_steps:
+            raise TrainingError(
+                f"training stopped at step {state.step}: {state.bad_in_a_row} non-finite steps "
+                f"in a row; last good checkpoint: {self._latest_checkpoint()}",
+                "Lower train.lr, set train.grad_clip, or check the data.",
+            )
+        return True
+
+    def _latest_checkpoint(self) -> str:
+        last = read_pointer(self.rundir.checkpoints / "latest")
+        return str(self.rundir.checkpoints / last) if last else "none yet"
+
+    def _log(self, loss: float, lr: float, grad_norm: float, seconds: float) -> None:
+        t, step = self.spec.train, self.state.step
+        due = step % t.log_every == 0 or step == t.max_steps
+        self.progress.step(step, loss, lr, self.tokens_per_step, seconds, plain_line=due)
+        if due and self.record is not None:
+            self.record.metrics({"step": step, "train_loss": loss, "lr": lr,
+                                 "grad_norm": grad_norm,
+                                 "tokens_per_sec": self.tokens_per_step / max(seconds, 1e-9)})
+
+    def _evaluate(self) -> None:
+        state, spec = self.state, self.spec
+        state.last_val = evaluate(self.model, self.data.val, spec, self.device, self._autocast)
+        state.best_val = state.last_val if state.best_val is None else min(state.best_val,
+                                                                          state.last_val)
+        if self.record is not None:
+            self.record.metrics({"step": state.step, "val_loss": state.last_val,
+                                 "val_ppl": math.exp(min(state.last_val, 50))})
+        self.progress.print(f"step {state.step}: val loss {state.last_val:.4f} "
+                            f"(best {state.best_val:.4f})")
+        # A sharded model runs only with every rank taking part.
+        if spec.train.sample_tokens and (self.dist.main or self.fsdp):
+            from gptkit.generate import sample_text
+
+            text = sample_text(self.model, self.data.tokenizer, spec.sampler,
+                               spec.train.sample_tokens, seed=spec.seed + state.step)
+            self.progress.print(f"  sample: {one_line(text)}")
+            if self.dist.main:
+                self.rundir.append_sample(state.step, text)
+
+    def _checkpoint(self) -> Path | None:
+        """Save weights + state atomically (rank 0 writes; every rank's RNG is kept)."""
+        state, d = self.state, self.dist
+        state.torch_rng_per_rank = d.gather(torch.get_rng_state())  # each rank's dropout stream
+        state.data_rng = self.data_gen.get_state()
+        state.cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []
+        state.train_seconds = self._train_seconds()
+        weights, opt_state = self.model, None
+        if self.fsdp:
+            weights, opt_state = self._gather_full_state()
+        if not d.main:
+            return None
+        opt_state = opt_state if self.fsdp else self.optimizer.state_dict()
+        meta = {"val_loss": state.last_val, "time": time.time(),
+                "fingerprint": hashlib.sha256(json.dumps(fingerprint(self.spec), sort_keys=True)
+                                              .encode()).hexdigest()[:16]}
+        try:
+            return save_checkpoint_files(self.rundir.checkpoints, state.step, weights,
+                                         state.to_checkpoint(opt_state, "full" if self.fsdp else "local"),
+                                         meta, self.spec.train.keep_last)
+        except OSError as exc:  # disk full, read-only, quota: say so, keep what exists
+            raise RunError(
+                f"could not write checkpoint {checkpoint_name(state.step)} in "
+                f"{self.rundir.checkpoints}: {exc.strerror or exc}; the last good checkpoint "
+                f"({self._latest_checkpoint()}) is intact",
+                "Free space or fix permissions, then continue with --resume.",
+            ) from None
+
+    def _gather_full_state(self) -> tuple[torch.nn.Module, Any]:
+        """Full (unsharded) weights and optimizer state on rank 0: one checkpoint format."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(self.model, options=full)
+        opt_state = get_optimizer_state_dict(self.model, self.optimizer, options=full)
+        weights = self.model
+        if self.dist.main:
+            weights = GPT(self.spec.model)
+            weights.load_state_dict(model_state)
+        return weights, opt_state
+
+    # ------------------------------------------------------------------ the end
+
+    def _train_seconds(self) -> float:
+        """Wall time spent training, this session and the ones before it."""
+        return self._session_base + (time.time() - self._started)
+
+    def _announce(self) -> None:
+        self._session_base = self.state.train_seconds
+        d, n_params = self.dist, self.model.num_params(non_embedding=False)
+        self.progress.print(
+            f"run {self.run_dir} ({self.run_name}) | {n_params / 1e6:.2f}M parameters | device "
+            f"{self.device.type}{' bf16' if self.bf16 else ''}"
+            f"{f' x {d.world} processes' if d.enabled else ''} | "
+            f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens")
+        for key, old, new in self.changes:
+            self.progress.print(f"resume changes {key}: {old!r} -> {new!r}")
+
+    def _finish(self, status: str) -> int:
+        if not self.dist.main:
+            return 0
+        try:
+            summary = self.summary()
+            self.rundir.update_info(status=status, summary=summary)
+            return self.record.close(status, summary) if self.record is not None else 0
+        finally:
+            self.rundir.unlock()
+
+    def summary(self) -> dict[str, Any]:
+        """The run's headline figures, over all of its sessions."""
+        state = self.state
+        seconds = self._train_seconds()
+        return {"steps": state.step, "best_val_loss": state.best_val,
+                "final_val_loss": state.last_val, "total_tokens": state.tokens_seen,
+                "wall_time_s": round(seconds, 3),
+                "tokens_per_sec": state.tokens_seen / seconds if seconds > 0 else None,
+                "skipped_steps": state.skipped}
+
+    def _result(self, spooled: int) -> TrainResult:
+        state = self.state
+        elapsed = time.time() - self._started
+        trained = state.step - self.first_step
+        tokens = trained * self.tokens_per_step
+        return TrainResult(self.run_dir, state.step, trained, state.last_val, state.best_val,
+                           elapsed, tokens / max(elapsed, 1e-9) if trained else 0.0,
+                           state.skipped, spooled,
+                           self.record.url if self.record is not None else None)

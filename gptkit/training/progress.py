@@ -1,0 +1,68 @@
+"""What the trainer shows while it runs.
+
+On a terminal: one live bar that always carries step, loss, learning rate, tokens/s and one
+ETA, updated every step; evaluation lines and samples are printed above it and stay in the
+scrollback (nanoGPT style). Elsewhere (a log file, CI): a plain line every ``log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def one_line(text: str, width: int = 200) -> str:
+    """A sample on a single line: newlines shown as '⏎', cut at ``width`` characters."""
+    flat = text.replace("\r", "").replace("\n", "⏎")
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+class Progress:
+    """A live bar on a terminal; plain lines every ``log_every`` steps otherwise."""
+
+    def __init__(self, total: int, start: int, enabled: bool = True, quiet: bool = False) -> None:
+        self.total, self.start = total, start
+        self.quiet = quiet  # other ranks under torchrun: one voice, rank 0's
+        self.live = enabled and not quiet and sys.stderr.isatty()
+        self._tps: float | None = None
+        self._bar = None
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[info]}"), transient=False)
+            self._task = self._bar.add_task("train", total=total, completed=start, info="")
+            self._bar.start()
+
+    def step(self, step: int, loss: float, lr: float, tokens: int, seconds: float,
+             plain_line: bool) -> None:
+        """One finished optimizer step: ``tokens`` processed in ``seconds``."""
+        tps = tokens / max(seconds, 1e-9)
+        # A smoothed rate, so the ETA does not jump with every step's noise.
+        self._tps = tps if self._tps is None else 0.9 * self._tps + 0.1 * tps
+        eta = (self.total - step) * tokens / max(self._tps, 1e-9)
+        info = (f"loss {loss:.4f} | lr {lr:.2e} | {self._tps:,.0f} tok/s | "
+                f"eta {format_eta(eta)}")
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, info=info)
+        elif plain_line and not self.quiet:
+            print(f"step {step:>6}/{self.total} | {info}", flush=True)
+
+    def print(self, text: str) -> None:
+        """A line for the scrollback, above the bar."""
+        if self.quiet:
+            return
+        if self._bar is not None:
+            self._bar.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

@@ -1,0 +1,214 @@
+"""The run's record: ``metrics.jsonl`` in the run folder and the MLflow run beside it.
+
+What MLflow shows is what was trained: params are the spec *as it was in force* (resolved
+tracking URI, the device and precision used, no nulls standing for defaults, no fields that did
+not apply), the dataset is an MLflow dataset input (source, sha256, tokenizer), the git commit and
+plugin versions are tags, the description is the command that made the run, start and end times
+are the training's own, and summary metrics (best/final val loss, total tokens, wall time, mean
+tokens/s) sit beside the per-step curves.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from gptkit.training.tracking import Tracker, flatten, resolve_uri
+
+
+def plugin_provenance(spec: Any) -> dict[str, dict[str, str]]:
+    """``{"slot.kind": {distribution, version, module}}`` for every non-built-in component."""
+    try:
+        from gptkit.plugins import provenance
+    except ImportError:
+        provenance = None
+    from gptkit.registry import load_registry
+
+    registry = load_registry(tuple(spec.plugins))
+    if provenance is not None:
+        return provenance(registry, spec)
+    infos = {i.name: i for i in registry.pm.infos}
+    out = {}
+    for slot, component in used_components(spec):
+        reg = registry.components[slot].get(component.kind)
+        info = infos.get(reg.provider) if reg is not None else None
+        if info is None or info.origin == "builtin":
+            continue
+        origin = info.origin
+        dist = origin[origin.find("(") + 1 : origin.rfind(")")] if "(" in origin else reg.provider
+        out[f"{slot}.{component.kind}"] = {"distribution": dist, "version": reg.version,
+                                           "module": type(component).__module__}
+    return out
+
+
+def used_components(spec: Any) -> list[tuple[str, Any]]:
+    return [("tokenizer", spec.tokenizer), ("attention", spec.model.attention),
+            ("positional", spec.model.positional), ("sampler", spec.sampler),
+            ("optimizer", spec.train.optimizer)]
+
+
+def params_in_force(spec: Any, facts: dict[str, Any]) -> dict[str, str]:
+    """The flattened spec with every default replaced by what was really used."""
+    data = spec.to_dict()
+    data.pop("sweep", None)
+    train = data["train"]
+    train["device"], train["precision"] = facts["device"], facts["precision"]
+    train["threads"] = facts["threads"]
+    train["checkpoint_every"] = train.get("checkpoint_every") or train["eval_every"]
+    if facts["world"] > 1:
+        train["world_size"] = facts["world"]
+    else:
+        train.pop("parallel", None)  # no effect on one process
+    data["tracking"].update(uri=facts["uri"], experiment=facts["experiment"])
+    data["model"]["d_ff"] = spec.model.hidden_dim
+    if not data["model"].get("preset"):
+        data["model"].pop("preset", None)
+    params = {k: v for k, v in flatten(data).items() if v != "null"}
+    params["n_params"] = str(facts["n_params"])
+    return params
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    """The commit of the working tree the run was started from, if it is a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def dataset_input(trainer: Any) -> dict[str, str]:
+    """The training data as an MLflow dataset: source, content digest, tokenizer."""
+    data, spec = trainer.data, trainer.spec
+    source = spec.data.source if isinstance(spec.data.source, str) else ",".join(spec.data.source)
+    key = str(getattr(data, "key", "") or "")
+    profile = {"train_tokens": len(data.train), "val_tokens": len(data.val),
+               "tokenizer": spec.tokenizer.kind, "vocab_size": spec.model.vocab_size,
+               "sha256": key}
+    return {"name": Path(source).name or source, "digest": key[:36] or "unknown",
+            "source_type": "local" if source != "tinyshakespeare" else "gptkit-embedded",
+            "source": source, "profile": json.dumps(profile)}
+
+
+class RunRecord:
+    """Writes metrics to the run folder and, when tracking is on, to MLflow."""
+
+    def __init__(self, trainer: Any, tracker: Tracker | None) -> None:
+        self.trainer, self.tracker = trainer, tracker
+
+    @property
+    def url(self) -> str | None:
+        return self.tracker.url if self.tracker is not None else None
+
+    @classmethod
+    def start(cls, trainer: Any) -> RunRecord:
+        spec = trainer.spec
+        if not spec.tracking.enabled:
+            return cls(trainer, None)
+        uri = resolve_uri(spec.tracking.uri)
+        experiment = spec.tracking.experiment or spec.name
+        tracker = Tracker(uri, experiment, trainer.run_dir, trainer.run_name,
+                          warn=lambda m: print(f"gptkit: warning: {m}", file=sys.stderr, flush=True),
+                          parent_run_id=trainer.parent_run_id,
+                          start_time=int(trainer._created * 1000),
+                          on_created=lambda url: trainer.progress.print(f"MLflow run: {url}"))
+        record = cls(trainer, tracker)
+        if trainer.resume and tracker.run_id:
+            tracker.reopen()
+            record._tag_resume()
+        else:
+            record._describe(uri, experiment)
+        return record
+
+    def _describe(self, uri: str, experiment: str) -> None:
+        import torch
+
+        trainer, tracker = self.trainer, self.tracker
+        facts = {"device": trainer.device.type, "precision": "bf16" if trainer.bf16 else "fp32",
+                 "threads": torch.get_num_threads(), "world": trainer.dist.world, "uri": uri,
+                 "experiment": experiment,
+                 "n_params": trainer.model.num_params(non_embedding=False)}
+        tracker.log_params(params_in_force(trainer.spec, facts))
+        tags = {"mlflow.note.content": f"`{trainer.command or 'gptkit (Python API)'}`\n\n"
+                f"run folder: {Path(trainer.run_dir).resolve()}",
+                "gptkit.version": __import__("gptkit").__version__,
+                "gptkit.spec_name": trainer.spec.name}
+        commit = git_commit()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        for key, info in plugin_provenance(trainer.spec).items():
+            tags[f"gptkit.plugin.{key}"] = f"{info['distribution']} {info['version']}"
+        if trainer.overrides:
+            tags["gptkit.overrides"] = " ".join(trainer.overrides)
+        tracker.set_tags(tags)
+        tracker.log_dataset(dataset_input(trainer))
+
+    def _tag_resume(self) -> None:
+        trainer = self.trainer
+        step = trainer.state.step
+        tags = {f"gptkit.resumed_at.{step}": trainer.command or "resume"}
+        if trainer.changes:
+            tags[f"gptkit.resume_changes.{step}"] = "; ".join(
+                f"{k}: {a!r} -> {b!r}" for k, a, b in trainer.changes)[:5000]
+        self.tracker.set_tags(tags)
+
+    def metrics(self, row: dict[str, Any]) -> None:
+        self.trainer.rundir.append_metrics(row)
+        if self.tracker is not None:
+            self.tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"])
+
+    def close(self, status: str, summary: dict[str, Any]) -> int:
+        """Plot, attach the files, log the summary, end the MLflow run. Returns events left
+        in the spool."""
+        run = self.trainer.rundir
+        try:
+            plot_losses(run.metrics_file, run.loss_plot, self.trainer.run_name)
+        except Exception as exc:  # a plot is never worth failing a run over
+            print(f"gptkit: warning: no loss plot: {exc}", file=sys.stderr)
+        if self.tracker is None:
+            return 0
+        tracker = self.tracker
+        final = {f"summary.{k}": float(v) for k, v in summary.items()
+                 if isinstance(v, (int, float)) and v is not None}
+        if final:
+            tracker.log_metrics(final, int(summary["steps"]))
+        for path in run.artifacts():
+            tracker.log_artifact(path)
+        if run.tokenizer_dir.is_dir():
+            tracker.log_artifact(run.tokenizer_dir, "tokenizer")
+        spooled = tracker.close(status)
+        if spooled:
+            print(f"gptkit: warning: {spooled} MLflow events could not be sent; they are "
+                  f"kept in {run.spool_file} and sent on --resume", file=sys.stderr)
+        if tracker.url:
+            print(f"MLflow run: {tracker.url}", file=sys.stderr)
+        return spooled
+
+
+def plot_losses(metrics: Path, out: Path, title: str) -> None:
+    """Train and validation loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gptkit.training.rundir import read_jsonl
+
+    rows = read_jsonl(metrics)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), label=label, marker="o" if key == "val_loss" else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)

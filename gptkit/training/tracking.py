@@ -1,0 +1,385 @@
+"""MLflow tracking that never stops training.
+
+Every call only puts an event on a queue. A background thread sends events to MLflow in order;
+when the store or server fails it warns once, keeps the events (and mirrors them to
+``mlflow-spool.jsonl`` in the run directory), and retries with a growing delay. What could not
+be sent by the end stays in the spool and is sent first the next time the run is resumed.
+
+An event MLflow refuses for good (a malformed value, a damaged spool line) is set aside in
+``mlflow-spool.jsonl.rejected`` and reported once: one bad event never blocks the rest.
+The run's start and end times are the training's own, passed explicitly, so the duration MLflow
+shows is the real one however late the store answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on runs
+OPS = {"params", "tags", "metrics", "artifact", "dataset", "reopen", "end"}
+# MLflow error codes that no retry can fix: the event is set aside, the others go on.
+PERMANENT = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "MALFORMED_REQUEST"}
+
+
+def time_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def quick_timeouts() -> None:
+    """Fail fast against an unreachable server (commands other than training wait on it)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+
+
+def ensure_experiment(client: Any, name: str) -> str:
+    """The experiment's id (created as a model-training experiment if it does not exist)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, tags=EXPERIMENT_KIND)
+    if "mlflow.experimentKind" not in (exp.tags or {}):
+        client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+    return exp.experiment_id
+
+
+def ui_base(uri: str) -> str:
+    """Where the MLflow UI for ``uri`` is: the server itself, or a local ``mlflow ui``."""
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/")
+    return "http://127.0.0.1:5000"
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI, on its model-metrics (training curves) tab."""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics"
+
+
+def valid_event(event: Any) -> bool:
+    """An event as this module writes it (a damaged spool line is not)."""
+    if not isinstance(event, dict) or event.get("op") not in OPS:
+        return False
+    op = event["op"]
+    if op == "metrics":
+        return (isinstance(event.get("metrics"), dict) and isinstance(event.get("step"), int)
+                and isinstance(event.get("ts"), int))
+    if op in ("params", "tags"):
+        return isinstance(event.get(op), dict)
+    if op == "artifact":
+        return isinstance(event.get("path"), str)
+    if op == "dataset":
+        return isinstance(event.get("dataset"), dict)
+    return True
+
+
+def resolve_uri(spec_uri: str | None) -> str:
+    """The tracking URI; a relative SQLite path is made absolute (runs are reopened from
+    other working directories by resume and export)."""
+    uri = spec_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        uri = prefix + os.path.abspath(uri[len(prefix):])
+    return uri
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """{'model': {'d_model': 8}} -> {'model.d_model': '8'} (MLflow params are strings)."""
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    else:
+        out[prefix[:-1]] = json.dumps(data) if isinstance(data, (list, type(None))) else str(data)
+    return out
+
+
+class Tracker:
+    """Queue-backed MLflow logging for one run (created, or reopened by id on resume)."""
+
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        run_dir: Path,
+        run_name: str,
+        warn=None,
+        retry_seconds: float = 2.0,
+        parent_run_id: str | None = None,
+        start_time: int | None = None,
+        on_created=None,
+    ) -> None:
+        from gptkit.training.rundir import RunDir
+
+        self.parent_run_id = parent_run_id
+        self.start_time = start_time or time_ms()
+        self.on_created = on_created or (lambda url: None)
+        self.files = RunDir(Path(run_dir))
+        self.uri = uri
+        self.experiment = experiment
+        self.run_dir = Path(run_dir)
+        self.run_name = run_name
+        self.warn = warn or (lambda msg: warnings.warn(msg, stacklevel=2))
+        self.retry_seconds = retry_seconds
+        saved = self._read_run_file()
+        self.run_id: str | None = saved.get("run_id") if saved.get("uri") == uri else None
+        self.experiment_id: str | None = saved.get("experiment_id") if self.run_id else None
+        self.rejected = 0
+        self.pending: list[dict[str, Any]] = self._read_spool()
+        self.failures = 0
+        self._warned = False
+        self._queue: queue.Queue = queue.Queue()
+        self._client = None
+        self._thread = threading.Thread(target=self._work, name="gptkit-mlflow", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public, non-blocking
+
+    def log_params(self, params: dict[str, str]) -> None:
+        self._put({"op": "params", "params": params})
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._put({"op": "tags", "tags": tags})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._put({"op": "metrics", "metrics": metrics, "step": step,
+                   "ts": int(time.time() * 1000)})
+
+    def reopen(self) -> None:
+        """Mark a resumed run as running again."""
+        self._put({"op": "reopen"})
+
+    def log_dataset(self, dataset: dict[str, str]) -> None:
+        """An MLflow dataset input: name, digest, source_type, source, profile."""
+        self._put({"op": "dataset", "dataset": dataset})
+
+    @property
+    def url(self) -> str | None:
+        if self.run_id and self.experiment_id:
+            return run_url(self.uri, self.experiment_id, self.run_id)
+        return None
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._put({"op": "artifact", "path": str(path), "artifact_path": artifact_path})
+
+    def close(self, status: str = "FINISHED", timeout: float = 30.0) -> int:
+        """Finish the run; wait up to ``timeout`` s for sending. Returns events left spooled."""
+        self._put({"op": "end", "status": status, "end_time": time_ms()})
+        self._queue.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._stop = True
+        left = len(self.pending)
+        self._write_spool()
+        return left
+
+    # ------------------------------------------------------------------ worker
+
+    _stop = False
+
+    def _put(self, event: dict[str, Any]) -> None:
+        self._queue.put(event)
+
+    def _work(self) -> None:
+        retry_at = 0.0
+        done = False
+        while not (done and not self.pending) and not self._stop:
+            try:
+                timeout = max(0.05, retry_at - time.time()) if self.pending else None
+                item = self._queue.get(timeout=timeout)
+                if item is None:
+                    done = True
+                else:
+                    self.pending.append(item)
+                    while True:  # take everything already queued, then send
+                        try:
+                            item = self._queue.get_nowait()
+                        except queue.Empty:
+                            break
+                        if item is None:
+                            done = True
+                        else:
+                            self.pending.append(item)
+            except queue.Empty:
+                pass
+            if time.time() < retry_at and not done:
+                continue
+            try:
+                self._flush()
+                self.failures = 0
+                if self._warned:
+                    self.warn(f"MLflow tracking at {self.uri} is back; spooled events sent")
+                    self._warned = False
+            except Exception as exc:
+                self.failures += 1
+                self._write_spool()
+                if not self._warned:
+                    self.warn(
+                        f"MLflow tracking at {self.uri} failed ({type(exc).__name__}: "
+                        f"{str(exc)[:200]}); training goes on, events are spooled in "
+                        f"{self.files.spool_file} and retried"
+                    )
+                    self._warned = True
+                if done:
+                    return  # one last try at the end; what is left stays in the spool
+                retry_at = time.time() + min(30.0, self.retry_seconds * 2 ** min(self.failures, 4))
+
+    def _connect(self):
+        if self._client is None:
+            import logging
+
+            from mlflow.tracking import MlflowClient
+
+            for name in ("mlflow", "alembic"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+            self._client = MlflowClient(tracking_uri=self.uri)
+        client = self._client
+        if self.run_id is None:
+            exp_id = ensure_experiment(client, self.experiment)
+            tags = {"gptkit.run_dir": str(self.run_dir.resolve())}
+            if self.parent_run_id:
+                tags["mlflow.parentRunId"] = self.parent_run_id  # nests it under a sweep
+            run = client.create_run(exp_id, start_time=self.start_time, run_name=self.run_name,
+                                    tags=tags)
+            self.run_id, self.experiment_id = run.info.run_id, exp_id
+            self._write_run_file({"uri": self.uri, "run_id": self.run_id,
+                                  "experiment_id": exp_id, "experiment": self.experiment})
+            self.on_created(self.url)
+        return client
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        client = self._connect()
+        while self.pending:
+            n = self._batchable()
+            try:
+                self._send(client, self.pending[:n])
+            except Exception as exc:
+                if not _permanent(exc):
+                    raise
+                self._reject(self.pending[:n], exc)
+            del self.pending[:n]
+        self._write_spool()
+
+    def _batchable(self) -> int:
+        """How many events from the head go in one request (consecutive metrics, <= 900)."""
+        if self.pending[0]["op"] != "metrics":
+            return 1
+        n = values = 0
+        while n < len(self.pending) and self.pending[n]["op"] == "metrics" and values < 900:
+            values += len(self.pending[n]["metrics"])
+            n += 1
+        return n
+
+    def _send(self, client: Any, events: list[dict[str, Any]]) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+
+        event, op = events[0], events[0]["op"]
+        if op == "metrics":
+            batch = [Metric(k, float(v), e["ts"], e["step"])
+                     for e in events for k, v in e["metrics"].items()]
+            client.log_batch(self.run_id, metrics=batch)
+        elif op == "params":
+            items = [Param(str(k)[:250], str(v)[:6000]) for k, v in event["params"].items()]
+            for i in range(0, len(items), 100):
+                client.log_batch(self.run_id, params=items[i : i + 100])
+        elif op == "tags":
+            client.log_batch(self.run_id, tags=[RunTag(str(k), str(v)[:5000])
+                                                for k, v in event["tags"].items()])
+        elif op == "dataset":
+            d = event["dataset"]
+            dataset = Dataset(d["name"], d["digest"], d["source_type"], d["source"],
+                              profile=d.get("profile"))
+            tag = InputTag("mlflow.data.context", d.get("context", "training"))
+            client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[tag])])
+        elif op == "artifact":
+            path = Path(event["path"])
+            if path.is_dir():
+                client.log_artifacts(self.run_id, str(path), event.get("artifact_path"))
+            elif path.exists():
+                client.log_artifact(self.run_id, str(path), event.get("artifact_path"))
+        elif op == "end":
+            client.set_terminated(self.run_id, status=event["status"],
+                                  end_time=event.get("end_time"))
+        elif op == "reopen":
+            client.update_run(self.run_id, status="RUNNING")
+
+    def _reject(self, events: list[dict[str, Any]], reason: Any) -> None:
+        """Set events aside for good (kept for a human in the ``.rejected`` file)."""
+        path = self.files.spool_file.with_name(self.files.spool_file.name + ".rejected")
+        with open(path, "a", encoding="utf-8") as f:
+            for e in events:
+                f.write(json.dumps({"event": e, "reason": str(reason)[:300]}, default=str) + "\n")
+        if not self.rejected:
+            self.warn(f"MLflow refused an event for good ({str(reason)[:200]}); it is kept in "
+                      f"{path} and the others go on")
+        self.rejected += len(events)
+
+    # ------------------------------------------------------------------ files
+
+    def _read_run_file(self) -> dict[str, Any]:
+        return read_mlflow_link(self.files)
+
+    def _write_run_file(self, data: dict[str, Any]) -> None:
+        from gptkit.training.rundir import atomic_write_text
+
+        atomic_write_text(self.files.mlflow_file, json.dumps(data, indent=2))
+
+    def _read_spool(self) -> list[dict[str, Any]]:
+        """Events left by an earlier process; damaged lines are set aside, not fatal."""
+        events, bad = [], []
+        try:
+            lines = self.files.spool_file.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = line
+            if valid_event(event):
+                if event["op"] != "end":  # this process ends the run itself
+                    events.append(event)
+            elif line.strip():
+                bad.append(event)
+        if bad:
+            self._reject(bad, "damaged spool line")
+        return events
+
+    def _write_spool(self) -> None:
+        from gptkit.training.rundir import atomic_write_text
+
+        path = self.files.spool_file
+        if not self.pending:
+            path.unlink(missing_ok=True)
+            return
+        atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in self.pending))
+
+
+def read_mlflow_link(run) -> dict[str, Any]:
+    """A run's ``mlflow.json`` (uri, run_id, experiment_id, experiment), or {} if absent or
+    damaged."""
+    try:
+        data = json.loads(run.mlflow_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), str)
+                                             for k in ("uri", "run_id")):
+        return {}
+    return data
+
+
+def _permanent(exc: Exception) -> bool:
+    """A refusal that retrying cannot fix (as opposed to a store or server that is away)."""
+    if isinstance(exc, (KeyError, TypeError, ValueError)) and not isinstance(exc, OSError):
+        return not type(exc).__module__.startswith(("requests", "urllib3", "sqlalchemy"))
+    return getattr(exc, "error_code", None) in PERMANENT
