@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -27,6 +28,9 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="Override a field: --set model.dropout=0.1 (repeatable)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+STARTED = time.time()  # the command's start: a run's MLflow start time is this
 
 
 def echo(text: str = "", err: bool = False, nl: bool = True) -> None:
@@ -229,7 +233,7 @@ def train(
             return
     trainer = Trainer(resolved, run_dir=run_dir, resume=resume, progress=not no_progress,
                       run_name=name or (None if resume else default_run_name(resolved.name, sets)),
-                      overrides=sets, command=_command_line())
+                      overrides=sets, command=_command_line(), started_at=STARTED)
     result = trainer.run()
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports

@@ -11,8 +11,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from gptkit.training.checkpoint import load_checkpoint, read_pointer, resume_candidates, save_checkpoint
 from gptkit.testing import tiny_model
+from gptkit.training.checkpoint import (
+    load_checkpoint,
+    read_pointer,
+    resume_candidates,
+    save_checkpoint,
+)
 from tests.conftest import ROOT
 from tests.helpers import assert_user_error, run_cli
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptkit.training.checkpoint import read_pointer
 from gptkit.spec import validate_spec
+from gptkit.training.checkpoint import read_pointer
 from gptkit.training.loop import lr_at
 from tests.conftest import ROOT
 from tests.helpers import assert_user_error, run_cli
@@ -141,7 +141,7 @@ def test_resume_refuses_a_different_model_but_allows_more_steps(tmp_path, refere
     shutil.copytree(reference_run, run)
     bad = run_cli("train", SMOKE, "--run-dir", run, "--resume", *EXACT,
                   "--set", "model.d_model=64", cwd=tmp_path)
-    assert_user_error(bad, "cannot resume", "model.d_model: 32 in the checkpoint, 64 now")
+    assert_user_error(bad, "cannot resume", "model.d_model: 32 in the run, 64 now")
     more = run_cli("train", SMOKE, "--run-dir", run, "--resume", *EXACT,
                    "--set", "train.max_steps=45", cwd=tmp_path)
     assert more.returncode == 0, more.stderr
@@ -152,7 +152,7 @@ def test_nothing_to_resume_and_existing_run_dir(tmp_path, reference_run):
     assert_user_error(run_cli("train", SMOKE, "--resume", *EXACT, cwd=tmp_path),
                       "nothing to resume")
     assert_user_error(run_cli("train", SMOKE, "--run-dir", reference_run, *EXACT, cwd=tmp_path),
-                      "already holds checkpoints", "--resume")
+                      "already holds a run", "--resume")
 
 
 def test_diverging_loss_stops_with_step_and_checkpoint(tmp_path):
@@ -199,3 +199,118 @@ def test_eval_command(smoke_run, tmp_path):
     assert doc["bits_per_byte"] == pytest.approx(doc["loss"] * doc["tokens"] / doc["bytes"] / math.log(2))
     assert_user_error(run_cli("eval", tmp_path / "missing", "--data", text), "run not found")
     assert_user_error(run_cli("eval", tmp_path, "--data", text), "not a gptkit run directory")
+
+
+@pytest.mark.slow
+def test_the_printed_hint_resumes_exactly_what_was_asked(tmp_path, reference_run):
+    """Started with --set overrides, interrupted, resumed by running the hint as printed (no
+    --set): it ends at the overridden step with the uninterrupted run's weights, and its MLflow
+    params and stored spec still say what was asked."""
+    import shlex
+
+    from mlflow.tracking import MlflowClient
+
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = _train(tmp_path / "run", "--set", "tracking.enabled=true", "--set",
+                  f"tracking.uri={db}", cwd=tmp_path)
+    _wait_for_step(proc, 7)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    hint = err.split("Continue with: ")[1].strip()
+    argv = shlex.split(hint)
+    assert argv[:2] == ["gptkit", "train"] and "--set" not in argv
+    resumed = subprocess.run([sys.executable, "-m", "gptkit", *argv[1:]], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_pointer(tmp_path / "run" / "checkpoints" / "latest") == "step-000040"
+    a, b = final_weights(reference_run), final_weights(tmp_path / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    run_id = json.loads((tmp_path / "run" / "mlflow.json").read_text())["run_id"]
+    run = MlflowClient(db).get_run(run_id)
+    assert run.data.params["train.max_steps"] == "40"
+    assert run.data.params["model.dropout"] == "0.1"
+    assert run.info.status == "FINISHED"
+    assert any(k.startswith("gptkit.resumed_at.") for k in run.data.tags)
+    assert "max_steps: 40" in (tmp_path / "run" / "spec.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_resume_with_a_changed_field_lists_it_and_the_edited_spec_file_is_not_applied(
+        tmp_path, reference_run):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(SMOKE.read_text().replace("lr: 3.0e-3", "lr: 1.0e-2"))
+    result = run_cli("train", edited, "--run-dir", run, "--resume", "--no-progress",
+                     "--set", "train.max_steps=42", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "resume changes train.max_steps: 40 -> 42" in result.stdout
+    assert "train.lr" in result.stderr and "not applied" in result.stderr
+    info = json.loads((run / "run.json").read_text())
+    assert info["resumes"][-1]["changes"] == {"train.max_steps": [40, 42]}
+    assert "lr: 0.003" in (run / "spec.yaml").read_text()
+
+
+def test_a_non_run_folder_is_not_written_into(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    result = run_cli("train", SMOKE, "--run-dir", folder, *EXACT, cwd=tmp_path)
+    assert_user_error(result, "is not a gptkit run", "refusing to write")
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_a_second_writer_is_refused_while_the_first_runs(tmp_path, reference_run):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    first = _train(run, "--resume", "--set", "train.max_steps=400", cwd=tmp_path)
+    _wait_for_step(first, 42)
+    second = run_cli("train", SMOKE, "--run-dir", run, "--resume", *EXACT,
+                     "--set", "train.max_steps=400", cwd=tmp_path)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    assert_user_error(second, "is being written by another gptkit process")
+    # The first one died without cleaning up: its stale lock is explained and taken over.
+    third = run_cli("train", SMOKE, "--run-dir", run, "--resume", *EXACT,
+                    "--set", "train.max_steps=45", cwd=tmp_path)
+    assert third.returncode == 0, third.stderr
+    assert "left by a process that is gone" in third.stderr
+
+
+def test_resume_that_would_change_the_tokenizer_is_refused_and_changes_nothing(
+        tmp_path, reference_run):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    other = tmp_path / "other.txt"
+    # A different character set: a char tokenizer fitted on it is another mapping.
+    other.write_text("".join(chr(c) for c in range(0x3b1, 0x3b1 + 20)) * 2000)
+    result = run_cli("train", SMOKE, "--run-dir", run, "--resume", *EXACT,
+                     "--set", f"data.source={other}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "cannot resume" in result.stderr
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before
+
+
+@pytest.mark.slow
+def test_a_run_that_ends_on_non_finite_steps_fails_and_names_the_checkpoint(tmp_path):
+    # Steps 1-3 are fine; from step 4 on the learning rate is huge and the loss blows up, with
+    # max_bad_steps larger than what is left: the run reaches max_steps on skipped steps.
+    result = run_cli("train", SMOKE, "--no-progress", "--set", "train.max_steps=12",
+                     "--set", "train.warmup_steps=0", "--set", "train.lr=1e25",
+                     "--set", "train.grad_clip=null", "--set", "train.max_bad_steps=50",
+                     "--set", "tracking.enabled=false", "--set", "train.eval_every=4",
+                     "--set", "train.sample_tokens=0", cwd=tmp_path)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert "non-finite step(s)" in result.stderr and "checkpoints/step-" in result.stderr

@@ -180,8 +180,10 @@ class Trainer:
         model: GPT | None = None,
         overrides: list[str] | tuple[str, ...] = (),
         command: str | None = None,
+        started_at: float | None = None,
     ) -> None:
         self.spec = spec
+        self.started_at = started_at  # when the command began (the MLflow run's start)
         self.initial_model = model  # train this instance instead of a fresh one
         self.parent_run_id = parent_run_id
         self.resume = resume
@@ -414,7 +416,7 @@ class Trainer:
         """Train to ``train.max_steps``; returns what this session did."""
         from gptkit.training.record import RunRecord
 
-        self._created = time.time()  # the MLflow run's start: the command's own
+        self._created = self.started_at or time.time()  # the MLflow run's start
         try:
             self._setup()
         except BaseException:
