@@ -98,8 +98,20 @@ def test_sweep_makes_child_runs_and_compare_shows_what_differs(tmp_path):
     assert "model.d_model" not in header  # equal in every run, so not shown
     assert cmp.stdout.count("positional=learned") + cmp.stdout.count("kind=learned") >= 1
     assert (tmp_path / "cmp.png").stat().st_size > 1000
-    logged = [r for r in client.search_runs([exp.experiment_id])
-              if r.data.tags.get("gptkit.kind") == "compare"]
+    assert {r.info.run_name for r in children} == {
+        f"positional={p} lr={lr}" for p in ("learned", "rope") for lr in ("0.003", "0.001")}
+    parent = client.get_run(summary["parent_run_id"])
+    best = min(r.data.metrics["summary.best_val_loss"] for r in children)
+    assert parent.data.metrics["best_val_loss"] == best
+    assert parent.info.start_time <= min(r.info.start_time for r in children)
+    assert parent.info.end_time >= max(r.info.end_time for r in children)
+    # compare only reads; --log keeps the comparison apart from the runs.
+    assert len(client.search_runs([exp.experiment_id])) == len(runs)
+    logged_cmp = run_cli("compare", "smoke", "--log", "--plot", tmp_path / "cmp.png", cwd=tmp_path)
+    assert logged_cmp.returncode == 0, logged_cmp.stderr
+    assert len(client.search_runs([exp.experiment_id])) == len(runs)
+    side = client.get_experiment_by_name("smoke-comparisons")
+    logged = client.search_runs([side.experiment_id])
     assert logged and any(a.path == "cmp.png" for a in client.list_artifacts(logged[0].info.run_id))
 
 

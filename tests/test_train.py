@@ -161,7 +161,7 @@ def test_diverging_loss_stops_with_step_and_checkpoint(tmp_path):
                      cwd=tmp_path)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert "training stopped at step 5: 5 non-finite steps in a row" in result.stderr
+    assert "training stopped at step 6: 5 non-finite steps in a row" in result.stderr
     assert "last good checkpoint" in result.stderr
 
 

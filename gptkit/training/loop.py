@@ -487,6 +487,9 @@ class Trainer:
 
     def resume_hint(self) -> str:
         """The command that continues this run exactly (its spec and overrides are its own)."""
+        if self.dist.enabled:
+            return (f"torchrun --nproc_per_node={self.dist.world} -m gptkit train --resume "
+                    f"--run-dir {self.run_dir}")
         return f"gptkit train --resume --run-dir {self.run_dir}"
 
     def _train_step(self, lr: float) -> tuple[float, float]:

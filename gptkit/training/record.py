@@ -208,7 +208,8 @@ def plot_losses(metrics: Path, out: Path, title: str) -> None:
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
