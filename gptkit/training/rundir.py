@@ -358,6 +358,9 @@ class RunDir:
         from gptkit.training.checkpoint import checkpoint_candidates, load_checkpoint
 
         spec = self.read_spec(overrides)
+        if spec.model.vocab_size is None:
+            raise RunError(f"{self.spec_file} has no model.vocab_size: it is not the resolved "
+                           "spec that 'gptkit train' writes (was it replaced by hand?)")
         tokenizer = load_tokenizer(self.tokenizer_dir)
         candidates = checkpoint_candidates(self.checkpoints, checkpoint)
         if not candidates:
