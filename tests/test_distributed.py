@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
@@ -14,6 +15,8 @@ from safetensors.torch import load_file
 from gptkit.training.checkpoint import read_pointer
 from tests.conftest import ROOT
 from tests.helpers import run_cli
+
+pytestmark = pytest.mark.slow  # every test here trains, serves or spawns the CLI
 
 SMOKE = ROOT / "experiments" / "smoke.yaml"
 COMMON = ["--no-progress", "--set", "tracking.enabled=false", "--set", "train.threads=1",

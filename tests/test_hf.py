@@ -11,6 +11,8 @@ from gptkit.generate import Generator
 from gptkit.hf import import_hf
 from tests.helpers import assert_user_error, run_cli
 
+pytestmark = pytest.mark.slow  # every test here trains, serves or spawns the CLI
+
 transformers = pytest.importorskip("transformers")  # declared in the dev extra; CI installs it
 
 

@@ -1,9 +1,12 @@
 """experiments/demo.ipynb runs top to bottom in a headless kernel."""
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # every test here trains, serves or spawns the CLI
 
 
 def test_demo_notebook_executes(tmp_path):

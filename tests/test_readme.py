@@ -4,8 +4,12 @@ import re
 import shutil
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 from tests.helpers import run_cli
+
+pytestmark = pytest.mark.slow  # every test here trains, serves or spawns the CLI
 
 
 def python_blocks():

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -38,6 +39,7 @@ def test_no_code_path_unpickles_arbitrary_objects():
     assert calls, "expected the checkpoint loader's torch.load call"
 
 
+@pytest.mark.slow
 def test_same_spec_and_seed_give_bit_identical_weights_and_text(tmp_path):
     runs = []
     for name in ("a", "b"):
@@ -71,6 +73,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_writes_leaves_a_valid_latest(tmp_path):
     ckpt = tmp_path / "checkpoints"
     for _ in range(4):
@@ -116,6 +119,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------- more bad input
 
 
+@pytest.mark.slow
 def test_hundred_megabyte_spec_is_refused_without_reading_it(tmp_path):
     big = tmp_path / "big.yaml"
     with open(big, "wb") as f:
@@ -123,6 +127,7 @@ def test_hundred_megabyte_spec_is_refused_without_reading_it(tmp_path):
     assert_user_error(run_cli("validate", big), "104,857,600 bytes", "at most")
 
 
+@pytest.mark.slow
 def test_generate_from_a_run_whose_only_checkpoint_is_truncated(smoke_run, tmp_path):
     import shutil
 
@@ -134,6 +139,7 @@ def test_generate_from_a_run_whose_only_checkpoint_is_truncated(smoke_run, tmp_p
     assert_user_error(run_cli("generate", run, "-p", "A"), "no usable checkpoint")
 
 
+@pytest.mark.slow
 def test_checkpoint_from_a_different_spec(smoke_run, tmp_path):
     import shutil
 
@@ -144,6 +150,7 @@ def test_checkpoint_from_a_different_spec(smoke_run, tmp_path):
     assert_user_error(run_cli("generate", run, "-p", "A"), "does not fit this model")
 
 
+@pytest.mark.slow
 def test_export_of_something_that_is_not_a_run(tmp_path, smoke_run):
     assert_user_error(run_cli("export", tmp_path, "--out", tmp_path / "b"),
                       "not a gptkit run directory")
@@ -156,6 +163,7 @@ def test_export_of_something_that_is_not_a_run(tmp_path, smoke_run):
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_bad_flags_and_bad_set_for_generate(smoke_run):
     assert_user_error(run_cli("generate", smoke_run, "--num-samples", "0"), "--num-samples")
     assert_user_error(run_cli("generate", smoke_run, "--set", "sampler.p=abc",
@@ -163,12 +171,14 @@ def test_bad_flags_and_bad_set_for_generate(smoke_run):
     assert_user_error(run_cli("train", SMOKE, "--bogus-flag"), "No such option")
 
 
+@pytest.mark.slow
 def test_a_user_error_never_prints_a_traceback_even_for_json_output(tmp_path):
     result = run_cli("eval", tmp_path, "--data", tmp_path / "x.txt", "--json")
     assert_user_error(result, "not a gptkit run directory")
     assert result.stdout == ""  # the error goes to stderr; stdout stays clean for pipes
 
 
+@pytest.mark.slow
 def test_full_disk_during_training_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path):
     """The file-size limit (RLIMIT_FSIZE) makes writes fail as on a full disk, for real."""
     import resource

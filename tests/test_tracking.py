@@ -12,6 +12,8 @@ from tests.conftest import ROOT
 from tests.helpers import run_cli
 from tests.mlflow_server import MlflowServer
 
+pytestmark = pytest.mark.slow  # every test here trains, serves or spawns the CLI
+
 SMOKE = ROOT / "experiments" / "smoke.yaml"
 
 

@@ -29,6 +29,7 @@ def final_weights(run_dir):
     return load_file(run_dir / "checkpoints" / name / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_run_directory_layout(smoke_run):
     for name in ("spec.yaml", "tokenizer/tokenizer.gptkit.json", "metrics.jsonl", "samples.txt",
                  "mlflow.json", "loss_curve.png", "checkpoints/latest", "checkpoints/best"):
@@ -82,6 +83,7 @@ def reference_run(tmp_path_factory):
     return work / "run"
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, reference_run):
     kill_at = random.Random().randint(6, 38)
     proc = _train(tmp_path / "run", cwd=tmp_path)
@@ -103,6 +105,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, referen
     assert steps == list(range(1, 41))
 
 
+@pytest.mark.slow
 def test_sigint_writes_a_checkpoint_and_exits_cleanly(tmp_path, reference_run):
     proc = _train(tmp_path / "run", cwd=tmp_path)
     _wait_for_step(proc, 7)
@@ -119,6 +122,7 @@ def test_sigint_writes_a_checkpoint_and_exits_cleanly(tmp_path, reference_run):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_falls_back_when_the_latest_checkpoint_is_corrupt(tmp_path, reference_run):
     import shutil
 
@@ -134,6 +138,7 @@ def test_resume_falls_back_when_the_latest_checkpoint_is_corrupt(tmp_path, refer
     assert all(torch.equal(a[k], b[k]) for k in a)  # retrained the last 5 steps exactly
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_model_but_allows_more_steps(tmp_path, reference_run):
     import shutil
 
@@ -148,6 +153,7 @@ def test_resume_refuses_a_different_model_but_allows_more_steps(tmp_path, refere
     assert read_pointer(run / "checkpoints" / "latest") == "step-000045"
 
 
+@pytest.mark.slow
 def test_nothing_to_resume_and_existing_run_dir(tmp_path, reference_run):
     assert_user_error(run_cli("train", SMOKE, "--resume", *EXACT, cwd=tmp_path),
                       "nothing to resume")
@@ -155,6 +161,7 @@ def test_nothing_to_resume_and_existing_run_dir(tmp_path, reference_run):
                       "already holds a run", "--resume")
 
 
+@pytest.mark.slow
 def test_diverging_loss_stops_with_step_and_checkpoint(tmp_path):
     result = run_cli("train", SMOKE, "--no-progress", "--set", "train.lr=1e30",
                      "--set", "train.grad_clip=null", "--set", "tracking.enabled=false",
@@ -165,6 +172,7 @@ def test_diverging_loss_stops_with_step_and_checkpoint(tmp_path):
     assert "last good checkpoint" in result.stderr
 
 
+@pytest.mark.slow
 def test_pickle_payload_in_a_checkpoint_is_refused_without_running_it(tmp_path, reference_run):
     import pickle
     import shutil
@@ -185,6 +193,7 @@ def test_pickle_payload_in_a_checkpoint_is_refused_without_running_it(tmp_path, 
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_eval_command(smoke_run, tmp_path):
     text = tmp_path / "t.txt"
     sample = (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
@@ -254,6 +263,7 @@ def test_resume_with_a_changed_field_lists_it_and_the_edited_spec_file_is_not_ap
     assert "lr: 0.003" in (run / "spec.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_a_non_run_folder_is_not_written_into(tmp_path):
     folder = tmp_path / "mine"
     folder.mkdir()
@@ -283,6 +293,7 @@ def test_a_second_writer_is_refused_while_the_first_runs(tmp_path, reference_run
     assert "left by a process that is gone" in third.stderr
 
 
+@pytest.mark.slow
 def test_resume_that_would_change_the_tokenizer_is_refused_and_changes_nothing(
         tmp_path, reference_run):
     import shutil
