@@ -44,3 +44,13 @@ def smoke_run(tmp_path_factory):
                      "--no-progress", cwd=work)
     assert result.returncode == 0, result.stderr
     return work / "run"
+
+
+# Fixtures that train a model (or start a server): a test using one belongs to the slow lane.
+SLOW_FIXTURES = {"smoke_run", "reference_run", "server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
