@@ -133,11 +133,10 @@ def validate(
     ] = False,
 ) -> None:
     """Check a spec and print the resolved model (parameters, components) without training."""
-    from gptkit.compose import compose_spec_file
-    from gptkit.spec import validate_spec
+    from gptkit.compose import compose_spec_file, validate_composed
 
     composed = compose_spec_file(spec)
-    resolved = validate_spec(composed.data, str(spec), overrides or [])
+    resolved = validate_composed(composed, str(spec), overrides or [])
     from gptkit.registry import load_registry
 
     registry = load_registry(tuple(resolved.plugins))
@@ -261,11 +260,11 @@ def train(
     else:
         if spec is None:
             raise GptkitError("gptkit train needs a SPEC file (or --resume --run-dir RUN)")
-        from gptkit.compose import compose_spec_file
-        from gptkit.spec import validate_spec
+        from gptkit.compose import compose_spec_file, validate_composed
 
-        raw = compose_spec_file(spec).data  # with the files it extends merged in
-        resolved = validate_spec(raw, str(spec), sets)
+        composed = compose_spec_file(spec)  # with the files it extends merged in
+        raw = composed.data
+        resolved = validate_composed(composed, str(spec), sets)
         if resolved.sweep or resolved.repeats > 1:
             _train_sweep(raw, spec, sets, resolved, run_dir, not no_progress)
             return

@@ -157,6 +157,24 @@ def _merge_dicts(base: dict[str, Any], child: dict[str, Any], prefix: FieldPath,
     return out
 
 
+def validate_composed(composed: ComposedSpec, source: str, overrides: Any = ()) -> Any:
+    """Validate a composed spec; a problem in a field a parent set names that parent."""
+    from gptkit.errors import SpecError
+    from gptkit.spec import validate_spec
+
+    try:
+        return validate_spec(composed.data, source, overrides)
+    except SpecError as exc:
+        if len(composed.files) < 2:
+            raise
+        problems = []
+        for where, message in exc.problems:
+            origin = composed.origin(tuple(where.split("."))) if where else None
+            problems.append((where, message + (f" (set in {origin})" if origin and origin
+                                               != composed.files[-1] else "")))
+        raise SpecError(source, problems, exc.hint) from None
+
+
 # --------------------------------------------------------------------------- showing it
 
 

@@ -519,6 +519,6 @@ def validate_spec(
 
 def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentSpec:
     """Read a spec file (with the files it ``extends``), override and validate it."""
-    from gptkit.compose import compose_spec_file
+    from gptkit.compose import compose_spec_file, validate_composed
 
-    return validate_spec(compose_spec_file(path).data, str(path), overrides)
+    return validate_composed(compose_spec_file(path), str(path), overrides)

@@ -112,6 +112,18 @@ def test_missing_parent_and_bad_extends_are_clear_errors(tmp_path):
         load_spec(tmp_path / "bad.yaml")
 
 
+def test_a_bad_field_set_by_a_parent_names_the_parent(tmp_path):
+    from gptkit.errors import SpecError
+
+    write(tmp_path, "base.yaml", BASE.replace("n_layers: 2", "n_layers: -2"))
+    child = write(tmp_path, "child.yaml", "extends: base.yaml\nmodel: {d_model: 0}\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(child)
+    problems = dict(info.value.problems)
+    assert problems["model.n_layers"].endswith(f"(set in {tmp_path / 'base.yaml'})")
+    assert "set in" not in problems["model.d_model"]  # the child's own field
+
+
 def test_cli_exits_2_on_cycles_and_missing_parents(tmp_path, capsys):
     write(tmp_path, "a.yaml", "extends: a.yaml\n")
     write(tmp_path, "m.yaml", "extends: gone.yaml\n")
