@@ -48,10 +48,13 @@ def sweep_plan(spec: ExperimentSpec) -> list[tuple[list[str], list[list[str]]]]:
         seeds = [spec.seed + i for i in range(spec.repeats)]
     if seeds is not None and (not isinstance(seeds, list) or not seeds):
         raise GptkitError("sweep.seed: give a list of at least one value")
+    size = len(seeds or [0]) * math.prod(len(v) if isinstance(v, list) else 1
+                                         for v in grid.values())
+    if size > MAX_POINTS:  # counted, seeds included, before anything is built
+        raise GptkitError(f"sweep: the grid has {size:,} points (seeds included); at most "
+                          f"{MAX_POINTS} are run",
+                          "Sweep fewer values, or split the grid into several specs.")
     points = sweep_points(grid)
-    if len(points) * len(seeds or [0]) > MAX_POINTS:
-        raise GptkitError(f"sweep: {len(points):,} points x {len(seeds or [0])} seeds is more "
-                          f"than the {MAX_POINTS} runs a sweep may have")
     if seeds is None:
         return [(p, [p]) for p in points]
     return [(p, [[*p, f"seed={json.dumps(s)}"] for s in seeds]) for p in points]
