@@ -127,22 +127,24 @@ def validate(
     spec: SpecArg,
     overrides: SetOpt = None,
     print_spec: Annotated[
-        bool, typer.Option("--print-spec", help="Print the resolved spec as YAML.")
+        bool, typer.Option("--print-spec", help="Print the resolved spec as YAML (what a run "
+                           "stores), each field marked with the file, --set or default it "
+                           "came from.")
     ] = False,
 ) -> None:
     """Check a spec and print the resolved model (parameters, components) without training."""
-    from gptkit.spec import load_spec
+    from gptkit.compose import compose_spec_file, validate_composed
 
-    resolved = load_spec(spec, overrides or [])
+    composed = compose_spec_file(spec)
+    resolved = validate_composed(composed, str(spec), overrides or [])
     from gptkit.registry import load_registry
 
     registry = load_registry(tuple(resolved.plugins))
     warn_plugin_problems(registry)
     if print_spec:
-        import yaml
-
-        echo(yaml.safe_dump(resolved.to_dict(), sort_keys=False).rstrip())
+        echo(_explained_spec(composed, resolved, overrides or []))
         return
+    sweep = _sweep_size(resolved) if resolved.sweep or resolved.repeats > 1 else None
     m = resolved.model
     echo(f"{spec}: valid")
     echo(f"  name        {resolved.name}")
@@ -162,6 +164,8 @@ def validate(
         f"d_ff {m.hidden_dim}, max_seq_len {m.max_seq_len}, dropout {m.dropout}, "
         f"{m.norm}, {m.activation}"
     )
+    if sweep:
+        echo(f"  sweep       {sweep}")
     vocab = m.vocab_size
     if vocab is None:
         vocab = _vocab_size_from_tokenizer(resolved)
@@ -177,6 +181,38 @@ def validate(
     total = model.num_params(non_embedding=False)
     echo(f"  vocab_size  {vocab}")
     echo(f"  parameters  {total / 1e6:.2f}M ({total:,})")
+
+
+def _sweep_size(resolved) -> str:
+    """``2 points x 3 seeds = 6 runs`` (and the grid's errors, before anything trains)."""
+    try:
+        from gptkit.training.sweep import sweep_plan
+    except ImportError:  # the sweep runner needs torch; the count does not
+        return "(install gptkit[train] to count the runs)"
+    plan = sweep_plan(resolved)
+    runs = sum(len(r) for _, r in plan)
+    seeds = f" x {len(plan[0][1])} seeds" if runs > len(plan) else ""
+    return f"{len(plan)} point{'s' * (len(plan) != 1)}{seeds} = {runs} runs"
+
+
+def _explained_spec(composed, resolved, sets: list[str]) -> str:
+    """The resolved spec as YAML, each field marked with where its value came from."""
+    from gptkit.compose import annotated_yaml
+    from gptkit.spec import PRESETS, parse_override
+
+    set_paths = [tuple(parse_override(s)[0]) for s in sets]
+    preset = resolved.model.preset
+
+    def origin_of(path: tuple[str, ...]) -> str:
+        if any(path[: len(p)] == p or p[: len(path)] == path for p in set_paths):
+            return "--set"
+        found = composed.origin(path)
+        if found is None and preset and path[:1] == ("model",) and path[-1] in PRESETS[preset]:
+            return f"preset {preset} ({composed.origin(('model', 'preset'))})"
+        return f"from {found}" if found else "default"
+
+    lines = [f"# resolved from: {' <- '.join(reversed(composed.files))}"]
+    return "\n".join([*lines, annotated_yaml(resolved.to_dict(), origin_of)])
 
 
 def _vocab_size_from_tokenizer(spec) -> int:
@@ -224,11 +260,12 @@ def train(
     else:
         if spec is None:
             raise GptkitError("gptkit train needs a SPEC file (or --resume --run-dir RUN)")
-        from gptkit.spec import read_spec_file, validate_spec
+        from gptkit.compose import compose_spec_file, validate_composed
 
-        raw = read_spec_file(spec)
-        resolved = validate_spec(raw, str(spec), sets)
-        if resolved.sweep:
+        composed = compose_spec_file(spec)  # with the files it extends merged in
+        raw = composed.data
+        resolved = validate_composed(composed, str(spec), sets)
+        if resolved.sweep or resolved.repeats > 1:
             _train_sweep(raw, spec, sets, resolved, run_dir, not no_progress)
             return
     trainer = Trainer(resolved, run_dir=run_dir, resume=resume, progress=not no_progress,
@@ -302,6 +339,8 @@ def _train_report(result) -> str:
         return (f"nothing to train: the run is already at step {result.step} "
                 f"(raise it with --set train.max_steps=N)\nrun: {result.run_dir}")
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+    if result.stop_reason == "early_stop":
+        val += " (stopped early: train.early_stop)"
     return (f"done: {result.steps_trained} steps (now at step {result.step}) in "
             f"{result.elapsed:.1f}s, val loss {val}, {result.tokens_per_sec:,.0f} tokens/s"
             f"\nrun: {result.run_dir}")
@@ -547,14 +586,20 @@ def compare_cmd(
         bool, typer.Option("--log", help="Also keep the comparison in MLflow (experiment "
                            "EXPERIMENT-comparisons, apart from the runs).")
     ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Runs side by side from MLflow, best first: the spec fields that differ, final metrics,
-    curves. Adds nothing to the experiment."""
+    curves. Runs that differ only by seed are one row (mean ± std, n), and the best row is
+    tested against the next (Welch's t-test). Adds nothing to the experiment."""
     from gptkit.training.compare import compare
 
-    grid, out = compare(experiment, tracking_uri, plot, log=log)
-    _print_table(grid)
-    echo(f"validation curves: {out}")
+    result = compare(experiment, tracking_uri, plot, log=log)
+    if as_json:
+        echo(json.dumps(result.to_json(), indent=2))
+        return
+    _print_table(result.grid)
+    echo(result.verdict["text"])
+    echo(f"validation curves: {result.plot}")
 
 
 @app.command("import-hf")

@@ -57,11 +57,15 @@ def spec_reference_markdown(registry=None) -> str:
     defs = schema.get("$defs", {})
     out = ["# Spec reference", "",
            "Generated from the spec's JSON Schema (`gptkit schema --markdown`); do not edit.",
-           "A component field takes `{kind: NAME, ...}` or just `NAME`.", "",
+           "A component field takes `{kind: NAME, ...}` or just `NAME`.",
+           "A spec file may also say `extends: FILE` (or a list of files, relative to it): see",
+           "the README's *Composing specs*.", "",
            "## Top level", "", *_table(schema, defs), ""]
-    for section in ("DataSpec", "ModelSpec", "TrainSpec", "TrackingSpec", "ExportSpec"):
+    sections = {"DataSpec": "data", "ModelSpec": "model", "TrainSpec": "train",
+                "EarlyStopSpec": "train.early_stop", "TrackingSpec": "tracking",
+                "ExportSpec": "export"}
+    for section, key in sections.items():
         if section in defs:
-            key = section.removesuffix("Spec").lower()
             out += [f"## `{key}:`", "", defs[section].get("description", ""), "",
                     *_table(defs[section], defs, f"{key}."), ""]
     out += ["## Components", ""]

@@ -130,6 +130,17 @@ class DataSpec(StrictModel):
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Last part held out.")
 
 
+class EarlyStopSpec(StrictModel):
+    """Stop when the validation loss has not improved for a while (checked at each evaluation)."""
+
+    patience: int = Field(
+        ..., gt=0, description="Evaluations in a row without improvement before stopping."
+    )
+    min_delta: float = Field(
+        0.0, ge=0, description="An improvement is a val loss below the best so far minus this."
+    )
+
+
 class TrainSpec(StrictModel):
     """The optimisation loop."""
 
@@ -158,6 +169,9 @@ class TrainSpec(StrictModel):
     threads: int | None = Field(None, gt=0, description="torch CPU threads; default: torch's.")
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp", description="Under torchrun: replicate (DDP) or shard (FSDP2) the model."
+    )
+    early_stop: EarlyStopSpec | None = Field(
+        None, description="Stop early on validation loss; null: train to max_steps."
     )
     optimizer: OptimizerSpec
 
@@ -197,7 +211,11 @@ class ExperimentSpec(StrictModel):
     sweep: dict[str, list[Any]] = Field(
         default_factory=dict,
         description="A grid: dotted field -> values. 'gptkit train' runs every combination as "
-        "a child MLflow run of one parent run.",
+        "a child MLflow run of one parent run; a 'seed' axis repeats each point.",
+    )
+    repeats: int = Field(
+        1, ge=1, le=100, description="Train each grid point with this many seeds (seed, "
+        "seed+1, ...), grouped in MLflow under one parent run per point.",
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -500,5 +518,7 @@ def validate_spec(
 
 
 def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentSpec:
-    """Read, override and validate a spec file."""
-    return validate_spec(read_spec_file(path), str(path), overrides)
+    """Read a spec file (with the files it ``extends``), override and validate it."""
+    from gptkit.compose import compose_spec_file, validate_composed
+
+    return validate_composed(compose_spec_file(path), str(path), overrides)

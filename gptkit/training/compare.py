@@ -7,14 +7,17 @@ it goes to a separate ``<experiment>-comparisons`` experiment, out of the run li
 from __future__ import annotations
 
 import json
+import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gptkit.errors import GptkitError
 
 SKIP_PARAMS = ("n_params",)
-HIDDEN_KINDS = ("sweep", "compare")
+HIDDEN_KINDS = ("sweep", "group", "compare")  # parents and comparisons are not runs to rank
+SEED_PARAMS = ("seed", "repeats")  # runs that differ only in these are repeats of one config
 
 
 def collect(client: Any, experiment: str) -> list[dict[str, Any]]:
@@ -62,20 +65,99 @@ def differing(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+def group_runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs whose params differ only by seed, as one row each: n, mean and standard deviation
+    of final and best val loss, the mean curve and its spread. Best (lowest mean final) first."""
+    from gptkit.training.stats import mean_std
+
+    buckets: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        same = {k: v for k, v in r["params"].items() if k not in SEED_PARAMS}
+        buckets.setdefault(json.dumps(same, sort_keys=True), []).append(r)
+    groups = []
+    for members in buckets.values():
+        final, final_std = mean_std([m["val_loss"] for m in members])
+        best, best_std = mean_std([m["best_val_loss"] for m in members])
+        rates = [m["tokens_per_sec"] for m in members if m["tokens_per_sec"]]
+        groups.append({
+            "name": _group_name(members), "n": len(members), "runs": members,
+            "run_ids": [m["run_id"] for m in members],
+            "seeds": [m["params"].get("seed") for m in members],
+            "params": {k: v for k, v in members[0]["params"].items() if k not in SEED_PARAMS},
+            "val_loss": final, "val_loss_std": final_std,
+            "best_val_loss": best, "best_val_loss_std": best_std,
+            "finals": [m["val_loss"] for m in members],
+            "tokens_per_sec": sum(rates) / len(rates) if rates else None,
+            "curve": _mean_curve([m["curve"] for m in members]),
+        })
+    groups.sort(key=lambda g: g["val_loss"])
+    return groups
+
+
+def _group_name(members: list[dict[str, Any]]) -> str:
+    """The runs' common name with their ``seed=N`` left out."""
+    names = {re.sub(r"\s*\bseed=\S+", "", m["name"] or "").strip() for m in members}
+    if len(members) == 1 or len(names) != 1 or not next(iter(names)):
+        return members[0]["name"] or members[0]["run_id"][:8]
+    return names.pop()
+
+
+def _mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float, float]]:
+    """(step, mean, std) over the runs that evaluated at that step."""
+    from gptkit.training.stats import mean_std
+
+    by_step: dict[int, list[float]] = {}
+    for curve in curves:
+        for step, value in curve:
+            by_step.setdefault(step, []).append(value)
+    return [(step, *mean_std(values)) for step, values in sorted(by_step.items())]
+
+
+def separation(groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """Is the best group's mean final val loss separated from the next one's? Welch's t-test
+    over their seeds; ``separated`` is None when it cannot be told (fewer than 2 runs)."""
+    from gptkit.training.stats import ALPHA, welch
+
+    if len(groups) < 2:
+        return {"separated": None, "text": "one group: nothing to separate"}
+    best, nxt = groups[0], groups[1]
+    out: dict[str, Any] = {"best": best["name"], "next": nxt["name"], "alpha": ALPHA,
+                           "difference": best["val_loss"] - nxt["val_loss"]}
+    head = f"best '{best['name']}' vs next '{nxt['name']}': {out['difference']:+.4f} final val loss"
+    if best["n"] < 2 or nxt["n"] < 2:
+        return {**out, "separated": None,
+                "text": f"{head}; cannot tell whether that is real: it needs 2 or more runs per "
+                        "group (repeat with repeats: N or sweep: {seed: [...]})"}
+    test = welch(best["finals"], nxt["finals"])
+    separated = test.p < ALPHA
+    verdict = ("separated" if separated else
+               "not separated: the difference is within the seed-to-seed spread")
+    df = f"{test.df:.1f}" if test.df == test.df else "-"
+    return {**out, "separated": separated, "p_value": test.p, "t": test.t, "df": test.df,
+            "text": f"{head} (n={best['n']} vs {nxt['n']}); Welch t = {test.t:.2f}, df = {df}, "
+                    f"p = {test.p:.3g} -> {verdict} (at p < {ALPHA})"}
+
+
+def plot(groups: list[dict[str, Any]], path: Path, title: str) -> None:
+    """One line per group (its mean), with a band of one standard deviation over its seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    for i, r in enumerate(rows):
-        if r["curve"]:
-            label = (r["name"] or r["run_id"][:8]) + (" (best)" if i == 0 else "")
-            ax.plot(*zip(*r["curve"]), marker="o", markersize=3, label=label,
-                    linewidth=2.5 if i == 0 else 1.2)
+    for i, g in enumerate(groups):
+        if not g["curve"]:
+            continue
+        steps, mean, std = zip(*g["curve"])
+        label = g["name"] + (f" (n={g['n']})" if g["n"] > 1 else "") + (" (best)" if i == 0 else "")
+        line, = ax.plot(steps, mean, marker="o", markersize=3, label=label,
+                        linewidth=2.5 if i == 0 else 1.2)
+        if g["n"] > 1:
+            ax.fill_between(steps, [m - s for m, s in zip(mean, std)],
+                            [m + s for m, s in zip(mean, std)], color=line.get_color(), alpha=0.2)
     ax.set_xlabel("step")
-    ax.set_ylabel("validation loss")
+    ax.set_ylabel("validation loss (mean ± std over seeds)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -84,20 +166,42 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def table(rows: list[dict[str, Any]], keys: list[str]) -> list[list[str]]:
-    """Header + one line per run, best (lowest final val loss) first and marked."""
-    head = ["", "run", *keys, "final val", "best val", "tokens/s"]
-    body = [["*" if i == 0 else "", r["name"] or r["run_id"][:8],
-             *[r["params"].get(k, "-") for k in keys],
-             f"{r['val_loss']:.4f}", f"{r['best_val_loss']:.4f}",
-             f"{r['tokens_per_sec']:,.0f}" if r["tokens_per_sec"] else "-"]
-            for i, r in enumerate(rows)]
+def _pm(mean: float, std: float, n: int) -> str:
+    return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}"
+
+
+def table(groups: list[dict[str, Any]], keys: list[str]) -> list[list[str]]:
+    """Header + one line per group of seeds, best (lowest mean final val loss) first and marked."""
+    head = ["", "run", *keys, "n", "final val", "best val", "tokens/s"]
+    body = [["*" if i == 0 else "", g["name"], *[g["params"].get(k, "-") for k in keys],
+             str(g["n"]), _pm(g["val_loss"], g["val_loss_std"], g["n"]),
+             _pm(g["best_val_loss"], g["best_val_loss_std"], g["n"]),
+             f"{g['tokens_per_sec']:,.0f}" if g["tokens_per_sec"] else "-"]
+            for i, g in enumerate(groups)]
     return [head, *body]
 
 
+@dataclass
+class Comparison:
+    """What ``gptkit compare`` shows: the table, the separation verdict, the plot's path."""
+
+    experiment: str
+    grid: list[list[str]]
+    groups: list[dict[str, Any]]
+    verdict: dict[str, Any]
+    plot: Path
+
+    def to_json(self) -> dict[str, Any]:
+        keep = ("name", "n", "seeds", "run_ids", "val_loss", "val_loss_std", "best_val_loss",
+                "best_val_loss_std", "tokens_per_sec")
+        return {"experiment": self.experiment, "plot": str(self.plot), "verdict": self.verdict,
+                "groups": [{k: g[k] for k in keep} for g in self.groups]}
+
+
 def compare(experiment: str | None, uri: str | None, out: Path | None,
-            log: bool = False) -> tuple[list[list[str]], Path]:
-    """The comparison table and the curves' plot; with ``log``, also kept in MLflow."""
+            log: bool = False) -> Comparison:
+    """The comparison table (runs that differ only by seed grouped), whether the best group is
+    separated from the next, and the curves' plot; with ``log``, also kept in MLflow."""
     from gptkit.training.tracking import quick_timeouts, resolve_uri
 
     quick_timeouts()
@@ -116,12 +220,13 @@ def compare(experiment: str | None, uri: str | None, out: Path | None,
                           "is up.") from None
     if not rows:
         raise GptkitError(f"experiment {experiment!r} has no runs with a validation loss yet")
-    grid = table(rows, differing(rows))
-    out = out or Path(f"compare-{experiment}.png")
-    plot(rows, out, f"{experiment}: validation loss (best: {rows[0]['name']})")
+    groups = group_runs(rows)
+    result = Comparison(experiment, table(groups, differing(groups)), groups, separation(groups),
+                        out or Path(f"compare-{experiment}.png"))
+    plot(groups, result.plot, f"{experiment}: validation loss (best: {groups[0]['name']})")
     if log:
-        _log_comparison(client, experiment, grid, out)
-    return grid, out
+        _log_comparison(client, experiment, result.grid, result.plot)
+    return result
 
 
 def _latest_experiment(client: Any) -> str:

@@ -64,6 +64,7 @@ class TrainResult:
     skipped_steps: int
     spooled_events: int
     mlflow_url: str | None = None
+    stop_reason: str = "max_steps"  # max_steps | early_stop | interrupted | failed
 
 
 def lr_at(step: int, train: Any) -> float:
@@ -454,7 +455,7 @@ class Trainer:
         """The loop: step → log → evaluate → checkpoint, until max_steps."""
         t, state = self.spec.train, self.state
         self.model.train()
-        while state.step < t.max_steps:
+        while state.step < t.max_steps and not self.patience_spent():
             self._stop_if_asked()
             t0 = time.perf_counter()
             lr = lr_at(state.step, t)
@@ -466,7 +467,8 @@ class Trainer:
             self._log(loss, lr, grad_norm, time.perf_counter() - t0)
             if state.step % t.eval_every == 0 or state.step == t.max_steps:
                 self._evaluate()
-            if state.step % (t.checkpoint_every or t.eval_every) == 0 or state.step == t.max_steps:
+            if (state.step % (t.checkpoint_every or t.eval_every) == 0
+                    or state.step == t.max_steps or self.patience_spent()):
                 self._checkpoint()
         if state.bad_in_a_row:
             self._checkpoint()  # the weights are the last good ones; keep the step counters
@@ -475,6 +477,31 @@ class Trainer:
                 f"the weights are those of the last good step, in {self._latest_checkpoint()}",
                 "Lower train.lr, set train.grad_clip, or check the data.",
             )
+
+    def patience_spent(self) -> bool:
+        """``train.early_stop``: the val loss has not improved for ``patience`` evaluations."""
+        rule = self.spec.train.early_stop
+        return rule is not None and self.state.evals_since_best >= rule.patience
+
+    def _count_patience(self, val: float) -> None:
+        """An evaluation improves when it beats the best so far by more than ``min_delta``."""
+        rule, state = self.spec.train.early_stop, self.state
+        if rule is None:
+            return
+        improved = state.best_val is None or val < state.best_val - rule.min_delta
+        state.evals_since_best = 0 if improved else state.evals_since_best + 1
+        if self.patience_spent():
+            self.progress.print(
+                f"step {state.step}: early stop: val loss has not improved by more than "
+                f"{rule.min_delta} for {rule.patience} evaluation(s) (best {state.best_val:.4f})")
+
+    def stop_reason(self, status: str) -> str:
+        """Why the run ended: max_steps, early_stop, interrupted or failed."""
+        if status == "KILLED":
+            return "interrupted"
+        if status != "FINISHED":
+            return "failed"
+        return "early_stop" if self.patience_spent() else "max_steps"
 
     def _stop_if_asked(self) -> None:
         if self.dist.any(self._stop_signal is not None):  # every rank stops at the same step
@@ -550,6 +577,7 @@ class Trainer:
     def _evaluate(self) -> None:
         state, spec = self.state, self.spec
         state.last_val = evaluate(self.model, self.data.val, spec, self.device, self._autocast)
+        self._count_patience(state.last_val)
         state.best_val = state.last_val if state.best_val is None else min(state.best_val,
                                                                           state.last_val)
         if self.record is not None:
@@ -632,9 +660,10 @@ class Trainer:
     def _finish(self, status: str) -> int:
         if not self.dist.main:
             return 0
+        self._stop_reason = self.stop_reason(status)
         try:
             summary = self.summary()
-            self.rundir.update_info(status=status, summary=summary)
+            self.rundir.update_info(status=status, stop_reason=self._stop_reason, summary=summary)
             return self.record.close(status, summary) if self.record is not None else 0
         finally:
             self.rundir.unlock()
@@ -647,7 +676,8 @@ class Trainer:
                 "final_val_loss": state.last_val, "total_tokens": state.tokens_seen,
                 "wall_time_s": round(seconds, 3),
                 "tokens_per_sec": state.tokens_seen / seconds if seconds > 0 else None,
-                "skipped_steps": state.skipped}
+                "skipped_steps": state.skipped,
+                "stop_reason": getattr(self, "_stop_reason", None) or self.stop_reason("FINISHED")}
 
     def _result(self, spooled: int) -> TrainResult:
         state = self.state
@@ -657,4 +687,5 @@ class Trainer:
         return TrainResult(self.run_dir, state.step, trained, state.last_val, state.best_val,
                            elapsed, tokens / max(elapsed, 1e-9) if trained else 0.0,
                            state.skipped, spooled,
-                           self.record.url if self.record is not None else None)
+                           self.record.url if self.record is not None else None,
+                           self.stop_reason("FINISHED"))

@@ -176,6 +176,8 @@ class RunRecord:
                  if isinstance(v, (int, float)) and v is not None}
         if final:
             tracker.log_metrics(final, int(summary["steps"]))
+        if summary.get("stop_reason"):
+            tracker.set_tags({"gptkit.stop_reason": str(summary["stop_reason"])})
         for path in run.artifacts():
             tracker.log_artifact(path)
         if run.tokenizer_dir.is_dir():

@@ -24,6 +24,7 @@ class TrainState:
     last_val: float | None = None
     skipped: int = 0
     bad_in_a_row: int = 0
+    evals_since_best: int = 0  # evaluations in a row without improvement (train.early_stop)
     tokens_seen: int = 0
     train_seconds: float = 0.0  # wall time spent training, summed over resumes
     data_rng: torch.Tensor | None = None
@@ -35,7 +36,7 @@ class TrainState:
         return {
             "step": self.step, "best_val_loss": self.best_val, "val_loss": self.last_val,
             "skipped_steps": self.skipped, "tokens_seen": self.tokens_seen,
-            "train_seconds": self.train_seconds,
+            "train_seconds": self.train_seconds, "evals_since_best": self.evals_since_best,
             "data_rng": self.data_rng, "torch_rng_per_rank": self.torch_rng_per_rank,
             "torch_rng": self.torch_rng_per_rank[0] if self.torch_rng_per_rank else None,
             "cuda_rng": self.cuda_rng,
@@ -65,6 +66,7 @@ class TrainState:
             skipped=_get(state, "skipped_steps", int, where) or 0,
             tokens_seen=_get(state, "tokens_seen", int, where) or 0,
             train_seconds=_get(state, "train_seconds", float, where) or 0.0,
+            evals_since_best=_get(state, "evals_since_best", int, where) or 0,
             data_rng=data_rng,
             torch_rng_per_rank=rngs,
             cuda_rng=list(state.get("cuda_rng") or []),
