@@ -16,6 +16,9 @@ def run_row(run: RunDir) -> dict[str, Any]:
     status = str(info.get("status") or "UNKNOWN")
     if status == "RUNNING" and run.writer_pid() is None:
         status = "STOPPED"  # its process is gone (killed) without saying so
+    reason = info.get("stop_reason")
+    if isinstance(reason, str) and reason not in ("max_steps", "interrupted", "failed"):
+        status = f"{status} ({reason})"  # e.g. FINISHED (early_stop)
     metrics = run.metrics() if not summary else []
     vals = [r["val_loss"] for r in metrics if isinstance(r.get("val_loss"), (int, float))]
     steps = [r["step"] for r in metrics if isinstance(r.get("step"), int)]
@@ -29,6 +32,7 @@ def run_row(run: RunDir) -> dict[str, Any]:
         "wall_time_s": summary.get("wall_time_s"),
         "created": run.created(),
         "folder": str(run.path),
+        "stop_reason": reason if isinstance(reason, str) else None,
     }
 
 
