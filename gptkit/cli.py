@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -148,13 +148,12 @@ def validate(
     m = resolved.model
     echo(f"{spec}: valid")
     echo(f"  name        {resolved.name}")
-    for slot, component in (
-        ("tokenizer", resolved.tokenizer),
-        ("attention", m.attention),
-        ("positional", m.positional),
-        ("sampler", resolved.sampler),
-        ("optimizer", resolved.train.optimizer),
-    ):
+    from gptkit.components.base import SLOTS
+
+    for slot, entry in SLOTS.items():
+        component: Any = resolved
+        for key in entry.path:
+            component = getattr(component, key)
         reg = registry.components[slot][component.kind]
         fields = component.model_dump(exclude={"kind"}, exclude_defaults=slot == "sampler")
         extra = " ".join(f"{k}={v}" for k, v in fields.items())

@@ -129,6 +129,35 @@ class _TextStream:
         return piece
 
 
+def new_states(sampler: Any, rows: int) -> list[Any]:
+    """One fresh per-generation sampler state per row (``SamplerSpec.new_state``)."""
+    return [sampler.new_state() for _ in range(rows)]
+
+
+def sample_next(
+    sampler: Any,
+    logits: np.ndarray,
+    rng: np.random.Generator,
+    contexts: Sequence[Sequence[int]],
+    states: list[Any],
+) -> np.ndarray:
+    """The one place a sampler is called: logits (B, V) -> next ids (B,).
+
+    ``contexts`` are the rows' tokens so far (for the repetition penalty); ``states`` the
+    rows' sampler states, which the sampler updates in place and which live as long as the
+    generation (context crops and re-prefills included).
+    """
+    previous = None
+    if sampler.repetition_penalty != 1.0:  # padding repeats a row's own first token
+        width = max(len(c) for c in contexts)
+        previous = np.array([[c[0]] * (width - len(c)) + list(c) for c in contexts],
+                            dtype=np.int64)
+    if all(s is None for s in states):
+        # Stateless: the three-argument call, so samplers written before states still work.
+        return sampler.sample(logits, rng, previous)
+    return sampler.sample(logits, rng, previous, states)
+
+
 def decode_loop(
     backend: Backend,
     tokenizer: Any,
@@ -158,6 +187,7 @@ def decode_loop(
             )
         contexts.append(list(ids))
     rng = np.random.default_rng(seed)
+    states = new_states(sampler, len(prompts))
     streams = [_TextStream(tokenizer.decode, sampler.stop) for _ in prompts]
     finish = ["length"] * len(prompts)
     done = [False] * len(prompts)
@@ -174,11 +204,7 @@ def decode_loop(
             positions = np.array([[len(c) - 1] for c in contexts], dtype=np.int64)
             key_mask = np.concatenate([key_mask, np.ones((len(contexts), 1), bool)], axis=1)
             logits, past = backend(last, positions, key_mask, past)
-        previous = None
-        if sampler.repetition_penalty != 1.0:  # padding repeats a row's own first token
-            previous = np.array([[c[0]] * (len(max(contexts, key=len)) - len(c)) + c
-                                 for c in contexts], dtype=np.int64)
-        tokens = sampler.sample(logits, rng, previous)
+        tokens = sample_next(sampler, logits, rng, contexts, states)
         for row, token in enumerate(tokens.tolist()):
             contexts[row].append(token)
             if done[row]:

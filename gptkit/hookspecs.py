@@ -2,19 +2,18 @@
 
 Every hook receives a ``register`` callback; call it once per component class you provide::
 
-    from gptkit import hookimpl
-    from gptkit.components.base import AttentionSpec
+    from gptkit import plugin
 
-    class QKNormAttentionSpec(AttentionSpec):
+    class QKNormAttentionSpec(plugin.AttentionSpec):
         kind: Literal["qk_norm"] = "qk_norm"
         ...
 
-    @hookimpl
+    @plugin.hookimpl
     def gptkit_register_attention(register):
         register(QKNormAttentionSpec)
 
-A component class is a pydantic model (a subclass of the slot's base spec in
-``gptkit.components.base``) whose ``kind`` field is a ``Literal`` naming it. Its typed fields are
+A component class is a pydantic model (a subclass of the slot's base spec, see
+``gptkit.plugin``, which documents each slot's contract) whose ``kind`` field is a ``Literal`` naming it. Its typed fields are
 what a spec file may set, and its ``build(...)`` makes the object the slot needs. Built-in
 components register through these same hooks.
 
@@ -41,10 +40,9 @@ Register = Callable[[type[Any]], None]
 def gptkit_register_attention(register: Register) -> None:
     """Register attention variants: subclasses of ``AttentionSpec``.
 
-    ``build(d_model=, n_heads=, max_seq_len=, dropout=, bias=, positional=)`` returns a module
-    with the interface of ``gptkit.components.attention.CausalSelfAttention``: it takes new
-    tokens plus the cached keys/values of earlier ones (possibly empty) and returns the output
-    and the updated cache. It must export to ONNX.
+    ``build(model, *, positional)`` returns a module that takes new tokens plus the cached
+    keys/values of earlier ones and returns the output and the extended cache (the full
+    contract is ``AttentionSpec``'s docstring). It must export to ONNX.
     """
 
 
@@ -52,7 +50,7 @@ def gptkit_register_attention(register: Register) -> None:
 def gptkit_register_positional(register: Register) -> None:
     """Register positional schemes: subclasses of ``PositionalSpec``.
 
-    ``build(d_model=, n_heads=, head_dim=, max_seq_len=)`` returns a ``PositionalEncoding``
+    ``build(model)`` returns a ``PositionalEncoding``
     module, which may add an embedding to the input, rotate queries and keys, and/or add a bias
     to the attention scores. It is handed to the attention module of every block.
     """
@@ -62,8 +60,8 @@ def gptkit_register_positional(register: Register) -> None:
 def gptkit_register_tokenizer(register: Register) -> None:
     """Register tokenizers: subclasses of ``TokenizerSpec``.
 
-    ``build()`` returns an unfitted ``Tokenizer`` (fit, encode, decode, save, load). Tokenizers
-    must not import torch: exported bundles load them without it.
+    ``build()`` returns an unfitted ``Tokenizer`` (fit, encode, decode, state, load_state).
+    The module that registers it must not import torch: exported bundles load it without.
     """
 
 
@@ -72,7 +70,7 @@ def gptkit_register_sampler(register: Register) -> None:
     """Register samplers: subclasses of ``SamplerSpec``.
 
     A sampler works on a numpy array of logits, so the torch generator and the onnxruntime
-    runtime share it. It must not import torch.
+    runtime share it. It must not import torch. Per-generation state: ``new_state()``.
     """
 
 
@@ -80,5 +78,22 @@ def gptkit_register_sampler(register: Register) -> None:
 def gptkit_register_optimizer(register: Register) -> None:
     """Register optimizers: subclasses of ``OptimizerSpec``.
 
-    ``build(model, lr=)`` returns a ``torch.optim.Optimizer`` over the model's parameters.
+    ``build(model, *, lr)`` returns a ``torch.optim.Optimizer`` over the model's parameters;
+    the trainer scales each group's own ``lr`` by the schedule (see ``OptimizerSpec``).
     """
+
+
+def _check_in_sync() -> None:
+    """The hooks here and the slot table must name the same slots (checked at import)."""
+    from gptkit.components.base import SLOTS
+
+    hooks = {n for n, f in globals().items() if n.startswith("gptkit_register_") and callable(f)}
+    table = {s.hook for s in SLOTS.values()}
+    if hooks != table:
+        raise ImportError(
+            f"gptkit.hookspecs and the slot table disagree: hooks without a slot "
+            f"{sorted(hooks - table)}, slots without a hook {sorted(table - hooks)}"
+        )
+
+
+_check_in_sync()

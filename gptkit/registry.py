@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from gptkit.components.base import SLOT_BASES, ComponentSpec
+from gptkit.components.base import SLOTS as SLOT_TABLE
+from gptkit.components.base import ComponentSpec
 from gptkit.errors import GptkitError, did_you_mean
 from gptkit.plugins import PluginManager, autoload_enabled, env_plugin_modules, plugin_manager
 
-SLOTS = tuple(SLOT_BASES)
+SLOTS = tuple(SLOT_TABLE)
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class Registry:
     def from_manager(cls, pm: PluginManager) -> Registry:
         reg = cls(pm, {slot: {} for slot in SLOTS})
         for slot in SLOTS:
-            caller = getattr(pm.hook, f"gptkit_register_{slot}")
+            caller = getattr(pm.hook, SLOT_TABLE[slot].hook)
             # Call each plugin's hook on its own so a registration can be credited to its
             # provider, and a plugin that raises is reported without stopping the others.
             for impl in caller.get_hookimpls():
@@ -61,7 +62,7 @@ class Registry:
 
     def _add(self, slot: str, component: type, provider: str, version: str) -> None:
         where = f"plugin '{provider}' {version}"
-        base = SLOT_BASES[slot]
+        base = SLOT_TABLE[slot].base
         if not (isinstance(component, type) and issubclass(component, base)):
             self.problems.append(
                 f"{where} registered {component!r} as a {slot}, but it is not a subclass of "

@@ -29,6 +29,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from gptkit.components.base import (
+    SLOTS,
     AttentionSpec,
     ComponentSpec,
     OptimizerSpec,
@@ -109,13 +110,16 @@ class ModelSpec(StrictModel):
                 ("n_heads", f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
             )
         else:
-            for slot in ("attention", "positional"):
+            for slot in (s.name for s in SLOTS.values() if s.path[0] == "model"):
                 component: ComponentSpec = getattr(self, slot)
                 problems += [(f"{slot}.{f}", m) for f, m in component.check(self)]
         if problems:
+            # The (field, message) pairs travel whole in the error's context, so a message
+            # may contain any text (format_errors reads them back, never re-splits a string).
             raise PydanticCustomError(
                 "cross_field",
-                "; ".join(f"{p}: {m}" for p, m in problems),
+                "{count} cross-field problem(s)",
+                {"count": len(problems), "problems": problems},
             )
         return self
 
@@ -223,21 +227,9 @@ class ExperimentSpec(StrictModel):
         return self.model_dump(mode="json")
 
 
-# Default kind for each component slot, and where the slot lives in the spec.
-SLOT_DEFAULTS = {
-    "attention": "mha",
-    "positional": "learned",
-    "tokenizer": "char",
-    "sampler": "top_p",
-    "optimizer": "adamw",
-}
-SLOT_PATHS = {
-    ("model", "attention"): "attention",
-    ("model", "positional"): "positional",
-    ("tokenizer",): "tokenizer",
-    ("sampler",): "sampler",
-    ("train", "optimizer"): "optimizer",
-}
+# Default kind for each component slot, and where the slot lives in the spec (from the table).
+SLOT_DEFAULTS = {name: slot.default for name, slot in SLOTS.items()}
+SLOT_PATHS = {slot.path: name for name, slot in SLOTS.items()}
 
 
 def _coerce_component(registry: Registry, slot: str, value: Any) -> Any:
@@ -273,36 +265,38 @@ def _slot_field(registry: Registry, slot: str) -> tuple[Any, Any]:
         parts.append(Field(discriminator="kind"))
     parts.append(BeforeValidator(functools.partial(_coerce_component, registry, slot)))
     annotated = Annotated[tuple(parts)]  # type: ignore[valid-type]
-    default_kind = SLOT_DEFAULTS[slot]
+    default_kind = SLOTS[slot].default
     if default_kind in registry.components[slot]:
         default_cls = registry.components[slot][default_kind].cls
         return (annotated, Field(default_factory=lambda: default_cls(kind=default_kind)))
     return (annotated, Field(...))
 
 
+# The static section classes that hold nested slots (``model.attention``, ``train.optimizer``).
+SECTIONS: dict[str, type[StrictModel]] = {"model": ModelSpec, "train": TrainSpec}
+
+
 @functools.lru_cache(maxsize=16)
 def _spec_class(registry: Registry) -> type[ExperimentSpec]:
-    model_cls = create_model(
-        "ModelSpec",
-        __base__=ModelSpec,
-        __doc__=ModelSpec.__doc__,
-        __module__=__name__,
-        attention=_slot_field(registry, "attention"),
-        positional=_slot_field(registry, "positional"),
-    )
-    train_cls = create_model(
-        "TrainSpec", __base__=TrainSpec, __module__=__name__, __doc__=TrainSpec.__doc__,
-        optimizer=_slot_field(registry, "optimizer"),
-    )
+    """Fill every slot of the table with a field accepting the registry's kinds."""
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    for name, slot in SLOTS.items():
+        if len(slot.path) == 1:
+            top[name] = _slot_field(registry, name)
+        else:
+            nested[slot.path[0]][slot.path[1]] = _slot_field(registry, name)
+    for section, fields in nested.items():
+        base = SECTIONS[section]
+        cls = create_model(base.__name__, __base__=base, __doc__=base.__doc__,
+                           __module__=__name__, **fields)
+        top[section] = (cls, Field(default_factory=cls))
     return create_model(
         "ExperimentSpec",
         __base__=ExperimentSpec,
         __doc__=ExperimentSpec.__doc__,
         __module__=__name__,
-        tokenizer=_slot_field(registry, "tokenizer"),
-        sampler=_slot_field(registry, "sampler"),
-        model=(model_cls, Field(default_factory=model_cls)),
-        train=(train_cls, Field(default_factory=train_cls)),
+        **top,
     )
 
 
@@ -486,8 +480,7 @@ def format_errors(exc: ValidationError, cls: type[BaseModel], registry: Registry
             if known:
                 msg += f"; allowed here: {', '.join(known)}"
         elif kind == "cross_field":
-            for part in msg.split("; "):
-                sub, _, m = part.partition(": ")
+            for sub, m in err.get("ctx", {}).get("problems", []):
                 problems.append((f"{path}.{sub}" if path else sub, m))
             continue
         elif kind not in ("unknown_component", "missing", "component_kind_missing"):

@@ -1,15 +1,21 @@
-"""Base spec classes, one per slot. A component is a pydantic model with a ``kind`` literal.
+"""Base spec classes, one per slot, and :data:`SLOTS`, the one table of slots.
 
-This module is torch-free: it only describes components. ``build`` imports what it needs.
+A component is a pydantic model with a ``kind`` literal. This module is torch-free: it only
+describes components; ``build`` imports what it needs. Plugin authors import these names from
+``gptkit.plugin``, which documents the whole contract.
 """
 
 from __future__ import annotations
 
 import typing
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:  # the spec module imports this one
+    from gptkit.spec import ModelSpec
 
 
 class ComponentSpec(BaseModel):
@@ -32,42 +38,95 @@ class ComponentSpec(BaseModel):
             )
         return args[0]
 
-    def check(self, model: Any) -> list[tuple[str, str]]:
-        """Cross-field checks against the enclosing ``ModelSpec``: (field, message) pairs."""
+    def check(self, model: ModelSpec) -> list[tuple[str, str]]:
+        """Cross-field checks against the enclosing ``ModelSpec``.
+
+        Return ``(field, message)`` pairs, ``field`` being one of this component's fields (or
+        ``"kind"`` for the component as a whole); an empty list means the combination is fine.
+        Called for model components (attention, positional) once the model's own fields are
+        valid. Messages may contain any text: they are kept whole, never re-parsed.
+        """
         return []
+
+    @classmethod
+    def example(cls) -> ComponentSpec:
+        """A small instance for the contract tests: each field's first ``examples`` value
+        (``Field(..., examples=[5])``), else its default."""
+        data: dict[str, Any] = {"kind": cls.kind_name()}
+        for name, f in cls.model_fields.items():
+            if name != "kind" and f.examples:
+                data[name] = f.examples[0]
+        return cls.model_validate(data)
 
     def build(self, **kwargs: Any) -> Any:  # pragma: no cover - every slot overrides it
         raise NotImplementedError
 
 
 class AttentionSpec(ComponentSpec):
-    """Attention variant. ``build(d_model=, n_heads=, max_seq_len=, dropout=, bias=, positional=)``."""
+    """Attention variant: ``build(model, *, positional)`` returns a ``torch.nn.Module``.
+
+    ``model`` is the whole resolved ``ModelSpec`` (``d_model``, ``n_heads``, ``head_dim``,
+    ``max_seq_len``, ``dropout``, ``bias``, ...); ``positional`` is the model's
+    ``PositionalEncoding``, shared by every block (keep it out of your registered submodules).
+    The module's ``forward(x, positions, past=None, key_mask=None)`` takes
+
+    - ``x`` (B, T, d_model): the new tokens; ``positions`` (B, T) int64: their absolute positions;
+    - ``past``: this layer's cache of the T_past earlier tokens, a ``(keys, values)`` pair of
+      (B, H_kv, T_past, hd) tensors, or None;
+    - ``key_mask`` (B, T_past + T) bool: False for left padding, or None (no padding);
+
+    and returns ``(y, present)``: y (B, T, d_model) and the cache extended by the T new tokens,
+    (B, H_kv, T_past + T, hd) each. Rules: a query never sees a later key (causal) nor a key
+    whose mask is False (but always itself); call ``positional.rotate`` on q/k before caching
+    and add ``positional.score_bias(T, T_past + T)`` to the scores; the module initialises its
+    own parameters and marks its residual output projection with ``mark_residual``; it must
+    export with ``torch.onnx.export(dynamo=True)`` (no data-dependent Python control flow).
+    """
 
     slot: ClassVar[str] = "attention"
 
 
 class PositionalSpec(ComponentSpec):
-    """Positional scheme. ``build(d_model=, n_heads=, head_dim=, max_seq_len=)``."""
+    """Positional scheme: ``build(model)`` returns a ``PositionalEncoding`` module.
+
+    It may act in three places, each taking *absolute* positions so that training, prefill and
+    cached decode agree: ``embed(positions (B, T)) -> (B, T, d_model) | None`` added to the
+    token embeddings; ``rotate(q (B, H, T, hd), k (B, H_kv, T, hd), positions (B, T)) -> (q, k)``;
+    ``score_bias(q_len, k_len) -> (1 or B, H, q_len, k_len) | None`` added to attention scores
+    for queries at ``k_len - q_len .. k_len - 1``. It initialises its own parameters.
+    """
 
     slot: ClassVar[str] = "positional"
 
 
 class TokenizerSpec(ComponentSpec):
-    """Tokenizer. ``build()`` returns an unfitted tokenizer."""
+    """Tokenizer: ``build()`` returns an unfitted ``gptkit.plugin.Tokenizer`` subclass.
+
+    The module that defines it must not import torch (bundles load tokenizers without it).
+    The tokenizer sets ``vocab_size`` and ``eot_id`` (after ``fit`` at the latest) and
+    implements ``encode(text) -> list[int]`` and ``decode(ids) -> str`` with
+    ``decode(encode(text)) == text`` for text the vocabulary covers, plus ``state()`` /
+    ``load_state(state, directory)`` (JSON-able fitted state) so that a saved and reloaded
+    tokenizer encodes the same.
+    """
 
     slot: ClassVar[str] = "tokenizer"
 
     def fingerprint(self) -> str:
-        """Anything besides the fields that changes the result (e.g. a file's hash)."""
+        """Anything besides the fields that changes the result (e.g. a file's hash): the token
+        cache is keyed on the fields plus this string."""
         return ""
 
 
 class SamplerSpec(ComponentSpec):
-    """Sampler: picks the next token from a numpy array of logits.
+    """Sampler: picks the next token from a numpy array of logits (torch-free module).
 
     The options here are honoured by every sampler. A subclass narrows the distribution in
     :meth:`truncate` (or replaces :meth:`sample` outright, as greedy does). ``build()`` returns
-    the spec itself: it is immutable, and the random state lives in the generator passed in.
+    the spec itself: it is immutable. Randomness comes only from the ``rng`` passed in (never
+    numpy's global RNG); state that lives across the steps of one generation (Mirostat's mu)
+    goes in the per-row object :meth:`new_state` returns, which the decoding loop creates for
+    each row at the start of a generation and passes back at every step.
     """
 
     slot: ClassVar[str] = "sampler"
@@ -91,6 +150,11 @@ class SamplerSpec(ComponentSpec):
     def build(self) -> SamplerSpec:
         return self
 
+    def new_state(self) -> Any:
+        """A fresh per-generation state for one row (mutable; updated in place by
+        :meth:`sample`), or None for a sampler without state (the default)."""
+        return None
+
     def truncate(self, logits: np.ndarray) -> np.ndarray:
         """(B, V) float64 logits -> the same with excluded tokens set to -inf."""
         return logits
@@ -106,8 +170,13 @@ class SamplerSpec(ComponentSpec):
             )
         return x / self.temperature
 
-    def probs(self, logits: np.ndarray, previous: np.ndarray | None = None) -> np.ndarray:
-        """The distribution this sampler draws from: (B, V) probabilities."""
+    def probs(
+        self,
+        logits: np.ndarray,
+        previous: np.ndarray | None = None,
+        states: list[Any] | None = None,
+    ) -> np.ndarray:
+        """The distribution this sampler draws from (given each row's state): (B, V)."""
         x = self.truncate(self.adjust(logits, previous))
         x = x - x.max(axis=-1, keepdims=True)
         p = np.exp(x)
@@ -118,25 +187,84 @@ class SamplerSpec(ComponentSpec):
         logits: np.ndarray,
         rng: np.random.Generator,
         previous: np.ndarray | None = None,
+        states: list[Any] | None = None,
     ) -> np.ndarray:
         """Draw one token per row: logits (B, V), previous tokens (B, t) -> ids (B,).
 
+        ``states`` holds one :meth:`new_state` object per row (None for stateless samplers).
         One uniform number per row, inverted through the cumulative distribution, so the same
         seed and the same logits give the same tokens in torch and onnxruntime.
         """
-        p = self.probs(logits, previous)
-        cdf = np.cumsum(p, axis=-1)
-        u = rng.random(p.shape[0])[:, None] * cdf[:, -1:]
-        return np.minimum((cdf <= u).sum(axis=-1), p.shape[-1] - 1).astype(np.int64)
+        p = self.probs(logits, previous, states)
+        return inverse_cdf(p, rng)
+
+
+def inverse_cdf(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One draw per row of the (B, V) distribution ``p``, from one ``rng.random`` per row."""
+    cdf = np.cumsum(p, axis=-1)
+    u = rng.random(p.shape[0])[:, None] * cdf[:, -1:]
+    return np.minimum((cdf <= u).sum(axis=-1), p.shape[-1] - 1).astype(np.int64)
 
 
 class OptimizerSpec(ComponentSpec):
-    """Optimizer. ``build(model, lr=)`` returns a ``torch.optim.Optimizer`` over the model's parameters."""
+    """Optimizer: ``build(model, *, lr)`` returns a ``torch.optim.Optimizer`` over the
+    trainable parameters of ``model`` (a ``torch.nn.Module``).
+
+    The learning-rate contract: ``lr`` is the spec's base rate (``train.lr``). Give each param
+    group its own ``lr`` relative to it (e.g. ``lr * 0.1`` for embeddings). Once, after
+    building, the trainer does ``group.setdefault("initial_lr", group["lr"])``; every step it
+    sets ``group["lr"] = group["initial_lr"] * lr_at(step) / train.lr``. So ``step()`` must
+    read ``group["lr"]`` each time (never a copy taken at build time), a step with every
+    group's ``lr`` at 0 must leave the parameters as they are, and the size of a step must
+    follow ``lr``. The optimizer's ``state_dict()`` must hold only tensors and plain Python
+    values: checkpoints load it with ``torch.load(weights_only=True)``.
+    """
 
     slot: ClassVar[str] = "optimizer"
 
 
-SLOT_BASES: dict[str, type[ComponentSpec]] = {
-    cls.slot: cls
-    for cls in (AttentionSpec, PositionalSpec, TokenizerSpec, SamplerSpec, OptimizerSpec)
+def mark_residual(module: Any) -> Any:
+    """Mark a linear layer as writing into the residual stream; returns it.
+
+    The GPT initialises the weight of every marked module as GPT-2 does for residual
+    projections, normal(0, 0.02 / sqrt(2 * n_layers)), so that the stream's variance does not
+    grow with depth. Unmarked modules of a component keep the component's own initialisation.
+    """
+    module.gptkit_residual = True
+    return module
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One component slot: the single place that knows where and how a slot appears."""
+
+    name: str
+    base: type[ComponentSpec]
+    path: tuple[str, ...]  # where it sits in the spec: ("model", "attention")
+    default: str  # the kind a spec gets when it names none
+    builtins: str  # the module with gptkit's own components (a plain plugin)
+    torch_free: bool  # its components must load without torch (bundles use them)
+    summary: str
+
+    @property
+    def hook(self) -> str:
+        """The hook a plugin implements to register components of this slot."""
+        return f"gptkit_register_{self.name}"
+
+
+SLOTS: dict[str, Slot] = {
+    s.name: s
+    for s in (
+        Slot("attention", AttentionSpec, ("model", "attention"), "mha",
+             "gptkit.components.attention", False, "how tokens attend to earlier tokens"),
+        Slot("positional", PositionalSpec, ("model", "positional"), "learned",
+             "gptkit.components.positional", False, "how position reaches the model"),
+        Slot("tokenizer", TokenizerSpec, ("tokenizer",), "char",
+             "gptkit.components.tokenizers", True, "text <-> token ids"),
+        Slot("sampler", SamplerSpec, ("sampler",), "top_p",
+             "gptkit.components.samplers", True, "next token from logits"),
+        Slot("optimizer", OptimizerSpec, ("train", "optimizer"), "adamw",
+             "gptkit.components.optimizers", False, "how parameters are updated"),
+    )
 }
+SLOT_BASES: dict[str, type[ComponentSpec]] = {name: s.base for name, s in SLOTS.items()}

@@ -22,10 +22,10 @@ class GreedySpec(SamplerSpec):
 
     kind: Literal["greedy"] = "greedy"
 
-    def sample(self, logits, rng, previous=None):
+    def sample(self, logits, rng, previous=None, states=None):
         return self.adjust(logits, previous).argmax(axis=-1).astype(np.int64)
 
-    def probs(self, logits, previous=None):
+    def probs(self, logits, previous=None, states=None):
         x = self.adjust(logits, previous)
         return (np.arange(x.shape[-1]) == x.argmax(axis=-1)[:, None]).astype(np.float64)
 
