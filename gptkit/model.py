@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptkit.components.attention import KVCache
+from gptkit.components.base import mark_residual
 from gptkit.spec import ModelSpec
 
 
@@ -91,20 +92,11 @@ class GPT(nn.Module):
         self.spec = spec
         C, V = spec.d_model, spec.vocab_size
         self.tok_emb = nn.Embedding(V, C)
-        self.positional = spec.positional.build(
-            d_model=C, n_heads=spec.n_heads, head_dim=spec.head_dim, max_seq_len=spec.max_seq_len
-        )
+        self.positional = spec.positional.build(spec)
         self.drop = nn.Dropout(spec.dropout)
         self.blocks = nn.ModuleList(
             Block(
-                spec.attention.build(
-                    d_model=C,
-                    n_heads=spec.n_heads,
-                    max_seq_len=spec.max_seq_len,
-                    dropout=spec.dropout,
-                    bias=spec.bias,
-                    positional=self.positional,
-                ),
+                spec.attention.build(spec, positional=self.positional),
                 MLP(C, spec.hidden_dim, spec.activation, spec.dropout, spec.bias),
                 spec.norm,
                 C,
@@ -118,12 +110,18 @@ class GPT(nn.Module):
             # The input and output embeddings share one matrix (Press & Wolf, 2017): fewer
             # parameters, and it usually helps small models.
             self.lm_head.weight = self.tok_emb.weight
-        self.apply(self._init_weights)
+        # Components (attention, positional) initialise themselves; the GPT initialises only
+        # the modules it built, so a plugin's identity-initialised layer stays as it made it.
+        for module in (self.tok_emb, self.lm_head, *(b.mlp for b in self.blocks)):
+            module.apply(self._init_weights)
+        for block in self.blocks:
+            mark_residual(block.mlp.out_proj)
         # GPT-2: scale the init of the projections that write into the residual stream by
-        # 1/sqrt(2 * n_layers), so its variance does not grow with depth.
-        for name, p in self.named_parameters():
-            if name.endswith("out_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * spec.n_layers))
+        # 1/sqrt(2 * n_layers), so its variance does not grow with depth. Components opt in
+        # with mark_residual (no guessing from parameter names).
+        for module in self.modules():
+            if getattr(module, "gptkit_residual", False):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02 / math.sqrt(2 * spec.n_layers))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
-from gptkit.components.base import AttentionSpec
+from gptkit.components.base import AttentionSpec, mark_residual
 from gptkit.components.positional import PositionalEncoding
 from gptkit.hookspecs import hookimpl
 
@@ -52,11 +52,20 @@ class CausalSelfAttention(nn.Module):
         self.dropout = dropout
         # Queries, keys and values in one matrix multiply: (d_model) -> (H + 2 * H_kv) * hd.
         self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
-        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        # Writes into the residual stream: the GPT gives it GPT-2's depth-scaled init.
+        self.out_proj = mark_residual(nn.Linear(d_model, d_model, bias=bias))
         self.resid_dropout = nn.Dropout(dropout)
         # The positional scheme belongs to the GPT and is shared by every block; keep a plain
         # reference so its parameters are not registered (and saved) once per layer.
         self.__dict__["positional"] = positional
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2's initialisation: normal(0, 0.02) weights, zero biases."""
+        for linear in (self.qkv, self.out_proj):
+            nn.init.normal_(linear.weight, mean=0.0, std=0.02)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
 
     def forward(
         self,
@@ -139,8 +148,9 @@ class MHASpec(AttentionSpec):
 
     kind: Literal["mha"] = "mha"
 
-    def build(self, *, d_model, n_heads, max_seq_len, dropout, bias, positional):
-        return CausalSelfAttention(d_model, n_heads, n_heads, dropout, bias, positional)
+    def build(self, model, *, positional):
+        return CausalSelfAttention(model.d_model, model.n_heads, model.n_heads, model.dropout,
+                                   model.bias, positional)
 
 
 class GQASpec(AttentionSpec):
@@ -157,8 +167,9 @@ class GQASpec(AttentionSpec):
             ]
         return []
 
-    def build(self, *, d_model, n_heads, max_seq_len, dropout, bias, positional):
-        return CausalSelfAttention(d_model, n_heads, self.n_kv_heads, dropout, bias, positional)
+    def build(self, model, *, positional):
+        return CausalSelfAttention(model.d_model, model.n_heads, self.n_kv_heads, model.dropout,
+                                   model.bias, positional)
 
 
 class SlidingWindowSpec(AttentionSpec):
@@ -166,17 +177,18 @@ class SlidingWindowSpec(AttentionSpec):
     as in Longformer and Mistral."""
 
     kind: Literal["sliding_window"] = "sliding_window"
-    window: int = Field(64, gt=0, description="Tokens each query sees, itself included.")
+    window: int = Field(
+        64, gt=0, examples=[5], description="Tokens each query sees, itself included."
+    )
 
     def check(self, model):
         if self.window > model.max_seq_len:
             return [("window", f"window ({self.window}) must be <= max_seq_len ({model.max_seq_len})")]
         return []
 
-    def build(self, *, d_model, n_heads, max_seq_len, dropout, bias, positional):
-        return CausalSelfAttention(
-            d_model, n_heads, n_heads, dropout, bias, positional, window=self.window
-        )
+    def build(self, model, *, positional):
+        return CausalSelfAttention(model.d_model, model.n_heads, model.n_heads, model.dropout,
+                                   model.bias, positional, window=self.window)
 
 
 @hookimpl

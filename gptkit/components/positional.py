@@ -47,6 +47,7 @@ class LearnedPositionalEmbedding(PositionalEncoding):
     def __init__(self, max_seq_len: int, d_model: int) -> None:
         super().__init__()
         self.table = nn.Embedding(max_seq_len, d_model)
+        nn.init.normal_(self.table.weight, mean=0.0, std=0.02)  # GPT-2's
 
     def embed(self, positions: torch.Tensor) -> torch.Tensor:
         return self.table(positions)
@@ -134,8 +135,8 @@ class LearnedSpec(PositionalSpec):
 
     kind: Literal["learned"] = "learned"
 
-    def build(self, *, d_model: int, n_heads: int, head_dim: int, max_seq_len: int):
-        return LearnedPositionalEmbedding(max_seq_len, d_model)
+    def build(self, model):
+        return LearnedPositionalEmbedding(model.max_seq_len, model.d_model)
 
 
 class SinusoidalSpec(PositionalSpec):
@@ -147,8 +148,8 @@ class SinusoidalSpec(PositionalSpec):
     def check(self, model):
         return [] if model.d_model % 2 == 0 else [("kind", f"needs an even d_model, got {model.d_model}")]
 
-    def build(self, *, d_model: int, n_heads: int, head_dim: int, max_seq_len: int):
-        return SinusoidalPositionalEmbedding(d_model, self.base)
+    def build(self, model):
+        return SinusoidalPositionalEmbedding(model.d_model, self.base)
 
 
 class RoPESpec(PositionalSpec):
@@ -162,8 +163,8 @@ class RoPESpec(PositionalSpec):
             return [("kind", f"rope needs an even head size; d_model/n_heads = {model.head_dim}")]
         return []
 
-    def build(self, *, d_model: int, n_heads: int, head_dim: int, max_seq_len: int):
-        return RotaryEmbedding(head_dim, self.theta)
+    def build(self, model):
+        return RotaryEmbedding(model.head_dim, self.theta)
 
 
 class ALiBiSpec(PositionalSpec):
@@ -171,8 +172,8 @@ class ALiBiSpec(PositionalSpec):
 
     kind: Literal["alibi"] = "alibi"
 
-    def build(self, *, d_model: int, n_heads: int, head_dim: int, max_seq_len: int):
-        return ALiBi(n_heads)
+    def build(self, model):
+        return ALiBi(model.n_heads)
 
 
 class NoPositionalSpec(PositionalSpec):
@@ -180,7 +181,7 @@ class NoPositionalSpec(PositionalSpec):
 
     kind: Literal["none"] = "none"
 
-    def build(self, *, d_model: int, n_heads: int, head_dim: int, max_seq_len: int):
+    def build(self, model):
         return NoPositionalEncoding()
 
 

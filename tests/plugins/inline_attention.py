@@ -13,8 +13,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from gptkit import hookimpl
-from gptkit.components.base import AttentionSpec
+from gptkit.plugin import AttentionSpec, hookimpl, mark_residual
 
 __version__ = "0.0.1"
 
@@ -29,7 +28,9 @@ class NaiveAttention(nn.Module):
         self.q = nn.Linear(d_model, d_model, bias=False)
         self.k = nn.Linear(d_model, d_model, bias=False)
         self.v = nn.Linear(d_model, d_model, bias=False)
-        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+        self.out_proj = mark_residual(nn.Linear(d_model, d_model, bias=False))
+        for linear in (self.q, self.k, self.v, self.out_proj):
+            nn.init.normal_(linear.weight, std=0.02)
         self.__dict__["positional"] = positional
 
     def forward(self, x, positions, past=None, key_mask=None):
@@ -61,8 +62,8 @@ class NaiveAttentionSpec(AttentionSpec):
     kind: Literal["naive"] = "naive"
     score_scale: float = Field(1.0, gt=0)
 
-    def build(self, *, d_model, n_heads, max_seq_len, dropout, bias, positional):
-        return NaiveAttention(d_model, n_heads, positional, self.score_scale)
+    def build(self, model, *, positional):
+        return NaiveAttention(model.d_model, model.n_heads, positional, self.score_scale)
 
 
 @hookimpl

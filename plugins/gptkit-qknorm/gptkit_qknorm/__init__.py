@@ -3,33 +3,20 @@
 Used by the modern nanoGPT speedrun recipes: with unit-scale queries and keys the attention
 logits cannot blow up, so higher learning rates stay stable. A learned per-channel gain keeps
 the model free to sharpen attention again.
+
+This module (the entry point) is torch-free, as gptkit requires: it is imported by every
+command, torch-free bundle commands included. The torch module is in ``modules.py``.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-import torch
-import torch.nn as nn
 from pydantic import Field
 
-from gptkit import hookimpl
-from gptkit.components.attention import CausalSelfAttention
-from gptkit.components.base import AttentionSpec
+from gptkit.plugin import AttentionSpec, hookimpl
 
 __version__ = "0.1.0"
-
-
-class QKNormAttention(CausalSelfAttention):
-    """Causal attention whose queries and keys are RMS-normalised per head."""
-
-    def __init__(self, *args, eps: float = 1e-6, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=eps)
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=eps)
-
-    def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.q_norm(q), self.k_norm(k)  # over head_dim, the last axis
 
 
 class QKNormSpec(AttentionSpec):
@@ -45,9 +32,11 @@ class QKNormSpec(AttentionSpec):
                                    f"n_kv_heads ({self.n_kv_heads})")]
         return []
 
-    def build(self, *, d_model, n_heads, max_seq_len, dropout, bias, positional):
-        return QKNormAttention(d_model, n_heads, self.n_kv_heads or n_heads, dropout, bias,
-                               positional, eps=self.eps)
+    def build(self, model, *, positional):
+        from gptkit_qknorm.modules import QKNormAttention  # torch only when building
+
+        return QKNormAttention(model.d_model, model.n_heads, self.n_kv_heads or model.n_heads,
+                               model.dropout, model.bias, positional, eps=self.eps)
 
 
 @hookimpl
