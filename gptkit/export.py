@@ -83,19 +83,44 @@ def export_onnx(model: GPT, path: Path, opset: int = OPSET) -> None:
     }
     inputs, outputs = io_names(n_layers)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import logging
+    # Export traces an inference graph: parameters that require grad (a plugin's learned
+    # score bias, say) would otherwise be traced through autograd. Restored afterwards.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        model.requires_grad_(False)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            import logging
 
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        program = torch.onnx.export(
-            _OnnxDecoder(model), args, dynamic_shapes=dynamic, dynamo=True, opset_version=opset,
-            input_names=inputs, output_names=outputs, verbose=False, optimize=True,
-        )
-    program.save(str(path))
-    import onnx
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            program = torch.onnx.export(
+                _OnnxDecoder(model), args, dynamic_shapes=dynamic, dynamo=True,
+                opset_version=opset, input_names=inputs, output_names=outputs, verbose=False,
+                optimize=True,
+            )
+        program.save(str(path))
+        import onnx
 
-    onnx.checker.check_model(str(path), full_check=True)
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise GptkitError(export_failure(model.spec, exc),
+                          "Run the component's contract tests (gptkit.testing) for the cause.",
+                          ) from None
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def export_failure(spec: Any, exc: BaseException) -> str:
+    """One paragraph: which components the failed graph holds, and the cause."""
+    parts = []
+    for slot in ("attention", "positional"):
+        component = getattr(spec, slot)
+        parts.append(f"{slot} '{component.kind}' ({type(component).__module__})")
+    cause = str(exc).strip().splitlines()
+    cause_text = cause[0] if cause else ""
+    return (f"ONNX export failed for the model with {' and '.join(parts)}: "
+            f"{type(exc).__name__}: {cause_text[:500]}")
 
 
 def sha256_file(path: Path) -> str:
@@ -266,6 +291,7 @@ def export_run(run: str | Path, out: str | Path, quantize: str | None = None,
             "precision": quantize or "fp32",
             "parity": parity,
             "quantization": quant,
+            "plugins": _plugin_provenance(spec),
             "files": {f: sha256_file(tmp / f) for f in sorted(set(files))},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -278,6 +304,14 @@ def export_run(run: str | Path, out: str | Path, quantize: str | None = None,
     log(f"bundle written: {out}")
     _log_to_mlflow(loaded.run_dir, out, manifest, register, log)
     return manifest
+
+
+def _plugin_provenance(spec: Any) -> dict[str, dict[str, str]]:
+    """Which package provides each non-built-in kind (the manifest's ``plugins``)."""
+    from gptkit.plugins import provenance
+    from gptkit.registry import load_registry
+
+    return provenance(load_registry(tuple(spec.plugins)), spec)
 
 
 def _log_to_mlflow(run_dir: Path, bundle: Path, manifest: dict[str, Any], register: str | None,

@@ -1,12 +1,20 @@
-"""The plugin manager: built-ins first, then entry points, then modules the user names."""
+"""The plugin manager: built-ins first, then entry points, then modules the user names.
+
+Also the trust rule for runs and bundles (:func:`check_opened_plugins`) and plugin provenance
+(:func:`provenance`, :func:`missing_kind_error`).
+"""
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import json
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pluggy
 
@@ -26,6 +34,8 @@ class PluginInfo:
     version: str
     origin: str  # "builtin", "entry point (dist-name)", "spec plugins:", "GPTKIT_PLUGINS"
     error: str | None = None
+    module: str = ""  # the import name of the plugin module
+    distribution: str | None = None  # the installed package that ships it, if any
 
 
 class PluginManager(pluggy.PluginManager):
@@ -39,14 +49,19 @@ class PluginManager(pluggy.PluginManager):
     def info(self, name: str) -> PluginInfo | None:
         return next((i for i in self.infos if i.name == name), None)
 
-    def add(self, module: object, name: str, version: str, origin: str) -> str | None:
+    def add(self, module: object, name: str, version: str, origin: str,
+            distribution: str | None = None) -> str | None:
         """Register ``module``; returns an error message instead of raising."""
         if self.is_registered(module):
             return None
+        mod_name = getattr(module, "__name__", name)
+        if distribution is None and isinstance(module, ModuleType):
+            distribution = _distribution_of(module.__name__)
         try:
             self.register(module, name=name)
         except Exception as exc:  # pluggy rejects bad hook signatures here
-            self.infos.append(PluginInfo(name, version, origin, f"rejected: {exc}"))
+            self.infos.append(PluginInfo(name, version, origin, f"rejected: {exc}", mod_name,
+                                         distribution))
             return str(exc)
         unknown = [hc.name for hc in self.get_hookcallers(module) or [] if not hc.has_spec()]
         if unknown:
@@ -55,23 +70,40 @@ class PluginManager(pluggy.PluginManager):
             msg = "; ".join(
                 f"'{u}' is not a gptkit hook{did_you_mean(u, HOOK_NAMES)}" for u in unknown
             )
-            self.infos.append(PluginInfo(name, version, origin, msg))
+            self.infos.append(PluginInfo(name, version, origin, msg, mod_name, distribution))
             return msg
-        self.infos.append(PluginInfo(name, version, origin))
+        self.infos.append(PluginInfo(name, version, origin, None, mod_name, distribution))
         return None
+
+
+def _distribution_of(module_name: str) -> str | None:
+    """The installed distribution that ships the top-level package of ``module_name``."""
+    top = module_name.split(".")[0]
+    for dist in md.packages_distributions().get(top, []):
+        return dist
+    return None
 
 
 def _module_version(module: ModuleType) -> str:
     version = getattr(module, "__version__", None)
     if version:
         return str(version)
-    top = module.__name__.split(".")[0]
-    for dist in md.packages_distributions().get(top, []):
+    dist = _distribution_of(module.__name__)
+    if dist:
         try:
             return md.version(dist)
         except md.PackageNotFoundError:
-            continue
+            pass
     return "unknown"
+
+
+def _describe(exc: BaseException) -> str:
+    """The real error, named: SystemExit and KeyboardInterrupt included."""
+    if isinstance(exc, SystemExit):
+        return f"called sys.exit({exc.code!r}) while importing"
+    if isinstance(exc, KeyboardInterrupt):
+        return "raised KeyboardInterrupt while importing"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def env_plugin_modules() -> tuple[str, ...]:
@@ -117,24 +149,143 @@ def plugin_manager(
         for ep in md.entry_points(group=ENTRY_POINT_GROUP):
             version = ep.dist.version if ep.dist is not None else "unknown"
             origin = f"entry point ({ep.dist.name})" if ep.dist is not None else "entry point"
+            dist = ep.dist.name if ep.dist is not None else None
+            module = ep.value.split(":")[0].strip()
             try:
                 obj = ep.load()
-            except Exception as exc:  # a broken plugin must not take the others down
-                pm.infos.append(PluginInfo(ep.name, version, origin, f"failed to load: {exc!r}"))
+            # A broken plugin must not take the others down, nor end the process: sys.exit and
+            # KeyboardInterrupt during its import are reported like any other failure.
+            except BaseException as exc:  # noqa: BLE001
+                pm.infos.append(PluginInfo(ep.name, version, origin,
+                                           f"failed to import: {_describe(exc)}", module, dist))
                 continue
-            pm.add(obj, ep.name, version, origin)
+            pm.add(obj, ep.name, version, origin, dist)
 
     explicit = [(m, "GPTKIT_PLUGINS") for m in env_plugin_modules()]
     explicit += [(m, "spec plugins:") for m in modules]
     for name, origin in explicit:
         try:
             module = importlib.import_module(name)
-        except Exception as exc:
+        except BaseException as exc:  # noqa: BLE001 - sys.exit on import is a broken plugin too
+            dist = _distribution_of(name)
+            where = f" ({dist} {_dist_version(dist)})" if dist else ""
             raise PluginError(
-                f"plugin module '{name}' (from {origin}) could not be imported: {exc!r}",
+                f"plugin module '{name}'{where} (from {origin}) is broken: it could not be "
+                f"imported: {_describe(exc)}",
                 "Check the module name and that it is installed; run 'gptkit plugins'.",
             ) from None
         error = pm.add(module, name, _module_version(module), origin)
         if error:
             raise PluginError(f"plugin module '{name}' (from {origin}): {error}")
     return pm
+
+
+def _dist_version(dist: str) -> str:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- trust
+
+# Modules the user named in this process (``--plugin``, a spec file they passed): these may be
+# imported when a run or bundle names them.
+_USER_NAMED: set[str] = set()
+
+
+def allow_plugin_modules(modules: Iterable[str]) -> None:
+    """Record modules the user named themselves (``--plugin``, their own spec's ``plugins:``)."""
+    _USER_NAMED.update(m for m in modules if m)
+
+
+def entry_point_modules() -> set[str]:
+    """Import names of the modules installed gptkit plugins point their entry points at."""
+    return {ep.value.split(":")[0].strip() for ep in md.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def check_opened_plugins(modules: Iterable[str], source: str) -> None:
+    """The trust rule for a run or bundle someone else may have made.
+
+    Opening one imports only modules that are installed gptkit plugins (entry points of group
+    ``gptkit``) or that the user named (``--plugin``, ``GPTKIT_PLUGINS``, a spec file they
+    passed). Any other module its ``plugins:`` names is refused with a :class:`PluginError`.
+    """
+    allowed = _USER_NAMED | set(env_plugin_modules())
+    refused = [m for m in modules if m not in allowed]
+    if refused:
+        installed = entry_point_modules()
+        refused = [m for m in refused if m not in installed]
+    if refused:
+        names = ", ".join(f"'{m}'" for m in refused)
+        first = refused[0]
+        raise PluginError(
+            f"{source} names plugin module(s) {names} under plugins:, which are not installed "
+            "gptkit plugins; gptkit does not import a module just because a run or bundle "
+            "names it (it could run any code).",
+            f"If you trust it, allow it: GPTKIT_PLUGINS={','.join(refused)} gptkit ... "
+            f"or gptkit --plugin {first} ...",
+        )
+
+
+# --------------------------------------------------------------------------- provenance
+
+PROVENANCE_FILE = "plugins.json"
+
+
+def provenance(registry: Any, spec: Any) -> dict[str, dict[str, str]]:
+    """Which plugin provides each non-built-in component of ``spec``.
+
+    Returns ``{"<slot>.<kind>": {"distribution", "version", "module"}}``: what a run stores in
+    ``<run>/plugins.json`` and a bundle under the manifest key ``plugins``. ``distribution`` is
+    the pip-installable package ("" for a module that is not part of an installed one).
+    """
+    from gptkit.components.base import SLOTS
+
+    out: dict[str, dict[str, str]] = {}
+    for slot, entry in SLOTS.items():
+        component = spec
+        for key in entry.path:
+            component = getattr(component, key)
+        reg = registry.components[slot].get(component.kind)
+        info = registry.pm.info(reg.provider) if reg else None
+        if reg is None or info is None or info.origin == "builtin":
+            continue
+        out[f"{slot}.{component.kind}"] = {
+            "distribution": info.distribution or "",
+            "version": reg.version,
+            "module": reg.cls.__module__,
+        }
+    return out
+
+
+def read_provenance(folder: str | Path) -> dict[str, dict[str, str]]:
+    """``<run>/plugins.json`` if present (runs made before provenance have none)."""
+    path = Path(folder) / PROVENANCE_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def missing_kind_message(registry: Any, slot: str, kind: str,
+                         recorded: Mapping[str, Any] | None = None) -> str | None:
+    """Why ``kind`` is not available, naming the package to install, or None if it is."""
+    if kind in registry.components[slot]:
+        return None
+    origin = (recorded or {}).get(f"{slot}.{kind}")
+    if not isinstance(origin, Mapping):
+        return None
+    dist, version = origin.get("distribution") or "", origin.get("version") or "unknown"
+    module = origin.get("module") or ""
+    failed = next((i for i in registry.pm.infos if i.error and (
+        (dist and i.distribution == dist) or (module and module.startswith(i.module or "\0")))),
+        None)
+    if failed is not None:
+        return (f"needs {slot} kind '{kind}' from {dist or module} {version}, which is "
+                f"installed but failed to load: {failed.error}")
+    if dist:
+        return f"needs {slot} kind '{kind}' from {dist} {version}: pip install {dist}"
+    return (f"needs {slot} kind '{kind}' from module '{module}' (not an installed package): "
+            f"make it importable and allow it with GPTKIT_PLUGINS={module.split('.')[0]}")

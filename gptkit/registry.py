@@ -50,7 +50,7 @@ class Registry:
 
                 try:
                     impl.function(**{arg: register for arg in impl.argnames})
-                except Exception as exc:
+                except BaseException as exc:  # noqa: BLE001 - sys.exit included
                     reg.problems.append(
                         f"plugin '{impl.plugin_name}' {version}: gptkit_register_{slot} "
                         f"raised {exc!r}"
@@ -108,8 +108,14 @@ class Registry:
     def unknown_kind_message(self, slot: str, kind: object) -> str:
         installed = ", ".join(self.kinds(slot)) or "(none)"
         hint = did_you_mean(str(kind), self.kinds(slot))
+        # A plugin that failed to load may be the one that provides it: show its real error.
+        broken = "".join(
+            f" Plugin '{i.name}' {i.version} is installed but failed to load: {i.error}."
+            for i in self.pm.infos if i.error
+        )
         return (
-            f"unknown {slot} kind {kind!r}{hint}; installed: {installed}. Run 'gptkit plugins'."
+            f"unknown {slot} kind {kind!r}{hint}; installed: {installed}.{broken} "
+            "Run 'gptkit plugins'."
         )
 
     def get(self, slot: str, kind: str) -> type[ComponentSpec]:

@@ -73,27 +73,39 @@ class _Backend:
         return self.model.run(ids, positions, key_mask, past)
 
 
-def _runtime_registry(autoload: bool = False):
-    """The torch-free built-ins (tokenizers, samplers); installed plugins only on request.
+def _runtime_registry(autoload: bool = False, modules: tuple[str, ...] = ()):
+    """The torch-free built-ins (tokenizers, samplers), ``modules``, and installed plugins only
+    on request.
 
     Third-party plugins are loaded only when a bundle names a kind the built-ins lack: an
-    installed attention plugin imports torch, and a deployment should not pay for that.
+    installed attention plugin may import torch, and a deployment should not pay for that.
     """
     from gptkit.components import TORCH_FREE_BUILTINS
     from gptkit.plugins import plugin_manager
     from gptkit.registry import Registry
 
-    return Registry.from_manager(plugin_manager(builtins=TORCH_FREE_BUILTINS, autoload=autoload))
+    return Registry.from_manager(plugin_manager(modules, builtins=TORCH_FREE_BUILTINS,
+                                                autoload=autoload))
 
 
-def _registry_for(kinds: dict[str, str]):
-    """A registry that knows every (slot -> kind) in ``kinds``, loading plugins if needed."""
-    registry = _runtime_registry()
+def _registry_for(kinds: dict[str, str], modules: tuple[str, ...] = (),
+                  recorded: dict[str, Any] | None = None, source: str = "bundle"):
+    """A registry that knows every (slot -> kind) in ``kinds``, loading plugins if needed;
+    a kind still missing is named with the package ``recorded`` (provenance) gives for it."""
+    from gptkit.plugins import autoload_enabled, missing_kind_message
+
+    registry = _runtime_registry(modules=modules)
     if all(kind in registry.components[slot] for slot, kind in kinds.items()):
         return registry
-    from gptkit.plugins import autoload_enabled
+    registry = _runtime_registry(autoload=autoload_enabled(), modules=modules)
+    problems = [m for slot, kind in kinds.items()
+                if (m := missing_kind_message(registry, slot, kind, recorded))]
+    if problems:
+        from gptkit.errors import PluginError
 
-    return _runtime_registry(autoload=autoload_enabled())
+        raise PluginError(f"{source} " + "; and ".join(problems),
+                          "Run 'gptkit plugins' to see what is installed.")
+    return registry
 
 
 def verify_bundle(folder: Path) -> dict[str, Any]:
@@ -165,9 +177,14 @@ class Bundle:
 
         folder = Path(folder)
         manifest = verify_bundle(folder)
+        from gptkit.plugins import check_opened_plugins
+
         sampler_spec = manifest["spec"].get("sampler", {"kind": "top_p"})
+        modules = tuple(manifest["spec"].get("plugins") or ())
+        check_opened_plugins(modules, f"bundle {folder}")  # never import what it merely names
         registry = _registry_for({"tokenizer": manifest["spec"]["tokenizer"]["kind"],
-                                  "sampler": sampler_spec["kind"]})
+                                  "sampler": sampler_spec["kind"]}, modules,
+                                 manifest.get("plugins") or {}, f"bundle {folder}")
         tokenizer = load_tokenizer(folder / "tokenizer", registry)
         sampler = registry.get("sampler", sampler_spec["kind"]).model_validate(sampler_spec)
         return cls(folder, manifest, OnnxModel(folder / MODEL_FILE, threads), tokenizer, sampler,
@@ -177,7 +194,8 @@ class Bundle:
         """The bundle's sampler with some fields changed (``kind`` too)."""
         kind = changes.get("kind", self.sampler.kind)
         if kind not in self.registry.components["sampler"]:
-            self.registry = _registry_for({"sampler": kind})
+            self.registry = _registry_for({"sampler": kind},
+                                          tuple(self.manifest["spec"].get("plugins") or ()))
         return derive_sampler(self.registry, self.sampler, changes)
 
     def complete(self, prompts: Sequence[str], *, sampler: Any = None,

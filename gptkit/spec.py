@@ -493,21 +493,62 @@ def format_errors(exc: ValidationError, cls: type[BaseModel], registry: Registry
 
 
 def validate_spec(
-    data: Mapping[str, Any], source: str = "<spec>", overrides: Iterable[str] = ()
+    data: Mapping[str, Any],
+    source: str = "<spec>",
+    overrides: Iterable[str] = (),
+    *,
+    opened: bool = False,
+    provenance: Mapping[str, Any] | None = None,
 ) -> ExperimentSpec:
-    """Validate a spec mapping (plus ``--set`` overrides) against the loaded plugins."""
+    """Validate a spec mapping (plus ``--set`` overrides) against the loaded plugins.
+
+    ``opened=True`` for a spec read from a run or bundle (not one the user passed): its
+    ``plugins:`` modules are imported only if they are installed gptkit plugins or the user
+    allowed them (:func:`gptkit.plugins.check_opened_plugins`), and a kind no loaded plugin
+    provides is reported with the package ``provenance`` names for it.
+    """
+    from gptkit.plugins import allow_plugin_modules, check_opened_plugins
+
     overrides = list(overrides)
     raw = apply_overrides(dict(data), overrides)  # first pass: `plugins` may be overridden
     plugins = raw.get("plugins", [])
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         raise SpecError(source, [("plugins", "must be a list of module names")])
+    if opened:
+        check_opened_plugins(plugins, source)
+    else:
+        allow_plugin_modules(plugins)  # the user's own spec: they named these modules
     registry = load_registry(tuple(plugins))
+    if opened:
+        _require_recorded_kinds(registry, raw, source, provenance or {})
     raw = apply_overrides(dict(data), overrides, registry)
     cls = spec_class(registry)
     try:
         return cls.model_validate(raw)
     except ValidationError as exc:
         raise SpecError(source, format_errors(exc, cls, registry)) from None
+
+
+def _require_recorded_kinds(
+    registry: Registry, raw: Mapping[str, Any], source: str, recorded: Mapping[str, Any]
+) -> None:
+    """Name the package behind each kind of an opened run/bundle that no plugin provides."""
+    from gptkit.errors import PluginError
+    from gptkit.plugins import missing_kind_message
+
+    problems = []
+    for name, slot in SLOTS.items():
+        node: Any = raw
+        for key in slot.path:
+            node = node.get(key) if isinstance(node, Mapping) else None
+        kind = node.get("kind") if isinstance(node, Mapping) else node
+        if isinstance(kind, str):
+            msg = missing_kind_message(registry, name, kind, recorded)
+            if msg:
+                problems.append(msg)
+    if problems:
+        raise PluginError(f"{source} " + "; and ".join(problems),
+                          "Run 'gptkit plugins' to see what is installed.")
 
 
 def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentSpec:

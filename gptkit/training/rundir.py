@@ -264,7 +264,9 @@ class RunDir:
                 f"{self.path} is not a gptkit run directory (no {SPEC_FILE})",
                 "Pass a folder made by 'gptkit train' (runs/<name>/<time>/) or an export bundle.",
             )
-        return validate_spec(read_spec_file(self.spec_file), str(self.spec_file), overrides)
+        # Issue 14/18: import only trusted plugin modules; name the package of a missing kind.
+        return validate_spec(read_spec_file(self.spec_file), str(self.spec_file), overrides,
+                             opened=True, provenance=self.plugin_provenance())
 
     def write_spec(self, spec) -> None:
         dump_yaml(spec.to_dict(), self.spec_file)
