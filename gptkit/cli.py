@@ -33,6 +33,24 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 STARTED = time.time()  # the command's start: a run's MLflow start time is this
 
 
+@app.callback()
+def _options(
+    plugin: Annotated[
+        Optional[list[str]],  # noqa: UP045 - typer needs Optional here
+        typer.Option("--plugin", help="Trust and load this plugin module, even when a run or "
+                     "bundle names it (repeatable; like GPTKIT_PLUGINS)."),
+    ] = None,
+) -> None:
+    """Build, train, compare and ship small GPT-style language models."""
+    if plugin:
+        from gptkit.plugins import allow_plugin_modules
+
+        allow_plugin_modules(plugin)
+        # Loaded like GPTKIT_PLUGINS, so every command (and its subprocesses) sees them.
+        current = [m for m in os.environ.get("GPTKIT_PLUGINS", "").split(",") if m.strip()]
+        os.environ["GPTKIT_PLUGINS"] = ",".join(dict.fromkeys([*current, *plugin]))
+
+
 def echo(text: str = "", err: bool = False, nl: bool = True) -> None:
     typer.echo(text, err=err, nl=nl)
 

@@ -158,7 +158,7 @@ class GQASpec(AttentionSpec):
     so the KV cache is smaller. ``n_kv_heads: 1`` is multi-query attention."""
 
     kind: Literal["gqa"] = "gqa"
-    n_kv_heads: int = Field(2, gt=0, description="Key/value heads; must divide n_heads.")
+    n_kv_heads: int = Field(2, gt=0, examples=[2], description="Key/value heads; must divide n_heads.")
 
     def check(self, model):
         if model.n_heads % self.n_kv_heads:
