@@ -1,0 +1,141 @@
+"""The plugin contract v2: gptkit.plugin, the slot table, and gptkit.testing's cases.
+
+The built-ins get one test id per property per component (the same cases a plugin package
+runs); deliberately broken components (tests/plugins/broken_components.py) must be caught.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gptkit import hookspecs, plugin, testing
+from gptkit.components.base import SLOTS
+from gptkit.errors import SpecError
+from gptkit.spec import validate_spec
+from gptkit.testing import Case, contract_cases, run_contract
+
+
+def _builtin_cases():
+    os.environ["GPTKIT_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # collection time: before any fixture
+    try:
+        return contract_cases()
+    finally:
+        del os.environ["GPTKIT_DISABLE_PLUGIN_AUTOLOAD"]
+
+
+@pytest.mark.parametrize("case", _builtin_cases())
+def test_builtin_contract(case, tmp_path):
+    run_contract(case, tmp_path)
+
+
+def test_every_slot_has_cases_with_one_id_per_property():
+    ids = [p.id for p in _builtin_cases()]
+    assert len(ids) == len(set(ids))
+    for slot in SLOTS:
+        assert any(i.startswith(f"{slot}-") for i in ids), slot
+    assert "attention-sliding_window-kv_cache" in ids and "optimizer-adamw-zero_lr" in ids
+
+
+BROKEN = [
+    ("attention", "peeking", "causal", "Tensor-likes are not close"),
+    ("attention", "forgetful", "kv_cache", "Tensor-likes are not close"),
+    ("sampler", "global_rng", "seeded", "numpy's global RNG"),
+    ("tokenizer", "lossy", "roundtrip", "decode(encode(x)) != x"),
+    ("optimizer", "fixed_lr", "zero_lr", "ignores the schedule"),
+    ("optimizer", "fixed_lr", "follows_lr", "does not follow the schedule"),
+]
+
+
+@pytest.mark.parametrize(("slot", "kind", "prop", "needle"), BROKEN,
+                         ids=[f"{s}-{k}-{p}" for s, k, p, _ in BROKEN])
+def test_broken_components_are_caught(slot, kind, prop, needle, tmp_path):
+    with pytest.raises(AssertionError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        run_contract(Case(slot, kind, prop, ("broken_components",)), tmp_path)
+
+
+def test_the_cache_that_forgets_after_20_tokens_passed_the_old_16_token_check():
+    model = testing.contract_model(Case("attention", "forgetful", "kv_cache",
+                                        ("broken_components",)),
+                                   testing.load_registry(("broken_components",))
+                                   .get("attention", "forgetful").example())
+    import torch
+
+    with torch.no_grad():
+        testing.check_kv_cache(model, prefill=7, decode=9)  # what gptkit used to check
+        with pytest.raises(AssertionError):
+            testing.check_kv_cache(model)  # 64 steps
+
+
+def test_a_global_rng_sampler_is_caught_every_time():
+    registry = testing.load_registry(("broken_components",))
+    sampler = registry.get("sampler", "global_rng").example()
+    for seed in range(20):
+        np.random.seed(seed)
+        with pytest.raises(AssertionError):
+            testing.sampler_seeded(sampler)
+
+
+def test_a_stateful_sampler_gets_fresh_state_per_row_from_the_decoding_loop():
+    from gptkit.decoding import new_states, sample_next
+
+    class Counting(plugin.SamplerSpec):
+        kind: str = "counting"
+
+        def new_state(self):
+            return {"steps": 0}
+
+        def sample(self, logits, rng, previous=None, states=None):
+            for state in states:
+                state["steps"] += 1
+            return super().sample(logits, rng, previous)
+
+    sampler = Counting()
+    states = new_states(sampler, 3)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        sample_next(sampler, np.zeros((3, 4)), rng, [[1], [2], [3]], states)
+    assert [s["steps"] for s in states] == [5, 5, 5]
+    assert states[0] is not states[1]
+
+
+def test_cross_field_errors_keep_their_whole_message():
+    with pytest.raises(SpecError) as info:
+        validate_spec({"model": {"d_model": 42, "n_heads": 6, "positional": "rope"}})
+    assert info.value.problems == [
+        ("model.positional.kind", "rope needs an even head size; d_model/n_heads = 7")]
+
+
+def test_hookspecs_and_slot_table_are_checked_in_sync(monkeypatch):
+    assert {f"gptkit_register_{s}" for s in SLOTS} == {
+        n for n in dir(hookspecs) if n.startswith("gptkit_register_")}
+    monkeypatch.setattr(hookspecs, "gptkit_register_norm", lambda register: None, raising=False)
+    with pytest.raises(ImportError, match="gptkit_register_norm"):
+        hookspecs._check_in_sync()
+
+
+def test_the_public_plugin_module_imports_without_torch():
+    code = ("import sys\n"
+            "class B:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'torch': raise ImportError('blocked')\n"
+            "sys.meta_path.insert(0, B())\n"
+            "from gptkit import plugin\n"
+            "print(sorted(plugin.SLOTS), plugin.SamplerSpec.__name__, plugin.Tokenizer.__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "['attention', 'optimizer', 'positional', 'sampler', 'tokenizer']" in out.stdout
+
+
+def test_components_own_their_init_and_residuals_are_marked():
+    import math
+
+    model = testing.tiny_model("mha", "learned", n_layers=8)
+    attn = model.blocks[0].attn
+    assert attn.out_proj.gptkit_residual and model.blocks[0].mlp.out_proj.gptkit_residual
+    assert not getattr(attn.qkv, "gptkit_residual", False)
+    residual_std = 0.02 / math.sqrt(2 * 8)
+    assert abs(float(attn.out_proj.weight.std()) - residual_std) < residual_std * 0.2
+    assert abs(float(attn.qkv.weight.std()) - 0.02) < 0.004
