@@ -449,7 +449,10 @@ def _tokenizer_case(case: Case, example: Any, registry: Any, folder: Any) -> Non
     tok.fit(text)
     assert isinstance(tok.vocab_size, int) and tok.vocab_size > 0, "vocab_size must be set"
     assert 0 <= tok.eot_id < tok.vocab_size, f"eot_id {tok.eot_id} outside the vocabulary"
-    pieces = [text[:2000], text[5000:5300], "ROMEO:\nWhat, ho!  Away.", text[-700:]]
+    # Whole lines of the fitted text: covered by any vocabulary fitted on it (a slice cut
+    # mid-word could hold a word the fitted vocabulary never saw).
+    lines = text.splitlines(keepends=True)[:-1]
+    pieces = ["".join(lines[:40]), "".join(lines[200:230]), "".join(lines[-20:]), lines[3]]
     if case.prop == "roundtrip":
         for piece in pieces:
             ids = tok.encode(piece)
