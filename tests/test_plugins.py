@@ -126,3 +126,61 @@ def test_spec_naming_a_missing_plugin_exits_2(tmp_path):
     spec = tmp_path / "s.yaml"
     spec.write_text("plugins: [not_a_module_anywhere]\n")
     assert_user_error(run_cli("validate", spec), "not_a_module_anywhere", "could not be imported")
+
+
+# --------------------------------------------------------------------------- trust (issue 18)
+
+
+def _fake_run(tmp_path, plugins):
+    import yaml
+
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"name": "t", "plugins": plugins}))
+    return tmp_path
+
+
+def test_a_run_naming_a_module_under_plugins_does_not_get_it_imported(tmp_path, capsys):
+    from gptkit.errors import PluginError
+    from gptkit.run import read_run_spec
+
+    with pytest.raises(PluginError) as info:
+        read_run_spec(_fake_run(tmp_path, ["this"]))
+    message = str(info.value)
+    assert "'this'" in message and "not installed gptkit plugins" in message
+    assert "GPTKIT_PLUGINS=this" in message and "--plugin this" in message
+    assert "Beautiful is better" not in capsys.readouterr().out
+
+
+def test_a_run_may_load_a_module_the_user_allowed(tmp_path, monkeypatch):
+    from gptkit.run import read_run_spec
+
+    monkeypatch.setenv("GPTKIT_PLUGINS", "inline_attention")
+    spec = read_run_spec(_fake_run(tmp_path, ["inline_attention"]))
+    assert spec.plugins == ["inline_attention"]
+
+
+def test_a_spec_file_the_user_trains_loads_its_own_plugins(tmp_path):
+    from gptkit.spec import load_spec
+
+    path = tmp_path / "s.yaml"
+    path.write_text("plugins: [inline_attention]\nmodel: {attention: naive}\n")
+    assert load_spec(path).model.attention.kind == "naive"
+
+
+@pytest.mark.parametrize(("module", "needle"), [
+    ("exits_on_import", "called sys.exit(0) while importing"),
+    ("interrupts_on_import", "raised KeyboardInterrupt while importing"),
+])
+def test_a_plugin_that_exits_on_import_is_a_broken_plugin(module, needle, monkeypatch):
+    from gptkit.errors import PluginError
+    from gptkit.registry import load_registry
+
+    monkeypatch.setenv("GPTKIT_PLUGINS", module)
+    with pytest.raises(PluginError, match="is broken") as info:
+        load_registry()
+    assert needle in str(info.value) and module in str(info.value)
+
+
+@pytest.mark.slow
+def test_cli_reports_a_plugin_that_exits_on_import_and_exits_2():
+    result = run_cli("plugins", env={"GPTKIT_PLUGINS": "exits_on_import"})
+    assert_user_error(result, "plugin module 'exits_on_import'", "called sys.exit(0)")

@@ -1,0 +1,3 @@
+"""A broken test plugin: raises KeyboardInterrupt while being imported."""
+
+raise KeyboardInterrupt
