@@ -184,3 +184,21 @@ def test_a_plugin_that_exits_on_import_is_a_broken_plugin(module, needle, monkey
 def test_cli_reports_a_plugin_that_exits_on_import_and_exits_2():
     result = run_cli("plugins", env={"GPTKIT_PLUGINS": "exits_on_import"})
     assert_user_error(result, "plugin module 'exits_on_import'", "called sys.exit(0)")
+
+
+def test_a_recorded_kind_whose_plugin_failed_to_import_shows_the_real_error():
+    from gptkit.plugins import PluginInfo, missing_kind_message
+
+    pm = plugin_manager(autoload=False)
+    pm.infos.append(PluginInfo("labkit", "0.1.0", "entry point (gptkit-labkit)",
+                               "failed to import: ModuleNotFoundError: No module named 'torch'",
+                               "gptkit_labkit", "gptkit-labkit"))
+    registry = Registry.from_manager(pm)
+    recorded = {"tokenizer.word": {"distribution": "gptkit-labkit", "version": "0.1.0",
+                                   "module": "gptkit_labkit.word"}}
+    message = missing_kind_message(registry, "tokenizer", "word", recorded)
+    assert message == ("needs tokenizer kind 'word' from gptkit-labkit 0.1.0, which is installed "
+                       "but failed to load: failed to import: ModuleNotFoundError: No module "
+                       "named 'torch'")
+    assert "No module named 'torch'" in registry.unknown_kind_message("tokenizer", "word")
+    assert missing_kind_message(registry, "tokenizer", "char", recorded) is None
