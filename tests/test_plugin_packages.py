@@ -69,8 +69,8 @@ def test_a_run_without_its_plugin_names_the_package_to_install(tmp_path, monkeyp
     from gptkit.errors import PluginError
     from gptkit.plugins import provenance
     from gptkit.registry import clear_registry_cache
-    from gptkit.run import read_run_spec
     from gptkit.spec import load_spec
+    from gptkit.training import RunDir
 
     monkeypatch.delenv("GPTKIT_DISABLE_PLUGIN_AUTOLOAD")
     spec = load_spec(ROOT / "experiments" / "labkit_demo.yaml")
@@ -79,7 +79,7 @@ def test_a_run_without_its_plugin_names_the_package_to_install(tmp_path, monkeyp
     monkeypatch.setenv("GPTKIT_DISABLE_PLUGIN_AUTOLOAD", "1")  # as if not installed
     clear_registry_cache()
     with pytest.raises(PluginError) as info:
-        read_run_spec(tmp_path)
+        RunDir(tmp_path).read_spec()
     assert ("needs tokenizer kind 'word' from gptkit-labkit 0.1.0: pip install gptkit-labkit"
             in str(info.value))
 
@@ -131,10 +131,14 @@ def test_labkit_spec_trains_generates_exports_and_serves_without_torch(tmp_path)
         proc.terminate()
         proc.wait(timeout=30)
 
-    # Without the plugin, the bundle names the package to install (its manifest's provenance).
-    missing = run_cli("generate", bundle, "-p", "KING:", env={"GPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"})
-    assert_user_error(missing, "needs tokenizer kind 'word' from gptkit-labkit 0.1.0: "
-                               "pip install gptkit-labkit")
+    # Without the plugin, the bundle and the run name the package to install (the manifest's
+    # and the run's plugins.json provenance).
+    assert json.loads((run / "plugins.json").read_text()) == manifest["plugins"]
+    for source in (bundle, run):
+        missing = run_cli("generate", source, "-p", "KING:",
+                          env={"GPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"})
+        assert_user_error(missing, "needs tokenizer kind 'word' from gptkit-labkit 0.1.0: "
+                                   "pip install gptkit-labkit")
     # A bundle that names a module under plugins: does not get it imported (issue 18).
     manifest["spec"]["plugins"] = ["this"]
     (bundle / "gptkit.json").write_text(json.dumps(manifest))

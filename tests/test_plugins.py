@@ -140,10 +140,10 @@ def _fake_run(tmp_path, plugins):
 
 def test_a_run_naming_a_module_under_plugins_does_not_get_it_imported(tmp_path, capsys):
     from gptkit.errors import PluginError
-    from gptkit.run import read_run_spec
+    from gptkit.training import RunDir
 
     with pytest.raises(PluginError) as info:
-        read_run_spec(_fake_run(tmp_path, ["this"]))
+        RunDir(_fake_run(tmp_path, ["this"])).read_spec()
     message = str(info.value)
     assert "'this'" in message and "not installed gptkit plugins" in message
     assert "GPTKIT_PLUGINS=this" in message and "--plugin this" in message
@@ -151,10 +151,10 @@ def test_a_run_naming_a_module_under_plugins_does_not_get_it_imported(tmp_path, 
 
 
 def test_a_run_may_load_a_module_the_user_allowed(tmp_path, monkeypatch):
-    from gptkit.run import read_run_spec
+    from gptkit.training import RunDir
 
     monkeypatch.setenv("GPTKIT_PLUGINS", "inline_attention")
-    spec = read_run_spec(_fake_run(tmp_path, ["inline_attention"]))
+    spec = RunDir(_fake_run(tmp_path, ["inline_attention"])).read_spec()
     assert spec.plugins == ["inline_attention"]
 
 
