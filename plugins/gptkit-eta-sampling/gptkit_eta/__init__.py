@@ -12,8 +12,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from gptkit import hookimpl
-from gptkit.components.base import SamplerSpec
+from gptkit.plugin import SamplerSpec, hookimpl
 
 __version__ = "0.1.0"
 
