@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
-import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -230,14 +228,11 @@ def check_opened_plugins(modules: Iterable[str], source: str) -> None:
 
 # --------------------------------------------------------------------------- provenance
 
-PROVENANCE_FILE = "plugins.json"
-
-
 def provenance(registry: Any, spec: Any) -> dict[str, dict[str, str]]:
     """Which plugin provides each non-built-in component of ``spec``.
 
-    Returns ``{"<slot>.<kind>": {"distribution", "version", "module"}}``: what a run stores in
-    ``<run>/plugins.json`` and a bundle under the manifest key ``plugins``. ``distribution`` is
+    Returns ``{"<slot>.<kind>": {"distribution", "version", "module"}}``: what the trainer
+    stores with a run (``RunDir.plugins_file``) and a bundle under the manifest key ``plugins``. ``distribution`` is
     the pip-installable package ("" for a module that is not part of an installed one).
     """
     from gptkit.components.base import SLOTS
@@ -257,16 +252,6 @@ def provenance(registry: Any, spec: Any) -> dict[str, dict[str, str]]:
             "module": reg.cls.__module__,
         }
     return out
-
-
-def read_provenance(folder: str | Path) -> dict[str, dict[str, str]]:
-    """``<run>/plugins.json`` if present (runs made before provenance have none)."""
-    path = Path(folder) / PROVENANCE_FILE
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def missing_kind_message(registry: Any, slot: str, kind: str,
