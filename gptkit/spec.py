@@ -200,7 +200,7 @@ class ExperimentSpec(StrictModel):
     name: str = Field(
         "experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100
     )
-    seed: int = Field(1337, ge=0, lt=2**32, description="Random seed, 0 <= seed < 2**32.")
+    seed: int = Field(1337, ge=0, lt=2**32, description="Random seed.")
     data: DataSpec = Field(default_factory=DataSpec)
     tokenizer: TokenizerSpec
     model: ModelSpec
