@@ -627,12 +627,15 @@ def import_hf_cmd(
 def export_hf_cmd(
     run: Annotated[Path, typer.Argument(help="A run directory of a GPT-2-shaped model.")],
     out: Annotated[Path, typer.Argument(help="Folder to write config.json + model.safetensors.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace config.json / model.safetensors already there.")
+    ] = False,
 ) -> None:
     """Write a run as a Hugging Face GPT-2 folder (GPT2LMHeadModel.from_pretrained loads it)."""
     require_torch("export-hf")
     from gptkit.hf import export_hf
 
-    echo(f"wrote {export_hf(run, out)}")
+    echo(f"wrote {export_hf(run, out, force=force)}")
 
 
 # --------------------------------------------------------------------------- entry point
