@@ -23,7 +23,7 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
@@ -60,7 +60,7 @@ class Manifest(BaseModel):
     follow; they are kept as they are)."""
 
     model_config = ConfigDict(extra="allow", strict=True)
-    format: Literal[1]
+    format: int = Field(ge=1, le=1, description="Bundle format version; this gptkit reads 1.")
     files: dict[str, Sha256]
     spec: _ManifestSpec
     vocab_size: int = Field(gt=0)

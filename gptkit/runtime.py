@@ -148,6 +148,10 @@ class Bundle:
         registry = _registry_for({"tokenizer": manifest["spec"]["tokenizer"]["kind"],
                                   "sampler": sampler_spec["kind"]})
         tokenizer = load_tokenizer(folder / "tokenizer", registry)
+        if tokenizer.spec.kind != manifest["spec"]["tokenizer"]["kind"]:
+            raise RunError(f"bundle {folder}: {MANIFEST} names tokenizer kind "
+                           f"'{manifest['spec']['tokenizer']['kind']}' but the tokenizer folder "
+                           f"holds '{tokenizer.spec.kind}'", "Export the bundle again.")
         try:
             sampler = registry.get("sampler", sampler_spec["kind"]).model_validate(sampler_spec)
         except ValidationError as exc:

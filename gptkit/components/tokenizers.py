@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from gptkit.components.base import TokenizerSpec
 from gptkit.errors import DataError, GptkitError, RunError
@@ -101,7 +101,13 @@ def load_tokenizer(directory: str | Path, registry=None) -> Tokenizer:
         registry = load_registry()
     cls = registry.get("tokenizer", spec_data["kind"])
     try:
-        tok = cls.model_validate(spec_data).build()
+        tok_spec = cls.model_validate(spec_data)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        field = ".".join(["spec", *map(str, err["loc"])])
+        raise RunError(f"{path}: field '{field}': {err['msg']}") from None
+    try:
+        tok = tok_spec.build()
         tok.load_state(state, directory)
     except GptkitError as exc:
         if str(path) in exc.message:
