@@ -418,7 +418,7 @@ def generate(
     stops = [codecs_unescape(s) for s in (stop or [])]
     prompt = codecs_unescape(prompt)
     sets = list(overrides or [])
-    if (run / "gptkit.json").is_file():
+    if os.path.lexists(run / "gptkit.json"):  # a bundle, even a damaged one: say why
         from gptkit.runtime import Bundle
 
         bundle = Bundle.load(run)
