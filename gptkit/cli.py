@@ -435,7 +435,7 @@ def generate(
     stops = [codecs_unescape(s) for s in (stop or [])]
     prompt = codecs_unescape(prompt)
     sets = list(overrides or [])
-    if (run / "gptkit.json").is_file():
+    if os.path.lexists(run / "gptkit.json"):  # a bundle, even a damaged one: say why
         from gptkit.runtime import Bundle
 
         bundle = Bundle.load(run)
@@ -644,12 +644,15 @@ def import_hf_cmd(
 def export_hf_cmd(
     run: Annotated[Path, typer.Argument(help="A run directory of a GPT-2-shaped model.")],
     out: Annotated[Path, typer.Argument(help="Folder to write config.json + model.safetensors.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace config.json / model.safetensors already there.")
+    ] = False,
 ) -> None:
     """Write a run as a Hugging Face GPT-2 folder (GPT2LMHeadModel.from_pretrained loads it)."""
     require_torch("export-hf")
     from gptkit.hf import export_hf
 
-    echo(f"wrote {export_hf(run, out)}")
+    echo(f"wrote {export_hf(run, out, force=force)}")
 
 
 # --------------------------------------------------------------------------- entry point

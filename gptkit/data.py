@@ -10,6 +10,9 @@ from pathlib import Path
 
 from gptkit.errors import DataError
 
+# The whole text is held in memory (until data preparation streams): refuse more than this.
+MAX_DATA_BYTES = 16 << 30
+
 EMBEDDED = {
     "tinyshakespeare": (
         "tinyshakespeare.txt.gz",
@@ -59,9 +62,12 @@ def load_text(source: str | list[str]) -> str:
     """The whole text of ``data.source``: an embedded corpus name, a file, a glob or a list."""
     if isinstance(source, str) and source in EMBEDDED:
         return load_corpus(source)
+    from gptkit.safeio import read_bytes
+
     parts = []
     for path in resolve_sources(source):
-        raw = path.read_bytes()
+        # A regular file only (a FIFO would hang, /dev/zero never ends), counted while read.
+        raw = read_bytes(path, "data file", MAX_DATA_BYTES, DataError)
         if b"\x00" in raw[:65536]:
             raise DataError(f"data file {path} looks binary (it contains NUL bytes); expected text")
         try:
@@ -121,11 +127,16 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     import os
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"could not write the token cache {path}: {exc.strerror or exc}",
+                        "Free some space, or point GPTKIT_CACHE_DIR at a folder with room.") from None
 
 
 def prepare_data(data_spec, tokenizer_spec, min_len: int = 0, cache: Path | None = None):
@@ -170,8 +181,13 @@ def prepare_data(data_spec, tokenizer_spec, min_len: int = 0, cache: Path | None
     if arrays is None:
         tokenizer = tokenizer_spec.build()
         tokenizer.fit(train_text)
-        folder.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(folder / "tokenizer")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tokenizer.save(folder / "tokenizer")
+        except OSError as exc:
+            raise DataError(f"could not write the token cache {folder}: {exc.strerror or exc}",
+                            "Free some space, or point GPTKIT_CACHE_DIR at a folder with room."
+                            ) from None
         dtype = token_dtype(tokenizer.vocab_size)
         ids = {}
         for part, part_text in (("train", train_text), ("val", val_text)):

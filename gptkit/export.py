@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from gptkit.errors import GptkitError, RunError
+from gptkit.integrity import folder_files, removable_bundle
 from gptkit.model import GPT
 
 OPSET = 18
@@ -226,16 +227,11 @@ def export_run(run: str | Path, out: str | Path, quantize: str | None = None,
     """Export a run to a bundle folder; returns the manifest. Refuses to finish on a parity miss."""
     from gptkit.training.rundir import load_run
 
+    out = Path(out)
+    _check_replaceable(out)
     loaded = load_run(run, checkpoint=checkpoint)
     model, spec = loaded.model, loaded.spec
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not (out / MANIFEST).exists():
-            raise GptkitError(f"{out} exists and is not an export bundle; refusing to overwrite it",
-                              "Choose an empty or new --out folder.")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = _make_staging(out)
     try:
         t0 = time.time()
         log(f"exporting {loaded.checkpoint} to ONNX (opset {OPSET}) ...")
@@ -269,9 +265,8 @@ def export_run(run: str | Path, out: str | Path, quantize: str | None = None,
         tok_files = loaded.tokenizer.save(tmp / "tokenizer")
         h_kv, hd = cache_shape(model)
         inputs, outputs = io_names(spec.model.n_layers)
-        files = [model_file, *[f"tokenizer/{f}" for f in tok_files]]
-        files += [f.name for f in tmp.iterdir() if f.is_file() and f.name not in (MODEL_FILE,)
-                  and f.name != MANIFEST]
+        # Everything in the staging folder is ours: list (and hash) every file of it.
+        files = {model_file, *[f"tokenizer/{f}" for f in tok_files], *folder_files(tmp)}
         manifest = {
             "format": 1,
             "gptkit_version": __import__("gptkit").__version__,
@@ -295,11 +290,14 @@ def export_run(run: str | Path, out: str | Path, quantize: str | None = None,
             "files": {f: sha256_file(tmp / f) for f in sorted(set(files))},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
+        _swap_in(tmp, out)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        os_error = _os_error(exc)
+        if os_error is not None and not isinstance(exc, GptkitError):
+            raise GptkitError(f"could not write the bundle {out}: {os_error.strerror or os_error}; "
+                              "nothing was written", "Free some space or choose another --out."
+                              ) from None
         raise
     log(f"bundle written: {out}")
     _log_to_mlflow(loaded.run_dir, out, manifest, register, log)
@@ -312,6 +310,54 @@ def _plugin_provenance(spec: Any) -> dict[str, dict[str, str]]:
     from gptkit.registry import load_registry
 
     return provenance(load_registry(tuple(spec.plugins)), spec)
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse an --out that gptkit cannot prove it made (data of the user's would be lost)."""
+    reason = removable_bundle(out)
+    if reason is not None:
+        raise GptkitError(f"{reason}; refusing to overwrite it",
+                          "Choose an empty or new --out folder (gptkit replaces only a bundle "
+                          "whose manifest lists every file in it).")
+
+
+def _make_staging(out: Path) -> Path:
+    """A fresh hidden folder beside ``out``, on the same file system (for an atomic rename)."""
+    import tempfile
+
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise GptkitError(f"cannot write the bundle {out}: {blocker} is a file, not a folder",
+                          "Choose another --out.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise GptkitError(f"cannot write the bundle {out}: {exc.strerror or exc}",
+                          "Choose a folder you can write to for --out.") from None
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Move the finished bundle into place; an old bundle is replaced only after a re-check."""
+    _check_replaceable(out)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.time_ns()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc`` (exporters wrap them), if any."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, OSError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
 
 
 def _log_to_mlflow(run_dir: Path, bundle: Path, manifest: dict[str, Any], register: str | None,

@@ -46,6 +46,48 @@ def name_map(n_layers: int) -> list[tuple[str, str, bool]]:
     return pairs + [("norm_f.weight", "ln_f.weight", False), ("norm_f.bias", "ln_f.bias", False)]
 
 
+MAX_CONFIG_BYTES = 1 << 20
+# config.json fields import-hf reads, with the type each must have.
+CONFIG_FIELDS: dict[str, tuple[type, ...]] = {
+    "n_embd": (int,), "n_head": (int,), "n_layer": (int,), "n_positions": (int,),
+    "vocab_size": (int,), "n_inner": (int, type(None)), "layer_norm_epsilon": (int, float),
+    "activation_function": (str,), "tie_word_embeddings": (bool,),
+}
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A GPT-2 ``config.json``: bounded, JSON, an object, and the fields gptkit reads typed."""
+    from gptkit.safeio import read_json
+
+    config = read_json(path, "config.json", MAX_CONFIG_BYTES, RunError)
+    if not isinstance(config, dict):
+        raise RunError(f"{path} must hold a JSON object, not a {type(config).__name__}")
+    for field, types in CONFIG_FIELDS.items():
+        required = field in ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size")
+        if field not in config:
+            if required:
+                raise RunError(f"{path} has no '{field}'; a GPT-2 config.json has it")
+            continue
+        value = config[field]
+        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+            want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise RunError(f"{path}: '{field}' must be {want}, got {json.dumps(value)[:60]}")
+    return config
+
+
+def _load_weights(path: Path):
+    """The tensors of a safetensors file, or a RunError naming the file and the problem."""
+    from gptkit.safeio import check_regular
+
+    check_regular(path, "weights file", None, RunError)
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors reports truncation and bad headers as its own errors
+        raise RunError(f"{path} is not a readable safetensors file "
+                       f"({type(exc).__name__}: {str(exc)[:200]})",
+                       "It may be truncated; copy or download it again.") from None
+
+
 def _model_fields(config: dict[str, Any]) -> dict[str, Any]:
     if config.get("model_type") != "gpt2":
         raise GptkitError(f"config.json has model_type {config.get('model_type')!r}; "
@@ -85,39 +127,51 @@ def import_hf(src: str | Path, out: str | Path | None = None, name: str | None =
     if not (src / "tokenizer.json").is_file():
         raise RunError(f"{src} has no tokenizer.json (the fast tokenizer file); gptkit needs it "
                        "to turn text into the model's tokens")
-    config = json.loads((src / "config.json").read_text())
+    config = read_config(src / "config.json")
     name = name or "gpt2-import"
     run = RunDir(Path(out)) if out else RunDir.new(name)
     run.check_writable_target()
     if run.is_run() or run.checkpoints.exists():
         raise RunError(f"{run} already holds a run; choose another --out")
-    run.tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src / "tokenizer.json", run.tokenizer_dir / "tokenizer.json")
-    spec = validate_spec({
-        "name": name,
-        "tokenizer": {"kind": "pretrained", "path": str((run.tokenizer_dir / "tokenizer.json").resolve())},
-        "model": _model_fields(config),
-        "tracking": {"enabled": False},
-    }, str(src / "config.json"))
+    # Everything is read and checked before the run folder is made: a failed import leaves
+    # nothing behind.
+    model_fields = _model_fields(config)
+    spec = validate_spec({"name": name, "tokenizer": {"kind": "pretrained", "path": str(
+        (src / "tokenizer.json").resolve())}, "model": model_fields,
+        "tracking": {"enabled": False}}, str(src / "config.json"))
     tok = spec.tokenizer.build()
     tok.fit("")
-    tok.save(run.tokenizer_dir)
-    weights = load_file(str(src / "model.safetensors"))
+    weights_path = src / "model.safetensors"
+    weights = _load_weights(weights_path)
     prefix = "transformer." if any(k.startswith("transformer.") for k in weights) else ""
     model = GPT(spec.model)
     state = {}
     for ours, theirs, transpose in name_map(spec.model.n_layers):
         key = prefix + theirs
         if key not in weights:
-            raise RunError(f"{src / 'model.safetensors'} lacks {key}")
+            raise RunError(f"{weights_path} lacks {key}")
         t = weights[key]
         state[ours] = t.t().contiguous() if transpose else t
     if not spec.model.tie_embeddings:
+        if "lm_head.weight" not in weights:
+            raise RunError(f"{weights_path} lacks lm_head.weight (config.json says the "
+                           "embeddings are not tied)")
         state["lm_head.weight"] = weights["lm_head.weight"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that disagree with config.json
+        raise RunError(f"{weights_path} does not fit {src / 'config.json'}: "
+                       f"{str(exc).splitlines()[-1].strip()[:300]}") from None
     missing = [m for m in missing if not (m == "lm_head.weight" and spec.model.tie_embeddings)]
     if missing or unexpected:
         raise RunError(f"weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    run.tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src / "tokenizer.json", run.tokenizer_dir / "tokenizer.json")
+    spec = validate_spec({**spec.to_dict(), "tokenizer": {
+        "kind": "pretrained", "path": str((run.tokenizer_dir / "tokenizer.json").resolve())}},
+        str(src / "config.json"))
+    tok.spec = spec.tokenizer
+    tok.save(run.tokenizer_dir)
     save_checkpoint(run.checkpoints, 0, model, {"step": 0, "imported_from": str(src)},
                     {"val_loss": None, "imported_from": str(src)}, keep_last=1)
     run.update_info(name=f"{name} (imported from {src.name})", spec_name=name,
@@ -126,8 +180,22 @@ def import_hf(src: str | Path, out: str | Path | None = None, name: str | None =
     return run.path
 
 
-def export_hf(run: str | Path, out: str | Path) -> Path:
-    """Write a run as a Hugging Face GPT-2 folder that ``GPT2LMHeadModel.from_pretrained`` loads."""
+HF_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def export_hf(run: str | Path, out: str | Path, force: bool = False) -> Path:
+    """Write a run as a Hugging Face GPT-2 folder that ``GPT2LMHeadModel.from_pretrained`` loads.
+
+    Existing ``config.json`` / ``model.safetensors`` / ``tokenizer.json`` in ``out`` are
+    replaced only with ``force``; other files there are left alone.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise GptkitError(f"{out} is a file; export-hf writes a folder")
+    existing = [f for f in HF_FILES if (out / f).exists()]
+    if existing and not force:
+        raise GptkitError(f"{out} already holds {', '.join(existing)}; refusing to overwrite",
+                          "Choose another folder, or pass --force to replace them.")
     from gptkit.training.rundir import load_run
 
     loaded = load_run(run)
@@ -142,8 +210,10 @@ def export_hf(run: str | Path, out: str | Path) -> Path:
         problems.append(f"model.activation is {m.activation!r}, GPT-2 needs 'gelu_tanh' or 'gelu'")
     if problems:
         raise GptkitError("this run is not a GPT-2: " + "; ".join(problems))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GptkitError(f"cannot write {out}: {exc.strerror or exc}") from None
     sd = loaded.model.state_dict()
     tensors = {f"transformer.{theirs}": (sd[ours].t() if transpose else sd[ours]).contiguous()
                for ours, theirs, transpose in name_map(m.n_layers)}

@@ -7,20 +7,19 @@ library — never torch (the tests check that ``torch`` stays out of ``sys.modul
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from gptkit.decoding import Completion, decode_loop, derive_sampler
-from gptkit.errors import RunError
+from gptkit.errors import GptkitError, RunError
+from gptkit.integrity import MANIFEST, MODEL_FILE, verify_bundle
 
-MANIFEST = "gptkit.json"
-MODEL_FILE = "model.onnx"
+__all__ = ["Bundle", "OnnxModel", "verify_bundle", "MANIFEST", "MODEL_FILE"]
 
 
 def _session_options(threads: int | None = None):
@@ -108,56 +107,36 @@ def _registry_for(kinds: dict[str, str], modules: tuple[str, ...] = (),
     return registry
 
 
-def verify_bundle(folder: Path) -> dict[str, Any]:
-    """Read the manifest and check every file's sha256 and every external-data path."""
-    manifest_path = folder / MANIFEST
-    if not folder.is_dir():
-        raise RunError(f"bundle not found: {folder}" if not folder.exists()
-                       else f"{folder} is a file; expected a bundle folder")
-    if not manifest_path.is_file():
-        raise RunError(f"{folder} is not an export bundle (no {MANIFEST})",
-                       "Make one with: gptkit export RUN --out BUNDLE")
+def _open_model(folder: Path, manifest: dict[str, Any], threads: int | None) -> OnnxModel:
+    """The bundle's graph, checked to be a decoder with the inputs the manifest names."""
     try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise RunError(f"{manifest_path} is not a valid manifest: {exc}") from None
-    root = folder.resolve()
-    for name, digest in files.items():
-        path = (folder / name).resolve()
-        if root not in path.parents:
-            raise RunError(f"{manifest_path} lists a file outside the bundle: {name}")
-        if not path.is_file():
-            raise RunError(f"bundle {folder} is missing {name}")
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        if h.hexdigest() != digest:
-            raise RunError(f"bundle {folder}: {name} does not match its sha256 in {MANIFEST} "
-                           "(modified or damaged)", "Export the bundle again.")
-    _check_external_data(folder / MODEL_FILE, root)
-    return manifest
+        model = OnnxModel(folder / MODEL_FILE, threads)
+    except GptkitError:
+        raise
+    except Exception as exc:  # onnxruntime's own errors, or a graph without a cache
+        raise RunError(f"bundle {folder}: {MODEL_FILE} is not a usable gptkit decoder graph "
+                       f"({type(exc).__name__}: {str(exc)[:300]})",
+                       "Export the bundle again.") from None
+    if model.inputs != manifest["inputs"] or model.outputs != manifest["outputs"]:
+        raise RunError(f"bundle {folder}: the inputs/outputs of {MODEL_FILE} differ from those "
+                       f"in {MANIFEST}", "Export the bundle again.")
+    return model
 
 
-def _check_external_data(model_path: Path, root: Path) -> None:
-    """Refuse ONNX external-data locations that point outside the bundle folder."""
-    import onnx
-
-    try:
-        proto = onnx.load(str(model_path), load_external_data=False)
-    except Exception as exc:
-        raise RunError(f"{model_path} is not a readable ONNX model: {exc}") from None
-    tensors = list(proto.graph.initializer)
-    for node in proto.graph.node:
-        tensors += [a.t for a in node.attribute if a.HasField("t")]
-    for t in tensors:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            location = next((e.value for e in t.external_data if e.key == "location"), "")
-            target = (model_path.parent / location).resolve()
-            if os.path.isabs(location) or root not in target.parents:
-                raise RunError(f"{model_path}: tensor '{t.name}' keeps its data at "
-                               f"'{location}', outside the bundle; refusing to load it")
+def _check_vocab(folder: Path, manifest: dict[str, Any], tokenizer: Any,
+                 model: OnnxModel) -> None:
+    """The tokenizer may never produce an id the model has no logit for."""
+    vocab = manifest["vocab_size"]
+    logits = model.session.get_outputs()[0].shape[-1]
+    if isinstance(logits, int) and logits != vocab:
+        raise RunError(f"bundle {folder}: {MODEL_FILE} has {logits} logits but {MANIFEST} says "
+                       f"vocab_size {vocab}", "Export the bundle again.")
+    special = manifest["special_tokens"]
+    ids = (special["eot"], special["pad"], tokenizer.eot_id)
+    if tokenizer.vocab_size > vocab or max(ids) >= vocab:
+        raise RunError(f"bundle {folder}: the tokenizer has {tokenizer.vocab_size} tokens "
+                       f"(end-of-text id {special['eot']}) but the model only {vocab}; they "
+                       "do not belong together", "Export the bundle again.")
 
 
 class Bundle:
@@ -179,16 +158,27 @@ class Bundle:
         manifest = verify_bundle(folder)
         from gptkit.plugins import check_opened_plugins
 
-        sampler_spec = manifest["spec"].get("sampler", {"kind": "top_p"})
+        sampler_spec = manifest["spec"].get("sampler") or {"kind": "top_p"}
         modules = tuple(manifest["spec"].get("plugins") or ())
         check_opened_plugins(modules, f"bundle {folder}")  # never import what it merely names
         registry = _registry_for({"tokenizer": manifest["spec"]["tokenizer"]["kind"],
                                   "sampler": sampler_spec["kind"]}, modules,
                                  manifest.get("plugins") or {}, f"bundle {folder}")
         tokenizer = load_tokenizer(folder / "tokenizer", registry)
-        sampler = registry.get("sampler", sampler_spec["kind"]).model_validate(sampler_spec)
-        return cls(folder, manifest, OnnxModel(folder / MODEL_FILE, threads), tokenizer, sampler,
-                   registry)
+        if tokenizer.spec.kind != manifest["spec"]["tokenizer"]["kind"]:
+            raise RunError(f"bundle {folder}: {MANIFEST} names tokenizer kind "
+                           f"'{manifest['spec']['tokenizer']['kind']}' but the tokenizer folder "
+                           f"holds '{tokenizer.spec.kind}'", "Export the bundle again.")
+        try:
+            sampler = registry.get("sampler", sampler_spec["kind"]).model_validate(sampler_spec)
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            field = ".".join(["spec", "sampler", *map(str, err["loc"])])
+            raise RunError(f"{folder / MANIFEST}: field '{field}': {err['msg']}",
+                           "The manifest is damaged; export the bundle again.") from None
+        model = _open_model(folder, manifest, threads)
+        _check_vocab(folder, manifest, tokenizer, model)
+        return cls(folder, manifest, model, tokenizer, sampler, registry)
 
     def sampler_with(self, **changes: Any):
         """The bundle's sampler with some fields changed (``kind`` too)."""

@@ -56,7 +56,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown keys are errors; floats must be finite (`lr: .inf` is refused, naming the field).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelSpec(StrictModel):
@@ -203,7 +204,7 @@ class ExperimentSpec(StrictModel):
     name: str = Field(
         "experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100
     )
-    seed: int = 1337
+    seed: int = Field(1337, ge=0, lt=2**32, description="Random seed.")
     data: DataSpec = Field(default_factory=DataSpec)
     tokenizer: TokenizerSpec
     model: ModelSpec
@@ -222,9 +223,56 @@ class ExperimentSpec(StrictModel):
         "seed+1, ...), grouped in MLflow under one parent run per point.",
     )
 
+    @model_validator(mode="after")
+    def _sane_size(self) -> ExperimentSpec:
+        problems = size_problems(self)
+        if problems:
+            raise PydanticCustomError("cross_field", "{count} cross-field problem(s)",
+                                      {"count": len(problems), "problems": problems})
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec as plain JSON-able data (what the run directory stores)."""
         return self.model_dump(mode="json")
+
+
+# Sanity bounds, checked before anything is allocated: far beyond what gptkit trains (it is a
+# toolkit for small models), far below what overflows or hangs an allocator.
+MAX_PARAMETERS = 100_000_000_000  # 1e11
+MAX_ACTIVATION_BYTES = 1 << 40  # 1 TiB for one micro-batch's forward activations
+ASSUMED_VOCAB = 65_536  # when model.vocab_size is left to the tokenizer
+
+
+def estimate_parameters(model: ModelSpec, vocab_size: int | None = None) -> int:
+    """Parameters of a GPT of this shape (embeddings, blocks, final norm), roughly."""
+    d, L, V = model.d_model, model.n_layers, vocab_size or model.vocab_size or ASSUMED_VOCAB
+    ff = model.hidden_dim * (3 if model.activation == "swiglu" else 2)
+    per_block = 4 * d * d + ff * d + 4 * d
+    return V * d + model.max_seq_len * d + L * per_block + 2 * d
+
+
+def estimate_activation_bytes(spec: ExperimentSpec) -> int:
+    """fp32 activations kept for backward by one micro-batch (Korthikanti et al.'s count)."""
+    m, t = spec.model, spec.train
+    tokens = t.batch_size * m.max_seq_len
+    per_layer = tokens * (34 * m.d_model + 5 * m.n_heads * m.max_seq_len) * 2
+    return m.n_layers * per_layer + tokens * (m.vocab_size or ASSUMED_VOCAB) * 4
+
+
+def size_problems(spec: ExperimentSpec) -> list[tuple[str, str]]:
+    """(field, message) for a spec whose model or batch could never be allocated."""
+    params = estimate_parameters(spec.model)
+    if params > MAX_PARAMETERS:
+        return [("model", f"this shape has about {params:.3g} parameters, and gptkit accepts at most "
+                 f"{MAX_PARAMETERS:.0e} (check model.d_model, model.n_layers, model.d_ff, "
+                 "model.vocab_size)")]
+    act = estimate_activation_bytes(spec)
+    if act > MAX_ACTIVATION_BYTES:
+        return [("train.batch_size", f"one batch of {spec.train.batch_size:,} x "
+                 f"{spec.model.max_seq_len:,} tokens needs about {act / 2**40:.3g} TiB of "
+                 "activations: lower train.batch_size (use train.grad_accum_steps for larger "
+                 "effective batches) or model.max_seq_len")]
+    return []
 
 
 # Default kind for each component slot, and where the slot lives in the spec (from the table).
@@ -309,57 +357,55 @@ def spec_class(registry: Registry | None = None) -> type[ExperimentSpec]:
 
 
 def read_spec_file(path: str | Path) -> dict[str, Any]:
-    """Parse a YAML or TOML spec file into a mapping, with clear errors."""
+    """Parse a YAML or TOML spec file into a mapping, with clear errors.
+
+    The file must be a regular file of at most ``MAX_SPEC_BYTES`` (counted while reading), and
+    the parsed document is bounded in depth and in size after YAML aliases
+    (:func:`gptkit.safeio.check_tree`).
+    """
+    from gptkit import safeio
+
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise GptkitError(f"spec file not found: {path}", "Try one of experiments/*.yaml.")
     if path.is_dir():
         raise GptkitError(f"spec path is a directory, not a file: {path}")
-    size = path.stat().st_size
-    if size > MAX_SPEC_BYTES:
-        raise GptkitError(
-            f"spec file {path} is {size:,} bytes; a spec is at most {MAX_SPEC_BYTES:,} bytes"
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise GptkitError(f"spec file {path} is not UTF-8 text: {exc.reason}") from None
-    if not text.strip():
-        raise GptkitError(f"spec file {path} is empty", "See experiments/smoke.yaml for an example.")
     suffix = path.suffix.lower()
-    if suffix == ".toml":
-        try:
-            data: Any = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise GptkitError(f"spec file {path} is not valid TOML: {exc}") from None
-    elif suffix in (".yaml", ".yml", ".json"):
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise GptkitError(f"spec file {path} is not valid YAML: {exc}") from None
-        except RecursionError:
-            raise GptkitError(f"spec file {path} nests too deeply (recursive anchors?)") from None
-    else:
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
         raise GptkitError(
             f"spec file {path} has suffix '{path.suffix}'; use .yaml, .yml or .toml"
         )
+    text = safeio.read_text(path, "spec file", MAX_SPEC_BYTES)
+    if not text.strip():
+        raise GptkitError(f"spec file {path} is empty", "See experiments/smoke.yaml for an example.")
+    data = parse_document(text, suffix, f"spec file {path}")
     if not isinstance(data, dict):
         raise GptkitError(
             f"spec file {path} must hold a mapping of fields (name:, model:, ...), "
             f"not a {type(data).__name__}"
         )
-    _check_acyclic(data, str(path))
     return data
 
 
-def _check_acyclic(data: Any, source: str, _stack: tuple[int, ...] = ()) -> None:
-    """YAML anchors can make a structure contain itself; refuse that before validating."""
-    if isinstance(data, (dict, list)):
-        if id(data) in _stack:
-            raise GptkitError(f"{source}: the spec refers to itself (recursive YAML anchor)")
-        children = data.values() if isinstance(data, dict) else data
-        for child in children:
-            _check_acyclic(child, source, (*_stack, id(data)))
+def parse_document(text: str, suffix: str, source: str) -> Any:
+    """Parse YAML (also JSON) or TOML text; nesting and alias expansion are bounded."""
+    from gptkit import safeio
+
+    try:
+        if suffix == ".toml":
+            data: Any = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise GptkitError(f"{source} is not valid TOML: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise GptkitError(f"{source} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise GptkitError(
+            f"{source} nests too deeply (at most {safeio.MAX_DEPTH} levels)"
+        ) from None
+    safeio.check_tree(data, source)
+    return data
 
 
 # --------------------------------------------------------------------------- overrides
@@ -382,6 +428,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except RecursionError:
+        raise GptkitError(f"--set {key}: the value nests too deeply") from None
+    from gptkit.safeio import check_tree
+
+    check_tree(value, f"--set {key}")
     return key.split("."), value
 
 
@@ -399,7 +450,12 @@ def apply_overrides(
         node: Any = data
         for i, key in enumerate(path[:-1]):
             child = node.get(key)
-            if child is None:
+            slot_here = SLOT_PATHS.get(tuple(path[: i + 1]))
+            if child is None and slot_here:
+                # The spec leaves this component at its default: start from the default kind,
+                # so `--set train.optimizer.weight_decay=0.01` needs no `kind`.
+                child = node[key] = {"kind": SLOT_DEFAULTS[slot_here]}
+            elif child is None:
                 child = node[key] = {}
             elif isinstance(child, str) and tuple(path[: i + 1]) in SLOT_PATHS:
                 child = node[key] = {"kind": child}  # bare component name

@@ -120,7 +120,7 @@ def test_bad_spec_files(tmp_path, name, text, needle):
 def test_oversized_and_missing_spec_files(tmp_path):
     big = tmp_path / "big.yaml"
     big.write_text("# " + "x" * 2_000_000 + "\n")
-    assert_user_error(run_cli("validate", big), "a spec is at most")
+    assert_user_error(run_cli("validate", big), "2,000,003 bytes", "at most 1,000,000 bytes")
     assert_user_error(run_cli("validate", tmp_path / "nope.yaml"), "spec file not found")
 
 

@@ -19,9 +19,10 @@ if TYPE_CHECKING:  # the spec module imports this one
 
 
 class ComponentSpec(BaseModel):
-    """Base of every component spec: strict (unknown keys are errors) and immutable."""
+    """Base of every component spec: strict (unknown keys are errors), immutable, and its
+    floats finite (``inf``/``nan`` are refused at validation, naming the field)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     slot: ClassVar[str] = ""
     kind: str

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from gptkit.components.base import TokenizerSpec
-from gptkit.errors import DataError, RunError
+from gptkit.errors import DataError, GptkitError, RunError
 from gptkit.hookspecs import hookimpl
 
 TOKENIZER_FILE = "tokenizer.gptkit.json"
@@ -71,26 +71,70 @@ class Tokenizer:
         return [TOKENIZER_FILE, *files]
 
 
+MAX_TOKENIZER_BYTES = 256 << 20  # tokenizer.gptkit.json and the files it names
+
+
 def load_tokenizer(directory: str | Path, registry=None) -> Tokenizer:
-    """Load a tokenizer saved by :meth:`Tokenizer.save` (needs no torch)."""
+    """Load a tokenizer saved by :meth:`Tokenizer.save` (needs no torch).
+
+    A damaged or hostile tokenizer folder ends in a :class:`RunError` naming the file, never
+    in another exception: the file is bounded, its fields type-checked, and the state files
+    it names must lie inside ``directory`` (see :func:`state_file`).
+    """
+    from gptkit.safeio import read_json
+
     directory = Path(directory)
     path = directory / TOKENIZER_FILE
-    if not path.is_file():
+    if not path.exists():
         raise RunError(f"no tokenizer in {directory} (expected {TOKENIZER_FILE})")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        spec_data = doc["spec"]
-        state = doc["state"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise RunError(f"{path} is not a gptkit tokenizer file: {exc}") from None
+    doc = read_json(path, "tokenizer file", MAX_TOKENIZER_BYTES, RunError)
+    spec_data = doc.get("spec") if isinstance(doc, dict) else None
+    state = doc.get("state") if isinstance(doc, dict) else None
+    if not isinstance(spec_data, dict) or not isinstance(spec_data.get("kind"), str):
+        raise RunError(f"{path} is not a gptkit tokenizer file: 'spec' must be an object "
+                       "with a 'kind'")
+    if not isinstance(state, dict):
+        raise RunError(f"{path} is not a gptkit tokenizer file: 'state' must be an object")
     if registry is None:
         from gptkit.registry import load_registry
 
         registry = load_registry()
-    cls = registry.get("tokenizer", spec_data.get("kind"))
-    tok = cls.model_validate(spec_data).build()
-    tok.load_state(state, directory)
+    cls = registry.get("tokenizer", spec_data["kind"])
+    try:
+        tok_spec = cls.model_validate(spec_data)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        field = ".".join(["spec", *map(str, err["loc"])])
+        raise RunError(f"{path}: field '{field}': {err['msg']}") from None
+    try:
+        tok = tok_spec.build()
+        tok.load_state(state, directory)
+    except GptkitError as exc:
+        if str(path) in exc.message:
+            raise
+        raise RunError(f"{path}: {exc.message}", exc.hint) from None
+    except Exception as exc:  # a damaged state: wrong types, a library refusing its file
+        raise RunError(f"{path}: the tokenizer state is damaged "
+                       f"({type(exc).__name__}: {str(exc)[:200]})") from None
     return tok
+
+
+def state_file(directory: Path, name: Any) -> Path:
+    """The file ``name`` (from a saved tokenizer state) inside ``directory``, checked.
+
+    The name comes from a file that may be hostile: it must be a plain relative name with no
+    '..' (an absolute path or '../x' would read outside the run or bundle, covered by no
+    hash), and a regular file of bounded size (no FIFO, no /dev/zero).
+    """
+    from gptkit.safeio import check_regular
+
+    parts = Path(name).parts if isinstance(name, str) else ()
+    if not parts or Path(name).is_absolute() or ".." in parts or "\\" in name:
+        raise RunError(f"tokenizer state names the file {name!r}; it must be a file name "
+                       f"inside {directory}")
+    path = directory / name
+    check_regular(path, "tokenizer file", MAX_TOKENIZER_BYTES, RunError)
+    return path
 
 
 # --------------------------------------------------------------------------- char
@@ -141,6 +185,8 @@ class CharTokenizer(Tokenizer):
         return {"chars": "".join(self.chars)}
 
     def load_state(self, state: dict[str, Any], directory: Path) -> None:
+        if not isinstance(state.get("chars"), str):
+            raise RunError("char tokenizer state: 'chars' must be a string")
         self._set_chars(list(state["chars"]))
 
 
@@ -232,7 +278,8 @@ class HFTokenizer(Tokenizer):
 
     def load_state(self, state: dict[str, Any], directory: Path) -> None:
         tk = _require("tokenizers", self.spec.kind)
-        self._attach(tk.Tokenizer.from_file(str(directory / state["file"])), state["eot"])
+        path = state_file(directory, state["file"])
+        self._attach(tk.Tokenizer.from_file(str(path)), state["eot"])
 
 
 class BPETokenizer(HFTokenizer):
@@ -325,7 +372,10 @@ class SentencePieceTokenizer(Tokenizer):
         return [self.FILE]
 
     def load_state(self, state: dict[str, Any], directory: Path) -> None:
-        self._attach((directory / state["file"]).read_bytes())
+        from gptkit.safeio import read_bytes
+
+        path = state_file(directory, state["file"])
+        self._attach(read_bytes(path, "tokenizer file", MAX_TOKENIZER_BYTES, RunError))
 
 
 class SentencePieceSpec(TokenizerSpec):
@@ -344,10 +394,13 @@ class PretrainedTokenizer(HFTokenizer):
 
     def fit(self, text: str) -> None:
         tk = _require("tokenizers", "pretrained")
+        from gptkit.safeio import check_regular
+
         path = Path(self.spec.path)
-        if not path.is_file():
+        if not path.exists():
             raise DataError(f"tokenizer.path not found: {path}",
                             "Point it at a local tokenizer.json file.")
+        check_regular(path, "tokenizer.path", MAX_TOKENIZER_BYTES, DataError)
         try:
             hf = tk.Tokenizer.from_file(str(path))
         except Exception as exc:
@@ -363,10 +416,13 @@ class PretrainedSpec(TokenizerSpec):
     eot_token: str = Field(EOT, description="The end-of-text token in its vocabulary.")
 
     def fingerprint(self) -> str:
+        from gptkit.safeio import read_bytes
+
         try:
-            return hashlib.sha256(Path(self.path).read_bytes()).hexdigest()[:16]
-        except OSError:
-            return "missing"
+            data = read_bytes(self.path, "tokenizer.path", MAX_TOKENIZER_BYTES, DataError)
+        except DataError:
+            return "missing"  # fit() says what is wrong with it
+        return hashlib.sha256(data).hexdigest()[:16]
 
     def build(self) -> PretrainedTokenizer:
         return PretrainedTokenizer(self)

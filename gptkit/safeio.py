@@ -1,0 +1,160 @@
+"""Reading files that may be hostile: regular files only, sizes counted while reading.
+
+Every file gptkit reads on a user's behalf (specs, manifests, tokenizer files, data) goes
+through here. A FIFO would block forever, ``/dev/zero`` (or a symlink to it) never ends, and
+``st_size`` is whatever the file system says — so the file is opened without blocking, checked
+to be a regular file *after* opening (no race between the check and the read), and read with
+a byte count that stops one byte past the limit.
+
+Parsed documents are bounded too: :func:`check_tree` refuses structures that nest too deeply
+or whose YAML aliases expand past a limit ("billion laughs"), in time proportional to the
+document, not to its expansion.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from gptkit.errors import GptkitError
+
+CHUNK = 1 << 20
+MAX_DEPTH = 64  # nesting of mappings/lists in a spec or manifest
+MAX_NODES = 100_000  # values in a document once YAML aliases are expanded
+
+
+def _describe(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path: str | Path, what: str, error: type[GptkitError] = GptkitError) -> int:
+    """Open ``path`` for reading and return the descriptor; refuse anything but a regular file.
+
+    ``what`` names the file in messages ("spec file", "data file"). Symlinks are followed, so a
+    link to a regular file is fine and a link to ``/dev/zero`` is refused.
+    """
+    try:
+        # O_NONBLOCK: opening a FIFO with no writer returns at once instead of hanging.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise error(f"{what} {path} is a directory, not a file") from None
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise error(f"{what} {path} is {_describe(mode)}; expected a regular file")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def check_regular(path: str | Path, what: str, limit: int | None = None,
+                  error: type[GptkitError] = GptkitError) -> None:
+    """Refuse ``path`` unless it is a regular file (of at most ``limit`` bytes).
+
+    For files handed by name to a library that reads them itself (onnxruntime, tokenizers):
+    for a regular file ``st_size`` is what the library will read.
+    """
+    fd = open_regular(path, what, error)
+    try:
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    if limit is not None and size > limit:
+        raise error(f"{what} {path} is {size:,} bytes; at most {limit:,} bytes are accepted")
+
+
+def read_bytes(path: str | Path, what: str, limit: int,
+               error: type[GptkitError] = GptkitError) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes, counted while reading."""
+    fd = open_regular(path, what, error)
+    size = os.fstat(fd).st_size
+    if size > limit:
+        os.close(fd)
+        raise error(f"{what} {path} is {size:,} bytes; at most {limit:,} bytes are accepted")
+    parts, total = [], 0
+    try:
+        while True:
+            block = os.read(fd, min(CHUNK, limit + 1 - total))
+            if not block:
+                break
+            parts.append(block)
+            total += len(block)
+            if total > limit:
+                raise error(f"{what} {path} is larger than {limit:,} bytes; refusing to read it")
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    return b"".join(parts)
+
+
+def read_text(path: str | Path, what: str, limit: int,
+              error: type[GptkitError] = GptkitError) -> str:
+    """:func:`read_bytes` decoded as UTF-8, with a clear message when it is not."""
+    raw = read_bytes(path, what, limit, error)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {path} is not UTF-8 text (bad byte at offset {exc.start})") from None
+
+
+def read_json(path: str | Path, what: str, limit: int,
+              error: type[GptkitError] = GptkitError) -> Any:
+    """A bounded JSON document: size, nesting depth and value count are all limited."""
+    import json
+
+    text = read_text(path, what, limit, error)
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise error(f"{what} {path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise error(f"{what} {path} nests too deeply (at most {MAX_DEPTH} levels)") from None
+    check_tree(doc, f"{what} {path}", error)
+    return doc
+
+
+def check_tree(doc: Any, source: str, error: type[GptkitError] = GptkitError,
+               max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES) -> None:
+    """Refuse a parsed document that nests too deeply, refers to itself, or is too large once
+    shared parts (YAML aliases) are counted as often as they are used.
+
+    Sizes are memoised per object, so a "billion laughs" document is measured in a few hundred
+    steps and refused, never expanded.
+    """
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: Any, depth: int) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise error(f"{source}: the document refers to itself (recursive YAML anchor)")
+        if depth > max_depth:
+            raise error(f"{source} nests too deeply (at most {max_depth} levels)")
+        active.add(key)
+        children = node.values() if isinstance(node, dict) else node
+        total = 1
+        for child in children:
+            total += size(child, depth + 1)
+            if total > max_nodes:
+                raise error(f"{source} expands to more than {max_nodes:,} values (YAML aliases "
+                            "that repeat each other?); refusing to expand it")
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    size(doc, 1)
