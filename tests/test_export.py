@@ -143,10 +143,13 @@ def test_bundle_and_model_are_logged_to_mlflow_and_registered(smoke_run, tmp_pat
     info = json.loads((smoke_run / "mlflow.json").read_text())
     assert info["uri"] == f"sqlite:///{smoke_run.parent / 'mlflow.db'}"
     client = MlflowClient(info["uri"])
-    names = {a.path for a in client.list_artifacts(info["run_id"], "bundle")}
-    assert "bundle/gptkit.json" in names and "bundle/model.onnx" in names
+    # Logged under a name of its own (onnx-fp32, or onnx-fp32-N when another export came first).
+    name = result.stdout.split(" as '")[1].split("'")[0]
+    assert name.startswith("onnx-fp32")
+    names = {a.path for a in client.list_artifacts(info["run_id"], f"bundles/{name}")}
+    assert {f"bundles/{name}/gptkit.json", f"bundles/{name}/model.onnx"} <= names
     run = client.get_run(info["run_id"])
-    assert run.data.metrics["onnx_prefill_max_abs_diff"] <= 1e-4
+    assert run.data.metrics[f"{name}.prefill_max_abs_diff"] <= 1e-4
     versions = client.search_model_versions("name='smoke-model'")
     assert versions and versions[0].run_id == info["run_id"]
 
