@@ -611,4 +611,5 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentSpec
     """Read a spec file (with the files it ``extends``), override and validate it."""
     from gptkit.compose import compose_spec_file, validate_composed
 
-    return validate_composed(compose_spec_file(path), str(path), overrides)
+    spec: ExperimentSpec = validate_composed(compose_spec_file(path), str(path), overrides)
+    return spec

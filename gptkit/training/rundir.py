@@ -26,11 +26,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from gptkit.errors import RunError
+
+if TYPE_CHECKING:
+    from gptkit.spec import ExperimentSpec
 
 RUNS_ROOT = Path("runs")
 SPEC_FILE = "spec.yaml"
@@ -48,7 +51,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The JSON objects of a JSON-lines file; lines cut short by a crash, or that are not
     objects, are skipped."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -255,7 +258,7 @@ class RunDir:
     def update_info(self, **fields: Any) -> None:
         atomic_write_text(self.run_file, json.dumps({**self.info(), **fields}, indent=2))
 
-    def read_spec(self, overrides: list[str] | tuple[str, ...] = ()):
+    def read_spec(self, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentSpec:
         """The run's resolved spec (``overrides`` applied on top)."""
         from gptkit.spec import read_spec_file, validate_spec
 
@@ -268,7 +271,7 @@ class RunDir:
         return validate_spec(read_spec_file(self.spec_file), str(self.spec_file), overrides,
                              opened=True, provenance=self.plugin_provenance())
 
-    def write_spec(self, spec) -> None:
+    def write_spec(self, spec: ExperimentSpec) -> None:
         dump_yaml(spec.to_dict(), self.spec_file)
 
     def plugin_provenance(self) -> dict[str, Any]:
@@ -394,6 +397,7 @@ class LoadedRun:
         return self.run.path
 
 
-def load_run(run: str | Path, checkpoint: str = "latest", overrides=(), device: str = "cpu"):
+def load_run(run: str | Path, checkpoint: str = "latest",
+             overrides: list[str] | tuple[str, ...] = (), device: str = "cpu") -> LoadedRun:
     """Open a run directory (or ``runs/<name>``: its newest run) for generation or export."""
     return RunDir.resolve(run).load(checkpoint, overrides, device)
