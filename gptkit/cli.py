@@ -233,12 +233,59 @@ def _explained_spec(composed, resolved, sets: list[str]) -> str:
 
 
 def _vocab_size_from_tokenizer(spec) -> int:
-    tokenizer = spec.tokenizer.build()
-    from gptkit.data import load_text, split_text
+    from gptkit.data import fit_tokenizer
 
-    train_text, _ = split_text(load_text(spec.data.source), spec.data.val_fraction)
-    tokenizer.fit(train_text)
-    return tokenizer.vocab_size
+    return fit_tokenizer(spec.data, spec.tokenizer).vocab_size  # on a bounded sample
+
+
+@app.command()
+def prepare(
+    spec: SpecArg,
+    overrides: SetOpt = None,
+    workers: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--workers", min=1, help="Tokenizing processes (default: every core for "
+                     "char/byte on large corpora)."),
+    ] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress lines.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Tokenize the spec's corpus ahead of training into sharded, memory-mapped token files
+    (reused by 'gptkit train'), and print the shard layout."""
+    import time
+
+    from gptkit.data import prepare_data
+    from gptkit.spec import load_spec
+
+    resolved = load_spec(spec, overrides or [])
+    started = time.perf_counter()
+    data = prepare_data(resolved.data, resolved.tokenizer, progress=not no_progress,
+                        workers=workers)
+    elapsed = time.perf_counter() - started
+    meta = data.meta
+    layout = {
+        "cache": str(data.folder), "reused": data.cached, "tokenizer": resolved.tokenizer.kind,
+        "vocab_size": data.tokenizer.vocab_size, "eot_id": data.tokenizer.eot_id,
+        "dtype": meta["dtype"], "tokens": meta["tokens"], "train_tokens": len(data.train),
+        "val_tokens": len(data.val), "documents": meta["documents"],
+        "source_bytes": meta["source_bytes"], "seconds": round(elapsed, 3),
+        "shards": meta["shards"],
+    }
+    if as_json:
+        echo(json.dumps(layout))
+        return
+    mb = meta["source_bytes"] / 1e6
+    how = "reused the cache" if data.cached else (
+        f"tokenized in {elapsed:.1f}s ({mb / max(elapsed, 1e-9):.1f} MB/s, "
+        f"{meta['workers']} process{'es' if meta['workers'] > 1 else ''})")
+    echo(f"{resolved.data.source}: {mb:,.1f} MB, {meta['documents']:,} documents; {how}")
+    echo(f"  tokenizer   {resolved.tokenizer.kind}, vocab {data.tokenizer.vocab_size:,}, "
+         f"end-of-text id {data.tokenizer.eot_id}, ids as {meta['dtype']}")
+    echo(f"  cache       {data.folder}")
+    for shard in meta["shards"]:
+        echo(f"  {shard['file']}  {shard['tokens']:>14,} tokens")
+    echo(f"  train       {len(data.train):>14,} tokens (first {1 - resolved.data.val_fraction:.0%})")
+    echo(f"  validation  {len(data.val):>14,} tokens (last {resolved.data.val_fraction:.0%})")
 
 
 # --------------------------------------------------------------------------- train, generate, eval
@@ -489,17 +536,38 @@ def codecs_unescape(text: str) -> str:
 @app.command("eval")
 def eval_cmd(
     run: Annotated[Path, typer.Argument(help="A run directory.")],
-    data: Annotated[Path, typer.Option("--data", help="A UTF-8 text file to score.")],
+    data: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--data", help="A UTF-8 text file to score (default: the run's whole "
+                     "validation split)."),
+    ] = None,
     checkpoint: Annotated[str, typer.Option(help="latest, best, or step-N.")] = "latest",
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", min=1)] = 32,
     as_json: JsonOpt = False,
 ) -> None:
-    """Loss, perplexity and bits per byte of a model on a text file."""
+    """Loss, perplexity and bits per byte of a model on a text file, or its mean loss over
+    the run's whole validation split."""
     require_torch("eval")
-    from gptkit.evaluate import evaluate_text
+    from gptkit.evaluate import evaluate_text, evaluate_tokens
     from gptkit.training.rundir import load_run
 
     loaded = load_run(run, checkpoint=checkpoint)
-    result = evaluate_text(loaded.model, loaded.tokenizer, data)
+    if data is None:
+        from gptkit.data import prepare_data
+
+        spec = loaded.spec
+        tokens = prepare_data(spec.data, spec.tokenizer).val
+        result = evaluate_tokens(loaded.model, tokens, batch_size)
+        result = {k: v for k, v in result.items() if k != "total_nats"}
+        if as_json:
+            echo(json.dumps({"split": "val", **result}))
+            return
+        echo(f"validation split of {spec.data.source}: {result['tokens']:,} tokens predicted "
+             f"(every one, windows of {loaded.model.spec.max_seq_len})")
+        echo(f"  loss            {result['loss']:.4f} nats/token")
+        echo(f"  perplexity      {result['perplexity']:.3f}")
+        return
+    result = evaluate_text(loaded.model, loaded.tokenizer, data, batch_size)
     if as_json:
         echo(json.dumps(result))
         return

@@ -1,13 +1,65 @@
-"""Score a model on a text file: loss, perplexity, bits per byte."""
+"""Score a model: the mean loss over a whole token split, or over a text file (loss,
+perplexity, bits per byte)."""
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gptkit.data import load_text
+
+
+@torch.no_grad()
+def evaluate_tokens(model, tokens, batch_size: int = 32, device: str | torch.device = "cpu",
+                    autocast=None, block: int | None = None) -> dict[str, float]:
+    """Mean next-token loss over *every* token of ``tokens`` (e.g. ``TokenData.val``).
+
+    ``tokens`` is any 1-D array-like (a memory-mapped :class:`~gptkit.data.TokenArray`, an
+    ndarray). It is cut into consecutive, non-overlapping windows of ``block`` tokens (default:
+    the model's ``max_seq_len``); window ``i`` predicts ids ``i*block+1 .. (i+1)*block`` from
+    the ids before them in the window, so every id but the first is predicted exactly once. The
+    last window may be shorter (its padding is ignored). Windows go ``batch_size`` at a time,
+    in order, so the result is deterministic and memory stays bounded. ``autocast``: a
+    context-manager factory (e.g. the trainer's bf16 autocast).
+
+    Returns ``{"loss": mean nats/token, "perplexity", "tokens": count predicted}``.
+    """
+    T = block or model.spec.max_seq_len
+    n = len(tokens)
+    if n < 2:
+        from gptkit.errors import DataError
+
+        raise DataError(f"{n} tokens: nothing to score")
+    autocast = autocast or nullcontext
+    was_training = model.training
+    model.eval()
+    starts = np.arange(0, n - 1, T)
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        chunk = starts[i : i + batch_size]
+        width = int(min(T, n - 1 - chunk[0]))  # only the last window can be shorter
+        lengths = np.minimum(width, n - 1 - chunk)
+        pos = chunk[:, None] + np.arange(width + 1)
+        ids = np.asarray(tokens[np.minimum(pos, n - 1)], dtype=np.int64)
+        x = torch.from_numpy(ids[:, :-1])
+        y = torch.from_numpy(ids[:, 1:].copy())
+        y[torch.arange(width)[None, :] >= torch.from_numpy(lengths)[:, None]] = -1
+        with autocast():
+            logits = model(x.to(device)).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)), y.to(device).reshape(-1),
+            ignore_index=-1, reduction="sum",
+        )
+        total += float(loss)
+        count += int(lengths.sum())
+    model.train(was_training)
+    mean = total / count
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50)), "tokens": count,
+            "total_nats": total}
 
 
 @torch.no_grad()
@@ -19,31 +71,13 @@ def evaluate_text(model, tokenizer, path: str | Path, batch_size: int = 8) -> di
     text, which makes models with different tokenizers comparable.
     """
     text = load_text(str(path))
-    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
     if len(ids) < 2:
         from gptkit.errors import DataError
 
         raise DataError(f"{path} holds fewer than 2 tokens; nothing to score")
-    T = model.spec.max_seq_len
-    model.eval()
-    starts = list(range(0, len(ids) - 1, T))
-    total, count = 0.0, 0
-    for i in range(0, len(starts), batch_size):
-        chunk = starts[i : i + batch_size]
-        width = min(T, max(min(T, len(ids) - 1 - s) for s in chunk))
-        x = torch.zeros(len(chunk), width, dtype=torch.long)
-        y = torch.full((len(chunk), width), -1, dtype=torch.long)
-        for row, s in enumerate(chunk):
-            n = min(width, len(ids) - 1 - s)
-            x[row, :n] = ids[s : s + n]
-            y[row, :n] = ids[s + 1 : s + 1 + n]
-        logits = model(x).logits.float()
-        loss = torch.nn.functional.cross_entropy(
-            logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction="sum"
-        )
-        total += loss.item()
-        count += int((y >= 0).sum())
+    result = evaluate_tokens(model, ids, batch_size)
     n_bytes = len(text.encode("utf-8"))
-    mean = total / count
-    return {"loss": mean, "perplexity": math.exp(min(mean, 50)), "tokens": count,
-            "bytes": n_bytes, "bits_per_byte": total / (n_bytes * math.log(2))}
+    return {"loss": result["loss"], "perplexity": result["perplexity"],
+            "tokens": result["tokens"], "bytes": n_bytes,
+            "bits_per_byte": result["total_nats"] / (n_bytes * math.log(2))}

@@ -130,9 +130,28 @@ class DataSpec(StrictModel):
 
     source: str | list[str] = Field(
         "tinyshakespeare",
-        description="'tinyshakespeare' (embedded), a text file, a glob, or a list of them.",
+        description="'tinyshakespeare' (embedded), a text file, a glob, a folder, a JSON Lines or "
+        "Parquet file, a Hugging Face dataset saved with save_to_disk, or a list of them.",
     )
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Last part held out.")
+    format: Literal["auto", "text", "jsonl", "parquet", "hf"] = Field(
+        "auto",
+        description="How to read each source; auto: by extension (.jsonl, .parquet), a folder "
+        "holding a saved Hugging Face dataset is 'hf', anything else is UTF-8 text.",
+    )
+    field: str = Field("text", min_length=1, description="The text field of jsonl/parquet/hf records.")
+    split: str = Field("train", min_length=1, description="Split of a saved Hugging Face DatasetDict.")
+    val_fraction: float = Field(
+        0.1, gt=0.0, lt=1.0, description="The last part of the token stream, held out."
+    )
+    fit_sample_bytes: int = Field(
+        16 << 20, ge=1024,
+        description="Tokenizers that need fitting see a seeded sample of at most this many bytes "
+        "of the training part (all of it when it is smaller).",
+    )
+    fit_seed: int = Field(0, description="Seed of the tokenizer-fitting sample.")
+    shard_tokens: int = Field(
+        100_000_000, ge=1024, description="Token ids per shard file of the token cache."
+    )
 
 
 class EarlyStopSpec(StrictModel):

@@ -31,12 +31,14 @@ def test_sources_file_list_and_glob(tmp_path):
 
 def test_tokenizer_is_fitted_on_training_part_and_cache_is_reused(tmp_path):
     path = tmp_path / "t.txt"
-    path.write_text("ab" * 450 + "abx" * 33 + "a")  # 'x' only in the last 10%
+    path.write_text("ab" * 450 + "abx" * 33 + "a")  # 'x' only in the last 10% of the bytes
     spec = validate_spec({"data": {"source": str(path)}})
     first = prepare_data(spec.data, spec.tokenizer, cache=tmp_path / "cache")
     assert first.tokenizer.chars == ["a", "b"]
-    assert first.train.dtype == np.uint8 and not first.cached
-    assert len(first.train) == 900 and len(first.val) == 67  # the unseen 'x' is dropped
+    assert first.train.dtype == np.uint16 and not first.cached
+    # The unseen 'x' is dropped (and counted); the last 10% of the 967 ids are validation.
+    assert first.meta["dropped_characters"] == 33
+    assert len(first.train) == 870 and len(first.val) == 97
     second = prepare_data(spec.data, spec.tokenizer, cache=tmp_path / "cache")
     assert second.cached
     assert np.array_equal(np.asarray(first.train), np.asarray(second.train))
@@ -46,13 +48,14 @@ def test_tokenizer_is_fitted_on_training_part_and_cache_is_reused(tmp_path):
     assert not third.cached and third.tokenizer.vocab_size == 257
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("setup", "needle"), [
     (lambda d: None, "data.source file not found"),
     (lambda d: (d / "data.txt").write_text(""), "is empty"),
     (lambda d: (d / "data.txt").write_bytes(b"\x00\x01\x02binary" * 100), "looks binary"),
     (lambda d: (d / "data.txt").write_bytes("caf\xe9".encode("latin-1") * 100), "not UTF-8"),
     (lambda d: (d / "data.txt").write_text("short text"), "tokens; it needs more than"),
-    (lambda d: (d / "data.txt").mkdir(), "is a directory"),
+    (lambda d: (d / "data.txt").mkdir(), "holds no files"),
 ])
 def test_bad_data_exits_2_with_a_clear_message(tmp_path, setup, needle):
     setup(tmp_path)

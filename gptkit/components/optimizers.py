@@ -1,7 +1,9 @@
-"""Optimizers: adamw (with decay / no-decay parameter groups, as nanoGPT does)."""
+"""Optimizers: adamw (with decay / no-decay parameter groups, as nanoGPT does) and muon."""
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Literal
 
 from pydantic import Field
@@ -44,3 +46,139 @@ class AdamWSpec(OptimizerSpec):
 @hookimpl
 def gptkit_register_optimizer(register):
     register(AdamWSpec)
+    register(MuonSpec)
+
+
+# --------------------------------------------------------------------------- muon
+
+
+def zeropower_via_newtonschulz5(g, steps: int = 5):
+    """The nearest semi-orthogonal matrix to ``g`` (its ``U V^T``), approximately: a quintic
+    Newton-Schulz iteration whose coefficients (Jordan, 2024) push every singular value into
+    roughly [0.7, 1.2] in five steps. Runs in float32, so results are the same on every CPU."""
+
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.float()
+    tall = x.size(-2) > x.size(-1)
+    if tall:  # iterate on the wide side: X X^T is the smaller product
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= 1
+    for _ in range(steps):
+        m = x @ x.mT
+        x = a * x + (b * m + c * (m @ m)) @ x
+    return x.mT if tall else x
+
+
+def muon_groups(model, lr: float, spec: MuonSpec) -> list[dict]:
+    """Parameter groups with their own learning rates (multiples of ``lr``): Muon for the 2-D
+    matrices inside the transformer blocks; AdamW for the embeddings, the output head (when not
+    tied), and every norm gain, bias or other non-matrix parameter."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    in_blocks = [(n, p) for n, p in named if n.startswith("blocks.")]
+    matrices = [p for n, p in in_blocks if p.dim() == 2]
+    embeds = [p for n, p in named if n.startswith(("tok_emb.", "positional.")) and p.dim() >= 2]
+    head = [p for n, p in named if n.startswith("lm_head.")]
+    taken = {id(p) for p in matrices + embeds + head}
+    rest = [p for _, p in named if id(p) not in taken]
+    adam = {"use_muon": False, "betas": (spec.adam_beta1, spec.adam_beta2), "eps": spec.adam_eps}
+    groups = [
+        {"name": "muon", "params": matrices, "lr": lr * spec.muon_lr_scale, "use_muon": True,
+         "momentum": spec.momentum, "nesterov": spec.nesterov, "ns_steps": spec.ns_steps,
+         "weight_decay": spec.weight_decay},
+        {"name": "embed", "params": embeds, "lr": lr * spec.embed_lr_scale,
+         "weight_decay": spec.adam_weight_decay, **adam},
+        {"name": "head", "params": head, "lr": lr * spec.head_lr_scale,
+         "weight_decay": spec.adam_weight_decay, **adam},
+        {"name": "scalar", "params": rest, "lr": lr * spec.scalar_lr_scale, "weight_decay": 0.0,
+         **adam},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+@functools.cache
+def _muon_optimizer_class():
+    import torch
+
+    class Muon(torch.optim.Optimizer):
+        """Muon for groups marked ``use_muon``, AdamW for the others, in one optimizer (so one
+        state dict, loadable with ``torch.load(weights_only=True)``: tensors and numbers only)."""
+
+        def __init__(self, groups: list[dict], lr: float) -> None:
+            super().__init__(groups, {"lr": lr, "weight_decay": 0.0})
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            for group in self.param_groups:
+                (self._muon if group["use_muon"] else self._adamw)(group)
+            return loss
+
+        def _muon(self, group: dict) -> None:
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mu)
+                update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
+                update = zeropower_via_newtonschulz5(update, group["ns_steps"])
+                # An orthogonal update has RMS 1/sqrt(max side); this keeps tall matrices'
+                # per-entry step the same as square ones' (Jordan, 2024).
+                scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.add_(update.to(p.dtype), alpha=-lr * scale)
+
+        def _adamw(self, group: dict) -> None:
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = float(state["step"])
+                state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
+
+    return Muon
+
+
+class MuonSpec(OptimizerSpec):
+    """Muon (Jordan et al., 2024: momentum, then Newton-Schulz orthogonalisation of each
+    update) on the 2-D weight matrices inside the blocks; AdamW on the embeddings, the output
+    head, norms and biases. Every group's learning rate is a multiple of ``train.lr`` that the
+    schedule scales. Not for ``train.parallel=fsdp`` (it needs whole matrices)."""
+
+    kind: Literal["muon"] = "muon"
+    muon_lr_scale: float = Field(
+        10.0, gt=0, description="Muon's learning rate as a multiple of train.lr."
+    )
+    momentum: float = Field(0.95, ge=0, lt=1)
+    nesterov: bool = True
+    ns_steps: int = Field(5, ge=1, le=20, description="Newton-Schulz iterations per update.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled decay of the Muon matrices.")
+    embed_lr_scale: float = Field(1.0, gt=0, description="Embeddings' lr / train.lr (AdamW).")
+    head_lr_scale: float = Field(1.0, gt=0, description="Untied output head's lr / train.lr.")
+    scalar_lr_scale: float = Field(1.0, gt=0, description="Norms' and biases' lr / train.lr.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.95, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    adam_weight_decay: float = Field(0.0, ge=0, description="AdamW decay of embeddings/head.")
+
+    def build(self, model, *, lr: float):
+        return _muon_optimizer_class()(muon_groups(model, lr, self), lr)
