@@ -789,8 +789,10 @@ def _tokenize_into(sources: list[Source], data_spec, tokenizer, writer: ShardWri
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    # spawn, not fork: the caller may hold torch threads or an open MLflow client.
-    ctx = multiprocessing.get_context("spawn")
+    # fork where there is one: workers start at once and need no importable __main__ (a
+    # notebook, a script without a main guard). They only run NumPy and the tokenizer.
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(tokenizer,)) as pool:
         window: deque = deque()
