@@ -10,6 +10,7 @@ from pathlib import Path
 from gptkit.data import prepare_data
 from gptkit.spec import validate_spec
 
+
 def main():
     path, kind = sys.argv[1], sys.argv[2]
     spec = validate_spec({"data": {"source": path}, "tokenizer": kind})
