@@ -849,6 +849,17 @@ def _load_entry(folder: Path, registry=None):
     return meta, tokenizer, shards
 
 
+def _remove_stale_builds(folder: Path) -> None:
+    """Delete temporary folders left by builds of this entry whose process is gone (killed)."""
+    for tmp in folder.parent.glob(f".tmp-{folder.name}-*"):
+        try:
+            os.kill(int(tmp.name.split("-")[-2]), 0)  # still running: leave it be
+        except (ValueError, IndexError, ProcessLookupError):
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
 def _build_entry(folder: Path, sources, data_spec, tokenizer_spec, digest: str,
                  progress: bool | None, workers: int | None, log) -> None:
     """Fit, tokenize and write a cache entry under a temporary name; rename it into place."""
@@ -925,6 +936,7 @@ def prepare_data(data_spec, tokenizer_spec, min_len: int = 0, cache: Path | None
     except Exception:  # missing or damaged: (re)build it
         cached = False
         folder.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_builds(folder)
         _build_entry(folder, sources, data_spec, tokenizer_spec, digest, progress, workers, log)
         meta, tokenizer, shards = _load_entry(folder)
     total = int(meta["tokens"])

@@ -222,7 +222,16 @@ def test_damaged_cache_is_rebuilt_and_a_second_run_reuses(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-10])  # cut short, as by a crash
     again = prepare_data(spec.data, spec.tokenizer, cache=tmp_path / "cache")
     assert not again.cached and np.array_equal(np.asarray(again.train), np.asarray(first.train))
-    # New content is a new entry; so is another val_fraction or shard size.
+    # A build killed midway leaves a temporary folder; the next build of the entry removes it.
+    import shutil
+
+    shutil.rmtree(again.folder)
+    stale = again.folder.with_name(f".tmp-{again.folder.name}-999999999-1")
+    stale.mkdir()
+    (stale / "shard-00000.bin").write_bytes(b"partial")
+    assert not prepare_data(spec.data, spec.tokenizer, cache=tmp_path / "cache").cached
+    assert not stale.exists()
+    # New content is a new entry.
     (tmp_path / "a.txt").write_text("hello world\n" * 501)
     assert not prepare_data(spec.data, spec.tokenizer, cache=tmp_path / "cache").cached
 
