@@ -110,7 +110,7 @@ MUON = ["--set", "train.optimizer.kind=muon", "--set", "train.optimizer.muon_lr_
 def test_muon_trains_the_smoke_spec_and_resumes_bit_identically(tmp_path):
     from safetensors.torch import load_file
 
-    from gptkit.checkpoint import read_pointer
+    from gptkit.training.checkpoint import read_pointer
 
     def weights(run):
         return load_file(run / "checkpoints" / read_pointer(run / "checkpoints" / "latest")
