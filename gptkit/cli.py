@@ -428,55 +428,51 @@ def generate(
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Recompute the whole context for every token.")
     ] = False,
+    temperature: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(min=0, help="0 means greedy; otherwise divides the logits."),
+    ] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, help="Top-k sampling.")] = None,  # noqa: UP045
+    top_p: Annotated[
+        Optional[float], typer.Option("--top-p", min=0, max=1, help="Nucleus sampling.")  # noqa: UP045
+    ] = None,
 ) -> None:
     """Generate text from a training run (torch) or an export bundle (onnxruntime, no torch)."""
     if max_new_tokens is not None and max_new_tokens < 0:
         raise GptkitError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-    stops = [codecs_unescape(s) for s in (stop or [])]
+    from gptkit.api import Inference
+    from gptkit.decoding import GenerationOptions
+
     prompt = codecs_unescape(prompt)
-    sets = list(overrides or [])
-    if (run / "gptkit.json").is_file():
-        from gptkit.runtime import Bundle
-
-        bundle = Bundle.load(run)
-        changes = _sampler_changes(sets)
-        if stops:
-            changes["stop"] = [*bundle.sampler.stop, *stops]
-        sampler = bundle.sampler_with(**changes)
-
-        def complete(prompts, **kw):
-            return bundle.complete(prompts, sampler=sampler, **kw)
-    else:
+    options = GenerationOptions.from_kwargs(
+        max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, top_k=top_k,
+        top_p=top_p, stop=[codecs_unescape(s) for s in (stop or [])],
+        sampler=_sampler_changes(list(overrides or [])))
+    if not (run / "gptkit.json").is_file():
         require_torch("generate")
-        from gptkit.generate import Generator
-
-        gen = Generator.from_run(run, checkpoint=checkpoint, overrides=sets)
-        if stops:
-            gen.sampler = gen.sampler.model_copy(update={"stop": [*gen.sampler.stop, *stops]})
-        complete = gen.complete
+    gen = Inference.load(run, checkpoint=checkpoint)
     prompts = [prompt] * num_samples
     if stream and num_samples == 1:
         typer.echo(prompt, nl=False)
-        complete(prompts, max_new_tokens=max_new_tokens, seed=seed, use_cache=not no_cache,
-                 on_text=lambda row, piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        gen.complete(prompts, options, use_cache=not no_cache,
+                     on_text=lambda row, piece: (sys.stdout.write(piece), sys.stdout.flush()))
         typer.echo()
         return
-    out = complete(prompts, max_new_tokens=max_new_tokens, seed=seed, use_cache=not no_cache)
-    for i, completion in enumerate(out):
+    for i, completion in enumerate(gen.complete(prompts, options, use_cache=not no_cache)):
         if num_samples > 1:
             echo(f"--- sample {i + 1} ({completion.finish_reason}) ---")
         echo(prompt + completion.text)
 
 
 def _sampler_changes(sets: list[str]) -> dict:
-    """``--set sampler.x=y`` for a bundle: only sampler fields can change there."""
+    """``--set sampler.x=y``: generation changes only the sampler (runs and bundles alike)."""
     from gptkit.spec import parse_override
 
     changes = {}
     for text in sets:
         path, value = parse_override(text)
         if len(path) != 2 or path[0] != "sampler":
-            raise GptkitError(f"--set {text!r}: a bundle only takes sampler.FIELD=VALUE overrides")
+            raise GptkitError(f"--set {text!r}: generate takes sampler.FIELD=VALUE overrides only")
         changes[path[1]] = value
     return changes
 

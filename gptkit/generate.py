@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gptkit.decoding import Completion, decode_loop, derive_sampler, sampler_changes
+from gptkit.api import Inference
+from gptkit.decoding import Completion, decode_loop
 from gptkit.model import GPT
 
 
@@ -31,18 +32,22 @@ class TorchBackend:
         return out.logits[:, -1].float().cpu().numpy(), out.past_key_values
 
 
-class Generator:
-    """Generate text from a trained model.
+class Generator(Inference):
+    """Generation from a model in this process (torch): an ``Inference`` over a GPT.
 
     >>> gen = Generator.from_run("runs/shakespeare-char/latest")    # doctest: +SKIP
     >>> gen.generate("ROMEO:", max_new_tokens=100, temperature=0.8, top_p=0.9)  # doctest: +SKIP
     """
 
     def __init__(self, model: GPT, tokenizer: Any, sampler: Any, device: str = "cpu") -> None:
+        super().__init__(TorchBackend(model, device), tokenizer, sampler)
         self.model = model
-        self.tokenizer = tokenizer
-        self.sampler = sampler
-        self.backend = TorchBackend(model, device)
+        self.plugins: tuple[str, ...] = ()  # the run's ``plugins:`` modules
+
+    def registry(self, kind: str) -> Any:
+        from gptkit.registry import load_registry
+
+        return load_registry(self.plugins)
 
     @classmethod
     def from_run(cls, run: str | Path, checkpoint: str = "latest", overrides: Sequence[str] = (),
@@ -51,47 +56,9 @@ class Generator:
         from gptkit.training.rundir import load_run
 
         loaded = load_run(run, checkpoint=checkpoint, overrides=overrides, device=device)
-        return cls(loaded.model, loaded.tokenizer, loaded.spec.sampler, device)
-
-    def sampler_with(self, **options: Any) -> Any:
-        """The run's sampler, with options such as ``temperature=0.7`` or ``top_k=40``
-        (``top_k``/``top_p``/``min_p`` switch to that sampler; ``temperature=0`` is greedy)."""
-        from gptkit.registry import load_registry
-
-        return derive_sampler(load_registry(), self.sampler, sampler_changes(**options))
-
-    def complete(
-        self,
-        prompts: Sequence[str],
-        *,
-        max_new_tokens: int | None = None,
-        seed: int | None = None,
-        use_cache: bool = True,
-        on_text: Callable[[int, str], None] | None = None,
-        **sampler_options: Any,
-    ) -> list[Completion]:
-        """Continuations (text, tokens, finish reason) for a batch of prompts."""
-        sampler = self.sampler_with(**sampler_options) if sampler_options else self.sampler
-        return decode_loop(self.backend, self.tokenizer, list(prompts), sampler,
-                           max_new_tokens=max_new_tokens, seed=seed, use_cache=use_cache,
-                           on_text=on_text)
-
-    def generate(
-        self,
-        prompt: str | Sequence[str],
-        max_new_tokens: int = 200,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        **options: Any,
-    ) -> str | list[str]:
-        """The seed project's inference call: text for one prompt, or a list for a batch."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        out = self.complete(prompts, max_new_tokens=max_new_tokens, seed=seed,
-                            temperature=temperature, top_k=top_k, top_p=top_p, **options)
-        texts = [c.text for c in out]
-        return texts[0] if isinstance(prompt, str) else texts
+        gen = cls(loaded.model, loaded.tokenizer, loaded.spec.sampler, device)
+        gen.plugins = tuple(loaded.spec.plugins)
+        return gen
 
 
 def sample_text(model: GPT, tokenizer: Any, sampler: Any, n_tokens: int, seed: int,

@@ -10,13 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gptkit.decoding import Completion, decode_loop, derive_sampler
+from gptkit.api import Inference
 from gptkit.errors import RunError
 
 MANIFEST = "gptkit.json"
@@ -160,19 +159,18 @@ def _check_external_data(model_path: Path, root: Path) -> None:
                                f"'{location}', outside the bundle; refusing to load it")
 
 
-class Bundle:
-    """A verified export bundle: onnxruntime model, tokenizer and default sampler."""
+class Bundle(Inference):
+    """A verified export bundle: onnxruntime model, tokenizer and default sampler, as an
+    ``Inference`` (same options and meanings as a run's)."""
 
     def __init__(self, folder: Path, manifest: dict[str, Any], model: OnnxModel, tokenizer: Any,
                  sampler: Any, registry: Any) -> None:
-        self.folder, self.manifest = folder, manifest
-        self.model, self.tokenizer, self.sampler = model, tokenizer, sampler
-        self.registry = registry
-        self.max_seq_len = int(manifest["max_seq_len"])
-        self.backend = _Backend(model, self.max_seq_len)
+        super().__init__(_Backend(model, int(manifest["max_seq_len"])), tokenizer, sampler)
+        self.folder, self.manifest, self.model = folder, manifest, model
+        self._registry = registry
 
     @classmethod
-    def load(cls, folder: str | Path, threads: int | None = None) -> Bundle:
+    def load(cls, folder: str | Path, threads: int | None = None, **_: Any) -> Bundle:
         from gptkit.components.tokenizers import load_tokenizer
 
         folder = Path(folder)
@@ -190,24 +188,9 @@ class Bundle:
         return cls(folder, manifest, OnnxModel(folder / MODEL_FILE, threads), tokenizer, sampler,
                    registry)
 
-    def sampler_with(self, **changes: Any):
-        """The bundle's sampler with some fields changed (``kind`` too)."""
-        kind = changes.get("kind", self.sampler.kind)
-        if kind not in self.registry.components["sampler"]:
-            self.registry = _registry_for({"sampler": kind},
-                                          tuple(self.manifest["spec"].get("plugins") or ()))
-        return derive_sampler(self.registry, self.sampler, changes)
-
-    def complete(self, prompts: Sequence[str], *, sampler: Any = None,
-                 max_new_tokens: int | None = None, seed: int | None = None,
-                 use_cache: bool = True,
-                 on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
-        return decode_loop(self.backend, self.tokenizer, list(prompts), sampler or self.sampler,
-                           max_new_tokens=max_new_tokens, seed=seed, use_cache=use_cache,
-                           on_text=on_text)
-
-    def generate(self, prompt: str, max_new_tokens: int = 200, seed: int | None = None,
-                 **sampler_changes: Any) -> str:
-        sampler = self.sampler_with(**sampler_changes) if sampler_changes else self.sampler
-        return self.complete([prompt], sampler=sampler, max_new_tokens=max_new_tokens,
-                             seed=seed)[0].text
+    def registry(self, kind: str) -> Any:
+        """The torch-free registry; installed plugins are loaded only for a kind it lacks."""
+        if kind not in self._registry.components["sampler"]:
+            self._registry = _registry_for({"sampler": kind},
+                                           tuple(self.manifest["spec"].get("plugins") or ()))
+        return self._registry

@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from gptkit.decoding import sampler_changes
+from gptkit.decoding import GenerationOptions
 from gptkit.errors import GptkitError
 from gptkit.runtime import Bundle
 
@@ -170,7 +170,7 @@ def create_app(bundle: Bundle, limits: Limits | None = None, name: str | None = 
         if len(stops) > 4 or any(not s or len(s) > 64 for s in stops):
             return _error(400, "stop: up to 4 non-empty strings of at most 64 characters")
         try:
-            sampler = bundle.sampler_with(**sampler_changes(
+            sampler = bundle.sampler_for(GenerationOptions(
                 temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, stop=stops))
             for i, p in enumerate(prompts):
                 n_tokens = len(bundle.tokenizer.encode(p))
