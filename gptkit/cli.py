@@ -521,6 +521,10 @@ def export(
         Optional[str],  # noqa: UP045
         typer.Option("--register", help="Also register the model in MLflow under this name."),
     ] = None,
+    tolerance: Annotated[
+        float, typer.Option(min=0, help="Parity: largest logit difference accepted, relative "
+                            "to the logits' scale (greedy tokens must agree too).")
+    ] = 1e-4,
 ) -> None:
     """Export a run to an ONNX bundle with a KV cache, parity-checked against torch."""
     require_torch("export")
@@ -528,7 +532,8 @@ def export(
         raise GptkitError(f"--quantize {quantize!r}: the only option is int8")
     from gptkit.export import export_run
 
-    export_run(run, out, quantize=quantize, checkpoint=checkpoint, register=register)
+    export_run(run, out, quantize=quantize, checkpoint=checkpoint, register=register,
+               tolerance=tolerance)
 
 
 @app.command()

@@ -30,7 +30,10 @@ from gptkit.model import GPT
 OPSET = 18
 MANIFEST = "gptkit.json"
 MODEL_FILE = "model.onnx"
-PARITY_ATOL = 1e-4
+# Parity is judged relative to the logits' own scale (their largest magnitude, at least 1):
+# fp32 rounding grows with the size of the numbers, so a fixed absolute bound fails real models
+# with peaked logits (GPT-2's are in the hundreds) while a broken export is off by far more.
+PARITY_RTOL = 1e-4
 
 
 class _OnnxDecoder(torch.nn.Module):
@@ -134,8 +137,13 @@ def sha256_file(path: Path) -> str:
 # --------------------------------------------------------------------------- parity
 
 
-def parity_check(model: GPT, onnx_path: Path, decode_steps: int = 32, seed: int = 0) -> dict[str, Any]:
-    """Run torch and onnxruntime side by side: a prefill, then cached decode steps."""
+def parity_check(model: GPT, onnx_path: Path, decode_steps: int = 32, seed: int = 0,
+                 tolerance: float = PARITY_RTOL) -> dict[str, Any]:
+    """Run torch and onnxruntime side by side: a prefill, then cached decode steps.
+
+    Passes when every logit differs by at most ``tolerance`` times the logits' scale (the
+    largest |logit| torch produced, at least 1) and greedy tokens agree at every step.
+    """
     from gptkit.runtime import OnnxModel
 
     ort_model = OnnxModel(onnx_path)
@@ -151,6 +159,7 @@ def parity_check(model: GPT, onnx_path: Path, decode_steps: int = 32, seed: int 
         ref = model(ids, positions=torch.from_numpy(pos))
     logits, past = ort_model.run(ids.numpy(), pos, mask, None, all_logits=True)
     prefill_diff = float(np.abs(logits - ref.logits.numpy()).max())
+    scale = float(ref.logits.abs().max())
     decode_diff, greedy_same = 0.0, True
     torch_past = ref.past_key_values
     tok_t = ref.logits[:, -1].argmax(-1, keepdim=True)
@@ -163,13 +172,18 @@ def parity_check(model: GPT, onnx_path: Path, decode_steps: int = 32, seed: int 
             out = model(tok_t, positions=torch.from_numpy(p), past_key_values=torch_past)
         logits, past = ort_model.run(tok_t.numpy(), p, mask, past, all_logits=True)
         decode_diff = max(decode_diff, float(np.abs(logits - out.logits.numpy()).max()))
+        scale = max(scale, float(out.logits.abs().max()))
         torch_past = out.past_key_values
         tok_t = out.logits[:, -1].argmax(-1, keepdim=True)
         tok_o = torch.from_numpy(logits[:, -1].argmax(-1)[:, None])
-    ok = prefill_diff <= PARITY_ATOL and decode_diff <= PARITY_ATOL and greedy_same
+    greedy_same &= bool(torch.equal(tok_t, tok_o))
+    scale = max(scale, 1.0)
+    relative = max(prefill_diff, decode_diff) / scale
+    ok = relative <= tolerance and greedy_same
     return {"prefill_max_abs_diff": prefill_diff, "decode_max_abs_diff": decode_diff,
+            "logit_scale": scale, "max_rel_diff": relative,
             "decode_steps": decode_steps, "greedy_tokens_identical": greedy_same,
-            "tolerance": PARITY_ATOL, "passed": ok}
+            "tolerance": tolerance, "passed": ok}
 
 
 # --------------------------------------------------------------------------- int8
@@ -222,8 +236,10 @@ def quality_report(fp32: Path, int8: Path, val_ids: np.ndarray, window: int,
 
 
 def export_run(run: str | Path, out: str | Path, quantize: str | None = None,
-               checkpoint: str = "latest", register: str | None = None, log=print) -> dict[str, Any]:
-    """Export a run to a bundle folder; returns the manifest. Refuses to finish on a parity miss."""
+               checkpoint: str = "latest", register: str | None = None, log=print,
+               tolerance: float = PARITY_RTOL) -> dict[str, Any]:
+    """Export a run to a bundle folder; returns the manifest. Refuses to finish on a parity
+    miss (``tolerance``: the largest logit difference accepted, relative to the logits' scale)."""
     from gptkit.training.rundir import load_run
 
     loaded = load_run(run, checkpoint=checkpoint)
@@ -241,15 +257,21 @@ def export_run(run: str | Path, out: str | Path, quantize: str | None = None,
         log(f"exporting {loaded.checkpoint} to ONNX (opset {OPSET}) ...")
         export_onnx(model, tmp / MODEL_FILE)
         log(f"  exported in {time.time() - t0:.1f}s; checking parity with torch ...")
-        parity = parity_check(model, tmp / MODEL_FILE)
-        log(f"  prefill max |diff| {parity['prefill_max_abs_diff']:.2e}, "
-            f"{parity['decode_steps']} decode steps {parity['decode_max_abs_diff']:.2e}, "
-            f"greedy identical: {parity['greedy_tokens_identical']}")
+        parity = parity_check(model, tmp / MODEL_FILE, tolerance=tolerance)
+        worst = max(parity["prefill_max_abs_diff"], parity["decode_max_abs_diff"])
+        log(f"  parity: max |diff| {worst:.2e} on logits of scale {parity['logit_scale']:.3g} = "
+            f"{parity['max_rel_diff']:.2e} relative (tolerance {tolerance:.0e}) over a prefill "
+            f"and {parity['decode_steps']} decode steps; greedy tokens identical: "
+            f"{parity['greedy_tokens_identical']}")
         if not parity["passed"]:
+            why = ("greedy tokens differ" if not parity["greedy_tokens_identical"] else
+                   f"relative difference {parity['max_rel_diff']:.2e} > tolerance {tolerance:.0e}")
             raise GptkitError(
-                f"ONNX parity check failed: {json.dumps(parity)}; the bundle was not written",
-                "This is a bug in an attention/positional component's export path; "
-                "run gptkit's contract tests for it.")
+                f"ONNX parity check failed ({why}): {json.dumps(parity)}; the bundle was not "
+                "written",
+                "If the difference is acceptable to you, pass a larger --tolerance; otherwise "
+                "this is a bug in an attention/positional component's export path: run gptkit's "
+                "contract tests for it.")
         quant = None
         model_file = MODEL_FILE
         if quantize == "int8":

@@ -11,16 +11,54 @@ import torch
 
 from gptkit.api import Inference
 from gptkit.decoding import Completion, decode_loop
+from gptkit.components.attention import StaticKV
 from gptkit.model import GPT
 
 
-class TorchBackend:
-    """Runs a GPT for the decoding loop; the cache is the model's own (keys, values) list."""
+class StaticCache:
+    """A preallocated KV cache: per layer, keys and values (B, H_kv, capacity, hd), filled in
+    place one step at a time. Slot j holds the token at index j of the left-padded batch."""
 
-    def __init__(self, model: GPT, device: str | torch.device = "cpu") -> None:
+    def __init__(self, prefill: list[tuple[torch.Tensor, torch.Tensor]], capacity: int) -> None:
+        self.keys, self.values = [], []
+        for k, v in prefill:
+            B, H_kv, T, hd = k.shape
+            self.keys.append(k.new_zeros(B, H_kv, max(capacity, T), hd))
+            self.values.append(v.new_zeros(B, H_kv, max(capacity, T), hd))
+        self.length = 0
+        self.write(prefill)
+
+    def views(self) -> list[StaticKV]:
+        """The slots in use, as views (no copy)."""
+        L = self.length
+        position = torch.tensor(L, device=self.keys[0].device)
+        return [StaticKV(k[:, :, :L], v[:, :, :L], position) for k, v in zip(self.keys, self.values)]
+
+    def write(self, new: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put the new tokens' keys and values in the next slots, in place."""
+        L, T = self.length, new[0][0].size(2)
+        for buf_k, buf_v, (k, v) in zip(self.keys, self.values, new):
+            buf_k[:, :, L : L + T] = k
+            buf_v[:, :, L : L + T] = v
+        self.length = L + T
+
+    def keep_rows(self, rows: list[int]) -> StaticCache:
+        index = torch.tensor(rows, device=self.keys[0].device)
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        return self
+
+
+class TorchBackend:
+    """Runs a GPT for the decoding loop. The cache is a ``StaticCache`` (preallocated, updated
+    in place) when every component supports it, else the model's concatenated (keys, values)."""
+
+    def __init__(self, model: GPT, device: str | torch.device = "cpu",
+                 static: bool | None = None) -> None:
         self.model = model.eval()
         self.device = torch.device(device)
         self.max_seq_len = model.spec.max_seq_len
+        self.static = model.static_cache if static is None else static and model.static_cache
 
     @torch.inference_mode()
     def __call__(self, ids, positions, key_mask, past):
@@ -28,8 +66,24 @@ class TorchBackend:
         pos = torch.from_numpy(positions).to(self.device)
         # No mask at all when nothing is padded: the fused attention fast path applies.
         mask = None if key_mask.all() else torch.from_numpy(key_mask).to(self.device)
-        out = self.model(idx, positions=pos, past_key_values=past, key_mask=mask, last_only=True)
-        return out.logits[:, -1].float().cpu().numpy(), out.past_key_values
+        if past is None or not self.static:
+            out = self.model(idx, positions=pos, past_key_values=past, key_mask=mask,
+                             last_only=True)
+            if self.static:  # the prefill fills a fresh preallocated cache
+                return out.logits[:, -1].float().cpu().numpy(), StaticCache(
+                    out.past_key_values, self.max_seq_len)
+            return out.logits[:, -1].float().cpu().numpy(), out.past_key_values
+        out = self.model(idx, positions=pos, past_key_values=past.views(), key_mask=mask,
+                         last_only=True)
+        past.write(out.past_key_values)
+        return out.logits[:, -1].float().cpu().numpy(), past
+
+    def keep_rows(self, past, rows: list[int]):
+        """The cache of the given rows only (finished rows leave the batch)."""
+        if isinstance(past, StaticCache):
+            return past.keep_rows(rows)
+        index = torch.tensor(rows, device=self.device)
+        return [(k.index_select(0, index), v.index_select(0, index)) for k, v in past]
 
 
 class Generator(Inference):
@@ -78,4 +132,4 @@ def sample_text(model: GPT, tokenizer: Any, sampler: Any, n_tokens: int, seed: i
         model.train(was_training)
 
 
-__all__ = ["Generator", "TorchBackend", "Completion", "sample_text"]
+__all__ = ["Generator", "TorchBackend", "StaticCache", "Completion", "sample_text"]
