@@ -1,13 +1,20 @@
 """Export a trained run to an ONNX bundle with a KV cache, parity-checked against torch.
 
-One graph serves prefill and decode::
+One graph serves prefill and decode. With a static cache (every component supports it)::
 
     inputs   input_ids (B, T) int64, position_ids (B, T) int64,
-             attention_mask (B, P + T) int64 (1 = real token, 0 = left padding),
-             past_key_values.{i}.key / .value (B, H_kv, P, hd) float32   (P may be 0)
-    outputs  logits (B, T, V) float32, present.{i}.key / .value (B, H_kv, P + T, hd)
+             attention_mask (B, S + T) int64 (the S cache slots, then the new tokens;
+                 1 = a real token, 0 = left padding or an unused slot),
+             cache_position () int64 (slots in use: where the new tokens go),
+             past_key_values.{i}.key / .value (B, H_kv, S, hd) float32: the preallocated cache
+    outputs  logits (B, T, V) float32, present.{i}.key / .value (B, H_kv, T, hd): the new
+             tokens' keys and values, which the runtime writes into its cache in place
 
-Names follow onnxruntime-genai / Optimum. Batch, sequence and past lengths are symbolic.
+so the graph never copies the cache. Otherwise (the declared fallback of a component that
+cannot take a static cache) the cache is concatenated: ``past_key_values`` (B, H_kv, P, hd),
+no ``cache_position``, and ``present`` (B, H_kv, P + T, hd) is the whole new cache.
+
+Names follow onnxruntime-genai / Optimum. Batch, sequence and cache lengths are symbolic.
 """
 
 from __future__ import annotations
@@ -49,10 +56,27 @@ class _OnnxDecoder(torch.nn.Module):
         return out.logits, out.past_key_values
 
 
-def io_names(n_layers: int) -> tuple[list[str], list[str]]:
+class _StaticOnnxDecoder(torch.nn.Module):
+    """The GPT over a static cache: the cache is read, and only the new keys/values leave."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, attention_mask, cache_position, past_key_values):
+        from gptkit.components.attention import StaticKV
+
+        past = [StaticKV(k, v, cache_position) for k, v in past_key_values]
+        out = self.model(input_ids, positions=position_ids, past_key_values=past,
+                         key_mask=attention_mask.bool())
+        return out.logits, out.past_key_values
+
+
+def io_names(n_layers: int, static: bool = False) -> tuple[list[str], list[str]]:
     past = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
-    return ["input_ids", "position_ids", "attention_mask", *past], ["logits", *present]
+    first = ["input_ids", "position_ids", "attention_mask"] + (["cache_position"] if static else [])
+    return [*first, *past], ["logits", *present]
 
 
 def cache_shape(model: GPT) -> tuple[int, int]:
@@ -63,11 +87,13 @@ def cache_shape(model: GPT) -> tuple[int, int]:
     return int(k.shape[1]), int(k.shape[3])
 
 
-def export_onnx(model: GPT, path: Path, opset: int = OPSET) -> None:
-    """Write ``model`` as ONNX to ``path`` with symbolic batch / sequence / past dimensions."""
+def export_onnx(model: GPT, path: Path, opset: int = OPSET, static: bool | None = None) -> None:
+    """Write ``model`` as ONNX to ``path`` with symbolic batch / sequence / past dimensions;
+    with a static cache when every component supports one (``static``: None = when it can)."""
     from torch.export import Dim
 
     model = model.eval()
+    static = model.static_cache if static is None else static and model.static_cache
     n_layers = model.spec.n_layers
     h_kv, hd = cache_shape(model)
     # Example sizes of 2 and more: sizes 0 and 1 would be frozen into the graph.
@@ -84,7 +110,13 @@ def export_onnx(model: GPT, path: Path, opset: int = OPSET) -> None:
         "attention_mask": {0: batch, 1: Dim.AUTO},
         "past_key_values": [({0: batch, 2: past_len}, {0: batch, 2: past_len})] * n_layers,
     }
-    inputs, outputs = io_names(n_layers)
+    decoder: torch.nn.Module = _OnnxDecoder(model)
+    if static:
+        decoder = _StaticOnnxDecoder(model)
+        args = (*args[:3], torch.tensor(P - 1), past)
+        dynamic["cache_position"] = None
+        dynamic["past_key_values"] = dynamic.pop("past_key_values")  # keep the argument order
+    inputs, outputs = io_names(n_layers, static)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Export traces an inference graph: parameters that require grad (a plugin's learned
     # score bias, say) would otherwise be traced through autograd. Restored afterwards.
@@ -97,7 +129,7 @@ def export_onnx(model: GPT, path: Path, opset: int = OPSET) -> None:
 
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)
             program = torch.onnx.export(
-                _OnnxDecoder(model), args, dynamic_shapes=dynamic, dynamo=True,
+                decoder, args, dynamic_shapes=dynamic, dynamo=True,
                 opset_version=opset, input_names=inputs, output_names=outputs, verbose=False,
                 optimize=True,
             )
@@ -290,7 +322,7 @@ def export_run(run: str | Path, out: str | Path, quantize: str | None = None,
                 f"{quant['size_fp32'] / 1e6:.1f} MB -> {quant['size_int8'] / 1e6:.1f} MB")
         tok_files = loaded.tokenizer.save(tmp / "tokenizer")
         h_kv, hd = cache_shape(model)
-        inputs, outputs = io_names(spec.model.n_layers)
+        inputs, outputs = io_names(spec.model.n_layers, model.static_cache)
         files = [model_file, *[f"tokenizer/{f}" for f in tok_files]]
         files += [f.name for f in tmp.iterdir() if f.is_file() and f.name not in (MODEL_FILE,)
                   and f.name != MANIFEST]
@@ -309,6 +341,7 @@ def export_run(run: str | Path, out: str | Path, quantize: str | None = None,
             "n_layers": spec.model.n_layers,
             "n_kv_heads": h_kv,
             "head_dim": hd,
+            "cache": "static" if model.static_cache else "concat",
             "opset": OPSET,
             "precision": quantize or "fp32",
             "parity": parity,
