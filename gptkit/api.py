@@ -101,6 +101,9 @@ def create_model(config: dict[str, Any] | str = "tiny", **fields: Any) -> GPT:
     """A GPT from a config dict (``vocab_size``, ``d_model``, ``n_heads``, ``n_layers``,
     ``d_ff``, ``max_seq_len``, ``dropout``, plus any other model field) or a preset name
     (``tiny``, ``small``, ``large``) with overrides."""
+    from gptkit.model import GPT
+    from gptkit.spec import PRESETS, validate_spec
+
     if isinstance(config, str):
         if config not in PRESETS:
             raise GptkitError(f"unknown preset {config!r}; presets: {', '.join(PRESETS)}")

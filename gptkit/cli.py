@@ -541,20 +541,33 @@ def serve(
     bundle: Annotated[Path, typer.Argument(help="An export bundle folder.")],
     host: Annotated[str, typer.Option(help="Address to bind (default: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
-    max_concurrent: Annotated[int, typer.Option(min=1, help="Generations at once.")] = 4,
+    max_concurrent: Annotated[
+        int, typer.Option(min=1, help="Requests decoded together in the running batch.")
+    ] = 16,
     max_queued: Annotated[int, typer.Option(min=0, help="Requests waiting beyond those.")] = 64,
     max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens accepted.")] = 1024,
     body_timeout: Annotated[
         float, typer.Option(min=0.1, help="Seconds a client has to send its request body.")
     ] = 10.0,
+    header_timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds a client has to send its request headers.")
+    ] = 10.0,
+    served_model_name: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--served-model-name", help="The model id clients use (default: the spec name)."),
+    ] = None,
+    access_log: Annotated[
+        bool, typer.Option("--access-log/--no-access-log", help="One stderr line per request.")
+    ] = True,
 ) -> None:
     """Serve an export bundle over HTTP (OpenAI-style /v1/completions) on onnxruntime."""
     from gptkit.serve import Limits
     from gptkit.serve import serve as run_server
 
-    run_server(str(bundle), host, port, Limits(max_concurrent=max_concurrent,
-                                               max_queued=max_queued, max_tokens=max_tokens,
-                                               body_timeout_s=body_timeout))
+    run_server(str(bundle), host, port,
+               Limits(max_concurrent=max_concurrent, max_queued=max_queued, max_tokens=max_tokens,
+                      body_timeout_s=body_timeout, header_timeout_s=header_timeout),
+               name=served_model_name, access=access_log)
 
 
 @app.command()

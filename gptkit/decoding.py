@@ -318,16 +318,7 @@ class DecodeBatch:
             logits, self.past = self.backend(last, positions, self.key_mask, self.past)
         for row, token in zip(rows, sample_rows(rows, logits)):
             self._advance(row, token)
-        finished = [r for r in rows if r.done]
-        if finished:
-            kept = [i for i, r in enumerate(rows) if not r.done]
-            self.rows = [rows[i] for i in kept]
-            keep_rows = getattr(self.backend, "keep_rows", None)
-            if self.past is not None and kept and keep_rows is not None:
-                self.past = keep_rows(self.past, kept)
-                self.key_mask = self.key_mask[kept]
-            else:
-                self.past = None
+        finished = self.remove_done()
         if not self.use_cache:
             self.past = None
         if any(len(r.context) > self.limit for r in self.rows):
@@ -340,6 +331,21 @@ class DecodeBatch:
         elif self.past is not None and self.key_mask.shape[1] >= self.limit:
             # Rows that left can leave the cache wider than any row still needs.
             self.past = None
+        return finished
+
+    def remove_done(self) -> list[Row]:
+        """Take the rows marked done out of the batch (and its cache); returns them."""
+        rows = self.rows
+        finished = [r for r in rows if r.done]
+        if finished:
+            kept = [i for i, r in enumerate(rows) if not r.done]
+            self.rows = [rows[i] for i in kept]
+            keep_rows = getattr(self.backend, "keep_rows", None)
+            if self.past is not None and kept and keep_rows is not None:
+                self.past = keep_rows(self.past, kept)
+                self.key_mask = self.key_mask[kept]
+            else:
+                self.past = None
         return finished
 
     def _advance(self, row: Row, token: int) -> None:

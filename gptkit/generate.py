@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from gptkit.api import Inference
-from gptkit.decoding import Completion, decode_loop
 from gptkit.components.attention import StaticKV
+from gptkit.decoding import Completion, decode_loop
 from gptkit.model import GPT
 
 
