@@ -575,7 +575,8 @@ def bench(
     spec: SpecArg,
     overrides: SetOpt = None,
     baseline: Annotated[
-        bool, typer.Option("--baseline", help="Also time a plain single-file GPT of the same shape.")
+        bool, typer.Option("--baseline", help="Also time a plain single-file GPT of the same "
+                           "shape, and Hugging Face generate against gptkit torch / ONNX / server.")
     ] = False,
     batch: Annotated[
         Optional[int], typer.Option(min=1, help="Training batch (default: the spec's).")  # noqa: UP045
@@ -596,7 +597,25 @@ def bench(
     report = run_bench(resolved, batch=batch, steps=steps, baseline=baseline, compile=compile,
                        gen_tokens=gen_tokens, onnx=not no_onnx, context_growth=not no_growth,
                        log=lambda m: echo(m, err=True))
-    echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if baseline:  # generation against Hugging Face transformers (the dev extra)
+        import importlib.util
+
+        if importlib.util.find_spec("transformers") is None:
+            echo("gptkit: note: transformers is not installed; skipping the Hugging Face "
+                 "generate comparison (pip install 'gptkit[dev]')", err=True)
+        else:
+            from gptkit.bench import inference_baseline
+
+            report["inference_baseline"] = inference_baseline(
+                new_tokens=gen_tokens, log=lambda m: echo(m, err=True))
+    if as_json:
+        echo(json.dumps(report, indent=2))
+        return
+    echo(format_report(report))
+    if "inference_baseline" in report:
+        from gptkit.bench import format_inference
+
+        echo(format_inference(report["inference_baseline"]))
 
 
 @app.command("compare")
