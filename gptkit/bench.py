@@ -376,8 +376,10 @@ def inference_baseline(new_tokens: int = 256, prompts: tuple[int, ...] = (16, 70
             x = torch.tensor([ids])
             t = time.perf_counter()
             with torch.inference_mode():
-                out = hf.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  pad_token_id=0, eos_token_id=None)
+                # An explicit mask: generate would otherwise mask every prompt token equal to
+                # pad_token_id.
+                out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                                  do_sample=False, pad_token_id=tok.eot_id, eos_token_id=None)
             return out[0, len(ids):].tolist(), time.perf_counter() - t
 
         for length in prompts:
