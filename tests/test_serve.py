@@ -104,7 +104,7 @@ def test_streaming_server_sent_events(server):
     ({"prompt": "A", "top_p": 1.5}, 422, "top_p"),
     ({"prompt": "A", "max_tokens": -1}, 422, "max_tokens"),
     ({"max_tokens": 3}, 422, "prompt"),
-    ({"prompt": "x" * 40}, 400, "the context is 32"),
+    ({"prompt": "x" * 40}, 400, "the model's context is 32"),
     ({"prompt": "snow ☃"}, 400, "never saw"),
     ({"prompt": [], "max_tokens": 3}, 400, "non-empty list"),
     ({"prompt": "A", "n": 99}, 422, "n"),
