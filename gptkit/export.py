@@ -434,9 +434,11 @@ def _signature(manifest: dict[str, Any]):
     from mlflow.types import Schema, TensorSpec
 
     hd, hkv = manifest["head_dim"], manifest["n_kv_heads"]
+    past = [n for n in manifest["inputs"] if n.startswith("past_key_values.")]
     inputs = [TensorSpec(np.dtype(np.int64), (-1, -1), n) for n in manifest["inputs"][:3]]
-    inputs += [TensorSpec(np.dtype(np.float32), (-1, hkv, -1, hd), n)
-               for n in manifest["inputs"][3:]]
+    if "cache_position" in manifest["inputs"]:  # the static cache's write position, a scalar
+        inputs.append(TensorSpec(np.dtype(np.int64), (), "cache_position"))
+    inputs += [TensorSpec(np.dtype(np.float32), (-1, hkv, -1, hd), n) for n in past]
     outputs = [TensorSpec(np.dtype(np.float32), (-1, -1, manifest["vocab_size"]), "logits")]
     outputs += [TensorSpec(np.dtype(np.float32), (-1, hkv, -1, hd), n)
                 for n in manifest["outputs"][1:]]
