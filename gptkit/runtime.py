@@ -50,6 +50,7 @@ class OnnxModel:
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
         self.static = "cache_position" in self.inputs
+        self.max_cache: int | None = None  # the most cache slots a decode can need, if known
         shape = self.session.get_inputs()[self.inputs.index(self.past_names[0])].shape
         self.n_kv_heads, self.head_dim = int(shape[1]), int(shape[3])
 
@@ -76,7 +77,7 @@ class OnnxModel:
         if past is None:
             past = StaticCache(len(self.past_names), B, self.n_kv_heads, self.head_dim)
         L = past.length
-        past.reserve(L + T)
+        past.reserve(L + T, self.max_cache)
         S = past.capacity
         mask = np.zeros((B, S + T), dtype=np.int64)
         mask[:, :L] = key_mask[:, :L]
@@ -111,12 +112,15 @@ class StaticCache:
     def capacity(self) -> int:
         return self.buffers[0].shape[2]
 
-    def reserve(self, needed: int) -> None:
+    def reserve(self, needed: int, limit: int | None = None) -> None:
+        """Room for ``needed`` slots: the capacity doubles, but not past ``limit``."""
         if needed <= self.capacity:
             return
         capacity = self.capacity
         while capacity < needed:
             capacity *= 2
+        if limit is not None:
+            capacity = max(needed, min(capacity, limit))
         grown = []
         for buf in self.buffers:
             new = np.zeros((*buf.shape[:2], capacity, buf.shape[3]), dtype=np.float32)
@@ -138,6 +142,7 @@ class StaticCache:
 class _Backend:
     def __init__(self, model: OnnxModel, max_seq_len: int) -> None:
         self.model, self.max_seq_len = model, max_seq_len
+        model.max_cache = max_seq_len  # the decoding loop never caches more than the context
 
     def __call__(self, ids, positions, key_mask, past):
         return self.model.run(ids, positions, key_mask, past)
