@@ -293,7 +293,7 @@ def export_run(run: str | Path, out: str | Path, quantize: str | None = None,
         worst = max(parity["prefill_max_abs_diff"], parity["decode_max_abs_diff"])
         log(f"  parity: max |diff| {worst:.2e} on logits of scale {parity['logit_scale']:.3g} = "
             f"{parity['max_rel_diff']:.2e} relative (tolerance {tolerance:.0e}) over a prefill "
-            f"and {parity['decode_steps']} decode steps; greedy tokens identical: "
+            f"and {parity['decode_steps']} decode steps; greedy identical: "
             f"{parity['greedy_tokens_identical']}")
         if not parity["passed"]:
             why = ("greedy tokens differ" if not parity["greedy_tokens_identical"] else
