@@ -138,6 +138,9 @@ def _greedy_ids(backend, prompts: list[list[int]], steps: int) -> list[list[int]
     class _Greedy:
         repetition_penalty, stop, stop_at_eot = 1.0, [], False
 
+        def new_state(self):
+            return None
+
         def sample(self, logits, rng, previous=None):
             return logits.argmax(-1)
 
