@@ -24,6 +24,9 @@ _LAZY = {
     "GPT": "gptkit.model",
     "build_model": "gptkit.model",
     "GptkitError": "gptkit.errors",
+    "load": "gptkit.api",
+    "Inference": "gptkit.api",
+    "GenerationOptions": "gptkit.decoding",
 }
 
 __all__ = ["__version__", "hookimpl", *_LAZY]

@@ -8,26 +8,35 @@ checkpoint folder, generate with an inference object.
 >>> model = create_model("tiny", vocab_size=data.tokenizer.vocab_size, max_seq_len=64)  # doctest: +SKIP
 >>> Trainer(model, train_loader, val_loader, lr=3e-3, checkpoint_dir="ckpt").train(epochs=1)  # doctest: +SKIP
 >>> Inference.from_checkpoint("ckpt").generate("ROMEO:", temperature=0.8, top_k=40)  # doctest: +SKIP
+
+``Inference`` is gptkit's one generation object: ``gptkit.load(path)`` returns one for a run
+(torch) or an export bundle (onnxruntime, no torch), with the same options everywhere. This
+module imports torch only when a torch part is used.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from gptkit.data import prepare_data as _prepare_tokens
+from gptkit.decoding import (
+    Completion,
+    DecodeBatch,
+    GenerationOptions,
+    decode_loop,
+    resolve_sampler,
+    row_rngs,
+)
 from gptkit.errors import GptkitError
-from gptkit.generate import Generator
-from gptkit.model import GPT
-from gptkit.spec import PRESETS, validate_spec
-from gptkit.training.loop import Trainer as _SpecTrainer
-from gptkit.training.loop import get_batch
-from gptkit.training.rundir import RunDir
+
+if TYPE_CHECKING:  # torch stays out of a bundle-only process
+    import torch
+
+    from gptkit.model import GPT
 
 
 @dataclass
@@ -46,6 +55,9 @@ def prepare_data(source: str | Path | list[str], tokenizer: str | dict[str, Any]
                  val_fraction: float = 0.1) -> TextData:
     """Tokenize a text file (or glob / list / 'tinyshakespeare'); the tokenizer is fitted on
     the training part. Cached like ``gptkit train``'s data."""
+    from gptkit.data import prepare_data as _prepare_tokens
+    from gptkit.spec import validate_spec
+
     spec = validate_spec({"data": {"source": source if isinstance(source, list) else str(source),
                                    "val_fraction": val_fraction}, "tokenizer": tokenizer})
     tokens = _prepare_tokens(spec.data, spec.tokenizer)
@@ -69,6 +81,10 @@ class BatchLoader:
         return max(1, len(self.tokens) // (self.batch_size * self.seq_len))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        import torch
+
+        from gptkit.training.loop import get_batch
+
         gen = torch.Generator().manual_seed(self.seed)
         for _ in range(len(self)):
             yield get_batch(self.tokens, self.batch_size, self.seq_len, gen, torch.device("cpu"))
@@ -85,6 +101,9 @@ def create_model(config: dict[str, Any] | str = "tiny", **fields: Any) -> GPT:
     """A GPT from a config dict (``vocab_size``, ``d_model``, ``n_heads``, ``n_layers``,
     ``d_ff``, ``max_seq_len``, ``dropout``, plus any other model field) or a preset name
     (``tiny``, ``small``, ``large``) with overrides."""
+    from gptkit.model import GPT
+    from gptkit.spec import PRESETS, validate_spec
+
     if isinstance(config, str):
         if config not in PRESETS:
             raise GptkitError(f"unknown preset {config!r}; presets: {', '.join(PRESETS)}")
@@ -114,6 +133,8 @@ class Trainer:
             raise GptkitError(f"loader seq_len {loader.seq_len} != model max_seq_len "
                               f"{self.model.spec.max_seq_len}")
         steps = max(1, round(epochs * len(loader)))
+        from gptkit.spec import validate_spec
+
         return validate_spec({
             "name": self.checkpoint_dir.name or "api",
             "seed": loader.seed,
@@ -131,6 +152,9 @@ class Trainer:
     def train(self, epochs: float = 1.0, progress: bool = True):
         """Train for ``epochs`` passes over the training loader; returns the result (val loss,
         tokens/s, run directory). Calling it again continues from the last checkpoint."""
+        from gptkit.training.loop import Trainer as _SpecTrainer
+        from gptkit.training.rundir import RunDir
+
         spec = self.spec(epochs)
         resume = RunDir(self.checkpoint_dir).is_run()
         if resume:  # continue: same model, more steps
@@ -142,21 +166,144 @@ class Trainer:
         return self.result
 
 
-class Inference(Generator):
-    """Generation for a trained model: ``generate(prompt_or_prompts, max_new_tokens,
-    temperature, top_k, top_p, seed)``."""
+class Inference:
+    """Generation, whatever runs the model: a training run (torch) or an export bundle
+    (onnxruntime). Options have one meaning everywhere (see ``GenerationOptions``):
+    ``temperature=0`` is greedy; ``top_k`` / ``top_p`` / ``min_p`` pick that sampler; other
+    sampler fields go by name (``kind="typical", p=0.9``).
+
+    >>> gen = gptkit.load("runs/shakespeare-char")                  # doctest: +SKIP
+    >>> gen.generate("ROMEO:", max_new_tokens=100, temperature=0)    # doctest: +SKIP
+    >>> for piece in gen.stream("ROMEO:", seed=1): print(piece, end="")  # doctest: +SKIP
+    """
+
+    def __init__(self, backend: Any, tokenizer: Any, sampler: Any) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.sampler = sampler  # the run's or bundle's default sampler spec
+        self.max_seq_len = backend.max_seq_len
+
+    # ----------------------------------------------------------------- opening
+
+    @classmethod
+    def load(cls, path: str | Path, *, checkpoint: str = "latest", device: str = "cpu",
+             threads: int | None = None) -> Inference:
+        """Open a run directory (torch, imported now) or an export bundle (onnxruntime)."""
+        path = Path(path)
+        from gptkit.runtime import MANIFEST, Bundle
+
+        if (path / MANIFEST).is_file():
+            return Bundle.load(path, threads=threads)
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            raise GptkitError(f"{path} is not an export bundle, and opening a training run needs "
+                              "PyTorch, which is not installed",
+                              "Install the training extra: pip install 'gptkit[train]'.")
+        from gptkit.generate import Generator
+
+        return Generator.from_run(path, checkpoint=checkpoint, device=device)
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, **kwargs: Any) -> Inference:
-        return cls.from_run(checkpoint_dir, **kwargs)
+        """The seed project's name for :meth:`load`."""
+        return cls.load(checkpoint_dir, **kwargs)
+
+    # ----------------------------------------------------------------- options
+
+    def registry(self, kind: str) -> Any:
+        """A registry that knows sampler ``kind``."""
+        from gptkit.registry import load_registry
+
+        return load_registry()
+
+    def sampler_for(self, options: GenerationOptions) -> Any:
+        """The sampler these options ask for: the default sampler with the options applied."""
+        kind = options.sampler_changes(self.sampler).get("kind", self.sampler.kind)
+        return resolve_sampler(self.registry(kind), self.sampler, options)
+
+    def sampler_with(self, **options: Any) -> Any:
+        """The default sampler with options such as ``temperature=0.7``, ``top_k=40`` or any
+        sampler field (``kind="min_p", p=0.05``)."""
+        return self.sampler_for(GenerationOptions.from_kwargs(**options))
+
+    # ----------------------------------------------------------------- generating
+
+    def complete(
+        self,
+        prompts: Sequence[str],
+        options: GenerationOptions | None = None,
+        *,
+        sampler: Any = None,
+        use_cache: bool = True,
+        on_text: Callable[[int, str], None] | None = None,
+        **kwargs: Any,
+    ) -> list[Completion]:
+        """Continuations (text, tokens, finish reason) for a batch of prompts.
+
+        ``options`` and keywords are ``GenerationOptions`` fields (keywords win); ``sampler``
+        is a dict of sampler fields, or a sampler spec that replaces the default sampler;
+        ``on_text(row, piece)`` streams.
+        """
+        if isinstance(sampler, dict):  # sampler fields, as GenerationOptions.sampler
+            kwargs["sampler"], sampler = sampler, None
+        options = GenerationOptions.from_kwargs(options, **kwargs)
+        chosen = sampler if sampler is not None else self.sampler_for(options)
+        if sampler is not None and options.sampler_changes(sampler):
+            chosen = resolve_sampler(self.registry(sampler.kind), sampler, options)
+        return decode_loop(self.backend, self.tokenizer, list(prompts), chosen,
+                           max_new_tokens=options.max_new_tokens, seed=options.seed,
+                           use_cache=use_cache, on_text=on_text)
+
+    def generate(self, prompt: str | Sequence[str], max_new_tokens: int | None = None,
+                 temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None,
+                 **options: Any) -> str | list[str]:
+        """Text for one prompt, or a list of texts for a list of prompts."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        out = self.complete(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, seed=seed, **options)
+        texts = [c.text for c in out]
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def stream(self, prompt: str, options: GenerationOptions | None = None,
+               **kwargs: Any) -> Iterator[str]:
+        """Text for one prompt, piece by piece as it is decoded (stop strings are never
+        shown half-way)."""
+        options = GenerationOptions.from_kwargs(options, **kwargs)
+        sampler = self.sampler_for(options)
+        max_new = sampler.max_new_tokens if options.max_new_tokens is None else options.max_new_tokens
+        if max_new < 0:
+            raise GptkitError(f"max_new_tokens must be >= 0, got {max_new}")
+        batch = DecodeBatch(self.backend, self.tokenizer)
+        pieces: list[str] = []
+        batch.add(batch.encode(prompt), sampler, row_rngs(options.seed, 1)[0], max_new,
+                  pieces.append)
+        while len(batch):
+            batch.step()
+            yield from pieces
+            pieces.clear()
 
 
-@torch.no_grad()
+def load(path: str | Path, **kwargs: Any) -> Inference:
+    """``gptkit.load(path)``: a run (torch) or a bundle (onnxruntime) as an ``Inference``."""
+    return Inference.load(path, **kwargs)
+
+
 def attention_map(model: GPT, tokenizer: Any, text: str, layer: int = 0) -> torch.Tensor:
     """Attention weights (H, T, T) of one layer for ``text``: row i is how much token i
     attends to each earlier token. Recomputed from the layer's own projections (built-in
     attention modules: mha, gqa, sliding_window)."""
+    import torch
+
+    with torch.no_grad():
+        return _attention_weights(model, tokenizer, text, layer)
+
+
+def _attention_weights(model: GPT, tokenizer: Any, text: str, layer: int) -> torch.Tensor:
     import math
+
+    import torch
 
     from gptkit.components.attention import CausalSelfAttention
 

@@ -124,44 +124,23 @@ def generation_speed(model: GPT, tokenizer_like, sampler, tokens: int, batches: 
 
 
 def decode_growth(model: GPT, onnx_path: Path | None, contexts=(64, 1024), repeats: int = 20) -> dict[str, Any]:
-    """Seconds for one cached decode step at each past length, torch and onnxruntime."""
-    H_kv = model.blocks[0].attn.n_kv_heads if hasattr(model.blocks[0].attn, "n_kv_heads") else model.spec.n_heads
-    hd = model.spec.head_dim
-    res: dict[str, Any] = {}
-    ort_model = None
-    if onnx_path is not None:
-        from gptkit.runtime import OnnxModel
+    """Seconds for one cached decode step at each past length, torch and onnxruntime (each
+    with the cache it decodes with: static where every component supports it)."""
+    from gptkit.generate import TorchBackend
 
-        ort_model = OnnxModel(onnx_path)
+    backends: dict[str, Any] = {"torch": TorchBackend(model)}
+    if onnx_path is not None:
+        from gptkit.runtime import OnnxModel, _Backend
+
+        backends["onnx"] = _Backend(OnnxModel(onnx_path), model.spec.max_seq_len)
+    res: dict[str, Any] = {}
     for P in contexts:
-        past = [(torch.randn(1, H_kv, P, hd), torch.randn(1, H_kv, P, hd))
-                for _ in range(model.spec.n_layers)]
-        ids = torch.zeros(1, 1, dtype=torch.long)
-        pos = torch.full((1, 1), P)
-        with torch.inference_mode():
-            for _ in range(3):
-                model(ids, positions=pos, past_key_values=past, last_only=True)
-            ts = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                model(ids, positions=pos, past_key_values=past, last_only=True)
-                ts.append(time.perf_counter() - t)
-        res[f"torch_decode_s_at_{P}"] = statistics.median(ts)
-        if ort_model is not None:
-            np_past = [a.numpy() for kv in past for a in kv]
-            mask = np.ones((1, P + 1), dtype=bool)
-            for _ in range(3):
-                ort_model.run(ids.numpy(), pos.numpy(), mask, np_past)
-            ts = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                ort_model.run(ids.numpy(), pos.numpy(), mask, np_past)
-                ts.append(time.perf_counter() - t)
-            res[f"onnx_decode_s_at_{P}"] = statistics.median(ts)
+        for name, backend in backends.items():
+            res[f"{name}_decode_s_at_{P}"] = _step_time(backend, None, model.spec.vocab_size, P,
+                                                        repeats)
     lo, hi = contexts[0], contexts[-1]
-    for k in ("torch", "onnx"):
-        if f"{k}_decode_s_at_{hi}" in res:
-            res[f"{k}_decode_growth_{lo}_to_{hi}"] = res[f"{k}_decode_s_at_{hi}"] / res[f"{k}_decode_s_at_{lo}"]
+    for k in backends:
+        res[f"{k}_decode_growth_{lo}_to_{hi}"] = res[f"{k}_decode_s_at_{hi}"] / res[f"{k}_decode_s_at_{lo}"]
     return res
 
 
@@ -212,7 +191,7 @@ def run_bench(spec, *, batch: int | None = None, steps: int = 5, warmup: int = 2
         if context_growth:
             log("timing one decode step at 64 and 1024 tokens of context ...")
             long_spec = spec.model.model_copy(update={"vocab_size": vocab,
-                                                      "max_seq_len": max(1025, spec.model.max_seq_len)})
+                                                      "max_seq_len": max(1024 + 64, spec.model.max_seq_len)})
             torch.manual_seed(0)
             long_model = GPT(long_spec).eval()
             path = None
@@ -253,4 +232,211 @@ def format_report(r: dict[str, Any]) -> str:
                 lines.append(f"  one decode step, {k}: {d[f'{k}_decode_s_at_64'] * 1e3:.2f} ms at 64 tokens, "
                              f"{d[f'{k}_decode_s_at_1024'] * 1e3:.2f} ms at 1024 "
                              f"({d[f'{k}_decode_growth_64_to_1024']:.2f}x)")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- inference vs HF
+
+
+def _greedy_run(backend: Any, tokenizer: Any, ids: list[int], new_tokens: int) -> tuple[list[int], float]:
+    """Greedy continuation of token ids through the shared decoding loop: (tokens, seconds)."""
+    from gptkit.components.samplers import GreedySpec
+    from gptkit.decoding import DecodeBatch
+
+    batch = DecodeBatch(backend, tokenizer)
+    greedy = GreedySpec(stop_at_eot=False)
+    t = time.perf_counter()
+    row = batch.add(list(ids), greedy, np.random.default_rng(0), new_tokens)
+    while len(batch):
+        batch.step()
+    return row.stream.tokens, time.perf_counter() - t
+
+
+def _step_time(backend: Any, tokenizer_like: Any, vocab: int, context: int, repeats: int) -> float:
+    """Median seconds of one cached decode step with ``context`` tokens already cached."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, vocab, (1, context), dtype=np.int64)
+    mask = np.ones((1, context), dtype=bool)
+    _, past = backend(ids, np.arange(context)[None], mask, None)
+    times = []
+    for i in range(repeats):
+        mask = np.ones((1, context + i + 1), dtype=bool)
+        t = time.perf_counter()
+        _, past = backend(ids[:, -1:], np.array([[context + i]]), mask, past)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[2:] or times)
+
+
+def _write_bundle(folder: Path, onnx_file: Path, tokenizer: Any, name: str, max_seq_len: int,
+                  vocab: int) -> None:
+    """A minimal bundle around an exported graph (for serving it in the benchmark)."""
+    import json
+    import shutil
+
+    from gptkit.export import MANIFEST, MODEL_FILE, sha256_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(onnx_file, folder / MODEL_FILE)
+    files = [MODEL_FILE, *[f"tokenizer/{f}" for f in tokenizer.save(folder / "tokenizer")]]
+    manifest = {"format": 1, "gptkit_version": __import__("gptkit").__version__,
+                "spec": {"name": name, "tokenizer": {"kind": "char"},
+                         "sampler": {"kind": "greedy", "stop_at_eot": False}},
+                "max_seq_len": max_seq_len, "vocab_size": vocab, "precision": "fp32",
+                "files": {f: sha256_file(folder / f) for f in files}}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+def server_concurrency(bundle: Path, clients: tuple[int, ...] = (1, 8), max_tokens: int = 64,
+                       prompt: str = "ROMEO:") -> dict[str, Any]:
+    """Aggregate streamed tokens/s and time to first token of N concurrent clients against a
+    real ``gptkit serve`` subprocess (over a socket)."""
+    import json
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-m", "gptkit", "serve", str(bundle), "--port", "0",
+                             "--no-access-log", "--max-tokens", str(max_tokens)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = line.split(" on ", 1)[1].split()[0]
+
+        def one(_):
+            t0 = time.perf_counter()
+            first, pieces = None, 0
+            body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+                for raw in r.iter_lines():
+                    if raw.startswith("data: {"):
+                        if json.loads(raw[6:])["choices"][0]["text"]:
+                            first = first or time.perf_counter() - t0
+                            pieces += 1
+            return first, time.perf_counter() - t0
+
+        one(0)  # warm up
+        out: dict[str, Any] = {"max_tokens": max_tokens}
+        for n in clients:
+            t = time.perf_counter()
+            with ThreadPoolExecutor(n) as pool:
+                results = list(pool.map(one, range(n)))
+            wall = time.perf_counter() - t
+            out[f"clients_{n}_tokens_per_s"] = n * max_tokens / wall
+            out[f"clients_{n}_first_token_s"] = statistics.mean(r[0] or r[1] for r in results)
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def inference_baseline(new_tokens: int = 256, prompts: tuple[int, ...] = (16, 700),
+                       contexts: tuple[int, ...] = (64, 1024), log=print) -> dict[str, Any]:
+    """Hugging Face transformers ``generate`` against gptkit (torch with the static cache,
+    onnxruntime fp32 and int8) on the same random GPT-2-shaped weights (6 layers, 6 heads,
+    384 wide, Tiny Shakespeare's characters), greedy, batch 1, alternating in this process."""
+    import transformers
+
+    from gptkit.components.tokenizers import CharTokenizerSpec
+    from gptkit.data import load_corpus
+    from gptkit.export import export_onnx, quantize_int8
+    from gptkit.generate import TorchBackend
+    from gptkit.hf import _model_fields, name_map
+    from gptkit.runtime import OnnxModel, _Backend
+    from gptkit.spec import validate_spec
+
+    text = load_corpus("tinyshakespeare")
+    tok = CharTokenizerSpec().build()
+    tok.fit(text)
+    ctx = max(contexts) + 64
+    config = transformers.GPT2Config(vocab_size=tok.vocab_size, n_positions=ctx, n_embd=384,
+                                     n_layer=6, n_head=6, resid_pdrop=0, embd_pdrop=0,
+                                     attn_pdrop=0, bos_token_id=tok.eot_id,
+                                     eos_token_id=tok.eot_id)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    spec = validate_spec({"model": _model_fields(config.to_dict())}, "bench")
+    model = GPT(spec.model).eval()
+    weights = hf.transformer.state_dict()
+    model.load_state_dict({ours: weights[theirs].t() if tr else weights[theirs]
+                           for ours, theirs, tr in name_map(6)}, strict=False)
+    report: dict[str, Any] = {"new_tokens": new_tokens, "threads": torch.get_num_threads(),
+                              "transformers": transformers.__version__}
+    with tempfile.TemporaryDirectory() as tmp:
+        log("exporting the GPT-2-shaped model to ONNX (fp32, int8) ...")
+        fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        export_onnx(model, fp32)
+        quantize_int8(fp32, int8)
+        backends = {"gptkit_torch": TorchBackend(model),
+                    "onnx_fp32": _Backend(OnnxModel(fp32), ctx),
+                    "onnx_int8": _Backend(OnnxModel(int8), ctx)}
+
+        def hf_generate(ids: list[int], n: int) -> tuple[list[int], float]:
+            x = torch.tensor([ids])
+            t = time.perf_counter()
+            with torch.inference_mode():
+                # An explicit mask: generate would otherwise mask every prompt token equal to
+                # pad_token_id.
+                out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                                  do_sample=False, pad_token_id=tok.eot_id, eos_token_id=None)
+            return out[0, len(ids):].tolist(), time.perf_counter() - t
+
+        for length in prompts:
+            ids = tok.encode(text[1000 : 1000 + length])
+            log(f"generating {new_tokens} tokens after a {length}-token prompt ...")
+            hf_generate(ids, 4)
+            for backend in backends.values():
+                _greedy_run(backend, tok, ids, 4)  # warm up
+            want, secs = hf_generate(ids, new_tokens)
+            row = {"hf_generate_tokens_per_s": new_tokens / secs}
+            for name, backend in backends.items():
+                got, secs = _greedy_run(backend, tok, ids, new_tokens)
+                row[f"{name}_tokens_per_s"] = new_tokens / secs
+                row[f"{name}_over_hf"] = row[f"{name}_tokens_per_s"] / row["hf_generate_tokens_per_s"]
+                if name != "onnx_int8":
+                    row[f"{name}_same_tokens_as_hf"] = got == want
+            report[f"prompt_{length}"] = row
+        log("timing one decode step at each context ...")
+        growth: dict[str, Any] = {}
+        for name in ("gptkit_torch", "onnx_fp32"):
+            for c in contexts:
+                growth[f"{name}_step_s_at_{c}"] = _step_time(backends[name], tok, tok.vocab_size, c, 20)
+            growth[f"{name}_growth"] = (growth[f"{name}_step_s_at_{contexts[-1]}"]
+                                        / growth[f"{name}_step_s_at_{contexts[0]}"])
+        report["decode_growth"] = growth
+        log("serving the fp32 bundle to 1 and 8 concurrent streaming clients ...")
+        _write_bundle(Path(tmp) / "bundle", fp32, tok, "bench", ctx, tok.vocab_size)
+        report["server"] = server_concurrency(Path(tmp) / "bundle")
+    s = report["server"]
+    s["clients_8_over_1_tokens_per_s"] = s["clients_8_tokens_per_s"] / s["clients_1_tokens_per_s"]
+    s["clients_8_over_1_first_token"] = s["clients_8_first_token_s"] / s["clients_1_first_token_s"]
+    return report
+
+
+def format_inference(r: dict[str, Any]) -> str:
+    lines = [f"inference vs Hugging Face transformers {r['transformers']} generate "
+             f"(same random GPT-2-shaped weights, greedy, batch 1, {r['new_tokens']} new tokens, "
+             f"{r['threads']} threads):",
+             f"    {'prompt':>8} {'HF tok/s':>10} {'torch':>16} {'onnx fp32':>16} {'onnx int8':>16}"]
+    for key in [k for k in r if k.startswith("prompt_")]:
+        row = r[key]
+        cells = "".join(f"{row[f'{n}_tokens_per_s']:9.1f} ({row[f'{n}_over_hf']:.2f}x)"
+                        for n in ("gptkit_torch", "onnx_fp32", "onnx_int8"))
+        same = all(row[k] for k in row if k.endswith("same_tokens_as_hf"))
+        lines.append(f"    {key[7:]:>8} {row['hf_generate_tokens_per_s']:10.1f} {cells}"
+                     f"   tokens identical to HF: {same}")
+    g = r["decode_growth"]
+    for name in ("gptkit_torch", "onnx_fp32"):
+        steps = [k for k in g if k.startswith(f"{name}_step_s_at_")]
+        lines.append(f"    decode step, {name}: " + ", ".join(
+            f"{g[k] * 1e3:.2f} ms at {k.rsplit('_', 1)[1]}" for k in steps)
+            + f" ({g[f'{name}_growth']:.2f}x)")
+    s = r["server"]
+    lines.append(f"    server, {s['max_tokens']} streamed tokens each: 1 client "
+                 f"{s['clients_1_tokens_per_s']:.1f} tok/s, first token "
+                 f"{s['clients_1_first_token_s'] * 1e3:.0f} ms; 8 clients "
+                 f"{s['clients_8_tokens_per_s']:.1f} tok/s ({s['clients_8_over_1_tokens_per_s']:.2f}x), "
+                 f"first token {s['clients_8_first_token_s'] * 1e3:.0f} ms "
+                 f"({s['clients_8_over_1_first_token']:.2f}x)")
     return "\n".join(lines)

@@ -475,55 +475,51 @@ def generate(
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Recompute the whole context for every token.")
     ] = False,
+    temperature: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(min=0, help="0 means greedy; otherwise divides the logits."),
+    ] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, help="Top-k sampling.")] = None,  # noqa: UP045
+    top_p: Annotated[
+        Optional[float], typer.Option("--top-p", min=0, max=1, help="Nucleus sampling.")  # noqa: UP045
+    ] = None,
 ) -> None:
     """Generate text from a training run (torch) or an export bundle (onnxruntime, no torch)."""
     if max_new_tokens is not None and max_new_tokens < 0:
         raise GptkitError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-    stops = [codecs_unescape(s) for s in (stop or [])]
+    from gptkit.api import Inference
+    from gptkit.decoding import GenerationOptions
+
     prompt = codecs_unescape(prompt)
-    sets = list(overrides or [])
-    if os.path.lexists(run / "gptkit.json"):  # a bundle, even a damaged one: say why
-        from gptkit.runtime import Bundle
-
-        bundle = Bundle.load(run)
-        changes = _sampler_changes(sets)
-        if stops:
-            changes["stop"] = [*bundle.sampler.stop, *stops]
-        sampler = bundle.sampler_with(**changes)
-
-        def complete(prompts, **kw):
-            return bundle.complete(prompts, sampler=sampler, **kw)
-    else:
+    options = GenerationOptions.from_kwargs(
+        max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, top_k=top_k,
+        top_p=top_p, stop=[codecs_unescape(s) for s in (stop or [])],
+        sampler=_sampler_changes(list(overrides or [])))
+    if not os.path.lexists(run / "gptkit.json"):  # a bundle, even a damaged one, says why
         require_torch("generate")
-        from gptkit.generate import Generator
-
-        gen = Generator.from_run(run, checkpoint=checkpoint, overrides=sets)
-        if stops:
-            gen.sampler = gen.sampler.model_copy(update={"stop": [*gen.sampler.stop, *stops]})
-        complete = gen.complete
+    gen = Inference.load(run, checkpoint=checkpoint)
     prompts = [prompt] * num_samples
     if stream and num_samples == 1:
         typer.echo(prompt, nl=False)
-        complete(prompts, max_new_tokens=max_new_tokens, seed=seed, use_cache=not no_cache,
-                 on_text=lambda row, piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        gen.complete(prompts, options, use_cache=not no_cache,
+                     on_text=lambda row, piece: (sys.stdout.write(piece), sys.stdout.flush()))
         typer.echo()
         return
-    out = complete(prompts, max_new_tokens=max_new_tokens, seed=seed, use_cache=not no_cache)
-    for i, completion in enumerate(out):
+    for i, completion in enumerate(gen.complete(prompts, options, use_cache=not no_cache)):
         if num_samples > 1:
             echo(f"--- sample {i + 1} ({completion.finish_reason}) ---")
         echo(prompt + completion.text)
 
 
 def _sampler_changes(sets: list[str]) -> dict:
-    """``--set sampler.x=y`` for a bundle: only sampler fields can change there."""
+    """``--set sampler.x=y``: generation changes only the sampler (runs and bundles alike)."""
     from gptkit.spec import parse_override
 
     changes = {}
     for text in sets:
         path, value = parse_override(text)
         if len(path) != 2 or path[0] != "sampler":
-            raise GptkitError(f"--set {text!r}: a bundle only takes sampler.FIELD=VALUE overrides")
+            raise GptkitError(f"--set {text!r}: generate takes sampler.FIELD=VALUE overrides only")
         changes[path[1]] = value
     return changes
 
@@ -593,6 +589,10 @@ def export(
         Optional[str],  # noqa: UP045
         typer.Option("--register", help="Also register the model in MLflow under this name."),
     ] = None,
+    tolerance: Annotated[
+        float, typer.Option(min=0, help="Parity: largest logit difference accepted, relative "
+                            "to the logits' scale (greedy tokens must agree too).")
+    ] = 1e-4,
 ) -> None:
     """Export a run to an ONNX bundle with a KV cache, parity-checked against torch."""
     require_torch("export")
@@ -600,7 +600,8 @@ def export(
         raise GptkitError(f"--quantize {quantize!r}: the only option is int8")
     from gptkit.export import export_run
 
-    export_run(run, out, quantize=quantize, checkpoint=checkpoint, register=register)
+    export_run(run, out, quantize=quantize, checkpoint=checkpoint, register=register,
+               tolerance=tolerance)
 
 
 @app.command()
@@ -608,20 +609,33 @@ def serve(
     bundle: Annotated[Path, typer.Argument(help="An export bundle folder.")],
     host: Annotated[str, typer.Option(help="Address to bind (default: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
-    max_concurrent: Annotated[int, typer.Option(min=1, help="Generations at once.")] = 4,
+    max_concurrent: Annotated[
+        int, typer.Option(min=1, help="Requests decoded together in the running batch.")
+    ] = 16,
     max_queued: Annotated[int, typer.Option(min=0, help="Requests waiting beyond those.")] = 64,
     max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens accepted.")] = 1024,
     body_timeout: Annotated[
         float, typer.Option(min=0.1, help="Seconds a client has to send its request body.")
     ] = 10.0,
+    header_timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds a client has to send its request headers.")
+    ] = 10.0,
+    served_model_name: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--served-model-name", help="The model id clients use (default: the spec name)."),
+    ] = None,
+    access_log: Annotated[
+        bool, typer.Option("--access-log/--no-access-log", help="One stderr line per request.")
+    ] = True,
 ) -> None:
     """Serve an export bundle over HTTP (OpenAI-style /v1/completions) on onnxruntime."""
     from gptkit.serve import Limits
     from gptkit.serve import serve as run_server
 
-    run_server(str(bundle), host, port, Limits(max_concurrent=max_concurrent,
-                                               max_queued=max_queued, max_tokens=max_tokens,
-                                               body_timeout_s=body_timeout))
+    run_server(str(bundle), host, port,
+               Limits(max_concurrent=max_concurrent, max_queued=max_queued, max_tokens=max_tokens,
+                      body_timeout_s=body_timeout, header_timeout_s=header_timeout),
+               name=served_model_name, access=access_log)
 
 
 @app.command()
@@ -629,7 +643,8 @@ def bench(
     spec: SpecArg,
     overrides: SetOpt = None,
     baseline: Annotated[
-        bool, typer.Option("--baseline", help="Also time a plain single-file GPT of the same shape.")
+        bool, typer.Option("--baseline", help="Also time a plain single-file GPT of the same "
+                           "shape, and Hugging Face generate against gptkit torch / ONNX / server.")
     ] = False,
     batch: Annotated[
         Optional[int], typer.Option(min=1, help="Training batch (default: the spec's).")  # noqa: UP045
@@ -650,7 +665,25 @@ def bench(
     report = run_bench(resolved, batch=batch, steps=steps, baseline=baseline, compile=compile,
                        gen_tokens=gen_tokens, onnx=not no_onnx, context_growth=not no_growth,
                        log=lambda m: echo(m, err=True))
-    echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if baseline:  # generation against Hugging Face transformers (the dev extra)
+        import importlib.util
+
+        if importlib.util.find_spec("transformers") is None:
+            echo("gptkit: note: transformers is not installed; skipping the Hugging Face "
+                 "generate comparison (pip install 'gptkit[dev]')", err=True)
+        else:
+            from gptkit.bench import inference_baseline
+
+            report["inference_baseline"] = inference_baseline(
+                new_tokens=gen_tokens, log=lambda m: echo(m, err=True))
+    if as_json:
+        echo(json.dumps(report, indent=2))
+        return
+    echo(format_report(report))
+    if "inference_baseline" in report:
+        from gptkit.bench import format_inference
+
+        echo(format_inference(report["inference_baseline"]))
 
 
 @app.command("compare")

@@ -3,13 +3,16 @@
 A *backend* runs the model: ``backend(ids, positions, key_mask, past) -> (logits, past)`` with
 numpy arrays ``ids``/``positions`` (B, T) int64, ``key_mask`` (B, T_past + T) bool, and returns
 the next-token logits (B, V) plus its opaque cache. ``past=None`` means a fresh prefill.
+A backend may offer ``keep_rows(past, rows) -> past`` to drop finished rows from its cache.
 
 Policies (documented in the README):
 
 - prompts of different lengths are left-padded; padding is masked and positions start at 0 at
   each row's first real token, so each row gets what it would get alone;
-- when the context reaches ``max_seq_len``, every row is cropped to its last
-  ``max_seq_len * 3 // 4`` tokens and re-prefilled (positions restart at 0);
+- each row has its own sampler and random generator (row i of a call seeded s draws from
+  (s, i)), so a row gets the same tokens alone or batched with others;
+- when a row's context passes ``max_seq_len``, that row is cropped to its last
+  ``max_seq_len * 3 // 4`` tokens and the batch is re-prefilled (positions restart at 0);
 - stop strings are matched on decoded text, across token boundaries; streamed text holds back
   anything that could still turn out to be the start of a stop string (or a partial UTF-8
   character), so a stop string is never printed half-way.
@@ -18,7 +21,7 @@ Policies (documented in the README):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -45,21 +48,84 @@ class Completion:
     finish_reason: str = "length"  # "length" | "stop" | "eot"
 
 
+@dataclass
+class GenerationOptions:
+    """The options every generation path takes, with one meaning everywhere (CLI ``generate``,
+    ``gptkit.load(...).generate``, the HTTP server, notebooks).
+
+    Fields left at None keep the run's or bundle's own sampler setting. ``temperature=0``
+    means greedy, always; ``top_k`` / ``top_p`` / ``min_p`` switch to that sampler;
+    ``sampler`` holds any other sampler fields (``{"kind": "typical", "p": 0.9}``), as
+    ``--set sampler.p=0.9`` does. ``stop`` strings are added to the sampler's own.
+    """
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_at_eot: bool | None = None
+    seed: int | None = None
+    sampler: dict[str, Any] = field(default_factory=dict)
+
+    FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+              "stop", "stop_at_eot", "seed", "sampler")
+
+    @classmethod
+    def from_kwargs(cls, options: GenerationOptions | None = None, **kwargs: Any) -> GenerationOptions:
+        """``options`` (or the defaults) with keyword changes; an unknown keyword is taken as a
+        sampler field (``p=0.9``, ``kind="typical"``), a None value is ignored."""
+        base = options or cls()
+        known = {k: v for k, v in kwargs.items() if k in cls.FIELDS and v is not None}
+        extra = {k: v for k, v in kwargs.items() if k not in cls.FIELDS and v is not None}
+        if isinstance(known.get("stop"), str):
+            known["stop"] = [known["stop"]]
+        if extra or "sampler" in known:
+            fields = {**base.sampler, **known.get("sampler", {}), **extra}
+            if "temperature" in fields:  # one meaning for temperature, however it is given
+                known["temperature"] = fields.pop("temperature")
+            known["sampler"] = fields
+        return replace(base, **known)
+
+    def sampler_changes(self, base: Any) -> dict[str, Any]:
+        """These options as changes to the sampler spec ``base``."""
+        changes: dict[str, Any] = dict(self.sampler)
+        for name in ("repetition_penalty", "stop_at_eot"):
+            if getattr(self, name) is not None:
+                changes[name] = getattr(self, name)
+        if self.stop:
+            changes["stop"] = [*changes.get("stop", base.stop), *self.stop]
+        if self.temperature == 0:
+            # Greedy whatever else is asked: the most likely token, no randomness.
+            changes.pop("temperature", None)
+            return {**changes, "kind": "greedy"}
+        if self.temperature is not None:
+            changes["temperature"] = self.temperature
+        for kind, name, value in (("top_k", "k", self.top_k), ("top_p", "p", self.top_p),
+                                  ("min_p", "p", self.min_p)):
+            if value is not None:
+                changes.update({"kind": kind, name: value})
+                break
+        return changes
+
+
 def sampler_changes(temperature: float | None = None, top_k: int | None = None,
                     top_p: float | None = None, min_p: float | None = None,
                     **fields: Any) -> dict[str, Any]:
-    """The familiar generation options as sampler spec changes: ``temperature=0`` means greedy,
-    ``top_k`` / ``top_p`` / ``min_p`` pick that sampler; other keys are sampler fields."""
-    changes = {k: v for k, v in fields.items() if v is not None}
-    if temperature == 0:
-        return {**changes, "kind": "greedy"}
-    if temperature is not None:
-        changes["temperature"] = temperature
-    for kind, name, value in (("top_k", "k", top_k), ("top_p", "p", top_p), ("min_p", "p", min_p)):
-        if value is not None:
-            changes.update({"kind": kind, name: value})
-            break
-    return changes
+    """The familiar generation options as sampler spec changes (see ``GenerationOptions``)."""
+    from types import SimpleNamespace
+
+    options = GenerationOptions.from_kwargs(temperature=temperature, top_k=top_k, top_p=top_p,
+                                            min_p=min_p, **fields)
+    return options.sampler_changes(SimpleNamespace(stop=[]))
+
+
+def resolve_sampler(registry: Any, base: Any, options: GenerationOptions) -> Any:
+    """The one place generation options become a sampler spec: ``base`` with ``options``."""
+    changes = options.sampler_changes(base)
+    return derive_sampler(registry, base, changes) if changes else base
 
 
 def derive_sampler(registry: Any, base: Any, changes: dict[str, Any]) -> Any:
@@ -158,6 +224,147 @@ def sample_next(
     return sampler.sample(logits, rng, previous, states)
 
 
+def row_rngs(seed: int | None, n: int) -> list[np.random.Generator]:
+    """One random generator per row: row i of a call with seed s draws from (s, i), whatever
+    else is in the batch, so a request gives the same tokens alone or batched with others."""
+    if seed is None:
+        return [np.random.default_rng() for _ in range(n)]
+    return [np.random.default_rng([seed, i]) for i in range(n)]
+
+
+@dataclass
+class Row:
+    """One sequence being decoded: its context, its own sampler and random generator, and
+    what it has produced so far."""
+
+    context: list[int]
+    sampler: Any
+    rng: np.random.Generator
+    stream: _TextStream
+    max_new: int
+    on_text: Callable[[str], None] | None = None
+    state: Any = None  # the sampler's per-generation state (``SamplerSpec.new_state``)
+    generated: int = 0
+    done: bool = False
+    finish: str = "length"
+
+    def completion(self) -> Completion:
+        return Completion(self.stream.text, self.stream.tokens, self.finish)
+
+
+def sample_rows(rows: Sequence[Row], logits: np.ndarray) -> list[int]:
+    """Each row's next token: its own sampler, random generator, tokens so far and sampler
+    state, through ``sample_next`` (the one place a sampler is called)."""
+    return [int(sample_next(row.sampler, logits[i : i + 1], row.rng, [row.context],
+                            [row.state])[0])
+            for i, row in enumerate(rows)]
+
+
+class DecodeBatch:
+    """Rows decoded together, one token per row per step. Rows join (``add``) and leave
+    (when done) between steps, so a server can keep one batch running for many requests.
+
+    The cache is the backend's; when rows join, the batch is prefilled again (a row's tokens
+    do not depend on which other rows share its steps). When rows leave, the backend drops
+    them from its cache (``backend.keep_rows``) or the batch is prefilled again.
+    """
+
+    def __init__(self, backend: Backend, tokenizer: Any, use_cache: bool = True) -> None:
+        self.backend, self.tokenizer, self.use_cache = backend, tokenizer, use_cache
+        self.limit = backend.max_seq_len
+        self.keep = max(1, self.limit * 3 // 4)
+        self.rows: list[Row] = []
+        self.past: Any = None
+        self.key_mask = np.zeros((0, 0), dtype=bool)
+
+    def encode(self, prompt: str, index: int = 0) -> list[int]:
+        """Prompt ids (the end-of-text token for an empty prompt), checked against the context."""
+        ids = self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eot_id]
+        if len(ids) > self.limit:
+            raise GptkitError(
+                f"prompt {index} is {len(ids)} tokens; the model's context is {self.limit} "
+                "(model.max_seq_len)",
+                "Shorten the prompt.",
+            )
+        return list(ids)
+
+    def add(self, ids: list[int], sampler: Any, rng: np.random.Generator, max_new: int,
+            on_text: Callable[[str], None] | None = None) -> Row:
+        row = Row(list(ids), sampler, rng, _TextStream(self.tokenizer.decode, sampler.stop),
+                  max_new, on_text, new_states(sampler, 1)[0])
+        if max_new <= 0:
+            row.done = True
+            return row
+        self.rows.append(row)
+        self.past = None  # the new row needs a prefill; everyone is prefilled together
+        return row
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def step(self) -> list[Row]:
+        """One token for every row; returns the rows that finished (and left the batch)."""
+        rows = self.rows
+        if not rows:
+            return []
+        if self.past is None:
+            ids, self.key_mask = left_pad([r.context for r in rows], self.tokenizer.pad_id)
+            logits, self.past = self.backend(ids, positions_from_mask(self.key_mask),
+                                             self.key_mask, None)
+        else:
+            last = np.array([[r.context[-1]] for r in rows], dtype=np.int64)
+            positions = np.array([[len(r.context) - 1] for r in rows], dtype=np.int64)
+            self.key_mask = np.concatenate([self.key_mask, np.ones((len(rows), 1), bool)], axis=1)
+            logits, self.past = self.backend(last, positions, self.key_mask, self.past)
+        for row, token in zip(rows, sample_rows(rows, logits)):
+            self._advance(row, token)
+        finished = self.remove_done()
+        if not self.use_cache:
+            self.past = None
+        if any(len(r.context) > self.limit for r in self.rows):
+            # A row's context is full: it keeps its most recent tokens (the other rows keep
+            # theirs), and the batch starts a fresh prefill, positions from 0.
+            for r in self.rows:
+                if len(r.context) > self.limit:
+                    r.context = r.context[-self.keep :]
+            self.past = None
+        elif self.past is not None and self.key_mask.shape[1] >= self.limit:
+            # Rows that left can leave the cache wider than any row still needs.
+            self.past = None
+        return finished
+
+    def remove_done(self) -> list[Row]:
+        """Take the rows marked done out of the batch (and its cache); returns them."""
+        rows = self.rows
+        finished = [r for r in rows if r.done]
+        if finished:
+            kept = [i for i, r in enumerate(rows) if not r.done]
+            self.rows = [rows[i] for i in kept]
+            keep_rows = getattr(self.backend, "keep_rows", None)
+            if self.past is not None and kept and keep_rows is not None:
+                self.past = keep_rows(self.past, kept)
+                self.key_mask = self.key_mask[kept]
+            else:
+                self.past = None
+        return finished
+
+    def _advance(self, row: Row, token: int) -> None:
+        row.context.append(token)
+        row.generated += 1
+        if row.sampler.stop_at_eot and token == self.tokenizer.eot_id:
+            row.done, row.finish = True, "eot"
+        else:
+            row.stream.add(token)
+            if row.stream.stopped:
+                row.done, row.finish = True, "stop"
+            elif row.generated >= row.max_new:
+                row.done = True
+        if row.on_text is not None:
+            piece = row.stream.safe_text(final=row.done)
+            if piece:
+                row.on_text(piece)
+
+
 def decode_loop(
     backend: Backend,
     tokenizer: Any,
@@ -175,62 +382,12 @@ def decode_loop(
     max_new = sampler.max_new_tokens if max_new_tokens is None else max_new_tokens
     if max_new < 0:
         raise GptkitError(f"max_new_tokens must be >= 0, got {max_new}")
-    limit = backend.max_seq_len
-    contexts: list[list[int]] = []
-    for i, prompt in enumerate(prompts):
-        ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
-        if len(ids) > limit:
-            raise GptkitError(
-                f"prompt {i} is {len(ids)} tokens; the model's context is {limit} "
-                "(model.max_seq_len)",
-                "Shorten the prompt.",
-            )
-        contexts.append(list(ids))
-    rng = np.random.default_rng(seed)
-    states = new_states(sampler, len(prompts))
-    streams = [_TextStream(tokenizer.decode, sampler.stop) for _ in prompts]
-    finish = ["length"] * len(prompts)
-    done = [False] * len(prompts)
-    keep = max(1, limit * 3 // 4)
-
-    past = None
-    key_mask = np.zeros((len(prompts), 0), dtype=bool)
-    last = np.zeros((len(prompts), 1), dtype=np.int64)
-    for _ in range(max_new):
-        if past is None:
-            ids, key_mask = left_pad(contexts, tokenizer.pad_id)
-            logits, past = backend(ids, positions_from_mask(key_mask), key_mask, None)
-        else:
-            positions = np.array([[len(c) - 1] for c in contexts], dtype=np.int64)
-            key_mask = np.concatenate([key_mask, np.ones((len(contexts), 1), bool)], axis=1)
-            logits, past = backend(last, positions, key_mask, past)
-        tokens = sample_next(sampler, logits, rng, contexts, states)
-        for row, token in enumerate(tokens.tolist()):
-            contexts[row].append(token)
-            if done[row]:
-                continue
-            if sampler.stop_at_eot and token == tokenizer.eot_id:
-                done[row], finish[row] = True, "eot"
-            else:
-                streams[row].add(token)
-                if streams[row].stopped:
-                    done[row], finish[row] = True, "stop"
-            if on_text is not None:
-                piece = streams[row].safe_text(final=done[row])
-                if piece:
-                    on_text(row, piece)
-        if all(done):
-            break
-        last = tokens.reshape(-1, 1).astype(np.int64)
-        if not use_cache:
-            past = None
-        if max(len(c) for c in contexts) > limit:
-            # Context full: keep the most recent tokens and start a fresh prefill.
-            contexts = [c[-keep:] for c in contexts]
-            past = None
-    if on_text is not None:
-        for row, stream in enumerate(streams):
-            piece = stream.safe_text(final=True)
-            if piece:
-                on_text(row, piece)
-    return [Completion(s.text, s.tokens, f) for s, f in zip(streams, finish)]
+    batch = DecodeBatch(backend, tokenizer, use_cache)
+    ids = [batch.encode(p, i) for i, p in enumerate(prompts)]
+    rows = []
+    for i, (row_ids, rng) in enumerate(zip(ids, row_rngs(seed, len(prompts)))):
+        callback = None if on_text is None else (lambda piece, i=i: on_text(i, piece))
+        rows.append(batch.add(row_ids, sampler, rng, max_new, callback))
+    while len(batch):
+        batch.step()
+    return [r.completion() for r in rows]

@@ -3,23 +3,62 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gptkit.decoding import Completion, decode_loop, derive_sampler, sampler_changes
+from gptkit.api import Inference
+from gptkit.components.attention import StaticKV
+from gptkit.decoding import Completion, decode_loop
 from gptkit.model import GPT
 
 
-class TorchBackend:
-    """Runs a GPT for the decoding loop; the cache is the model's own (keys, values) list."""
+class StaticCache:
+    """A preallocated KV cache: per layer, keys and values (B, H_kv, capacity, hd), filled in
+    place one step at a time. Slot j holds the token at index j of the left-padded batch."""
 
-    def __init__(self, model: GPT, device: str | torch.device = "cpu") -> None:
+    def __init__(self, prefill: list[tuple[torch.Tensor, torch.Tensor]], capacity: int) -> None:
+        self.keys, self.values = [], []
+        for k, v in prefill:
+            B, H_kv, T, hd = k.shape
+            self.keys.append(k.new_zeros(B, H_kv, max(capacity, T), hd))
+            self.values.append(v.new_zeros(B, H_kv, max(capacity, T), hd))
+        self.length = 0
+        self.write(prefill)
+
+    def views(self) -> list[StaticKV]:
+        """The slots in use, as views (no copy)."""
+        L = self.length
+        position = torch.tensor(L, device=self.keys[0].device)
+        return [StaticKV(k[:, :, :L], v[:, :, :L], position) for k, v in zip(self.keys, self.values)]
+
+    def write(self, new: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put the new tokens' keys and values in the next slots, in place."""
+        L, T = self.length, new[0][0].size(2)
+        for buf_k, buf_v, (k, v) in zip(self.keys, self.values, new):
+            buf_k[:, :, L : L + T] = k
+            buf_v[:, :, L : L + T] = v
+        self.length = L + T
+
+    def keep_rows(self, rows: list[int]) -> StaticCache:
+        index = torch.tensor(rows, device=self.keys[0].device)
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        return self
+
+
+class TorchBackend:
+    """Runs a GPT for the decoding loop. The cache is a ``StaticCache`` (preallocated, updated
+    in place) when every component supports it, else the model's concatenated (keys, values)."""
+
+    def __init__(self, model: GPT, device: str | torch.device = "cpu",
+                 static: bool | None = None) -> None:
         self.model = model.eval()
         self.device = torch.device(device)
         self.max_seq_len = model.spec.max_seq_len
+        self.static = model.static_cache if static is None else static and model.static_cache
 
     @torch.inference_mode()
     def __call__(self, ids, positions, key_mask, past):
@@ -27,22 +66,42 @@ class TorchBackend:
         pos = torch.from_numpy(positions).to(self.device)
         # No mask at all when nothing is padded: the fused attention fast path applies.
         mask = None if key_mask.all() else torch.from_numpy(key_mask).to(self.device)
-        out = self.model(idx, positions=pos, past_key_values=past, key_mask=mask, last_only=True)
-        return out.logits[:, -1].float().cpu().numpy(), out.past_key_values
+        if past is None or not self.static:
+            out = self.model(idx, positions=pos, past_key_values=past, key_mask=mask,
+                             last_only=True)
+            if self.static:  # the prefill fills a fresh preallocated cache
+                return out.logits[:, -1].float().cpu().numpy(), StaticCache(
+                    out.past_key_values, self.max_seq_len)
+            return out.logits[:, -1].float().cpu().numpy(), out.past_key_values
+        out = self.model(idx, positions=pos, past_key_values=past.views(), key_mask=mask,
+                         last_only=True)
+        past.write(out.past_key_values)
+        return out.logits[:, -1].float().cpu().numpy(), past
+
+    def keep_rows(self, past, rows: list[int]):
+        """The cache of the given rows only (finished rows leave the batch)."""
+        if isinstance(past, StaticCache):
+            return past.keep_rows(rows)
+        index = torch.tensor(rows, device=self.device)
+        return [(k.index_select(0, index), v.index_select(0, index)) for k, v in past]
 
 
-class Generator:
-    """Generate text from a trained model.
+class Generator(Inference):
+    """Generation from a model in this process (torch): an ``Inference`` over a GPT.
 
     >>> gen = Generator.from_run("runs/shakespeare-char/latest")    # doctest: +SKIP
     >>> gen.generate("ROMEO:", max_new_tokens=100, temperature=0.8, top_p=0.9)  # doctest: +SKIP
     """
 
     def __init__(self, model: GPT, tokenizer: Any, sampler: Any, device: str = "cpu") -> None:
+        super().__init__(TorchBackend(model, device), tokenizer, sampler)
         self.model = model
-        self.tokenizer = tokenizer
-        self.sampler = sampler
-        self.backend = TorchBackend(model, device)
+        self.plugins: tuple[str, ...] = ()  # the run's ``plugins:`` modules
+
+    def registry(self, kind: str) -> Any:
+        from gptkit.registry import load_registry
+
+        return load_registry(self.plugins)
 
     @classmethod
     def from_run(cls, run: str | Path, checkpoint: str = "latest", overrides: Sequence[str] = (),
@@ -51,47 +110,9 @@ class Generator:
         from gptkit.training.rundir import load_run
 
         loaded = load_run(run, checkpoint=checkpoint, overrides=overrides, device=device)
-        return cls(loaded.model, loaded.tokenizer, loaded.spec.sampler, device)
-
-    def sampler_with(self, **options: Any) -> Any:
-        """The run's sampler, with options such as ``temperature=0.7`` or ``top_k=40``
-        (``top_k``/``top_p``/``min_p`` switch to that sampler; ``temperature=0`` is greedy)."""
-        from gptkit.registry import load_registry
-
-        return derive_sampler(load_registry(), self.sampler, sampler_changes(**options))
-
-    def complete(
-        self,
-        prompts: Sequence[str],
-        *,
-        max_new_tokens: int | None = None,
-        seed: int | None = None,
-        use_cache: bool = True,
-        on_text: Callable[[int, str], None] | None = None,
-        **sampler_options: Any,
-    ) -> list[Completion]:
-        """Continuations (text, tokens, finish reason) for a batch of prompts."""
-        sampler = self.sampler_with(**sampler_options) if sampler_options else self.sampler
-        return decode_loop(self.backend, self.tokenizer, list(prompts), sampler,
-                           max_new_tokens=max_new_tokens, seed=seed, use_cache=use_cache,
-                           on_text=on_text)
-
-    def generate(
-        self,
-        prompt: str | Sequence[str],
-        max_new_tokens: int = 200,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        **options: Any,
-    ) -> str | list[str]:
-        """The seed project's inference call: text for one prompt, or a list for a batch."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        out = self.complete(prompts, max_new_tokens=max_new_tokens, seed=seed,
-                            temperature=temperature, top_k=top_k, top_p=top_p, **options)
-        texts = [c.text for c in out]
-        return texts[0] if isinstance(prompt, str) else texts
+        gen = cls(loaded.model, loaded.tokenizer, loaded.spec.sampler, device)
+        gen.plugins = tuple(loaded.spec.plugins)
+        return gen
 
 
 def sample_text(model: GPT, tokenizer: Any, sampler: Any, n_tokens: int, seed: int,
@@ -111,4 +132,4 @@ def sample_text(model: GPT, tokenizer: Any, sampler: Any, n_tokens: int, seed: i
         model.train(was_training)
 
 
-__all__ = ["Generator", "TorchBackend", "Completion", "sample_text"]
+__all__ = ["Generator", "TorchBackend", "StaticCache", "Completion", "sample_text"]

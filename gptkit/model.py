@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptkit.components.attention import KVCache
+from gptkit.components.attention import KVCache, supports_static_cache
 from gptkit.components.base import mark_residual
 from gptkit.spec import ModelSpec
 
@@ -132,6 +132,13 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @property
+    def static_cache(self) -> bool:
+        """Whether every attention layer and the positional scheme take a static KV cache
+        (``StaticKV``); if not, decoding and export use the concatenating cache instead."""
+        return getattr(self.positional, "static_cache", False) and all(
+            supports_static_cache(block.attn) for block in self.blocks)
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters, by default without position/token tables (nanoGPT's convention)."""
         n = sum(p.numel() for p in self.parameters())
@@ -155,7 +162,9 @@ class GPT(nn.Module):
 
         With ``past_key_values`` (one (keys, values) per layer) the T tokens continue a cached
         sequence; ``positions`` default to T_past .. T_past + T - 1. ``key_mask`` (B, T_past + T)
-        marks real tokens (False for left padding).
+        marks real tokens (False for left padding). With ``StaticKV`` pasts (a preallocated
+        cache, see ``components/attention.py``) give ``positions``; the returned
+        ``past_key_values`` are then the new tokens' keys and values only.
         """
         B, T = idx.shape
         T_past = past_key_values[0][0].size(2) if past_key_values else 0

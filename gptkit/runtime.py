@@ -8,14 +8,13 @@ library — never torch (the tests check that ``torch`` stays out of ``sys.modul
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
 
-from gptkit.decoding import Completion, decode_loop, derive_sampler
+from gptkit.api import Inference
 from gptkit.errors import GptkitError, RunError
 from gptkit.integrity import MANIFEST, MODEL_FILE, verify_bundle
 
@@ -36,7 +35,9 @@ def _session_options(threads: int | None = None):
 
 
 class OnnxModel:
-    """An exported decoder graph. ``run`` follows the decoding loop's backend protocol."""
+    """An exported decoder graph. ``run`` follows the decoding loop's backend protocol; its
+    cache is a ``StaticCache`` for a static-cache graph (see ``gptkit/export.py``), else a
+    list of arrays that the graph concatenates."""
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         import onnxruntime as ort
@@ -47,11 +48,15 @@ class OnnxModel:
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.static = "cache_position" in self.inputs
+        self.max_cache: int | None = None  # the most cache slots a decode can need, if known
         shape = self.session.get_inputs()[self.inputs.index(self.past_names[0])].shape
         self.n_kv_heads, self.head_dim = int(shape[1]), int(shape[3])
 
     def run(self, ids, positions, key_mask, past, all_logits: bool = False):
         """ids/positions (B, T), key_mask (B, P + T) -> last (or all) logits and the new cache."""
+        if self.static:
+            return self._run_static(ids, positions, key_mask, past, all_logits)
         B = ids.shape[0]
         if past is None:
             empty = np.zeros((B, self.n_kv_heads, 0, self.head_dim), dtype=np.float32)
@@ -63,13 +68,89 @@ class OnnxModel:
         logits, *present = self.session.run(None, feeds)
         return (logits if all_logits else logits[:, -1]), present
 
+    def _run_static(self, ids, positions, key_mask, past, all_logits):
+        """One step over the preallocated cache: the buffers are bound to the graph's inputs
+        in place (IO binding, no copy), and only the new tokens' keys/values come back, to be
+        written into the next slots."""
+        B, T = ids.shape
+        if past is None:
+            past = StaticCache(len(self.past_names), B, self.n_kv_heads, self.head_dim)
+        L = past.length
+        past.reserve(L + T, self.max_cache)
+        S = past.capacity
+        mask = np.zeros((B, S + T), dtype=np.int64)
+        mask[:, :L] = key_mask[:, :L]
+        mask[:, S:] = key_mask[:, L:]
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_cpu_input("cache_position", np.array(L, dtype=np.int64))
+        for name, buf in zip(self.past_names, past.buffers):
+            binding.bind_input(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+        for name in self.outputs:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        logits, *new = binding.copy_outputs_to_cpu()
+        past.write(new)
+        return (logits if all_logits else logits[:, -1]), past
+
+
+class StaticCache:
+    """Preallocated keys and values for a static-cache graph: one (B, H_kv, capacity, hd)
+    float32 buffer per graph input, written in place. The capacity doubles when needed (so a
+    step at a short context does not pay for the longest one)."""
+
+    def __init__(self, n: int, batch: int, n_kv_heads: int, head_dim: int,
+                 capacity: int = 64) -> None:
+        self.buffers = [np.zeros((batch, n_kv_heads, capacity, head_dim), dtype=np.float32)
+                        for _ in range(n)]
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.buffers[0].shape[2]
+
+    def reserve(self, needed: int, limit: int | None = None) -> None:
+        """Room for ``needed`` slots: the capacity doubles, but not past ``limit``."""
+        if needed <= self.capacity:
+            return
+        capacity = self.capacity
+        while capacity < needed:
+            capacity *= 2
+        if limit is not None:
+            capacity = max(needed, min(capacity, limit))
+        grown = []
+        for buf in self.buffers:
+            new = np.zeros((*buf.shape[:2], capacity, buf.shape[3]), dtype=np.float32)
+            new[:, :, : self.length] = buf[:, :, : self.length]
+            grown.append(new)
+        self.buffers = grown
+
+    def write(self, new: list[np.ndarray]) -> None:
+        L, T = self.length, new[0].shape[2]
+        for buf, x in zip(self.buffers, new):
+            buf[:, :, L : L + T] = x
+        self.length = L + T
+
+    def keep_rows(self, rows: list[int]) -> StaticCache:
+        self.buffers = [np.ascontiguousarray(buf[rows]) for buf in self.buffers]
+        return self
+
 
 class _Backend:
     def __init__(self, model: OnnxModel, max_seq_len: int) -> None:
         self.model, self.max_seq_len = model, max_seq_len
+        model.max_cache = max_seq_len  # the decoding loop never caches more than the context
 
     def __call__(self, ids, positions, key_mask, past):
         return self.model.run(ids, positions, key_mask, past)
+
+    def keep_rows(self, past, rows: list[int]):
+        """The cache of the given rows only (finished rows leave the batch)."""
+        if isinstance(past, StaticCache):
+            return past.keep_rows(rows)
+        return [np.ascontiguousarray(p[rows]) for p in past]
 
 
 def _runtime_registry(autoload: bool = False, modules: tuple[str, ...] = ()):
@@ -139,19 +220,18 @@ def _check_vocab(folder: Path, manifest: dict[str, Any], tokenizer: Any,
                        "do not belong together", "Export the bundle again.")
 
 
-class Bundle:
-    """A verified export bundle: onnxruntime model, tokenizer and default sampler."""
+class Bundle(Inference):
+    """A verified export bundle: onnxruntime model, tokenizer and default sampler, as an
+    ``Inference`` (same options and meanings as a run's)."""
 
     def __init__(self, folder: Path, manifest: dict[str, Any], model: OnnxModel, tokenizer: Any,
                  sampler: Any, registry: Any) -> None:
-        self.folder, self.manifest = folder, manifest
-        self.model, self.tokenizer, self.sampler = model, tokenizer, sampler
-        self.registry = registry
-        self.max_seq_len = int(manifest["max_seq_len"])
-        self.backend = _Backend(model, self.max_seq_len)
+        super().__init__(_Backend(model, int(manifest["max_seq_len"])), tokenizer, sampler)
+        self.folder, self.manifest, self.model = folder, manifest, model
+        self._registry = registry
 
     @classmethod
-    def load(cls, folder: str | Path, threads: int | None = None) -> Bundle:
+    def load(cls, folder: str | Path, threads: int | None = None, **_: Any) -> Bundle:
         from gptkit.components.tokenizers import load_tokenizer
 
         folder = Path(folder)
@@ -180,24 +260,9 @@ class Bundle:
         _check_vocab(folder, manifest, tokenizer, model)
         return cls(folder, manifest, model, tokenizer, sampler, registry)
 
-    def sampler_with(self, **changes: Any):
-        """The bundle's sampler with some fields changed (``kind`` too)."""
-        kind = changes.get("kind", self.sampler.kind)
-        if kind not in self.registry.components["sampler"]:
-            self.registry = _registry_for({"sampler": kind},
-                                          tuple(self.manifest["spec"].get("plugins") or ()))
-        return derive_sampler(self.registry, self.sampler, changes)
-
-    def complete(self, prompts: Sequence[str], *, sampler: Any = None,
-                 max_new_tokens: int | None = None, seed: int | None = None,
-                 use_cache: bool = True,
-                 on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
-        return decode_loop(self.backend, self.tokenizer, list(prompts), sampler or self.sampler,
-                           max_new_tokens=max_new_tokens, seed=seed, use_cache=use_cache,
-                           on_text=on_text)
-
-    def generate(self, prompt: str, max_new_tokens: int = 200, seed: int | None = None,
-                 **sampler_changes: Any) -> str:
-        sampler = self.sampler_with(**sampler_changes) if sampler_changes else self.sampler
-        return self.complete([prompt], sampler=sampler, max_new_tokens=max_new_tokens,
-                             seed=seed)[0].text
+    def registry(self, kind: str) -> Any:
+        """The torch-free registry; installed plugins are loaded only for a kind it lacks."""
+        if kind not in self._registry.components["sampler"]:
+            self._registry = _registry_for({"sampler": kind},
+                                           tuple(self.manifest["spec"].get("plugins") or ()))
+        return self._registry

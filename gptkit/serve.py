@@ -1,45 +1,68 @@
 """HTTP serving of an export bundle on onnxruntime (no torch): FastAPI + uvicorn.
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` (an OpenAI-compatible
-subset, with server-sent events for ``stream: true``). Every limit is enforced before work is
-done: body size, time to receive the body, prompt length, ``max_tokens``, number of choices,
-and concurrent generations (beyond the queue a request gets 429 at once, never a silent drop).
+subset, with server-sent events for ``stream: true``), ``POST /v1/chat/completions`` (for a
+tokenizer with a chat template; a base model answers 400), ``GET /docs`` (offline).
+
+Continuous batching: one decoding thread runs every admitted request in one batch. A request
+joins the running batch between two decode steps and leaves it when its rows are done (or
+its client goes away); each row keeps its own sampler, seed, stop strings and stream, so it
+gets the same tokens as it would alone. Every limit is enforced before work is done: body
+size and time, header time, prompt length, ``max_tokens``, number of choices, and requests
+(``max_concurrent`` decoding together, ``max_queued`` waiting; beyond that 429 at once).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
+import logging
+import socket
+import sys
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gptkit.decoding import sampler_changes
+from gptkit.decoding import DecodeBatch, GenerationOptions, Row, row_rngs
 from gptkit.errors import GptkitError
 from gptkit.runtime import Bundle
+
+access_log = logging.getLogger("gptkit.access")
 
 
 @dataclass
 class Limits:
     max_body_bytes: int = 64 * 1024
     body_timeout_s: float = 10.0
+    header_timeout_s: float = 10.0
     max_prompt_chars: int = 16 * 1024
     max_tokens: int = 1024
     max_choices: int = 16  # prompts x n
-    max_concurrent: int = 4
+    max_concurrent: int = 16  # requests decoding together in the running batch
     max_queued: int = 64
 
 
+# --------------------------------------------------------------------------- request / response
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
 class CompletionRequest(BaseModel):
-    """The part of OpenAI's completions request that gptkit honours."""
+    """The part of OpenAI's completions request that gptkit honours (other fields that would
+    change the answer are refused with 400, never silently ignored)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -53,14 +76,193 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
+    stream_options: StreamOptions | None = None
+    echo: bool = Field(False, description="Return the prompt before the completion.")
+    logprobs: int | None = Field(None, ge=0, le=5, description="Not supported: 400 if set.")
+    best_of: int | None = Field(None, ge=1, description="Only 1 (or unset) is supported.")
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str
 
 
-class _Cancelled(Exception):
-    pass
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage]
+    max_tokens: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, le=10)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Choice(BaseModel):
+    text: str
+    index: int
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class ChatChoiceMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatChoiceMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in ((400, "Bad request"), (404, "Unknown model"), (422, "Invalid body"),
+                       (429, "Busy: retry later"))
+}
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error",
+           param: str | None = None, code: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    """An OpenAI-style error body."""
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
+                                   "code": code}}, status_code=status, headers=headers)
+
+
+# --------------------------------------------------------------------------- continuous batching
+
+
+@dataclass
+class Job:
+    """One request's rows, and the way back to its handler (an asyncio queue of events:
+    ("text", row, piece), ("done", completions), ("error", message))."""
+
+    ids: list[list[int]]
+    sampler: Any
+    seed: int | None
+    max_new: int
+    stream: bool
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    rows: list[Row] = field(default_factory=list)
+    first_token_s: float | None = None
+
+    def emit(self, *event: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (shutting down)
+            pass
+
+
+class Scheduler:
+    """One thread decodes every running request in one batch; requests join between steps."""
+
+    def __init__(self, bundle: Bundle, max_rows: int) -> None:
+        self.bundle, self.max_rows = bundle, max_rows
+        self.batch = DecodeBatch(bundle.backend, bundle.tokenizer)
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.running: list[Job] = []
+        self.peak_rows = 0  # most rows ever decoded in one step (shown by /health)
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._loop, name="gptkit-decode", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            self.waiting.append(job)
+            self.cond.notify()
+
+    def _admit(self) -> None:
+        """Move waiting requests into the batch while their rows fit (one always fits)."""
+        with self.cond:
+            while not self.waiting and not self.running:
+                self.cond.wait()
+            rows = sum(len(j.rows) for j in self.running)
+            while self.waiting and (not self.running or rows + len(self.waiting[0].ids) <= self.max_rows):
+                job = self.waiting.popleft()
+                self._start(job)
+                rows += len(job.ids)
+            self.peak_rows = max(self.peak_rows, len(self.batch))
+
+    def _start(self, job: Job) -> None:
+        for i, (ids, rng) in enumerate(zip(job.ids, row_rngs(job.seed, len(job.ids)))):
+            on_text = (lambda piece, i=i, job=job: job.emit("text", i, piece)) if job.stream else None
+            job.rows.append(self.batch.add(ids, job.sampler, rng, job.max_new, on_text))
+        self.running.append(job)
+
+    def _loop(self) -> None:
+        while True:
+            self._admit()
+            for job in self.running:
+                if job.cancelled.is_set():  # the client went away: its rows leave now
+                    for row in job.rows:
+                        row.done, row.finish = True, "cancelled"
+            self.batch.remove_done()
+            try:
+                self.batch.step()
+            except Exception as exc:  # reported to every request in the batch, never dropped
+                for job in self.running:
+                    job.emit("error", f"{type(exc).__name__}: {exc}")
+                self.running = []
+                self.batch = DecodeBatch(self.bundle.backend, self.bundle.tokenizer)
+                continue
+            still = []
+            for job in self.running:
+                if all(r.done for r in job.rows):
+                    if not job.cancelled.is_set():
+                        job.emit("done", [r.completion() for r in job.rows])
+                else:
+                    still.append(job)
+            self.running = still
+
+
+# --------------------------------------------------------------------------- HTTP
 
 
 class BodyLimitMiddleware:
@@ -115,15 +317,57 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
+class AccessLogMiddleware:
+    """One line per request: client, method, path, status, seconds (logger gptkit.access)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [0]
+
+        async def send_logged(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_logged)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            access_log.info('%s "%s %s" %d %.3fs', client[0], scope["method"], scope["path"],
+                            status[0], time.perf_counter() - started)
+
+
+def _docs_page(schema: dict[str, Any]) -> str:
+    """A self-contained API page (no scripts or styles from the internet)."""
+    import html
+
+    rows = []
+    for path, methods in schema.get("paths", {}).items():
+        for method, op in methods.items():
+            rows.append(f"<h2>{method.upper()} {html.escape(path)}</h2>"
+                        f"<p>{html.escape(op.get('summary', ''))}</p>"
+                        f"<p>{html.escape(op.get('description', '') or '')}</p>")
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>gptkit API</title></head>"
+            f"<body><h1>{html.escape(schema['info']['title'])} {html.escape(schema['info']['version'])}"
+            "</h1><p>The full schema: <a href='/openapi.json'>/openapi.json</a></p>"
+            + "".join(rows) + "</body></html>")
+
+
 def create_app(bundle: Bundle, limits: Limits | None = None, name: str | None = None) -> FastAPI:
     """The ASGI app for one bundle."""
     limits = limits or Limits()
     model_name = name or bundle.manifest["spec"].get("name", "gptkit")
     app = FastAPI(title="gptkit", version=bundle.manifest.get("gptkit_version", "0"),
-                  description="OpenAI-compatible completions from a gptkit export bundle.")
-    pool = ThreadPoolExecutor(max_workers=limits.max_concurrent, thread_name_prefix="generate")
+                  description="OpenAI-compatible completions from a gptkit export bundle.",
+                  docs_url=None, redoc_url=None)
+    scheduler = Scheduler(bundle, max_rows=max(limits.max_concurrent, limits.max_choices))
     state = {"active": 0}
     lock = threading.Lock()
+    chat_template = getattr(bundle.tokenizer, "chat_template", None)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -132,12 +376,28 @@ def create_app(bundle: Bundle, limits: Limits | None = None, name: str | None = 
         )
         return _error(422, problems or "invalid request")
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code,
+                                                                 "invalid_request_error")
+        message = {404: f"no such endpoint: {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(
+            exc.status_code, str(exc.detail))
+        return _error(exc.status_code, message, kind, headers=getattr(exc, "headers", None))
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(_docs_page(app.openapi()))
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, "active": state["active"]}
+        """Liveness, and how many requests are admitted (decoding or waiting)."""
+        return {"status": "ok", "model": model_name, "active": state["active"],
+                "batch_rows": len(scheduler.batch), "peak_batch_rows": scheduler.peak_rows}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
+        """The one model this server serves."""
         return {"object": "list", "data": [{
             "id": model_name, "object": "model", "owned_by": "gptkit",
             "max_seq_len": bundle.max_seq_len, "vocab_size": bundle.manifest["vocab_size"],
@@ -154,124 +414,279 @@ def create_app(bundle: Bundle, limits: Limits | None = None, name: str | None = 
         with lock:
             state["active"] -= 1
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    def _check(model: str | None, stops: list[str], max_tokens: int, n_choices: int,
+               prompts: list[str]) -> JSONResponse | None:
+        if model is not None and model != model_name:
+            return _error(404, f"model {model!r} not found; this server serves {model_name!r} "
+                               "(GET /v1/models)", param="model", code="model_not_found")
         if not prompts:
-            return _error(400, "prompt: give a string or a non-empty list of strings")
-        if len(prompts) * req.n > limits.max_choices:
-            return _error(400, f"prompts x n = {len(prompts) * req.n}; at most "
-                               f"{limits.max_choices} choices per request")
-        if req.max_tokens > limits.max_tokens:
-            return _error(400, f"max_tokens: at most {limits.max_tokens}, got {req.max_tokens}")
+            return _error(400, "prompt: give a string or a non-empty list of strings", param="prompt")
+        if n_choices > limits.max_choices:
+            return _error(400, f"prompts x n = {n_choices}; at most {limits.max_choices} choices "
+                               "per request", param="n")
+        if max_tokens > limits.max_tokens:
+            return _error(400, f"max_tokens: at most {limits.max_tokens}, got {max_tokens}",
+                          param="max_tokens")
         if any(len(p) > limits.max_prompt_chars for p in prompts):
-            return _error(400, f"prompt: at most {limits.max_prompt_chars} characters")
+            return _error(400, f"prompt: at most {limits.max_prompt_chars} characters", param="prompt")
         if len(stops) > 4 or any(not s or len(s) > 64 for s in stops):
-            return _error(400, "stop: up to 4 non-empty strings of at most 64 characters")
+            return _error(400, "stop: up to 4 non-empty strings of at most 64 characters",
+                          param="stop")
+        return None
+
+    async def _run(prompts: list[str], n: int, options: GenerationOptions, stream: bool,
+                   include_usage: bool, render) -> Any:
+        """Admit, queue into the running batch, and answer (JSON or server-sent events)."""
         try:
-            sampler = bundle.sampler_with(**sampler_changes(
-                temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, stop=stops))
-            for i, p in enumerate(prompts):
-                n_tokens = len(bundle.tokenizer.encode(p))
-                if n_tokens > bundle.max_seq_len:
-                    raise GptkitError(f"prompt {i} is {n_tokens} tokens; the context is "
-                                      f"{bundle.max_seq_len}")
+            sampler = bundle.sampler_for(options)
+            ids = [DecodeBatch(bundle.backend, bundle.tokenizer).encode(p, i)
+                   for i, p in enumerate(prompts)]
         except GptkitError as exc:
             return _error(400, exc.message)
-        rows = [p for p in prompts for _ in range(req.n)]
+        rows = [r for r in ids for _ in range(n)]
         if not _admit():
-            return JSONResponse({"error": {"message": "server busy; retry later",
-                                           "type": "rate_limit"}},
-                                status_code=429, headers={"Retry-After": "1"})
+            return _error(429, "server busy; retry later", "rate_limit", headers={"Retry-After": "1"})
         created, cid = int(time.time()), f"cmpl-{uuid.uuid4().hex[:24]}"
-        loop = asyncio.get_running_loop()
+        max_new = sampler.max_new_tokens if options.max_new_tokens is None else options.max_new_tokens
+        job = Job(rows, sampler, options.seed, max_new, stream, asyncio.get_running_loop())
+        scheduler.submit(job)
+        prompt_tokens = sum(len(r) for r in rows)
 
-        def run(on_text=None):
-            return bundle.complete(rows, sampler=sampler, max_new_tokens=req.max_tokens,
-                                   seed=req.seed, on_text=on_text)
-
-        if not req.stream:
-            try:
-                out = await loop.run_in_executor(pool, run)
-            except GptkitError as exc:
-                return _error(400, exc.message)
-            finally:
-                _release()
-            prompt_tokens = sum(len(bundle.tokenizer.encode(p)) for p in rows)
+        def usage(out) -> dict[str, int]:
             completion_tokens = sum(len(c.tokens) for c in out)
-            return {"id": cid, "object": "text_completion", "created": created,
-                    "model": model_name,
-                    "choices": [{"text": c.text, "index": i, "logprobs": None,
-                                 "finish_reason": _finish(c.finish_reason)}
-                                for i, c in enumerate(out)],
-                    "usage": {"prompt_tokens": prompt_tokens,
-                              "completion_tokens": completion_tokens,
-                              "total_tokens": prompt_tokens + completion_tokens}}
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens}
 
-        queue: asyncio.Queue = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def on_text(row: int, piece: str) -> None:
-            if cancelled.is_set():
-                raise _Cancelled
-            loop.call_soon_threadsafe(queue.put_nowait, ("text", row, piece))
-
-        def worker():
+        if not stream:
             try:
-                out = run(on_text)
-                loop.call_soon_threadsafe(queue.put_nowait, ("done", out, None))
-            except _Cancelled:
-                pass
-            except Exception as exc:  # reported in the stream, never a silent drop
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", str(exc), None))
+                kind, *rest = await job.events.get()
+                while kind == "text":
+                    kind, *rest = await job.events.get()
             finally:
+                job.cancelled.set()
                 _release()
-
-        pool.submit(worker)
-
-        def chunk(choices):
-            return "data: " + json.dumps({"id": cid, "object": "text_completion",
-                                          "created": created, "model": model_name,
-                                          "choices": choices}) + "\n\n"
+            if kind == "error":
+                return _error(500, rest[0], "server_error")
+            return render.whole(cid, created, rest[0], usage(rest[0]))
 
         async def events():
             try:
                 while True:
-                    kind, a, b = await queue.get()
+                    kind, *rest = await job.events.get()
                     if kind == "text":
-                        yield chunk([{"text": b, "index": a, "logprobs": None,
-                                      "finish_reason": None}])
+                        yield render.chunk(cid, created, rest[0], rest[1], None)
                     elif kind == "done":
-                        yield chunk([{"text": "", "index": i, "logprobs": None,
-                                      "finish_reason": _finish(c.finish_reason)}
-                                     for i, c in enumerate(a)])
+                        for i, c in enumerate(rest[0]):
+                            yield render.chunk(cid, created, i, "", _finish(c.finish_reason))
+                        if include_usage:
+                            yield render.usage_chunk(cid, created, usage(rest[0]))
                         yield "data: [DONE]\n\n"
                         return
                     else:
-                        yield "data: " + json.dumps({"error": {"message": a}}) + "\n\n"
+                        yield "data: " + json.dumps({"error": {"message": rest[0],
+                                                               "type": "server_error"}}) + "\n\n"
                         return
             finally:
-                cancelled.set()  # the client went away: stop generating for it
+                job.cancelled.set()  # the client went away (or is done): its rows leave
+                _release()
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    class TextRender:
+        def __init__(self, echo_prompts: list[str] | None) -> None:
+            self.echo = echo_prompts
+
+        def whole(self, cid, created, out, usage):
+            return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
+                    "choices": [{"text": (self.echo[i] if self.echo else "") + c.text, "index": i,
+                                 "logprobs": None, "finish_reason": _finish(c.finish_reason)}
+                                for i, c in enumerate(out)],
+                    "usage": usage}
+
+        def chunk(self, cid, created, index, text, finish):
+            return _sse({"id": cid, "object": "text_completion", "created": created,
+                         "model": model_name, "choices": [{"text": text, "index": index,
+                                                           "logprobs": None,
+                                                           "finish_reason": finish}]})
+
+        def usage_chunk(self, cid, created, usage):
+            return _sse({"id": cid, "object": "text_completion", "created": created,
+                         "model": model_name, "choices": [], "usage": usage})
+
+    class ChatRender(TextRender):
+        def whole(self, cid, created, out, usage):
+            return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
+                    "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
+                                 "logprobs": None, "finish_reason": _finish(c.finish_reason)}
+                                for i, c in enumerate(out)],
+                    "usage": usage}
+
+        def chunk(self, cid, created, index, text, finish):
+            delta = {"content": text} if text else {}
+            return _sse({"id": cid, "object": "chat.completion.chunk", "created": created,
+                         "model": model_name, "choices": [{"index": index, "delta": delta,
+                                                           "logprobs": None,
+                                                           "finish_reason": finish}]})
+
+        def usage_chunk(self, cid, created, usage):
+            return _sse({"id": cid, "object": "chat.completion.chunk", "created": created,
+                         "model": model_name, "choices": [], "usage": usage})
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
+    async def completions(req: CompletionRequest):
+        """Continue a prompt (or several); ``stream: true`` sends server-sent events."""
+        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        problem = _check(req.model, stops, req.max_tokens, len(prompts) * req.n, prompts)
+        if problem is not None:
+            return problem
+        if req.logprobs is not None:
+            return _error(400, "logprobs is not supported by gptkit's server", param="logprobs")
+        if req.best_of not in (None, 1):
+            return _error(400, "best_of: only 1 is supported", param="best_of")
+        if req.echo and req.stream:
+            return _error(400, "echo is supported without stream only", param="echo")
+        options = GenerationOptions(max_new_tokens=req.max_tokens, temperature=req.temperature,
+                                    top_k=req.top_k, top_p=req.top_p, stop=stops, seed=req.seed)
+        echo = [p for p in prompts for _ in range(req.n)] if req.echo else None
+        return await _run(prompts, req.n, options, req.stream,
+                          bool(req.stream_options and req.stream_options.include_usage),
+                          TextRender(echo))
+
+    @app.post("/v1/chat/completions", response_model=ChatResponse, responses=ERRORS)
+    async def chat_completions(req: ChatRequest):
+        """Chat, for a bundle whose tokenizer has a chat template (else 400: a base model)."""
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        if req.model is not None and req.model != model_name:
+            return _check(req.model, [], 0, 1, ["x"])
+        if not chat_template:
+            return _error(400, f"{model_name!r} is a base model: its tokenizer has no chat "
+                               "template; use /v1/completions with a prompt", param="messages",
+                          code="base_model")
+        if req.logprobs:
+            return _error(400, "logprobs is not supported by gptkit's server", param="logprobs")
+        try:
+            prompt = _render_chat(chat_template, [m.model_dump() for m in req.messages])
+        except Exception as exc:
+            return _error(400, f"messages: the chat template failed: {exc}", param="messages")
+        problem = _check(None, stops, max_tokens, req.n, [prompt])
+        if problem is not None:
+            return problem
+        options = GenerationOptions(max_new_tokens=max_tokens, temperature=req.temperature,
+                                    top_p=req.top_p, stop=stops, seed=req.seed)
+        return await _run([prompt], req.n, options, req.stream,
+                          bool(req.stream_options and req.stream_options.include_usage),
+                          ChatRender(None))
+
     app.add_middleware(BodyLimitMiddleware, limits=limits)
+    app.add_middleware(AccessLogMiddleware)
     return app
+
+
+def _sse(doc: dict[str, Any]) -> str:
+    return "data: " + json.dumps(doc) + "\n\n"
+
+
+def _render_chat(template: str, messages: list[dict[str, str]]) -> str:
+    """A Hugging Face-style chat template (Jinja) with the generation prompt added."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True)
 
 
 def _finish(reason: str) -> str:
     return "stop" if reason in ("stop", "eot") else "length"
 
 
+# --------------------------------------------------------------------------- the server
+
+
+def _header_timeout_protocol(seconds: float):
+    """uvicorn's HTTP/1.1 protocol, with a deadline for a request's headers: a client that
+    opens a connection (or keeps one alive) and never finishes its headers is dropped."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._header_timer = None
+            self._arm()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(seconds, self._headers_too_slow)
+
+        def _disarm(self) -> None:
+            if getattr(self, "_header_timer", None) is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_too_slow(self) -> None:
+            self._header_timer = None
+            waiting = self.cycle is None or self.cycle.response_complete
+            if waiting and not self.transport.is_closing():
+                self.transport.close()
+
+        def handle_events(self) -> None:
+            before = self.cycle
+            super().handle_events()
+            if self.cycle is not None and self.cycle is not before:
+                self._disarm()  # the headers are in; the body has its own deadline
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # a kept-alive connection: the next request's headers
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, or a GptkitError (exit 2) for a bad host or a busy port."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise GptkitError(f"--host {host!r}: not an address this machine can bind ({exc.strerror})",
+                          "Use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface).") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        what = "is in use" if exc.errno in (98, 48, 10048) else f"cannot be bound ({exc.strerror})"
+        raise GptkitError(f"port {port} on {host} {what}",
+                          "Pick another with --port, or stop the process using it.") from None
+    sock.setblocking(False)
+    return sock
+
+
 def serve(bundle_dir: str, host: str = "127.0.0.1", port: int = 8000,
-          limits: Limits | None = None) -> None:
+          limits: Limits | None = None, name: str | None = None, access: bool = True) -> None:
     import uvicorn
 
+    limits = limits or Limits()
     started = time.perf_counter()
+    sock = bind(host, port)  # before anything is printed: a busy port is a plain error
     bundle = Bundle.load(bundle_dir)
-    app = create_app(bundle, limits)
-    print(f"gptkit: serving {bundle_dir} on http://{host}:{port} "
+    app = create_app(bundle, limits, name)
+    if access:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        access_log.addHandler(handler)
+        access_log.setLevel(logging.INFO)
+    bound = sock.getsockname()[1]
+    print(f"gptkit: serving {bundle_dir} on http://{host}:{bound} "
           f"(loaded in {time.perf_counter() - started:.2f}s)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5,
-                limit_concurrency=1024)  # open connections; generations are capped above
+    config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=5,
+                            limit_concurrency=1024,  # open connections; requests are capped above
+                            http=_header_timeout_protocol(limits.header_timeout_s))
+    uvicorn.Server(config).run(sockets=[sock])

@@ -106,6 +106,51 @@ def check_kv_cache(model: GPT, prefill: int = 8, decode: int = 64, atol: float =
     assert past[0][0].shape[2] == prefill + decode
 
 
+def check_static_cache(model: GPT, new_tokens: int = 40) -> bool:
+    """Decoding with the static (preallocated) KV cache gives the same tokens as the
+    concatenating cache: greedy, a left-padded batch of uneven prompts, and past
+    ``max_seq_len`` (context refill). Returns whether the model uses the static cache (a
+    component that cannot take one falls back to the concatenating cache, as declared)."""
+    from gptkit.generate import TorchBackend
+
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [12]]
+    limit = model.spec.max_seq_len
+    steps = max(new_tokens, limit + 8)  # long enough to pass the context limit
+    static, concat = TorchBackend(model, static=True), TorchBackend(model, static=False)
+    a = _greedy_ids(static, prompts, steps)
+    b = _greedy_ids(concat, prompts, steps)
+    assert a == b, "static-cache decoding differs from the concatenating cache"
+    return static.static
+
+
+def _greedy_ids(backend, prompts: list[list[int]], steps: int) -> list[list[int]]:
+    """Greedy continuations of token-id prompts through the shared decoding loop."""
+    import numpy as np
+
+    from gptkit.decoding import DecodeBatch
+
+    class _Ids:  # a tokenizer over ids, so the check needs no fitted text tokenizer
+        eot_id, pad_id = 0, 0
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    class _Greedy:
+        repetition_penalty, stop, stop_at_eot = 1.0, [], False
+
+        def new_state(self):
+            return None
+
+        def sample(self, logits, rng, previous=None):
+            return logits.argmax(-1)
+
+    batch = DecodeBatch(backend, _Ids())
+    rows = [batch.add(list(p), _Greedy(), np.random.default_rng(0), steps) for p in prompts]
+    while len(batch):
+        batch.step()
+    return [r.stream.tokens for r in rows]
+
+
 def check_padding(model: GPT) -> None:
     """A left-padded row in a batch gives the same logits as the row alone."""
     long, short = _tokens(1, 12, seed=2), _tokens(1, 7, seed=3)
@@ -155,11 +200,26 @@ def check_onnx(model: GPT, folder) -> dict:
     path = Path(folder) / "model.onnx"
     export_onnx(model, path)
     proto = onnx.load(str(path), load_external_data=False)
-    inputs, outputs = io_names(model.spec.n_layers)
+    inputs, outputs = io_names(model.spec.n_layers, model.static_cache)
     assert [i.name for i in proto.graph.input] == inputs
     assert [o.name for o in proto.graph.output] == outputs
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
-            for i in proto.graph.input}
+            for i in [*proto.graph.input, *proto.graph.output]}
+    if model.static_cache:
+        # The graph hands back only the new tokens' keys and values, and never joins the
+        # cache to anything: it is read in place.
+        assert dims["present.0.key"][2] == dims["input_ids"][1], dims["present.0.key"]
+        past = {n for n in inputs if n.startswith("past_key_values.")}
+        for node in proto.graph.node:
+            assert not (node.op_type == "Concat" and past & set(node.input)), node.name
+        from gptkit.generate import TorchBackend
+        from gptkit.runtime import OnnxModel, _Backend
+
+        prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [12]]
+        steps = model.spec.max_seq_len + 8
+        ort = _greedy_ids(_Backend(OnnxModel(path), model.spec.max_seq_len), prompts, steps)
+        assert ort == _greedy_ids(TorchBackend(model, static=False), prompts, steps), \
+            "onnxruntime static-cache decoding differs from torch"
     for name in ("input_ids", "position_ids", "attention_mask"):
         assert all(isinstance(d, str) for d in dims[name]), f"{name} has fixed dims {dims[name]}"
     past = dims["past_key_values.0.key"]
@@ -178,6 +238,7 @@ def check_all(attention: Any = "mha", positional: Any = "learned", plugins=(),
         check_causal(model)
         check_kv_cache(model)
         check_padding(model)
+        check_static_cache(model)
     check_gradients(model)
     check_determinism(attention, positional, plugins)
     if onnx_dir is not None:

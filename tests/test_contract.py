@@ -93,3 +93,34 @@ def test_model_options_keep_the_contract(options):
         testing.check_kv_cache(model)
         testing.check_causal(model)
     testing.check_gradients(model)
+
+
+@pytest.mark.parametrize(("attention", "positional"), BUILTIN)
+def test_every_builtin_combination_uses_the_static_cache(attention, positional):
+    assert testing.check_static_cache(testing.tiny_model(attention, positional, max_seq_len=24))
+
+
+def test_a_plugin_attention_without_static_support_falls_back_and_still_decodes():
+    model = testing.tiny_model({"kind": "naive"}, "rope", ["inline_attention"], max_seq_len=24)
+    assert not model.static_cache  # NaiveAttention does not declare static_cache
+    assert not testing.check_static_cache(model)  # the concatenating cache, same tokens
+
+
+def test_a_subclass_that_only_changes_qk_keeps_the_static_cache():
+    pytest.importorskip("gptkit_qknorm")
+    model = testing.tiny_model({"kind": "qk_norm"}, "alibi", ["gptkit_qknorm"], max_seq_len=24)
+    assert model.static_cache and testing.check_static_cache(model)
+
+
+def test_a_positional_plugin_with_only_score_bias_falls_back():
+    from gptkit.components.positional import ALiBi
+
+    class OldStyleBias(ALiBi):  # overrides score_bias and not score_bias_at
+        def score_bias(self, q_len, k_len):
+            return super().score_bias(q_len, k_len)
+
+        score_bias_at = ALiBi.__mro__[1].score_bias_at
+
+    model = testing.tiny_model("mha", "alibi", max_seq_len=24)
+    model.positional.__class__ = OldStyleBias
+    assert not model.static_cache

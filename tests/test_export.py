@@ -26,12 +26,14 @@ def test_manifest_lists_every_file_with_its_hash(bundle):
     manifest = json.loads((bundle / "gptkit.json").read_text())
     assert set(manifest["files"]) == {"model.onnx", "tokenizer/tokenizer.gptkit.json"}
     assert manifest["inputs"][:3] == ["input_ids", "position_ids", "attention_mask"]
-    assert manifest["inputs"][3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert manifest["inputs"][3:6] == ["cache_position", "past_key_values.0.key",
+                                       "past_key_values.0.value"]
     assert manifest["outputs"][:2] == ["logits", "present.0.key"]
+    assert manifest["cache"] == "static"
     assert manifest["vocab_size"] == 66 and manifest["max_seq_len"] == 32
     assert manifest["special_tokens"] == {"eot": 65, "pad": 65}
     parity = manifest["parity"]
-    assert parity["passed"] and parity["prefill_max_abs_diff"] <= 1e-4
+    assert parity["passed"] and parity["max_rel_diff"] <= parity["tolerance"] == 1e-4
     assert parity["decode_steps"] > 0 and parity["greedy_tokens_identical"]
 
 

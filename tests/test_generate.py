@@ -224,7 +224,7 @@ def test_cli_generate_stream_samples_seed_and_sampler(smoke_run):
 
 @pytest.mark.parametrize(("args", "needle"), [
     (["-n", "-1"], "--max-new-tokens must be >= 0"),
-    (["--set", "sampler.temperature=0"], "sampler.temperature: Value error, temperature must be > 0; for deterministic output use sampler.kind=greedy"),
+    (["--set", "sampler.temperature=-1"], "sampler.temperature"),
     (["--set", "sampler.kind=top_p", "--set", "sampler.p=1.5"], "sampler.p"),
     (["--prompt", "x" * 40], "the model's context is 32"),
     (["--prompt", "ROMEO: ☃"], "never saw"),
@@ -237,3 +237,44 @@ def test_cli_generate_bad_arguments(smoke_run, args, needle):
 @pytest.mark.parametrize("kind", ["temperature", "top_k", "top_p", "min_p", "typical", "greedy"])
 def test_builtin_samplers_pass_the_plugin_sampler_contract(kind):
     testing.check_sampler(sampler(kind))
+
+
+# ----------------------------------------------------------------------- one generation object
+
+
+@pytest.mark.slow
+def test_temperature_zero_is_greedy_in_every_path(smoke_run):
+    import gptkit
+    from gptkit.api import Inference
+
+    gen = gptkit.load(smoke_run)
+    assert isinstance(gen, Inference)
+    greedy = gen.complete(["ROMEO:"], max_new_tokens=20, kind="greedy", stop_at_eot=False)[0]
+    for options in ({"temperature": 0}, {"temperature": 0, "top_p": 0.5},
+                    {"sampler": {"temperature": 0}}, {"temperature": 0, "seed": 9}):
+        out = gen.complete(["ROMEO:"], max_new_tokens=20, stop_at_eot=False, **options)[0]
+        assert out.tokens == greedy.tokens, options
+    assert gen.generate("ROMEO:", max_new_tokens=20, temperature=0, stop_at_eot=False) == greedy.text
+    streamed = "".join(gen.stream("ROMEO:", max_new_tokens=20, temperature=0, stop_at_eot=False))
+    assert streamed == greedy.text
+
+
+@pytest.mark.slow
+def test_cli_temperature_zero_is_greedy(smoke_run):
+    args = ["-p", "KING:", "-n", "25", "--set", "sampler.stop_at_eot=false"]
+    greedy = run_cli("generate", smoke_run, *args, "--set", "sampler.kind=greedy")
+    for extra in (["--temperature", "0"], ["--set", "sampler.temperature=0"]):
+        out = run_cli("generate", smoke_run, *args, *extra)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == greedy.stdout, extra
+
+
+def test_options_mean_the_same_as_sampler_fields():
+    from gptkit.decoding import GenerationOptions, resolve_sampler
+    from gptkit.registry import load_registry
+
+    base = sampler("top_p", p=0.9, temperature=0.8, stop=["\n\n"])
+    got = resolve_sampler(load_registry(), base,
+                          GenerationOptions.from_kwargs(top_k=5, temperature=1.2, stop="x"))
+    assert (got.kind, got.k, got.temperature, got.stop) == ("top_k", 5, 1.2, ["\n\n", "x"])
+    assert resolve_sampler(load_registry(), base, GenerationOptions()) is base

@@ -87,3 +87,33 @@ def test_import_refuses_what_it_cannot_read(tmp_path, smoke_run):
     assert_user_error(run_cli("import-hf", tmp_path), "has no config.json")
     assert_user_error(run_cli("export-hf", smoke_run, tmp_path / "x"), "this run is not a GPT-2",
                       "model.bias is False")
+
+
+def test_peaked_logits_pass_the_scale_aware_parity_gate_and_a_real_difference_fails(hf_gpt2, tmp_path):
+    """A GPT-2 whose embedding is scaled x25 has logits in the tens: its fp32 rounding is
+    larger in absolute terms, but not relative to the logits, and greedy tokens agree."""
+    from gptkit.export import export_onnx, export_run, parity_check
+
+    folder, hf = hf_gpt2
+    peaked = transformers.GPT2LMHeadModel(hf.config).eval()
+    peaked.load_state_dict(hf.state_dict())
+    with torch.no_grad():
+        peaked.transformer.wte.weight.mul_(25)
+    peaked.save_pretrained(tmp_path / "peaked", safe_serialization=True)
+    for f in folder.iterdir():  # the tokenizer files
+        if f.is_file() and not (tmp_path / "peaked" / f.name).exists():
+            (tmp_path / "peaked" / f.name).write_bytes(f.read_bytes())
+    run = import_hf(tmp_path / "peaked", tmp_path / "run")
+    manifest = export_run(run, tmp_path / "bundle", log=lambda *_: None)
+    parity = manifest["parity"]
+    assert parity["passed"] and parity["greedy_tokens_identical"]
+    assert parity["logit_scale"] > 10  # really peaked
+    assert parity["max_rel_diff"] <= parity["tolerance"] == 1e-4
+    # A component that really differs: the graph of the model, checked against the same model
+    # with its final norm changed by 0.5%, fails the same gate.
+    gen = Generator.from_run(run)
+    export_onnx(gen.model, tmp_path / "m.onnx")
+    with torch.no_grad():
+        gen.model.norm_f.weight.mul_(1.005)
+    report = parity_check(gen.model, tmp_path / "m.onnx")
+    assert not report["passed"] and report["max_rel_diff"] > 1e-4

@@ -7,7 +7,7 @@ multi-head attention is grouped-query attention with as many key/value heads as 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,34 @@ from gptkit.hookspecs import hookimpl
 KVCache = tuple[torch.Tensor, torch.Tensor]  # keys, values: (B, H_kv, T_past, hd) each
 
 
+class StaticKV(NamedTuple):
+    """One layer's view of a static (preallocated) KV cache, passed as ``past``.
+
+    ``keys`` / ``values`` (B, H_kv, S, hd) hold S cache slots, of which the first ``position``
+    are in use (slot j holds the token at index j of the left-padded batch); the new tokens
+    are the ones at ``position`` .. ``position + T - 1``. ``key_mask`` is (B, S + T): the
+    slots, then the new tokens. An attention that takes a ``StaticKV`` reads the cache without
+    copying it and returns only the new tokens' (keys, values): the caller writes them into
+    its buffers in place. A module says it can by ``static_cache = True`` (see
+    :func:`supports_static_cache`); otherwise gptkit decodes with the concatenating cache.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    position: torch.Tensor  # () int64
+
+
+def supports_static_cache(module: nn.Module) -> bool:
+    """Whether an attention module takes a ``StaticKV`` past. A subclass of
+    ``CausalSelfAttention`` that replaces ``forward`` must declare ``static_cache`` itself."""
+    if not getattr(module, "static_cache", False):
+        return False
+    cls = type(module)
+    if isinstance(module, CausalSelfAttention) and cls.forward is not CausalSelfAttention.forward:
+        return any("static_cache" in vars(c) for c in cls.__mro__ if c is not CausalSelfAttention)
+    return True
+
+
 class CausalSelfAttention(nn.Module):
     """Attention of each token over itself and the tokens before it.
 
@@ -30,8 +58,11 @@ class CausalSelfAttention(nn.Module):
     - ``past``: the cached (keys, values) of the T_past earlier tokens, or None;
     - ``key_mask``: (B, T_past + T) bool, False for padding (batches of uneven prompts), or None.
 
-    Returns the output (B, T, d_model) and the cache extended by the new tokens.
+    Returns the output (B, T, d_model) and the cache extended by the new tokens. With a
+    ``StaticKV`` past, returns the new tokens' (keys, values) only (see ``StaticKV``).
     """
+
+    static_cache = True
 
     def __init__(
         self,
@@ -82,6 +113,10 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, H_kv, hd).transpose(1, 2)  # (B, H_kv, T, hd)
         q, k = self.normalize_qk(q, k)
         q, k = self.positional.rotate(q, k, positions)
+        if isinstance(past, StaticKV):
+            y = self.attend_static(q, k, v, past, key_mask)  # (B, H, T, hd)
+            y = y.transpose(1, 2).contiguous().view(B, T, C)
+            return self.resid_dropout(self.out_proj(y)), (k, v)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # (B, H_kv, T_past + T, hd)
             v = torch.cat([past[1], v], dim=2)
@@ -114,6 +149,41 @@ class CausalSelfAttention(nn.Module):
                 y = att @ v  # (B, H, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads
         return self.resid_dropout(self.out_proj(y)), present
+
+    def attend_static(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: StaticKV,
+                      key_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of the new queries over the cache slots and the new keys, without joining
+        them: scores for both parts side by side (B, H, T, S + T), one softmax, then the
+        weighted sum of each part's values. Query heads are grouped per key/value head, so the
+        cache is never repeated for GQA either."""
+        B, H, T, hd = q.shape
+        H_kv, S = k.size(1), past.keys.size(2)
+        G = H // H_kv
+        qg = q.reshape(B, H_kv, G * T, hd)  # head h = kv_head * G + g
+        s_cache = (qg @ past.keys.transpose(-2, -1)).view(B, H, T, S)
+        s_new = (qg @ k.transpose(-2, -1)).view(B, H, T, T)
+        scores = torch.cat([s_cache, s_new], dim=-1) / math.sqrt(hd)  # (B, H, T, S + T)
+        device = q.device
+        q_idx = past.position + torch.arange(T, device=device)  # (T,) index in the batch
+        slots = torch.arange(S, device=device)
+        k_idx = torch.cat([slots, q_idx])  # (S + T,)
+        bias = self.positional.score_bias_at(q_idx, k_idx)  # (1, H, T, S + T) or None
+        if bias is not None:
+            scores = scores + bias
+        in_use = torch.cat([slots < past.position, torch.ones(T, dtype=torch.bool, device=device)])
+        allowed = (k_idx[None, :] <= q_idx[:, None]) & in_use[None, :]  # (T, S + T)
+        if self.window is not None:
+            allowed = allowed & (q_idx[:, None] - k_idx[None, :] < self.window)
+        allowed = allowed[None, None]
+        if key_mask is not None:
+            itself = torch.cat([torch.zeros(T, S, dtype=torch.bool, device=device),
+                                torch.eye(T, dtype=torch.bool, device=device)], dim=-1)
+            allowed = (allowed & key_mask[:, None, None, :].bool()) | itself
+        att = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+        p_cache = att[..., :S].reshape(B, H_kv, G * T, S)
+        p_new = att[..., S:].reshape(B, H_kv, G * T, T)
+        y = p_cache @ past.values + p_new @ v  # (B, H_kv, G * T, hd)
+        return y.view(B, H, T, hd)
 
     def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hook for variants that transform queries and keys per head before positions are

@@ -40,6 +40,20 @@ class PositionalEncoding(nn.Module):
         """Bias (1, H, q_len, k_len) for queries at k_len-q_len .. k_len-1 over keys 0 .. k_len-1."""
         return None
 
+    def score_bias_at(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor | None:
+        """The same bias for queries and keys at the given indices (1-D tensors): what the
+        static KV cache uses, where keys are cache slots followed by the new tokens. A scheme
+        that overrides ``score_bias`` must override this too to use the static cache (without
+        it, gptkit decodes with the concatenating cache)."""
+        return None
+
+    @property
+    def static_cache(self) -> bool:
+        """Whether this scheme works with the static KV cache."""
+        cls = type(self)
+        return (cls.score_bias is PositionalEncoding.score_bias
+                or cls.score_bias_at is not PositionalEncoding.score_bias_at)
+
 
 class LearnedPositionalEmbedding(PositionalEncoding):
     """A trained vector per position, as in GPT-2. Cannot go past ``max_seq_len``."""
@@ -104,6 +118,10 @@ class ALiBi(PositionalEncoding):
         q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]  # (Tq, 1)
         k_pos = torch.arange(k_len, device=device)[None, :]  # (1, Tk)
         distance = (q_pos - k_pos).clamp(min=0).to(self.slopes.dtype)  # future keys are masked
+        return -(self.slopes[:, None, None] * distance)[None]  # (1, H, Tq, Tk)
+
+    def score_bias_at(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
+        distance = (q_idx[:, None] - k_idx[None, :]).clamp(min=0).to(self.slopes.dtype)
         return -(self.slopes[:, None, None] * distance)[None]  # (1, H, Tq, Tk)
 
 
