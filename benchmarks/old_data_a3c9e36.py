@@ -145,8 +145,11 @@ def prepare_data(data_spec, tokenizer_spec, min_len: int = 0, cache: Path | None
     text = load_text(data_spec.source)
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
     spec_blob = json.dumps(
-        {"tok": tokenizer_spec.model_dump(mode="json"), "val": data_spec.val_fraction,
-         "fingerprint": tokenizer_spec.fingerprint()},
+        {
+            "tok": tokenizer_spec.model_dump(mode="json"),
+            "val": data_spec.val_fraction,
+            "fingerprint": tokenizer_spec.fingerprint(),
+        },
         sort_keys=True,
     )
     key = f"{digest}-{hashlib.sha256(spec_blob.encode()).hexdigest()[:12]}"
@@ -161,8 +164,9 @@ def prepare_data(data_spec, tokenizer_spec, min_len: int = 0, cache: Path | None
             meta = json.loads(meta_path.read_text())
             tokenizer = load_tokenizer(folder / "tokenizer")
             arrays = [
-                np.memmap(folder / f"{part}.bin", dtype=meta["dtype"], mode="r",
-                          shape=(meta[part],))
+                np.memmap(
+                    folder / f"{part}.bin", dtype=meta["dtype"], mode="r", shape=(meta[part],)
+                )
                 for part in ("train", "val")
             ]
             cached = True
@@ -184,7 +188,8 @@ def prepare_data(data_spec, tokenizer_spec, min_len: int = 0, cache: Path | None
         _atomic_write_bytes(meta_path, json.dumps(meta).encode())
         arrays = [
             np.memmap(folder / f"{part}.bin", dtype=dtype, mode="r", shape=(ids[part],))
-            if ids[part] else np.zeros(0, dtype=dtype)
+            if ids[part]
+            else np.zeros(0, dtype=dtype)
             for part in ("train", "val")
         ]
     train, val = arrays

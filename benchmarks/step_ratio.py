@@ -1,4 +1,5 @@
 """Per-step time of the speedrun model with AdamW vs Muon, alternating blocks in one process."""
+
 import statistics
 import time
 
@@ -29,4 +30,8 @@ for rnd in range(8):
         if rnd:  # the first round warms up
             times[kind].append((time.perf_counter() - t) / 3)
 med = {k: statistics.median(v) for k, v in times.items()}
-print({k: round(v, 4) for k, v in med.items()}, "muon/adamw per step:", round(med["muon"] / med["adamw"], 3))
+print(
+    {k: round(v, 4) for k, v in med.items()},
+    "muon/adamw per step:",
+    round(med["muon"] / med["adamw"], 3),
+)

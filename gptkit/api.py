@@ -5,9 +5,11 @@ checkpoint folder, generate with an inference object.
 >>> from gptkit.api import prepare_data, make_loaders, create_model, Trainer, Inference
 >>> data = prepare_data("input.txt")                                    # doctest: +SKIP
 >>> train_loader, val_loader = make_loaders(data, batch_size=32, seq_len=64)  # doctest: +SKIP
->>> model = create_model("tiny", vocab_size=data.tokenizer.vocab_size, max_seq_len=64)  # doctest: +SKIP
->>> Trainer(model, train_loader, val_loader, lr=3e-3, checkpoint_dir="ckpt").train(epochs=1)  # doctest: +SKIP
->>> Inference.from_checkpoint("ckpt").generate("ROMEO:", temperature=0.8, top_k=40)  # doctest: +SKIP
+>>> vocab = data.tokenizer.vocab_size                                   # doctest: +SKIP
+>>> model = create_model("tiny", vocab_size=vocab, max_seq_len=64)      # doctest: +SKIP
+>>> trainer = Trainer(model, train_loader, val_loader, checkpoint_dir="ckpt")  # doctest: +SKIP
+>>> trainer.train(epochs=1)                                             # doctest: +SKIP
+>>> Inference.load("ckpt").generate("ROMEO:", temperature=0.8, top_k=40)  # doctest: +SKIP
 
 ``Inference`` is gptkit's one generation object: ``gptkit.load(path)`` returns one for a run
 (torch) or an export bundle (onnxruntime, no torch), with the same options everywhere. This
@@ -16,6 +18,7 @@ module imports torch only when a torch part is used.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,7 @@ if TYPE_CHECKING:  # torch stays out of a bundle-only process
     import torch
 
     from gptkit.model import GPT
+    from gptkit.training.loop import TrainResult
 
 
 @dataclass
@@ -51,18 +55,34 @@ class TextData:
     val_fraction: float
 
 
-def prepare_data(source: str | Path | list[str], tokenizer: str | dict[str, Any] = "char",
-                 val_fraction: float = 0.1) -> TextData:
+def prepare_data(
+    source: str | Path | list[str],
+    tokenizer: str | dict[str, Any] = "char",
+    val_fraction: float = 0.1,
+) -> TextData:
     """Tokenize a text file (or glob / list / 'tinyshakespeare'); the tokenizer is fitted on
     the training part. Cached like ``gptkit train``'s data."""
     from gptkit.data import prepare_data as _prepare_tokens
     from gptkit.spec import validate_spec
 
-    spec = validate_spec({"data": {"source": source if isinstance(source, list) else str(source),
-                                   "val_fraction": val_fraction}, "tokenizer": tokenizer})
+    spec = validate_spec(
+        {
+            "data": {
+                "source": source if isinstance(source, list) else str(source),
+                "val_fraction": val_fraction,
+            },
+            "tokenizer": tokenizer,
+        }
+    )
     tokens = _prepare_tokens(spec.data, spec.tokenizer)
-    return TextData(spec.data.source, tokens.tokenizer, tokens.train, tokens.val,
-                    spec.tokenizer.model_dump(), val_fraction)
+    return TextData(
+        spec.data.source,
+        tokens.tokenizer,
+        tokens.train,
+        tokens.val,
+        spec.tokenizer.model_dump(),
+        val_fraction,
+    )
 
 
 class BatchLoader:
@@ -74,8 +94,9 @@ class BatchLoader:
         self.tokens = data.train if part == "train" else data.val
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         if len(self.tokens) <= seq_len + 1:
-            raise GptkitError(f"the {part} part has {len(self.tokens)} tokens; seq_len {seq_len} "
-                              "needs more")
+            raise GptkitError(
+                f"the {part} part has {len(self.tokens)} tokens; seq_len {seq_len} needs more"
+            )
 
     def __len__(self) -> int:
         return max(1, len(self.tokens) // (self.batch_size * self.seq_len))
@@ -90,11 +111,14 @@ class BatchLoader:
             yield get_batch(self.tokens, self.batch_size, self.seq_len, gen, torch.device("cpu"))
 
 
-def make_loaders(data: TextData, batch_size: int = 32, seq_len: int = 128,
-                 seed: int = 1337) -> tuple[BatchLoader, BatchLoader]:
+def make_loaders(
+    data: TextData, batch_size: int = 32, seq_len: int = 128, seed: int = 1337
+) -> tuple[BatchLoader, BatchLoader]:
     """Train and validation loaders over the prepared data."""
-    return (BatchLoader(data, "train", batch_size, seq_len, seed),
-            BatchLoader(data, "val", batch_size, seq_len, seed + 1))
+    return (
+        BatchLoader(data, "train", batch_size, seq_len, seed),
+        BatchLoader(data, "val", batch_size, seq_len, seed + 1),
+    )
 
 
 def create_model(config: dict[str, Any] | str = "tiny", **fields: Any) -> GPT:
@@ -119,37 +143,60 @@ class Trainer:
     """Train a model on loaders for some epochs, into ``checkpoint_dir`` (a gptkit run
     directory: checkpoints, metrics, MLflow record). It runs ``gptkit train``'s own loop."""
 
-    def __init__(self, model: GPT, train_loader: BatchLoader, val_loader: BatchLoader | None = None,
-                 lr: float = 1e-3, checkpoint_dir: str | Path = "checkpoints", warmup_steps: int = 50,
-                 eval_every: int | None = None, track: bool = True, **train_fields: Any) -> None:
+    def __init__(
+        self,
+        model: GPT,
+        train_loader: BatchLoader,
+        val_loader: BatchLoader | None = None,
+        lr: float = 1e-3,
+        checkpoint_dir: str | Path = "checkpoints",
+        warmup_steps: int = 50,
+        eval_every: int | None = None,
+        track: bool = True,
+        **train_fields: Any,
+    ) -> None:
         self.model, self.train_loader, self.val_loader = model, train_loader, val_loader
         self.lr, self.warmup_steps, self.eval_every = lr, warmup_steps, eval_every
-        self.checkpoint_dir, self.track, self.train_fields = Path(checkpoint_dir), track, train_fields
-        self.result = None
+        self.checkpoint_dir, self.track, self.train_fields = (
+            Path(checkpoint_dir),
+            track,
+            train_fields,
+        )
+        self.result: TrainResult | None = None
 
     def spec(self, epochs: float) -> Any:
         loader = self.train_loader
         if loader.seq_len != self.model.spec.max_seq_len:
-            raise GptkitError(f"loader seq_len {loader.seq_len} != model max_seq_len "
-                              f"{self.model.spec.max_seq_len}")
+            raise GptkitError(
+                f"loader seq_len {loader.seq_len} != model max_seq_len "
+                f"{self.model.spec.max_seq_len}"
+            )
         steps = max(1, round(epochs * len(loader)))
         from gptkit.spec import validate_spec
 
-        return validate_spec({
-            "name": self.checkpoint_dir.name or "api",
-            "seed": loader.seed,
-            "data": {"source": loader.data.source, "val_fraction": loader.data.val_fraction},
-            "tokenizer": loader.data.tokenizer_spec,
-            "model": self.model.spec.model_dump(),
-            "train": {"batch_size": loader.batch_size, "max_steps": steps, "lr": self.lr,
-                      "warmup_steps": min(self.warmup_steps, steps // 2),
-                      "eval_every": self.eval_every or max(1, steps // 4),
-                      "eval_batches": min(20, len(self.val_loader)) if self.val_loader else 5,
-                      "sample_tokens": 0, **self.train_fields},
-            "tracking": {"enabled": self.track},
-        }, "Trainer")
+        return validate_spec(
+            {
+                "name": self.checkpoint_dir.name or "api",
+                "seed": loader.seed,
+                "data": {"source": loader.data.source, "val_fraction": loader.data.val_fraction},
+                "tokenizer": loader.data.tokenizer_spec,
+                "model": self.model.spec.model_dump(),
+                "train": {
+                    "batch_size": loader.batch_size,
+                    "max_steps": steps,
+                    "lr": self.lr,
+                    "warmup_steps": min(self.warmup_steps, steps // 2),
+                    "eval_every": self.eval_every or max(1, steps // 4),
+                    "eval_batches": min(20, len(self.val_loader)) if self.val_loader else 5,
+                    "sample_tokens": 0,
+                    **self.train_fields,
+                },
+                "tracking": {"enabled": self.track},
+            },
+            "Trainer",
+        )
 
-    def train(self, epochs: float = 1.0, progress: bool = True):
+    def train(self, epochs: float = 1.0, progress: bool = True) -> TrainResult:
         """Train for ``epochs`` passes over the training loader; returns the result (val loss,
         tokens/s, run directory). Calling it again continues from the last checkpoint."""
         from gptkit.training.loop import Trainer as _SpecTrainer
@@ -159,10 +206,16 @@ class Trainer:
         resume = RunDir(self.checkpoint_dir).is_run()
         if resume:  # continue: same model, more steps
             done = self.result.step if self.result else 0
-            spec = spec.model_copy(update={"train": spec.train.model_copy(
-                update={"max_steps": done + spec.train.max_steps})})
-        self.result = _SpecTrainer(spec, run_dir=self.checkpoint_dir, resume=resume,
-                                   progress=progress, model=self.model).run()
+            spec = spec.model_copy(
+                update={
+                    "train": spec.train.model_copy(
+                        update={"max_steps": done + spec.train.max_steps}
+                    )
+                }
+            )
+        self.result = _SpecTrainer(
+            spec, run_dir=self.checkpoint_dir, resume=resume, progress=progress, model=self.model
+        ).run()
         return self.result
 
 
@@ -186,20 +239,28 @@ class Inference:
     # ----------------------------------------------------------------- opening
 
     @classmethod
-    def load(cls, path: str | Path, *, checkpoint: str = "latest", device: str = "cpu",
-             threads: int | None = None) -> Inference:
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        checkpoint: str = "latest",
+        device: str = "cpu",
+        threads: int | None = None,
+    ) -> Inference:
         """Open a run directory (torch, imported now) or an export bundle (onnxruntime)."""
         path = Path(path)
         from gptkit.runtime import MANIFEST, Bundle
 
-        if (path / MANIFEST).is_file():
+        if os.path.lexists(path / MANIFEST):  # a bundle, even a damaged one, says why
             return Bundle.load(path, threads=threads)
         import importlib.util
 
         if importlib.util.find_spec("torch") is None:
-            raise GptkitError(f"{path} is not an export bundle, and opening a training run needs "
-                              "PyTorch, which is not installed",
-                              "Install the training extra: pip install 'gptkit[train]'.")
+            raise GptkitError(
+                f"{path} is not an export bundle, and opening a training run needs "
+                "PyTorch, which is not installed",
+                "Install the training extra: pip install 'gptkit[train]'.",
+            )
         from gptkit.generate import Generator
 
         return Generator.from_run(path, checkpoint=checkpoint, device=device)
@@ -251,34 +312,58 @@ class Inference:
         chosen = sampler if sampler is not None else self.sampler_for(options)
         if sampler is not None and options.sampler_changes(sampler):
             chosen = resolve_sampler(self.registry(sampler.kind), sampler, options)
-        return decode_loop(self.backend, self.tokenizer, list(prompts), chosen,
-                           max_new_tokens=options.max_new_tokens, seed=options.seed,
-                           use_cache=use_cache, on_text=on_text)
+        return decode_loop(
+            self.backend,
+            self.tokenizer,
+            list(prompts),
+            chosen,
+            max_new_tokens=options.max_new_tokens,
+            seed=options.seed,
+            use_cache=use_cache,
+            on_text=on_text,
+        )
 
-    def generate(self, prompt: str | Sequence[str], max_new_tokens: int | None = None,
-                 temperature: float | None = None, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None,
-                 **options: Any) -> str | list[str]:
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        **options: Any,
+    ) -> str | list[str]:
         """Text for one prompt, or a list of texts for a list of prompts."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        out = self.complete(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_k=top_k, top_p=top_p, seed=seed, **options)
+        out = self.complete(
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            **options,
+        )
         texts = [c.text for c in out]
         return texts[0] if isinstance(prompt, str) else texts
 
-    def stream(self, prompt: str, options: GenerationOptions | None = None,
-               **kwargs: Any) -> Iterator[str]:
+    def stream(
+        self, prompt: str, options: GenerationOptions | None = None, **kwargs: Any
+    ) -> Iterator[str]:
         """Text for one prompt, piece by piece as it is decoded (stop strings are never
         shown half-way)."""
         options = GenerationOptions.from_kwargs(options, **kwargs)
         sampler = self.sampler_for(options)
-        max_new = sampler.max_new_tokens if options.max_new_tokens is None else options.max_new_tokens
+        max_new = (
+            sampler.max_new_tokens if options.max_new_tokens is None else options.max_new_tokens
+        )
         if max_new < 0:
             raise GptkitError(f"max_new_tokens must be >= 0, got {max_new}")
         batch = DecodeBatch(self.backend, self.tokenizer)
         pieces: list[str] = []
-        batch.add(batch.encode(prompt), sampler, row_rngs(options.seed, 1)[0], max_new,
-                  pieces.append)
+        batch.add(
+            batch.encode(prompt), sampler, row_rngs(options.seed, 1)[0], max_new, pieces.append
+        )
         while len(batch):
             batch.step()
             yield from pieces
@@ -309,10 +394,12 @@ def _attention_weights(model: GPT, tokenizer: Any, text: str, layer: int) -> tor
 
     attn = model.blocks[layer].attn
     if not isinstance(attn, CausalSelfAttention):
-        raise GptkitError(f"attention_map reads CausalSelfAttention layers, not {type(attn).__name__}")
+        raise GptkitError(
+            f"attention_map reads CausalSelfAttention layers, not {type(attn).__name__}"
+        )
     seen: dict[str, torch.Tensor] = {}
 
-    def capture(module, args):  # returns None: the forward goes on unchanged
+    def capture(module: Any, args: tuple[Any, ...]) -> None:  # the forward goes on unchanged
         seen["x"] = args[0]
 
     hook = attn.register_forward_pre_hook(capture)
@@ -332,11 +419,13 @@ def _attention_weights(model: GPT, tokenizer: Any, text: str, layer: int) -> tor
     k = k.view(B, T, H_kv, hd).transpose(1, 2)
     q, k = attn.normalize_qk(q, k)
     positions = torch.arange(T)[None]
-    q, k = attn.positional.rotate(q, k, positions)
+    positional: Any = attn.positional
+    q, k = positional.rotate(q, k, positions)
     k = k.repeat_interleave(H // H_kv, dim=1)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(hd)
-    bias = attn.positional.score_bias(T, T)
+    bias = positional.score_bias(T, T)
     if bias is not None:
         scores = scores + bias
     scores = scores.masked_fill(~attn.allowed(T, T, None, x.device), float("-inf"))
-    return scores.softmax(-1)[0]  # (H, T, T)
+    weights: torch.Tensor = scores.softmax(-1)[0]  # (H, T, T)
+    return weights

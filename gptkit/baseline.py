@@ -27,15 +27,17 @@ class Block(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
         q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
         x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
         return x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)))))
 
 
 class PlainGPT(nn.Module):
-    def __init__(self, vocab: int, d: int, heads: int, layers: int, d_ff: int, ctx: int,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self, vocab: int, d: int, heads: int, layers: int, d_ff: int, ctx: int, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
         self.blocks = nn.ModuleList(Block(d, heads, d_ff, dropout) for _ in range(layers))
@@ -44,7 +46,11 @@ class PlainGPT(nn.Module):
         self.head.weight = self.tok.weight
         self.drop = nn.Dropout(dropout)
         for name, p in self.named_parameters():
-            std = 0.02 / math.sqrt(2 * layers) if name.endswith(("proj.weight", "out.weight")) else 0.02
+            std = (
+                0.02 / math.sqrt(2 * layers)
+                if name.endswith(("proj.weight", "out.weight"))
+                else 0.02
+            )
             if p.dim() == 2:
                 nn.init.normal_(p, 0.0, std)
 

@@ -37,8 +37,11 @@ STARTED = time.time()  # the command's start: a run's MLflow start time is this
 def _options(
     plugin: Annotated[
         Optional[list[str]],  # noqa: UP045 - typer needs Optional here
-        typer.Option("--plugin", help="Trust and load this plugin module, even when a run or "
-                     "bundle names it (repeatable; like GPTKIT_PLUGINS)."),
+        typer.Option(
+            "--plugin",
+            help="Trust and load this plugin module, even when a run or "
+            "bundle names it (repeatable; like GPTKIT_PLUGINS).",
+        ),
     ] = None,
 ) -> None:
     """Build, train, compare and ship small GPT-style language models."""
@@ -145,9 +148,13 @@ def validate(
     spec: SpecArg,
     overrides: SetOpt = None,
     print_spec: Annotated[
-        bool, typer.Option("--print-spec", help="Print the resolved spec as YAML (what a run "
-                           "stores), each field marked with the file, --set or default it "
-                           "came from.")
+        bool,
+        typer.Option(
+            "--print-spec",
+            help="Print the resolved spec as YAML (what a run "
+            "stores), each field marked with the file, --set or default it "
+            "came from.",
+        ),
     ] = False,
 ) -> None:
     """Check a spec and print the resolved model (parameters, components) without training."""
@@ -244,8 +251,11 @@ def prepare(
     overrides: SetOpt = None,
     workers: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option("--workers", min=1, help="Tokenizing processes (default: every core for "
-                     "char/byte on large corpora)."),
+        typer.Option(
+            "--workers",
+            min=1,
+            help="Tokenizing processes (default: every core for char/byte on large corpora).",
+        ),
     ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress lines.")] = False,
     as_json: JsonOpt = False,
@@ -259,32 +269,49 @@ def prepare(
 
     resolved = load_spec(spec, overrides or [])
     started = time.perf_counter()
-    data = prepare_data(resolved.data, resolved.tokenizer, progress=not no_progress,
-                        workers=workers)
+    data = prepare_data(
+        resolved.data, resolved.tokenizer, progress=not no_progress, workers=workers
+    )
     elapsed = time.perf_counter() - started
     meta = data.meta
     layout = {
-        "cache": str(data.folder), "reused": data.cached, "tokenizer": resolved.tokenizer.kind,
-        "vocab_size": data.tokenizer.vocab_size, "eot_id": data.tokenizer.eot_id,
-        "dtype": meta["dtype"], "tokens": meta["tokens"], "train_tokens": len(data.train),
-        "val_tokens": len(data.val), "documents": meta["documents"],
-        "source_bytes": meta["source_bytes"], "seconds": round(elapsed, 3),
+        "cache": str(data.folder),
+        "reused": data.cached,
+        "tokenizer": resolved.tokenizer.kind,
+        "vocab_size": data.tokenizer.vocab_size,
+        "eot_id": data.tokenizer.eot_id,
+        "dtype": meta["dtype"],
+        "tokens": meta["tokens"],
+        "train_tokens": len(data.train),
+        "val_tokens": len(data.val),
+        "documents": meta["documents"],
+        "source_bytes": meta["source_bytes"],
+        "seconds": round(elapsed, 3),
         "shards": meta["shards"],
     }
     if as_json:
         echo(json.dumps(layout))
         return
     mb = meta["source_bytes"] / 1e6
-    how = "reused the cache" if data.cached else (
-        f"tokenized in {elapsed:.1f}s ({mb / max(elapsed, 1e-9):.1f} MB/s, "
-        f"{meta['workers']} process{'es' if meta['workers'] > 1 else ''})")
+    how = (
+        "reused the cache"
+        if data.cached
+        else (
+            f"tokenized in {elapsed:.1f}s ({mb / max(elapsed, 1e-9):.1f} MB/s, "
+            f"{meta['workers']} process{'es' if meta['workers'] > 1 else ''})"
+        )
+    )
     echo(f"{resolved.data.source}: {mb:,.1f} MB, {meta['documents']:,} documents; {how}")
-    echo(f"  tokenizer   {resolved.tokenizer.kind}, vocab {data.tokenizer.vocab_size:,}, "
-         f"end-of-text id {data.tokenizer.eot_id}, ids as {meta['dtype']}")
+    echo(
+        f"  tokenizer   {resolved.tokenizer.kind}, vocab {data.tokenizer.vocab_size:,}, "
+        f"end-of-text id {data.tokenizer.eot_id}, ids as {meta['dtype']}"
+    )
     echo(f"  cache       {data.folder}")
     for shard in meta["shards"]:
         echo(f"  {shard['file']}  {shard['tokens']:>14,} tokens")
-    echo(f"  train       {len(data.train):>14,} tokens (first {1 - resolved.data.val_fraction:.0%})")
+    echo(
+        f"  train       {len(data.train):>14,} tokens (first {1 - resolved.data.val_fraction:.0%})"
+    )
     echo(f"  validation  {len(data.val):>14,} tokens (last {resolved.data.val_fraction:.0%})")
 
 
@@ -295,13 +322,19 @@ def prepare(
 def train(
     spec: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Argument(help="Experiment spec file (.yaml, .yml or .toml); with --resume "
-                       "--run-dir it may be left out (the run's own spec is used)."),
+        typer.Argument(
+            help="Experiment spec file (.yaml, .yml or .toml); with --resume "
+            "--run-dir it may be left out (the run's own spec is used)."
+        ),
     ] = None,
     overrides: SetOpt = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the newest run of this spec (or --run-dir) "
-                           "exactly as it was started; --set changes fields on purpose.")
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the newest run of this spec (or --run-dir) "
+            "exactly as it was started; --set changes fields on purpose.",
+        ),
     ] = False,
     run_dir: Annotated[
         Optional[Path],  # noqa: UP045
@@ -311,7 +344,9 @@ def train(
         Optional[str],  # noqa: UP045
         typer.Option("--name", help="Run name (default: the spec's name and the --set changes)."),
     ] = None,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="Plain log lines only.")] = False,
+    no_progress: Annotated[
+        bool, typer.Option("--no-progress", help="Plain log lines only.")
+    ] = False,
 ) -> None:
     """Validate SPEC, prepare data, train with progress, checkpoint, and track in MLflow."""
     require_torch("train")
@@ -332,9 +367,16 @@ def train(
         if resolved.sweep or resolved.repeats > 1:
             _train_sweep(raw, spec, sets, resolved, run_dir, not no_progress)
             return
-    trainer = Trainer(resolved, run_dir=run_dir, resume=resume, progress=not no_progress,
-                      run_name=name or (None if resume else default_run_name(resolved.name, sets)),
-                      overrides=sets, command=_command_line(), started_at=STARTED)
+    trainer = Trainer(
+        resolved,
+        run_dir=run_dir,
+        resume=resume,
+        progress=not no_progress,
+        run_name=name or (None if resume else default_run_name(resolved.name, sets)),
+        overrides=sets,
+        command=_command_line(),
+        started_at=STARTED,
+    )
     result = trainer.run()
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports
@@ -362,14 +404,19 @@ def _resume_spec(spec_file: Path | None, run_dir: Path | None, sets: list[str]):
             raise GptkitError("--resume needs --run-dir RUN or a SPEC whose newest run to continue")
         found = RunDir.latest(RUNS_ROOT / from_file.name)
         if found is None:
-            raise GptkitError(f"nothing to resume: no run of '{from_file.name}' under "
-                              f"{RUNS_ROOT / from_file.name}", "Start it without --resume.")
+            raise GptkitError(
+                f"nothing to resume: no run of '{from_file.name}' under "
+                f"{RUNS_ROOT / from_file.name}",
+                "Start it without --resume.",
+            )
         echo(f"gptkit: resuming {found.path} (newest run of '{from_file.name}')", err=True)
         run_dir = found.path
     run = RunDir(run_dir)
     if not run.is_run():
-        raise GptkitError(f"nothing to resume in {run_dir}: it is not a gptkit run (no spec.yaml)",
-                          "Start it without --resume.")
+        raise GptkitError(
+            f"nothing to resume in {run_dir}: it is not a gptkit run (no spec.yaml)",
+            "Start it without --resume.",
+        )
     resolved = run.read_spec(sets)
     if from_file is not None:
         _warn_spec_file_ignored(spec_file, from_file, resolved)
@@ -379,19 +426,26 @@ def _resume_spec(spec_file: Path | None, run_dir: Path | None, sets: list[str]):
 def _warn_spec_file_ignored(path: Path, from_file, resolved) -> None:
     from gptkit.training.loop import spec_diff
 
-    diffs = [(k, a, b) for k, a, b in spec_diff(resolved.to_dict(), from_file.to_dict())
-             if k != "model.vocab_size"]
+    diffs = [
+        (k, a, b)
+        for k, a, b in spec_diff(resolved.to_dict(), from_file.to_dict())
+        if k != "model.vocab_size"
+    ]
     if diffs:
         shown = "; ".join(f"{k}: {a!r} in the run, {b!r} in {path.name}" for k, a, b in diffs[:5])
-        echo(f"gptkit: warning: the run continues its own spec; {path} differs and is not "
-             f"applied ({shown}). Pass --set FIELD=VALUE to change a field on purpose.", err=True)
+        echo(
+            f"gptkit: warning: the run continues its own spec; {path} differs and is not "
+            f"applied ({shown}). Pass --set FIELD=VALUE to change a field on purpose.",
+            err=True,
+        )
 
 
 def _train_sweep(raw, spec: Path, sets: list[str], resolved, run_dir, progress: bool) -> None:
     from gptkit.training.sweep import run_sweep
 
-    results = run_sweep(raw, str(spec), sets, resolved, run_dir, progress=progress,
-                        command=_command_line())
+    results = run_sweep(
+        raw, str(spec), sets, resolved, run_dir, progress=progress, command=_command_line()
+    )
     echo("sweep done:")
     for r in results:
         val = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "n/a"
@@ -400,14 +454,18 @@ def _train_sweep(raw, spec: Path, sets: list[str], resolved, run_dir, progress: 
 
 def _train_report(result) -> str:
     if result.steps_trained == 0:
-        return (f"nothing to train: the run is already at step {result.step} "
-                f"(raise it with --set train.max_steps=N)\nrun: {result.run_dir}")
+        return (
+            f"nothing to train: the run is already at step {result.step} "
+            f"(raise it with --set train.max_steps=N)\nrun: {result.run_dir}"
+        )
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
     if result.stop_reason == "early_stop":
         val += " (stopped early: train.early_stop)"
-    return (f"done: {result.steps_trained} steps (now at step {result.step}) in "
-            f"{result.elapsed:.1f}s, val loss {val}, {result.tokens_per_sec:,.0f} tokens/s"
-            f"\nrun: {result.run_dir}")
+    return (
+        f"done: {result.steps_trained} steps (now at step {result.step}) in "
+        f"{result.elapsed:.1f}s, val loss {val}, {result.tokens_per_sec:,.0f} tokens/s"
+        f"\nrun: {result.run_dir}"
+    )
 
 
 @app.command("runs")
@@ -423,9 +481,13 @@ def runs_cmd(
     from gptkit.training.rundir import RUNS_ROOT
 
     if experiment and not (RUNS_ROOT / experiment).is_dir():
-        have = sorted(p.name for p in RUNS_ROOT.iterdir() if p.is_dir()) if RUNS_ROOT.is_dir() else []
-        raise GptkitError(f"no runs of '{experiment}' under {RUNS_ROOT}/; there are runs of: "
-                          f"{', '.join(have) or '(none)'}")
+        have = (
+            sorted(p.name for p in RUNS_ROOT.iterdir() if p.is_dir()) if RUNS_ROOT.is_dir() else []
+        )
+        raise GptkitError(
+            f"no runs of '{experiment}' under {RUNS_ROOT}/; there are runs of: "
+            f"{', '.join(have) or '(none)'}"
+        )
     rows = list_runs(experiment)
     if as_json:
         echo(json.dumps(rows, indent=2))
@@ -492,17 +554,26 @@ def generate(
 
     prompt = codecs_unescape(prompt)
     options = GenerationOptions.from_kwargs(
-        max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, top_k=top_k,
-        top_p=top_p, stop=[codecs_unescape(s) for s in (stop or [])],
-        sampler=_sampler_changes(list(overrides or [])))
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop=[codecs_unescape(s) for s in (stop or [])],
+        sampler=_sampler_changes(list(overrides or [])),
+    )
     if not os.path.lexists(run / "gptkit.json"):  # a bundle, even a damaged one, says why
         require_torch("generate")
     gen = Inference.load(run, checkpoint=checkpoint)
     prompts = [prompt] * num_samples
     if stream and num_samples == 1:
         typer.echo(prompt, nl=False)
-        gen.complete(prompts, options, use_cache=not no_cache,
-                     on_text=lambda row, piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        gen.complete(
+            prompts,
+            options,
+            use_cache=not no_cache,
+            on_text=lambda row, piece: (sys.stdout.write(piece), sys.stdout.flush()),
+        )
         typer.echo()
         return
     for i, completion in enumerate(gen.complete(prompts, options, use_cache=not no_cache)):
@@ -534,8 +605,9 @@ def eval_cmd(
     run: Annotated[Path, typer.Argument(help="A run directory.")],
     data: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Option("--data", help="A UTF-8 text file to score (default: the run's whole "
-                     "validation split)."),
+        typer.Option(
+            "--data", help="A UTF-8 text file to score (default: the run's whole validation split)."
+        ),
     ] = None,
     checkpoint: Annotated[str, typer.Option(help="latest, best, or step-N.")] = "latest",
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", min=1)] = 32,
@@ -558,8 +630,10 @@ def eval_cmd(
         if as_json:
             echo(json.dumps({"split": "val", **result}))
             return
-        echo(f"validation split of {spec.data.source}: {result['tokens']:,} tokens predicted "
-             f"(every one, windows of {loaded.model.spec.max_seq_len})")
+        echo(
+            f"validation split of {spec.data.source}: {result['tokens']:,} tokens predicted "
+            f"(every one, windows of {loaded.model.spec.max_seq_len})"
+        )
         echo(f"  loss            {result['loss']:.4f} nats/token")
         echo(f"  perplexity      {result['perplexity']:.3f}")
         return
@@ -590,8 +664,12 @@ def export(
         typer.Option("--register", help="Also register the model in MLflow under this name."),
     ] = None,
     tolerance: Annotated[
-        float, typer.Option(min=0, help="Parity: largest logit difference accepted, relative "
-                            "to the logits' scale (greedy tokens must agree too).")
+        float,
+        typer.Option(
+            min=0,
+            help="Parity: largest logit difference accepted, relative "
+            "to the logits' scale (greedy tokens must agree too).",
+        ),
     ] = 1e-4,
 ) -> None:
     """Export a run to an ONNX bundle with a KV cache, parity-checked against torch."""
@@ -600,14 +678,17 @@ def export(
         raise GptkitError(f"--quantize {quantize!r}: the only option is int8")
     from gptkit.export import export_run
 
-    export_run(run, out, quantize=quantize, checkpoint=checkpoint, register=register,
-               tolerance=tolerance)
+    export_run(
+        run, out, quantize=quantize, checkpoint=checkpoint, register=register, tolerance=tolerance
+    )
 
 
 @app.command()
 def serve(
     bundle: Annotated[Path, typer.Argument(help="An export bundle folder.")],
-    host: Annotated[str, typer.Option(help="Address to bind (default: this machine only).")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Address to bind (default: this machine only).")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     max_concurrent: Annotated[
         int, typer.Option(min=1, help="Requests decoded together in the running batch.")
@@ -622,7 +703,9 @@ def serve(
     ] = 10.0,
     served_model_name: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option("--served-model-name", help="The model id clients use (default: the spec name)."),
+        typer.Option(
+            "--served-model-name", help="The model id clients use (default: the spec name)."
+        ),
     ] = None,
     access_log: Annotated[
         bool, typer.Option("--access-log/--no-access-log", help="One stderr line per request.")
@@ -632,10 +715,20 @@ def serve(
     from gptkit.serve import Limits
     from gptkit.serve import serve as run_server
 
-    run_server(str(bundle), host, port,
-               Limits(max_concurrent=max_concurrent, max_queued=max_queued, max_tokens=max_tokens,
-                      body_timeout_s=body_timeout, header_timeout_s=header_timeout),
-               name=served_model_name, access=access_log)
+    run_server(
+        str(bundle),
+        host,
+        port,
+        Limits(
+            max_concurrent=max_concurrent,
+            max_queued=max_queued,
+            max_tokens=max_tokens,
+            body_timeout_s=body_timeout,
+            header_timeout_s=header_timeout,
+        ),
+        name=served_model_name,
+        access=access_log,
+    )
 
 
 @app.command()
@@ -643,8 +736,12 @@ def bench(
     spec: SpecArg,
     overrides: SetOpt = None,
     baseline: Annotated[
-        bool, typer.Option("--baseline", help="Also time a plain single-file GPT of the same "
-                           "shape, and Hugging Face generate against gptkit torch / ONNX / server.")
+        bool,
+        typer.Option(
+            "--baseline",
+            help="Also time a plain single-file GPT of the same "
+            "shape, and Hugging Face generate against gptkit torch / ONNX / server.",
+        ),
     ] = False,
     batch: Annotated[
         Optional[int], typer.Option(min=1, help="Training batch (default: the spec's).")  # noqa: UP045
@@ -653,7 +750,9 @@ def bench(
     gen_tokens: Annotated[int, typer.Option(min=1, help="New tokens per generation run.")] = 256,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the models.")] = False,
     no_onnx: Annotated[bool, typer.Option("--no-onnx", help="Skip onnxruntime.")] = False,
-    no_growth: Annotated[bool, typer.Option("--no-growth", help="Skip the 64 vs 1024 context step.")] = False,
+    no_growth: Annotated[
+        bool, typer.Option("--no-growth", help="Skip the 64 vs 1024 context step.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Training tokens/s and MFU; generation tokens/s for torch, onnxruntime fp32 and int8."""
@@ -662,20 +761,32 @@ def bench(
     from gptkit.spec import load_spec
 
     resolved = load_spec(spec, overrides or [])
-    report = run_bench(resolved, batch=batch, steps=steps, baseline=baseline, compile=compile,
-                       gen_tokens=gen_tokens, onnx=not no_onnx, context_growth=not no_growth,
-                       log=lambda m: echo(m, err=True))
+    report = run_bench(
+        resolved,
+        batch=batch,
+        steps=steps,
+        baseline=baseline,
+        compile=compile,
+        gen_tokens=gen_tokens,
+        onnx=not no_onnx,
+        context_growth=not no_growth,
+        log=lambda m: echo(m, err=True),
+    )
     if baseline:  # generation against Hugging Face transformers (the dev extra)
         import importlib.util
 
         if importlib.util.find_spec("transformers") is None:
-            echo("gptkit: note: transformers is not installed; skipping the Hugging Face "
-                 "generate comparison (pip install 'gptkit[dev]')", err=True)
+            echo(
+                "gptkit: note: transformers is not installed; skipping the Hugging Face "
+                "generate comparison (pip install 'gptkit[dev]')",
+                err=True,
+            )
         else:
             from gptkit.bench import inference_baseline
 
             report["inference_baseline"] = inference_baseline(
-                new_tokens=gen_tokens, log=lambda m: echo(m, err=True))
+                new_tokens=gen_tokens, log=lambda m: echo(m, err=True)
+            )
     if as_json:
         echo(json.dumps(report, indent=2))
         return
@@ -694,15 +805,21 @@ def compare_cmd(
     ] = None,
     tracking_uri: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option("--tracking-uri", help="Default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db."),
+        typer.Option(
+            "--tracking-uri", help="Default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db."
+        ),
     ] = None,
     plot: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option("--plot", help="Where to write the curves (default compare-EXPERIMENT.png)."),
     ] = None,
     log: Annotated[
-        bool, typer.Option("--log", help="Also keep the comparison in MLflow (experiment "
-                           "EXPERIMENT-comparisons, apart from the runs).")
+        bool,
+        typer.Option(
+            "--log",
+            help="Also keep the comparison in MLflow (experiment "
+            "EXPERIMENT-comparisons, apart from the runs).",
+        ),
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -734,11 +851,13 @@ def import_hf_cmd(
     from gptkit.hf import import_hf
 
     run = import_hf(src, out, name)
-    echo(f"imported {src} -> {run}\n"
-         f"  generate:  gptkit generate {run} --prompt ...\n"
-         f"  fine-tune: gptkit train {run}/spec.yaml --resume --run-dir {run} "
-         f"--set data.source=FILE --set train.max_steps=N\n"
-         f"  export:    gptkit export {run} --out BUNDLE")
+    echo(
+        f"imported {src} -> {run}\n"
+        f"  generate:  gptkit generate {run} --prompt ...\n"
+        f"  fine-tune: gptkit train {run}/spec.yaml --resume --run-dir {run} "
+        f"--set data.source=FILE --set train.max_steps=N\n"
+        f"  export:    gptkit export {run} --out BUNDLE"
+    )
 
 
 @app.command("export-hf")

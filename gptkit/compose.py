@@ -63,15 +63,19 @@ def _resolve(path: Path, chain: tuple[Path, ...]) -> ComposedSpec:
 
     key = path.resolve()
     if key in chain:
-        loop = " -> ".join(str(p) for p in (*chain[chain.index(key):], key))
-        raise GptkitError(f"{path}: 'extends' makes a cycle: {loop}",
-                          "A spec may not extend itself, directly or through its parents.")
+        loop = " -> ".join(str(p) for p in (*chain[chain.index(key) :], key))
+        raise GptkitError(
+            f"{path}: 'extends' makes a cycle: {loop}",
+            "A spec may not extend itself, directly or through its parents.",
+        )
     if len(chain) >= MAX_DEPTH:
         raise GptkitError(f"{path}: 'extends' goes more than {MAX_DEPTH} files deep")
     data = read_spec_file(path)
     parents = _parent_paths(path, data.pop("extends", None))
     label = str(path)
-    own = ComposedSpec(_normalise_slots(data), _leaf_origins(_normalise_slots(data), label), [label])
+    own = ComposedSpec(
+        _normalise_slots(data), _leaf_origins(_normalise_slots(data), label), [label]
+    )
     if not parents:
         return own
     merged = ComposedSpec({})
@@ -86,14 +90,18 @@ def _parent_paths(path: Path, extends: Any) -> list[Path]:
         return []
     names = [extends] if isinstance(extends, str) else extends
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
-        raise GptkitError(f"{path}: extends: give a file name or a list of file names "
-                          f"(relative to {path.parent or '.'}), got {extends!r}")
+        raise GptkitError(
+            f"{path}: extends: give a file name or a list of file names "
+            f"(relative to {path.parent or '.'}), got {extends!r}"
+        )
     out = []
     for name in names:
         parent = Path(os.path.normpath(path.parent / name))
         if not parent.is_file():
-            raise GptkitError(f"{path}: extends {name!r}: no such file ({parent})",
-                              "Paths in 'extends' are relative to the spec file that names them.")
+            raise GptkitError(
+                f"{path}: extends {name!r}: no such file ({parent})",
+                "Paths in 'extends' are relative to the spec file that names them.",
+            )
         out.append(parent)
     return out
 
@@ -134,14 +142,14 @@ def merge(base: ComposedSpec, child: ComposedSpec) -> ComposedSpec:
     """``child`` over ``base``: sections merge, a slot whose kind changes is replaced whole."""
     replaced: list[FieldPath] = []
     data = _merge_dicts(base.data, child.data, (), replaced)
-    origins = {p: o for p, o in base.origins.items()
-               if not any(p[: len(r)] == r for r in replaced)}
+    origins = {p: o for p, o in base.origins.items() if not any(p[: len(r)] == r for r in replaced)}
     origins.update(child.origins)
     return ComposedSpec(data, origins, [*base.files, *child.files])
 
 
-def _merge_dicts(base: dict[str, Any], child: dict[str, Any], prefix: FieldPath,
-                 replaced: list[FieldPath]) -> dict[str, Any]:
+def _merge_dicts(
+    base: dict[str, Any], child: dict[str, Any], prefix: FieldPath, replaced: list[FieldPath]
+) -> dict[str, Any]:
     out = dict(base)
     for key, value in child.items():
         here = (*prefix, str(key))
@@ -170,8 +178,13 @@ def validate_composed(composed: ComposedSpec, source: str, overrides: Any = ()) 
         problems = []
         for where, message in exc.problems:
             origin = composed.origin(tuple(where.split("."))) if where else None
-            problems.append((where, message + (f" (set in {origin})" if origin and origin
-                                               != composed.files[-1] else "")))
+            problems.append(
+                (
+                    where,
+                    message
+                    + (f" (set in {origin})" if origin and origin != composed.files[-1] else ""),
+                )
+            )
         raise SpecError(source, problems, exc.hint) from None
 
 
@@ -187,8 +200,13 @@ def annotated_yaml(data: dict[str, Any], origin_of: Any) -> str:
     return "\n".join(f"{text:<{width}}  # {note}" if note else text for text, note in lines)
 
 
-def _emit(data: dict[str, Any], prefix: FieldPath, indent: int, origin_of: Any,
-          lines: list[tuple[str, str]]) -> None:
+def _emit(
+    data: dict[str, Any],
+    prefix: FieldPath,
+    indent: int,
+    origin_of: Any,
+    lines: list[tuple[str, str]],
+) -> None:
     pad = "  " * indent
     for key, value in data.items():
         here = (*prefix, str(key))

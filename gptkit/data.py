@@ -92,8 +92,9 @@ class Source:
 
 
 def _is_hf_folder(path: Path) -> bool:
-    return any((path / f).is_file() for f in ("dataset_info.json", "state.json",
-                                               "dataset_dict.json"))
+    return any(
+        (path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")
+    )
 
 
 def _kind_of(path: Path, fmt: str) -> str:
@@ -151,8 +152,12 @@ def resolve_sources(source: str | list[str], fmt: str = "auto") -> list[Source]:
                 "'tinyshakespeare' (embedded).",
             )
         if path.is_dir() and not (fmt == "hf" or _is_hf_folder(path)):
-            files = sorted(p for p in path.rglob("*") if p.is_file()
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            files = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
             if not files:
                 raise DataError(f"data.source folder {item} holds no files (an empty directory)")
             out += [_source(f, fmt) for f in files]
@@ -227,8 +232,10 @@ def _jsonl_pieces(src: Source, field_name: str) -> Iterator[Piece]:
         if lines:
             yield Piece(src.name, "jsonl", b"".join(lines), size, line_no, field=field_name)
     if not src.size or line_no == 1 and not any(x.strip() for x in lines):
-        raise DataError(f"{src.name} is empty (a JSON Lines file with no records)",
-                        "Remove it from data.source.")
+        raise DataError(
+            f"{src.name} is empty (a JSON Lines file with no records)",
+            "Remove it from data.source.",
+        )
 
 
 def _record_problem(src: Source, field_name: str, columns: list[str], dtype: Any) -> None:
@@ -239,23 +246,31 @@ def _record_problem(src: Source, field_name: str, columns: list[str], dtype: Any
             "Set data.field to the column that holds the text.",
         )
     if dtype is not None and "string" not in str(dtype) and "utf8" not in str(dtype):
-        raise DataError(f"{src.name}: field '{field_name}' holds {dtype}, not text",
-                        "Set data.field to the column that holds the text.")
+        raise DataError(
+            f"{src.name}: field '{field_name}' holds {dtype}, not text",
+            "Set data.field to the column that holds the text.",
+        )
 
 
 def _parquet_pieces(src: Source, field_name: str) -> Iterator[Piece]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise DataError(f"{src.name}: reading Parquet needs pyarrow, which is not installed",
-                        "Install it: pip install 'gptkit[data]'.") from None
+        raise DataError(
+            f"{src.name}: reading Parquet needs pyarrow, which is not installed",
+            "Install it: pip install 'gptkit[data]'.",
+        ) from None
     try:
         pf = pq.ParquetFile(src.path)
     except Exception as exc:
         raise DataError(f"{src.name} is not a readable Parquet file: {exc}") from None
     schema = pf.schema_arrow
-    _record_problem(src, field_name, schema.names, schema.field(field_name).type
-                    if field_name in schema.names else None)
+    _record_problem(
+        src,
+        field_name,
+        schema.names,
+        schema.field(field_name).type if field_name in schema.names else None,
+    )
     rows = pf.metadata.num_rows
     if rows == 0:
         raise DataError(f"{src.name} is empty (a Parquet file with no rows)")
@@ -268,9 +283,11 @@ def _hf_pieces(src: Source, field_name: str, split: str) -> Iterator[Piece]:
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{src.name}: reading a saved Hugging Face dataset needs 'datasets', "
-                        "which is not installed",
-                        "Install it: pip install 'gptkit[data]'.") from None
+        raise DataError(
+            f"{src.name}: reading a saved Hugging Face dataset needs 'datasets', "
+            "which is not installed",
+            "Install it: pip install 'gptkit[data]'.",
+        ) from None
     state = src.path / "state.json"
     try:
         if state.is_file() and not json.loads(state.read_text()).get("_data_files", [1]):
@@ -283,12 +300,15 @@ def _hf_pieces(src: Source, field_name: str, split: str) -> Iterator[Piece]:
         raise DataError(f"{src.name} is not a dataset saved with save_to_disk: {exc}") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise DataError(f"{src.name}: no split '{split}' (splits: {', '.join(ds)})",
-                            "Set data.split to one of them.")
+            raise DataError(
+                f"{src.name}: no split '{split}' (splits: {', '.join(ds)})",
+                "Set data.split to one of them.",
+            )
         ds = ds[split]
     features = ds.features
-    _record_problem(src, field_name, list(features),
-                    getattr(features.get(field_name), "dtype", "non-text"))
+    _record_problem(
+        src, field_name, list(features), getattr(features.get(field_name), "dtype", "non-text")
+    )
     if len(ds) == 0:
         raise DataError(f"{src.name} is empty (a dataset with no rows)")
     ds = ds.select_columns([field_name])
@@ -297,8 +317,9 @@ def _hf_pieces(src: Source, field_name: str, split: str) -> Iterator[Piece]:
         yield Piece(src.name, "docs", texts, max(1, src.size * len(batch[field_name]) // len(ds)))
 
 
-def iter_pieces(sources: list[Source], field_name: str = "text",
-                split: str = "train") -> Iterator[Piece]:
+def iter_pieces(
+    sources: list[Source], field_name: str = "text", split: str = "train"
+) -> Iterator[Piece]:
     """Every source's pieces, in order (each piece bounded in size)."""
     for src in sources:
         if src.kind == "embedded":
@@ -326,8 +347,10 @@ def piece_documents(piece: Piece) -> tuple[list[str], bool]:
     if piece.kind == "text":
         nul = raw.find(b"\x00")
         if nul >= 0:
-            raise DataError(f"data file {piece.source} looks binary (it contains NUL bytes, the "
-                            f"first at byte {piece.offset + nul}); expected UTF-8 text")
+            raise DataError(
+                f"data file {piece.source} looks binary (it contains NUL bytes, the "
+                f"first at byte {piece.offset + nul}); expected UTF-8 text"
+            )
         if piece.offset == 0 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]  # a UTF-8 byte-order mark is not text
         try:
@@ -349,8 +372,10 @@ def piece_documents(piece: Piece) -> tuple[list[str], bool]:
             raise DataError(f"{where} is not valid JSON (or not UTF-8): {exc}") from None
         if not isinstance(record, dict) or piece.field not in record:
             keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-            raise DataError(f"{where}: no field '{piece.field}' in the record (has: {keys})",
-                            "Set data.field to the key that holds the text.")
+            raise DataError(
+                f"{where}: no field '{piece.field}' in the record (has: {keys})",
+                "Set data.field to the key that holds the text.",
+            )
         text = record[piece.field]
         if not isinstance(text, str):
             raise DataError(f"{where}: field '{piece.field}' is {type(text).__name__}, not text")
@@ -392,15 +417,18 @@ def encode_text(tokenizer, text: str) -> tuple[np.ndarray, int]:
         return (ids[keep] if dropped else ids).astype(np.int64), dropped
     if isinstance(tokenizer, ByteTokenizer):
         return np.frombuffer(text.encode("utf-8", "surrogatepass"), dtype=np.uint8).astype(
-            np.int64), 0
+            np.int64
+        ), 0
     if isinstance(tokenizer, HFTokenizer):
-        return np.asarray(tokenizer.hf.encode(text, add_special_tokens=False).ids,
-                          dtype=np.int64), 0
+        return np.asarray(
+            tokenizer.hf.encode(text, add_special_tokens=False).ids, dtype=np.int64
+        ), 0
     return np.asarray(tokenizer.encode_lenient(text), dtype=np.int64), 0
 
 
-def encode_documents(tokenizer, texts: list[str], starts_doc: bool,
-                     first_in_stream: bool) -> tuple[np.ndarray, int]:
+def encode_documents(
+    tokenizer, texts: list[str], starts_doc: bool, first_in_stream: bool
+) -> tuple[np.ndarray, int]:
     """Ids of consecutive texts with the end-of-text id before each new document (except the
     first of the whole stream)."""
     from gptkit.components.tokenizers import HFTokenizer
@@ -412,8 +440,15 @@ def encode_documents(tokenizer, texts: list[str], starts_doc: bool,
         parts = [_split_lines(t, 1 << 16) for t in texts]
         flat = [p for ps in parts for p in ps]
         encs = iter(tokenizer.hf.encode_batch(flat, add_special_tokens=False))
-        encoded = [(np.concatenate([np.asarray(next(encs).ids, dtype=np.int64) for _ in ps])
-                    if ps else np.zeros(0, dtype=np.int64), 0) for ps in parts]
+        encoded = [
+            (
+                np.concatenate([np.asarray(next(encs).ids, dtype=np.int64) for _ in ps])
+                if ps
+                else np.zeros(0, dtype=np.int64),
+                0,
+            )
+            for ps in parts
+        ]
     else:
         encoded = [encode_text(tokenizer, t) for t in texts]
     parts, dropped = [], 0
@@ -478,8 +513,11 @@ def write_shard_header(f, dtype, n_tokens: int) -> None:
     """llm.c's header: magic, version (1: uint16 ids, 2: uint32), the count as int32 in [2]
     (as llm.c reads it) and as int64 in [4:6] (shards past 2**31 ids)."""
     header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[:3] = (MAGIC, 1 if np.dtype(dtype) == np.uint16 else 2,
-                  min(n_tokens, np.iinfo(np.int32).max))
+    header[:3] = (
+        MAGIC,
+        1 if np.dtype(dtype) == np.uint16 else 2,
+        min(n_tokens, np.iinfo(np.int32).max),
+    )
     header.view(np.int64)[2] = n_tokens
     f.seek(0)
     f.write(header.tobytes())
@@ -537,7 +575,7 @@ class ShardWriter:
             self._f.write(take.tobytes())
             self._n += len(take)
             self.total += len(take)
-            arr = arr[len(take):]
+            arr = arr[len(take) :]
 
     def finish(self) -> list[dict[str, Any]]:
         if self._f is None and not self.shards:
@@ -625,8 +663,17 @@ class TokenArray:
 class TokenData:
     """Train and validation token ids (memory-mapped shards) and the fitted tokenizer."""
 
-    def __init__(self, train, val, tokenizer, text_bytes: int, key: str, cached: bool,
-                 folder: Path | None = None, meta: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        train,
+        val,
+        tokenizer,
+        text_bytes: int,
+        key: str,
+        cached: bool,
+        folder: Path | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
         self.train = train  # TokenArray (1-D, memory-mapped)
         self.val = val
         self.tokenizer = tokenizer
@@ -676,8 +723,9 @@ def fit_sample(sources: list[Source], data_spec) -> str:
 def fit_tokenizer(data_spec, tokenizer_spec, sources: list[Source] | None = None):
     """A tokenizer built from its spec and fitted on :func:`fit_sample` (bounded memory)."""
     tokenizer = tokenizer_spec.build()
-    sources = sources if sources is not None else resolve_sources(data_spec.source,
-                                                                   data_spec.format)
+    sources = (
+        sources if sources is not None else resolve_sources(data_spec.source, data_spec.format)
+    )
     if _needs_fit(tokenizer):
         tokenizer.fit(fit_sample(sources, data_spec))
     return tokenizer
@@ -710,8 +758,14 @@ class PrepareProgress:
                 TransferSpeedColumn,
             )
 
-            self._bar = Progress(TextColumn(label), BarColumn(), DownloadColumn(),
-                                 TransferSpeedColumn(), TimeRemainingColumn(), transient=False)
+            self._bar = Progress(
+                TextColumn(label),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                transient=False,
+            )
             self._task = self._bar.add_task(label, total=self.total)
             self._bar.start()
 
@@ -731,9 +785,11 @@ class PrepareProgress:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         rate = self.done / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else 0
-        return (f"{self.label}: {self.done / 1e6:,.1f}/{self.total / 1e6:,.1f} MB "
-                f"({100 * min(1.0, self.done / self.total):.0f}%) | {rate / 1e6:.1f} MB/s | "
-                f"eta {int(eta) // 60}m{int(eta) % 60:02d}s")
+        return (
+            f"{self.label}: {self.done / 1e6:,.1f}/{self.total / 1e6:,.1f} MB "
+            f"({100 * min(1.0, self.done / self.total):.0f}%) | {rate / 1e6:.1f} MB/s | "
+            f"eta {int(eta) // 60}m{int(eta) % 60:02d}s"
+        )
 
     def close(self) -> None:
         if self._bar is not None:
@@ -752,8 +808,11 @@ def _content_digest(sources: list[Source]) -> str:
         if src.kind == "embedded":
             h.update(EMBEDDED[src.name][1].encode())
             continue
-        files = sorted(p for p in src.path.rglob("*") if p.is_file()) if src.path.is_dir() \
+        files = (
+            sorted(p for p in src.path.rglob("*") if p.is_file())
+            if src.path.is_dir()
             else [src.path]
+        )
         for path in files:
             h.update(f"{path.relative_to(src.path) if src.path.is_dir() else ''}\0".encode())
             with open(path, "rb") as f:
@@ -765,9 +824,12 @@ def _content_digest(sources: list[Source]) -> str:
 def cache_key(data_spec, tokenizer_spec, digest: str) -> str:
     """The cache entry's name: the content hash, then a hash of everything that shapes ids."""
     blob = json.dumps(
-        {"format": CACHE_FORMAT, "tok": tokenizer_spec.model_dump(mode="json"),
-         "fingerprint": tokenizer_spec.fingerprint(),
-         "data": data_spec.model_dump(mode="json", exclude={"source"})},
+        {
+            "format": CACHE_FORMAT,
+            "tok": tokenizer_spec.model_dump(mode="json"),
+            "fingerprint": tokenizer_spec.fingerprint(),
+            "data": data_spec.model_dump(mode="json", exclude={"source"}),
+        },
         sort_keys=True,
     )
     return f"{digest[:16]}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
@@ -783,8 +845,14 @@ def _workers_for(tokenizer, total_bytes: int, workers: int | None) -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
-def _tokenize_into(sources: list[Source], data_spec, tokenizer, writer: ShardWriter,
-                   progress: PrepareProgress, workers: int) -> dict[str, int]:
+def _tokenize_into(
+    sources: list[Source],
+    data_spec,
+    tokenizer,
+    writer: ShardWriter,
+    progress: PrepareProgress,
+    workers: int,
+) -> dict[str, int]:
     """Run every piece through the tokenizer into ``writer``, in order, ``workers`` at once."""
     dtype = writer.dtype.name
     stats = {"documents": 0, "dropped": 0}
@@ -811,8 +879,9 @@ def _tokenize_into(sources: list[Source], data_spec, tokenizer, writer: ShardWri
     # notebook, a script without a main guard). They only run NumPy and the tokenizer.
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(tokenizer,)) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_init_worker, initargs=(tokenizer,)
+    ) as pool:
         window: deque = deque()
         try:
             for piece in pieces:
@@ -860,8 +929,16 @@ def _remove_stale_builds(folder: Path) -> None:
             pass
 
 
-def _build_entry(folder: Path, sources, data_spec, tokenizer_spec, digest: str,
-                 progress: bool | None, workers: int | None, log) -> None:
+def _build_entry(
+    folder: Path,
+    sources,
+    data_spec,
+    tokenizer_spec,
+    digest: str,
+    progress: bool | None,
+    workers: int | None,
+    log,
+) -> None:
     """Fit, tokenize and write a cache entry under a temporary name; rename it into place."""
     total = sum(s.size for s in sources)
     show = progress if progress is not None else total >= POOL_MIN_BYTES
@@ -883,18 +960,28 @@ def _build_entry(folder: Path, sources, data_spec, tokenizer_spec, digest: str,
         shards = writer.finish()
         elapsed = time.perf_counter() - started
         meta = {
-            "format": CACHE_FORMAT, "dtype": np.dtype(dtype).name, "tokens": writer.total,
-            "shards": shards, "eot_id": tokenizer.eot_id, "vocab_size": tokenizer.vocab_size,
-            "val_fraction": data_spec.val_fraction, "documents": stats["documents"],
-            "dropped_characters": stats["dropped"], "source_bytes": total,
-            "content_sha256": digest, "sources": [s.name for s in sources],
-            "workers": n_workers, "seconds": round(elapsed, 3),
+            "format": CACHE_FORMAT,
+            "dtype": np.dtype(dtype).name,
+            "tokens": writer.total,
+            "shards": shards,
+            "eot_id": tokenizer.eot_id,
+            "vocab_size": tokenizer.vocab_size,
+            "val_fraction": data_spec.val_fraction,
+            "documents": stats["documents"],
+            "dropped_characters": stats["dropped"],
+            "source_bytes": total,
+            "content_sha256": digest,
+            "sources": [s.name for s in sources],
+            "workers": n_workers,
+            "seconds": round(elapsed, 3),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if show:
-            log(f"tokenized {total / 1e6:,.1f} MB into {writer.total:,} tokens in {elapsed:.1f}s "
+            log(
+                f"tokenized {total / 1e6:,.1f} MB into {writer.total:,} tokens in {elapsed:.1f}s "
                 f"({total / 1e6 / max(elapsed, 1e-9):.1f} MB/s, {n_workers} process"
-                f"{'es' if n_workers > 1 else ''})")
+                f"{'es' if n_workers > 1 else ''})"
+            )
         if folder.exists():  # a damaged entry, or another process finished first
             try:
                 _load_entry(folder)
@@ -914,9 +1001,15 @@ def _build_entry(folder: Path, sources, data_spec, tokenizer_spec, digest: str,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def prepare_data(data_spec, tokenizer_spec, min_len: int = 0, cache: Path | None = None,
-                 progress: bool | None = None, workers: int | None = None,
-                 log: Callable[[str], None] | None = None) -> TokenData:
+def prepare_data(
+    data_spec,
+    tokenizer_spec,
+    min_len: int = 0,
+    cache: Path | None = None,
+    progress: bool | None = None,
+    workers: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TokenData:
     """Tokenize ``data_spec``'s sources into sharded token files (or reuse them) and split.
 
     The cache key is the sources' content hash plus the tokenizer and data settings; the
@@ -941,11 +1034,15 @@ def prepare_data(data_spec, tokenizer_spec, min_len: int = 0, cache: Path | None
         meta, tokenizer, shards = _load_entry(folder)
     total = int(meta["tokens"])
     if total == 0:
-        raise DataError(f"data.source {data_spec.source!r} is empty (no text in "
-                        f"{', '.join(meta['sources'][:3])})")
+        raise DataError(
+            f"data.source {data_spec.source!r} is empty (no text in "
+            f"{', '.join(meta['sources'][:3])})"
+        )
     if meta.get("dropped_characters"):
-        log(f"gptkit: note: {meta['dropped_characters']:,} characters outside the tokenizer's "
-            "vocabulary (fitted on a sample) were dropped")
+        log(
+            f"gptkit: note: {meta['dropped_characters']:,} characters outside the tokenizer's "
+            "vocabulary (fitted on a sample) were dropped"
+        )
     cut = int(total * (1 - data_spec.val_fraction))
     train, val = TokenArray(shards, 0, cut), TokenArray(shards, cut, total)
     for name, arr in (("training", train), ("validation", val)):

@@ -70,11 +70,23 @@ class GenerationOptions:
     seed: int | None = None
     sampler: dict[str, Any] = field(default_factory=dict)
 
-    FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-              "stop", "stop_at_eot", "seed", "sampler")
+    FIELDS = (
+        "max_new_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "repetition_penalty",
+        "stop",
+        "stop_at_eot",
+        "seed",
+        "sampler",
+    )
 
     @classmethod
-    def from_kwargs(cls, options: GenerationOptions | None = None, **kwargs: Any) -> GenerationOptions:
+    def from_kwargs(
+        cls, options: GenerationOptions | None = None, **kwargs: Any
+    ) -> GenerationOptions:
         """``options`` (or the defaults) with keyword changes; an unknown keyword is taken as a
         sampler field (``p=0.9``, ``kind="typical"``), a None value is ignored."""
         base = options or cls()
@@ -103,22 +115,30 @@ class GenerationOptions:
             return {**changes, "kind": "greedy"}
         if self.temperature is not None:
             changes["temperature"] = self.temperature
-        for kind, name, value in (("top_k", "k", self.top_k), ("top_p", "p", self.top_p),
-                                  ("min_p", "p", self.min_p)):
+        for kind, name, value in (
+            ("top_k", "k", self.top_k),
+            ("top_p", "p", self.top_p),
+            ("min_p", "p", self.min_p),
+        ):
             if value is not None:
                 changes.update({"kind": kind, name: value})
                 break
         return changes
 
 
-def sampler_changes(temperature: float | None = None, top_k: int | None = None,
-                    top_p: float | None = None, min_p: float | None = None,
-                    **fields: Any) -> dict[str, Any]:
+def sampler_changes(
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
     """The familiar generation options as sampler spec changes (see ``GenerationOptions``)."""
     from types import SimpleNamespace
 
-    options = GenerationOptions.from_kwargs(temperature=temperature, top_k=top_k, top_p=top_p,
-                                            min_p=min_p, **fields)
+    options = GenerationOptions.from_kwargs(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, **fields
+    )
     return options.sampler_changes(SimpleNamespace(stop=[]))
 
 
@@ -139,8 +159,12 @@ def derive_sampler(registry: Any, base: Any, changes: dict[str, Any]) -> Any:
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        raise GptkitError("; ".join(f"sampler.{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                    for e in exc.errors(include_url=False))) from None
+        raise GptkitError(
+            "; ".join(
+                f"sampler.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                for e in exc.errors(include_url=False)
+            )
+        ) from None
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -216,8 +240,7 @@ def sample_next(
     previous = None
     if sampler.repetition_penalty != 1.0:  # padding repeats a row's own first token
         width = max(len(c) for c in contexts)
-        previous = np.array([[c[0]] * (width - len(c)) + list(c) for c in contexts],
-                            dtype=np.int64)
+        previous = np.array([[c[0]] * (width - len(c)) + list(c) for c in contexts], dtype=np.int64)
     if all(s is None for s in states):
         # Stateless: the three-argument call, so samplers written before states still work.
         return sampler.sample(logits, rng, previous)
@@ -255,9 +278,10 @@ class Row:
 def sample_rows(rows: Sequence[Row], logits: np.ndarray) -> list[int]:
     """Each row's next token: its own sampler, random generator, tokens so far and sampler
     state, through ``sample_next`` (the one place a sampler is called)."""
-    return [int(sample_next(row.sampler, logits[i : i + 1], row.rng, [row.context],
-                            [row.state])[0])
-            for i, row in enumerate(rows)]
+    return [
+        int(sample_next(row.sampler, logits[i : i + 1], row.rng, [row.context], [row.state])[0])
+        for i, row in enumerate(rows)
+    ]
 
 
 class DecodeBatch:
@@ -288,10 +312,23 @@ class DecodeBatch:
             )
         return list(ids)
 
-    def add(self, ids: list[int], sampler: Any, rng: np.random.Generator, max_new: int,
-            on_text: Callable[[str], None] | None = None) -> Row:
-        row = Row(list(ids), sampler, rng, _TextStream(self.tokenizer.decode, sampler.stop),
-                  max_new, on_text, new_states(sampler, 1)[0])
+    def add(
+        self,
+        ids: list[int],
+        sampler: Any,
+        rng: np.random.Generator,
+        max_new: int,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Row:
+        row = Row(
+            list(ids),
+            sampler,
+            rng,
+            _TextStream(self.tokenizer.decode, sampler.stop),
+            max_new,
+            on_text,
+            new_states(sampler, 1)[0],
+        )
         if max_new <= 0:
             row.done = True
             return row
@@ -309,8 +346,9 @@ class DecodeBatch:
             return []
         if self.past is None:
             ids, self.key_mask = left_pad([r.context for r in rows], self.tokenizer.pad_id)
-            logits, self.past = self.backend(ids, positions_from_mask(self.key_mask),
-                                             self.key_mask, None)
+            logits, self.past = self.backend(
+                ids, positions_from_mask(self.key_mask), self.key_mask, None
+            )
         else:
             last = np.array([[r.context[-1]] for r in rows], dtype=np.int64)
             positions = np.array([[len(r.context) - 1] for r in rows], dtype=np.int64)

@@ -29,8 +29,14 @@ def _type(prop: dict[str, Any], defs: dict[str, Any]) -> str:
 
 
 def _bounds(prop: dict[str, Any]) -> str:
-    marks = {"exclusiveMinimum": "> {}", "minimum": ">= {}", "exclusiveMaximum": "< {}",
-             "maximum": "<= {}", "pattern": "matches `{}`", "maxLength": "at most {} chars"}
+    marks = {
+        "exclusiveMinimum": "> {}",
+        "minimum": ">= {}",
+        "exclusiveMaximum": "< {}",
+        "maximum": "<= {}",
+        "pattern": "matches `{}`",
+        "maxLength": "at most {} chars",
+    }
     return ", ".join(fmt.format(prop[k]) for k, fmt in marks.items() if k in prop)
 
 
@@ -55,25 +61,49 @@ def spec_reference_markdown(registry=None) -> str:
     registry = registry or load_registry()
     schema = spec_class(registry).model_json_schema()
     defs = schema.get("$defs", {})
-    out = ["# Spec reference", "",
-           "Generated from the spec's JSON Schema (`gptkit schema --markdown`); do not edit.",
-           "A component field takes `{kind: NAME, ...}` or just `NAME`.",
-           "A spec file may also say `extends: FILE` (or a list of files, relative to it): see",
-           "the README's *Composing specs*.", "",
-           "## Top level", "", *_table(schema, defs), ""]
-    sections = {"DataSpec": "data", "ModelSpec": "model", "TrainSpec": "train",
-                "EarlyStopSpec": "train.early_stop", "TrackingSpec": "tracking",
-                "ExportSpec": "export"}
+    out = [
+        "# Spec reference",
+        "",
+        "Generated from the spec's JSON Schema (`gptkit schema --markdown`); do not edit.",
+        "A component field takes `{kind: NAME, ...}` or just `NAME`.",
+        "A spec file may also say `extends: FILE` (or a list of files, relative to it): see",
+        "the README's *Composing specs*.",
+        "",
+        "## Top level",
+        "",
+        *_table(schema, defs),
+        "",
+    ]
+    sections = {
+        "DataSpec": "data",
+        "ModelSpec": "model",
+        "TrainSpec": "train",
+        "EarlyStopSpec": "train.early_stop",
+        "TrackingSpec": "tracking",
+        "ExportSpec": "export",
+    }
     for section, key in sections.items():
         if section in defs:
-            out += [f"## `{key}:`", "", defs[section].get("description", ""), "",
-                    *_table(defs[section], defs, f"{key}."), ""]
+            out += [
+                f"## `{key}:`",
+                "",
+                defs[section].get("description", ""),
+                "",
+                *_table(defs[section], defs, f"{key}."),
+                "",
+            ]
     out += ["## Components", ""]
     for slot in SLOTS:
         out += [f"### {slot}", ""]
         for kind in registry.kinds(slot):
             reg = registry.components[slot][kind]
             doc = (reg.cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
-            out += [f"#### `{kind}` — {reg.cls.__name__} ({reg.provider})", "", doc, "",
-                    *_table(reg.cls.model_json_schema(), defs), ""]
+            out += [
+                f"#### `{kind}` — {reg.cls.__name__} ({reg.provider})",
+                "",
+                doc,
+                "",
+                *_table(reg.cls.model_json_schema(), defs),
+                "",
+            ]
     return "\n".join(out).rstrip() + "\n"

@@ -14,8 +14,14 @@ from gptkit.data import load_text
 
 
 @torch.no_grad()
-def evaluate_tokens(model, tokens, batch_size: int = 32, device: str | torch.device = "cpu",
-                    autocast=None, block: int | None = None) -> dict[str, float]:
+def evaluate_tokens(
+    model,
+    tokens,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    autocast=None,
+    block: int | None = None,
+) -> dict[str, float]:
     """Mean next-token loss over *every* token of ``tokens`` (e.g. ``TokenData.val``).
 
     ``tokens`` is any 1-D array-like (a memory-mapped :class:`~gptkit.data.TokenArray`, an
@@ -51,15 +57,21 @@ def evaluate_tokens(model, tokens, batch_size: int = 32, device: str | torch.dev
         with autocast():
             logits = model(x.to(device)).logits
         loss = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)), y.to(device).reshape(-1),
-            ignore_index=-1, reduction="sum",
+            logits.float().reshape(-1, logits.size(-1)),
+            y.to(device).reshape(-1),
+            ignore_index=-1,
+            reduction="sum",
         )
         total += float(loss)
         count += int(lengths.sum())
     model.train(was_training)
     mean = total / count
-    return {"loss": mean, "perplexity": math.exp(min(mean, 50)), "tokens": count,
-            "total_nats": total}
+    return {
+        "loss": mean,
+        "perplexity": math.exp(min(mean, 50)),
+        "tokens": count,
+        "total_nats": total,
+    }
 
 
 @torch.no_grad()
@@ -78,6 +90,10 @@ def evaluate_text(model, tokenizer, path: str | Path, batch_size: int = 8) -> di
         raise DataError(f"{path} holds fewer than 2 tokens; nothing to score")
     result = evaluate_tokens(model, ids, batch_size)
     n_bytes = len(text.encode("utf-8"))
-    return {"loss": result["loss"], "perplexity": result["perplexity"],
-            "tokens": result["tokens"], "bytes": n_bytes,
-            "bits_per_byte": result["total_nats"] / (n_bytes * math.log(2))}
+    return {
+        "loss": result["loss"],
+        "perplexity": result["perplexity"],
+        "tokens": result["tokens"],
+        "bytes": n_bytes,
+        "bits_per_byte": result["total_nats"] / (n_bytes * math.log(2)),
+    }

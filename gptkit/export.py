@@ -52,8 +52,12 @@ class _OnnxDecoder(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, position_ids, attention_mask, past_key_values):
-        out = self.model(input_ids, positions=position_ids, past_key_values=past_key_values,
-                         key_mask=attention_mask.bool())
+        out = self.model(
+            input_ids,
+            positions=position_ids,
+            past_key_values=past_key_values,
+            key_mask=attention_mask.bool(),
+        )
         return out.logits, out.past_key_values
 
 
@@ -68,8 +72,9 @@ class _StaticOnnxDecoder(torch.nn.Module):
         from gptkit.components.attention import StaticKV
 
         past = [StaticKV(k, v, cache_position) for k, v in past_key_values]
-        out = self.model(input_ids, positions=position_ids, past_key_values=past,
-                         key_mask=attention_mask.bool())
+        out = self.model(
+            input_ids, positions=position_ids, past_key_values=past, key_mask=attention_mask.bool()
+        )
         return out.logits, out.past_key_values
 
 
@@ -100,9 +105,12 @@ def export_onnx(model: GPT, path: Path, opset: int = OPSET, static: bool | None 
     # Example sizes of 2 and more: sizes 0 and 1 would be frozen into the graph.
     B, T, P = 2, 3, 4
     past = [(torch.randn(B, h_kv, P, hd), torch.randn(B, h_kv, P, hd)) for _ in range(n_layers)]
-    args = (torch.randint(0, model.spec.vocab_size, (B, T)),
-            torch.arange(P, P + T).expand(B, T).contiguous(),
-            torch.ones(B, P + T, dtype=torch.long), past)
+    args = (
+        torch.randint(0, model.spec.vocab_size, (B, T)),
+        torch.arange(P, P + T).expand(B, T).contiguous(),
+        torch.ones(B, P + T, dtype=torch.long),
+        past,
+    )
     batch, seq = Dim("batch", min=1, max=4096), Dim("sequence", min=1, max=1 << 16)
     past_len = Dim("past_sequence", min=0, max=1 << 16)
     dynamic = {
@@ -130,8 +138,14 @@ def export_onnx(model: GPT, path: Path, opset: int = OPSET, static: bool | None 
 
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)
             program = torch.onnx.export(
-                decoder, args, dynamic_shapes=dynamic, dynamo=True,
-                opset_version=opset, input_names=inputs, output_names=outputs, verbose=False,
+                decoder,
+                args,
+                dynamic_shapes=dynamic,
+                dynamo=True,
+                opset_version=opset,
+                input_names=inputs,
+                output_names=outputs,
+                verbose=False,
                 optimize=True,
             )
         program.save(str(path))
@@ -139,9 +153,10 @@ def export_onnx(model: GPT, path: Path, opset: int = OPSET, static: bool | None 
 
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
-        raise GptkitError(export_failure(model.spec, exc),
-                          "Run the component's contract tests (gptkit.testing) for the cause.",
-                          ) from None
+        raise GptkitError(
+            export_failure(model.spec, exc),
+            "Run the component's contract tests (gptkit.testing) for the cause.",
+        ) from None
     finally:
         for p in trainable:
             p.requires_grad_(True)
@@ -155,8 +170,10 @@ def export_failure(spec: Any, exc: BaseException) -> str:
         parts.append(f"{slot} '{component.kind}' ({type(component).__module__})")
     cause = str(exc).strip().splitlines()
     cause_text = cause[0] if cause else ""
-    return (f"ONNX export failed for the model with {' and '.join(parts)}: "
-            f"{type(exc).__name__}: {cause_text[:500]}")
+    return (
+        f"ONNX export failed for the model with {' and '.join(parts)}: "
+        f"{type(exc).__name__}: {cause_text[:500]}"
+    )
 
 
 def sha256_file(path: Path) -> str:
@@ -170,8 +187,13 @@ def sha256_file(path: Path) -> str:
 # --------------------------------------------------------------------------- parity
 
 
-def parity_check(model: GPT, onnx_path: Path, decode_steps: int = 32, seed: int = 0,
-                 tolerance: float = PARITY_RTOL) -> dict[str, Any]:
+def parity_check(
+    model: GPT,
+    onnx_path: Path,
+    decode_steps: int = 32,
+    seed: int = 0,
+    tolerance: float = PARITY_RTOL,
+) -> dict[str, Any]:
     """Run torch and onnxruntime side by side: a prefill, then cached decode steps.
 
     Passes when every logit differs by at most ``tolerance`` times the logits' scale (the
@@ -213,10 +235,16 @@ def parity_check(model: GPT, onnx_path: Path, decode_steps: int = 32, seed: int 
     scale = max(scale, 1.0)
     relative = max(prefill_diff, decode_diff) / scale
     ok = relative <= tolerance and greedy_same
-    return {"prefill_max_abs_diff": prefill_diff, "decode_max_abs_diff": decode_diff,
-            "logit_scale": scale, "max_rel_diff": relative,
-            "decode_steps": decode_steps, "greedy_tokens_identical": greedy_same,
-            "tolerance": tolerance, "passed": ok}
+    return {
+        "prefill_max_abs_diff": prefill_diff,
+        "decode_max_abs_diff": decode_diff,
+        "logit_scale": scale,
+        "max_rel_diff": relative,
+        "decode_steps": decode_steps,
+        "greedy_tokens_identical": greedy_same,
+        "tolerance": tolerance,
+        "passed": ok,
+    }
 
 
 # --------------------------------------------------------------------------- int8
@@ -232,14 +260,16 @@ def quantize_int8(src: Path, dst: Path) -> None:
     level = root.level
     root.setLevel(logging.ERROR)  # the tool logs a generic pre-processing hint at WARNING
     try:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul", "Gemm"])
+        quantize_dynamic(
+            str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
+        )
     finally:
         root.setLevel(level)
 
 
-def quality_report(fp32: Path, int8: Path, val_ids: np.ndarray, window: int,
-                   max_windows: int = 16) -> dict[str, Any]:
+def quality_report(
+    fp32: Path, int8: Path, val_ids: np.ndarray, window: int, max_windows: int = 16
+) -> dict[str, Any]:
     """Greedy top-1 agreement and validation perplexity, int8 against fp32."""
     from gptkit.runtime import OnnxModel
 
@@ -261,16 +291,27 @@ def quality_report(fp32: Path, int8: Path, val_ids: np.ndarray, window: int,
             logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
             nll[name] -= float(logp[np.arange(len(y)), y].sum())
     ppl = {k: float(np.exp(v / total)) for k, v in nll.items()}
-    return {"top1_agreement": agree / total, "tokens": total, "val_ppl_fp32": ppl["fp32"],
-            "val_ppl_int8": ppl["int8"], "val_ppl_change": ppl["int8"] - ppl["fp32"]}
+    return {
+        "top1_agreement": agree / total,
+        "tokens": total,
+        "val_ppl_fp32": ppl["fp32"],
+        "val_ppl_int8": ppl["int8"],
+        "val_ppl_change": ppl["int8"] - ppl["fp32"],
+    }
 
 
 # --------------------------------------------------------------------------- bundle
 
 
-def export_run(run: str | Path, out: str | Path, quantize: str | None = None,
-               checkpoint: str = "latest", register: str | None = None, log=print,
-               tolerance: float = PARITY_RTOL) -> dict[str, Any]:
+def export_run(
+    run: str | Path,
+    out: str | Path,
+    quantize: str | None = None,
+    checkpoint: str = "latest",
+    register: str | None = None,
+    log=print,
+    tolerance: float = PARITY_RTOL,
+) -> dict[str, Any]:
     """Export a run to a bundle folder; returns the manifest. Refuses to finish on a parity
     miss (``tolerance``: the largest logit difference accepted, relative to the logits' scale)."""
     from gptkit.training.rundir import load_run
@@ -287,19 +328,25 @@ def export_run(run: str | Path, out: str | Path, quantize: str | None = None,
         log(f"  exported in {time.time() - t0:.1f}s; checking parity with torch ...")
         parity = parity_check(model, tmp / MODEL_FILE, tolerance=tolerance)
         worst = max(parity["prefill_max_abs_diff"], parity["decode_max_abs_diff"])
-        log(f"  parity: max |diff| {worst:.2e} on logits of scale {parity['logit_scale']:.3g} = "
+        log(
+            f"  parity: max |diff| {worst:.2e} on logits of scale {parity['logit_scale']:.3g} = "
             f"{parity['max_rel_diff']:.2e} relative (tolerance {tolerance:.0e}) over a prefill "
             f"and {parity['decode_steps']} decode steps; greedy identical: "
-            f"{parity['greedy_tokens_identical']}")
+            f"{parity['greedy_tokens_identical']}"
+        )
         if not parity["passed"]:
-            why = ("greedy tokens differ" if not parity["greedy_tokens_identical"] else
-                   f"relative difference {parity['max_rel_diff']:.2e} > tolerance {tolerance:.0e}")
+            why = (
+                "greedy tokens differ"
+                if not parity["greedy_tokens_identical"]
+                else f"relative difference {parity['max_rel_diff']:.2e} > tolerance {tolerance:.0e}"
+            )
             raise GptkitError(
                 f"ONNX parity check failed ({why}): {json.dumps(parity)}; the bundle was not "
                 "written",
                 "If the difference is acceptable to you, pass a larger --tolerance; otherwise "
                 "this is a bug in an attention/positional component's export path: run gptkit's "
-                "contract tests for it.")
+                "contract tests for it.",
+            )
         quant = None
         model_file = MODEL_FILE
         if quantize == "int8":
@@ -308,14 +355,17 @@ def export_run(run: str | Path, out: str | Path, quantize: str | None = None,
             log("  quantizing matrix multiplications to int8 ...")
             quantize_int8(tmp / MODEL_FILE, tmp / "model.int8.onnx")
             data = prepare_data(spec.data, spec.tokenizer)
-            quant = quality_report(tmp / MODEL_FILE, tmp / "model.int8.onnx", data.val,
-                                   spec.model.max_seq_len)
+            quant = quality_report(
+                tmp / MODEL_FILE, tmp / "model.int8.onnx", data.val, spec.model.max_seq_len
+            )
             quant["size_fp32"] = (tmp / MODEL_FILE).stat().st_size
             quant["size_int8"] = (tmp / "model.int8.onnx").stat().st_size
             os.replace(tmp / "model.int8.onnx", tmp / MODEL_FILE)
-            log(f"  int8: top-1 agreement {quant['top1_agreement']:.2%}, val perplexity "
+            log(
+                f"  int8: top-1 agreement {quant['top1_agreement']:.2%}, val perplexity "
                 f"{quant['val_ppl_fp32']:.3f} -> {quant['val_ppl_int8']:.3f}, size "
-                f"{quant['size_fp32'] / 1e6:.1f} MB -> {quant['size_int8'] / 1e6:.1f} MB")
+                f"{quant['size_fp32'] / 1e6:.1f} MB -> {quant['size_int8'] / 1e6:.1f} MB"
+            )
         tok_files = loaded.tokenizer.save(tmp / "tokenizer")
         h_kv, hd = cache_shape(model)
         inputs, outputs = io_names(spec.model.n_layers, model.static_cache)
@@ -350,9 +400,11 @@ def export_run(run: str | Path, out: str | Path, quantize: str | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
         os_error = _os_error(exc)
         if os_error is not None and not isinstance(exc, GptkitError):
-            raise GptkitError(f"could not write the bundle {out}: {os_error.strerror or os_error}; "
-                              "nothing was written", "Free some space or choose another --out."
-                              ) from None
+            raise GptkitError(
+                f"could not write the bundle {out}: {os_error.strerror or os_error}; "
+                "nothing was written",
+                "Free some space or choose another --out.",
+            ) from None
         raise
     log(f"bundle written: {out}")
     _log_to_mlflow(loaded.run_dir, out, manifest, register, log)
@@ -371,9 +423,11 @@ def _check_replaceable(out: Path) -> None:
     """Refuse an --out that gptkit cannot prove it made (data of the user's would be lost)."""
     reason = removable_bundle(out)
     if reason is not None:
-        raise GptkitError(f"{reason}; refusing to overwrite it",
-                          "Choose an empty or new --out folder (gptkit replaces only a bundle "
-                          "whose manifest lists every file in it).")
+        raise GptkitError(
+            f"{reason}; refusing to overwrite it",
+            "Choose an empty or new --out folder (gptkit replaces only a bundle "
+            "whose manifest lists every file in it).",
+        )
 
 
 def _make_staging(out: Path) -> Path:
@@ -382,14 +436,18 @@ def _make_staging(out: Path) -> Path:
 
     blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        raise GptkitError(f"cannot write the bundle {out}: {blocker} is a file, not a folder",
-                          "Choose another --out.")
+        raise GptkitError(
+            f"cannot write the bundle {out}: {blocker} is a file, not a folder",
+            "Choose another --out.",
+        )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as exc:
-        raise GptkitError(f"cannot write the bundle {out}: {exc.strerror or exc}",
-                          "Choose a folder you can write to for --out.") from None
+        raise GptkitError(
+            f"cannot write the bundle {out}: {exc.strerror or exc}",
+            "Choose a folder you can write to for --out.",
+        ) from None
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
@@ -415,8 +473,9 @@ def _os_error(exc: BaseException) -> OSError | None:
     return None
 
 
-def _log_to_mlflow(run_dir: Path, bundle: Path, manifest: dict[str, Any], register: str | None,
-                   log) -> None:
+def _log_to_mlflow(
+    run_dir: Path, bundle: Path, manifest: dict[str, Any], register: str | None, log
+) -> None:
     """Attach the bundle and an ONNX-flavour model to the run's MLflow run, under a name of
     its own (``onnx-fp32``, ``onnx-int8``, then ``-2``, ``-3`` ...), without moving the
     training run's times or status. Never fatal unless ``--register`` was asked for."""
@@ -426,22 +485,27 @@ def _log_to_mlflow(run_dir: Path, bundle: Path, manifest: dict[str, Any], regist
     info = read_mlflow_link(RunDir(run_dir))
     if not info:
         if register:
-            raise RunError(f"--register needs the run's MLflow record "
-                           f"({RunDir(run_dir).mlflow_file} is missing or damaged)")
+            raise RunError(
+                f"--register needs the run's MLflow record "
+                f"({RunDir(run_dir).mlflow_file} is missing or damaged)"
+            )
         return
     try:
         quick_timeouts()
         name = _attach_bundle(info, bundle, manifest, register)
-        log(f"logged to MLflow run {info['run_id']} as '{name}'"
-            + (f", registered as '{register}'" if register else ""))
+        log(
+            f"logged to MLflow run {info['run_id']} as '{name}'"
+            + (f", registered as '{register}'" if register else "")
+        )
     except Exception as exc:
         if register:
             raise GptkitError(f"could not register the model in MLflow: {exc}") from None
         log(f"gptkit: warning: bundle not logged to MLflow ({type(exc).__name__}: {exc})")
 
 
-def _attach_bundle(info: dict[str, Any], bundle: Path, manifest: dict[str, Any],
-                   register: str | None) -> str:
+def _attach_bundle(
+    info: dict[str, Any], bundle: Path, manifest: dict[str, Any], register: str | None
+) -> str:
     import mlflow
     import onnx
 
@@ -455,20 +519,30 @@ def _attach_bundle(info: dict[str, Any], bundle: Path, manifest: dict[str, Any],
         n += 1
         name = f"{base}-{n}"
     parity = manifest["parity"]
-    metrics = {f"{name}.prefill_max_abs_diff": parity["prefill_max_abs_diff"],
-               f"{name}.decode_max_abs_diff": parity["decode_max_abs_diff"]}
+    metrics = {
+        f"{name}.prefill_max_abs_diff": parity["prefill_max_abs_diff"],
+        f"{name}.decode_max_abs_diff": parity["decode_max_abs_diff"],
+    }
     if manifest.get("quantization"):
         q = manifest["quantization"]
-        metrics.update({f"{name}.top1_agreement": q["top1_agreement"],
-                        f"{name}.val_ppl_change": q["val_ppl_change"]})
+        metrics.update(
+            {
+                f"{name}.top1_agreement": q["top1_agreement"],
+                f"{name}.val_ppl_change": q["val_ppl_change"],
+            }
+        )
     for k, v in metrics.items():
         client.log_metric(run_id, k, float(v))
     client.log_artifacts(run_id, str(bundle), f"bundles/{name}")
     mlflow.set_tracking_uri(info["uri"])
     try:
         with mlflow.start_run(run_id=run_id):
-            mlflow.onnx.log_model(onnx.load(str(bundle / MODEL_FILE)), name=name,
-                                  signature=_signature(manifest), registered_model_name=register)
+            mlflow.onnx.log_model(
+                onnx.load(str(bundle / MODEL_FILE)),
+                name=name,
+                signature=_signature(manifest),
+                registered_model_name=register,
+            )
     finally:  # start_run reopened the run: put its status and end time back as they were
         if before.end_time:
             client.set_terminated(run_id, status=before.status, end_time=before.end_time)
@@ -486,6 +560,7 @@ def _signature(manifest: dict[str, Any]):
         inputs.append(TensorSpec(np.dtype(np.int64), (), "cache_position"))
     inputs += [TensorSpec(np.dtype(np.float32), (-1, hkv, -1, hd), n) for n in past]
     outputs = [TensorSpec(np.dtype(np.float32), (-1, -1, manifest["vocab_size"]), "logits")]
-    outputs += [TensorSpec(np.dtype(np.float32), (-1, hkv, -1, hd), n)
-                for n in manifest["outputs"][1:]]
+    outputs += [
+        TensorSpec(np.dtype(np.float32), (-1, hkv, -1, hd), n) for n in manifest["outputs"][1:]
+    ]
     return ModelSignature(Schema(inputs), Schema(outputs))

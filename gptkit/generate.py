@@ -32,7 +32,9 @@ class StaticCache:
         """The slots in use, as views (no copy)."""
         L = self.length
         position = torch.tensor(L, device=self.keys[0].device)
-        return [StaticKV(k[:, :, :L], v[:, :, :L], position) for k, v in zip(self.keys, self.values)]
+        return [
+            StaticKV(k[:, :, :L], v[:, :, :L], position) for k, v in zip(self.keys, self.values)
+        ]
 
     def write(self, new: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Put the new tokens' keys and values in the next slots, in place."""
@@ -53,8 +55,9 @@ class TorchBackend:
     """Runs a GPT for the decoding loop. The cache is a ``StaticCache`` (preallocated, updated
     in place) when every component supports it, else the model's concatenated (keys, values)."""
 
-    def __init__(self, model: GPT, device: str | torch.device = "cpu",
-                 static: bool | None = None) -> None:
+    def __init__(
+        self, model: GPT, device: str | torch.device = "cpu", static: bool | None = None
+    ) -> None:
         self.model = model.eval()
         self.device = torch.device(device)
         self.max_seq_len = model.spec.max_seq_len
@@ -67,14 +70,17 @@ class TorchBackend:
         # No mask at all when nothing is padded: the fused attention fast path applies.
         mask = None if key_mask.all() else torch.from_numpy(key_mask).to(self.device)
         if past is None or not self.static:
-            out = self.model(idx, positions=pos, past_key_values=past, key_mask=mask,
-                             last_only=True)
+            out = self.model(
+                idx, positions=pos, past_key_values=past, key_mask=mask, last_only=True
+            )
             if self.static:  # the prefill fills a fresh preallocated cache
                 return out.logits[:, -1].float().cpu().numpy(), StaticCache(
-                    out.past_key_values, self.max_seq_len)
+                    out.past_key_values, self.max_seq_len
+                )
             return out.logits[:, -1].float().cpu().numpy(), out.past_key_values
-        out = self.model(idx, positions=pos, past_key_values=past.views(), key_mask=mask,
-                         last_only=True)
+        out = self.model(
+            idx, positions=pos, past_key_values=past.views(), key_mask=mask, last_only=True
+        )
         past.write(out.past_key_values)
         return out.logits[:, -1].float().cpu().numpy(), past
 
@@ -104,8 +110,13 @@ class Generator(Inference):
         return load_registry(self.plugins)
 
     @classmethod
-    def from_run(cls, run: str | Path, checkpoint: str = "latest", overrides: Sequence[str] = (),
-                 device: str = "cpu") -> Generator:
+    def from_run(
+        cls,
+        run: str | Path,
+        checkpoint: str = "latest",
+        overrides: Sequence[str] = (),
+        device: str = "cpu",
+    ) -> Generator:
         """Load a run directory's model, tokenizer and sampler (``overrides``: --set style)."""
         from gptkit.training.rundir import load_run
 
@@ -115,8 +126,9 @@ class Generator(Inference):
         return gen
 
 
-def sample_text(model: GPT, tokenizer: Any, sampler: Any, n_tokens: int, seed: int,
-                prompt: str = "\n") -> str:
+def sample_text(
+    model: GPT, tokenizer: Any, sampler: Any, n_tokens: int, seed: int, prompt: str = "\n"
+) -> str:
     """A short sample for progress reports (the model is put back in its previous mode)."""
     was_training = model.training
     try:
@@ -124,9 +136,14 @@ def sample_text(model: GPT, tokenizer: Any, sampler: Any, n_tokens: int, seed: i
             prompt_ids_ok = bool(tokenizer.encode(prompt))
         except Exception:
             prompt_ids_ok = False
-        out = decode_loop(TorchBackend(model, next(model.parameters()).device), tokenizer,
-                          [prompt if prompt_ids_ok else ""], sampler,
-                          max_new_tokens=n_tokens, seed=seed)
+        out = decode_loop(
+            TorchBackend(model, next(model.parameters()).device),
+            tokenizer,
+            [prompt if prompt_ids_ok else ""],
+            sampler,
+            max_new_tokens=n_tokens,
+            seed=seed,
+        )
         return out[0].text
     finally:
         model.train(was_training)

@@ -18,20 +18,26 @@ from safetensors.torch import load_file, save_file
 
 from gptkit.errors import GptkitError, RunError
 
-ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
-               "relu": "relu"}
+ACTIVATIONS = {
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu": "gelu",
+    "relu": "relu",
+}
 
 
 def _per_layer(i: int) -> list[tuple[str, str, bool]]:
     """(gptkit name, GPT-2 name, transposed) for one block."""
     g, h = f"blocks.{i}.", f"h.{i}."
     return [
-        (g + "norm1.weight", h + "ln_1.weight", False), (g + "norm1.bias", h + "ln_1.bias", False),
+        (g + "norm1.weight", h + "ln_1.weight", False),
+        (g + "norm1.bias", h + "ln_1.bias", False),
         (g + "attn.qkv.weight", h + "attn.c_attn.weight", True),
         (g + "attn.qkv.bias", h + "attn.c_attn.bias", False),
         (g + "attn.out_proj.weight", h + "attn.c_proj.weight", True),
         (g + "attn.out_proj.bias", h + "attn.c_proj.bias", False),
-        (g + "norm2.weight", h + "ln_2.weight", False), (g + "norm2.bias", h + "ln_2.bias", False),
+        (g + "norm2.weight", h + "ln_2.weight", False),
+        (g + "norm2.bias", h + "ln_2.bias", False),
         (g + "mlp.in_proj.weight", h + "mlp.c_fc.weight", True),
         (g + "mlp.in_proj.bias", h + "mlp.c_fc.bias", False),
         (g + "mlp.out_proj.weight", h + "mlp.c_proj.weight", True),
@@ -40,7 +46,10 @@ def _per_layer(i: int) -> list[tuple[str, str, bool]]:
 
 
 def name_map(n_layers: int) -> list[tuple[str, str, bool]]:
-    pairs = [("tok_emb.weight", "wte.weight", False), ("positional.table.weight", "wpe.weight", False)]
+    pairs = [
+        ("tok_emb.weight", "wte.weight", False),
+        ("positional.table.weight", "wpe.weight", False),
+    ]
     for i in range(n_layers):
         pairs += _per_layer(i)
     return pairs + [("norm_f.weight", "ln_f.weight", False), ("norm_f.bias", "ln_f.bias", False)]
@@ -49,9 +58,15 @@ def name_map(n_layers: int) -> list[tuple[str, str, bool]]:
 MAX_CONFIG_BYTES = 1 << 20
 # config.json fields import-hf reads, with the type each must have.
 CONFIG_FIELDS: dict[str, tuple[type, ...]] = {
-    "n_embd": (int,), "n_head": (int,), "n_layer": (int,), "n_positions": (int,),
-    "vocab_size": (int,), "n_inner": (int, type(None)), "layer_norm_epsilon": (int, float),
-    "activation_function": (str,), "tie_word_embeddings": (bool,),
+    "n_embd": (int,),
+    "n_head": (int,),
+    "n_layer": (int,),
+    "n_positions": (int,),
+    "vocab_size": (int,),
+    "n_inner": (int, type(None)),
+    "layer_norm_epsilon": (int, float),
+    "activation_function": (str,),
+    "tie_word_embeddings": (bool,),
 }
 
 
@@ -83,19 +98,24 @@ def _load_weights(path: Path):
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors reports truncation and bad headers as its own errors
-        raise RunError(f"{path} is not a readable safetensors file "
-                       f"({type(exc).__name__}: {str(exc)[:200]})",
-                       "It may be truncated; copy or download it again.") from None
+        raise RunError(
+            f"{path} is not a readable safetensors file ({type(exc).__name__}: {str(exc)[:200]})",
+            "It may be truncated; copy or download it again.",
+        ) from None
 
 
 def _model_fields(config: dict[str, Any]) -> dict[str, Any]:
     if config.get("model_type") != "gpt2":
-        raise GptkitError(f"config.json has model_type {config.get('model_type')!r}; "
-                          "import-hf reads GPT-2 checkpoints (model_type 'gpt2')")
+        raise GptkitError(
+            f"config.json has model_type {config.get('model_type')!r}; "
+            "import-hf reads GPT-2 checkpoints (model_type 'gpt2')"
+        )
     act = config.get("activation_function", "gelu_new")
     if act not in ACTIVATIONS:
-        raise GptkitError(f"config.json activation_function {act!r} is not supported; "
-                          f"supported: {', '.join(ACTIVATIONS)}")
+        raise GptkitError(
+            f"config.json activation_function {act!r} is not supported; "
+            f"supported: {', '.join(ACTIVATIONS)}"
+        )
     if abs(config.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
         raise GptkitError("config.json layer_norm_epsilon must be 1e-5 (gptkit's LayerNorm)")
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
@@ -104,12 +124,21 @@ def _model_fields(config: dict[str, Any]) -> dict[str, Any]:
     if config.get("scale_attn_weights") is False:
         raise GptkitError("config.json sets scale_attn_weights false; gptkit always scales")
     d = config["n_embd"]
-    return {"vocab_size": config["vocab_size"], "d_model": d, "n_heads": config["n_head"],
-            "n_layers": config["n_layer"], "d_ff": config.get("n_inner") or 4 * d,
-            "max_seq_len": config["n_positions"], "dropout": 0.0, "bias": True,
-            "norm": "layernorm", "activation": ACTIVATIONS[act],
-            "tie_embeddings": config.get("tie_word_embeddings", True),
-            "attention": {"kind": "mha"}, "positional": {"kind": "learned"}}
+    return {
+        "vocab_size": config["vocab_size"],
+        "d_model": d,
+        "n_heads": config["n_head"],
+        "n_layers": config["n_layer"],
+        "d_ff": config.get("n_inner") or 4 * d,
+        "max_seq_len": config["n_positions"],
+        "dropout": 0.0,
+        "bias": True,
+        "norm": "layernorm",
+        "activation": ACTIVATIONS[act],
+        "tie_embeddings": config.get("tie_word_embeddings", True),
+        "attention": {"kind": "mha"},
+        "positional": {"kind": "learned"},
+    }
 
 
 def import_hf(src: str | Path, out: str | Path | None = None, name: str | None = None) -> Path:
@@ -122,11 +151,15 @@ def import_hf(src: str | Path, out: str | Path | None = None, name: str | None =
     src = Path(src)
     for f in ("config.json", "model.safetensors"):
         if not (src / f).is_file():
-            raise RunError(f"{src} has no {f}; import-hf needs a local Hugging Face GPT-2 folder "
-                           "(config.json, model.safetensors, tokenizer.json)")
+            raise RunError(
+                f"{src} has no {f}; import-hf needs a local Hugging Face GPT-2 folder "
+                "(config.json, model.safetensors, tokenizer.json)"
+            )
     if not (src / "tokenizer.json").is_file():
-        raise RunError(f"{src} has no tokenizer.json (the fast tokenizer file); gptkit needs it "
-                       "to turn text into the model's tokens")
+        raise RunError(
+            f"{src} has no tokenizer.json (the fast tokenizer file); gptkit needs it "
+            "to turn text into the model's tokens"
+        )
     config = read_config(src / "config.json")
     name = name or "gpt2-import"
     run = RunDir(Path(out)) if out else RunDir.new(name)
@@ -136,9 +169,15 @@ def import_hf(src: str | Path, out: str | Path | None = None, name: str | None =
     # Everything is read and checked before the run folder is made: a failed import leaves
     # nothing behind.
     model_fields = _model_fields(config)
-    spec = validate_spec({"name": name, "tokenizer": {"kind": "pretrained", "path": str(
-        (src / "tokenizer.json").resolve())}, "model": model_fields,
-        "tracking": {"enabled": False}}, str(src / "config.json"))
+    spec = validate_spec(
+        {
+            "name": name,
+            "tokenizer": {"kind": "pretrained", "path": str((src / "tokenizer.json").resolve())},
+            "model": model_fields,
+            "tracking": {"enabled": False},
+        },
+        str(src / "config.json"),
+    )
     tok = spec.tokenizer.build()
     tok.fit("")
     weights_path = src / "model.safetensors"
@@ -154,28 +193,50 @@ def import_hf(src: str | Path, out: str | Path | None = None, name: str | None =
         state[ours] = t.t().contiguous() if transpose else t
     if not spec.model.tie_embeddings:
         if "lm_head.weight" not in weights:
-            raise RunError(f"{weights_path} lacks lm_head.weight (config.json says the "
-                           "embeddings are not tied)")
+            raise RunError(
+                f"{weights_path} lacks lm_head.weight (config.json says the "
+                "embeddings are not tied)"
+            )
         state["lm_head.weight"] = weights["lm_head.weight"]
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shapes that disagree with config.json
-        raise RunError(f"{weights_path} does not fit {src / 'config.json'}: "
-                       f"{str(exc).splitlines()[-1].strip()[:300]}") from None
+        raise RunError(
+            f"{weights_path} does not fit {src / 'config.json'}: "
+            f"{str(exc).splitlines()[-1].strip()[:300]}"
+        ) from None
     missing = [m for m in missing if not (m == "lm_head.weight" and spec.model.tie_embeddings)]
     if missing or unexpected:
         raise RunError(f"weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
     run.tokenizer_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src / "tokenizer.json", run.tokenizer_dir / "tokenizer.json")
-    spec = validate_spec({**spec.to_dict(), "tokenizer": {
-        "kind": "pretrained", "path": str((run.tokenizer_dir / "tokenizer.json").resolve())}},
-        str(src / "config.json"))
+    spec = validate_spec(
+        {
+            **spec.to_dict(),
+            "tokenizer": {
+                "kind": "pretrained",
+                "path": str((run.tokenizer_dir / "tokenizer.json").resolve()),
+            },
+        },
+        str(src / "config.json"),
+    )
     tok.spec = spec.tokenizer
     tok.save(run.tokenizer_dir)
-    save_checkpoint(run.checkpoints, 0, model, {"step": 0, "imported_from": str(src)},
-                    {"val_loss": None, "imported_from": str(src)}, keep_last=1)
-    run.update_info(name=f"{name} (imported from {src.name})", spec_name=name,
-                    created=time.time(), command=f"gptkit import-hf {src}", status="IMPORTED")
+    save_checkpoint(
+        run.checkpoints,
+        0,
+        model,
+        {"step": 0, "imported_from": str(src)},
+        {"val_loss": None, "imported_from": str(src)},
+        keep_last=1,
+    )
+    run.update_info(
+        name=f"{name} (imported from {src.name})",
+        spec_name=name,
+        created=time.time(),
+        command=f"gptkit import-hf {src}",
+        status="IMPORTED",
+    )
     run.write_spec(spec)  # last: a folder with spec.yaml is a complete run
     return run.path
 
@@ -194,18 +255,26 @@ def export_hf(run: str | Path, out: str | Path, force: bool = False) -> Path:
         raise GptkitError(f"{out} is a file; export-hf writes a folder")
     existing = [f for f in HF_FILES if (out / f).exists()]
     if existing and not force:
-        raise GptkitError(f"{out} already holds {', '.join(existing)}; refusing to overwrite",
-                          "Choose another folder, or pass --force to replace them.")
+        raise GptkitError(
+            f"{out} already holds {', '.join(existing)}; refusing to overwrite",
+            "Choose another folder, or pass --force to replace them.",
+        )
     from gptkit.training.rundir import load_run
 
     loaded = load_run(run)
     m = loaded.spec.model
-    problems = [f"{k} is {v!r}, GPT-2 needs {want!r}" for k, v, want in (
-        ("model.attention.kind", m.attention.kind, "mha"),
-        ("model.positional.kind", m.positional.kind, "learned"),
-        ("model.norm", m.norm, "layernorm"), ("model.bias", m.bias, True),
-        ("model.scale_embeddings", m.scale_embeddings, False),
-        ("model.tie_embeddings", m.tie_embeddings, True)) if v != want]
+    problems = [
+        f"{k} is {v!r}, GPT-2 needs {want!r}"
+        for k, v, want in (
+            ("model.attention.kind", m.attention.kind, "mha"),
+            ("model.positional.kind", m.positional.kind, "learned"),
+            ("model.norm", m.norm, "layernorm"),
+            ("model.bias", m.bias, True),
+            ("model.scale_embeddings", m.scale_embeddings, False),
+            ("model.tie_embeddings", m.tie_embeddings, True),
+        )
+        if v != want
+    ]
     if m.activation not in ("gelu_tanh", "gelu"):
         problems.append(f"model.activation is {m.activation!r}, GPT-2 needs 'gelu_tanh' or 'gelu'")
     if problems:
@@ -215,17 +284,29 @@ def export_hf(run: str | Path, out: str | Path, force: bool = False) -> Path:
     except OSError as exc:
         raise GptkitError(f"cannot write {out}: {exc.strerror or exc}") from None
     sd = loaded.model.state_dict()
-    tensors = {f"transformer.{theirs}": (sd[ours].t() if transpose else sd[ours]).contiguous()
-               for ours, theirs, transpose in name_map(m.n_layers)}
+    tensors = {
+        f"transformer.{theirs}": (sd[ours].t() if transpose else sd[ours]).contiguous()
+        for ours, theirs, transpose in name_map(m.n_layers)
+    }
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     eot = loaded.tokenizer.eot_id
     config = {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": m.vocab_size, "n_positions": m.max_seq_len, "n_embd": m.d_model,
-        "n_layer": m.n_layers, "n_head": m.n_heads, "n_inner": m.hidden_dim,
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": m.vocab_size,
+        "n_positions": m.max_seq_len,
+        "n_embd": m.d_model,
+        "n_layer": m.n_layers,
+        "n_head": m.n_heads,
+        "n_inner": m.hidden_dim,
         "activation_function": "gelu_new" if m.activation == "gelu_tanh" else "gelu",
-        "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-        "tie_word_embeddings": True, "bos_token_id": eot, "eos_token_id": eot,
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "tie_word_embeddings": True,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     hf_tokenizer = loaded.run.tokenizer_dir / "tokenizer.json"

@@ -13,8 +13,9 @@ Every hook receives a ``register`` callback; call it once per component class yo
         register(QKNormAttentionSpec)
 
 A component class is a pydantic model (a subclass of the slot's base spec, see
-``gptkit.plugin``, which documents each slot's contract) whose ``kind`` field is a ``Literal`` naming it. Its typed fields are
-what a spec file may set, and its ``build(...)`` makes the object the slot needs. Built-in
+``gptkit.plugin``, which documents each slot's contract) whose ``kind`` field is a
+``Literal`` naming it. Its typed fields are what a spec file may set, and its ``build(...)``
+makes the object the slot needs. Built-in
 components register through these same hooks.
 
 Third-party packages are found through the entry-point group ``gptkit``; a module named in a

@@ -75,15 +75,19 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST
     doc = safeio.read_json(path, "bundle manifest", MAX_MANIFEST_BYTES, RunError)
     if not isinstance(doc, dict):
-        raise RunError(f"{path} must hold a JSON object, not a {type(doc).__name__}",
-                       "Export the bundle again: gptkit export RUN --out BUNDLE.")
+        raise RunError(
+            f"{path} must hold a JSON object, not a {type(doc).__name__}",
+            "Export the bundle again: gptkit export RUN --out BUNDLE.",
+        )
     try:
         Manifest.model_validate(doc)
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise RunError(f"{path}: field '{field}': {err['msg']}",
-                       "The manifest is damaged; export the bundle again.") from None
+        raise RunError(
+            f"{path}: field '{field}': {err['msg']}",
+            "The manifest is damaged; export the bundle again.",
+        ) from None
     for name in doc["files"]:
         _check_name(name, path)
     for required in (MODEL_FILE, TOKENIZER_MANIFEST):
@@ -95,8 +99,14 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 def _check_name(name: str, manifest: Path) -> None:
     """A listed name is a plain relative path inside the bundle (no '..', not absolute)."""
     parts = PurePosixPath(name).parts
-    if (not parts or name.startswith("/") or "\\" in name or any(p in ("..", ".") for p in parts)
-            or name != "/".join(parts) or name == MANIFEST):
+    if (
+        not parts
+        or name.startswith("/")
+        or "\\" in name
+        or any(p in ("..", ".") for p in parts)
+        or name != "/".join(parts)
+        or name == MANIFEST
+    ):
         raise RunError(f"{manifest} lists {name!r}, which is not a file name inside the bundle")
 
 
@@ -111,8 +121,10 @@ def folder_files(folder: Path) -> set[str]:
             if stat.S_ISDIR(mode):
                 continue
             if stat.S_ISLNK(mode):
-                raise RunError(f"bundle {folder}: {rel} is a symlink; a bundle holds regular "
-                               "files only (a link could point anywhere)")
+                raise RunError(
+                    f"bundle {folder}: {rel} is a symlink; a bundle holds regular "
+                    "files only (a link could point anywhere)"
+                )
             if not stat.S_ISREG(mode):
                 raise RunError(f"bundle {folder}: {rel} is not a regular file")
             found.add(rel)
@@ -132,26 +144,38 @@ def verify_bundle(folder: Path) -> dict[str, Any]:
     """Check a bundle folder against its manifest; return the manifest."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise RunError(f"bundle not found: {folder}" if not folder.exists()
-                       else f"{folder} is a file; expected a bundle folder")
+        raise RunError(
+            f"bundle not found: {folder}"
+            if not folder.exists()
+            else f"{folder} is a file; expected a bundle folder"
+        )
     if not (folder / MANIFEST).exists():
-        raise RunError(f"{folder} is not an export bundle (no {MANIFEST})",
-                       "Make one with: gptkit export RUN --out BUNDLE")
+        raise RunError(
+            f"{folder} is not an export bundle (no {MANIFEST})",
+            "Make one with: gptkit export RUN --out BUNDLE",
+        )
     manifest = read_manifest(folder)
     listed = set(manifest["files"])
     present = folder_files(folder) - {MANIFEST}
     if present - listed:
         extra = sorted(present - listed)
-        raise RunError(f"bundle {folder} holds {len(extra)} file(s) its manifest does not list: "
-                       f"{', '.join(extra[:5])}; a bundle is exactly its manifest",
-                       "Remove them, or export the bundle again.")
+        raise RunError(
+            f"bundle {folder} holds {len(extra)} file(s) its manifest does not list: "
+            f"{', '.join(extra[:5])}; a bundle is exactly its manifest",
+            "Remove them, or export the bundle again.",
+        )
     if listed - present:
-        raise RunError(f"bundle {folder} is missing {', '.join(sorted(listed - present)[:5])}",
-                       "Export the bundle again.")
+        raise RunError(
+            f"bundle {folder} is missing {', '.join(sorted(listed - present)[:5])}",
+            "Export the bundle again.",
+        )
     for name, digest in sorted(manifest["files"].items()):
         if _sha256(folder / name) != digest:
-            raise RunError(f"bundle {folder}: {name} does not match its sha256 in {MANIFEST} "
-                           "(modified or damaged)", "Export the bundle again.")
+            raise RunError(
+                f"bundle {folder}: {name} does not match its sha256 in {MANIFEST} "
+                "(modified or damaged)",
+                "Export the bundle again.",
+            )
     check_external_data(folder / MODEL_FILE, listed)
     return manifest
 
@@ -200,13 +224,17 @@ def check_external_data(model_path: Path, listed: set[str]) -> None:
     for t in tensors:
         locations = [e.value for e in t.external_data if e.key == "location"]
         if t.data_location == onnx.TensorProto.EXTERNAL and len(locations) != 1:
-            raise RunError(f"{model_path}: tensor '{t.name}' keeps external data with "
-                           f"{len(locations)} 'location' entries; refusing to load it")
+            raise RunError(
+                f"{model_path}: tensor '{t.name}' keeps external data with "
+                f"{len(locations)} 'location' entries; refusing to load it"
+            )
         for location in locations:
             if location not in listed or location in (MODEL_FILE,):
-                raise RunError(f"{model_path}: tensor '{t.name}' keeps its data at "
-                               f"'{location}', outside the bundle's listed files; refusing to "
-                               "load it")
+                raise RunError(
+                    f"{model_path}: tensor '{t.name}' keeps its data at "
+                    f"'{location}', outside the bundle's listed files; refusing to "
+                    "load it"
+                )
 
 
 # --------------------------------------------------------------------------- export side
@@ -230,6 +258,5 @@ def removable_bundle(folder: Path) -> str | None:
         return f"{folder} holds a {MANIFEST} that gptkit cannot vouch for ({exc.message})"
     unlisted = sorted(present - set(manifest["files"]))
     if unlisted:
-        return (f"{folder} holds files its bundle manifest does not list "
-                f"({', '.join(unlisted[:5])})")
+        return f"{folder} holds files its bundle manifest does not list ({', '.join(unlisted[:5])})"
     return None

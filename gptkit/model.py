@@ -137,7 +137,8 @@ class GPT(nn.Module):
         """Whether every attention layer and the positional scheme take a static KV cache
         (``StaticKV``); if not, decoding and export use the concatenating cache instead."""
         return getattr(self.positional, "static_cache", False) and all(
-            supports_static_cache(block.attn) for block in self.blocks)
+            supports_static_cache(block.attn) for block in self.blocks
+        )
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters, by default without position/token tables (nanoGPT's convention)."""

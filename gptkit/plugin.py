@@ -91,9 +91,21 @@ _LAZY = {
 }
 
 __all__ = [
-    "SLOTS", "Slot", "hookimpl", "Register", "ComponentSpec", "AttentionSpec", "PositionalSpec",
-    "TokenizerSpec", "SamplerSpec", "OptimizerSpec", "Tokenizer", "EOT", "inverse_cdf",
-    "mark_residual", *_LAZY,
+    "SLOTS",
+    "Slot",
+    "hookimpl",
+    "Register",
+    "ComponentSpec",
+    "AttentionSpec",
+    "PositionalSpec",
+    "TokenizerSpec",
+    "SamplerSpec",
+    "OptimizerSpec",
+    "Tokenizer",
+    "EOT",
+    "inverse_cdf",
+    "mark_residual",
+    *_LAZY,
 ]
 
 

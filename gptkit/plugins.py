@@ -47,8 +47,9 @@ class PluginManager(pluggy.PluginManager):
     def info(self, name: str) -> PluginInfo | None:
         return next((i for i in self.infos if i.name == name), None)
 
-    def add(self, module: object, name: str, version: str, origin: str,
-            distribution: str | None = None) -> str | None:
+    def add(
+        self, module: object, name: str, version: str, origin: str, distribution: str | None = None
+    ) -> str | None:
         """Register ``module``; returns an error message instead of raising."""
         if self.is_registered(module):
             return None
@@ -58,8 +59,9 @@ class PluginManager(pluggy.PluginManager):
         try:
             self.register(module, name=name)
         except Exception as exc:  # pluggy rejects bad hook signatures here
-            self.infos.append(PluginInfo(name, version, origin, f"rejected: {exc}", mod_name,
-                                         distribution))
+            self.infos.append(
+                PluginInfo(name, version, origin, f"rejected: {exc}", mod_name, distribution)
+            )
             return str(exc)
         unknown = [hc.name for hc in self.get_hookcallers(module) or [] if not hc.has_spec()]
         if unknown:
@@ -154,8 +156,16 @@ def plugin_manager(
             # A broken plugin must not take the others down, nor end the process: sys.exit and
             # KeyboardInterrupt during its import are reported like any other failure.
             except BaseException as exc:  # noqa: BLE001
-                pm.infos.append(PluginInfo(ep.name, version, origin,
-                                           f"failed to import: {_describe(exc)}", module, dist))
+                pm.infos.append(
+                    PluginInfo(
+                        ep.name,
+                        version,
+                        origin,
+                        f"failed to import: {_describe(exc)}",
+                        module,
+                        dist,
+                    )
+                )
                 continue
             pm.add(obj, ep.name, version, origin, dist)
 
@@ -228,12 +238,14 @@ def check_opened_plugins(modules: Iterable[str], source: str) -> None:
 
 # --------------------------------------------------------------------------- provenance
 
+
 def provenance(registry: Any, spec: Any) -> dict[str, dict[str, str]]:
     """Which plugin provides each non-built-in component of ``spec``.
 
     Returns ``{"<slot>.<kind>": {"distribution", "version", "module"}}``: what the trainer
-    stores with a run (``RunDir.plugins_file``) and a bundle under the manifest key ``plugins``. ``distribution`` is
-    the pip-installable package ("" for a module that is not part of an installed one).
+    stores with a run (``RunDir.plugins_file``) and a bundle under the manifest key
+    ``plugins``. ``distribution`` is the pip-installable package ("" for a module that is
+    not part of an installed one).
     """
     from gptkit.components.base import SLOTS
 
@@ -254,8 +266,9 @@ def provenance(registry: Any, spec: Any) -> dict[str, dict[str, str]]:
     return out
 
 
-def missing_kind_message(registry: Any, slot: str, kind: str,
-                         recorded: Mapping[str, Any] | None = None) -> str | None:
+def missing_kind_message(
+    registry: Any, slot: str, kind: str, recorded: Mapping[str, Any] | None = None
+) -> str | None:
     """Why ``kind`` is not available, naming the package to install, or None if it is."""
     if kind in registry.components[slot]:
         return None
@@ -264,13 +277,26 @@ def missing_kind_message(registry: Any, slot: str, kind: str,
         return None
     dist, version = origin.get("distribution") or "", origin.get("version") or "unknown"
     module = origin.get("module") or ""
-    failed = next((i for i in registry.pm.infos if i.error and (
-        (dist and i.distribution == dist) or (module and module.startswith(i.module or "\0")))),
-        None)
+    failed = next(
+        (
+            i
+            for i in registry.pm.infos
+            if i.error
+            and (
+                (dist and i.distribution == dist)
+                or (module and module.startswith(i.module or "\0"))
+            )
+        ),
+        None,
+    )
     if failed is not None:
-        return (f"needs {slot} kind '{kind}' from {dist or module} {version}, which is "
-                f"installed but failed to load: {failed.error}")
+        return (
+            f"needs {slot} kind '{kind}' from {dist or module} {version}, which is "
+            f"installed but failed to load: {failed.error}"
+        )
     if dist:
         return f"needs {slot} kind '{kind}' from {dist} {version}: pip install {dist}"
-    return (f"needs {slot} kind '{kind}' from module '{module}' (not an installed package): "
-            f"make it importable and allow it with GPTKIT_PLUGINS={module.split('.')[0]}")
+    return (
+        f"needs {slot} kind '{kind}' from module '{module}' (not an installed package): "
+        f"make it importable and allow it with GPTKIT_PLUGINS={module.split('.')[0]}"
+    )

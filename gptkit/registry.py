@@ -57,7 +57,9 @@ class Registry:
                     )
         for info in pm.infos:
             if info.error:
-                reg.problems.append(f"plugin '{info.name}' {info.version} ({info.origin}): {info.error}")
+                reg.problems.append(
+                    f"plugin '{info.name}' {info.version} ({info.origin}): {info.error}"
+                )
         return reg
 
     def _add(self, slot: str, component: type, provider: str, version: str) -> None:
@@ -111,7 +113,8 @@ class Registry:
         # A plugin that failed to load may be the one that provides it: show its real error.
         broken = "".join(
             f" Plugin '{i.name}' {i.version} is installed but failed to load: {i.error}."
-            for i in self.pm.infos if i.error
+            for i in self.pm.infos
+            if i.error
         )
         return (
             f"unknown {slot} kind {kind!r}{hint}; installed: {installed}.{broken} "

@@ -21,7 +21,7 @@ from gptkit.integrity import MANIFEST, MODEL_FILE, verify_bundle
 __all__ = ["Bundle", "OnnxModel", "verify_bundle", "MANIFEST", "MODEL_FILE"]
 
 
-def _session_options(threads: int | None = None):
+def _session_options(threads: int | None = None) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -29,8 +29,9 @@ def _session_options(threads: int | None = None):
     # One inter-op thread and all cores inside each op: decoding is a chain of small ops.
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.inter_op_num_threads = 1
-    opts.intra_op_num_threads = threads or int(os.environ.get("GPTKIT_ORT_THREADS", 0)) or (
-        os.cpu_count() or 1)
+    opts.intra_op_num_threads = (
+        threads or int(os.environ.get("GPTKIT_ORT_THREADS", 0)) or (os.cpu_count() or 1)
+    )
     return opts
 
 
@@ -43,8 +44,9 @@ class OnnxModel:
         import onnxruntime as ort
 
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(self.path), _session_options(threads),
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(self.path), _session_options(threads), providers=["CPUExecutionProvider"]
+        )
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
@@ -53,7 +55,14 @@ class OnnxModel:
         shape = self.session.get_inputs()[self.inputs.index(self.past_names[0])].shape
         self.n_kv_heads, self.head_dim = int(shape[1]), int(shape[3])
 
-    def run(self, ids, positions, key_mask, past, all_logits: bool = False):
+    def run(
+        self,
+        ids: np.ndarray,
+        positions: np.ndarray,
+        key_mask: np.ndarray,
+        past: Any,
+        all_logits: bool = False,
+    ) -> tuple[np.ndarray, Any]:
         """ids/positions (B, T), key_mask (B, P + T) -> last (or all) logits and the new cache."""
         if self.static:
             return self._run_static(ids, positions, key_mask, past, all_logits)
@@ -61,14 +70,23 @@ class OnnxModel:
         if past is None:
             empty = np.zeros((B, self.n_kv_heads, 0, self.head_dim), dtype=np.float32)
             past = [empty] * len(self.past_names)
-        feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64),
-                 "position_ids": np.ascontiguousarray(positions, dtype=np.int64),
-                 "attention_mask": np.ascontiguousarray(key_mask, dtype=np.int64)}
+        feeds = {
+            "input_ids": np.ascontiguousarray(ids, dtype=np.int64),
+            "position_ids": np.ascontiguousarray(positions, dtype=np.int64),
+            "attention_mask": np.ascontiguousarray(key_mask, dtype=np.int64),
+        }
         feeds.update(zip(self.past_names, past))
         logits, *present = self.session.run(None, feeds)
         return (logits if all_logits else logits[:, -1]), present
 
-    def _run_static(self, ids, positions, key_mask, past, all_logits):
+    def _run_static(
+        self,
+        ids: np.ndarray,
+        positions: np.ndarray,
+        key_mask: np.ndarray,
+        past: StaticCache | None,
+        all_logits: bool,
+    ) -> tuple[np.ndarray, StaticCache]:
         """One step over the preallocated cache: the buffers are bound to the graph's inputs
         in place (IO binding, no copy), and only the new tokens' keys/values come back, to be
         written into the next slots."""
@@ -101,10 +119,12 @@ class StaticCache:
     float32 buffer per graph input, written in place. The capacity doubles when needed (so a
     step at a short context does not pay for the longest one)."""
 
-    def __init__(self, n: int, batch: int, n_kv_heads: int, head_dim: int,
-                 capacity: int = 64) -> None:
-        self.buffers = [np.zeros((batch, n_kv_heads, capacity, head_dim), dtype=np.float32)
-                        for _ in range(n)]
+    def __init__(
+        self, n: int, batch: int, n_kv_heads: int, head_dim: int, capacity: int = 64
+    ) -> None:
+        self.buffers = [
+            np.zeros((batch, n_kv_heads, capacity, head_dim), dtype=np.float32) for _ in range(n)
+        ]
         self.length = 0
 
     @property
@@ -143,17 +163,19 @@ class _Backend:
         self.model, self.max_seq_len = model, max_seq_len
         model.max_cache = max_seq_len  # the decoding loop never caches more than the context
 
-    def __call__(self, ids, positions, key_mask, past):
+    def __call__(
+        self, ids: np.ndarray, positions: np.ndarray, key_mask: np.ndarray, past: Any
+    ) -> tuple[np.ndarray, Any]:
         return self.model.run(ids, positions, key_mask, past)
 
-    def keep_rows(self, past, rows: list[int]):
+    def keep_rows(self, past: Any, rows: list[int]) -> Any:
         """The cache of the given rows only (finished rows leave the batch)."""
         if isinstance(past, StaticCache):
             return past.keep_rows(rows)
         return [np.ascontiguousarray(p[rows]) for p in past]
 
 
-def _runtime_registry(autoload: bool = False, modules: tuple[str, ...] = ()):
+def _runtime_registry(autoload: bool = False, modules: tuple[str, ...] = ()) -> Any:
     """The torch-free built-ins (tokenizers, samplers), ``modules``, and installed plugins only
     on request.
 
@@ -164,12 +186,17 @@ def _runtime_registry(autoload: bool = False, modules: tuple[str, ...] = ()):
     from gptkit.plugins import plugin_manager
     from gptkit.registry import Registry
 
-    return Registry.from_manager(plugin_manager(modules, builtins=TORCH_FREE_BUILTINS,
-                                                autoload=autoload))
+    return Registry.from_manager(
+        plugin_manager(modules, builtins=TORCH_FREE_BUILTINS, autoload=autoload)
+    )
 
 
-def _registry_for(kinds: dict[str, str], modules: tuple[str, ...] = (),
-                  recorded: dict[str, Any] | None = None, source: str = "bundle"):
+def _registry_for(
+    kinds: dict[str, str],
+    modules: tuple[str, ...] = (),
+    recorded: dict[str, Any] | None = None,
+    source: str = "bundle",
+) -> Any:
     """A registry that knows every (slot -> kind) in ``kinds``, loading plugins if needed;
     a kind still missing is named with the package ``recorded`` (provenance) gives for it."""
     from gptkit.plugins import autoload_enabled, missing_kind_message
@@ -178,13 +205,17 @@ def _registry_for(kinds: dict[str, str], modules: tuple[str, ...] = (),
     if all(kind in registry.components[slot] for slot, kind in kinds.items()):
         return registry
     registry = _runtime_registry(autoload=autoload_enabled(), modules=modules)
-    problems = [m for slot, kind in kinds.items()
-                if (m := missing_kind_message(registry, slot, kind, recorded))]
+    problems = [
+        m
+        for slot, kind in kinds.items()
+        if (m := missing_kind_message(registry, slot, kind, recorded))
+    ]
     if problems:
         from gptkit.errors import PluginError
 
-        raise PluginError(f"{source} " + "; and ".join(problems),
-                          "Run 'gptkit plugins' to see what is installed.")
+        raise PluginError(
+            f"{source} " + "; and ".join(problems), "Run 'gptkit plugins' to see what is installed."
+        )
     return registry
 
 
@@ -195,67 +226,100 @@ def _open_model(folder: Path, manifest: dict[str, Any], threads: int | None) -> 
     except GptkitError:
         raise
     except Exception as exc:  # onnxruntime's own errors, or a graph without a cache
-        raise RunError(f"bundle {folder}: {MODEL_FILE} is not a usable gptkit decoder graph "
-                       f"({type(exc).__name__}: {str(exc)[:300]})",
-                       "Export the bundle again.") from None
+        raise RunError(
+            f"bundle {folder}: {MODEL_FILE} is not a usable gptkit decoder graph "
+            f"({type(exc).__name__}: {str(exc)[:300]})",
+            "Export the bundle again.",
+        ) from None
     if model.inputs != manifest["inputs"] or model.outputs != manifest["outputs"]:
-        raise RunError(f"bundle {folder}: the inputs/outputs of {MODEL_FILE} differ from those "
-                       f"in {MANIFEST}", "Export the bundle again.")
+        raise RunError(
+            f"bundle {folder}: the inputs/outputs of {MODEL_FILE} differ from those in {MANIFEST}",
+            "Export the bundle again.",
+        )
     return model
 
 
-def _check_vocab(folder: Path, manifest: dict[str, Any], tokenizer: Any,
-                 model: OnnxModel) -> None:
+def _check_vocab(folder: Path, manifest: dict[str, Any], tokenizer: Any, model: OnnxModel) -> None:
     """The tokenizer may never produce an id the model has no logit for."""
     vocab = manifest["vocab_size"]
     logits = model.session.get_outputs()[0].shape[-1]
     if isinstance(logits, int) and logits != vocab:
-        raise RunError(f"bundle {folder}: {MODEL_FILE} has {logits} logits but {MANIFEST} says "
-                       f"vocab_size {vocab}", "Export the bundle again.")
+        raise RunError(
+            f"bundle {folder}: {MODEL_FILE} has {logits} logits but {MANIFEST} says "
+            f"vocab_size {vocab}",
+            "Export the bundle again.",
+        )
     special = manifest["special_tokens"]
     ids = (special["eot"], special["pad"], tokenizer.eot_id)
     if tokenizer.vocab_size > vocab or max(ids) >= vocab:
-        raise RunError(f"bundle {folder}: the tokenizer has {tokenizer.vocab_size} tokens "
-                       f"(end-of-text id {special['eot']}) but the model only {vocab}; they "
-                       "do not belong together", "Export the bundle again.")
+        raise RunError(
+            f"bundle {folder}: the tokenizer has {tokenizer.vocab_size} tokens "
+            f"(end-of-text id {special['eot']}) but the model only {vocab}; they "
+            "do not belong together",
+            "Export the bundle again.",
+        )
 
 
 class Bundle(Inference):
     """A verified export bundle: onnxruntime model, tokenizer and default sampler, as an
     ``Inference`` (same options and meanings as a run's)."""
 
-    def __init__(self, folder: Path, manifest: dict[str, Any], model: OnnxModel, tokenizer: Any,
-                 sampler: Any, registry: Any) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        manifest: dict[str, Any],
+        model: OnnxModel,
+        tokenizer: Any,
+        sampler: Any,
+        registry: Any,
+    ) -> None:
         super().__init__(_Backend(model, int(manifest["max_seq_len"])), tokenizer, sampler)
         self.folder, self.manifest, self.model = folder, manifest, model
         self._registry = registry
 
     @classmethod
-    def load(cls, folder: str | Path, threads: int | None = None, **_: Any) -> Bundle:
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        checkpoint: str = "latest",
+        device: str = "cpu",
+        threads: int | None = None,
+    ) -> Bundle:
+        """Open and verify a bundle (``checkpoint``/``device`` are for runs; a bundle runs
+        on onnxruntime's CPU provider)."""
         from gptkit.components.tokenizers import load_tokenizer
 
-        folder = Path(folder)
+        folder = Path(path)
         manifest = verify_bundle(folder)
         from gptkit.plugins import check_opened_plugins
 
         sampler_spec = manifest["spec"].get("sampler") or {"kind": "top_p"}
         modules = tuple(manifest["spec"].get("plugins") or ())
         check_opened_plugins(modules, f"bundle {folder}")  # never import what it merely names
-        registry = _registry_for({"tokenizer": manifest["spec"]["tokenizer"]["kind"],
-                                  "sampler": sampler_spec["kind"]}, modules,
-                                 manifest.get("plugins") or {}, f"bundle {folder}")
+        registry = _registry_for(
+            {"tokenizer": manifest["spec"]["tokenizer"]["kind"], "sampler": sampler_spec["kind"]},
+            modules,
+            manifest.get("plugins") or {},
+            f"bundle {folder}",
+        )
         tokenizer = load_tokenizer(folder / "tokenizer", registry)
         if tokenizer.spec.kind != manifest["spec"]["tokenizer"]["kind"]:
-            raise RunError(f"bundle {folder}: {MANIFEST} names tokenizer kind "
-                           f"'{manifest['spec']['tokenizer']['kind']}' but the tokenizer folder "
-                           f"holds '{tokenizer.spec.kind}'", "Export the bundle again.")
+            raise RunError(
+                f"bundle {folder}: {MANIFEST} names tokenizer kind "
+                f"'{manifest['spec']['tokenizer']['kind']}' but the tokenizer folder "
+                f"holds '{tokenizer.spec.kind}'",
+                "Export the bundle again.",
+            )
         try:
             sampler = registry.get("sampler", sampler_spec["kind"]).model_validate(sampler_spec)
         except ValidationError as exc:
             err = exc.errors(include_url=False)[0]
             field = ".".join(["spec", "sampler", *map(str, err["loc"])])
-            raise RunError(f"{folder / MANIFEST}: field '{field}': {err['msg']}",
-                           "The manifest is damaged; export the bundle again.") from None
+            raise RunError(
+                f"{folder / MANIFEST}: field '{field}': {err['msg']}",
+                "The manifest is damaged; export the bundle again.",
+            ) from None
         model = _open_model(folder, manifest, threads)
         _check_vocab(folder, manifest, tokenizer, model)
         return cls(folder, manifest, model, tokenizer, sampler, registry)
@@ -263,6 +327,7 @@ class Bundle(Inference):
     def registry(self, kind: str) -> Any:
         """The torch-free registry; installed plugins are loaded only for a kind it lacks."""
         if kind not in self._registry.components["sampler"]:
-            self._registry = _registry_for({"sampler": kind},
-                                           tuple(self.manifest["spec"].get("plugins") or ()))
+            self._registry = _registry_for(
+                {"sampler": kind}, tuple(self.manifest["spec"].get("plugins") or ())
+            )
         return self._registry

@@ -26,9 +26,13 @@ MAX_NODES = 100_000  # values in a document once YAML aliases are expanded
 
 
 def _describe(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISDIR, "a directory")):
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a directory"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -57,8 +61,9 @@ def open_regular(path: str | Path, what: str, error: type[GptkitError] = GptkitE
     return fd
 
 
-def check_regular(path: str | Path, what: str, limit: int | None = None,
-                  error: type[GptkitError] = GptkitError) -> None:
+def check_regular(
+    path: str | Path, what: str, limit: int | None = None, error: type[GptkitError] = GptkitError
+) -> None:
     """Refuse ``path`` unless it is a regular file (of at most ``limit`` bytes).
 
     For files handed by name to a library that reads them itself (onnxruntime, tokenizers):
@@ -73,8 +78,9 @@ def check_regular(path: str | Path, what: str, limit: int | None = None,
         raise error(f"{what} {path} is {size:,} bytes; at most {limit:,} bytes are accepted")
 
 
-def read_bytes(path: str | Path, what: str, limit: int,
-               error: type[GptkitError] = GptkitError) -> bytes:
+def read_bytes(
+    path: str | Path, what: str, limit: int, error: type[GptkitError] = GptkitError
+) -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes, counted while reading."""
     fd = open_regular(path, what, error)
     size = os.fstat(fd).st_size
@@ -98,8 +104,9 @@ def read_bytes(path: str | Path, what: str, limit: int,
     return b"".join(parts)
 
 
-def read_text(path: str | Path, what: str, limit: int,
-              error: type[GptkitError] = GptkitError) -> str:
+def read_text(
+    path: str | Path, what: str, limit: int, error: type[GptkitError] = GptkitError
+) -> str:
     """:func:`read_bytes` decoded as UTF-8, with a clear message when it is not."""
     raw = read_bytes(path, what, limit, error)
     try:
@@ -108,8 +115,9 @@ def read_text(path: str | Path, what: str, limit: int,
         raise error(f"{what} {path} is not UTF-8 text (bad byte at offset {exc.start})") from None
 
 
-def read_json(path: str | Path, what: str, limit: int,
-              error: type[GptkitError] = GptkitError) -> Any:
+def read_json(
+    path: str | Path, what: str, limit: int, error: type[GptkitError] = GptkitError
+) -> Any:
     """A bounded JSON document: size, nesting depth and value count are all limited."""
     import json
 
@@ -124,8 +132,13 @@ def read_json(path: str | Path, what: str, limit: int,
     return doc
 
 
-def check_tree(doc: Any, source: str, error: type[GptkitError] = GptkitError,
-               max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES) -> None:
+def check_tree(
+    doc: Any,
+    source: str,
+    error: type[GptkitError] = GptkitError,
+    max_depth: int = MAX_DEPTH,
+    max_nodes: int = MAX_NODES,
+) -> None:
     """Refuse a parsed document that nests too deeply, refers to itself, or is too large once
     shared parts (YAML aliases) are counted as often as they are used.
 
@@ -151,8 +164,10 @@ def check_tree(doc: Any, source: str, error: type[GptkitError] = GptkitError,
         for child in children:
             total += size(child, depth + 1)
             if total > max_nodes:
-                raise error(f"{source} expands to more than {max_nodes:,} values (YAML aliases "
-                            "that repeat each other?); refusing to expand it")
+                raise error(
+                    f"{source} expands to more than {max_nodes:,} values (YAML aliases "
+                    "that repeat each other?); refusing to expand it"
+                )
         active.discard(key)
         sizes[key] = total
         return total

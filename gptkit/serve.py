@@ -161,17 +161,29 @@ class ErrorResponse(BaseModel):
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
-    for code, text in ((400, "Bad request"), (404, "Unknown model"), (422, "Invalid body"),
-                       (429, "Busy: retry later"))
+    for code, text in (
+        (400, "Bad request"),
+        (404, "Unknown model"),
+        (422, "Invalid body"),
+        (429, "Busy: retry later"),
+    )
 }
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error",
-           param: str | None = None, code: str | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     """An OpenAI-style error body."""
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
-                                   "code": code}}, status_code=status, headers=headers)
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": param, "code": code}},
+        status_code=status,
+        headers=headers,
+    )
 
 
 # --------------------------------------------------------------------------- continuous batching
@@ -224,7 +236,9 @@ class Scheduler:
             while not self.waiting and not self.running:
                 self.cond.wait()
             rows = sum(len(j.rows) for j in self.running)
-            while self.waiting and (not self.running or rows + len(self.waiting[0].ids) <= self.max_rows):
+            while self.waiting and (
+                not self.running or rows + len(self.waiting[0].ids) <= self.max_rows
+            ):
                 job = self.waiting.popleft()
                 self._start(job)
                 rows += len(job.ids)
@@ -232,7 +246,9 @@ class Scheduler:
 
     def _start(self, job: Job) -> None:
         for i, (ids, rng) in enumerate(zip(job.ids, row_rngs(job.seed, len(job.ids)))):
-            on_text = (lambda piece, i=i, job=job: job.emit("text", i, piece)) if job.stream else None
+            on_text = (
+                (lambda piece, i=i, job=job: job.emit("text", i, piece)) if job.stream else None
+            )
             job.rows.append(self.batch.add(ids, job.sampler, rng, job.max_new, on_text))
         self.running.append(job)
 
@@ -282,8 +298,11 @@ class BodyLimitMiddleware:
             except ValueError:
                 too_big = True
             if too_big:
-                return await _error(413, f"request body over {self.limits.max_body_bytes} bytes",
-                                    "request_too_large")(scope, receive, send)
+                return await _error(
+                    413,
+                    f"request body over {self.limits.max_body_bytes} bytes",
+                    "request_too_large",
+                )(scope, receive, send)
         # Read the whole (small) body here, against a size limit and a deadline, then hand it
         # to the app: a slow or endless upload never reaches a handler.
         chunks, received = [], 0
@@ -294,15 +313,19 @@ class BodyLimitMiddleware:
             try:
                 message = await asyncio.wait_for(receive(), timeout=max(0.01, remaining))
             except asyncio.TimeoutError:
-                return await _error(408, "request body not received in time",
-                                    "request_timeout")(scope, receive, send)
+                return await _error(408, "request body not received in time", "request_timeout")(
+                    scope, receive, send
+                )
             if message["type"] == "http.disconnect":
                 return None
             body = message.get("body", b"")
             received += len(body)
             if received > self.limits.max_body_bytes:
-                return await _error(413, f"request body over {self.limits.max_body_bytes} bytes",
-                                    "request_too_large")(scope, receive, send)
+                return await _error(
+                    413,
+                    f"request body over {self.limits.max_body_bytes} bytes",
+                    "request_too_large",
+                )(scope, receive, send)
             chunks.append(body)
             more = message.get("more_body", False)
         replayed = False
@@ -337,8 +360,14 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send_logged)
         finally:
             client = scope.get("client") or ("-", 0)
-            access_log.info('%s "%s %s" %d %.3fs', client[0], scope["method"], scope["path"],
-                            status[0], time.perf_counter() - started)
+            access_log.info(
+                '%s "%s %s" %d %.3fs',
+                client[0],
+                scope["method"],
+                scope["path"],
+                status[0],
+                time.perf_counter() - started,
+            )
 
 
 def _docs_page(schema: dict[str, Any]) -> str:
@@ -348,22 +377,31 @@ def _docs_page(schema: dict[str, Any]) -> str:
     rows = []
     for path, methods in schema.get("paths", {}).items():
         for method, op in methods.items():
-            rows.append(f"<h2>{method.upper()} {html.escape(path)}</h2>"
-                        f"<p>{html.escape(op.get('summary', ''))}</p>"
-                        f"<p>{html.escape(op.get('description', '') or '')}</p>")
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>gptkit API</title></head>"
-            f"<body><h1>{html.escape(schema['info']['title'])} {html.escape(schema['info']['version'])}"
-            "</h1><p>The full schema: <a href='/openapi.json'>/openapi.json</a></p>"
-            + "".join(rows) + "</body></html>")
+            rows.append(
+                f"<h2>{method.upper()} {html.escape(path)}</h2>"
+                f"<p>{html.escape(op.get('summary', ''))}</p>"
+                f"<p>{html.escape(op.get('description', '') or '')}</p>"
+            )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>gptkit API</title></head>"
+        f"<body><h1>{html.escape(schema['info']['title'])} {html.escape(schema['info']['version'])}"
+        "</h1><p>The full schema: <a href='/openapi.json'>/openapi.json</a></p>"
+        + "".join(rows)
+        + "</body></html>"
+    )
 
 
 def create_app(bundle: Bundle, limits: Limits | None = None, name: str | None = None) -> FastAPI:
     """The ASGI app for one bundle."""
     limits = limits or Limits()
     model_name = name or bundle.manifest["spec"].get("name", "gptkit")
-    app = FastAPI(title="gptkit", version=bundle.manifest.get("gptkit_version", "0"),
-                  description="OpenAI-compatible completions from a gptkit export bundle.",
-                  docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="gptkit",
+        version=bundle.manifest.get("gptkit_version", "0"),
+        description="OpenAI-compatible completions from a gptkit export bundle.",
+        docs_url=None,
+        redoc_url=None,
+    )
     scheduler = Scheduler(bundle, max_rows=max(limits.max_concurrent, limits.max_choices))
     state = {"active": 0}
     lock = threading.Lock()
@@ -378,11 +416,13 @@ def create_app(bundle: Bundle, limits: Limits | None = None, name: str | None = 
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code,
-                                                                 "invalid_request_error")
-        message = {404: f"no such endpoint: {request.url.path}",
-                   405: f"{request.method} is not allowed on {request.url.path}"}.get(
-            exc.status_code, str(exc.detail))
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "invalid_request_error"
+        )
+        message = {
+            404: f"no such endpoint: {request.url.path}",
+            405: f"{request.method} is not allowed on {request.url.path}",
+        }.get(exc.status_code, str(exc.detail))
         return _error(exc.status_code, message, kind, headers=getattr(exc, "headers", None))
 
     @app.get("/docs", include_in_schema=False)
@@ -392,16 +432,30 @@ def create_app(bundle: Bundle, limits: Limits | None = None, name: str | None = 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         """Liveness, and how many requests are admitted (decoding or waiting)."""
-        return {"status": "ok", "model": model_name, "active": state["active"],
-                "batch_rows": len(scheduler.batch), "peak_batch_rows": scheduler.peak_rows}
+        return {
+            "status": "ok",
+            "model": model_name,
+            "active": state["active"],
+            "batch_rows": len(scheduler.batch),
+            "peak_batch_rows": scheduler.peak_rows,
+        }
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         """The one model this server serves."""
-        return {"object": "list", "data": [{
-            "id": model_name, "object": "model", "owned_by": "gptkit",
-            "max_seq_len": bundle.max_seq_len, "vocab_size": bundle.manifest["vocab_size"],
-            "precision": bundle.manifest.get("precision", "fp32")}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_name,
+                    "object": "model",
+                    "owned_by": "gptkit",
+                    "max_seq_len": bundle.max_seq_len,
+                    "vocab_size": bundle.manifest["vocab_size"],
+                    "precision": bundle.manifest.get("precision", "fp32"),
+                }
+            ],
+        }
 
     def _admit() -> bool:
         with lock:
@@ -414,48 +468,79 @@ def create_app(bundle: Bundle, limits: Limits | None = None, name: str | None = 
         with lock:
             state["active"] -= 1
 
-    def _check(model: str | None, stops: list[str], max_tokens: int, n_choices: int,
-               prompts: list[str]) -> JSONResponse | None:
+    def _check(
+        model: str | None, stops: list[str], max_tokens: int, n_choices: int, prompts: list[str]
+    ) -> JSONResponse | None:
         if model is not None and model != model_name:
-            return _error(404, f"model {model!r} not found; this server serves {model_name!r} "
-                               "(GET /v1/models)", param="model", code="model_not_found")
+            return _error(
+                404,
+                f"model {model!r} not found; this server serves {model_name!r} (GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
         if not prompts:
-            return _error(400, "prompt: give a string or a non-empty list of strings", param="prompt")
+            return _error(
+                400, "prompt: give a string or a non-empty list of strings", param="prompt"
+            )
         if n_choices > limits.max_choices:
-            return _error(400, f"prompts x n = {n_choices}; at most {limits.max_choices} choices "
-                               "per request", param="n")
+            return _error(
+                400,
+                f"prompts x n = {n_choices}; at most {limits.max_choices} choices per request",
+                param="n",
+            )
         if max_tokens > limits.max_tokens:
-            return _error(400, f"max_tokens: at most {limits.max_tokens}, got {max_tokens}",
-                          param="max_tokens")
+            return _error(
+                400,
+                f"max_tokens: at most {limits.max_tokens}, got {max_tokens}",
+                param="max_tokens",
+            )
         if any(len(p) > limits.max_prompt_chars for p in prompts):
-            return _error(400, f"prompt: at most {limits.max_prompt_chars} characters", param="prompt")
+            return _error(
+                400, f"prompt: at most {limits.max_prompt_chars} characters", param="prompt"
+            )
         if len(stops) > 4 or any(not s or len(s) > 64 for s in stops):
-            return _error(400, "stop: up to 4 non-empty strings of at most 64 characters",
-                          param="stop")
+            return _error(
+                400, "stop: up to 4 non-empty strings of at most 64 characters", param="stop"
+            )
         return None
 
-    async def _run(prompts: list[str], n: int, options: GenerationOptions, stream: bool,
-                   include_usage: bool, render) -> Any:
+    async def _run(
+        prompts: list[str],
+        n: int,
+        options: GenerationOptions,
+        stream: bool,
+        include_usage: bool,
+        render,
+    ) -> Any:
         """Admit, queue into the running batch, and answer (JSON or server-sent events)."""
         try:
             sampler = bundle.sampler_for(options)
-            ids = [DecodeBatch(bundle.backend, bundle.tokenizer).encode(p, i)
-                   for i, p in enumerate(prompts)]
+            ids = [
+                DecodeBatch(bundle.backend, bundle.tokenizer).encode(p, i)
+                for i, p in enumerate(prompts)
+            ]
         except GptkitError as exc:
             return _error(400, exc.message)
         rows = [r for r in ids for _ in range(n)]
         if not _admit():
-            return _error(429, "server busy; retry later", "rate_limit", headers={"Retry-After": "1"})
+            return _error(
+                429, "server busy; retry later", "rate_limit", headers={"Retry-After": "1"}
+            )
         created, cid = int(time.time()), f"cmpl-{uuid.uuid4().hex[:24]}"
-        max_new = sampler.max_new_tokens if options.max_new_tokens is None else options.max_new_tokens
+        max_new = (
+            sampler.max_new_tokens if options.max_new_tokens is None else options.max_new_tokens
+        )
         job = Job(rows, sampler, options.seed, max_new, stream, asyncio.get_running_loop())
         scheduler.submit(job)
         prompt_tokens = sum(len(r) for r in rows)
 
         def usage(out) -> dict[str, int]:
             completion_tokens = sum(len(c.tokens) for c in out)
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens}
+            return {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            }
 
         if not stream:
             try:
@@ -483,8 +568,11 @@ def create_app(bundle: Bundle, limits: Limits | None = None, name: str | None = 
                         yield "data: [DONE]\n\n"
                         return
                     else:
-                        yield "data: " + json.dumps({"error": {"message": rest[0],
-                                                               "type": "server_error"}}) + "\n\n"
+                        yield (
+                            "data: "
+                            + json.dumps({"error": {"message": rest[0], "type": "server_error"}})
+                            + "\n\n"
+                        )
                         return
             finally:
                 job.cancelled.set()  # the client went away (or is done): its rows leave
@@ -497,40 +585,92 @@ def create_app(bundle: Bundle, limits: Limits | None = None, name: str | None = 
             self.echo = echo_prompts
 
         def whole(self, cid, created, out, usage):
-            return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [{"text": (self.echo[i] if self.echo else "") + c.text, "index": i,
-                                 "logprobs": None, "finish_reason": _finish(c.finish_reason)}
-                                for i, c in enumerate(out)],
-                    "usage": usage}
+            return {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": model_name,
+                "choices": [
+                    {
+                        "text": (self.echo[i] if self.echo else "") + c.text,
+                        "index": i,
+                        "logprobs": None,
+                        "finish_reason": _finish(c.finish_reason),
+                    }
+                    for i, c in enumerate(out)
+                ],
+                "usage": usage,
+            }
 
         def chunk(self, cid, created, index, text, finish):
-            return _sse({"id": cid, "object": "text_completion", "created": created,
-                         "model": model_name, "choices": [{"text": text, "index": index,
-                                                           "logprobs": None,
-                                                           "finish_reason": finish}]})
+            return _sse(
+                {
+                    "id": cid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model_name,
+                    "choices": [
+                        {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
+                    ],
+                }
+            )
 
         def usage_chunk(self, cid, created, usage):
-            return _sse({"id": cid, "object": "text_completion", "created": created,
-                         "model": model_name, "choices": [], "usage": usage})
+            return _sse(
+                {
+                    "id": cid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model_name,
+                    "choices": [],
+                    "usage": usage,
+                }
+            )
 
     class ChatRender(TextRender):
         def whole(self, cid, created, out, usage):
-            return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
-                    "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
-                                 "logprobs": None, "finish_reason": _finish(c.finish_reason)}
-                                for i, c in enumerate(out)],
-                    "usage": usage}
+            return {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": model_name,
+                "choices": [
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": c.text},
+                        "logprobs": None,
+                        "finish_reason": _finish(c.finish_reason),
+                    }
+                    for i, c in enumerate(out)
+                ],
+                "usage": usage,
+            }
 
         def chunk(self, cid, created, index, text, finish):
             delta = {"content": text} if text else {}
-            return _sse({"id": cid, "object": "chat.completion.chunk", "created": created,
-                         "model": model_name, "choices": [{"index": index, "delta": delta,
-                                                           "logprobs": None,
-                                                           "finish_reason": finish}]})
+            return _sse(
+                {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model_name,
+                    "choices": [
+                        {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+                    ],
+                }
+            )
 
         def usage_chunk(self, cid, created, usage):
-            return _sse({"id": cid, "object": "chat.completion.chunk", "created": created,
-                         "model": model_name, "choices": [], "usage": usage})
+            return _sse(
+                {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model_name,
+                    "choices": [],
+                    "usage": usage,
+                }
+            )
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
     async def completions(req: CompletionRequest):
@@ -546,12 +686,23 @@ def create_app(bundle: Bundle, limits: Limits | None = None, name: str | None = 
             return _error(400, "best_of: only 1 is supported", param="best_of")
         if req.echo and req.stream:
             return _error(400, "echo is supported without stream only", param="echo")
-        options = GenerationOptions(max_new_tokens=req.max_tokens, temperature=req.temperature,
-                                    top_k=req.top_k, top_p=req.top_p, stop=stops, seed=req.seed)
+        options = GenerationOptions(
+            max_new_tokens=req.max_tokens,
+            temperature=req.temperature,
+            top_k=req.top_k,
+            top_p=req.top_p,
+            stop=stops,
+            seed=req.seed,
+        )
         echo = [p for p in prompts for _ in range(req.n)] if req.echo else None
-        return await _run(prompts, req.n, options, req.stream,
-                          bool(req.stream_options and req.stream_options.include_usage),
-                          TextRender(echo))
+        return await _run(
+            prompts,
+            req.n,
+            options,
+            req.stream,
+            bool(req.stream_options and req.stream_options.include_usage),
+            TextRender(echo),
+        )
 
     @app.post("/v1/chat/completions", response_model=ChatResponse, responses=ERRORS)
     async def chat_completions(req: ChatRequest):
@@ -561,9 +712,13 @@ def create_app(bundle: Bundle, limits: Limits | None = None, name: str | None = 
         if req.model is not None and req.model != model_name:
             return _check(req.model, [], 0, 1, ["x"])
         if not chat_template:
-            return _error(400, f"{model_name!r} is a base model: its tokenizer has no chat "
-                               "template; use /v1/completions with a prompt", param="messages",
-                          code="base_model")
+            return _error(
+                400,
+                f"{model_name!r} is a base model: its tokenizer has no chat "
+                "template; use /v1/completions with a prompt",
+                param="messages",
+                code="base_model",
+            )
         if req.logprobs:
             return _error(400, "logprobs is not supported by gptkit's server", param="logprobs")
         try:
@@ -573,11 +728,21 @@ def create_app(bundle: Bundle, limits: Limits | None = None, name: str | None = 
         problem = _check(None, stops, max_tokens, req.n, [prompt])
         if problem is not None:
             return problem
-        options = GenerationOptions(max_new_tokens=max_tokens, temperature=req.temperature,
-                                    top_p=req.top_p, stop=stops, seed=req.seed)
-        return await _run([prompt], req.n, options, req.stream,
-                          bool(req.stream_options and req.stream_options.include_usage),
-                          ChatRender(None))
+        options = GenerationOptions(
+            max_new_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            stop=stops,
+            seed=req.seed,
+        )
+        return await _run(
+            [prompt],
+            req.n,
+            options,
+            req.stream,
+            bool(req.stream_options and req.stream_options.include_usage),
+            ChatRender(None),
+        )
 
     app.add_middleware(BodyLimitMiddleware, limits=limits)
     app.add_middleware(AccessLogMiddleware)
@@ -652,8 +817,10 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise GptkitError(f"--host {host!r}: not an address this machine can bind ({exc.strerror})",
-                          "Use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface).") from None
+        raise GptkitError(
+            f"--host {host!r}: not an address this machine can bind ({exc.strerror})",
+            "Use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface).",
+        ) from None
     family, _, _, _, address = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -663,14 +830,22 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         what = "is in use" if exc.errno in (98, 48, 10048) else f"cannot be bound ({exc.strerror})"
-        raise GptkitError(f"port {port} on {host} {what}",
-                          "Pick another with --port, or stop the process using it.") from None
+        raise GptkitError(
+            f"port {port} on {host} {what}",
+            "Pick another with --port, or stop the process using it.",
+        ) from None
     sock.setblocking(False)
     return sock
 
 
-def serve(bundle_dir: str, host: str = "127.0.0.1", port: int = 8000,
-          limits: Limits | None = None, name: str | None = None, access: bool = True) -> None:
+def serve(
+    bundle_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    limits: Limits | None = None,
+    name: str | None = None,
+    access: bool = True,
+) -> None:
     import uvicorn
 
     limits = limits or Limits()
@@ -684,9 +859,16 @@ def serve(bundle_dir: str, host: str = "127.0.0.1", port: int = 8000,
         access_log.addHandler(handler)
         access_log.setLevel(logging.INFO)
     bound = sock.getsockname()[1]
-    print(f"gptkit: serving {bundle_dir} on http://{host}:{bound} "
-          f"(loaded in {time.perf_counter() - started:.2f}s)", flush=True)
-    config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=5,
-                            limit_concurrency=1024,  # open connections; requests are capped above
-                            http=_header_timeout_protocol(limits.header_timeout_s))
+    print(
+        f"gptkit: serving {bundle_dir} on http://{host}:{bound} "
+        f"(loaded in {time.perf_counter() - started:.2f}s)",
+        flush=True,
+    )
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        timeout_keep_alive=5,
+        limit_concurrency=1024,  # open connections; requests are capped above
+        http=_header_timeout_protocol(limits.header_timeout_s),
+    )
     uvicorn.Server(config).run(sockets=[sock])

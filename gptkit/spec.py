@@ -79,7 +79,8 @@ class ModelSpec(StrictModel):
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     activation: Literal["gelu", "gelu_tanh", "relu", "relu2", "silu", "swiglu"] = Field(
         "gelu",
-        description="MLP non-linearity (gelu_tanh = GPT-2's; relu2 = squared ReLU; swiglu is gated).",
+        description="MLP non-linearity (gelu_tanh = GPT-2's; relu2 = squared ReLU; "
+        "swiglu is gated).",
     )
     tie_embeddings: bool = Field(True, description="Share the token embedding with the LM head.")
     scale_embeddings: bool = Field(
@@ -108,7 +109,10 @@ class ModelSpec(StrictModel):
         problems: list[tuple[str, str]] = []
         if self.d_model % self.n_heads:
             problems.append(
-                ("n_heads", f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+                (
+                    "n_heads",
+                    f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})",
+                )
             )
         else:
             for slot in (s.name for s in SLOTS.values() if s.path[0] == "model"):
@@ -138,13 +142,18 @@ class DataSpec(StrictModel):
         description="How to read each source; auto: by extension (.jsonl, .parquet), a folder "
         "holding a saved Hugging Face dataset is 'hf', anything else is UTF-8 text.",
     )
-    field: str = Field("text", min_length=1, description="The text field of jsonl/parquet/hf records.")
-    split: str = Field("train", min_length=1, description="Split of a saved Hugging Face DatasetDict.")
+    field: str = Field(
+        "text", min_length=1, description="The text field of jsonl/parquet/hf records."
+    )
+    split: str = Field(
+        "train", min_length=1, description="Split of a saved Hugging Face DatasetDict."
+    )
     val_fraction: float = Field(
         0.1, gt=0.0, lt=1.0, description="The last part of the token stream, held out."
     )
     fit_sample_bytes: int = Field(
-        16 << 20, ge=1024,
+        16 << 20,
+        ge=1024,
         description="Tokenizers that need fitting see a seeded sample of at most this many bytes "
         "of the training part (all of it when it is smaller).",
     )
@@ -220,9 +229,7 @@ class ExportSpec(StrictModel):
 class ExperimentSpec(StrictModel):
     """A whole experiment: data, tokenizer, model, training, sampling, tracking."""
 
-    name: str = Field(
-        "experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100
-    )
+    name: str = Field("experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
     seed: int = Field(1337, ge=0, lt=2**32, description="Random seed.")
     data: DataSpec = Field(default_factory=DataSpec)
     tokenizer: TokenizerSpec
@@ -238,7 +245,10 @@ class ExperimentSpec(StrictModel):
         "a child MLflow run of one parent run; a 'seed' axis repeats each point.",
     )
     repeats: int = Field(
-        1, ge=1, le=100, description="Train each grid point with this many seeds (seed, "
+        1,
+        ge=1,
+        le=100,
+        description="Train each grid point with this many seeds (seed, "
         "seed+1, ...), grouped in MLflow under one parent run per point.",
     )
 
@@ -246,8 +256,11 @@ class ExperimentSpec(StrictModel):
     def _sane_size(self) -> ExperimentSpec:
         problems = size_problems(self)
         if problems:
-            raise PydanticCustomError("cross_field", "{count} cross-field problem(s)",
-                                      {"count": len(problems), "problems": problems})
+            raise PydanticCustomError(
+                "cross_field",
+                "{count} cross-field problem(s)",
+                {"count": len(problems), "problems": problems},
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -282,15 +295,25 @@ def size_problems(spec: ExperimentSpec) -> list[tuple[str, str]]:
     """(field, message) for a spec whose model or batch could never be allocated."""
     params = estimate_parameters(spec.model)
     if params > MAX_PARAMETERS:
-        return [("model", f"this shape has about {params:.3g} parameters, and gptkit accepts at most "
-                 f"{MAX_PARAMETERS:.0e} (check model.d_model, model.n_layers, model.d_ff, "
-                 "model.vocab_size)")]
+        return [
+            (
+                "model",
+                f"this shape has about {params:.3g} parameters, and gptkit accepts at most "
+                f"{MAX_PARAMETERS:.0e} (check model.d_model, model.n_layers, model.d_ff, "
+                "model.vocab_size)",
+            )
+        ]
     act = estimate_activation_bytes(spec)
     if act > MAX_ACTIVATION_BYTES:
-        return [("train.batch_size", f"one batch of {spec.train.batch_size:,} x "
-                 f"{spec.model.max_seq_len:,} tokens needs about {act / 2**40:.3g} TiB of "
-                 "activations: lower train.batch_size (use train.grad_accum_steps for larger "
-                 "effective batches) or model.max_seq_len")]
+        return [
+            (
+                "train.batch_size",
+                f"one batch of {spec.train.batch_size:,} x "
+                f"{spec.model.max_seq_len:,} tokens needs about {act / 2**40:.3g} TiB of "
+                "activations: lower train.batch_size (use train.grad_accum_steps for larger "
+                "effective batches) or model.max_seq_len",
+            )
+        ]
     return []
 
 
@@ -318,7 +341,9 @@ def _coerce_component(registry: Registry, slot: str, value: Any) -> Any:
             {"installed": ", ".join(registry.kinds(slot))},
         )
     if value["kind"] not in registry.components[slot]:
-        raise PydanticCustomError("unknown_component", registry.unknown_kind_message(slot, value["kind"]))
+        raise PydanticCustomError(
+            "unknown_component", registry.unknown_kind_message(slot, value["kind"])
+        )
     return dict(value)
 
 
@@ -355,8 +380,9 @@ def _spec_class(registry: Registry) -> type[ExperimentSpec]:
             nested[slot.path[0]][slot.path[1]] = _slot_field(registry, name)
     for section, fields in nested.items():
         base = SECTIONS[section]
-        cls = create_model(base.__name__, __base__=base, __doc__=base.__doc__,
-                           __module__=__name__, **fields)
+        cls = create_model(
+            base.__name__, __base__=base, __doc__=base.__doc__, __module__=__name__, **fields
+        )
         top[section] = (cls, Field(default_factory=cls))
     return create_model(
         "ExperimentSpec",
@@ -391,12 +417,12 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
         raise GptkitError(f"spec path is a directory, not a file: {path}")
     suffix = path.suffix.lower()
     if suffix not in (".toml", ".yaml", ".yml", ".json"):
-        raise GptkitError(
-            f"spec file {path} has suffix '{path.suffix}'; use .yaml, .yml or .toml"
-        )
+        raise GptkitError(f"spec file {path} has suffix '{path.suffix}'; use .yaml, .yml or .toml")
     text = safeio.read_text(path, "spec file", MAX_SPEC_BYTES)
     if not text.strip():
-        raise GptkitError(f"spec file {path} is empty", "See experiments/smoke.yaml for an example.")
+        raise GptkitError(
+            f"spec file {path} is empty", "See experiments/smoke.yaml for an example."
+        )
     data = parse_document(text, suffix, f"spec file {path}")
     if not isinstance(data, dict):
         raise GptkitError(
@@ -480,7 +506,9 @@ def apply_overrides(
                 child = node[key] = {"kind": child}  # bare component name
             elif not isinstance(child, dict):
                 where = ".".join(path[: i + 1])
-                raise GptkitError(f"--set {text!r}: {where} is a {type(child).__name__}, not a section")
+                raise GptkitError(
+                    f"--set {text!r}: {where} is a {type(child).__name__}, not a section"
+                )
             node = child
         last = path[-1]
         slot = SLOT_PATHS.get(tuple(path[:-1]))
@@ -510,7 +538,9 @@ def _model_at(cls: Any, loc: tuple[Any, ...]) -> type[BaseModel] | None:
         ann = f.annotation
         options = [a for a in _flatten(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
         if len(options) > 1 and i + 1 < len(loc):
-            tagged = [o for o in options if issubclass(o, ComponentSpec) and o.kind_name() == loc[i + 1]]
+            tagged = [
+                o for o in options if issubclass(o, ComponentSpec) and o.kind_name() == loc[i + 1]
+            ]
             current = tagged[0] if tagged else None
             i += 2
             continue
@@ -530,7 +560,9 @@ def _flatten(ann: Any) -> list[Any]:
     return [ann]
 
 
-def format_errors(exc: ValidationError, cls: type[BaseModel], registry: Registry) -> list[tuple[str, str]]:
+def format_errors(
+    exc: ValidationError, cls: type[BaseModel], registry: Registry
+) -> list[tuple[str, str]]:
     """Turn pydantic's errors into (dotted path, message) pairs a user can act on."""
     problems = []
     for err in exc.errors(include_url=False):
@@ -622,8 +654,9 @@ def _require_recorded_kinds(
             if msg:
                 problems.append(msg)
     if problems:
-        raise PluginError(f"{source} " + "; and ".join(problems),
-                          "Run 'gptkit plugins' to see what is installed.")
+        raise PluginError(
+            f"{source} " + "; and ".join(problems), "Run 'gptkit plugins' to see what is installed."
+        )
 
 
 def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentSpec:

@@ -28,8 +28,11 @@ from gptkit.spec import validate_spec
 VOCAB = 23
 
 
-def combinations(plugins: tuple[str, ...] = (), attention: list[str] | None = None,
-                 positional: list[str] | None = None) -> list[tuple[str, str]]:
+def combinations(
+    plugins: tuple[str, ...] = (),
+    attention: list[str] | None = None,
+    positional: list[str] | None = None,
+) -> list[tuple[str, str]]:
     """Every (attention kind, positional kind) pair the registry knows, optionally narrowed."""
     registry = load_registry(plugins)
     atts = attention or registry.kinds("attention")
@@ -52,8 +55,14 @@ def tiny_model(
     example = load_registry(tuple(plugins)).get("attention", attention["kind"]).example()
     attention = {**example.model_dump(), **attention}
     model = {
-        "d_model": 32, "n_heads": 4, "n_layers": 2, "d_ff": 64, "max_seq_len": 96,
-        "vocab_size": VOCAB, "attention": attention, "positional": positional,
+        "d_model": 32,
+        "n_heads": 4,
+        "n_layers": 2,
+        "d_ff": 64,
+        "max_seq_len": 96,
+        "vocab_size": VOCAB,
+        "attention": attention,
+        "positional": positional,
         **model_fields,
     }
     spec = validate_spec({"name": "contract", "model": model, "plugins": list(plugins)})
@@ -203,8 +212,10 @@ def check_onnx(model: GPT, folder) -> dict:
     inputs, outputs = io_names(model.spec.n_layers, model.static_cache)
     assert [i.name for i in proto.graph.input] == inputs
     assert [o.name for o in proto.graph.output] == outputs
-    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
-            for i in [*proto.graph.input, *proto.graph.output]}
+    dims = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+        for i in [*proto.graph.input, *proto.graph.output]
+    }
     if model.static_cache:
         # The graph hands back only the new tokens' keys and values, and never joins the
         # cache to anything: it is read in place.
@@ -218,8 +229,9 @@ def check_onnx(model: GPT, folder) -> dict:
         prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [12]]
         steps = model.spec.max_seq_len + 8
         ort = _greedy_ids(_Backend(OnnxModel(path), model.spec.max_seq_len), prompts, steps)
-        assert ort == _greedy_ids(TorchBackend(model, static=False), prompts, steps), \
+        assert ort == _greedy_ids(TorchBackend(model, static=False), prompts, steps), (
             "onnxruntime static-cache decoding differs from torch"
+        )
     for name in ("input_ids", "position_ids", "attention_mask"):
         assert all(isinstance(d, str) for d in dims[name]), f"{name} has fixed dims {dims[name]}"
     past = dims["past_key_values.0.key"]
@@ -229,8 +241,9 @@ def check_onnx(model: GPT, folder) -> dict:
     return report
 
 
-def check_all(attention: Any = "mha", positional: Any = "learned", plugins=(),
-              onnx_dir=None) -> None:
+def check_all(
+    attention: Any = "mha", positional: Any = "learned", plugins=(), onnx_dir=None
+) -> None:
     """Run every contract check on one combination (ONNX too when ``onnx_dir`` is given)."""
     model = tiny_model(attention, positional, plugins)
     with torch.no_grad():
@@ -269,8 +282,7 @@ def _draw(sampler: Any, logits: Any, rng: Any, states: list[Any]) -> Any:
     return sample_next(sampler, logits, rng, contexts, states)
 
 
-def sampler_distribution(sampler: Any, vocab: int = 12, draws: int = 30_000,
-                         seed: int = 0) -> None:
+def sampler_distribution(sampler: Any, vocab: int = 12, draws: int = 30_000, seed: int = 0) -> None:
     """A proper distribution, draws only from its support, and an empirical distribution that
     matches ``probs`` (chi-square, 0.1% level). Each draw is the first step of a fresh
     generation (its own new state), so stateful samplers are judged fairly."""
@@ -284,8 +296,11 @@ def sampler_distribution(sampler: Any, vocab: int = 12, draws: int = 30_000,
     batch = np.repeat(logits[:1], 1000, axis=0)
     gen = np.random.default_rng(2)
     counts = np.bincount(
-        np.concatenate([_draw(sampler, batch, gen, _fresh(sampler, 1000))
-                        for _ in range(draws // 1000)]), minlength=vocab)
+        np.concatenate(
+            [_draw(sampler, batch, gen, _fresh(sampler, 1000)) for _ in range(draws // 1000)]
+        ),
+        minlength=vocab,
+    )
     want = p[0] * counts.sum()
     assert counts[want == 0].sum() == 0, "drew a token outside the sampler's support"
     support = want > 0
@@ -294,7 +309,8 @@ def sampler_distribution(sampler: Any, vocab: int = 12, draws: int = 30_000,
         chi2 = float((((counts[support] - want[support]) ** 2) / want[support]).sum())
         assert chi2 < chi2_critical(dof), (
             f"draws do not follow probs (chi2 {chi2:.1f}): {counts.tolist()} vs "
-            f"{want.round(1).tolist()}")
+            f"{want.round(1).tolist()}"
+        )
 
 
 def sampler_seeded(sampler: Any, rows: int = 256, vocab: int = 12) -> None:
@@ -312,8 +328,10 @@ def sampler_seeded(sampler: Any, rows: int = 256, vocab: int = 12) -> None:
         c = _draw(sampler, logits, np.random.default_rng(2), _fresh(sampler, rows))
     finally:
         np.random.set_state(state)
-    assert (a == b).all(), ("the same rng seed gave different tokens: the sampler draws from "
-                            "something besides the rng it is given (numpy's global RNG?)")
+    assert (a == b).all(), (
+        "the same rng seed gave different tokens: the sampler draws from "
+        "something besides the rng it is given (numpy's global RNG?)"
+    )
     p = sampler.probs(logits, None, _fresh(sampler, rows))
     if (p.max(-1) < 1 - 1e-9).any():  # not a deterministic sampler such as greedy
         assert (a != c).any(), "a different rng seed gave the same tokens: the rng is ignored"
@@ -331,8 +349,10 @@ def sampler_state(sampler: Any, rows: int = 3, steps: int = 40, vocab: int = 12)
     def generation() -> list[list[int]]:
         rng, states = np.random.default_rng(5), _fresh(sampler, rows)
         logits_rng = np.random.default_rng(6)
-        return [_draw(sampler, logits_rng.normal(0, 2, size=(rows, vocab)), rng, states).tolist()
-                for _ in range(steps)]
+        return [
+            _draw(sampler, logits_rng.normal(0, 2, size=(rows, vocab)), rng, states).tolist()
+            for _ in range(steps)
+        ]
 
     assert generation() == generation(), "a seeded generation with fresh states did not repeat"
 
@@ -341,15 +361,19 @@ def sampler_state(sampler: Any, rows: int = 3, steps: int = 40, vocab: int = 12)
 
 # The model the attention / positional / optimizer cases build; sizes the components' example
 # values can override. max_seq_len grows to fit the cache check past any window.
-CONTRACT_MODEL = {"d_model": 32, "n_heads": 4, "n_layers": 2, "d_ff": 64, "max_seq_len": 96,
-                  "vocab_size": VOCAB}
+CONTRACT_MODEL = {
+    "d_model": 32,
+    "n_heads": 4,
+    "n_layers": 2,
+    "d_ff": 64,
+    "max_seq_len": 96,
+    "vocab_size": VOCAB,
+}
 CACHE_PREFILL, CACHE_MIN_STEPS = 8, 64
 
 PROPERTIES: dict[str, tuple[str, ...]] = {
-    "attention": ("shapes", "causal", "kv_cache", "padding", "gradients", "determinism",
-                  "onnx"),
-    "positional": ("shapes", "causal", "kv_cache", "padding", "gradients", "determinism",
-                   "onnx"),
+    "attention": ("shapes", "causal", "kv_cache", "padding", "gradients", "determinism", "onnx"),
+    "positional": ("shapes", "causal", "kv_cache", "padding", "gradients", "determinism", "onnx"),
     "tokenizer": ("torch_free", "roundtrip", "save_load"),
     "sampler": ("torch_free", "distribution", "seeded", "state"),
     "optimizer": ("descends", "zero_lr", "follows_lr", "state_weights_only"),
@@ -370,9 +394,13 @@ class Case(NamedTuple):
         return f"{self.slot}-{self.kind}-{self.prop}"
 
 
-def contract_cases(plugins: tuple[str, ...] | list[str] = (), *, provider: str | None = None,
-                   slots: tuple[str, ...] | None = None,
-                   kinds: tuple[str, ...] | None = None) -> list[Any]:
+def contract_cases(
+    plugins: tuple[str, ...] | list[str] = (),
+    *,
+    provider: str | None = None,
+    slots: tuple[str, ...] | None = None,
+    kinds: tuple[str, ...] | None = None,
+) -> list[Any]:
     """``pytest.param`` cases, one per (component, property), for ``run_contract``.
 
     ``plugins``: modules to load besides the installed ones; ``provider``: only components
@@ -413,8 +441,10 @@ def run_contract(case: Case, tmp_path: Any = None) -> None:
     except Exception as exc:
         import pytest
 
-        pytest.skip(f"{case.slot} '{case.kind}' has no example values to build it from ({exc});"
-                    " give its required fields examples=[...]")
+        pytest.skip(
+            f"{case.slot} '{case.kind}' has no example values to build it from ({exc});"
+            " give its required fields examples=[...]"
+        )
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(tmp_path) if tmp_path is not None else Path(scratch)
         _RUNNERS[case.slot](case, example, registry, folder)
@@ -469,19 +499,23 @@ def _torch_free(module: str) -> None:
     import subprocess
     import sys
 
-    code = ("import sys\n"
-            "class _NoTorch:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'torch' or name.startswith('torch.'):\n"
-            "            raise ImportError('torch is blocked: this module must be torch-free')\n"
-            "sys.meta_path.insert(0, _NoTorch())\n"
-            f"import {module}\n")
+    code = (
+        "import sys\n"
+        "class _NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ImportError('torch is blocked: this module must be torch-free')\n"
+        "sys.meta_path.insert(0, _NoTorch())\n"
+        f"import {module}\n"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
     assert result.returncode == 0, (
         f"module {module} must import without torch (bundles load it without torch); import "
-        f"torch inside build() instead:\n{result.stderr.strip()[-2000:]}")
+        f"torch inside build() instead:\n{result.stderr.strip()[-2000:]}"
+    )
 
 
 def _modules_of(registry: Any, case: Case) -> list[str]:
@@ -519,8 +553,10 @@ def _tokenizer_case(case: Case, example: Any, registry: Any, folder: Any) -> Non
             ids = tok.encode(piece)
             assert all(0 <= i < tok.vocab_size for i in ids), "encode gave ids outside the vocab"
             back = tok.decode(ids)
-            assert back == piece, (f"decode(encode(x)) != x for text the tokenizer was fitted "
-                                   f"on: {piece[:60]!r} came back as {back[:60]!r}")
+            assert back == piece, (
+                f"decode(encode(x)) != x for text the tokenizer was fitted "
+                f"on: {piece[:60]!r} came back as {back[:60]!r}"
+            )
     elif case.prop == "save_load":
         from gptkit.components.tokenizers import load_tokenizer
 
@@ -528,7 +564,9 @@ def _tokenizer_case(case: Case, example: Any, registry: Any, folder: Any) -> Non
         again = load_tokenizer(folder / "tokenizer", registry)
         assert again.vocab_size == tok.vocab_size and again.eot_id == tok.eot_id
         for piece in pieces:
-            assert again.encode(piece) == tok.encode(piece), "a reloaded tokenizer encodes differently"
+            assert again.encode(piece) == tok.encode(piece), (
+                "a reloaded tokenizer encodes differently"
+            )
 
 
 def _sampler_case(case: Case, example: Any, registry: Any, folder: Any) -> None:
@@ -544,13 +582,21 @@ def _sampler_case(case: Case, example: Any, registry: Any, folder: Any) -> None:
 
 
 def _optimizer_case(case: Case, example: Any, registry: Any, folder: Any) -> None:
-    {"descends": optimizer_descends, "zero_lr": optimizer_zero_lr,
-     "follows_lr": optimizer_follows_lr,
-     "state_weights_only": optimizer_state_weights_only}[case.prop](example)
+    {
+        "descends": optimizer_descends,
+        "zero_lr": optimizer_zero_lr,
+        "follows_lr": optimizer_follows_lr,
+        "state_weights_only": optimizer_state_weights_only,
+    }[case.prop](example)
 
 
-_RUNNERS = {"attention": _model_case, "positional": _model_case, "tokenizer": _tokenizer_case,
-            "sampler": _sampler_case, "optimizer": _optimizer_case}
+_RUNNERS = {
+    "attention": _model_case,
+    "positional": _model_case,
+    "tokenizer": _tokenizer_case,
+    "sampler": _sampler_case,
+    "optimizer": _optimizer_case,
+}
 
 
 # --------------------------------------------------------------------------- optimizers
@@ -612,8 +658,10 @@ def optimizer_zero_lr(spec: Any) -> None:
     _step(model, opt, seed=2)
     _step(model, opt, seed=3)
     moved = float((_flat(model) - before).abs().max())
-    assert moved == 0.0, (f"parameters moved by {moved:.3g} with every group's lr at 0: the "
-                          "optimizer ignores the schedule (read group['lr'] in step())")
+    assert moved == 0.0, (
+        f"parameters moved by {moved:.3g} with every group's lr at 0: the "
+        "optimizer ignores the schedule (read group['lr'] in step())"
+    )
 
 
 def optimizer_follows_lr(spec: Any) -> None:
@@ -628,8 +676,10 @@ def optimizer_follows_lr(spec: Any) -> None:
         sizes.append(float((_flat(model) - before).norm()))
     assert sizes[0] > 0, "a step with the full lr did not move the parameters"
     ratio = sizes[1] / sizes[0]
-    assert 0.35 <= ratio <= 0.65, (f"halving every group's lr changed the step by x{ratio:.2f}, "
-                                   "not about x0.5: the optimizer does not follow the schedule")
+    assert 0.35 <= ratio <= 0.65, (
+        f"halving every group's lr changed the step by x{ratio:.2f}, "
+        "not about x0.5: the optimizer does not follow the schedule"
+    )
 
 
 def optimizer_state_weights_only(spec: Any) -> None:
@@ -647,7 +697,9 @@ def optimizer_state_weights_only(spec: Any) -> None:
     try:
         saved = torch.load(buffer, weights_only=True)
     except Exception as exc:
-        raise AssertionError(f"optimizer state does not load with weights_only=True: {exc}") from None
+        raise AssertionError(
+            f"optimizer state does not load with weights_only=True: {exc}"
+        ) from None
     twin = _optimizer_model(seed=5)
     twin.load_state_dict(saved["model"])
     twin_opt = _built(spec, twin)

@@ -40,8 +40,14 @@ def smoke_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("smoke-run")
     from tests.helpers import run_cli
 
-    result = run_cli("train", ROOT / "experiments" / "smoke.yaml", "--run-dir", work / "run",
-                     "--no-progress", cwd=work)
+    result = run_cli(
+        "train",
+        ROOT / "experiments" / "smoke.yaml",
+        "--run-dir",
+        work / "run",
+        "--no-progress",
+        cwd=work,
+    )
     assert result.returncode == 0, result.stderr
     return work / "run"
 

@@ -10,7 +10,12 @@ def run_cli(*args, cwd=None, env=None, timeout=600, input=None):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "gptkit", *map(str, args)],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, input=input,
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
     )
 
 

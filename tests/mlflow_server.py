@@ -30,11 +30,23 @@ class MlflowServer:
         mlflow = Path(sys.executable).parent / "mlflow"
         self.root.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--serve-artifacts", "--artifacts-destination", str(self.root / "artifacts"),
-             "--workers", "1"],
-            stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT,
+            [
+                str(mlflow),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'mlflow.db'}",
+                "--serve-artifacts",
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+                "--workers",
+                "1",
+            ],
+            stdout=open(self.root / "server.log", "ab"),
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so kill() takes its workers too
         )
         deadline = time.time() + timeout

@@ -42,8 +42,12 @@ def write(folder, name, text):
 
 def test_child_fields_merge_over_the_parent(tmp_path):
     write(tmp_path, "base.yaml", BASE)
-    child = write(tmp_path, "child.yaml", "extends: base.yaml\nname: child\n"
-                  "model: {n_layers: 3, positional: rope}\ntrain: {lr: 0.02}\n")
+    child = write(
+        tmp_path,
+        "child.yaml",
+        "extends: base.yaml\nname: child\n"
+        "model: {n_layers: 3, positional: rope}\ntrain: {lr: 0.02}\n",
+    )
     spec = load_spec(child)
     assert spec.name == "child" and spec.seed == 5
     assert (spec.model.d_model, spec.model.n_layers) == (32, 3)  # section merged key by key
@@ -55,8 +59,11 @@ def test_child_fields_merge_over_the_parent(tmp_path):
 
 def test_a_slot_whose_kind_changes_is_replaced_whole(tmp_path):
     write(tmp_path, "base.yaml", BASE)
-    child = write(tmp_path, "child.yaml", "extends: base.yaml\nsampler: {kind: top_p, p: 0.5}\n"
-                  "model: {positional: learned}\n")
+    child = write(
+        tmp_path,
+        "child.yaml",
+        "extends: base.yaml\nsampler: {kind: top_p, p: 0.5}\nmodel: {positional: learned}\n",
+    )
     spec = load_spec(child)
     assert spec.sampler.kind == "top_p" and spec.sampler.p == 0.5
     assert spec.sampler.temperature == 1.0  # the parent's 0.7 belonged to its top_k
@@ -68,8 +75,9 @@ def test_a_slot_whose_kind_changes_is_replaced_whole(tmp_path):
 
 def test_sweep_is_replaced_whole_and_lists_are_not_merged(tmp_path):
     write(tmp_path, "base.yaml", BASE + "plugins: [a_module]\n")
-    child = write(tmp_path, "child.yaml", "extends: base.yaml\nsweep: {seed: [1, 2]}\n"
-                  "plugins: []\n")
+    child = write(
+        tmp_path, "child.yaml", "extends: base.yaml\nsweep: {seed: [1, 2]}\nplugins: []\n"
+    )
     data = compose_spec_file(child).data
     assert data["sweep"] == {"seed": [1, 2]} and data["plugins"] == []
     assert "extends" not in data
@@ -79,9 +87,11 @@ def test_a_list_of_parents_applies_in_order_and_toml_mixes_with_yaml(tmp_path):
     write(tmp_path, "base.yaml", BASE)
     write(tmp_path, "parts/wide.toml", "[model]\nd_model = 64\nn_layers = 4\n")
     write(tmp_path, "parts/deep.yaml", "model: {n_layers: 8}\n")
-    child = write(tmp_path, "exp/child.toml",
-                  'extends = ["../base.yaml", "../parts/wide.toml", "../parts/deep.yaml"]\n'
-                  'name = "mixed"\n')
+    child = write(
+        tmp_path,
+        "exp/child.toml",
+        'extends = ["../base.yaml", "../parts/wide.toml", "../parts/deep.yaml"]\nname = "mixed"\n',
+    )
     spec = load_spec(child)
     assert (spec.model.d_model, spec.model.n_layers, spec.name) == (64, 8, "mixed")
     composed = compose_spec_file(child)
@@ -96,7 +106,9 @@ def test_a_list_of_parents_applies_in_order_and_toml_mixes_with_yaml(tmp_path):
 def test_cycles_are_a_clear_error(tmp_path):
     write(tmp_path, "a.yaml", "extends: b.yaml\nname: a\n")
     write(tmp_path, "b.yaml", "extends: [a.yaml]\nname: b\n")
-    with pytest.raises(GptkitError, match=r"'extends' makes a cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+    with pytest.raises(
+        GptkitError, match=r"'extends' makes a cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"
+    ):
         load_spec(tmp_path / "a.yaml")
     write(tmp_path, "self.yaml", "extends: ./self.yaml\n")
     with pytest.raises(GptkitError, match="makes a cycle"):
@@ -105,7 +117,9 @@ def test_cycles_are_a_clear_error(tmp_path):
 
 def test_missing_parent_and_bad_extends_are_clear_errors(tmp_path):
     child = write(tmp_path, "child.yaml", "extends: nowhere/base.yaml\nname: c\n")
-    with pytest.raises(GptkitError, match=r"child\.yaml: extends 'nowhere/base\.yaml': no such file"):
+    with pytest.raises(
+        GptkitError, match=r"child\.yaml: extends 'nowhere/base\.yaml': no such file"
+    ):
         load_spec(child)
     write(tmp_path, "bad.yaml", "extends: {file: base.yaml}\n")
     with pytest.raises(GptkitError, match="extends: give a file name or a list"):
@@ -138,8 +152,10 @@ def test_print_spec_shows_the_resolved_spec_and_where_each_field_came_from(tmp_p
     code, output, err = cli(capsys, "validate", child, "--print-spec", "--set", "train.max_steps=9")
     assert code == 0, err
     lines = output.splitlines()
+
     def line(key):
         return next(x for x in lines if x.strip().startswith(f"{key}:"))
+
     assert line("name").endswith("# from " + str(child))
     assert line("n_layers").endswith("# from " + str(child))
     assert line("d_model").endswith("# from " + str(tmp_path / "base.yaml"))
@@ -150,8 +166,9 @@ def test_print_spec_shows_the_resolved_spec_and_where_each_field_came_from(tmp_p
     assert "extends" not in yaml.safe_load(output)
 
 
-@pytest.mark.parametrize("name", ["ablation_sweep", "ablation_seeds", "baby_gpt", "speedrun_cpu",
-                                  "plugins_demo"])
+@pytest.mark.parametrize(
+    "name", ["ablation_sweep", "ablation_seeds", "baby_gpt", "speedrun_cpu", "plugins_demo"]
+)
 def test_the_experiments_extend_the_shared_base(name):
     path = ROOT / "experiments" / f"{name}.yaml"
     assert "extends:" in path.read_text()

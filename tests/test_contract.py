@@ -47,10 +47,13 @@ def test_onnx_export_contract(attention, positional, tmp_path):
     assert report["decode_steps"] == 32
 
 
-@pytest.mark.parametrize(("attention", "positional"), combinations(("inline_attention",), ["naive"]))
+@pytest.mark.parametrize(
+    ("attention", "positional"), combinations(("inline_attention",), ["naive"])
+)
 def test_contract_for_a_plugin_component(attention, positional, tmp_path):
-    testing.check_all({"kind": attention, "score_scale": 1.3}, positional, ["inline_attention"],
-                      onnx_dir=tmp_path)
+    testing.check_all(
+        {"kind": attention, "score_scale": 1.3}, positional, ["inline_attention"], onnx_dir=tmp_path
+    )
     model = testing.tiny_model({"kind": "naive"}, positional, ["inline_attention"])
     assert type(model.blocks[0].attn).__name__ == "NaiveAttention"
 
@@ -83,10 +86,15 @@ def test_tied_embeddings_share_storage_and_untied_do_not():
     assert untied.lm_head.weight is not untied.tok_emb.weight
 
 
-@pytest.mark.parametrize("options", [
-    {"norm": "rmsnorm"}, {"activation": "swiglu"}, {"activation": "relu2"},
-    {"bias": True, "scale_embeddings": True},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"norm": "rmsnorm"},
+        {"activation": "swiglu"},
+        {"activation": "relu2"},
+        {"bias": True, "scale_embeddings": True},
+    ],
+)
 def test_model_options_keep_the_contract(options):
     model = testing.tiny_model("mha", "rope", **options)
     with torch.no_grad():

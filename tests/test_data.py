@@ -49,18 +49,27 @@ def test_tokenizer_is_fitted_on_training_part_and_cache_is_reused(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("setup", "needle"), [
-    (lambda d: None, "data.source file not found"),
-    (lambda d: (d / "data.txt").write_text(""), "is empty"),
-    (lambda d: (d / "data.txt").write_bytes(b"\x00\x01\x02binary" * 100), "looks binary"),
-    (lambda d: (d / "data.txt").write_bytes("caf\xe9".encode("latin-1") * 100), "not UTF-8"),
-    (lambda d: (d / "data.txt").write_text("short text"), "tokens; it needs more than"),
-    (lambda d: (d / "data.txt").mkdir(), "holds no files"),
-])
+@pytest.mark.parametrize(
+    ("setup", "needle"),
+    [
+        (lambda d: None, "data.source file not found"),
+        (lambda d: (d / "data.txt").write_text(""), "is empty"),
+        (lambda d: (d / "data.txt").write_bytes(b"\x00\x01\x02binary" * 100), "looks binary"),
+        (lambda d: (d / "data.txt").write_bytes("caf\xe9".encode("latin-1") * 100), "not UTF-8"),
+        (lambda d: (d / "data.txt").write_text("short text"), "tokens; it needs more than"),
+        (lambda d: (d / "data.txt").mkdir(), "holds no files"),
+    ],
+)
 def test_bad_data_exits_2_with_a_clear_message(tmp_path, setup, needle):
     setup(tmp_path)
-    result = run_cli("train", ROOT / "experiments" / "smoke.yaml", "--no-progress",
-                     "--set", f"data.source={tmp_path / 'data.txt'}", cwd=tmp_path)
+    result = run_cli(
+        "train",
+        ROOT / "experiments" / "smoke.yaml",
+        "--no-progress",
+        "--set",
+        f"data.source={tmp_path / 'data.txt'}",
+        cwd=tmp_path,
+    )
     assert_user_error(result, needle)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.safetensors"))
 

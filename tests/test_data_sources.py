@@ -16,8 +16,12 @@ from tests.conftest import ROOT
 from tests.helpers import assert_user_error, run_cli
 
 SMOKE = ROOT / "experiments" / "smoke.yaml"
-DOCS = ["First document.\nIt has two lines.\n", "Second: café, naïve, 東京.",
-        "third " * 40, "Fourth and last."]
+DOCS = [
+    "First document.\nIt has two lines.\n",
+    "Second: café, naïve, 東京.",
+    "third " * 40,
+    "Fourth and last.",
+]
 EOT = 256  # the byte tokenizer's end-of-text id
 
 
@@ -54,8 +58,9 @@ def make_source(kind, root):
         pa = pytest.importorskip("pyarrow")
         import pyarrow.parquet as pq
 
-        pq.write_table(pa.table({"text": DOCS, "n": list(range(4))}), root / "d.parquet",
-                       row_group_size=2)
+        pq.write_table(
+            pa.table({"text": DOCS, "n": list(range(4))}), root / "d.parquet", row_group_size=2
+        )
         return {"source": str(root / "d.parquet")}, DOCS
     if kind in ("hf", "hf_dict"):
         datasets = pytest.importorskip("datasets")
@@ -69,8 +74,9 @@ def make_source(kind, root):
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["text", "list", "glob", "folder", "jsonl", "parquet", "hf",
-                                  "hf_dict"])
+@pytest.mark.parametrize(
+    "kind", ["text", "list", "glob", "folder", "jsonl", "parquet", "hf", "hf_dict"]
+)
 def test_each_source_kind_becomes_documents_separated_by_end_of_text(tmp_path, kind):
     fields, docs = make_source(kind, tmp_path)
     spec = validate_spec({"data": {**fields, "val_fraction": 0.25}, "tokenizer": "byte"})
@@ -144,9 +150,20 @@ def _bad_sources(root, case):
     raise AssertionError(case)
 
 
-BAD = ["jsonl_missing_field", "jsonl_bad_json", "jsonl_not_text", "jsonl_empty",
-       "text_empty_shard", "text_mixed_encodings", "text_missing_file", "parquet_missing_column",
-       "parquet_empty", "parquet_corrupt", "hf_missing_column", "hf_empty"]
+BAD = [
+    "jsonl_missing_field",
+    "jsonl_bad_json",
+    "jsonl_not_text",
+    "jsonl_empty",
+    "text_empty_shard",
+    "text_mixed_encodings",
+    "text_missing_file",
+    "parquet_missing_column",
+    "parquet_empty",
+    "parquet_corrupt",
+    "hf_missing_column",
+    "hf_empty",
+]
 
 
 def _no_valid_cache(cache):
@@ -166,13 +183,15 @@ def test_bad_input_names_the_file_and_leaves_no_cache(tmp_path, case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["jsonl_missing_field", "text_mixed_encodings",
-                                  "parquet_empty", "hf_missing_column"])
+@pytest.mark.parametrize(
+    "case", ["jsonl_missing_field", "text_mixed_encodings", "parquet_empty", "hf_missing_column"]
+)
 def test_bad_input_exits_2_from_prepare(tmp_path, case):
     fields, needles = _bad_sources(tmp_path, case)
     sets = [x for k, v in fields.items() for x in ("--set", f"data.{k}={v}")]
-    result = run_cli("prepare", SMOKE, *sets, env={"GPTKIT_CACHE_DIR": str(tmp_path / "cache")},
-                     cwd=tmp_path)
+    result = run_cli(
+        "prepare", SMOKE, *sets, env={"GPTKIT_CACHE_DIR": str(tmp_path / "cache")}, cwd=tmp_path
+    )
     assert_user_error(result, *needles)
     assert _no_valid_cache(tmp_path / "cache")
 
@@ -180,8 +199,9 @@ def test_bad_input_exits_2_from_prepare(tmp_path, case):
 def test_shards_read_as_one_array(tmp_path):
     text = load_corpus("tinyshakespeare")[:20_000]
     (tmp_path / "a.txt").write_text(text)
-    spec = validate_spec({"data": {"source": str(tmp_path / "a.txt"), "shard_tokens": 3000},
-                          "tokenizer": "byte"})
+    spec = validate_spec(
+        {"data": {"source": str(tmp_path / "a.txt"), "shard_tokens": 3000}, "tokenizer": "byte"}
+    )
     data = prepare_data(spec.data, spec.tokenizer, cache=tmp_path / "cache")
     flat = np.frombuffer(text.encode(), dtype=np.uint8).astype(np.int64)
     assert len(data.meta["shards"]) == 7 and data.train.dtype == np.uint16
@@ -203,8 +223,11 @@ def test_shards_read_as_one_array(tmp_path):
 
 
 def test_token_array_over_memmaps_matches_numpy():
-    parts = [np.arange(0, 5, dtype=np.uint16), np.arange(5, 12, dtype=np.uint16),
-             np.arange(12, 13, dtype=np.uint16)]
+    parts = [
+        np.arange(0, 5, dtype=np.uint16),
+        np.arange(5, 12, dtype=np.uint16),
+        np.arange(12, 13, dtype=np.uint16),
+    ]
     arr = TokenArray(parts, 2, 12)
     assert len(arr) == 10 and arr[0] == 2 and arr[-1] == 11
     assert np.array_equal(arr[np.array([[0, 3], [4, 9]])], [[2, 5], [6, 11]])
@@ -242,8 +265,7 @@ def test_fitting_sees_a_bounded_seeded_sample(tmp_path):
     # 40 files of 4 KB, each with its own rare letter; a 20 KB sample cannot see all of them.
     for i in range(40):
         (tmp_path / f"{i:02d}.txt").write_text((chr(0x3B1 + i % 24) + "ab\n") * 1000)
-    spec = validate_spec({"data": {"source": str(tmp_path / "*.txt"),
-                                   "fit_sample_bytes": 20_000}})
+    spec = validate_spec({"data": {"source": str(tmp_path / "*.txt"), "fit_sample_bytes": 20_000}})
     sources = resolve_sources(spec.data.source)
     sample = fit_sample(sources, spec.data)
     assert 0 < len(sample.encode()) <= 20_000 + 4 * len(sources)
@@ -267,18 +289,38 @@ main()
 def test_a_failed_write_leaves_nothing_that_looks_like_a_cache(tmp_path):
     (tmp_path / "a.txt").write_text(load_corpus("tinyshakespeare")[:400_000])
     env = {**os.environ, "GPTKIT_CACHE_DIR": str(tmp_path / "cache")}
-    result = subprocess.run([sys.executable, "-c", FULL_DISK, str(SMOKE), str(tmp_path / "a.txt")],
-                            env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(SMOKE), str(tmp_path / "a.txt")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert_user_error(result, "could not write the token cache", "nothing was kept")
     leftovers = list((tmp_path / "cache" / "tokens").iterdir())
     assert leftovers == [], leftovers
     # With room, the same command succeeds and a second one reuses what it wrote.
-    first = run_cli("prepare", SMOKE, "--set", f"data.source={tmp_path / 'a.txt'}", "--set",
-                    "tokenizer=byte", env={"GPTKIT_CACHE_DIR": str(tmp_path / "cache")})
+    first = run_cli(
+        "prepare",
+        SMOKE,
+        "--set",
+        f"data.source={tmp_path / 'a.txt'}",
+        "--set",
+        "tokenizer=byte",
+        env={"GPTKIT_CACHE_DIR": str(tmp_path / "cache")},
+    )
     assert first.returncode == 0, first.stderr
     assert "shard-00000.bin" in first.stdout and "tokenized in" in first.stdout
-    second = run_cli("prepare", SMOKE, "--set", f"data.source={tmp_path / 'a.txt'}", "--set",
-                     "tokenizer=byte", env={"GPTKIT_CACHE_DIR": str(tmp_path / "cache")})
+    second = run_cli(
+        "prepare",
+        SMOKE,
+        "--set",
+        f"data.source={tmp_path / 'a.txt'}",
+        "--set",
+        "tokenizer=byte",
+        env={"GPTKIT_CACHE_DIR": str(tmp_path / "cache")},
+    )
     assert "reused the cache" in second.stdout
 
 
@@ -295,8 +337,14 @@ print(len(data.train) + len(data.val), resource.getrusage(resource.RUSAGE_SELF).
 
 def _prepare_peak_kb(path, tokenizer, cache):
     env = {**os.environ, "GPTKIT_CACHE_DIR": str(cache)}
-    out = subprocess.run([sys.executable, "-c", PEAK_RSS, str(path), tokenizer], env=env,
-                         capture_output=True, text=True, timeout=600, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, str(path), tokenizer],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout.split()
     return int(out[0]), int(out[1])
 
 
@@ -317,11 +365,25 @@ def test_corpus_larger_than_the_memory_bound_is_prepared_and_trained_on(tmp_path
         assert n_big == 43 * n_small
         growth_mb = (big_kb - small_kb) / 1024
         assert growth_mb < 24 < big_mb, (tokenizer, small_kb, big_kb)
-    result = run_cli("train", SMOKE, "--set", f"data.source={tmp_path / 'big.txt'}",
-                     "--set", "train.max_steps=4", "--set", "train.eval_every=4",
-                     "--set", "train.sample_tokens=0", "--set", "tracking.enabled=false",
-                     "--run-dir", tmp_path / "run", "--no-progress",
-                     env={"GPTKIT_CACHE_DIR": str(tmp_path / "c")}, cwd=tmp_path)
+    result = run_cli(
+        "train",
+        SMOKE,
+        "--set",
+        f"data.source={tmp_path / 'big.txt'}",
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "train.eval_every=4",
+        "--set",
+        "train.sample_tokens=0",
+        "--set",
+        "tracking.enabled=false",
+        "--run-dir",
+        tmp_path / "run",
+        "--no-progress",
+        env={"GPTKIT_CACHE_DIR": str(tmp_path / "c")},
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert f"{int(len(text) * 43 * 0.9):,} train" in result.stdout  # all 48 MB, from the cache
     assert (tmp_path / "run" / "checkpoints" / "latest").exists()

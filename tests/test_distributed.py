@@ -19,30 +19,71 @@ from tests.helpers import run_cli
 pytestmark = pytest.mark.slow  # every test here trains, serves or spawns the CLI
 
 SMOKE = ROOT / "experiments" / "smoke.yaml"
-COMMON = ["--no-progress", "--set", "tracking.enabled=false", "--set", "train.threads=1",
-          "--set", "model.dropout=0.0", "--set", "train.batch_size=8", "--set", "train.eval_every=4",
-          "--set", "train.sample_tokens=0", "--set", "train.log_every=1"]
+COMMON = [
+    "--no-progress",
+    "--set",
+    "tracking.enabled=false",
+    "--set",
+    "train.threads=1",
+    "--set",
+    "model.dropout=0.0",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "train.eval_every=4",
+    "--set",
+    "train.sample_tokens=0",
+    "--set",
+    "train.log_every=1",
+]
 
 
 def torchrun(*args, cwd, **kw):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           "-m", "gptkit", "train", str(SMOKE), *map(str, args)]
-    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            **kw)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "gptkit",
+        "train",
+        str(SMOKE),
+        *map(str, args),
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        **kw,
+    )
 
 
 def weights(run):
-    return load_file(run / "checkpoints" / read_pointer(run / "checkpoints" / "latest") /
-                     "model.safetensors")
+    return load_file(
+        run / "checkpoints" / read_pointer(run / "checkpoints" / "latest") / "model.safetensors"
+    )
 
 
 def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path):
-    single = run_cli("train", SMOKE, "--run-dir", tmp_path / "one", *COMMON,
-                     "--set", "train.max_steps=8", cwd=tmp_path)
+    single = run_cli(
+        "train",
+        SMOKE,
+        "--run-dir",
+        tmp_path / "one",
+        *COMMON,
+        "--set",
+        "train.max_steps=8",
+        cwd=tmp_path,
+    )
     assert single.returncode == 0, single.stderr
-    proc = torchrun("--run-dir", tmp_path / "two", *COMMON, "--set", "train.max_steps=8",
-                    cwd=tmp_path)
+    proc = torchrun(
+        "--run-dir", tmp_path / "two", *COMMON, "--set", "train.max_steps=8", cwd=tmp_path
+    )
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert out.count("done:") == 1  # one voice: rank 0
@@ -51,25 +92,36 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
     # Rank 0 alone wrote the run directory.
-    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").glob("step-*")) == \
-        ["step-000004", "step-000008"]
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").glob("step-*")) == [
+        "step-000004",
+        "step-000008",
+    ]
 
 
 def test_two_process_run_killed_and_resumed_continues_exactly(tmp_path):
-    ref = torchrun("--run-dir", tmp_path / "ref", *COMMON, "--set", "train.max_steps=12",
-                   cwd=tmp_path)
+    ref = torchrun(
+        "--run-dir", tmp_path / "ref", *COMMON, "--set", "train.max_steps=12", cwd=tmp_path
+    )
     _, err = ref.communicate(timeout=300)
     assert ref.returncode == 0, err[-3000:]
-    proc = torchrun("--run-dir", tmp_path / "run", *COMMON, "--set", "train.max_steps=12",
-                    cwd=tmp_path)
+    proc = torchrun(
+        "--run-dir", tmp_path / "run", *COMMON, "--set", "train.max_steps=12", cwd=tmp_path
+    )
     deadline = time.time() + 300
     while not (tmp_path / "run" / "checkpoints" / "step-000004").exists():
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, for real
     proc.wait(timeout=60)
-    again = torchrun("--run-dir", tmp_path / "run", "--resume", *COMMON,
-                     "--set", "train.max_steps=12", cwd=tmp_path)
+    again = torchrun(
+        "--run-dir",
+        tmp_path / "run",
+        "--resume",
+        *COMMON,
+        "--set",
+        "train.max_steps=12",
+        cwd=tmp_path,
+    )
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err[-3000:]
     assert "resuming" in out
@@ -79,18 +131,33 @@ def test_two_process_run_killed_and_resumed_continues_exactly(tmp_path):
 
 def test_sweep_makes_child_runs_and_compare_shows_what_differs(tmp_path):
     spec = tmp_path / "sweep.yaml"
-    spec.write_text(SMOKE.read_text() + "sweep:\n  model.positional.kind: [learned, rope]\n"
-                    "  train.lr: [0.003, 0.001]\n")
-    result = run_cli("train", spec, "--no-progress", "--set", "train.max_steps=4",
-                     "--set", "train.eval_every=2", "--set", "train.sample_tokens=0",
-                     "--run-dir", tmp_path / "sweep", cwd=tmp_path)
+    spec.write_text(
+        SMOKE.read_text() + "sweep:\n  model.positional.kind: [learned, rope]\n"
+        "  train.lr: [0.003, 0.001]\n"
+    )
+    result = run_cli(
+        "train",
+        spec,
+        "--no-progress",
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "train.eval_every=2",
+        "--set",
+        "train.sample_tokens=0",
+        "--run-dir",
+        tmp_path / "sweep",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("=== sweep point") == 4
     summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("smoke")
     runs = client.search_runs([exp.experiment_id])
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["parent_run_id"]]
+    children = [
+        r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["parent_run_id"]
+    ]
     assert len(children) == 4
     assert {r.data.params["model.positional.kind"] for r in children} == {"learned", "rope"}
 
@@ -102,7 +169,8 @@ def test_sweep_makes_child_runs_and_compare_shows_what_differs(tmp_path):
     assert cmp.stdout.count("positional=learned") + cmp.stdout.count("kind=learned") >= 1
     assert (tmp_path / "cmp.png").stat().st_size > 1000
     assert {r.info.run_name for r in children} == {
-        f"positional={p} lr={lr}" for p in ("learned", "rope") for lr in ("0.003", "0.001")}
+        f"positional={p} lr={lr}" for p in ("learned", "rope") for lr in ("0.003", "0.001")
+    }
     parent = client.get_run(summary["parent_run_id"])
     best = min(r.data.metrics["summary.best_val_loss"] for r in children)
     assert parent.data.metrics["best_val_loss"] == best
@@ -128,8 +196,16 @@ def test_fsdp_two_processes_train_checkpoint_and_resume(tmp_path):
     full tensors on rank 0) resumes into a sharded model after a real kill and ends where a
     straight run ends."""
     fsdp = ["--set", "train.parallel=fsdp", "--set", "train.max_steps=12"]
-    single = run_cli("train", SMOKE, "--run-dir", tmp_path / "one", *COMMON,
-                     "--set", "train.max_steps=12", cwd=tmp_path)
+    single = run_cli(
+        "train",
+        SMOKE,
+        "--run-dir",
+        tmp_path / "one",
+        *COMMON,
+        "--set",
+        "train.max_steps=12",
+        cwd=tmp_path,
+    )
     assert single.returncode == 0, single.stderr
     straight = torchrun("--run-dir", tmp_path / "straight", *COMMON, *fsdp, cwd=tmp_path)
     _, err = straight.communicate(timeout=300)
@@ -145,7 +221,11 @@ def test_fsdp_two_processes_train_checkpoint_and_resume(tmp_path):
     out, err = rest.communicate(timeout=300)
     assert rest.returncode == 0, err[-3000:]
     assert "resuming" in out
-    a, b, c = weights(tmp_path / "one"), weights(tmp_path / "straight"), weights(tmp_path / "killed")
+    a, b, c = (
+        weights(tmp_path / "one"),
+        weights(tmp_path / "straight"),
+        weights(tmp_path / "killed"),
+    )
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
         torch.testing.assert_close(c[k], b[k], rtol=0, atol=1e-6)

@@ -52,8 +52,12 @@ def _cases():
 def test_every_block_is_of_a_kind_this_file_runs():
     kinds = [(lang, _marker(code)[0]) for lang, code in BLOCKS]
     assert kinds[0] == ("python", None)  # the import example
-    allowed = {("python", "docs_plugin"), ("yaml", "docs_spec"), ("python", "docs_test"),
-               ("toml", "docs_pyproject")}
+    allowed = {
+        ("python", "docs_plugin"),
+        ("yaml", "docs_spec"),
+        ("python", "docs_test"),
+        ("toml", "docs_pyproject"),
+    }
     assert set(kinds[1:]) <= allowed, kinds
     assert len(PLUGINS) == 5
 

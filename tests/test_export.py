@@ -26,8 +26,11 @@ def test_manifest_lists_every_file_with_its_hash(bundle):
     manifest = json.loads((bundle / "gptkit.json").read_text())
     assert set(manifest["files"]) == {"model.onnx", "tokenizer/tokenizer.gptkit.json"}
     assert manifest["inputs"][:3] == ["input_ids", "position_ids", "attention_mask"]
-    assert manifest["inputs"][3:6] == ["cache_position", "past_key_values.0.key",
-                                       "past_key_values.0.value"]
+    assert manifest["inputs"][3:6] == [
+        "cache_position",
+        "past_key_values.0.key",
+        "past_key_values.0.value",
+    ]
     assert manifest["outputs"][:2] == ["logits", "present.0.key"]
     assert manifest["cache"] == "static"
     assert manifest["vocab_size"] == 66 and manifest["max_seq_len"] == 32
@@ -52,9 +55,23 @@ def test_bundle_generates_without_torch_installed(bundle):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok")
     cli = subprocess.run(
-        [sys.executable, "-c", "import sys; sys.modules['torch'] = None\n"
-         "from gptkit.cli import main; main()", "generate", str(bundle), "-p", "ROMEO:",
-         "-n", "20", "--seed", "2", "--stream"], capture_output=True, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.modules['torch'] = None\nfrom gptkit.cli import main; main()",
+            "generate",
+            str(bundle),
+            "-p",
+            "ROMEO:",
+            "-n",
+            "20",
+            "--seed",
+            "2",
+            "--stream",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout.startswith("ROMEO:")
 
@@ -64,8 +81,10 @@ def test_bundle_and_torch_give_the_same_tokens_for_the_same_seed(smoke_run, bund
 
     gen = Generator.from_run(smoke_run)
     b = Bundle.load(bundle)
-    for changes in ({"kind": "greedy", "stop_at_eot": False},
-                    {"kind": "top_k", "k": 5, "stop_at_eot": False}):
+    for changes in (
+        {"kind": "greedy", "stop_at_eot": False},
+        {"kind": "top_k", "k": 5, "stop_at_eot": False},
+    ):
         sampler = b.sampler_with(**changes)
         gen.sampler = sampler
         torch_out = gen.complete(["ROMEO:", "To be"], max_new_tokens=40, seed=11)
@@ -114,8 +133,7 @@ def test_external_data_outside_the_bundle_is_refused(bundle, tmp_path):
     manifest = json.loads((copy / "gptkit.json").read_text())
     manifest["files"]["model.onnx"] = hashlib.sha256((copy / "model.onnx").read_bytes()).hexdigest()
     (copy / "gptkit.json").write_text(json.dumps(manifest))
-    assert_user_error(run_cli("generate", copy, "-p", "a"), "outside the bundle",
-                      "../secret.bin")
+    assert_user_error(run_cli("generate", copy, "-p", "a"), "outside the bundle", "../secret.bin")
 
 
 def test_not_a_bundle_and_missing(tmp_path):
@@ -125,8 +143,7 @@ def test_not_a_bundle_and_missing(tmp_path):
 
 def test_int8_bundle_reports_quality_and_is_smaller(smoke_run, tmp_path):
     out = tmp_path / "q"
-    result = run_cli("export", smoke_run, "--out", out, "--quantize", "int8",
-                     cwd=smoke_run.parent)
+    result = run_cli("export", smoke_run, "--out", out, "--quantize", "int8", cwd=smoke_run.parent)
     assert result.returncode == 0, result.stderr
     q = json.loads((out / "gptkit.json").read_text())["quantization"]
     assert 0.5 <= q["top1_agreement"] <= 1.0 and q["tokens"] > 0
@@ -139,8 +156,9 @@ def test_int8_bundle_reports_quality_and_is_smaller(smoke_run, tmp_path):
 
 def test_bundle_and_model_are_logged_to_mlflow_and_registered(smoke_run, tmp_path):
     out = tmp_path / "r"
-    result = run_cli("export", smoke_run, "--out", out, "--register", "smoke-model",
-                     cwd=smoke_run.parent)
+    result = run_cli(
+        "export", smoke_run, "--out", out, "--register", "smoke-model", cwd=smoke_run.parent
+    )
     assert result.returncode == 0, result.stderr
     info = json.loads((smoke_run / "mlflow.json").read_text())
     assert info["uri"] == f"sqlite:///{smoke_run.parent / 'mlflow.db'}"
@@ -177,9 +195,16 @@ def test_without_torch_the_cli_says_what_needs_it():
     from tests.conftest import ROOT
 
     result = subprocess.run(
-        [sys.executable, "-c", "import sys; sys.modules['torch'] = None\n"
-         "from gptkit.cli import main; main()", "validate", str(ROOT / "experiments" / "smoke.yaml")],
-        capture_output=True, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.modules['torch'] = None\nfrom gptkit.cli import main; main()",
+            "validate",
+            str(ROOT / "experiments" / "smoke.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert_user_error(result, "need PyTorch, which is not installed", "pip install 'gptkit[train]'")
 
 
@@ -187,9 +212,22 @@ def test_spec_export_onnx_writes_a_bundle_after_training(tmp_path):
     from tests.conftest import ROOT
 
     run = tmp_path / "run"
-    result = run_cli("train", ROOT / "experiments" / "smoke.yaml", "--no-progress", "--run-dir", run,
-                     "--set", "train.max_steps=4", "--set", "train.eval_every=2",
-                     "--set", "tracking.enabled=false", "--set", "export.onnx=true", cwd=tmp_path)
+    result = run_cli(
+        "train",
+        ROOT / "experiments" / "smoke.yaml",
+        "--no-progress",
+        "--run-dir",
+        run,
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "train.eval_every=2",
+        "--set",
+        "tracking.enabled=false",
+        "--set",
+        "export.onnx=true",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     manifest = json.loads((run / "bundle" / "gptkit.json").read_text())
     assert manifest["parity"]["passed"] and manifest["checkpoint"] == "step-000004"

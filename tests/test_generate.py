@@ -62,8 +62,9 @@ def test_context_full_policy_crops_and_continues():
     backend, tok = TorchBackend(model), char_tokenizer()
     out = decode_loop(backend, tok, ["abcdefghij"], sampler(**GREEDY), max_new_tokens=40)[0]
     assert len(out.tokens) == 40  # learned positions would fail past 16 without the crop
-    nocache = decode_loop(backend, tok, ["abcdefghij"], sampler(**GREEDY), max_new_tokens=40,
-                          use_cache=False)[0]
+    nocache = decode_loop(
+        backend, tok, ["abcdefghij"], sampler(**GREEDY), max_new_tokens=40, use_cache=False
+    )[0]
     assert nocache.tokens == out.tokens
 
 
@@ -126,22 +127,27 @@ def expected(kind, **f):
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize(("kind", "fields"), [
-    ("temperature", {"temperature": 1.0}),
-    ("temperature", {"temperature": 0.7}),
-    ("top_k", {"k": 3}),
-    ("top_p", {"p": 0.8}),
-    ("top_p", {"p": 0.5, "temperature": 1.3}),
-    ("min_p", {"p": 0.2}),
-    ("typical", {"p": 0.6}),
-])
+@pytest.mark.parametrize(
+    ("kind", "fields"),
+    [
+        ("temperature", {"temperature": 1.0}),
+        ("temperature", {"temperature": 0.7}),
+        ("top_k", {"k": 3}),
+        ("top_p", {"p": 0.8}),
+        ("top_p", {"p": 0.5, "temperature": 1.3}),
+        ("min_p", {"p": 0.2}),
+        ("typical", {"p": 0.6}),
+    ],
+)
 def test_sampler_distribution_matches_its_analytic_truncation(kind, fields):
     want = expected(kind, **fields)
     s = sampler(kind, **fields)
     np.testing.assert_allclose(s.probs(LOGITS)[0], want, atol=1e-12)
     rng = np.random.default_rng(1234)
     n = 40_000
-    draws = np.concatenate([s.sample(np.repeat(LOGITS, 1000, axis=0), rng) for _ in range(n // 1000)])
+    draws = np.concatenate(
+        [s.sample(np.repeat(LOGITS, 1000, axis=0), rng) for _ in range(n // 1000)]
+    )
     counts = np.bincount(draws, minlength=7)
     assert counts[want == 0].sum() == 0, "drew a token the sampler excludes"
     support = want > 0
@@ -181,8 +187,14 @@ def test_stop_string_across_tokens_is_never_streamed_halfway():
     tok.fit("abcdef\n")
     backend = Scripted(tok.encode("ab\ncd\n\nef"), tok.vocab_size)
     pieces = []
-    out = decode_loop(backend, tok, ["a"], sampler("greedy", stop=["\n\n"]), max_new_tokens=20,
-                      on_text=lambda row, piece: pieces.append(piece))[0]
+    out = decode_loop(
+        backend,
+        tok,
+        ["a"],
+        sampler("greedy", stop=["\n\n"]),
+        max_new_tokens=20,
+        on_text=lambda row, piece: pieces.append(piece),
+    )[0]
     assert out.text == "ab\ncd" and out.finish_reason == "stop"
     assert "".join(pieces) == "ab\ncd"
     assert "ab\n" not in pieces[:2] and not any(p.endswith("\n") for p in pieces[:-1])
@@ -192,8 +204,14 @@ def test_streaming_holds_back_partial_utf8():
     tok = ByteTokenizerSpec().build()
     backend = Scripted(list("né!".encode()), tok.vocab_size)
     pieces = []
-    out = decode_loop(backend, tok, ["x"], sampler("greedy"), max_new_tokens=4,
-                      on_text=lambda row, piece: pieces.append(piece))[0]
+    out = decode_loop(
+        backend,
+        tok,
+        ["x"],
+        sampler("greedy"),
+        max_new_tokens=4,
+        on_text=lambda row, piece: pieces.append(piece),
+    )[0]
     assert out.text == "né!"
     assert "".join(pieces) == "né!" and not any("\ufffd" in p for p in pieces)
 
@@ -213,23 +231,52 @@ def test_cli_generate_stream_samples_seed_and_sampler(smoke_run):
     b = run_cli("generate", smoke_run, "--prompt", "ROMEO:", "-n", "40", "--seed", "3")
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     assert a.stdout.startswith("ROMEO:") and a.stdout == b.stdout
-    k = run_cli("generate", smoke_run, "-p", "A", "-n", "10", "--num-samples", "3",
-                "--set", "sampler.kind=min_p", "--set", "sampler.p=0.05", "--seed", "1")
+    k = run_cli(
+        "generate",
+        smoke_run,
+        "-p",
+        "A",
+        "-n",
+        "10",
+        "--num-samples",
+        "3",
+        "--set",
+        "sampler.kind=min_p",
+        "--set",
+        "sampler.p=0.05",
+        "--seed",
+        "1",
+    )
     assert k.returncode == 0, k.stderr
     assert k.stdout.count("--- sample") == 3
-    stop = run_cli("generate", smoke_run, "-p", "A", "-n", "60", "--stop", "e",
-                   "--set", "sampler.kind=greedy", "--set", "sampler.stop_at_eot=false")
+    stop = run_cli(
+        "generate",
+        smoke_run,
+        "-p",
+        "A",
+        "-n",
+        "60",
+        "--stop",
+        "e",
+        "--set",
+        "sampler.kind=greedy",
+        "--set",
+        "sampler.stop_at_eot=false",
+    )
     assert stop.returncode == 0 and "e" not in stop.stdout.strip()[1:]
 
 
-@pytest.mark.parametrize(("args", "needle"), [
-    (["-n", "-1"], "--max-new-tokens must be >= 0"),
-    (["--set", "sampler.temperature=-1"], "sampler.temperature"),
-    (["--set", "sampler.kind=top_p", "--set", "sampler.p=1.5"], "sampler.p"),
-    (["--prompt", "x" * 40], "the model's context is 32"),
-    (["--prompt", "ROMEO: ☃"], "never saw"),
-    (["--set", "sampler.kind=mni_p"], "did you mean 'min_p'"),
-])
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["-n", "-1"], "--max-new-tokens must be >= 0"),
+        (["--set", "sampler.temperature=-1"], "sampler.temperature"),
+        (["--set", "sampler.kind=top_p", "--set", "sampler.p=1.5"], "sampler.p"),
+        (["--prompt", "x" * 40], "the model's context is 32"),
+        (["--prompt", "ROMEO: ☃"], "never saw"),
+        (["--set", "sampler.kind=mni_p"], "did you mean 'min_p'"),
+    ],
+)
 def test_cli_generate_bad_arguments(smoke_run, args, needle):
     assert_user_error(run_cli("generate", smoke_run, *args), needle)
 
@@ -250,11 +297,17 @@ def test_temperature_zero_is_greedy_in_every_path(smoke_run):
     gen = gptkit.load(smoke_run)
     assert isinstance(gen, Inference)
     greedy = gen.complete(["ROMEO:"], max_new_tokens=20, kind="greedy", stop_at_eot=False)[0]
-    for options in ({"temperature": 0}, {"temperature": 0, "top_p": 0.5},
-                    {"sampler": {"temperature": 0}}, {"temperature": 0, "seed": 9}):
+    for options in (
+        {"temperature": 0},
+        {"temperature": 0, "top_p": 0.5},
+        {"sampler": {"temperature": 0}},
+        {"temperature": 0, "seed": 9},
+    ):
         out = gen.complete(["ROMEO:"], max_new_tokens=20, stop_at_eot=False, **options)[0]
         assert out.tokens == greedy.tokens, options
-    assert gen.generate("ROMEO:", max_new_tokens=20, temperature=0, stop_at_eot=False) == greedy.text
+    assert (
+        gen.generate("ROMEO:", max_new_tokens=20, temperature=0, stop_at_eot=False) == greedy.text
+    )
     streamed = "".join(gen.stream("ROMEO:", max_new_tokens=20, temperature=0, stop_at_eot=False))
     assert streamed == greedy.text
 
@@ -274,7 +327,8 @@ def test_options_mean_the_same_as_sampler_fields():
     from gptkit.registry import load_registry
 
     base = sampler("top_p", p=0.9, temperature=0.8, stop=["\n\n"])
-    got = resolve_sampler(load_registry(), base,
-                          GenerationOptions.from_kwargs(top_k=5, temperature=1.2, stop="x"))
+    got = resolve_sampler(
+        load_registry(), base, GenerationOptions.from_kwargs(top_k=5, temperature=1.2, stop="x")
+    )
     assert (got.kind, got.k, got.temperature, got.stop) == ("top_k", 5, 1.2, ["\n\n", "x"])
     assert resolve_sampler(load_registry(), base, GenerationOptions()) is base

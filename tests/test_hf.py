@@ -23,9 +23,18 @@ def hf_gpt2(tmp_path_factory):
     tok = BPETokenizerSpec(vocab_size=300).build()
     tok.fit(load_corpus("tinyshakespeare")[:50_000])
     tok.save(folder)  # writes tokenizer.json (+ gptkit's own file, ignored by transformers)
-    config = transformers.GPT2Config(vocab_size=tok.vocab_size, n_positions=64, n_embd=48,
-                                     n_layer=2, n_head=4, resid_pdrop=0, embd_pdrop=0,
-                                     attn_pdrop=0, bos_token_id=tok.eot_id, eos_token_id=tok.eot_id)
+    config = transformers.GPT2Config(
+        vocab_size=tok.vocab_size,
+        n_positions=64,
+        n_embd=48,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0,
+        embd_pdrop=0,
+        attn_pdrop=0,
+        bos_token_id=tok.eot_id,
+        eos_token_id=tok.eot_id,
+    )
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config).eval()
     with torch.no_grad():  # non-trivial LayerNorm and bias values, so the mapping is tested
@@ -40,19 +49,26 @@ def test_import_gives_the_same_logits_and_greedy_text(hf_gpt2, tmp_path):
     folder, hf = hf_gpt2
     run = import_hf(folder, tmp_path / "run")
     gen = Generator.from_run(run)
-    ids = torch.randint(0, hf.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        0, hf.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1)
+    )
     with torch.no_grad():
         ours, theirs = gen.model(ids).logits, hf(ids).logits
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
     prompt = "ROMEO:"
     x = torch.tensor([gen.tokenizer.encode(prompt)])
     with torch.no_grad():
-        hf_out = hf.generate(x, max_new_tokens=20, do_sample=False, pad_token_id=hf.config.eos_token_id,
-                             eos_token_id=None)
+        hf_out = hf.generate(
+            x,
+            max_new_tokens=20,
+            do_sample=False,
+            pad_token_id=hf.config.eos_token_id,
+            eos_token_id=None,
+        )
     greedy = gen.sampler_with(temperature=0)
     gen.sampler = greedy.model_copy(update={"stop_at_eot": False})
     mine = gen.complete([prompt], max_new_tokens=20)[0]
-    assert mine.tokens == hf_out[0, x.shape[1]:].tolist()
+    assert mine.tokens == hf_out[0, x.shape[1] :].tolist()
 
 
 def test_export_back_loads_in_transformers_with_equal_logits(hf_gpt2, tmp_path):
@@ -61,10 +77,15 @@ def test_export_back_loads_in_transformers_with_equal_logits(hf_gpt2, tmp_path):
     result = run_cli("export-hf", run, tmp_path / "back")
     assert result.returncode == 0, result.stderr
     again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back").eval()
-    ids = torch.randint(0, hf.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(
+        0, hf.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(2)
+    )
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, hf(ids).logits, rtol=0, atol=1e-5)
-    assert json.loads((tmp_path / "back" / "config.json").read_text())["activation_function"] == "gelu_new"
+    assert (
+        json.loads((tmp_path / "back" / "config.json").read_text())["activation_function"]
+        == "gelu_new"
+    )
 
 
 def test_imported_run_fine_tunes_and_exports_to_onnx(hf_gpt2, tmp_path):
@@ -72,9 +93,23 @@ def test_imported_run_fine_tunes_and_exports_to_onnx(hf_gpt2, tmp_path):
     result = run_cli("import-hf", folder, "--out", tmp_path / "run")
     assert result.returncode == 0, result.stderr
     run = tmp_path / "run"
-    tune = run_cli("train", run / "spec.yaml", "--resume", "--run-dir", run, "--no-progress",
-                   "--set", "train.max_steps=4", "--set", "train.eval_every=2",
-                   "--set", "train.batch_size=4", "--set", "train.sample_tokens=8", cwd=tmp_path)
+    tune = run_cli(
+        "train",
+        run / "spec.yaml",
+        "--resume",
+        "--run-dir",
+        run,
+        "--no-progress",
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "train.eval_every=2",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.sample_tokens=8",
+        cwd=tmp_path,
+    )
     assert tune.returncode == 0, tune.stderr
     assert "resuming" in tune.stdout and "(step 0)" in tune.stdout
     out = run_cli("export", run, "--out", tmp_path / "bundle", cwd=tmp_path)
@@ -85,11 +120,16 @@ def test_imported_run_fine_tunes_and_exports_to_onnx(hf_gpt2, tmp_path):
 
 def test_import_refuses_what_it_cannot_read(tmp_path, smoke_run):
     assert_user_error(run_cli("import-hf", tmp_path), "has no config.json")
-    assert_user_error(run_cli("export-hf", smoke_run, tmp_path / "x"), "this run is not a GPT-2",
-                      "model.bias is False")
+    assert_user_error(
+        run_cli("export-hf", smoke_run, tmp_path / "x"),
+        "this run is not a GPT-2",
+        "model.bias is False",
+    )
 
 
-def test_peaked_logits_pass_the_scale_aware_parity_gate_and_a_real_difference_fails(hf_gpt2, tmp_path):
+def test_peaked_logits_pass_the_scale_aware_parity_gate_and_a_real_difference_fails(
+    hf_gpt2, tmp_path
+):
     """A GPT-2 whose embedding is scaled x25 has logits in the tens: its fp32 rounding is
     larger in absolute terms, but not relative to the logits, and greedy tokens agree."""
     from gptkit.export import export_onnx, export_run, parity_check

@@ -43,28 +43,49 @@ def smoke_with(**sections) -> str:
 HOSTILE_SPECS = {
     # name: (file suffix, text, needles)
     "billion-laughs": (".yaml", LAUGHS, ["expands to more than"]),
-    "laughs-in-sweep": (".yaml", smoke_with() + LAUGHS.replace("lol: ", "x_lol: ", 1)
-                        .replace("\nl", "\nx_l").replace("*l", "*x_l").replace("&l", "&x_l")
-                        + "\nsweep: {train.lr: *x_l9}\n", ["expands to more than"]),
+    "laughs-in-sweep": (
+        ".yaml",
+        smoke_with()
+        + LAUGHS.replace("lol: ", "x_lol: ", 1)
+        .replace("\nl", "\nx_l")
+        .replace("*l", "*x_l")
+        .replace("&l", "&x_l")
+        + "\nsweep: {train.lr: *x_l9}\n",
+        ["expands to more than"],
+    ),
     "recursive-anchor": (".yaml", "a: &a [*a]\n", ["refers to itself"]),
     "yaml-500-deep": (".yaml", "a: " + "[" * 500 + "]" * 500 + "\n", ["nests too deeply"]),
     "toml-500-deep": (".toml", "a = " + "[" * 500 + "]" * 500 + "\n", ["nests too deeply"]),
-    "toml-tables-500-deep": (".toml", "[" + ".".join(["t"] * 500) + "]\nx = 1\n",
-                             ["nests too deeply"]),
+    "toml-tables-500-deep": (
+        ".toml",
+        "[" + ".".join(["t"] * 500) + "]\nx = 1\n",
+        ["nests too deeply"],
+    ),
     "not-utf8": (".yaml", None, ["not UTF-8"]),
     "lr-inf": (".yaml", smoke_with(**{"train.lr": float("inf")}), ["train.lr", "finite"]),
     "lr-nan": (".yaml", smoke_with(**{"train.lr": float("nan")}), ["train.lr", "finite"]),
-    "weight-decay-inf": (".yaml", smoke_with(**{"train.optimizer": {
-        "kind": "adamw", "weight_decay": float("inf")}}),
-        ["train.optimizer.weight_decay", "finite"]),
-    "temperature-inf": (".yaml", smoke_with(**{"sampler.temperature": float("inf")}),
-                        ["sampler.temperature", "finite"]),
+    "weight-decay-inf": (
+        ".yaml",
+        smoke_with(**{"train.optimizer": {"kind": "adamw", "weight_decay": float("inf")}}),
+        ["train.optimizer.weight_decay", "finite"],
+    ),
+    "temperature-inf": (
+        ".yaml",
+        smoke_with(**{"sampler.temperature": float("inf")}),
+        ["sampler.temperature", "finite"],
+    ),
     "seed-2**70": (".yaml", smoke_with(seed=2**70), ["seed", "less than"]),
     "seed-negative": (".yaml", smoke_with(seed=-1), ["seed", "greater than or equal to 0"]),
-    "batch-1e12": (".yaml", smoke_with(**{"train.batch_size": 10**12}),
-                   ["train.batch_size", "TiB of activations"]),
-    "d-model-2**40": (".yaml", smoke_with(**{"model.d_model": 2**40}),
-                      ["model", "parameters", "at most"]),
+    "batch-1e12": (
+        ".yaml",
+        smoke_with(**{"train.batch_size": 10**12}),
+        ["train.batch_size", "TiB of activations"],
+    ),
+    "d-model-2**40": (
+        ".yaml",
+        smoke_with(**{"model.d_model": 2**40}),
+        ["model", "parameters", "at most"],
+    ),
     "seq-len-1e9": (".yaml", smoke_with(**{"model.max_seq_len": 10**9}), ["train.batch_size"]),
 }
 
@@ -96,8 +117,12 @@ def test_special_files_as_specs_and_data_are_refused_without_reading(tmp_path, k
         path.symlink_to("/dev/zero")
     else:
         path.mkdir()
-    word = {"fifo": "FIFO", "dev-zero": "character device", "link-to-dev-zero":
-            "character device", "directory": "directory"}[kind]
+    word = {
+        "fifo": "FIFO",
+        "dev-zero": "character device",
+        "link-to-dev-zero": "character device",
+        "directory": "directory",
+    }[kind]
     if kind != "dev-zero":  # /dev/zero has no .yaml suffix; the data check covers it
         with pytest.raises(GptkitError) as info:
             load_spec(path)
@@ -146,8 +171,9 @@ def test_a_set_value_is_bounded_like_a_spec():
 def test_hostile_specs_at_the_cli(tmp_path):
     laughs = tmp_path / "laughs.yaml"
     laughs.write_text(LAUGHS)
-    assert_user_error(run_cli("validate", laughs, "--print-spec", timeout=60),
-                      "expands to more than")
+    assert_user_error(
+        run_cli("validate", laughs, "--print-spec", timeout=60), "expands to more than"
+    )
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(HOSTILE_SPECS["laughs-in-sweep"][1])
     assert_user_error(run_cli("train", sweep, timeout=60), "expands to more than")
@@ -157,11 +183,21 @@ def test_hostile_specs_at_the_cli(tmp_path):
     deep = tmp_path / "deep.toml"
     deep.write_text(HOSTILE_SPECS["toml-500-deep"][1])
     assert_user_error(run_cli("validate", deep, timeout=60), "nests too deeply")
-    assert_user_error(run_cli("validate", SMOKE, "--set", "train.lr=.inf", timeout=60),
-                      "train.lr", "finite")
-    assert_user_error(run_cli("train", SMOKE, "--set", "data.source=/dev/zero",
-                              "--run-dir", tmp_path / "run", timeout=60),
-                      "/dev/zero is a character device")
+    assert_user_error(
+        run_cli("validate", SMOKE, "--set", "train.lr=.inf", timeout=60), "train.lr", "finite"
+    )
+    assert_user_error(
+        run_cli(
+            "train",
+            SMOKE,
+            "--set",
+            "data.source=/dev/zero",
+            "--run-dir",
+            tmp_path / "run",
+            timeout=60,
+        ),
+        "/dev/zero is a character device",
+    )
     ok = run_cli("validate", SMOKE, "--set", "train.optimizer.weight_decay=0.01", timeout=60)
     assert ok.returncode == 0 and "weight_decay=0.01" in ok.stdout, ok.stderr
 
@@ -186,14 +222,23 @@ def gpt2_folder(tmp_path_factory):
     tok = BPETokenizerSpec(vocab_size=300).build()
     tok.fit(load_corpus("tinyshakespeare")[:20_000])
     tok.save(folder)
-    config = {"model_type": "gpt2", "vocab_size": tok.vocab_size, "n_positions": 16,
-              "n_embd": 8, "n_layer": 1, "n_head": 2, "activation_function": "gelu_new"}
+    config = {
+        "model_type": "gpt2",
+        "vocab_size": tok.vocab_size,
+        "n_positions": 16,
+        "n_embd": 8,
+        "n_layer": 1,
+        "n_head": 2,
+        "activation_function": "gelu_new",
+    }
     (folder / "config.json").write_text(json.dumps(config))
     model = GPT(validate_spec({"model": _model_fields(config)}).model)
     sd = model.state_dict()
     torch.manual_seed(0)
-    tensors = {theirs: torch.randn(sd[ours].t().shape if transpose else sd[ours].shape)
-               for ours, theirs, transpose in name_map(1)}
+    tensors = {
+        theirs: torch.randn(sd[ours].t().shape if transpose else sd[ours].shape)
+        for ours, theirs, transpose in name_map(1)
+    }
     save_file(tensors, str(folder / "model.safetensors"))
     return folder
 
@@ -220,11 +265,23 @@ def _config(src: Path, **changes) -> str:
     return json.dumps(config)
 
 
-@pytest.mark.parametrize("case", ["not-json", "a-list", "no-n_embd", "n_embd-a-string",
-                                  "n_head-a-bool", "eps-a-string", "truncated-weights",
-                                  "empty-weights", "weights-of-another-shape"])
-def test_import_hf_of_a_damaged_folder_names_the_file_and_writes_nothing(gpt2_folder, tmp_path,
-                                                                         case):
+@pytest.mark.parametrize(
+    "case",
+    [
+        "not-json",
+        "a-list",
+        "no-n_embd",
+        "n_embd-a-string",
+        "n_head-a-bool",
+        "eps-a-string",
+        "truncated-weights",
+        "empty-weights",
+        "weights-of-another-shape",
+    ],
+)
+def test_import_hf_of_a_damaged_folder_names_the_file_and_writes_nothing(
+    gpt2_folder, tmp_path, case
+):
     from gptkit.hf import import_hf
 
     weights = (gpt2_folder / "model.safetensors").read_bytes()
@@ -232,15 +289,28 @@ def test_import_hf_of_a_damaged_folder_names_the_file_and_writes_nothing(gpt2_fo
         "not-json": ("config.json", "{nope", "not valid JSON"),
         "a-list": ("config.json", "[1, 2]", "JSON object"),
         "no-n_embd": ("config.json", _config(gpt2_folder, n_embd=...), "'n_embd'"),
-        "n_embd-a-string": ("config.json", _config(gpt2_folder, n_embd="8"), "'n_embd' must be int"),
+        "n_embd-a-string": (
+            "config.json",
+            _config(gpt2_folder, n_embd="8"),
+            "'n_embd' must be int",
+        ),
         "n_head-a-bool": ("config.json", _config(gpt2_folder, n_head=True), "'n_head'"),
-        "eps-a-string": ("config.json", _config(gpt2_folder, layer_norm_epsilon="x"),
-                         "'layer_norm_epsilon'"),
-        "truncated-weights": ("model.safetensors", weights[: len(weights) // 2],
-                              "not a readable safetensors file"),
+        "eps-a-string": (
+            "config.json",
+            _config(gpt2_folder, layer_norm_epsilon="x"),
+            "'layer_norm_epsilon'",
+        ),
+        "truncated-weights": (
+            "model.safetensors",
+            weights[: len(weights) // 2],
+            "not a readable safetensors file",
+        ),
         "empty-weights": ("model.safetensors", b"", "not a readable safetensors file"),
-        "weights-of-another-shape": ("config.json", _config(gpt2_folder, n_embd=16),
-                                     "does not fit"),
+        "weights-of-another-shape": (
+            "config.json",
+            _config(gpt2_folder, n_embd=16),
+            "does not fit",
+        ),
     }[case]
     src = _broken(gpt2_folder, tmp_path, file, content)
     out = tmp_path / "run"
@@ -273,6 +343,9 @@ def test_export_hf_never_overwrites_without_force(gpt2_folder, tmp_path):
 def test_import_hf_of_truncated_weights_at_the_cli(gpt2_folder, tmp_path):
     weights = (gpt2_folder / "model.safetensors").read_bytes()
     src = _broken(gpt2_folder, tmp_path, "model.safetensors", weights[:100])
-    assert_user_error(run_cli("import-hf", src, "--out", tmp_path / "run"),
-                      "model.safetensors", "not a readable safetensors file")
+    assert_user_error(
+        run_cli("import-hf", src, "--out", tmp_path / "run"),
+        "model.safetensors",
+        "not a readable safetensors file",
+    )
     assert not (tmp_path / "run").exists()

@@ -51,8 +51,11 @@ def write_manifest(folder: Path, manifest) -> None:
 def rehash(folder: Path) -> None:
     """The attacker's move: make the manifest's hashes agree with the files as they are now."""
     m = read_manifest(folder)
-    m["files"] = {n: sha(folder / n) for n in m["files"] if (folder / n).is_file()
-                  and not (folder / n).is_symlink()}
+    m["files"] = {
+        n: sha(folder / n)
+        for n in m["files"]
+        if (folder / n).is_file() and not (folder / n).is_symlink()
+    }
     write_manifest(folder, m)
 
 
@@ -108,9 +111,16 @@ def _fifo(p: Path):
     os.mkfifo(p)
 
 
-DAMAGES = {"truncated": _truncate, "emptied": _empty, "garbage": _garbage, "one byte flipped": _flip,
-           "deleted": _delete, "a directory": _directory, "a link to /dev/zero": _dev_zero,
-           "a FIFO": _fifo}
+DAMAGES = {
+    "truncated": _truncate,
+    "emptied": _empty,
+    "garbage": _garbage,
+    "one byte flipped": _flip,
+    "deleted": _delete,
+    "a directory": _directory,
+    "a link to /dev/zero": _dev_zero,
+    "a FIFO": _fifo,
+}
 FILES = [MANIFEST, MODEL, TOK]
 
 
@@ -181,8 +191,16 @@ def test_a_modified_model_with_a_manifest_listing_nothing_does_not_load(bundle, 
 # ----------------------------------------------------------------------- manifest field types
 
 WRONG = [None, "x", 1.5, -1, [], {}, True]
-FIELDS = ["format", "files", "spec", "vocab_size", "max_seq_len", "inputs", "outputs",
-          "special_tokens"]
+FIELDS = [
+    "format",
+    "files",
+    "spec",
+    "vocab_size",
+    "max_seq_len",
+    "inputs",
+    "outputs",
+    "special_tokens",
+]
 
 
 @pytest.mark.parametrize("field", FIELDS)
@@ -200,23 +218,27 @@ def test_manifest_fields_missing_or_of_any_wrong_type(bundle, tmp_path, field):
         assert field in text, (field, value, text)
 
 
-@pytest.mark.parametrize("change, needle", [
-    (lambda m: m["spec"].pop("tokenizer"), "spec.tokenizer"),
-    (lambda m: m["spec"]["tokenizer"].pop("kind"), "spec.tokenizer.kind"),
-    (lambda m: m["spec"]["tokenizer"].update(kind=5), "spec.tokenizer.kind"),
-    (lambda m: m["spec"]["tokenizer"].update(kind="nope"), "nope"),
-    (lambda m: m["spec"].update(sampler={"kind": "top_k", "k": -1}), "spec.sampler.k"),
-    (lambda m: m["spec"].update(sampler={"kind": "top_p", "p": "x"}), "spec.sampler.p"),
-    (lambda m: m["spec"].update(sampler=[1]), "spec.sampler"),
-    (lambda m: m["special_tokens"].update(eot=10**6), "end-of-text"),
-    (lambda m: m["special_tokens"].update(pad="x"), "special_tokens.pad"),
-    (lambda m: m.update(vocab_size=10), "vocab_size"),
-    (lambda m: m.update(inputs=["input_ids"]), "inputs/outputs"),
-    (lambda m: m["files"].update({"../secret": "0" * 64}), "'../secret'"),
-    (lambda m: m["files"].update({"/etc/passwd": "0" * 64}), "'/etc/passwd'"),
-    (lambda m: m["files"].update({MODEL: "not-a-digest"}), "files.model.onnx"),
-    (lambda m: m["files"].pop(TOK), TOK),
-], ids=lambda x: x if isinstance(x, str) else None)
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda m: m["spec"].pop("tokenizer"), "spec.tokenizer"),
+        (lambda m: m["spec"]["tokenizer"].pop("kind"), "spec.tokenizer.kind"),
+        (lambda m: m["spec"]["tokenizer"].update(kind=5), "spec.tokenizer.kind"),
+        (lambda m: m["spec"]["tokenizer"].update(kind="nope"), "nope"),
+        (lambda m: m["spec"].update(sampler={"kind": "top_k", "k": -1}), "spec.sampler.k"),
+        (lambda m: m["spec"].update(sampler={"kind": "top_p", "p": "x"}), "spec.sampler.p"),
+        (lambda m: m["spec"].update(sampler=[1]), "spec.sampler"),
+        (lambda m: m["special_tokens"].update(eot=10**6), "end-of-text"),
+        (lambda m: m["special_tokens"].update(pad="x"), "special_tokens.pad"),
+        (lambda m: m.update(vocab_size=10), "vocab_size"),
+        (lambda m: m.update(inputs=["input_ids"]), "inputs/outputs"),
+        (lambda m: m["files"].update({"../secret": "0" * 64}), "'../secret'"),
+        (lambda m: m["files"].update({"/etc/passwd": "0" * 64}), "'/etc/passwd'"),
+        (lambda m: m["files"].update({MODEL: "not-a-digest"}), "files.model.onnx"),
+        (lambda m: m["files"].pop(TOK), TOK),
+    ],
+    ids=lambda x: x if isinstance(x, str) else None,
+)
 def test_manifest_contents_that_lie_are_refused(bundle, tmp_path, change, needle):
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
@@ -226,9 +248,17 @@ def test_manifest_contents_that_lie_are_refused(bundle, tmp_path, change, needle
     refused(copy, needle)
 
 
-@pytest.mark.parametrize("doc", ["[]", "1", "not json", "{" * 5000 + "}" * 5000,
-                                 json.dumps({"a": 0}).replace("0", "[" * 80 + "]" * 80)],
-                         ids=["list", "number", "not-json", "5000-deep", "80-deep"])
+@pytest.mark.parametrize(
+    "doc",
+    [
+        "[]",
+        "1",
+        "not json",
+        "{" * 5000 + "}" * 5000,
+        json.dumps({"a": 0}).replace("0", "[" * 80 + "]" * 80),
+    ],
+    ids=["list", "number", "not-json", "5000-deep", "80-deep"],
+)
 def test_a_manifest_that_is_not_an_object_or_nests_too_deep(bundle, tmp_path, doc):
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
@@ -251,19 +281,31 @@ def _tokenizer_doc(folder: Path) -> dict:
     return json.loads((folder / TOK).read_text())
 
 
-@pytest.mark.parametrize("change, needle", [
-    (lambda d: d.update(spec=[]), "'spec' must be"),
-    (lambda d: d["spec"].pop("kind"), "'kind'"),
-    (lambda d: d.update(state=[1, 2]), "'state' must be"),
-    (lambda d: d["state"].update(chars=5), "chars"),
-    (lambda d: d["state"].update(chars=["a", "b"]), "chars"),
-    (lambda d: d["spec"].update(unknown="maybe"), "tokenizer"),
-    (lambda d: d["state"].update(chars="".join(chr(0x4E00 + i) for i in range(200))),
-     "the model only 66"),
-], ids=["spec-list", "no-kind", "state-list", "chars-int", "chars-list", "bad-option",
-        "vocab-larger-than-model"])
-def test_damaged_tokenizer_files_are_refused_even_when_rehashed(bundle, tmp_path, change,
-                                                                 needle):
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda d: d.update(spec=[]), "'spec' must be"),
+        (lambda d: d["spec"].pop("kind"), "'kind'"),
+        (lambda d: d.update(state=[1, 2]), "'state' must be"),
+        (lambda d: d["state"].update(chars=5), "chars"),
+        (lambda d: d["state"].update(chars=["a", "b"]), "chars"),
+        (lambda d: d["spec"].update(unknown="maybe"), "tokenizer"),
+        (
+            lambda d: d["state"].update(chars="".join(chr(0x4E00 + i) for i in range(200))),
+            "the model only 66",
+        ),
+    ],
+    ids=[
+        "spec-list",
+        "no-kind",
+        "state-list",
+        "chars-int",
+        "chars-list",
+        "bad-option",
+        "vocab-larger-than-model",
+    ],
+)
+def test_damaged_tokenizer_files_are_refused_even_when_rehashed(bundle, tmp_path, change, needle):
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
     doc = _tokenizer_doc(copy)
@@ -331,13 +373,18 @@ def _plant(copy: Path, where: str, location: str, extra: str | None = None) -> N
     if where == "initializer":
         model.graph.initializer.append(t)
     elif where == "if-branch":
-        branch = helper.make_graph([helper.make_node("Identity", ["stolen"], ["y"])], "then",
-                                   [], [helper.make_tensor_value_info("y", 1, [4])],
-                                   initializer=[t])
+        branch = helper.make_graph(
+            [helper.make_node("Identity", ["stolen"], ["y"])],
+            "then",
+            [],
+            [helper.make_tensor_value_info("y", 1, [4])],
+            initializer=[t],
+        )
         cond = helper.make_tensor("cond", onnx.TensorProto.BOOL, [], [True])
         model.graph.initializer.append(cond)
-        model.graph.node.append(helper.make_node("If", ["cond"], ["unused"],
-                                                 then_branch=branch, else_branch=branch))
+        model.graph.node.append(
+            helper.make_node("If", ["cond"], ["unused"], then_branch=branch, else_branch=branch)
+        )
     elif where == "constant-attribute":
         model.graph.node.append(helper.make_node("Constant", [], ["unused"], value=t))
     elif where == "sparse-initializer":
@@ -346,8 +393,9 @@ def _plant(copy: Path, where: str, location: str, extra: str | None = None) -> N
     onnx.save(model, str(copy / MODEL))
 
 
-@pytest.mark.parametrize("where", ["initializer", "if-branch", "constant-attribute",
-                                   "sparse-initializer"])
+@pytest.mark.parametrize(
+    "where", ["initializer", "if-branch", "constant-attribute", "sparse-initializer"]
+)
 @pytest.mark.parametrize("location", ["../secret.bin", "ABSOLUTE", "unlisted.bin"])
 def test_external_data_must_be_a_listed_file_in_every_graph(bundle, tmp_path, where, location):
     copy = tmp_path / "b"
@@ -386,13 +434,31 @@ def test_damaged_bundles_at_the_cli_exit_2_with_one_paragraph(bundle, tmp_path):
         cases[name] = copy
 
     case("files-a-list", lambda c: write_manifest(c, {**read_manifest(c), "files": []}))
-    case("listing-nothing", lambda c: (_flip(c / MODEL), write_manifest(
-        c, {**read_manifest(c), "files": {}})))
+    case(
+        "listing-nothing",
+        lambda c: (_flip(c / MODEL), write_manifest(c, {**read_manifest(c), "files": {}})),
+    )
     case("extra-file", lambda c: (c / "x.txt").write_text("x"))
-    case("vocab", lambda c: ((c / TOK).write_text(json.dumps({**_tokenizer_doc(c), "state": {
-        "chars": "".join(chr(0x4E00 + i) for i in range(200))}})), rehash(c)))
-    needles = {"files-a-list": "field 'files'", "listing-nothing": "does not list",
-               "extra-file": "x.txt", "vocab": "the model only 66"}
+    case(
+        "vocab",
+        lambda c: (
+            (c / TOK).write_text(
+                json.dumps(
+                    {
+                        **_tokenizer_doc(c),
+                        "state": {"chars": "".join(chr(0x4E00 + i) for i in range(200))},
+                    }
+                )
+            ),
+            rehash(c),
+        ),
+    )
+    needles = {
+        "files-a-list": "field 'files'",
+        "listing-nothing": "does not list",
+        "extra-file": "x.txt",
+        "vocab": "the model only 66",
+    }
     for name, copy in cases.items():
         assert_user_error(run_cli("generate", copy, "-p", "A", "-n", "3"), needles[name])
     assert_user_error(run_cli("serve", cases["extra-file"], "--port", "0"), "x.txt")
@@ -459,9 +525,13 @@ def _small_files(limit: int):
 @pytest.mark.slow
 def test_disk_full_while_exporting_leaves_nothing_that_looks_like_a_bundle(smoke_run, tmp_path):
     out = tmp_path / "b"
-    result = subprocess.run([sys.executable, "-m", "gptkit", "export", str(smoke_run), "--out",
-                             str(out)], capture_output=True, text=True, timeout=300,
-                            preexec_fn=_small_files(40_000))
+    result = subprocess.run(
+        [sys.executable, "-m", "gptkit", "export", str(smoke_run), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_small_files(40_000),
+    )
     assert_user_error(result, "could not write the bundle", "nothing was written")
     assert list(tmp_path.iterdir()) == []
 
@@ -472,10 +542,28 @@ def test_disk_full_while_writing_the_token_cache(tmp_path):
 
     env = {**os.environ, "GPTKIT_CACHE_DIR": str(tmp_path / "cache")}
     result = subprocess.run(
-        [sys.executable, "-m", "gptkit", "train", str(ROOT / "experiments" / "smoke.yaml"),
-         "--run-dir", str(tmp_path / "run"), "--no-progress", "--set", "tracking.enabled=false"],
-        capture_output=True, text=True, timeout=300, env=env, preexec_fn=_small_files(50_000))
+        [
+            sys.executable,
+            "-m",
+            "gptkit",
+            "train",
+            str(ROOT / "experiments" / "smoke.yaml"),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--no-progress",
+            "--set",
+            "tracking.enabled=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        preexec_fn=_small_files(50_000),
+    )
     assert_user_error(result, "could not write the token cache", "GPTKIT_CACHE_DIR")
-    leftovers = [p for p in (tmp_path / "cache").rglob("*") if p.name.endswith(".tmp")
-                 or p.name == "meta.json"]
+    leftovers = [
+        p
+        for p in (tmp_path / "cache").rglob("*")
+        if p.name.endswith(".tmp") or p.name == "meta.json"
+    ]
     assert leftovers == []  # no half-written entry that a later run would trust

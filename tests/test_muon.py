@@ -21,9 +21,20 @@ SMOKE = ROOT / "experiments" / "smoke.yaml"
 
 def tiny_model(seed=0, **model):
     torch.manual_seed(seed)
-    spec = validate_spec({"model": {"d_model": 32, "n_heads": 4, "n_layers": 2, "d_ff": 64,
-                                    "max_seq_len": 16, "vocab_size": 40, "dropout": 0.0,
-                                    **model}})
+    spec = validate_spec(
+        {
+            "model": {
+                "d_model": 32,
+                "n_heads": 4,
+                "n_layers": 2,
+                "d_ff": 64,
+                "max_seq_len": 16,
+                "vocab_size": 40,
+                "dropout": 0.0,
+                **model,
+            }
+        }
+    )
     return GPT(spec.model)
 
 
@@ -33,8 +44,9 @@ def test_groups_split_matrices_from_embeddings_head_and_scalars():
     groups = {g["name"]: g for g in opt.param_groups}
     names = {id(p): n for n, p in model.named_parameters()}
     by_group = {k: {names[id(p)] for p in g["params"]} for k, g in groups.items()}
-    assert by_group["muon"] and all(n.startswith("blocks.") and model.get_parameter(n).dim() == 2
-                                    for n in by_group["muon"])
+    assert by_group["muon"] and all(
+        n.startswith("blocks.") and model.get_parameter(n).dim() == 2 for n in by_group["muon"]
+    )
     assert "tok_emb.weight" in by_group["embed"] and by_group["head"] == {"lm_head.weight"}
     assert all(model.get_parameter(n).dim() == 1 for n in by_group["scalar"])
     assert sum(len(v) for v in by_group.values()) == len(list(model.parameters()))
@@ -100,10 +112,27 @@ def test_state_loads_with_weights_only_and_continues_exactly():
         assert torch.equal(a, b), name
 
 
-MUON = ["--set", "train.optimizer.kind=muon", "--set", "train.optimizer.muon_lr_scale=5",
-        "--set", "train.max_steps=12", "--set", "train.eval_every=6", "--set", "train.log_every=1",
-        "--set", "train.threads=1", "--set", "tracking.enabled=false",
-        "--set", "model.dropout=0.1", "--set", "train.sample_tokens=0", "--no-progress"]
+MUON = [
+    "--set",
+    "train.optimizer.kind=muon",
+    "--set",
+    "train.optimizer.muon_lr_scale=5",
+    "--set",
+    "train.max_steps=12",
+    "--set",
+    "train.eval_every=6",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.threads=1",
+    "--set",
+    "tracking.enabled=false",
+    "--set",
+    "model.dropout=0.1",
+    "--set",
+    "train.sample_tokens=0",
+    "--no-progress",
+]
 
 
 @pytest.mark.slow
@@ -113,8 +142,9 @@ def test_muon_trains_the_smoke_spec_and_resumes_bit_identically(tmp_path):
     from gptkit.training.checkpoint import read_pointer
 
     def weights(run):
-        return load_file(run / "checkpoints" / read_pointer(run / "checkpoints" / "latest")
-                         / "model.safetensors")
+        return load_file(
+            run / "checkpoints" / read_pointer(run / "checkpoints" / "latest") / "model.safetensors"
+        )
 
     full = run_cli("train", SMOKE, "--run-dir", tmp_path / "full", *MUON, cwd=tmp_path)
     assert full.returncode == 0, full.stderr
@@ -122,23 +152,38 @@ def test_muon_trains_the_smoke_spec_and_resumes_bit_identically(tmp_path):
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
     assert vals[-1] < vals[0] < 4.2
     # The schedule scales muon's own lr (5x the base), rather than overwriting it.
-    state = torch.load(next((tmp_path / "full" / "checkpoints").glob("step-*/state.pt")),
-                       weights_only=True)
+    state = torch.load(
+        next((tmp_path / "full" / "checkpoints").glob("step-*/state.pt")), weights_only=True
+    )
     groups = {g["name"]: g for g in state["optimizer"]["param_groups"]}
     assert groups["muon"]["lr"] == pytest.approx(5 * groups["embed"]["lr"])
     # Killed after step 8 (the last checkpoint is step 6), then resumed: the same weights as
     # the run that never stopped.
-    proc = subprocess.Popen([sys.executable, "-m", "gptkit", "train", str(SMOKE), "--run-dir",
-                             str(tmp_path / "half"), *MUON], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gptkit",
+            "train",
+            str(SMOKE),
+            "--run-dir",
+            str(tmp_path / "half"),
+            *MUON,
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stdout:
         if line.startswith("step") and "     8/" in line:
             break
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert read_pointer(tmp_path / "half" / "checkpoints" / "latest") == "step-000006"
-    resumed = run_cli("train", SMOKE, "--run-dir", tmp_path / "half", "--resume", *MUON,
-                      cwd=tmp_path)
+    resumed = run_cli(
+        "train", SMOKE, "--run-dir", tmp_path / "half", "--resume", *MUON, cwd=tmp_path
+    )
     assert resumed.returncode == 0, resumed.stderr
     a, b = weights(tmp_path / "full"), weights(tmp_path / "half")
     for k in a:

@@ -11,8 +11,9 @@ pytestmark = pytest.mark.slow  # every test here trains, serves or spawns the CL
 
 def test_demo_notebook_executes(tmp_path):
     nb = nbformat.read(ROOT / "experiments" / "demo.ipynb", as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "validation loss" in text and "parity:" in text

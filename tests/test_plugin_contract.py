@@ -49,18 +49,19 @@ BROKEN = [
 ]
 
 
-@pytest.mark.parametrize(("slot", "kind", "prop", "needle"), BROKEN,
-                         ids=[f"{s}-{k}-{p}" for s, k, p, _ in BROKEN])
+@pytest.mark.parametrize(
+    ("slot", "kind", "prop", "needle"), BROKEN, ids=[f"{s}-{k}-{p}" for s, k, p, _ in BROKEN]
+)
 def test_broken_components_are_caught(slot, kind, prop, needle, tmp_path):
     with pytest.raises(AssertionError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         run_contract(Case(slot, kind, prop, ("broken_components",)), tmp_path)
 
 
 def test_the_cache_that_forgets_after_20_tokens_passed_the_old_16_token_check():
-    model = testing.contract_model(Case("attention", "forgetful", "kv_cache",
-                                        ("broken_components",)),
-                                   testing.load_registry(("broken_components",))
-                                   .get("attention", "forgetful").example())
+    model = testing.contract_model(
+        Case("attention", "forgetful", "kv_cache", ("broken_components",)),
+        testing.load_registry(("broken_components",)).get("attention", "forgetful").example(),
+    )
     import torch
 
     with torch.no_grad():
@@ -105,25 +106,29 @@ def test_cross_field_errors_keep_their_whole_message():
     with pytest.raises(SpecError) as info:
         validate_spec({"model": {"d_model": 42, "n_heads": 6, "positional": "rope"}})
     assert info.value.problems == [
-        ("model.positional.kind", "rope needs an even head size; d_model/n_heads = 7")]
+        ("model.positional.kind", "rope needs an even head size; d_model/n_heads = 7")
+    ]
 
 
 def test_hookspecs_and_slot_table_are_checked_in_sync(monkeypatch):
     assert {f"gptkit_register_{s}" for s in SLOTS} == {
-        n for n in dir(hookspecs) if n.startswith("gptkit_register_")}
+        n for n in dir(hookspecs) if n.startswith("gptkit_register_")
+    }
     monkeypatch.setattr(hookspecs, "gptkit_register_norm", lambda register: None, raising=False)
     with pytest.raises(ImportError, match="gptkit_register_norm"):
         hookspecs._check_in_sync()
 
 
 def test_the_public_plugin_module_imports_without_torch():
-    code = ("import sys\n"
-            "class B:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name.split('.')[0] == 'torch': raise ImportError('blocked')\n"
-            "sys.meta_path.insert(0, B())\n"
-            "from gptkit import plugin\n"
-            "print(sorted(plugin.SLOTS), plugin.SamplerSpec.__name__, plugin.Tokenizer.__name__)\n")
+    code = (
+        "import sys\n"
+        "class B:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch': raise ImportError('blocked')\n"
+        "sys.meta_path.insert(0, B())\n"
+        "from gptkit import plugin\n"
+        "print(sorted(plugin.SLOTS), plugin.SamplerSpec.__name__, plugin.Tokenizer.__name__)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "['attention', 'optimizer', 'positional', 'sampler', 'tokenizer']" in out.stdout

@@ -26,11 +26,18 @@ def test_builtins_register_through_the_hooks():
 def test_spec_plugins_build_a_third_party_attention_into_the_model():
     from gptkit.model import build_model
 
-    spec = validate_spec({
-        "plugins": ["inline_attention"],
-        "model": {"attention": {"kind": "naive", "score_scale": 2.0}, "d_model": 32,
-                  "n_heads": 4, "n_layers": 1, "vocab_size": 10},
-    })
+    spec = validate_spec(
+        {
+            "plugins": ["inline_attention"],
+            "model": {
+                "attention": {"kind": "naive", "score_scale": 2.0},
+                "d_model": 32,
+                "n_heads": 4,
+                "n_layers": 1,
+                "vocab_size": 10,
+            },
+        }
+    )
     assert spec.model.attention.score_scale == 2.0
     model = build_model(spec)
     assert type(model.blocks[0].attn).__name__ == "NaiveAttention"
@@ -166,10 +173,13 @@ def test_a_spec_file_the_user_trains_loads_its_own_plugins(tmp_path):
     assert load_spec(path).model.attention.kind == "naive"
 
 
-@pytest.mark.parametrize(("module", "needle"), [
-    ("exits_on_import", "called sys.exit(0) while importing"),
-    ("interrupts_on_import", "raised KeyboardInterrupt while importing"),
-])
+@pytest.mark.parametrize(
+    ("module", "needle"),
+    [
+        ("exits_on_import", "called sys.exit(0) while importing"),
+        ("interrupts_on_import", "raised KeyboardInterrupt while importing"),
+    ],
+)
 def test_a_plugin_that_exits_on_import_is_a_broken_plugin(module, needle, monkeypatch):
     from gptkit.errors import PluginError
     from gptkit.registry import load_registry
@@ -190,15 +200,29 @@ def test_a_recorded_kind_whose_plugin_failed_to_import_shows_the_real_error():
     from gptkit.plugins import PluginInfo, missing_kind_message
 
     pm = plugin_manager(autoload=False)
-    pm.infos.append(PluginInfo("labkit", "0.1.0", "entry point (gptkit-labkit)",
-                               "failed to import: ModuleNotFoundError: No module named 'torch'",
-                               "gptkit_labkit", "gptkit-labkit"))
+    pm.infos.append(
+        PluginInfo(
+            "labkit",
+            "0.1.0",
+            "entry point (gptkit-labkit)",
+            "failed to import: ModuleNotFoundError: No module named 'torch'",
+            "gptkit_labkit",
+            "gptkit-labkit",
+        )
+    )
     registry = Registry.from_manager(pm)
-    recorded = {"tokenizer.word": {"distribution": "gptkit-labkit", "version": "0.1.0",
-                                   "module": "gptkit_labkit.word"}}
+    recorded = {
+        "tokenizer.word": {
+            "distribution": "gptkit-labkit",
+            "version": "0.1.0",
+            "module": "gptkit_labkit.word",
+        }
+    }
     message = missing_kind_message(registry, "tokenizer", "word", recorded)
-    assert message == ("needs tokenizer kind 'word' from gptkit-labkit 0.1.0, which is installed "
-                       "but failed to load: failed to import: ModuleNotFoundError: No module "
-                       "named 'torch'")
+    assert message == (
+        "needs tokenizer kind 'word' from gptkit-labkit 0.1.0, which is installed "
+        "but failed to load: failed to import: ModuleNotFoundError: No module "
+        "named 'torch'"
+    )
     assert "No module named 'torch'" in registry.unknown_kind_message("tokenizer", "word")
     assert missing_kind_message(registry, "tokenizer", "char", recorded) is None

@@ -19,8 +19,9 @@ def python_blocks():
 def test_readme_python_blocks_run_as_written(smoke_run, tmp_path, monkeypatch, capsys):
     # The folders the README's examples name: a run, a bundle, the experiments.
     shutil.copytree(smoke_run, tmp_path / "runs" / "shakespeare-char" / "20260101-000000")
-    exported = run_cli("export", smoke_run, "--out", tmp_path / "bundles" / "shakespeare",
-                       cwd=tmp_path)
+    exported = run_cli(
+        "export", smoke_run, "--out", tmp_path / "bundles" / "shakespeare", cwd=tmp_path
+    )
     assert exported.returncode == 0, exported.stderr
     (tmp_path / "experiments").symlink_to(ROOT / "experiments")
     monkeypatch.chdir(tmp_path)

@@ -23,8 +23,17 @@ from tests.conftest import ROOT
 from tests.helpers import assert_user_error, run_cli
 
 SMOKE = ROOT / "experiments" / "smoke.yaml"
-QUIET = ["--no-progress", "--set", "tracking.enabled=false", "--set", "train.threads=1",
-         "--set", "train.max_steps=10", "--set", "model.dropout=0.1"]
+QUIET = [
+    "--no-progress",
+    "--set",
+    "tracking.enabled=false",
+    "--set",
+    "train.threads=1",
+    "--set",
+    "train.max_steps=10",
+    "--set",
+    "model.dropout=0.1",
+]
 
 
 def test_no_code_path_unpickles_arbitrary_objects():
@@ -45,10 +54,14 @@ def test_same_spec_and_seed_give_bit_identical_weights_and_text(tmp_path):
     for name in ("a", "b"):
         result = run_cli("train", SMOKE, "--run-dir", tmp_path / name, *QUIET, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
-        runs.append(load_file(tmp_path / name / "checkpoints" / "step-000010" / "model.safetensors"))
+        runs.append(
+            load_file(tmp_path / name / "checkpoints" / "step-000010" / "model.safetensors")
+        )
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
-    texts = [run_cli("generate", tmp_path / n, "-p", "A", "-n", "30", "--seed", "9").stdout
-             for n in ("a", "b")]
+    texts = [
+        run_cli("generate", tmp_path / n, "-p", "A", "-n", "30", "--seed", "9").stdout
+        for n in ("a", "b")
+    ]
     assert texts[0] == texts[1] and len(texts[0]) > 1
 
 
@@ -77,8 +90,9 @@ while True:
 def test_sigkill_during_checkpoint_writes_leaves_a_valid_latest(tmp_path):
     ckpt = tmp_path / "checkpoints"
     for _ in range(4):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(ckpt)], stdout=subprocess.PIPE,
-                                text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(ckpt)], stdout=subprocess.PIPE, text=True
+        )
         for line in proc.stdout:
             if line.startswith("saved"):
                 break
@@ -152,22 +166,28 @@ def test_checkpoint_from_a_different_spec(smoke_run, tmp_path):
 
 @pytest.mark.slow
 def test_export_of_something_that_is_not_a_run(tmp_path, smoke_run):
-    assert_user_error(run_cli("export", tmp_path, "--out", tmp_path / "b"),
-                      "not a gptkit run directory")
-    assert_user_error(run_cli("export", smoke_run, "--out", tmp_path / "b", "--quantize", "int4"),
-                      "the only option is int8")
+    assert_user_error(
+        run_cli("export", tmp_path, "--out", tmp_path / "b"), "not a gptkit run directory"
+    )
+    assert_user_error(
+        run_cli("export", smoke_run, "--out", tmp_path / "b", "--quantize", "int4"),
+        "the only option is int8",
+    )
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
-    assert_user_error(run_cli("export", smoke_run, "--out", tmp_path / "precious"),
-                      "refusing to overwrite")
+    assert_user_error(
+        run_cli("export", smoke_run, "--out", tmp_path / "precious"), "refusing to overwrite"
+    )
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
 
 
 @pytest.mark.slow
 def test_bad_flags_and_bad_set_for_generate(smoke_run):
     assert_user_error(run_cli("generate", smoke_run, "--num-samples", "0"), "--num-samples")
-    assert_user_error(run_cli("generate", smoke_run, "--set", "sampler.p=abc",
-                              "--set", "sampler.kind=top_p"), "sampler.p")
+    assert_user_error(
+        run_cli("generate", smoke_run, "--set", "sampler.p=abc", "--set", "sampler.kind=top_p"),
+        "sampler.p",
+    )
     assert_user_error(run_cli("train", SMOKE, "--bogus-flag"), "No such option")
 
 
@@ -184,8 +204,18 @@ def test_full_disk_during_training_is_a_clear_error_and_keeps_earlier_checkpoint
     import resource
 
     run = tmp_path / "run"
-    ok = run_cli("train", SMOKE, "--run-dir", run, *QUIET, "--set", "train.eval_every=5",
-                 "--set", "train.max_steps=5", cwd=tmp_path)
+    ok = run_cli(
+        "train",
+        SMOKE,
+        "--run-dir",
+        run,
+        *QUIET,
+        "--set",
+        "train.eval_every=5",
+        "--set",
+        "train.max_steps=5",
+        cwd=tmp_path,
+    )
     assert ok.returncode == 0, ok.stderr
     before = (run / "checkpoints" / "step-000005" / "model.safetensors").read_bytes()
 
@@ -194,11 +224,30 @@ def test_full_disk_during_training_is_a_clear_error_and_keeps_earlier_checkpoint
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
     result = subprocess.run(
-        [sys.executable, "-m", "gptkit", "train", str(SMOKE), "--run-dir", str(run), "--resume",
-         *QUIET, "--set", "train.eval_every=5"], cwd=tmp_path, capture_output=True, text=True,
-        preexec_fn=small_files, timeout=300)
-    assert_user_error(result, "could not write checkpoint step-000010",
-                      "the last good checkpoint (step-000005) is intact")
+        [
+            sys.executable,
+            "-m",
+            "gptkit",
+            "train",
+            str(SMOKE),
+            "--run-dir",
+            str(run),
+            "--resume",
+            *QUIET,
+            "--set",
+            "train.eval_every=5",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        preexec_fn=small_files,
+        timeout=300,
+    )
+    assert_user_error(
+        result,
+        "could not write checkpoint step-000010",
+        "the last good checkpoint (step-000005) is intact",
+    )
     assert read_pointer(run / "checkpoints" / "latest") == "step-000005"
     assert (run / "checkpoints" / "step-000005" / "model.safetensors").read_bytes() == before
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]

@@ -21,8 +21,11 @@ TINY = "train: {max_steps: 4, eval_every: 2, eval_batches: 2, sample_tokens: 0, 
 
 def test_welch_matches_scipy():
     stats = pytest.importorskip("scipy.stats")
-    cases = [([3.41, 3.52, 3.47], [3.60, 3.58, 3.71]), ([1.0, 2.0], [1.5, 2.5, 3.5, 0.2]),
-             ([2.04, 2.05, 2.06, 2.03, 2.07], [2.09, 2.11, 2.10])]
+    cases = [
+        ([3.41, 3.52, 3.47], [3.60, 3.58, 3.71]),
+        ([1.0, 2.0], [1.5, 2.5, 3.5, 0.2]),
+        ([2.04, 2.05, 2.06, 2.03, 2.07], [2.09, 2.11, 2.10]),
+    ]
     for a, b in cases:
         ours, ref = welch(a, b), stats.ttest_ind(a, b, equal_var=False)
         assert math.isclose(ours.t, ref.statistic, rel_tol=1e-9)
@@ -40,26 +43,46 @@ def test_welch_edge_cases():
 
 
 def fake_run(name, seed, final, params):
-    return {"run_id": f"{name}-{seed}", "name": f"{name} seed={seed}",
-            "params": {**params, "seed": str(seed)}, "val_loss": final, "best_val_loss": final - 0.01,
-            "tokens_per_sec": 100.0, "curve": [(2, final + 0.5), (4, final)]}
+    return {
+        "run_id": f"{name}-{seed}",
+        "name": f"{name} seed={seed}",
+        "params": {**params, "seed": str(seed)},
+        "val_loss": final,
+        "best_val_loss": final - 0.01,
+        "tokens_per_sec": 100.0,
+        "curve": [(2, final + 0.5), (4, final)],
+    }
 
 
 def test_runs_differing_only_by_seed_form_one_row_and_the_verdict_flips():
-    base = [fake_run("positional=rope", s, v, {"model.positional.kind": "rope"})
-            for s, v in ((1, 2.04), (2, 2.06), (3, 2.05))]
-    far = [fake_run("positional=alibi", s, v, {"model.positional.kind": "alibi"})
-           for s, v in ((1, 2.30), (2, 2.33), (3, 2.31))]
+    base = [
+        fake_run("positional=rope", s, v, {"model.positional.kind": "rope"})
+        for s, v in ((1, 2.04), (2, 2.06), (3, 2.05))
+    ]
+    far = [
+        fake_run("positional=alibi", s, v, {"model.positional.kind": "alibi"})
+        for s, v in ((1, 2.30), (2, 2.33), (3, 2.31))
+    ]
     groups = group_runs(base + far)
-    assert [(g["name"], g["n"]) for g in groups] == [("positional=rope", 3), ("positional=alibi", 3)]
+    assert [(g["name"], g["n"]) for g in groups] == [
+        ("positional=rope", 3),
+        ("positional=alibi", 3),
+    ]
     assert groups[0]["val_loss"] == pytest.approx(2.05)
     assert groups[0]["val_loss_std"] == pytest.approx(0.01)
     assert groups[0]["curve"][0] == pytest.approx((2, 2.55, 0.01))
     verdict = separation(groups)
     assert verdict["separated"] is True and verdict["p_value"] < 0.05
     # The same losses under another kind's name: not separated.
-    same = [fake_run("positional=alibi", r["params"]["seed"], r["val_loss"],
-                     {"model.positional.kind": "alibi"}) for r in base]
+    same = [
+        fake_run(
+            "positional=alibi",
+            r["params"]["seed"],
+            r["val_loss"],
+            {"model.positional.kind": "alibi"},
+        )
+        for r in base
+    ]
     verdict = separation(group_runs(base + same))
     assert verdict["separated"] is False and verdict["p_value"] == pytest.approx(1.0)
     assert "not separated" in verdict["text"]
@@ -78,17 +101,26 @@ def sweep_spec(tmp_path, grid):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("grid, separated", [
-    # lr 0.03 vs 1e-6: after 4 steps one has learned, the other has not.
-    ("{train.lr: [0.03, 1.0e-6], seed: [1, 2, 3]}", True),
-    # Two sampler kinds with no text sampled during training: identical trainings.
-    ("{sampler.kind: [top_k, greedy], seed: [1, 2, 3]}", False),
-])
+@pytest.mark.parametrize(
+    "grid, separated",
+    [
+        # lr 0.03 vs 1e-6: after 4 steps one has learned, the other has not.
+        ("{train.lr: [0.03, 1.0e-6], seed: [1, 2, 3]}", True),
+        # Two sampler kinds with no text sampled during training: identical trainings.
+        ("{sampler.kind: [top_k, greedy], seed: [1, 2, 3]}", False),
+    ],
+)
 def test_sweep_with_seeds_groups_in_mlflow_and_compare_gives_a_verdict(tmp_path, grid, separated):
     from mlflow.tracking import MlflowClient
 
-    result = run_cli("train", sweep_spec(tmp_path, grid), "--no-progress",
-                     "--run-dir", tmp_path / "sweep", cwd=tmp_path)
+    result = run_cli(
+        "train",
+        sweep_spec(tmp_path, grid),
+        "--no-progress",
+        "--run-dir",
+        tmp_path / "sweep",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert len(summary["points"]) == 6 and [g["n"] for g in summary["groups"]] == [3, 3]
@@ -124,8 +156,9 @@ def test_sweep_with_seeds_groups_in_mlflow_and_compare_gives_a_verdict(tmp_path,
 @pytest.mark.slow
 def test_repeats_runs_each_point_with_consecutive_seeds(tmp_path):
     spec = tmp_path / "r.yaml"
-    spec.write_text(f"extends: {SMOKE}\nname: r\nseed: 10\nrepeats: 2\n{TINY}"
-                    "tracking: {enabled: false}\n")
+    spec.write_text(
+        f"extends: {SMOKE}\nname: r\nseed: 10\nrepeats: 2\n{TINY}tracking: {{enabled: false}}\n"
+    )
     result = run_cli("train", spec, "--no-progress", "--run-dir", tmp_path / "sweep", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
@@ -142,11 +175,28 @@ def test_early_stop_ends_the_run_and_records_why(tmp_path):
 
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # A learning rate too small to move the loss: no evaluation improves by min_delta.
-    result = run_cli("train", SMOKE, "--no-progress", "--run-dir", tmp_path / "run",
-                     "--set", "train.lr=1e-9", "--set", "train.warmup_steps=0",
-                     "--set", "train.max_steps=40", "--set", "train.eval_every=2",
-                     "--set", "train.sample_tokens=0", "--set", f"tracking.uri={db}",
-                     "--set", "train.early_stop={patience: 2, min_delta: 0.01}", cwd=tmp_path)
+    result = run_cli(
+        "train",
+        SMOKE,
+        "--no-progress",
+        "--run-dir",
+        tmp_path / "run",
+        "--set",
+        "train.lr=1e-9",
+        "--set",
+        "train.warmup_steps=0",
+        "--set",
+        "train.max_steps=40",
+        "--set",
+        "train.eval_every=2",
+        "--set",
+        "train.sample_tokens=0",
+        "--set",
+        f"tracking.uri={db}",
+        "--set",
+        "train.early_stop={patience: 2, min_delta: 0.01}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "early stop" in result.stdout + result.stderr
     info = json.loads((tmp_path / "run" / "run.json").read_text())
@@ -156,9 +206,22 @@ def test_early_stop_ends_the_run_and_records_why(tmp_path):
     run_id = json.loads((tmp_path / "run" / "mlflow.json").read_text())["run_id"]
     assert MlflowClient(db).get_run(run_id).data.tags["gptkit.stop_reason"] == "early_stop"
     # Without the rule the same run goes to max_steps, and says so.
-    full = run_cli("train", SMOKE, "--no-progress", "--run-dir", tmp_path / "full",
-                   "--set", "train.max_steps=4", "--set", "train.eval_every=2",
-                   "--set", "train.sample_tokens=0", "--set", "tracking.enabled=false", cwd=tmp_path)
+    full = run_cli(
+        "train",
+        SMOKE,
+        "--no-progress",
+        "--run-dir",
+        tmp_path / "full",
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "train.eval_every=2",
+        "--set",
+        "train.sample_tokens=0",
+        "--set",
+        "tracking.enabled=false",
+        cwd=tmp_path,
+    )
     assert full.returncode == 0, full.stderr
     assert json.loads((tmp_path / "full" / "run.json").read_text())["stop_reason"] == "max_steps"
 
@@ -168,8 +231,9 @@ def test_a_run_stores_its_resolved_spec_and_no_longer_needs_its_parent(tmp_path)
     base = tmp_path / "base.yaml"
     base.write_text(SMOKE.read_text().replace("name: smoke", "name: from-base"))
     child = tmp_path / "child.yaml"
-    child.write_text("extends: base.yaml\nmodel: {n_layers: 1}\n" + TINY +
-                     "tracking: {enabled: false}\n")
+    child.write_text(
+        "extends: base.yaml\nmodel: {n_layers: 1}\n" + TINY + "tracking: {enabled: false}\n"
+    )
     result = run_cli("train", child, "--no-progress", "--run-dir", tmp_path / "run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     import yaml
@@ -179,8 +243,16 @@ def test_a_run_stores_its_resolved_spec_and_no_longer_needs_its_parent(tmp_path)
     assert stored["name"] == "from-base" and stored["model"]["n_layers"] == 1
     assert stored["model"]["d_model"] == 32 and stored["sampler"]["kind"] == "top_k"
     base.unlink()  # the run is self-contained from here on
-    more = run_cli("train", "--resume", "--run-dir", tmp_path / "run", "--no-progress",
-                   "--set", "train.max_steps=6", cwd=tmp_path)
+    more = run_cli(
+        "train",
+        "--resume",
+        "--run-dir",
+        tmp_path / "run",
+        "--no-progress",
+        "--set",
+        "train.max_steps=6",
+        cwd=tmp_path,
+    )
     assert more.returncode == 0, more.stderr
     gen = run_cli("generate", tmp_path / "run", "--prompt", "A", "-n", "3", cwd=tmp_path)
     assert gen.returncode == 0, gen.stderr

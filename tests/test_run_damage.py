@@ -29,12 +29,14 @@ def cli(capsys, *args):
 def _save(obj):
     def damage(path):
         torch.save(obj, path)
+
     return damage
 
 
 def _write(data: bytes):
     def damage(path):
         path.write_bytes(data)
+
     return damage
 
 
@@ -44,13 +46,22 @@ CATALOGUE = [
     ("spec.yaml", "empty", _write(b""), "error"),
     ("spec.yaml", "not yaml", _write(b"model: [unclosed"), "error"),
     ("spec.yaml", "a list", _write(b"- 1\n- 2\n"), "error"),
-    ("spec.yaml", "wrong model", _write(SMOKE.read_bytes().replace(b"d_model: 32", b"d_model: 64")),
-     "error"),
+    (
+        "spec.yaml",
+        "wrong model",
+        _write(SMOKE.read_bytes().replace(b"d_model: 32", b"d_model: 64")),
+        "error",
+    ),
     ("run.json", "garbage", _write(b"\x00\xffnot json"), "ok"),
     ("run.json", "a number", _write(b"42"), "ok"),
     ("mlflow.json", "garbage", _write(b"{"), "ok"),
     ("tokenizer/tokenizer.gptkit.json", "garbage", _write(b"\x00\x01"), "error"),
-    ("tokenizer/tokenizer.gptkit.json", "wrong types", _write(b'{"kind": 5, "state": []}'), "error"),
+    (
+        "tokenizer/tokenizer.gptkit.json",
+        "wrong types",
+        _write(b'{"kind": 5, "state": []}'),
+        "error",
+    ),
     ("checkpoints/latest", "absolute path", _write(b"/etc\n"), "ok"),
     ("checkpoints/latest", "escapes the run", _write(b"../../../x\n"), "ok"),
     ("checkpoints/*/model.safetensors", "truncated", _write(b"\x10\x00\x00"), "error"),
@@ -75,8 +86,11 @@ def _damaged(source, tmp_path, pattern, damage):
     return run
 
 
-@pytest.mark.parametrize("pattern,name,damage,expect", CATALOGUE,
-                         ids=[f"{c[0].split('/')[-1]}-{c[1]}" for c in CATALOGUE])
+@pytest.mark.parametrize(
+    "pattern,name,damage,expect",
+    CATALOGUE,
+    ids=[f"{c[0].split('/')[-1]}-{c[1]}" for c in CATALOGUE],
+)
 def test_generate_from_a_damaged_run(smoke_run, tmp_path, capsys, pattern, name, damage, expect):
     run = _damaged(smoke_run, tmp_path, pattern, damage)
     code, err = cli(capsys, "generate", run, "-p", "A", "-n", "3", "--seed", "1")
@@ -92,10 +106,16 @@ RESUME_STATES = [
     ("empty dict", {}, "has no 'step'"),
     ("step a string", {"step": "x"}, "'step' should be a number"),
     ("negative step", {"step": -3}, "negative"),
-    ("rng of the wrong type", {"step": 5, "data_rng": torch.zeros(3, dtype=torch.float32)},
-     "data_rng"),
-    ("garbage optimizer", {"step": 5, "optimizer": {"state": 5, "param_groups": "x"},
-                           "optimizer_format": "local"}, "optimizer state"),
+    (
+        "rng of the wrong type",
+        {"step": 5, "data_rng": torch.zeros(3, dtype=torch.float32)},
+        "data_rng",
+    ),
+    (
+        "garbage optimizer",
+        {"step": 5, "optimizer": {"state": 5, "param_groups": "x"}, "optimizer_format": "local"},
+        "optimizer state",
+    ),
     ("a list", [1, 2, 3], "not a dict"),
 ]
 
@@ -105,8 +125,16 @@ RESUME_STATES = [
 def test_resume_from_a_damaged_training_state(smoke_run, tmp_path, capsys, name, state, needle):
     run = _damaged(smoke_run, tmp_path, STATE, _save(state))
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    code, err = cli(capsys, "train", "--resume", "--run-dir", run, "--no-progress",
-                    "--set", "tracking.enabled=false")
+    code, err = cli(
+        capsys,
+        "train",
+        "--resume",
+        "--run-dir",
+        run,
+        "--no-progress",
+        "--set",
+        "tracking.enabled=false",
+    )
     assert code == 2, err
     assert "Traceback" not in err and needle in err, err
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
@@ -123,7 +151,9 @@ def test_pointer_outside_the_run_is_never_followed(smoke_run, tmp_path):
     for target in (str(outside), f"../../{outside.name}", "step-000020/../../outside"):
         (run / "checkpoints" / "latest").write_text(target)
         assert read_pointer(run / "checkpoints" / "latest") is None
-        assert all(c.parent == run / "checkpoints" for c in checkpoint_candidates(run / "checkpoints"))
+        assert all(
+            c.parent == run / "checkpoints" for c in checkpoint_candidates(run / "checkpoints")
+        )
     (run / "checkpoints" / "best").write_text(str(outside))
     assert checkpoint_candidates(run / "checkpoints", "best") == []
 
@@ -131,8 +161,10 @@ def test_pointer_outside_the_run_is_never_followed(smoke_run, tmp_path):
 def test_sweep_grid_too_large_is_refused_before_anything_is_built(tmp_path, capsys):
     spec = tmp_path / "huge.yaml"
     values = list(range(200))
-    spec.write_text(SMOKE.read_text() + f"sweep: {{train.lr: {values}, seed: {values}, "
-                    f"train.warmup_steps: {values}}}\n")
+    spec.write_text(
+        SMOKE.read_text() + f"sweep: {{train.lr: {values}, seed: {values}, "
+        f"train.warmup_steps: {values}}}\n"
+    )
     code, err = cli(capsys, "train", spec, "--no-progress")
     assert code == 2 and "8,000,000 points" in err and "Traceback" not in err
 
@@ -150,7 +182,8 @@ def test_damaged_spool_lines_are_set_aside_and_the_rest_is_sent(tmp_path):
     run.mkdir()
     good = {"op": "metrics", "metrics": {"val_loss": 1.5}, "step": 3, "ts": 1}
     (run / "mlflow-spool.jsonl").write_text(
-        "42\n[1, 2]\n{\"op\": \"bogus\"}\n" + json.dumps(good) + "\n{\"op\": \"metr")
+        '42\n[1, 2]\n{"op": "bogus"}\n' + json.dumps(good) + '\n{"op": "metr'
+    )
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     warnings = []
     tracker = Tracker(uri, "spool", run, "r", warn=warnings.append)
@@ -193,8 +226,9 @@ def test_compare_and_export_fail_fast_on_an_unreachable_server(smoke_run, tmp_pa
     assert code == 2 and "cannot read MLflow" in err and "Traceback" not in err
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run)
-    (run / "mlflow.json").write_text(json.dumps({"uri": f"http://127.0.0.1:{port}",
-                                                 "run_id": "0" * 32}))
+    (run / "mlflow.json").write_text(
+        json.dumps({"uri": f"http://127.0.0.1:{port}", "run_id": "0" * 32})
+    )
     code, err = cli(capsys, "export", run, "--out", tmp_path / "bundle")
     assert code == 0 and "Traceback" not in err
     assert time.time() - t0 < 120  # seconds, not the minutes of MLflow's default retries

@@ -15,8 +15,17 @@ from tests.conftest import ROOT
 from tests.helpers import run_cli
 
 SMOKE = ROOT / "experiments" / "smoke.yaml"
-FAST = ["--set", "train.max_steps=4", "--set", "train.eval_every=2", "--set", "train.sample_tokens=0",
-        "--set", "tracking.enabled=false", "--no-progress"]
+FAST = [
+    "--set",
+    "train.max_steps=4",
+    "--set",
+    "train.eval_every=2",
+    "--set",
+    "train.sample_tokens=0",
+    "--set",
+    "tracking.enabled=false",
+    "--no-progress",
+]
 
 
 @pytest.mark.slow
@@ -34,9 +43,11 @@ def test_runs_resolve_to_the_newest_by_creation_time_everywhere(tmp_path):
     assert f"resuming {newer}" in resumed.stderr + resumed.stdout
     text = tmp_path / "t.txt"
     text.write_text("To be, or not to be, that is the question. " * 20)
-    for args in (["generate", "runs/smoke", "--prompt", "ROMEO:", "-n", "5"],
-                 ["eval", "runs/smoke", "--data", text],
-                 ["export", "runs/smoke", "--out", tmp_path / "bundle"]):
+    for args in (
+        ["generate", "runs/smoke", "--prompt", "ROMEO:", "-n", "5"],
+        ["eval", "runs/smoke", "--data", text],
+        ["export", "runs/smoke", "--out", tmp_path / "bundle"],
+    ):
         result = run_cli(*args, cwd=tmp_path)
         assert result.returncode == 0, (args, result.stderr)
         assert f"using {newer}" in result.stderr, (args, result.stderr)
@@ -67,9 +78,22 @@ def test_mlflow_record_tells_the_truth(tmp_path):
 
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     t0 = time.time()
-    result = run_cli("train", SMOKE, "--run-dir", tmp_path / "run", "--no-progress",
-                     "--set", f"tracking.uri={db}", "--set", "train.max_steps=30",
-                     "--set", "train.eval_every=10", "--name", "truth", cwd=tmp_path)
+    result = run_cli(
+        "train",
+        SMOKE,
+        "--run-dir",
+        tmp_path / "run",
+        "--no-progress",
+        "--set",
+        f"tracking.uri={db}",
+        "--set",
+        "train.max_steps=30",
+        "--set",
+        "train.eval_every=10",
+        "--name",
+        "truth",
+        cwd=tmp_path,
+    )
     wall = time.time() - t0
     assert result.returncode == 0, result.stderr
     client = MlflowClient(db)
@@ -84,19 +108,28 @@ def test_mlflow_record_tells_the_truth(tmp_path):
     assert "train.parallel" not in params  # one process: DDP/FSDP did not apply
     assert "null" not in params.values()
     metrics = run.data.metrics
-    for key in ("summary.best_val_loss", "summary.final_val_loss", "summary.total_tokens",
-                "summary.wall_time_s", "summary.tokens_per_sec"):
+    for key in (
+        "summary.best_val_loss",
+        "summary.final_val_loss",
+        "summary.total_tokens",
+        "summary.wall_time_s",
+        "summary.tokens_per_sec",
+    ):
         assert key in metrics, key
     assert metrics["summary.total_tokens"] == 30 * 8 * 32
-    assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.source == "tinyshakespeare"
+    assert (
+        run.inputs.dataset_inputs
+        and run.inputs.dataset_inputs[0].dataset.source == "tinyshakespeare"
+    )
     assert "gptkit train" in run.data.tags["mlflow.note.content"]
     exp = client.get_experiment(run.info.experiment_id)
     assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
 
     end = run.info.end_time
     for extra in ([], ["--quantize", "int8"]):
-        out = run_cli("export", tmp_path / "run", "--out", tmp_path / f"b{len(extra)}", *extra,
-                      cwd=tmp_path)
+        out = run_cli(
+            "export", tmp_path / "run", "--out", tmp_path / f"b{len(extra)}", *extra, cwd=tmp_path
+        )
         assert out.returncode == 0, out.stderr
     after = client.get_run(link["run_id"])
     assert after.info.end_time == end and after.info.status == "FINISHED"
@@ -104,20 +137,28 @@ def test_mlflow_record_tells_the_truth(tmp_path):
     assert bundles == {"bundles/onnx-fp32", "bundles/onnx-int8"}
 
     n_runs = len(client.search_runs([run.info.experiment_id]))
-    cmp = run_cli("compare", "smoke", "--tracking-uri", db, "--plot", tmp_path / "c.png",
-                  cwd=tmp_path)
+    cmp = run_cli(
+        "compare", "smoke", "--tracking-uri", db, "--plot", tmp_path / "c.png", cwd=tmp_path
+    )
     assert cmp.returncode == 0, cmp.stderr
     assert len(client.search_runs([run.info.experiment_id])) == n_runs
 
 
 @pytest.mark.slow
 def test_progress_on_a_real_terminal_shows_loss_lr_rate_and_one_eta(tmp_path):
-    cmd = (f"{sys.executable} -m gptkit train {SMOKE} --set train.max_steps=60 "
-           "--set train.log_every=30 --set train.eval_every=30 --set tracking.enabled=false "
-           "--set train.sample_tokens=20")
-    screen = subprocess.run(["script", "-qfec", cmd, "/dev/null"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300,
-                            env={**__import__("os").environ, "COLUMNS": "160"})
+    cmd = (
+        f"{sys.executable} -m gptkit train {SMOKE} --set train.max_steps=60 "
+        "--set train.log_every=30 --set train.eval_every=30 --set tracking.enabled=false "
+        "--set train.sample_tokens=20"
+    )
+    screen = subprocess.run(
+        ["script", "-qfec", cmd, "/dev/null"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "COLUMNS": "160"},
+    )
     assert screen.returncode == 0, screen.stdout[-2000:]
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.stdout)
     frames = [f for f in re.split(r"[\r\n]", text) if re.search(r"\b\d+/60\b", f)]
@@ -141,8 +182,15 @@ def test_training_package_shape():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1
                 assert length <= 60, f"{path.name}:{node.name} is {length} lines"
-    layout = re.compile(r"""["'](spec\.yaml|run\.json|metrics\.jsonl|samples\.txt|mlflow\.json|"""
-                        r"""mlflow-spool\.jsonl|plugins\.json|loss_curve\.png)["']|/\s*["']checkpoints["']""")
-    offenders = [f"{p.relative_to(ROOT)}: {m[0]}" for p in (ROOT / "gptkit").rglob("*.py")
-                 if p.name != "rundir.py" for m in [layout.search(p.read_text())] if m]
+    layout = re.compile(
+        r"""["'](spec\.yaml|run\.json|metrics\.jsonl|samples\.txt|mlflow\.json|"""
+        r"""mlflow-spool\.jsonl|plugins\.json|loss_curve\.png)["']|/\s*["']checkpoints["']"""
+    )
+    offenders = [
+        f"{p.relative_to(ROOT)}: {m[0]}"
+        for p in (ROOT / "gptkit").rglob("*.py")
+        if p.name != "rundir.py"
+        for m in [layout.search(p.read_text())]
+        if m
+    ]
     assert offenders == []

@@ -32,10 +32,31 @@ def server(bundle, tmp_path_factory):
     # The access log goes to a file: a pipe nobody reads would fill up and stall the server.
     log = tmp_path_factory.mktemp("serve-log") / "stderr.txt"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gptkit", "serve", str(bundle), "--port", str(port),
-         "--max-concurrent", "4", "--max-queued", "8", "--max-tokens", "64",
-         "--body-timeout", "2", "--header-timeout", "2", "--served-model-name", "shakespeare"],
-        stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+        [
+            sys.executable,
+            "-m",
+            "gptkit",
+            "serve",
+            str(bundle),
+            "--port",
+            str(port),
+            "--max-concurrent",
+            "4",
+            "--max-queued",
+            "8",
+            "--max-tokens",
+            "64",
+            "--body-timeout",
+            "2",
+            "--header-timeout",
+            "2",
+            "--served-model-name",
+            "shakespeare",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=open(log, "w"),
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -46,8 +67,13 @@ def server(bundle, tmp_path_factory):
     else:
         proc.kill()
         raise AssertionError(log.read_text())
-    yield {"url": url, "proc": proc, "startup_s": time.perf_counter() - started, "log": log,
-           "bundle": bundle}
+    yield {
+        "url": url,
+        "proc": proc,
+        "startup_s": time.perf_counter() - started,
+        "log": log,
+        "bundle": bundle,
+    }
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -70,14 +96,18 @@ def test_completion_seeded_and_repeatable(server):
 
 
 def test_list_of_prompts_and_n(server):
-    r = httpx.post(server["url"] + "/v1/completions",
-                   json={"prompt": ["A", "BB"], "n": 2, "max_tokens": 5, "seed": 1}).json()
+    r = httpx.post(
+        server["url"] + "/v1/completions",
+        json={"prompt": ["A", "BB"], "n": 2, "max_tokens": 5, "seed": 1},
+    ).json()
     assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
 
 
 def test_stop_string(server):
-    r = httpx.post(server["url"] + "/v1/completions",
-                   json={"prompt": "A", "max_tokens": 60, "temperature": 0, "stop": ["e"]})
+    r = httpx.post(
+        server["url"] + "/v1/completions",
+        json={"prompt": "A", "max_tokens": 60, "temperature": 0, "stop": ["e"]},
+    )
     text = r.json()["choices"][0]["text"]
     assert "e" not in text
 
@@ -99,17 +129,20 @@ def test_streaming_server_sent_events(server):
     assert "".join(pieces) == whole["choices"][0]["text"]
 
 
-@pytest.mark.parametrize(("body", "status", "needle"), [
-    ({"prompt": "A", "max_tokens": 1000}, 400, "max_tokens: at most 64"),
-    ({"prompt": "A", "top_p": 1.5}, 422, "top_p"),
-    ({"prompt": "A", "max_tokens": -1}, 422, "max_tokens"),
-    ({"max_tokens": 3}, 422, "prompt"),
-    ({"prompt": "x" * 40}, 400, "the model's context is 32"),
-    ({"prompt": "snow ☃"}, 400, "never saw"),
-    ({"prompt": [], "max_tokens": 3}, 400, "non-empty list"),
-    ({"prompt": "A", "n": 99}, 422, "n"),
-    ({"prompt": "A", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({"prompt": "A", "max_tokens": 1000}, 400, "max_tokens: at most 64"),
+        ({"prompt": "A", "top_p": 1.5}, 422, "top_p"),
+        ({"prompt": "A", "max_tokens": -1}, 422, "max_tokens"),
+        ({"max_tokens": 3}, 422, "prompt"),
+        ({"prompt": "x" * 40}, 400, "the model's context is 32"),
+        ({"prompt": "snow ☃"}, 400, "never saw"),
+        ({"prompt": [], "max_tokens": 3}, 400, "non-empty list"),
+        ({"prompt": "A", "n": 99}, 422, "n"),
+        ({"prompt": "A", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ],
+)
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, body, status, needle):
     r = httpx.post(server["url"] + "/v1/completions", json=body)
     assert r.status_code == status, r.text
@@ -118,19 +151,27 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, body, status,
 
 
 def test_malformed_json_and_oversized_body(server):
-    r = httpx.post(server["url"] + "/v1/completions", content=b"{not json",
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        server["url"] + "/v1/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 422
-    big = httpx.post(server["url"] + "/v1/completions", content=b"x" * 200_000,
-                     headers={"content-type": "application/json"})
+    big = httpx.post(
+        server["url"] + "/v1/completions",
+        content=b"x" * 200_000,
+        headers={"content-type": "application/json"},
+    )
     assert big.status_code == 413
 
 
 def test_slow_body_is_cut_off(server):
     host, port = server["url"].removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 100\r\n\r\n{\"prompt\":")
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"prompt":'
+        )
         started = time.time()
         reply = s.recv(4096).decode()
     assert reply.startswith("HTTP/1.1 408"), reply
@@ -141,10 +182,14 @@ def test_burst_of_200_concurrent_requests_all_answered_or_refused(server):
     async def burst():
         limits = httpx.Limits(max_connections=250)
         async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+
             async def one(i):
-                r = await client.post(server["url"] + "/v1/completions",
-                                      json={"prompt": "A", "max_tokens": 8, "seed": i})
+                r = await client.post(
+                    server["url"] + "/v1/completions",
+                    json={"prompt": "A", "max_tokens": 8, "seed": i},
+                )
                 return r.status_code
+
             return await asyncio.gather(*(one(i) for i in range(200)))
 
     codes = asyncio.run(burst())
@@ -157,9 +202,23 @@ def test_burst_of_200_concurrent_requests_all_answered_or_refused(server):
 def test_openapi_schema_fuzzed_without_server_errors(server):
     st = Path(sys.executable).parent / "st"
     result = subprocess.run(
-        [str(st), "run", server["url"] + "/openapi.json", "--checks", "not_a_server_error",
-         "--max-examples", "40", "--seed", "1", "--request-timeout", "60"],
-        capture_output=True, text=True, timeout=600)
+        [
+            str(st),
+            "run",
+            server["url"] + "/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "40",
+            "--seed",
+            "1",
+            "--request-timeout",
+            "60",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert httpx.get(server["url"] + "/health").status_code == 200
 
@@ -169,8 +228,9 @@ def test_openapi_schema_fuzzed_without_server_errors(server):
 
 def _stream_text(url, body):
     pieces = []
-    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True},
-                      timeout=120) as r:
+    with httpx.stream(
+        "POST", url + "/v1/completions", json={**body, "stream": True}, timeout=120
+    ) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
             if line == "data: [DONE]":
@@ -192,8 +252,14 @@ def test_concurrent_clients_share_decode_steps_and_get_the_tokens_they_get_alone
         {"prompt": "KING", "max_tokens": 50, "seed": 4, "top_p": 0.8, "stop": ["\n\n"]},
         {"prompt": "A", "max_tokens": 25, "seed": 5, "n": 2, "temperature": 1.2},
         {"prompt": "First Citizen:", "max_tokens": 35, "seed": 6, "stream": True},
-        {"prompt": "O", "max_tokens": 45, "seed": 7, "stream": True, "temperature": 0.7,
-         "stop": ["e"]},
+        {
+            "prompt": "O",
+            "max_tokens": 45,
+            "seed": 7,
+            "stream": True,
+            "temperature": 0.7,
+            "stop": ["e"],
+        },
     ]
 
     def ask(body):
@@ -208,9 +274,14 @@ def test_concurrent_clients_share_decode_steps_and_get_the_tokens_they_get_alone
     alone = Bundle.load(server["bundle"])
     for body, texts in zip(bodies * 2, got):
         stops = body.get("stop", [])
-        options = GenerationOptions(max_new_tokens=body["max_tokens"], seed=body.get("seed"),
-                                    temperature=body.get("temperature"), top_k=body.get("top_k"),
-                                    top_p=body.get("top_p"), stop=stops)
+        options = GenerationOptions(
+            max_new_tokens=body["max_tokens"],
+            seed=body.get("seed"),
+            temperature=body.get("temperature"),
+            top_k=body.get("top_k"),
+            top_p=body.get("top_p"),
+            stop=stops,
+        )
         want = alone.complete([body["prompt"]] * body.get("n", 1), options)
         assert texts == [c.text for c in want], body
     assert httpx.get(server["url"] + "/health").json()["peak_batch_rows"] > 1  # batched
@@ -222,8 +293,10 @@ def test_concurrent_clients_share_decode_steps_and_get_the_tokens_they_get_alone
 def test_unknown_model_logprobs_and_method_errors_are_openai_shaped(server):
     r = httpx.post(server["url"] + "/v1/completions", json={"prompt": "A", "model": "gpt-4"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
-    ok = httpx.post(server["url"] + "/v1/completions",
-                    json={"prompt": "A", "model": "shakespeare", "max_tokens": 2})
+    ok = httpx.post(
+        server["url"] + "/v1/completions",
+        json={"prompt": "A", "model": "shakespeare", "max_tokens": 2},
+    )
     assert ok.status_code == 200
     r = httpx.post(server["url"] + "/v1/completions", json={"prompt": "A", "logprobs": 2})
     assert r.status_code == 400 and "logprobs" in r.json()["error"]["message"]
@@ -236,13 +309,22 @@ def test_unknown_model_logprobs_and_method_errors_are_openai_shaped(server):
 
 
 def test_echo_and_include_usage(server):
-    r = httpx.post(server["url"] + "/v1/completions",
-                   json={"prompt": "ROMEO:", "max_tokens": 5, "echo": True, "temperature": 0}).json()
-    plain = httpx.post(server["url"] + "/v1/completions",
-                       json={"prompt": "ROMEO:", "max_tokens": 5, "temperature": 0}).json()
+    r = httpx.post(
+        server["url"] + "/v1/completions",
+        json={"prompt": "ROMEO:", "max_tokens": 5, "echo": True, "temperature": 0},
+    ).json()
+    plain = httpx.post(
+        server["url"] + "/v1/completions",
+        json={"prompt": "ROMEO:", "max_tokens": 5, "temperature": 0},
+    ).json()
     assert r["choices"][0]["text"] == "ROMEO:" + plain["choices"][0]["text"]
-    body = {"prompt": "A", "max_tokens": 6, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": "A",
+        "max_tokens": 6,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     chunks = []
     with httpx.stream("POST", server["url"] + "/v1/completions", json=body) as s:
         for line in s.iter_lines():
@@ -253,8 +335,10 @@ def test_echo_and_include_usage(server):
 
 
 def test_chat_on_a_base_model_says_so_and_docs_work_offline(server):
-    r = httpx.post(server["url"] + "/v1/chat/completions",
-                   json={"messages": [{"role": "user", "content": "hi"}]})
+    r = httpx.post(
+        server["url"] + "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}]},
+    )
     assert r.status_code == 400 and "base model" in r.json()["error"]["message"]
     docs = httpx.get(server["url"] + "/docs")
     assert docs.status_code == 200 and "/v1/completions" in docs.text
@@ -267,9 +351,12 @@ def test_openapi_schema_describes_what_is_returned(server):
     ok = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
     assert ok.endswith("/CompletionResponse")
     assert op["responses"]["404"]["content"]["application/json"]["schema"]["$ref"].endswith(
-        "/ErrorResponse")
+        "/ErrorResponse"
+    )
     fields = schema["components"]["schemas"]["CompletionResponse"]["properties"]
-    body = httpx.post(server["url"] + "/v1/completions", json={"prompt": "A", "max_tokens": 2}).json()
+    body = httpx.post(
+        server["url"] + "/v1/completions", json={"prompt": "A", "max_tokens": 2}
+    ).json()
     assert set(body) == set(fields)
 
 

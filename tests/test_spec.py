@@ -20,24 +20,41 @@ def write(tmp_path, name, text):
 def test_done_when_rpoe_and_dropout_both_reported(tmp_path):
     spec = write(tmp_path, "s.yaml", "model:\n  positional: {kind: rpoe}\n  dropout: 2\n")
     result = run_cli("validate", spec)
-    assert_user_error(result, "2 problems", "model.positional.kind: unknown positional kind 'rpoe'",
-                      "(did you mean 'rope'?)", "installed: alibi, learned, none, rope, sinusoidal",
-                      "model.dropout: Input should be less than 1 (got 2)", "gptkit plugins")
+    assert_user_error(
+        result,
+        "2 problems",
+        "model.positional.kind: unknown positional kind 'rpoe'",
+        "(did you mean 'rope'?)",
+        "installed: alibi, learned, none, rope, sinusoidal",
+        "model.dropout: Input should be less than 1 (got 2)",
+        "gptkit plugins",
+    )
 
 
 def test_yaml_and_toml_give_the_same_spec(tmp_path):
-    y = write(tmp_path, "s.yaml", "name: x\nmodel: {positional: rope, d_model: 64, n_heads: 4}\n"
-              "sampler: {kind: top_k, k: 5}\n")
-    t = write(tmp_path, "s.toml", 'name = "x"\n[model]\npositional = "rope"\nd_model = 64\n'
-              'n_heads = 4\n[sampler]\nkind = "top_k"\nk = 5\n')
+    y = write(
+        tmp_path,
+        "s.yaml",
+        "name: x\nmodel: {positional: rope, d_model: 64, n_heads: 4}\n"
+        "sampler: {kind: top_k, k: 5}\n",
+    )
+    t = write(
+        tmp_path,
+        "s.toml",
+        'name = "x"\n[model]\npositional = "rope"\nd_model = 64\n'
+        'n_heads = 4\n[sampler]\nkind = "top_k"\nk = 5\n',
+    )
     assert load_spec(y) == load_spec(t)
     assert load_spec(y).model.positional.kind == "rope"  # bare string means {kind: rope}
 
 
 def test_resolved_spec_round_trips_with_plugin_fields(tmp_path):
-    spec = validate_spec({"plugins": ["inline_attention"],
-                          "model": {"attention": {"kind": "naive", "score_scale": 1.5},
-                                    "preset": "tiny"}})
+    spec = validate_spec(
+        {
+            "plugins": ["inline_attention"],
+            "model": {"attention": {"kind": "naive", "score_scale": 1.5}, "preset": "tiny"},
+        }
+    )
     dumped = write(tmp_path, "r.yaml", yaml.safe_dump(spec.to_dict()))
     again = load_spec(dumped)
     assert again == spec
@@ -52,10 +69,18 @@ def test_presets_and_explicit_fields_override_them():
 
 
 def test_overrides_are_typed_and_validated():
-    spec = validate_spec({}, overrides=[
-        "train.lr=3e-4", "model.bias=true", "model.positional=rope", "model.positional.theta=500",
-        "data.source=[a.txt, b.txt]", "sampler.kind=min_p", "sampler.p=0.05",
-    ])
+    spec = validate_spec(
+        {},
+        overrides=[
+            "train.lr=3e-4",
+            "model.bias=true",
+            "model.positional=rope",
+            "model.positional.theta=500",
+            "data.source=[a.txt, b.txt]",
+            "sampler.kind=min_p",
+            "sampler.p=0.05",
+        ],
+    )
     assert spec.train.lr == 3e-4 and spec.model.bias is True
     assert spec.model.positional.theta == 500.0
     assert spec.data.source == ["a.txt", "b.txt"]
@@ -67,52 +92,81 @@ def test_changing_kind_drops_the_old_kinds_fields():
     assert spec.sampler.kind == "greedy"
 
 
-@pytest.mark.parametrize(("override", "needle"), [
-    ("model.n_head=4", "model.n_head: unknown key 'n_head' (did you mean 'n_heads'?)"),
-    ("train.lr=fast", "train.lr: Input should be a valid number"),
-    ("seed.x=1", "seed is a int, not a section"),
-    ("model..x=1", "is not a dotted field path"),
-    ("novalue", "expected PATH=VALUE"),
-    ("model.attention.kind=gqq", "unknown attention kind 'gqq' (did you mean 'gqa'?)"),
-])
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("model.n_head=4", "model.n_head: unknown key 'n_head' (did you mean 'n_heads'?)"),
+        ("train.lr=fast", "train.lr: Input should be a valid number"),
+        ("seed.x=1", "seed is a int, not a section"),
+        ("model..x=1", "is not a dotted field path"),
+        ("novalue", "expected PATH=VALUE"),
+        ("model.attention.kind=gqq", "unknown attention kind 'gqq' (did you mean 'gqa'?)"),
+    ],
+)
 def test_bad_overrides(override, needle):
     with pytest.raises(GptkitError) as err:
         validate_spec({"seed": 3}, overrides=[override])
     assert needle in str(err.value)
 
 
-@pytest.mark.parametrize(("model", "path", "needle"), [
-    ({"d_model": 30, "n_heads": 4}, "model.n_heads", "d_model (30) must be divisible by n_heads (4)"),
-    ({"attention": {"kind": "gqa", "n_kv_heads": 4}, "n_heads": 6}, "model.attention.n_kv_heads",
-     "n_heads (6) must be divisible by n_kv_heads (4)"),
-    ({"positional": "rope", "d_model": 36, "n_heads": 4}, "model.positional.kind", "even head size"),
-    ({"attention": {"kind": "sliding_window", "window": 512}, "max_seq_len": 256},
-     "model.attention.window", "window (512) must be <= max_seq_len (256)"),
-    ({"d_model": -1}, "model.d_model", "greater than 0"),
-    ({"n_layers": 0}, "model.n_layers", "greater than 0"),
-])
+@pytest.mark.parametrize(
+    ("model", "path", "needle"),
+    [
+        (
+            {"d_model": 30, "n_heads": 4},
+            "model.n_heads",
+            "d_model (30) must be divisible by n_heads (4)",
+        ),
+        (
+            {"attention": {"kind": "gqa", "n_kv_heads": 4}, "n_heads": 6},
+            "model.attention.n_kv_heads",
+            "n_heads (6) must be divisible by n_kv_heads (4)",
+        ),
+        (
+            {"positional": "rope", "d_model": 36, "n_heads": 4},
+            "model.positional.kind",
+            "even head size",
+        ),
+        (
+            {"attention": {"kind": "sliding_window", "window": 512}, "max_seq_len": 256},
+            "model.attention.window",
+            "window (512) must be <= max_seq_len (256)",
+        ),
+        ({"d_model": -1}, "model.d_model", "greater than 0"),
+        ({"n_layers": 0}, "model.n_layers", "greater than 0"),
+    ],
+)
 def test_cross_field_and_range_checks(model, path, needle):
     with pytest.raises(SpecError) as err:
         validate_spec({"model": model})
-    assert (path, ) == tuple(p for p, m in err.value.problems if needle in m)
+    assert (path,) == tuple(p for p, m in err.value.problems if needle in m)
 
 
 def test_all_problems_are_reported_at_once():
     with pytest.raises(SpecError) as err:
-        validate_spec({"seed": "x", "train": {"batch_size": 0, "lr": -1}, "nme": "a",
-                       "sampler": {"kind": "top_p", "p": 1.5}})
+        validate_spec(
+            {
+                "seed": "x",
+                "train": {"batch_size": 0, "lr": -1},
+                "nme": "a",
+                "sampler": {"kind": "top_p", "p": 1.5},
+            }
+        )
     paths = {p for p, _ in err.value.problems}
     assert paths == {"seed", "train.batch_size", "train.lr", "nme", "sampler.p"}
 
 
-@pytest.mark.parametrize(("name", "text", "needle"), [
-    ("e.yaml", "", "is empty"),
-    ("l.yaml", "- a\n- b\n", "must hold a mapping"),
-    ("t.toml", "name = \n", "is not valid TOML"),
-    ("y.yaml", "model: {d_model: [\n", "is not valid YAML"),
-    ("r.yaml", "a: &a [*a]\n", "refers to itself"),
-    ("x.txt", "name: x\n", "use .yaml, .yml or .toml"),
-])
+@pytest.mark.parametrize(
+    ("name", "text", "needle"),
+    [
+        ("e.yaml", "", "is empty"),
+        ("l.yaml", "- a\n- b\n", "must hold a mapping"),
+        ("t.toml", "name = \n", "is not valid TOML"),
+        ("y.yaml", "model: {d_model: [\n", "is not valid YAML"),
+        ("r.yaml", "a: &a [*a]\n", "refers to itself"),
+        ("x.txt", "name: x\n", "use .yaml, .yml or .toml"),
+    ],
+)
 def test_bad_spec_files(tmp_path, name, text, needle):
     assert_user_error(run_cli("validate", write(tmp_path, name, text)), needle)
 
@@ -153,6 +207,7 @@ def test_committed_spec_reference_is_current():
     committed = (ROOT / "docs" / "spec-reference.md").read_text()
     assert committed == spec_reference_markdown(), (
         "docs/spec-reference.md is stale: run "
-        "GPTKIT_DISABLE_PLUGIN_AUTOLOAD=1 gptkit schema --markdown > docs/spec-reference.md")
+        "GPTKIT_DISABLE_PLUGIN_AUTOLOAD=1 gptkit schema --markdown > docs/spec-reference.md"
+    )
     for kind in ("mha", "rope", "top_p", "sentencepiece", "adamw"):
         assert f"#### `{kind}`" in committed

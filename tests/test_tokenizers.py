@@ -1,4 +1,5 @@
-"""Tokenizers: each kind fits, round-trips, saves and loads (without torch), and trains end to end."""
+"""Tokenizers: each kind fits, round-trips, saves and loads (without torch), and trains
+end to end."""
 
 import json
 import subprocess
@@ -34,9 +35,13 @@ def hf_tokenizer_json(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fitted(hf_tokenizer_json):
-    tokenizers = {"char": make("char"), "byte": make("byte"), "bpe": make("bpe", vocab_size=400),
-                  "sentencepiece": make("sentencepiece", vocab_size=400),
-                  "pretrained": make("pretrained", path=str(hf_tokenizer_json))}
+    tokenizers = {
+        "char": make("char"),
+        "byte": make("byte"),
+        "bpe": make("bpe", vocab_size=400),
+        "sentencepiece": make("sentencepiece", vocab_size=400),
+        "pretrained": make("pretrained", path=str(hf_tokenizer_json)),
+    }
     for tok in tokenizers.values():
         tok.fit(CORPUS)
     return tokenizers
@@ -59,7 +64,9 @@ def test_fit_encode_decode_save_load(kind, fitted, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["byte", "bpe", "sentencepiece"])
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(text=st.text(max_size=200))
 def test_byte_level_tokenizers_round_trip_any_text(kind, fitted, text):
     tok = fitted[kind]
@@ -79,39 +86,66 @@ def test_char_unseen_characters_policy():
 def test_tokenizers_load_without_torch(fitted, tmp_path):
     for kind in ("bpe", "sentencepiece", "char"):
         fitted[kind].save(tmp_path / kind)
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "from gptkit.components.tokenizers import load_tokenizer\n"
-            "from gptkit.runtime import _runtime_registry\n"
-            "r = _runtime_registry()\n"
-            f"for k in ('bpe', 'sentencepiece', 'char'):\n"
-            f"    t = load_tokenizer({str(tmp_path)!r} + '/' + k, r)\n"
-            "    assert t.decode(t.encode('To be, or not')) == 'To be, or not'\n"
-            "print('ok')\n")
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from gptkit.components.tokenizers import load_tokenizer\n"
+        "from gptkit.runtime import _runtime_registry\n"
+        "r = _runtime_registry()\n"
+        f"for k in ('bpe', 'sentencepiece', 'char'):\n"
+        f"    t = load_tokenizer({str(tmp_path)!r} + '/' + k, r)\n"
+        "    assert t.decode(t.encode('To be, or not')) == 'To be, or not'\n"
+        "print('ok')\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
 def test_pretrained_missing_file_is_a_clear_error(tmp_path):
-    result = run_cli("train", ROOT / "experiments" / "smoke.yaml", "--no-progress",
-                     "--set", "tokenizer.kind=pretrained",
-                     "--set", f"tokenizer.path={tmp_path / 'nope.json'}", cwd=tmp_path)
+    result = run_cli(
+        "train",
+        ROOT / "experiments" / "smoke.yaml",
+        "--no-progress",
+        "--set",
+        "tokenizer.kind=pretrained",
+        "--set",
+        f"tokenizer.path={tmp_path / 'nope.json'}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 2 and "tokenizer.path not found" in result.stderr
 
 
-@pytest.mark.parametrize("tokenizer", [
-    ["tokenizer.kind=byte"],
-    ["tokenizer.kind=bpe", "tokenizer.vocab_size=300"],
-    ["tokenizer.kind=sentencepiece", "tokenizer.vocab_size=400"],
-    "pretrained",
-])
+@pytest.mark.parametrize(
+    "tokenizer",
+    [
+        ["tokenizer.kind=byte"],
+        ["tokenizer.kind=bpe", "tokenizer.vocab_size=300"],
+        ["tokenizer.kind=sentencepiece", "tokenizer.vocab_size=400"],
+        "pretrained",
+    ],
+)
 def test_each_tokenizer_trains_generates_and_exports(tokenizer, hf_tokenizer_json, tmp_path):
-    sets = (["tokenizer.kind=pretrained", f"tokenizer.path={hf_tokenizer_json}"]
-            if tokenizer == "pretrained" else tokenizer)
+    sets = (
+        ["tokenizer.kind=pretrained", f"tokenizer.path={hf_tokenizer_json}"]
+        if tokenizer == "pretrained"
+        else tokenizer
+    )
     args = [a for s in sets for a in ("--set", s)]
     run = tmp_path / "run"
-    train = run_cli("train", ROOT / "experiments" / "smoke.yaml", "--no-progress", "--run-dir", run,
-                    "--set", "train.max_steps=6", "--set", "train.eval_every=3",
-                    "--set", "tracking.enabled=false", *args, cwd=tmp_path)
+    train = run_cli(
+        "train",
+        ROOT / "experiments" / "smoke.yaml",
+        "--no-progress",
+        "--run-dir",
+        run,
+        "--set",
+        "train.max_steps=6",
+        "--set",
+        "train.eval_every=3",
+        "--set",
+        "tracking.enabled=false",
+        *args,
+        cwd=tmp_path,
+    )
     assert train.returncode == 0, train.stderr
     out = run_cli("export", run, "--out", tmp_path / "bundle", cwd=tmp_path)
     assert out.returncode == 0, out.stderr

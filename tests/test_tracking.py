@@ -48,9 +48,18 @@ def server(tmp_path_factory):
 
 
 def test_remote_server_receives_the_run(server, tmp_path):
-    result = run_cli("train", SMOKE, "--no-progress", "--set", f"tracking.uri={server.uri}",
-                     "--set", "tracking.experiment=remote", "--run-dir", tmp_path / "run",
-                     cwd=tmp_path)
+    result = run_cli(
+        "train",
+        SMOKE,
+        "--no-progress",
+        "--set",
+        f"tracking.uri={server.uri}",
+        "--set",
+        "tracking.experiment=remote",
+        "--run-dir",
+        tmp_path / "run",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     client = MlflowClient(server.uri)
     run = only_run(client, "remote")
@@ -64,12 +73,30 @@ def test_remote_server_receives_the_run(server, tmp_path):
 def outage_run(tmp_path, uri, experiment, steps, *extra):
     """A logging-heavy training subprocess against ``uri``, and a wait until its MLflow run
     exists on the server (so an outage hits a run in progress)."""
-    args = [sys.executable, "-m", "gptkit", "train", str(SMOKE), "--no-progress",
-            "--run-dir", str(tmp_path / "run"), "--set", f"tracking.uri={uri}",
-            "--set", f"train.max_steps={steps}", "--set", "train.log_every=1",
-            "--set", "train.threads=1", "--set", f"tracking.experiment={experiment}", *extra]
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    args = [
+        sys.executable,
+        "-m",
+        "gptkit",
+        "train",
+        str(SMOKE),
+        "--no-progress",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--set",
+        f"tracking.uri={uri}",
+        "--set",
+        f"train.max_steps={steps}",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.threads=1",
+        "--set",
+        f"tracking.experiment={experiment}",
+        *extra,
+    ]
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while not (tmp_path / "run" / "mlflow.json").exists():
         if time.time() > deadline or proc.poll() is not None:
@@ -102,8 +129,9 @@ def test_server_killed_mid_run_training_finishes_and_catches_up(tmp_path):
     # The server comes back (same store, same port); resuming sends what was spooled.
     srv2 = MlflowServer(tmp_path / "srv", port=srv.port).start()
     try:
-        again = subprocess.run(args + ["--resume"], cwd=tmp_path, capture_output=True, text=True,
-                               timeout=300)
+        again = subprocess.run(
+            args + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
         assert again.returncode == 0, again.stderr
         client = MlflowClient(srv2.uri)
         run = only_run(client, "outage")
@@ -120,9 +148,18 @@ def test_server_away_and_back_during_the_run_gets_everything_without_resume(tmp_
     the spooled metrics are delivered by the end of the run itself."""
     srv = MlflowServer(tmp_path / "srv").start()
     steps = 1500
-    proc, _ = outage_run(tmp_path, srv.uri, "flaky", steps, "--set", "train.eval_every=500",
-                         "--set", "train.sample_tokens=0",
-                         "--set", "train.batch_size=32")  # long enough to outlast a restart
+    proc, _ = outage_run(
+        tmp_path,
+        srv.uri,
+        "flaky",
+        steps,
+        "--set",
+        "train.eval_every=500",
+        "--set",
+        "train.sample_tokens=0",
+        "--set",
+        "train.batch_size=32",
+    )  # long enough to outlast a restart
     srv2 = None
     try:
         srv.kill()

@@ -19,9 +19,23 @@ from tests.helpers import assert_user_error, run_cli
 
 SMOKE = ROOT / "experiments" / "smoke.yaml"
 # Small, single-threaded (bit-exact across processes), no tracking, a checkpoint every 5 steps.
-EXACT = ["--set", "train.max_steps=40", "--set", "train.eval_every=5", "--set", "train.log_every=1",
-         "--set", "train.threads=1", "--set", "tracking.enabled=false", "--set", "model.dropout=0.1",
-         "--set", "train.sample_tokens=0", "--no-progress"]
+EXACT = [
+    "--set",
+    "train.max_steps=40",
+    "--set",
+    "train.eval_every=5",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.threads=1",
+    "--set",
+    "tracking.enabled=false",
+    "--set",
+    "model.dropout=0.1",
+    "--set",
+    "train.sample_tokens=0",
+    "--no-progress",
+]
 
 
 def final_weights(run_dir):
@@ -31,8 +45,16 @@ def final_weights(run_dir):
 
 @pytest.mark.slow
 def test_run_directory_layout(smoke_run):
-    for name in ("spec.yaml", "tokenizer/tokenizer.gptkit.json", "metrics.jsonl", "samples.txt",
-                 "mlflow.json", "loss_curve.png", "checkpoints/latest", "checkpoints/best"):
+    for name in (
+        "spec.yaml",
+        "tokenizer/tokenizer.gptkit.json",
+        "metrics.jsonl",
+        "samples.txt",
+        "mlflow.json",
+        "loss_curve.png",
+        "checkpoints/latest",
+        "checkpoints/best",
+    ):
         assert (smoke_run / name).exists(), name
     latest = read_pointer(smoke_run / "checkpoints" / "latest")
     assert latest == "step-000020"
@@ -43,13 +65,17 @@ def test_run_directory_layout(smoke_run):
     rows = [json.loads(x) for x in (smoke_run / "metrics.jsonl").read_text().splitlines()]
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
     assert len(vals) == 2 and vals[1] < vals[0]  # it learns something in 20 steps
-    assert all({"train_loss", "lr", "grad_norm", "tokens_per_sec"} <= set(r) for r in rows
-               if "train_loss" in r)
+    assert all(
+        {"train_loss", "lr", "grad_norm", "tokens_per_sec"} <= set(r)
+        for r in rows
+        if "train_loss" in r
+    )
 
 
 def test_schedule_warmup_then_cosine_to_min():
-    t = validate_spec({"train": {"lr": 1.0, "warmup_steps": 10, "max_steps": 110,
-                                 "min_lr_ratio": 0.1}}).train
+    t = validate_spec(
+        {"train": {"lr": 1.0, "warmup_steps": 10, "max_steps": 110, "min_lr_ratio": 0.1}}
+    ).train
     assert lr_at(0, t) == pytest.approx(0.1)
     assert lr_at(9, t) == pytest.approx(1.0)
     assert lr_at(60, t) == pytest.approx(0.55)
@@ -62,8 +88,21 @@ def test_schedule_warmup_then_cosine_to_min():
 
 def _train(run_dir, *extra, cwd):
     return subprocess.Popen(
-        [sys.executable, "-m", "gptkit", "train", str(SMOKE), "--run-dir", str(run_dir), *EXACT,
-         *extra], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "gptkit",
+            "train",
+            str(SMOKE),
+            "--run-dir",
+            str(run_dir),
+            *EXACT,
+            *extra,
+        ],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -91,8 +130,9 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, referen
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    resumed = run_cli("train", SMOKE, "--run-dir", tmp_path / "run", "--resume", *EXACT,
-                      cwd=tmp_path)
+    resumed = run_cli(
+        "train", SMOKE, "--run-dir", tmp_path / "run", "--resume", *EXACT, cwd=tmp_path
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
     a, b = final_weights(reference_run), final_weights(tmp_path / "run")
@@ -100,8 +140,11 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, referen
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after a kill at step {kill_at}"
     # The log holds each step once, as if the run had never stopped.
-    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text()
-             .splitlines() if "train_loss" in x]
+    steps = [
+        json.loads(x)["step"]
+        for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if "train_loss" in x
+    ]
     assert steps == list(range(1, 41))
 
 
@@ -115,8 +158,9 @@ def test_sigint_writes_a_checkpoint_and_exits_cleanly(tmp_path, reference_run):
     assert "Traceback" not in err and "stopped by SIGINT at step" in err
     step = int(err.split("stopped by SIGINT at step ")[1].split(";")[0])
     assert (tmp_path / "run" / "checkpoints" / f"step-{step:06d}" / "model.safetensors").exists()
-    resumed = run_cli("train", SMOKE, "--run-dir", tmp_path / "run", "--resume", *EXACT,
-                      cwd=tmp_path)
+    resumed = run_cli(
+        "train", SMOKE, "--run-dir", tmp_path / "run", "--resume", *EXACT, cwd=tmp_path
+    )
     assert resumed.returncode == 0, resumed.stderr
     a, b = final_weights(reference_run), final_weights(tmp_path / "run")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -130,8 +174,17 @@ def test_resume_falls_back_when_the_latest_checkpoint_is_corrupt(tmp_path, refer
     shutil.copytree(reference_run, run)
     latest = run / "checkpoints" / read_pointer(run / "checkpoints" / "latest")
     (latest / "model.safetensors").write_bytes(b"truncated")
-    result = run_cli("train", SMOKE, "--run-dir", run, "--resume", *EXACT,
-                     "--set", "train.max_steps=40", cwd=tmp_path)
+    result = run_cli(
+        "train",
+        SMOKE,
+        "--run-dir",
+        run,
+        "--resume",
+        *EXACT,
+        "--set",
+        "train.max_steps=40",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "skipping unusable checkpoint" in result.stderr
     a, b = final_weights(reference_run), final_weights(run)
@@ -144,28 +197,59 @@ def test_resume_refuses_a_different_model_but_allows_more_steps(tmp_path, refere
 
     run = tmp_path / "run"
     shutil.copytree(reference_run, run)
-    bad = run_cli("train", SMOKE, "--run-dir", run, "--resume", *EXACT,
-                  "--set", "model.d_model=64", cwd=tmp_path)
+    bad = run_cli(
+        "train",
+        SMOKE,
+        "--run-dir",
+        run,
+        "--resume",
+        *EXACT,
+        "--set",
+        "model.d_model=64",
+        cwd=tmp_path,
+    )
     assert_user_error(bad, "cannot resume", "model.d_model: 32 in the run, 64 now")
-    more = run_cli("train", SMOKE, "--run-dir", run, "--resume", *EXACT,
-                   "--set", "train.max_steps=45", cwd=tmp_path)
+    more = run_cli(
+        "train",
+        SMOKE,
+        "--run-dir",
+        run,
+        "--resume",
+        *EXACT,
+        "--set",
+        "train.max_steps=45",
+        cwd=tmp_path,
+    )
     assert more.returncode == 0, more.stderr
     assert read_pointer(run / "checkpoints" / "latest") == "step-000045"
 
 
 @pytest.mark.slow
 def test_nothing_to_resume_and_existing_run_dir(tmp_path, reference_run):
-    assert_user_error(run_cli("train", SMOKE, "--resume", *EXACT, cwd=tmp_path),
-                      "nothing to resume")
-    assert_user_error(run_cli("train", SMOKE, "--run-dir", reference_run, *EXACT, cwd=tmp_path),
-                      "already holds a run", "--resume")
+    assert_user_error(
+        run_cli("train", SMOKE, "--resume", *EXACT, cwd=tmp_path), "nothing to resume"
+    )
+    assert_user_error(
+        run_cli("train", SMOKE, "--run-dir", reference_run, *EXACT, cwd=tmp_path),
+        "already holds a run",
+        "--resume",
+    )
 
 
 @pytest.mark.slow
 def test_diverging_loss_stops_with_step_and_checkpoint(tmp_path):
-    result = run_cli("train", SMOKE, "--no-progress", "--set", "train.lr=1e30",
-                     "--set", "train.grad_clip=null", "--set", "tracking.enabled=false",
-                     cwd=tmp_path)
+    result = run_cli(
+        "train",
+        SMOKE,
+        "--no-progress",
+        "--set",
+        "train.lr=1e30",
+        "--set",
+        "train.grad_clip=null",
+        "--set",
+        "tracking.enabled=false",
+        cwd=tmp_path,
+    )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "training stopped at step 6: 5 non-finite steps in a row" in result.stderr
@@ -196,7 +280,7 @@ def test_pickle_payload_in_a_checkpoint_is_refused_without_running_it(tmp_path, 
 @pytest.mark.slow
 def test_eval_command(smoke_run, tmp_path):
     text = tmp_path / "t.txt"
-    sample = (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
+    sample = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
     text.write_text(sample.read_text()[:2000] if sample.exists() else "To be, or not to be. " * 50)
     result = run_cli("eval", smoke_run, "--data", text, "--json")
     assert result.returncode == 0, result.stderr
@@ -204,8 +288,11 @@ def test_eval_command(smoke_run, tmp_path):
     assert doc["tokens"] == doc["bytes"] - 1  # char-level: every char but the first is predicted
     assert 1.0 < doc["loss"] < 5.0
     import math
+
     assert doc["perplexity"] == pytest.approx(math.exp(doc["loss"]))
-    assert doc["bits_per_byte"] == pytest.approx(doc["loss"] * doc["tokens"] / doc["bytes"] / math.log(2))
+    assert doc["bits_per_byte"] == pytest.approx(
+        doc["loss"] * doc["tokens"] / doc["bytes"] / math.log(2)
+    )
     assert_user_error(run_cli("eval", tmp_path / "missing", "--data", text), "run not found")
     assert_user_error(run_cli("eval", tmp_path, "--data", text), "not a gptkit run directory")
 
@@ -220,8 +307,14 @@ def test_the_printed_hint_resumes_exactly_what_was_asked(tmp_path, reference_run
     from mlflow.tracking import MlflowClient
 
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = _train(tmp_path / "run", "--set", "tracking.enabled=true", "--set",
-                  f"tracking.uri={db}", cwd=tmp_path)
+    proc = _train(
+        tmp_path / "run",
+        "--set",
+        "tracking.enabled=true",
+        "--set",
+        f"tracking.uri={db}",
+        cwd=tmp_path,
+    )
     _wait_for_step(proc, 7)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -229,8 +322,13 @@ def test_the_printed_hint_resumes_exactly_what_was_asked(tmp_path, reference_run
     hint = err.split("Continue with: ")[1].strip()
     argv = shlex.split(hint)
     assert argv[:2] == ["gptkit", "train"] and "--set" not in argv
-    resumed = subprocess.run([sys.executable, "-m", "gptkit", *argv[1:]], cwd=tmp_path,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "gptkit", *argv[1:]],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert read_pointer(tmp_path / "run" / "checkpoints" / "latest") == "step-000040"
     a, b = final_weights(reference_run), final_weights(tmp_path / "run")
@@ -246,15 +344,25 @@ def test_the_printed_hint_resumes_exactly_what_was_asked(tmp_path, reference_run
 
 @pytest.mark.slow
 def test_resume_with_a_changed_field_lists_it_and_the_edited_spec_file_is_not_applied(
-        tmp_path, reference_run):
+    tmp_path, reference_run
+):
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(reference_run, run)
     edited = tmp_path / "edited.yaml"
     edited.write_text(SMOKE.read_text().replace("lr: 3.0e-3", "lr: 1.0e-2"))
-    result = run_cli("train", edited, "--run-dir", run, "--resume", "--no-progress",
-                     "--set", "train.max_steps=42", cwd=tmp_path)
+    result = run_cli(
+        "train",
+        edited,
+        "--run-dir",
+        run,
+        "--resume",
+        "--no-progress",
+        "--set",
+        "train.max_steps=42",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "resume changes train.max_steps: 40 -> 42" in result.stdout
     assert "train.lr" in result.stderr and "not applied" in result.stderr
@@ -281,21 +389,40 @@ def test_a_second_writer_is_refused_while_the_first_runs(tmp_path, reference_run
     shutil.copytree(reference_run, run)
     first = _train(run, "--resume", "--set", "train.max_steps=400", cwd=tmp_path)
     _wait_for_step(first, 42)
-    second = run_cli("train", SMOKE, "--run-dir", run, "--resume", *EXACT,
-                     "--set", "train.max_steps=400", cwd=tmp_path)
+    second = run_cli(
+        "train",
+        SMOKE,
+        "--run-dir",
+        run,
+        "--resume",
+        *EXACT,
+        "--set",
+        "train.max_steps=400",
+        cwd=tmp_path,
+    )
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=60)
     assert_user_error(second, "is being written by another gptkit process")
     # The first one died without cleaning up: its stale lock is explained and taken over.
-    third = run_cli("train", SMOKE, "--run-dir", run, "--resume", *EXACT,
-                    "--set", "train.max_steps=45", cwd=tmp_path)
+    third = run_cli(
+        "train",
+        SMOKE,
+        "--run-dir",
+        run,
+        "--resume",
+        *EXACT,
+        "--set",
+        "train.max_steps=45",
+        cwd=tmp_path,
+    )
     assert third.returncode == 0, third.stderr
     assert "left by a process that is gone" in third.stderr
 
 
 @pytest.mark.slow
 def test_resume_that_would_change_the_tokenizer_is_refused_and_changes_nothing(
-        tmp_path, reference_run):
+    tmp_path, reference_run
+):
     import shutil
 
     run = tmp_path / "run"
@@ -303,9 +430,18 @@ def test_resume_that_would_change_the_tokenizer_is_refused_and_changes_nothing(
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     other = tmp_path / "other.txt"
     # A different character set: a char tokenizer fitted on it is another mapping.
-    other.write_text("".join(chr(c) for c in range(0x3b1, 0x3b1 + 20)) * 2000)
-    result = run_cli("train", SMOKE, "--run-dir", run, "--resume", *EXACT,
-                     "--set", f"data.source={other}", cwd=tmp_path)
+    other.write_text("".join(chr(c) for c in range(0x3B1, 0x3B1 + 20)) * 2000)
+    result = run_cli(
+        "train",
+        SMOKE,
+        "--run-dir",
+        run,
+        "--resume",
+        *EXACT,
+        "--set",
+        f"data.source={other}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert "cannot resume" in result.stderr
@@ -317,11 +453,28 @@ def test_resume_that_would_change_the_tokenizer_is_refused_and_changes_nothing(
 def test_a_run_that_ends_on_non_finite_steps_fails_and_names_the_checkpoint(tmp_path):
     # Steps 1-3 are fine; from step 4 on the learning rate is huge and the loss blows up, with
     # max_bad_steps larger than what is left: the run reaches max_steps on skipped steps.
-    result = run_cli("train", SMOKE, "--no-progress", "--set", "train.max_steps=12",
-                     "--set", "train.warmup_steps=0", "--set", "train.lr=1e25",
-                     "--set", "train.grad_clip=null", "--set", "train.max_bad_steps=50",
-                     "--set", "tracking.enabled=false", "--set", "train.eval_every=4",
-                     "--set", "train.sample_tokens=0", cwd=tmp_path)
+    result = run_cli(
+        "train",
+        SMOKE,
+        "--no-progress",
+        "--set",
+        "train.max_steps=12",
+        "--set",
+        "train.warmup_steps=0",
+        "--set",
+        "train.lr=1e25",
+        "--set",
+        "train.grad_clip=null",
+        "--set",
+        "train.max_bad_steps=50",
+        "--set",
+        "tracking.enabled=false",
+        "--set",
+        "train.eval_every=4",
+        "--set",
+        "train.sample_tokens=0",
+        cwd=tmp_path,
+    )
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
     assert "non-finite step(s)" in result.stderr and "checkpoints/step-" in result.stderr

@@ -150,8 +150,14 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads
         return self.resid_dropout(self.out_proj(y)), present
 
-    def attend_static(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: StaticKV,
-                      key_mask: torch.Tensor | None) -> torch.Tensor:
+    def attend_static(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        past: StaticKV,
+        key_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         """Attention of the new queries over the cache slots and the new keys, without joining
         them: scores for both parts side by side (B, H, T, S + T), one softmax, then the
         weighted sum of each part's values. Query heads are grouped per key/value head, so the
@@ -176,8 +182,13 @@ class CausalSelfAttention(nn.Module):
             allowed = allowed & (q_idx[:, None] - k_idx[None, :] < self.window)
         allowed = allowed[None, None]
         if key_mask is not None:
-            itself = torch.cat([torch.zeros(T, S, dtype=torch.bool, device=device),
-                                torch.eye(T, dtype=torch.bool, device=device)], dim=-1)
+            itself = torch.cat(
+                [
+                    torch.zeros(T, S, dtype=torch.bool, device=device),
+                    torch.eye(T, dtype=torch.bool, device=device),
+                ],
+                dim=-1,
+            )
             allowed = (allowed & key_mask[:, None, None, :].bool()) | itself
         att = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
         p_cache = att[..., :S].reshape(B, H_kv, G * T, S)
@@ -219,8 +230,9 @@ class MHASpec(AttentionSpec):
     kind: Literal["mha"] = "mha"
 
     def build(self, model, *, positional):
-        return CausalSelfAttention(model.d_model, model.n_heads, model.n_heads, model.dropout,
-                                   model.bias, positional)
+        return CausalSelfAttention(
+            model.d_model, model.n_heads, model.n_heads, model.dropout, model.bias, positional
+        )
 
 
 class GQASpec(AttentionSpec):
@@ -228,18 +240,25 @@ class GQASpec(AttentionSpec):
     so the KV cache is smaller. ``n_kv_heads: 1`` is multi-query attention."""
 
     kind: Literal["gqa"] = "gqa"
-    n_kv_heads: int = Field(2, gt=0, examples=[2], description="Key/value heads; must divide n_heads.")
+    n_kv_heads: int = Field(
+        2, gt=0, examples=[2], description="Key/value heads; must divide n_heads."
+    )
 
     def check(self, model):
         if model.n_heads % self.n_kv_heads:
             return [
-                ("n_kv_heads", f"n_heads ({model.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+                (
+                    "n_kv_heads",
+                    f"n_heads ({model.n_heads}) must be divisible by "
+                    f"n_kv_heads ({self.n_kv_heads})",
+                )
             ]
         return []
 
     def build(self, model, *, positional):
-        return CausalSelfAttention(model.d_model, model.n_heads, self.n_kv_heads, model.dropout,
-                                   model.bias, positional)
+        return CausalSelfAttention(
+            model.d_model, model.n_heads, self.n_kv_heads, model.dropout, model.bias, positional
+        )
 
 
 class SlidingWindowSpec(AttentionSpec):
@@ -253,12 +272,21 @@ class SlidingWindowSpec(AttentionSpec):
 
     def check(self, model):
         if self.window > model.max_seq_len:
-            return [("window", f"window ({self.window}) must be <= max_seq_len ({model.max_seq_len})")]
+            return [
+                ("window", f"window ({self.window}) must be <= max_seq_len ({model.max_seq_len})")
+            ]
         return []
 
     def build(self, model, *, positional):
-        return CausalSelfAttention(model.d_model, model.n_heads, model.n_heads, model.dropout,
-                                   model.bias, positional, window=self.window)
+        return CausalSelfAttention(
+            model.d_model,
+            model.n_heads,
+            model.n_heads,
+            model.dropout,
+            model.bias,
+            positional,
+            window=self.window,
+        )
 
 
 @hookimpl

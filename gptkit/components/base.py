@@ -145,7 +145,9 @@ class SamplerSpec(ComponentSpec):
     @classmethod
     def _no_zero_temperature(cls, value: Any) -> Any:
         if isinstance(value, (int, float)) and value == 0:
-            raise ValueError("temperature must be > 0; for deterministic output use sampler.kind=greedy")
+            raise ValueError(
+                "temperature must be > 0; for deterministic output use sampler.kind=greedy"
+            )
         return value
 
     def build(self) -> SamplerSpec:
@@ -256,16 +258,51 @@ class Slot:
 SLOTS: dict[str, Slot] = {
     s.name: s
     for s in (
-        Slot("attention", AttentionSpec, ("model", "attention"), "mha",
-             "gptkit.components.attention", False, "how tokens attend to earlier tokens"),
-        Slot("positional", PositionalSpec, ("model", "positional"), "learned",
-             "gptkit.components.positional", False, "how position reaches the model"),
-        Slot("tokenizer", TokenizerSpec, ("tokenizer",), "char",
-             "gptkit.components.tokenizers", True, "text <-> token ids"),
-        Slot("sampler", SamplerSpec, ("sampler",), "top_p",
-             "gptkit.components.samplers", True, "next token from logits"),
-        Slot("optimizer", OptimizerSpec, ("train", "optimizer"), "adamw",
-             "gptkit.components.optimizers", False, "how parameters are updated"),
+        Slot(
+            "attention",
+            AttentionSpec,
+            ("model", "attention"),
+            "mha",
+            "gptkit.components.attention",
+            False,
+            "how tokens attend to earlier tokens",
+        ),
+        Slot(
+            "positional",
+            PositionalSpec,
+            ("model", "positional"),
+            "learned",
+            "gptkit.components.positional",
+            False,
+            "how position reaches the model",
+        ),
+        Slot(
+            "tokenizer",
+            TokenizerSpec,
+            ("tokenizer",),
+            "char",
+            "gptkit.components.tokenizers",
+            True,
+            "text <-> token ids",
+        ),
+        Slot(
+            "sampler",
+            SamplerSpec,
+            ("sampler",),
+            "top_p",
+            "gptkit.components.samplers",
+            True,
+            "next token from logits",
+        ),
+        Slot(
+            "optimizer",
+            OptimizerSpec,
+            ("train", "optimizer"),
+            "adamw",
+            "gptkit.components.optimizers",
+            False,
+            "how parameters are updated",
+        ),
     )
 }
 SLOT_BASES: dict[str, type[ComponentSpec]] = {name: s.base for name, s in SLOTS.items()}

@@ -82,15 +82,37 @@ def muon_groups(model, lr: float, spec: MuonSpec) -> list[dict]:
     rest = [p for _, p in named if id(p) not in taken]
     adam = {"use_muon": False, "betas": (spec.adam_beta1, spec.adam_beta2), "eps": spec.adam_eps}
     groups = [
-        {"name": "muon", "params": matrices, "lr": lr * spec.muon_lr_scale, "use_muon": True,
-         "momentum": spec.momentum, "nesterov": spec.nesterov, "ns_steps": spec.ns_steps,
-         "weight_decay": spec.weight_decay},
-        {"name": "embed", "params": embeds, "lr": lr * spec.embed_lr_scale,
-         "weight_decay": spec.adam_weight_decay, **adam},
-        {"name": "head", "params": head, "lr": lr * spec.head_lr_scale,
-         "weight_decay": spec.adam_weight_decay, **adam},
-        {"name": "scalar", "params": rest, "lr": lr * spec.scalar_lr_scale, "weight_decay": 0.0,
-         **adam},
+        {
+            "name": "muon",
+            "params": matrices,
+            "lr": lr * spec.muon_lr_scale,
+            "use_muon": True,
+            "momentum": spec.momentum,
+            "nesterov": spec.nesterov,
+            "ns_steps": spec.ns_steps,
+            "weight_decay": spec.weight_decay,
+        },
+        {
+            "name": "embed",
+            "params": embeds,
+            "lr": lr * spec.embed_lr_scale,
+            "weight_decay": spec.adam_weight_decay,
+            **adam,
+        },
+        {
+            "name": "head",
+            "params": head,
+            "lr": lr * spec.head_lr_scale,
+            "weight_decay": spec.adam_weight_decay,
+            **adam,
+        },
+        {
+            "name": "scalar",
+            "params": rest,
+            "lr": lr * spec.scalar_lr_scale,
+            "weight_decay": 0.0,
+            **adam,
+        },
     ]
     return [g for g in groups if g["params"]]
 

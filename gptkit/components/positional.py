@@ -37,7 +37,8 @@ class PositionalEncoding(nn.Module):
         return q, k
 
     def score_bias(self, q_len: int, k_len: int) -> torch.Tensor | None:
-        """Bias (1, H, q_len, k_len) for queries at k_len-q_len .. k_len-1 over keys 0 .. k_len-1."""
+        """Bias (1, H, q_len, k_len) for queries at k_len-q_len .. k_len-1 over keys
+        0 .. k_len-1."""
         return None
 
     def score_bias_at(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor | None:
@@ -51,8 +52,10 @@ class PositionalEncoding(nn.Module):
     def static_cache(self) -> bool:
         """Whether this scheme works with the static KV cache."""
         cls = type(self)
-        return (cls.score_bias is PositionalEncoding.score_bias
-                or cls.score_bias_at is not PositionalEncoding.score_bias_at)
+        return (
+            cls.score_bias is PositionalEncoding.score_bias
+            or cls.score_bias_at is not PositionalEncoding.score_bias_at
+        )
 
 
 class LearnedPositionalEmbedding(PositionalEncoding):
@@ -164,7 +167,11 @@ class SinusoidalSpec(PositionalSpec):
     base: float = Field(10000.0, gt=1.0)
 
     def check(self, model):
-        return [] if model.d_model % 2 == 0 else [("kind", f"needs an even d_model, got {model.d_model}")]
+        return (
+            []
+            if model.d_model % 2 == 0
+            else [("kind", f"needs an even d_model, got {model.d_model}")]
+        )
 
     def build(self, model):
         return SinusoidalPositionalEmbedding(model.d_model, self.base)

@@ -91,8 +91,9 @@ def load_tokenizer(directory: str | Path, registry=None) -> Tokenizer:
     spec_data = doc.get("spec") if isinstance(doc, dict) else None
     state = doc.get("state") if isinstance(doc, dict) else None
     if not isinstance(spec_data, dict) or not isinstance(spec_data.get("kind"), str):
-        raise RunError(f"{path} is not a gptkit tokenizer file: 'spec' must be an object "
-                       "with a 'kind'")
+        raise RunError(
+            f"{path} is not a gptkit tokenizer file: 'spec' must be an object with a 'kind'"
+        )
     if not isinstance(state, dict):
         raise RunError(f"{path} is not a gptkit tokenizer file: 'state' must be an object")
     if registry is None:
@@ -114,8 +115,9 @@ def load_tokenizer(directory: str | Path, registry=None) -> Tokenizer:
             raise
         raise RunError(f"{path}: {exc.message}", exc.hint) from None
     except Exception as exc:  # a damaged state: wrong types, a library refusing its file
-        raise RunError(f"{path}: the tokenizer state is damaged "
-                       f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise RunError(
+            f"{path}: the tokenizer state is damaged ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
     return tok
 
 
@@ -130,8 +132,9 @@ def state_file(directory: Path, name: Any) -> Path:
 
     parts = Path(name).parts if isinstance(name, str) else ()
     if not parts or Path(name).is_absolute() or ".." in parts or "\\" in name:
-        raise RunError(f"tokenizer state names the file {name!r}; it must be a file name "
-                       f"inside {directory}")
+        raise RunError(
+            f"tokenizer state names the file {name!r}; it must be a file name inside {directory}"
+        )
     path = directory / name
     check_regular(path, "tokenizer file", MAX_TOKENIZER_BYTES, RunError)
     return path
@@ -259,8 +262,10 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
         eot_id = hf.token_to_id(eot) if eot else None
         if eot_id is None:
-            raise DataError(f"tokenizer has no end-of-text token {eot!r}",
-                            "Set tokenizer.eot_token to a token in its vocabulary.")
+            raise DataError(
+                f"tokenizer has no end-of-text token {eot!r}",
+                "Set tokenizer.eot_token to a token in its vocabulary.",
+            )
         self.eot_id = eot_id
 
     def encode(self, text: str) -> list[int]:
@@ -293,8 +298,10 @@ class BPETokenizer(HFTokenizer):
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=self.spec.vocab_size, min_frequency=self.spec.min_frequency,
-            special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            vocab_size=self.spec.vocab_size,
+            min_frequency=self.spec.min_frequency,
+            special_tokens=[EOT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
         hf.train_from_iterator(_chunks(text), trainer)
@@ -343,19 +350,31 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self._train(spm, text, out)
         except RuntimeError as exc:
-            raise DataError(f"sentencepiece could not train: {str(exc).split(']')[-1].strip()}",
-                            "Increase tokenizer.vocab_size.") from None
+            raise DataError(
+                f"sentencepiece could not train: {str(exc).split(']')[-1].strip()}",
+                "Increase tokenizer.vocab_size.",
+            ) from None
         self._attach(out.getvalue())
 
     def _train(self, spm, text: str, out) -> None:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(text.split("\n")), model_writer=out,
-            vocab_size=self.spec.vocab_size, model_type=self.spec.model_type,
-            byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
-            allow_whitespace_only_pieces=True, user_defined_symbols=["\n"],
-            control_symbols=[EOT], minloglevel=2, num_threads=1,
-            max_sentence_length=1 << 16, hard_vocab_limit=False,
+            sentence_iterator=iter(text.split("\n")),
+            model_writer=out,
+            vocab_size=self.spec.vocab_size,
+            model_type=self.spec.model_type,
+            byte_fallback=True,
+            character_coverage=1.0,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            user_defined_symbols=["\n"],
+            control_symbols=[EOT],
+            minloglevel=2,
+            num_threads=1,
+            max_sentence_length=1 << 16,
+            hard_vocab_limit=False,
         )
 
     def encode(self, text: str) -> list[int]:
@@ -398,8 +417,9 @@ class PretrainedTokenizer(HFTokenizer):
 
         path = Path(self.spec.path)
         if not path.exists():
-            raise DataError(f"tokenizer.path not found: {path}",
-                            "Point it at a local tokenizer.json file.")
+            raise DataError(
+                f"tokenizer.path not found: {path}", "Point it at a local tokenizer.json file."
+            )
         check_regular(path, "tokenizer.path", MAX_TOKENIZER_BYTES, DataError)
         try:
             hf = tk.Tokenizer.from_file(str(path))
@@ -430,6 +450,11 @@ class PretrainedSpec(TokenizerSpec):
 
 @hookimpl
 def gptkit_register_tokenizer(register):
-    for spec in (CharTokenizerSpec, ByteTokenizerSpec, BPETokenizerSpec, SentencePieceSpec,
-                 PretrainedSpec):
+    for spec in (
+        CharTokenizerSpec,
+        ByteTokenizerSpec,
+        BPETokenizerSpec,
+        SentencePieceSpec,
+        PretrainedSpec,
+    ):
         register(spec)

@@ -130,8 +130,11 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Complete checkpoint folders, oldest first."""
     if not ckpt_dir.is_dir():
         return []
-    return sorted(p for p in ckpt_dir.iterdir()
-                  if p.is_dir() and not p.is_symlink() and _NAME.fullmatch(p.name))
+    return sorted(
+        p
+        for p in ckpt_dir.iterdir()
+        if p.is_dir() and not p.is_symlink() and _NAME.fullmatch(p.name)
+    )
 
 
 def _prune(ckpt_dir: Path, keep_last: int, keep: set[str | None]) -> None:
@@ -173,8 +176,10 @@ def _check_shapes(file: Path, model: torch.nn.Module) -> None:
         with safe_open(str(file), framework="pt") as f:
             shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except Exception as exc:
-        raise RunError(f"checkpoint {file.parent}: {MODEL_FILE} is unreadable "
-                       f"(truncated or not safetensors): {str(exc)[:200]}") from None
+        raise RunError(
+            f"checkpoint {file.parent}: {MODEL_FILE} is unreadable "
+            f"(truncated or not safetensors): {str(exc)[:200]}"
+        ) from None
     wanted = {k: list(v.shape) for k, v in model.state_dict().items()}
     bad = [k for k in shapes if k in wanted and shapes[k] != wanted[k]]
     if bad:
@@ -182,7 +187,8 @@ def _check_shapes(file: Path, model: torch.nn.Module) -> None:
         raise RunError(
             f"checkpoint {file.parent} does not fit this model: {len(bad)} tensors differ in "
             f"shape (e.g. {k}: {shapes[k]} in the checkpoint, {wanted[k]} in the model)",
-            "Was spec.yaml edited? The model must be built from the spec it was trained with.")
+            "Was spec.yaml edited? The model must be built from the spec it was trained with.",
+        )
 
 
 def resume_candidates(ckpt_dir: Path) -> list[Path]:
@@ -203,8 +209,9 @@ def checkpoint_candidates(ckpt_dir: Path, which: str = "latest") -> list[Path]:
         name = read_pointer(ckpt_dir / "best")
         return [ckpt_dir / name] if name else []
     if not _NAME.fullmatch(which):
-        raise RunError(f"--checkpoint {which!r}: use latest, best, or step-N (a folder in "
-                       f"{ckpt_dir})")
+        raise RunError(
+            f"--checkpoint {which!r}: use latest, best, or step-N (a folder in {ckpt_dir})"
+        )
     if not (ckpt_dir / which).is_dir():
         have = ", ".join(p.name for p in list_checkpoints(ckpt_dir)) or "none"
         raise RunError(f"no checkpoint {which} in {ckpt_dir}; available: {have}")

@@ -25,24 +25,30 @@ def collect(client: Any, experiment: str) -> list[dict[str, Any]]:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = ", ".join(e.name for e in client.search_experiments()) or "(none)"
-        raise GptkitError(f"no MLflow experiment named {experiment!r}; experiments: {names}",
-                          "Pass one of them, or --tracking-uri for another store.")
+        raise GptkitError(
+            f"no MLflow experiment named {experiment!r}; experiments: {names}",
+            "Pass one of them, or --tracking-uri for another store.",
+        )
     rows = []
     for run in client.search_runs([exp.experiment_id], max_results=500):
         metrics = run.data.metrics
         if run.data.tags.get("gptkit.kind") in HIDDEN_KINDS or "val_loss" not in metrics:
             continue
         history = client.get_metric_history(run.info.run_id, "val_loss")
-        rows.append({
-            "run_id": run.info.run_id,
-            "name": run.info.run_name,
-            "params": run.data.params,
-            "val_loss": metrics.get("summary.final_val_loss", metrics["val_loss"]),
-            "best_val_loss": min(m.value for m in history),
-            # The whole run's rate (summary), not the last logging window's.
-            "tokens_per_sec": metrics.get("summary.tokens_per_sec", metrics.get("tokens_per_sec")),
-            "curve": sorted((m.step, m.value) for m in history),
-        })
+        rows.append(
+            {
+                "run_id": run.info.run_id,
+                "name": run.info.run_name,
+                "params": run.data.params,
+                "val_loss": metrics.get("summary.final_val_loss", metrics["val_loss"]),
+                "best_val_loss": min(m.value for m in history),
+                # The whole run's rate (summary), not the last logging window's.
+                "tokens_per_sec": metrics.get(
+                    "summary.tokens_per_sec", metrics.get("tokens_per_sec")
+                ),
+                "curve": sorted((m.step, m.value) for m in history),
+            }
+        )
     rows.sort(key=lambda r: r["val_loss"])
     return rows
 
@@ -79,17 +85,23 @@ def group_runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         final, final_std = mean_std([m["val_loss"] for m in members])
         best, best_std = mean_std([m["best_val_loss"] for m in members])
         rates = [m["tokens_per_sec"] for m in members if m["tokens_per_sec"]]
-        groups.append({
-            "name": _group_name(members), "n": len(members), "runs": members,
-            "run_ids": [m["run_id"] for m in members],
-            "seeds": [m["params"].get("seed") for m in members],
-            "params": {k: v for k, v in members[0]["params"].items() if k not in SEED_PARAMS},
-            "val_loss": final, "val_loss_std": final_std,
-            "best_val_loss": best, "best_val_loss_std": best_std,
-            "finals": [m["val_loss"] for m in members],
-            "tokens_per_sec": sum(rates) / len(rates) if rates else None,
-            "curve": _mean_curve([m["curve"] for m in members]),
-        })
+        groups.append(
+            {
+                "name": _group_name(members),
+                "n": len(members),
+                "runs": members,
+                "run_ids": [m["run_id"] for m in members],
+                "seeds": [m["params"].get("seed") for m in members],
+                "params": {k: v for k, v in members[0]["params"].items() if k not in SEED_PARAMS},
+                "val_loss": final,
+                "val_loss_std": final_std,
+                "best_val_loss": best,
+                "best_val_loss_std": best_std,
+                "finals": [m["val_loss"] for m in members],
+                "tokens_per_sec": sum(rates) / len(rates) if rates else None,
+                "curve": _mean_curve([m["curve"] for m in members]),
+            }
+        )
     groups.sort(key=lambda g: g["val_loss"])
     return groups
 
@@ -121,21 +133,37 @@ def separation(groups: list[dict[str, Any]]) -> dict[str, Any]:
     if len(groups) < 2:
         return {"separated": None, "text": "one group: nothing to separate"}
     best, nxt = groups[0], groups[1]
-    out: dict[str, Any] = {"best": best["name"], "next": nxt["name"], "alpha": ALPHA,
-                           "difference": best["val_loss"] - nxt["val_loss"]}
+    out: dict[str, Any] = {
+        "best": best["name"],
+        "next": nxt["name"],
+        "alpha": ALPHA,
+        "difference": best["val_loss"] - nxt["val_loss"],
+    }
     head = f"best '{best['name']}' vs next '{nxt['name']}': {out['difference']:+.4f} final val loss"
     if best["n"] < 2 or nxt["n"] < 2:
-        return {**out, "separated": None,
-                "text": f"{head}; cannot tell whether that is real: it needs 2 or more runs per "
-                        "group (repeat with repeats: N or sweep: {seed: [...]})"}
+        return {
+            **out,
+            "separated": None,
+            "text": f"{head}; cannot tell whether that is real: it needs 2 or more runs per "
+            "group (repeat with repeats: N or sweep: {seed: [...]})",
+        }
     test = welch(best["finals"], nxt["finals"])
     separated = test.p < ALPHA
-    verdict = ("separated" if separated else
-               "not separated: the difference is within the seed-to-seed spread")
+    verdict = (
+        "separated"
+        if separated
+        else "not separated: the difference is within the seed-to-seed spread"
+    )
     df = f"{test.df:.1f}" if test.df == test.df else "-"
-    return {**out, "separated": separated, "p_value": test.p, "t": test.t, "df": test.df,
-            "text": f"{head} (n={best['n']} vs {nxt['n']}); Welch t = {test.t:.2f}, df = {df}, "
-                    f"p = {test.p:.3g} -> {verdict} (at p < {ALPHA})"}
+    return {
+        **out,
+        "separated": separated,
+        "p_value": test.p,
+        "t": test.t,
+        "df": test.df,
+        "text": f"{head} (n={best['n']} vs {nxt['n']}); Welch t = {test.t:.2f}, df = {df}, "
+        f"p = {test.p:.3g} -> {verdict} (at p < {ALPHA})",
+    }
 
 
 def plot(groups: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -151,11 +179,17 @@ def plot(groups: list[dict[str, Any]], path: Path, title: str) -> None:
             continue
         steps, mean, std = zip(*g["curve"])
         label = g["name"] + (f" (n={g['n']})" if g["n"] > 1 else "") + (" (best)" if i == 0 else "")
-        line, = ax.plot(steps, mean, marker="o", markersize=3, label=label,
-                        linewidth=2.5 if i == 0 else 1.2)
+        (line,) = ax.plot(
+            steps, mean, marker="o", markersize=3, label=label, linewidth=2.5 if i == 0 else 1.2
+        )
         if g["n"] > 1:
-            ax.fill_between(steps, [m - s for m, s in zip(mean, std)],
-                            [m + s for m, s in zip(mean, std)], color=line.get_color(), alpha=0.2)
+            ax.fill_between(
+                steps,
+                [m - s for m, s in zip(mean, std)],
+                [m + s for m, s in zip(mean, std)],
+                color=line.get_color(),
+                alpha=0.2,
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (mean ± std over seeds)")
     ax.set_title(title)
@@ -173,11 +207,18 @@ def _pm(mean: float, std: float, n: int) -> str:
 def table(groups: list[dict[str, Any]], keys: list[str]) -> list[list[str]]:
     """Header + one line per group of seeds, best (lowest mean final val loss) first and marked."""
     head = ["", "run", *keys, "n", "final val", "best val", "tokens/s"]
-    body = [["*" if i == 0 else "", g["name"], *[g["params"].get(k, "-") for k in keys],
-             str(g["n"]), _pm(g["val_loss"], g["val_loss_std"], g["n"]),
-             _pm(g["best_val_loss"], g["best_val_loss_std"], g["n"]),
-             f"{g['tokens_per_sec']:,.0f}" if g["tokens_per_sec"] else "-"]
-            for i, g in enumerate(groups)]
+    body = [
+        [
+            "*" if i == 0 else "",
+            g["name"],
+            *[g["params"].get(k, "-") for k in keys],
+            str(g["n"]),
+            _pm(g["val_loss"], g["val_loss_std"], g["n"]),
+            _pm(g["best_val_loss"], g["best_val_loss_std"], g["n"]),
+            f"{g['tokens_per_sec']:,.0f}" if g["tokens_per_sec"] else "-",
+        ]
+        for i, g in enumerate(groups)
+    ]
     return [head, *body]
 
 
@@ -192,14 +233,28 @@ class Comparison:
     plot: Path
 
     def to_json(self) -> dict[str, Any]:
-        keep = ("name", "n", "seeds", "run_ids", "val_loss", "val_loss_std", "best_val_loss",
-                "best_val_loss_std", "tokens_per_sec")
-        return {"experiment": self.experiment, "plot": str(self.plot), "verdict": self.verdict,
-                "groups": [{k: g[k] for k in keep} for g in self.groups]}
+        keep = (
+            "name",
+            "n",
+            "seeds",
+            "run_ids",
+            "val_loss",
+            "val_loss_std",
+            "best_val_loss",
+            "best_val_loss_std",
+            "tokens_per_sec",
+        )
+        return {
+            "experiment": self.experiment,
+            "plot": str(self.plot),
+            "verdict": self.verdict,
+            "groups": [{k: g[k] for k in keep} for g in self.groups],
+        }
 
 
-def compare(experiment: str | None, uri: str | None, out: Path | None,
-            log: bool = False) -> Comparison:
+def compare(
+    experiment: str | None, uri: str | None, out: Path | None, log: bool = False
+) -> Comparison:
     """The comparison table (runs that differ only by seed grouped), whether the best group is
     separated from the next, and the curves' plot; with ``log``, also kept in MLflow."""
     from gptkit.training.tracking import quick_timeouts, resolve_uri
@@ -215,14 +270,20 @@ def compare(experiment: str | None, uri: str | None, out: Path | None,
     except GptkitError:
         raise
     except Exception as exc:
-        raise GptkitError(f"cannot read MLflow at {uri}: {type(exc).__name__}: {str(exc)[:300]}",
-                          "Check --tracking-uri / $MLFLOW_TRACKING_URI, or that the server "
-                          "is up.") from None
+        raise GptkitError(
+            f"cannot read MLflow at {uri}: {type(exc).__name__}: {str(exc)[:300]}",
+            "Check --tracking-uri / $MLFLOW_TRACKING_URI, or that the server is up.",
+        ) from None
     if not rows:
         raise GptkitError(f"experiment {experiment!r} has no runs with a validation loss yet")
     groups = group_runs(rows)
-    result = Comparison(experiment, table(groups, differing(groups)), groups, separation(groups),
-                        out or Path(f"compare-{experiment}.png"))
+    result = Comparison(
+        experiment,
+        table(groups, differing(groups)),
+        groups,
+        separation(groups),
+        out or Path(f"compare-{experiment}.png"),
+    )
     plot(groups, result.plot, f"{experiment}: validation loss (best: {groups[0]['name']})")
     if log:
         _log_comparison(client, experiment, result.grid, result.plot)
@@ -230,8 +291,11 @@ def compare(experiment: str | None, uri: str | None, out: Path | None,
 
 
 def _latest_experiment(client: Any) -> str:
-    exps = [e for e in client.search_experiments()
-            if e.name != "Default" and not e.name.endswith("-comparisons")]
+    exps = [
+        e
+        for e in client.search_experiments()
+        if e.name != "Default" and not e.name.endswith("-comparisons")
+    ]
     if not exps:
         raise GptkitError("no MLflow experiments yet", "Train something: gptkit train SPEC")
     return max(exps, key=lambda e: e.last_update_time or 0).name
@@ -243,8 +307,11 @@ def _log_comparison(client: Any, experiment: str, grid: list[list[str]], plot_fi
 
     try:
         exp_id = ensure_experiment(client, f"{experiment}-comparisons")
-        run = client.create_run(exp_id, run_name=time.strftime(f"{experiment} %Y-%m-%d %H:%M:%S"),
-                                tags={"gptkit.kind": "compare", "gptkit.compared": experiment})
+        run = client.create_run(
+            exp_id,
+            run_name=time.strftime(f"{experiment} %Y-%m-%d %H:%M:%S"),
+            tags={"gptkit.kind": "compare", "gptkit.compared": experiment},
+        )
         client.log_artifact(run.info.run_id, str(plot_file))
         client.log_text(run.info.run_id, json.dumps(grid, indent=1), "comparison.json")
         client.set_terminated(run.info.run_id)

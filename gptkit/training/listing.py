@@ -39,8 +39,11 @@ def run_row(run: RunDir) -> dict[str, Any]:
 def list_runs(experiment: str | None = None, root: Path = RUNS_ROOT) -> list[dict[str, Any]]:
     """Runs under ``runs/`` (or ``runs/<experiment>``), newest first by creation time."""
     folder = root / experiment if experiment else root
-    runs = sorted(RunDir.find(folder, depth=4 if experiment is None else 3),
-                  key=lambda r: r.created(), reverse=True)
+    runs = sorted(
+        RunDir.find(folder, depth=4 if experiment is None else 3),
+        key=lambda r: r.created(),
+        reverse=True,
+    )
     return [run_row(r) for r in runs]
 
 
@@ -48,11 +51,29 @@ def format_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     def num(value: Any, fmt: str) -> str:
         return format(value, fmt) if isinstance(value, (int, float)) else "-"
 
-    head = ["name", "status", "steps", "best val", "final val", "tokens/s", "wall time",
-            "created", "folder"]
-    body = [[r["name"], r["status"], str(r["steps"]), num(r["best_val_loss"], ".4f"),
-             num(r["final_val_loss"], ".4f"), num(r["tokens_per_sec"], ",.0f"),
-             num(r["wall_time_s"], ".1f") + ("s" if r["wall_time_s"] is not None else ""),
-             time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])), r["folder"]]
-            for r in rows]
+    head = [
+        "name",
+        "status",
+        "steps",
+        "best val",
+        "final val",
+        "tokens/s",
+        "wall time",
+        "created",
+        "folder",
+    ]
+    body = [
+        [
+            r["name"],
+            r["status"],
+            str(r["steps"]),
+            num(r["best_val_loss"], ".4f"),
+            num(r["final_val_loss"], ".4f"),
+            num(r["tokens_per_sec"], ",.0f"),
+            num(r["wall_time_s"], ".1f") + ("s" if r["wall_time_s"] is not None else ""),
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])),
+            r["folder"],
+        ]
+        for r in rows
+    ]
     return [head, *body]

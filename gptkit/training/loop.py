@@ -68,7 +68,8 @@ class TrainResult:
 
 
 def lr_at(step: int, train: Any) -> float:
-    """Linear warmup to ``lr``, then cosine / linear decay to ``lr * min_lr_ratio`` (or constant)."""
+    """Linear warmup to ``lr``, then cosine / linear decay to ``lr * min_lr_ratio`` (or
+    constant)."""
     if train.warmup_steps and step < train.warmup_steps:
         return train.lr * (step + 1) / train.warmup_steps
     if train.schedule == "constant":
@@ -96,9 +97,13 @@ def pick_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise GptkitError("train.device is 'cuda' but no CUDA device is available",
-                          "Use train.device=auto or cpu.")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise GptkitError(
+            "train.device is 'cuda' but no CUDA device is available",
+            "Use train.device=auto or cpu.",
+        )
+    if name == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
         raise GptkitError("train.device is 'mps' but MPS is not available", "Use auto or cpu.")
     return torch.device(name)
 
@@ -108,13 +113,21 @@ def use_bf16(precision: str, device: torch.device) -> bool:
         return False
     supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if precision == "bf16" and not supported:
-        raise GptkitError(f"train.precision is bf16 but {device.type} has no bf16 autocast here",
-                          "Use train.precision=auto or fp32.")
+        raise GptkitError(
+            f"train.precision is bf16 but {device.type} has no bf16 autocast here",
+            "Use train.precision=auto or fp32.",
+        )
     return supported
 
 
-def get_batch(data: np.ndarray, batch_size: int, block: int, gen: torch.Generator,
-              device: torch.device, part: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+def get_batch(
+    data: np.ndarray,
+    batch_size: int,
+    block: int,
+    gen: torch.Generator,
+    device: torch.device,
+    part: tuple[int, int] = (0, 1),
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``batch_size`` random windows of ``block`` tokens and their next-token targets.
 
     With ``part=(rank, world)`` every rank draws the same global batch and keeps its slice,
@@ -128,12 +141,16 @@ def get_batch(data: np.ndarray, batch_size: int, block: int, gen: torch.Generato
     xy = torch.from_numpy(windows)
     x, y = xy[:, :-1], xy[:, 1:]
     if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(
+            device, non_blocking=True
+        )
     return x.to(device), y.to(device)
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: np.ndarray, spec: ExperimentSpec, device, autocast) -> float:
+def evaluate(
+    model: torch.nn.Module, data: np.ndarray, spec: ExperimentSpec, device, autocast
+) -> float:
     """Mean loss over ``eval_batches`` fixed batches (the same ones at every evaluation)."""
     was_training = model.training
     model.eval()
@@ -149,8 +166,10 @@ def evaluate(model: torch.nn.Module, data: np.ndarray, spec: ExperimentSpec, dev
 
 def fingerprint(spec: ExperimentSpec) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the model and the tokenizer."""
-    return {"model": spec.model.model_dump(mode="json"),
-            "tokenizer": spec.tokenizer.model_dump(mode="json")}
+    return {
+        "model": spec.model.model_dump(mode="json"),
+        "tokenizer": spec.tokenizer.model_dump(mode="json"),
+    }
 
 
 def spec_diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
@@ -195,9 +214,12 @@ class Trainer:
         if self.dist.world > 1 and spec.train.batch_size % self.dist.world:
             raise GptkitError(
                 f"train.batch_size ({spec.train.batch_size}) must be divisible by the number of "
-                f"processes ({self.dist.world}): it is the global batch, split across them")
+                f"processes ({self.dist.world}): it is the global batch, split across them"
+            )
         # Rank 0 picks the folder (a new one is named by the clock) and tells the others.
-        chosen = self._choose_run_dir(Path(run_dir) if run_dir else None) if self.dist.main else None
+        chosen = (
+            self._choose_run_dir(Path(run_dir) if run_dir else None) if self.dist.main else None
+        )
         self.rundir = RunDir(Path(self.dist.broadcast(str(chosen.path) if chosen else None) or "."))
         self.run_name = run_name or self.rundir.info().get("name") or self.rundir.path.name
         self._stop_signal: str | None = None
@@ -212,16 +234,20 @@ class Trainer:
             found = RunDir(path) if path else RunDir.latest(RUNS_ROOT / self.spec.name)
             if found is None or not found.is_run():
                 where = f"in {path}" if path else f"under {RUNS_ROOT / self.spec.name}"
-                raise RunError(f"nothing to resume: no run of '{self.spec.name}' {where}",
-                               "Start it without --resume.")
+                raise RunError(
+                    f"nothing to resume: no run of '{self.spec.name}' {where}",
+                    "Start it without --resume.",
+                )
             return found
         if path is None:
             return RunDir.new(self.spec.name)
         run = RunDir(path)
         run.check_writable_target()
         if resume_candidates(run.checkpoints) or run.is_run():
-            raise RunError(f"{path} already holds a run",
-                           "Add --resume to continue it, or choose another --run-dir.")
+            raise RunError(
+                f"{path} already holds a run",
+                "Add --resume to continue it, or choose another --run-dir.",
+            )
         return run
 
     # ------------------------------------------------------------------ set-up
@@ -271,7 +297,8 @@ class Trainer:
                 "Leave model.vocab_size unset to take the tokenizer's.",
             )
         self.spec = spec.model_copy(
-            update={"model": spec.model.model_copy(update={"vocab_size": vocab})})
+            update={"model": spec.model.model_copy(update={"vocab_size": vocab})}
+        )
         if self.resume and d.main:
             self._check_resumable()
 
@@ -301,9 +328,12 @@ class Trainer:
         spec = self.spec
         if self.initial_model is None:
             return GPT(spec.model).to(self.device)
-        if self.initial_model.spec.model_dump(exclude={"vocab_size"}) != \
-                spec.model.model_dump(exclude={"vocab_size"}):
-            raise GptkitError("the model passed in does not match the spec's model: build it from that spec")
+        if self.initial_model.spec.model_dump(exclude={"vocab_size"}) != spec.model.model_dump(
+            exclude={"vocab_size"}
+        ):
+            raise GptkitError(
+                "the model passed in does not match the spec's model: build it from that spec"
+            )
         return self.initial_model.to(self.device)
 
     def _restore(self) -> tuple[TrainState, dict[str, Any]]:
@@ -321,9 +351,11 @@ class Trainer:
             if self.dist.main:
                 print(f"resuming {self.run_dir} from {path.name} (step {state.step})", flush=True)
             return state, saved
-        raise RunError(f"cannot resume {self.run_dir}: no usable checkpoint"
-                       + (": " + "; ".join(errors) if errors else " (none written yet)"),
-                       "Start a new run without --resume.")
+        raise RunError(
+            f"cannot resume {self.run_dir}: no usable checkpoint"
+            + (": " + "; ".join(errors) if errors else " (none written yet)"),
+            "Start a new run without --resume.",
+        )
 
     def _shard(self) -> None:
         from torch.distributed.fsdp import fully_shard
@@ -336,9 +368,11 @@ class Trainer:
 
     def _load_optimizer(self, saved: dict[str, Any]) -> None:
         if self.fsdp != (saved.get("optimizer_format") == "full"):
-            raise RunError("this checkpoint's optimizer state was saved with "
-                           f"train.parallel={'fsdp' if not self.fsdp else 'ddp or one process'}; "
-                           "resume it the same way")
+            raise RunError(
+                "this checkpoint's optimizer state was saved with "
+                f"train.parallel={'fsdp' if not self.fsdp else 'ddp or one process'}; "
+                "resume it the same way"
+            )
         try:
             if self.fsdp:
                 from torch.distributed.checkpoint.state_dict import (
@@ -346,13 +380,19 @@ class Trainer:
                     set_optimizer_state_dict,
                 )
 
-                set_optimizer_state_dict(self.model, self.optimizer, saved["optimizer"],
-                                         options=StateDictOptions(full_state_dict=True))
+                set_optimizer_state_dict(
+                    self.model,
+                    self.optimizer,
+                    saved["optimizer"],
+                    options=StateDictOptions(full_state_dict=True),
+                )
             else:
                 self.optimizer.load_state_dict(saved["optimizer"])
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise RunError(f"cannot resume {self.run_dir}: the checkpoint's optimizer state "
-                           f"does not fit train.optimizer ({str(exc)[:200]})") from None
+            raise RunError(
+                f"cannot resume {self.run_dir}: the checkpoint's optimizer state "
+                f"does not fit train.optimizer ({str(exc)[:200]})"
+            ) from None
         for group in self.optimizer.param_groups:  # a resumed run keeps its own peaks
             group.setdefault("initial_lr", group["lr"])
 
@@ -364,7 +404,8 @@ class Trainer:
             # Gradients are averaged across processes in backward: one optimizer step over the
             # global batch, the same on every rank.
             forward = DistributedDataParallel(
-                forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                forward, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         return forward
 
     def _record_run(self) -> None:
@@ -376,13 +417,25 @@ class Trainer:
         if self.resume:
             run.truncate_metrics(self.state.step)
             resumes = run.info().get("resumes", [])
-            resumes.append({"step": self.state.step, "time": time.time(), "command": self.command,
-                            "changes": {k: [a, b] for k, a, b in self.changes}})
+            resumes.append(
+                {
+                    "step": self.state.step,
+                    "time": time.time(),
+                    "command": self.command,
+                    "changes": {k: [a, b] for k, a, b in self.changes},
+                }
+            )
             run.update_info(resumes=resumes, status="RUNNING")
         else:
             self.data.tokenizer.save(run.tokenizer_dir)
-            run.update_info(name=self.run_name, spec_name=self.spec.name, created=time.time(),
-                            command=self.command, overrides=self.overrides, status="RUNNING")
+            run.update_info(
+                name=self.run_name,
+                spec_name=self.spec.name,
+                created=time.time(),
+                command=self.command,
+                overrides=self.overrides,
+                status="RUNNING",
+            )
         run.write_spec(self.spec)
         provenance = plugin_provenance(self.spec)
         if provenance:
@@ -427,8 +480,9 @@ class Trainer:
         t = self.spec.train
         self.tokens_per_step = t.batch_size * self.spec.model.max_seq_len * t.grad_accum_steps
         self.first_step = self.state.step
-        self.progress = Progress(t.max_steps, self.state.step, self.show_progress,
-                                 quiet=not self.dist.main)
+        self.progress = Progress(
+            t.max_steps, self.state.step, self.show_progress, quiet=not self.dist.main
+        )
         self.record = RunRecord.start(self) if self.dist.main else None
         self._started = time.time()  # training time counts from here
         self._announce()
@@ -442,8 +496,10 @@ class Trainer:
             raise
         except KeyboardInterrupt:
             status = "KILLED"
-            raise Interrupted(f"interrupted at step {self.state.step} (no checkpoint written for it)",
-                              f"Resume from the last checkpoint: {self.resume_hint()}") from None
+            raise Interrupted(
+                f"interrupted at step {self.state.step} (no checkpoint written for it)",
+                f"Resume from the last checkpoint: {self.resume_hint()}",
+            ) from None
         finally:
             for sig, h in previous_handlers.items():
                 signal.signal(sig, h)
@@ -467,8 +523,11 @@ class Trainer:
             self._log(loss, lr, grad_norm, time.perf_counter() - t0)
             if state.step % t.eval_every == 0 or state.step == t.max_steps:
                 self._evaluate()
-            if (state.step % (t.checkpoint_every or t.eval_every) == 0
-                    or state.step == t.max_steps or self.patience_spent()):
+            if (
+                state.step % (t.checkpoint_every or t.eval_every) == 0
+                or state.step == t.max_steps
+                or self.patience_spent()
+            ):
                 self._checkpoint()
         if state.bad_in_a_row:
             self._checkpoint()  # the weights are the last good ones; keep the step counters
@@ -493,7 +552,8 @@ class Trainer:
         if self.patience_spent():
             self.progress.print(
                 f"step {state.step}: early stop: val loss has not improved by more than "
-                f"{rule.min_delta} for {rule.patience} evaluation(s) (best {state.best_val:.4f})")
+                f"{rule.min_delta} for {rule.patience} evaluation(s) (best {state.best_val:.4f})"
+            )
 
     def stop_reason(self, status: str) -> str:
         """Why the run ended: max_steps, early_stop, interrupted or failed."""
@@ -515,8 +575,10 @@ class Trainer:
     def resume_hint(self) -> str:
         """The command that continues this run exactly (its spec and overrides are its own)."""
         if self.dist.enabled:
-            return (f"torchrun --nproc_per_node={self.dist.world} -m gptkit train --resume "
-                    f"--run-dir {self.run_dir}")
+            return (
+                f"torchrun --nproc_per_node={self.dist.world} -m gptkit train --resume "
+                f"--run-dir {self.run_dir}"
+            )
         return f"gptkit train --resume --run-dir {self.run_dir}"
 
     def _train_step(self, lr: float) -> tuple[float, float]:
@@ -525,8 +587,14 @@ class Trainer:
         set_lr(self.optimizer, lr, t.lr)
         loss_sum = 0.0
         for micro in range(t.grad_accum_steps):
-            x, y = get_batch(self.data.train, t.batch_size, self.spec.model.max_seq_len,
-                             self.data_gen, self.device, (d.rank, d.world))
+            x, y = get_batch(
+                self.data.train,
+                t.batch_size,
+                self.spec.model.max_seq_len,
+                self.data_gen,
+                self.device,
+                (d.rank, d.world),
+            )
             # Under DDP, synchronise gradients only on the last micro-step.
             last = micro == t.grad_accum_steps - 1
             sync = nullcontext() if not d.enabled or last else self.forward.no_sync()
@@ -551,8 +619,9 @@ class Trainer:
             return False
         state.skipped += 1
         state.bad_in_a_row += 1
-        self.progress.print(f"step {state.step}: non-finite loss or gradient ({loss}, "
-                            f"{grad_norm}); step skipped")
+        self.progress.print(
+            f"step {state.step}: non-finite loss or gradient ({loss}, {grad_norm}); step skipped"
+        )
         if state.bad_in_a_row >= self.spec.train.max_bad_steps:
             raise TrainingError(
                 f"training stopped at step {state.step}: {state.bad_in_a_row} non-finite steps "
@@ -570,27 +639,45 @@ class Trainer:
         due = step % t.log_every == 0 or step == t.max_steps
         self.progress.step(step, loss, lr, self.tokens_per_step, seconds, plain_line=due)
         if due and self.record is not None:
-            self.record.metrics({"step": step, "train_loss": loss, "lr": lr,
-                                 "grad_norm": grad_norm,
-                                 "tokens_per_sec": self.tokens_per_step / max(seconds, 1e-9)})
+            self.record.metrics(
+                {
+                    "step": step,
+                    "train_loss": loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_sec": self.tokens_per_step / max(seconds, 1e-9),
+                }
+            )
 
     def _evaluate(self) -> None:
         state, spec = self.state, self.spec
         state.last_val = evaluate(self.model, self.data.val, spec, self.device, self._autocast)
         self._count_patience(state.last_val)
-        state.best_val = state.last_val if state.best_val is None else min(state.best_val,
-                                                                          state.last_val)
+        state.best_val = (
+            state.last_val if state.best_val is None else min(state.best_val, state.last_val)
+        )
         if self.record is not None:
-            self.record.metrics({"step": state.step, "val_loss": state.last_val,
-                                 "val_ppl": math.exp(min(state.last_val, 50))})
-        self.progress.print(f"step {state.step}: val loss {state.last_val:.4f} "
-                            f"(best {state.best_val:.4f})")
+            self.record.metrics(
+                {
+                    "step": state.step,
+                    "val_loss": state.last_val,
+                    "val_ppl": math.exp(min(state.last_val, 50)),
+                }
+            )
+        self.progress.print(
+            f"step {state.step}: val loss {state.last_val:.4f} (best {state.best_val:.4f})"
+        )
         # A sharded model runs only with every rank taking part.
         if spec.train.sample_tokens and (self.dist.main or self.fsdp):
             from gptkit.generate import sample_text
 
-            text = sample_text(self.model, self.data.tokenizer, spec.sampler,
-                               spec.train.sample_tokens, seed=spec.seed + state.step)
+            text = sample_text(
+                self.model,
+                self.data.tokenizer,
+                spec.sampler,
+                spec.train.sample_tokens,
+                seed=spec.seed + state.step,
+            )
             self.progress.print(f"  sample: {one_line(text)}")
             if self.dist.main:
                 self.rundir.append_sample(state.step, text)
@@ -608,13 +695,22 @@ class Trainer:
         if not d.main:
             return None
         opt_state = opt_state if self.fsdp else self.optimizer.state_dict()
-        meta = {"val_loss": state.last_val, "time": time.time(),
-                "fingerprint": hashlib.sha256(json.dumps(fingerprint(self.spec), sort_keys=True)
-                                              .encode()).hexdigest()[:16]}
+        meta = {
+            "val_loss": state.last_val,
+            "time": time.time(),
+            "fingerprint": hashlib.sha256(
+                json.dumps(fingerprint(self.spec), sort_keys=True).encode()
+            ).hexdigest()[:16],
+        }
         try:
-            return save_checkpoint_files(self.rundir.checkpoints, state.step, weights,
-                                         state.to_checkpoint(opt_state, "full" if self.fsdp else "local"),
-                                         meta, self.spec.train.keep_last)
+            return save_checkpoint_files(
+                self.rundir.checkpoints,
+                state.step,
+                weights,
+                state.to_checkpoint(opt_state, "full" if self.fsdp else "local"),
+                meta,
+                self.spec.train.keep_last,
+            )
         except OSError as exc:  # disk full, read-only, quota: say so, keep what exists
             raise RunError(
                 f"could not write checkpoint {checkpoint_name(state.step)} in "
@@ -653,7 +749,8 @@ class Trainer:
             f"run {self.run_dir} ({self.run_name}) | {n_params / 1e6:.2f}M parameters | device "
             f"{self.device.type}{' bf16' if self.bf16 else ''}"
             f"{f' x {d.world} processes' if d.enabled else ''} | "
-            f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens")
+            f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens"
+        )
         for key, old, new in self.changes:
             self.progress.print(f"resume changes {key}: {old!r} -> {new!r}")
 
@@ -672,20 +769,32 @@ class Trainer:
         """The run's headline figures, over all of its sessions."""
         state = self.state
         seconds = self._train_seconds()
-        return {"steps": state.step, "best_val_loss": state.best_val,
-                "final_val_loss": state.last_val, "total_tokens": state.tokens_seen,
-                "wall_time_s": round(seconds, 3),
-                "tokens_per_sec": state.tokens_seen / seconds if seconds > 0 else None,
-                "skipped_steps": state.skipped,
-                "stop_reason": getattr(self, "_stop_reason", None) or self.stop_reason("FINISHED")}
+        return {
+            "steps": state.step,
+            "best_val_loss": state.best_val,
+            "final_val_loss": state.last_val,
+            "total_tokens": state.tokens_seen,
+            "wall_time_s": round(seconds, 3),
+            "tokens_per_sec": state.tokens_seen / seconds if seconds > 0 else None,
+            "skipped_steps": state.skipped,
+            "stop_reason": getattr(self, "_stop_reason", None) or self.stop_reason("FINISHED"),
+        }
 
     def _result(self, spooled: int) -> TrainResult:
         state = self.state
         elapsed = time.time() - self._started
         trained = state.step - self.first_step
         tokens = trained * self.tokens_per_step
-        return TrainResult(self.run_dir, state.step, trained, state.last_val, state.best_val,
-                           elapsed, tokens / max(elapsed, 1e-9) if trained else 0.0,
-                           state.skipped, spooled,
-                           self.record.url if self.record is not None else None,
-                           self.stop_reason("FINISHED"))
+        return TrainResult(
+            self.run_dir,
+            state.step,
+            trained,
+            state.last_val,
+            state.best_val,
+            elapsed,
+            tokens / max(elapsed, 1e-9) if trained else 0.0,
+            state.skipped,
+            spooled,
+            self.record.url if self.record is not None else None,
+            self.stop_reason("FINISHED"),
+        )

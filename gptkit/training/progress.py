@@ -35,20 +35,25 @@ class Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
             from rich.progress import Progress as RichProgress
 
-            self._bar = RichProgress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[info]}"), transient=False)
+            self._bar = RichProgress(
+                TextColumn("train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                transient=False,
+            )
             self._task = self._bar.add_task("train", total=total, completed=start, info="")
             self._bar.start()
 
-    def step(self, step: int, loss: float, lr: float, tokens: int, seconds: float,
-             plain_line: bool) -> None:
+    def step(
+        self, step: int, loss: float, lr: float, tokens: int, seconds: float, plain_line: bool
+    ) -> None:
         """One finished optimizer step: ``tokens`` processed in ``seconds``."""
         tps = tokens / max(seconds, 1e-9)
         # A smoothed rate, so the ETA does not jump with every step's noise.
         self._tps = tps if self._tps is None else 0.9 * self._tps + 0.1 * tps
         eta = (self.total - step) * tokens / max(self._tps, 1e-9)
-        info = (f"loss {loss:.4f} | lr {lr:.2e} | {self._tps:,.0f} tok/s | "
-                f"eta {format_eta(eta)}")
+        info = f"loss {loss:.4f} | lr {lr:.2e} | {self._tps:,.0f} tok/s | eta {format_eta(eta)}"
         if self._bar is not None:
             self._bar.update(self._task, completed=step, info=info)
         elif plain_line and not self.quiet:

@@ -39,15 +39,22 @@ def plugin_provenance(spec: Any) -> dict[str, dict[str, str]]:
             continue
         origin = info.origin
         dist = origin[origin.find("(") + 1 : origin.rfind(")")] if "(" in origin else reg.provider
-        out[f"{slot}.{component.kind}"] = {"distribution": dist, "version": reg.version,
-                                           "module": type(component).__module__}
+        out[f"{slot}.{component.kind}"] = {
+            "distribution": dist,
+            "version": reg.version,
+            "module": type(component).__module__,
+        }
     return out
 
 
 def used_components(spec: Any) -> list[tuple[str, Any]]:
-    return [("tokenizer", spec.tokenizer), ("attention", spec.model.attention),
-            ("positional", spec.model.positional), ("sampler", spec.sampler),
-            ("optimizer", spec.train.optimizer)]
+    return [
+        ("tokenizer", spec.tokenizer),
+        ("attention", spec.model.attention),
+        ("positional", spec.model.positional),
+        ("sampler", spec.sampler),
+        ("optimizer", spec.train.optimizer),
+    ]
 
 
 def params_in_force(spec: Any, facts: dict[str, Any]) -> dict[str, str]:
@@ -74,8 +81,9 @@ def params_in_force(spec: Any, facts: dict[str, Any]) -> dict[str, str]:
 def git_commit(cwd: Path | None = None) -> str | None:
     """The commit of the working tree the run was started from, if it is a git checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -86,12 +94,20 @@ def dataset_input(trainer: Any) -> dict[str, str]:
     data, spec = trainer.data, trainer.spec
     source = spec.data.source if isinstance(spec.data.source, str) else ",".join(spec.data.source)
     key = str(getattr(data, "key", "") or "")
-    profile = {"train_tokens": len(data.train), "val_tokens": len(data.val),
-               "tokenizer": spec.tokenizer.kind, "vocab_size": spec.model.vocab_size,
-               "sha256": key}
-    return {"name": Path(source).name or source, "digest": key[:36] or "unknown",
-            "source_type": "local" if source != "tinyshakespeare" else "gptkit-embedded",
-            "source": source, "profile": json.dumps(profile)}
+    profile = {
+        "train_tokens": len(data.train),
+        "val_tokens": len(data.val),
+        "tokenizer": spec.tokenizer.kind,
+        "vocab_size": spec.model.vocab_size,
+        "sha256": key,
+    }
+    return {
+        "name": Path(source).name or source,
+        "digest": key[:36] or "unknown",
+        "source_type": "local" if source != "tinyshakespeare" else "gptkit-embedded",
+        "source": source,
+        "profile": json.dumps(profile),
+    }
 
 
 class RunRecord:
@@ -111,11 +127,16 @@ class RunRecord:
             return cls(trainer, None)
         uri = resolve_uri(spec.tracking.uri)
         experiment = spec.tracking.experiment or spec.name
-        tracker = Tracker(uri, experiment, trainer.run_dir, trainer.run_name,
-                          warn=lambda m: print(f"gptkit: warning: {m}", file=sys.stderr, flush=True),
-                          parent_run_id=trainer.parent_run_id,
-                          start_time=int(trainer._created * 1000),
-                          on_created=lambda url: trainer.progress.print(f"MLflow run: {url}"))
+        tracker = Tracker(
+            uri,
+            experiment,
+            trainer.run_dir,
+            trainer.run_name,
+            warn=lambda m: print(f"gptkit: warning: {m}", file=sys.stderr, flush=True),
+            parent_run_id=trainer.parent_run_id,
+            start_time=int(trainer._created * 1000),
+            on_created=lambda url: trainer.progress.print(f"MLflow run: {url}"),
+        )
         record = cls(trainer, tracker)
         if trainer.resume and tracker.run_id:
             tracker.reopen()
@@ -128,15 +149,22 @@ class RunRecord:
         import torch
 
         trainer, tracker = self.trainer, self.tracker
-        facts = {"device": trainer.device.type, "precision": "bf16" if trainer.bf16 else "fp32",
-                 "threads": torch.get_num_threads(), "world": trainer.dist.world, "uri": uri,
-                 "experiment": experiment,
-                 "n_params": trainer.model.num_params(non_embedding=False)}
+        facts = {
+            "device": trainer.device.type,
+            "precision": "bf16" if trainer.bf16 else "fp32",
+            "threads": torch.get_num_threads(),
+            "world": trainer.dist.world,
+            "uri": uri,
+            "experiment": experiment,
+            "n_params": trainer.model.num_params(non_embedding=False),
+        }
         tracker.log_params(params_in_force(trainer.spec, facts))
-        tags = {"mlflow.note.content": f"`{trainer.command or 'gptkit (Python API)'}`\n\n"
-                f"run folder: {Path(trainer.run_dir).resolve()}",
-                "gptkit.version": __import__("gptkit").__version__,
-                "gptkit.spec_name": trainer.spec.name}
+        tags = {
+            "mlflow.note.content": f"`{trainer.command or 'gptkit (Python API)'}`\n\n"
+            f"run folder: {Path(trainer.run_dir).resolve()}",
+            "gptkit.version": __import__("gptkit").__version__,
+            "gptkit.spec_name": trainer.spec.name,
+        }
         commit = git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
@@ -153,7 +181,8 @@ class RunRecord:
         tags = {f"gptkit.resumed_at.{step}": trainer.command or "resume"}
         if trainer.changes:
             tags[f"gptkit.resume_changes.{step}"] = "; ".join(
-                f"{k}: {a!r} -> {b!r}" for k, a, b in trainer.changes)[:5000]
+                f"{k}: {a!r} -> {b!r}" for k, a, b in trainer.changes
+            )[:5000]
         self.tracker.set_tags(tags)
 
     def metrics(self, row: dict[str, Any]) -> None:
@@ -172,8 +201,11 @@ class RunRecord:
         if self.tracker is None:
             return 0
         tracker = self.tracker
-        final = {f"summary.{k}": float(v) for k, v in summary.items()
-                 if isinstance(v, (int, float)) and v is not None}
+        final = {
+            f"summary.{k}": float(v)
+            for k, v in summary.items()
+            if isinstance(v, (int, float)) and v is not None
+        }
         if final:
             tracker.log_metrics(final, int(summary["steps"]))
         if summary.get("stop_reason"):
@@ -184,8 +216,11 @@ class RunRecord:
             tracker.log_artifact(run.tokenizer_dir, "tokenizer")
         spooled = tracker.close(status)
         if spooled:
-            print(f"gptkit: warning: {spooled} MLflow events could not be sent; they are "
-                  f"kept in {run.spool_file} and sent on --resume", file=sys.stderr)
+            print(
+                f"gptkit: warning: {spooled} MLflow events could not be sent; they are "
+                f"kept in {run.spool_file} and sent on --resume",
+                file=sys.stderr,
+            )
         if tracker.url:
             print(f"MLflow run: {tracker.url}", file=sys.stderr)
         return spooled

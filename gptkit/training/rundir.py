@@ -71,7 +71,8 @@ def dump_yaml(data: Any, path: Path) -> None:
 
 
 def short_override(text: str) -> str:
-    """``model.positional.kind="rope"`` -> ``positional=rope``; ``train.lr=0.003`` -> ``lr=0.003``."""
+    """``model.positional.kind="rope"`` -> ``positional=rope``;
+    ``train.lr=0.003`` -> ``lr=0.003``."""
     key, _, value = text.partition("=")
     parts = key.strip().split(".")
     short = parts[-2] if parts[-1] == "kind" and len(parts) > 1 else parts[-1]
@@ -153,8 +154,14 @@ class RunDir:
 
     def artifacts(self) -> list[Path]:
         """Files worth attaching to the MLflow run at the end."""
-        files = [self.spec_file, self.run_file, self.plugins_file, self.metrics_file,
-                 self.samples_file, self.loss_plot]
+        files = [
+            self.spec_file,
+            self.run_file,
+            self.plugins_file,
+            self.metrics_file,
+            self.samples_file,
+            self.loss_plot,
+        ]
         return [f for f in files if f.exists()]
 
     def __str__(self) -> str:
@@ -241,8 +248,11 @@ class RunDir:
         if announce:
             import sys
 
-            print(f"gptkit: using {newest.path} (newest run in {path}: "
-                  f"{newest.info().get('name') or newest.path.name})", file=sys.stderr)
+            print(
+                f"gptkit: using {newest.path} (newest run in {path}: "
+                f"{newest.info().get('name') or newest.path.name})",
+                file=sys.stderr,
+            )
         return newest
 
     # ------------------------------------------------------------------ files of the run
@@ -268,8 +278,13 @@ class RunDir:
                 "Pass a folder made by 'gptkit train' (runs/<name>/<time>/) or an export bundle.",
             )
         # Issue 14/18: import only trusted plugin modules; name the package of a missing kind.
-        return validate_spec(read_spec_file(self.spec_file), str(self.spec_file), overrides,
-                             opened=True, provenance=self.plugin_provenance())
+        return validate_spec(
+            read_spec_file(self.spec_file),
+            str(self.spec_file),
+            overrides,
+            opened=True,
+            provenance=self.plugin_provenance(),
+        )
 
     def write_spec(self, spec: ExperimentSpec) -> None:
         dump_yaml(spec.to_dict(), self.spec_file)
@@ -329,8 +344,11 @@ class RunDir:
                         f"Wait for it to finish, or stop it; if pid {owner} is not gptkit, "
                         f"remove {self.lock_file}.",
                     ) from None
-                print(f"gptkit: note: {self.lock_file} was left by a process that is gone "
-                      f"(pid {owner}); taking over", file=sys.stderr)
+                print(
+                    f"gptkit: note: {self.lock_file} was left by a process that is gone "
+                    f"(pid {owner}); taking over",
+                    file=sys.stderr,
+                )
                 self.lock_file.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as f:
@@ -355,8 +373,12 @@ class RunDir:
 
     # ------------------------------------------------------------------ opening a run
 
-    def load(self, checkpoint: str = "latest", overrides: list[str] | tuple[str, ...] = (),
-             device: str = "cpu") -> LoadedRun:
+    def load(
+        self,
+        checkpoint: str = "latest",
+        overrides: list[str] | tuple[str, ...] = (),
+        device: str = "cpu",
+    ) -> LoadedRun:
         """The run's spec, tokenizer and model weights (``checkpoint``: latest, best, step-N)."""
         from gptkit.components.tokenizers import load_tokenizer
         from gptkit.model import GPT
@@ -364,8 +386,10 @@ class RunDir:
 
         spec = self.read_spec(overrides)
         if spec.model.vocab_size is None:
-            raise RunError(f"{self.spec_file} has no model.vocab_size: it is not the resolved "
-                           "spec that 'gptkit train' writes (was it replaced by hand?)")
+            raise RunError(
+                f"{self.spec_file} has no model.vocab_size: it is not the resolved "
+                "spec that 'gptkit train' writes (was it replaced by hand?)"
+            )
         tokenizer = load_tokenizer(self.tokenizer_dir)
         candidates = checkpoint_candidates(self.checkpoints, checkpoint)
         if not candidates:
@@ -397,7 +421,11 @@ class LoadedRun:
         return self.run.path
 
 
-def load_run(run: str | Path, checkpoint: str = "latest",
-             overrides: list[str] | tuple[str, ...] = (), device: str = "cpu") -> LoadedRun:
+def load_run(
+    run: str | Path,
+    checkpoint: str = "latest",
+    overrides: list[str] | tuple[str, ...] = (),
+    device: str = "cpu",
+) -> LoadedRun:
     """Open a run directory (or ``runs/<name>``: its newest run) for generation or export."""
     return RunDir.resolve(run).load(checkpoint, overrides, device)

@@ -34,13 +34,19 @@ class TrainState:
     def to_checkpoint(self, optimizer_state: Any, optimizer_format: str) -> dict[str, Any]:
         """The dict written as ``state.pt``."""
         return {
-            "step": self.step, "best_val_loss": self.best_val, "val_loss": self.last_val,
-            "skipped_steps": self.skipped, "tokens_seen": self.tokens_seen,
-            "train_seconds": self.train_seconds, "evals_since_best": self.evals_since_best,
-            "data_rng": self.data_rng, "torch_rng_per_rank": self.torch_rng_per_rank,
+            "step": self.step,
+            "best_val_loss": self.best_val,
+            "val_loss": self.last_val,
+            "skipped_steps": self.skipped,
+            "tokens_seen": self.tokens_seen,
+            "train_seconds": self.train_seconds,
+            "evals_since_best": self.evals_since_best,
+            "data_rng": self.data_rng,
+            "torch_rng_per_rank": self.torch_rng_per_rank,
             "torch_rng": self.torch_rng_per_rank[0] if self.torch_rng_per_rank else None,
             "cuda_rng": self.cuda_rng,
-            "optimizer": optimizer_state, "optimizer_format": optimizer_format,
+            "optimizer": optimizer_state,
+            "optimizer_format": optimizer_format,
         }
 
     @classmethod
@@ -75,7 +81,9 @@ class TrainState:
     def restore_rngs(self, rank: int, data_gen: torch.Generator, device: torch.device) -> None:
         """Put this process's random streams back where the checkpoint left them."""
         if self.torch_rng_per_rank:
-            torch.set_rng_state(self.torch_rng_per_rank[min(rank, len(self.torch_rng_per_rank) - 1)])
+            torch.set_rng_state(
+                self.torch_rng_per_rank[min(rank, len(self.torch_rng_per_rank) - 1)]
+            )
         if self.data_rng is not None:
             data_gen.set_state(self.data_rng)
         if device.type == "cuda" and self.cuda_rng:
@@ -94,8 +102,9 @@ def _get(state: dict[str, Any], key: str, kind: type, where: str, required: bool
     if kind is int:
         ok = ok and float(value).is_integer()
     if not ok:
-        raise RunError(f"{where}: training state field '{key}' should be a number, "
-                       f"got {type(value).__name__}")
+        raise RunError(
+            f"{where}: training state field '{key}' should be a number, got {type(value).__name__}"
+        )
     return kind(value)
 
 

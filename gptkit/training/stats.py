@@ -46,8 +46,11 @@ def welch(a: Sequence[float], b: Sequence[float]) -> Welch:
     va, vb = sa * sa / len(a), sb * sb / len(b)
     se2 = va + vb
     if se2 == 0.0:
-        return Welch(0.0 if ma == mb else math.copysign(math.inf, ma - mb), math.nan,
-                     1.0 if ma == mb else 0.0)
+        return Welch(
+            0.0 if ma == mb else math.copysign(math.inf, ma - mb),
+            math.nan,
+            1.0 if ma == mb else 0.0,
+        )
     t = (ma - mb) / math.sqrt(se2)
     df = se2 * se2 / (va * va / (len(a) - 1) + vb * vb / (len(b) - 1))
     return Welch(t, df, t_two_sided_p(t, df))
@@ -66,8 +69,9 @@ def betainc(a: float, b: float, x: float) -> float:
         return 0.0
     if x >= 1.0:
         return 1.0
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                 + a * math.log(x) + b * math.log1p(-x))
+    log_front = (
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
     # The continued fraction converges fast for x < (a + 1) / (a + b + 2); use the symmetry
     # I_x(a, b) = 1 - I_{1-x}(b, a) on the other side.
     if x < (a + 1.0) / (a + b + 2.0):
@@ -82,8 +86,10 @@ def _beta_fraction(a: float, b: float, x: float, iterations: int = 300) -> float
     d = 1.0 / (d if abs(d) > tiny else tiny)
     h = d
     for m in range(1, iterations + 1):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
             d = 1.0 + numerator * d
             d = 1.0 / (d if abs(d) > tiny else tiny)
             c = 1.0 + numerator / c

@@ -25,10 +25,14 @@ def sweep_points(sweep: dict[str, list[Any]]) -> list[list[str]]:
             raise GptkitError(f"sweep.{key}: give a list of at least one value")
     size = math.prod(len(sweep[k]) for k in keys)
     if size > MAX_POINTS:  # counted before anything is built
-        raise GptkitError(f"sweep: the grid has {size:,} points; at most {MAX_POINTS} are run",
-                          "Sweep fewer values, or split the grid into several specs.")
-    return [[f"{k}={json.dumps(v)}" for k, v in zip(keys, combo)]
-            for combo in itertools.product(*(sweep[k] for k in keys))]
+        raise GptkitError(
+            f"sweep: the grid has {size:,} points; at most {MAX_POINTS} are run",
+            "Sweep fewer values, or split the grid into several specs.",
+        )
+    return [
+        [f"{k}={json.dumps(v)}" for k, v in zip(keys, combo)]
+        for combo in itertools.product(*(sweep[k] for k in keys))
+    ]
 
 
 def point_name(overrides: list[str]) -> str:
@@ -42,36 +46,50 @@ def sweep_plan(spec: ExperimentSpec) -> list[tuple[list[str], list[list[str]]]]:
     grid = dict(spec.sweep)
     seeds = grid.pop("seed", None)
     if seeds is not None and spec.repeats > 1:
-        raise GptkitError("the spec has both sweep.seed and repeats; give the seeds one way",
-                          "Keep sweep: {seed: [...]} or repeats: N, not both.")
+        raise GptkitError(
+            "the spec has both sweep.seed and repeats; give the seeds one way",
+            "Keep sweep: {seed: [...]} or repeats: N, not both.",
+        )
     if spec.repeats > 1:
         seeds = [spec.seed + i for i in range(spec.repeats)]
     if seeds is not None and (not isinstance(seeds, list) or not seeds):
         raise GptkitError("sweep.seed: give a list of at least one value")
-    size = len(seeds or [0]) * math.prod(len(v) if isinstance(v, list) else 1
-                                         for v in grid.values())
+    size = len(seeds or [0]) * math.prod(
+        len(v) if isinstance(v, list) else 1 for v in grid.values()
+    )
     if size > MAX_POINTS:  # counted, seeds included, before anything is built
-        raise GptkitError(f"sweep: the grid has {size:,} points (seeds included); at most "
-                          f"{MAX_POINTS} are run",
-                          "Sweep fewer values, or split the grid into several specs.")
+        raise GptkitError(
+            f"sweep: the grid has {size:,} points (seeds included); at most {MAX_POINTS} are run",
+            "Sweep fewer values, or split the grid into several specs.",
+        )
     points = sweep_points(grid)
     if seeds is None:
         return [(p, [p]) for p in points]
     return [(p, [[*p, f"seed={json.dumps(s)}"] for s in seeds]) for p in points]
 
 
-def run_sweep(raw: dict[str, Any], source: str, overrides: list[str], spec: ExperimentSpec,
-              run_dir: Path | None = None, progress: bool = True,
-              command: str | None = None) -> list[dict[str, Any]]:
+def run_sweep(
+    raw: dict[str, Any],
+    source: str,
+    overrides: list[str],
+    spec: ExperimentSpec,
+    run_dir: Path | None = None,
+    progress: bool = True,
+    command: str | None = None,
+) -> list[dict[str, Any]]:
     """Validate every run first, then train them in order. Returns one summary per run; runs
     that differ only by seed share a ``group`` (an MLflow parent run of their own)."""
     from gptkit.training.tracking import time_ms
 
     base = {k: v for k, v in raw.items() if k not in ("sweep", "repeats")}
     plan = sweep_plan(spec)
-    specs = {point_name(r): validate_spec(base, f"{source} (sweep point {point_name(r)})",
-                                          [*overrides, *r])
-             for _, runs in plan for r in runs}  # a bad point fails before anything trains
+    specs = {
+        point_name(r): validate_spec(
+            base, f"{source} (sweep point {point_name(r)})", [*overrides, *r]
+        )
+        for _, runs in plan
+        for r in runs
+    }  # a bad point fails before anything trains
     root = run_dir or RunDir.new_sweep(spec.name)
     parent = SweepParent.start(spec, default_run_name(spec.name, overrides) + " sweep", time_ms())
     results: list[dict[str, Any]] = []
@@ -84,29 +102,59 @@ def run_sweep(raw: dict[str, Any], source: str, overrides: list[str], spec: Expe
             name = point_name(run)
             print(f"=== sweep point {len(results) + 1}/{total}: {name}", flush=True)
             folder = RunDir.sweep_point(root, len(results) + 1, name)
-            result = _train_point(specs[name], folder, name, [*overrides, *run],
-                                  group.run_id if group else parent.run_id, progress, command)
+            result = _train_point(
+                specs[name],
+                folder,
+                name,
+                [*overrides, *run],
+                group.run_id if group else parent.run_id,
+                progress,
+                command,
+            )
             entry = {**result, "group": group_name}
             done.append(entry)
             results.append(entry)
         if group is not None:
             group.finish(done, grouped=True)
-    RunDir.sweep_file(root).write_text(json.dumps(
-        {"parent_run_id": parent.run_id, "points": results,
-         "groups": group_summaries(results)}, indent=2))
+    RunDir.sweep_file(root).write_text(
+        json.dumps(
+            {"parent_run_id": parent.run_id, "points": results, "groups": group_summaries(results)},
+            indent=2,
+        )
+    )
     parent.finish(results)
     return results
 
 
-def _train_point(spec: ExperimentSpec, run: RunDir, name: str, overrides: list[str],
-                 parent_run_id: str | None, progress: bool, command: str | None) -> dict[str, Any]:
+def _train_point(
+    spec: ExperimentSpec,
+    run: RunDir,
+    name: str,
+    overrides: list[str],
+    parent_run_id: str | None,
+    progress: bool,
+    command: str | None,
+) -> dict[str, Any]:
     from gptkit.training.loop import Trainer
 
-    result = Trainer(spec, run_dir=run.path, progress=progress, parent_run_id=parent_run_id,
-                     run_name=name, overrides=overrides, command=command).run()
-    return {"point": name, "run_dir": str(run.path), "seed": spec.seed,
-            "val_loss": result.val_loss, "best_val_loss": result.best_val_loss,
-            "tokens_per_sec": result.tokens_per_sec, "stop_reason": result.stop_reason}
+    result = Trainer(
+        spec,
+        run_dir=run.path,
+        progress=progress,
+        parent_run_id=parent_run_id,
+        run_name=name,
+        overrides=overrides,
+        command=command,
+    ).run()
+    return {
+        "point": name,
+        "run_dir": str(run.path),
+        "seed": spec.seed,
+        "val_loss": result.val_loss,
+        "best_val_loss": result.best_val_loss,
+        "tokens_per_sec": result.tokens_per_sec,
+        "stop_reason": result.stop_reason,
+    }
 
 
 def group_summaries(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -153,8 +201,9 @@ class SweepParent:
             quick_timeouts()
             client = MlflowClient(resolve_uri(spec.tracking.uri))
             exp_id = ensure_experiment(client, spec.tracking.experiment or spec.name)
-            run = client.create_run(exp_id, start_time=start_time, run_name=name,
-                                    tags={"gptkit.kind": "sweep"})
+            run = client.create_run(
+                exp_id, start_time=start_time, run_name=name, tags={"gptkit.kind": "sweep"}
+            )
             client.log_param(run.info.run_id, "sweep", json.dumps(spec.sweep)[:6000])
             if spec.repeats > 1:
                 client.log_param(run.info.run_id, "repeats", str(spec.repeats))
@@ -170,9 +219,12 @@ class SweepParent:
             return SweepParent(None, None)
         try:
             exp_id = self.client.get_run(self.run_id).info.experiment_id
-            run = self.client.create_run(exp_id, start_time=start_time, run_name=name,
-                                         tags={"gptkit.kind": "group",
-                                               "mlflow.parentRunId": self.run_id})
+            run = self.client.create_run(
+                exp_id,
+                start_time=start_time,
+                run_name=name,
+                tags={"gptkit.kind": "group", "mlflow.parentRunId": self.run_id},
+            )
             for override in point:
                 key, _, value = override.partition("=")
                 self.client.log_param(run.info.run_id, key, value.strip('"'))
@@ -207,5 +259,8 @@ class SweepParent:
         if groups:
             top = min(groups, key=lambda g: g["val_loss_mean"])
             self.client.set_tag(self.run_id, "gptkit.best_group", top["group"])
-        return {"best_val_loss": best["best_val_loss"], "val_loss": best["val_loss"],
-                "tokens_per_sec": best["tokens_per_sec"]}
+        return {
+            "best_val_loss": best["best_val_loss"],
+            "val_loss": best["val_loss"],
+            "tokens_per_sec": best["tokens_per_sec"],
+        }

@@ -67,8 +67,11 @@ def valid_event(event: Any) -> bool:
         return False
     op = event["op"]
     if op == "metrics":
-        return (isinstance(event.get("metrics"), dict) and isinstance(event.get("step"), int)
-                and isinstance(event.get("ts"), int))
+        return (
+            isinstance(event.get("metrics"), dict)
+            and isinstance(event.get("step"), int)
+            and isinstance(event.get("ts"), int)
+        )
     if op in ("params", "tags"):
         return isinstance(event.get(op), dict)
     if op == "artifact":
@@ -83,8 +86,8 @@ def resolve_uri(spec_uri: str | None) -> str:
     other working directories by resume and export)."""
     uri = spec_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
     prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        uri = prefix + os.path.abspath(uri[len(prefix):])
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        uri = prefix + os.path.abspath(uri[len(prefix) :])
     return uri
 
 
@@ -147,8 +150,9 @@ class Tracker:
         self._put({"op": "tags", "tags": tags})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._put({"op": "metrics", "metrics": metrics, "step": step,
-                   "ts": int(time.time() * 1000)})
+        self._put(
+            {"op": "metrics", "metrics": metrics, "step": step, "ts": int(time.time() * 1000)}
+        )
 
     def reopen(self) -> None:
         """Mark a resumed run as running again."""
@@ -247,11 +251,18 @@ class Tracker:
             tags = {"gptkit.run_dir": str(self.run_dir.resolve())}
             if self.parent_run_id:
                 tags["mlflow.parentRunId"] = self.parent_run_id  # nests it under a sweep
-            run = client.create_run(exp_id, start_time=self.start_time, run_name=self.run_name,
-                                    tags=tags)
+            run = client.create_run(
+                exp_id, start_time=self.start_time, run_name=self.run_name, tags=tags
+            )
             self.run_id, self.experiment_id = run.info.run_id, exp_id
-            self._write_run_file({"uri": self.uri, "run_id": self.run_id,
-                                  "experiment_id": exp_id, "experiment": self.experiment})
+            self._write_run_file(
+                {
+                    "uri": self.uri,
+                    "run_id": self.run_id,
+                    "experiment_id": exp_id,
+                    "experiment": self.experiment,
+                }
+            )
             self.on_created(self.url)
         return client
 
@@ -285,20 +296,25 @@ class Tracker:
 
         event, op = events[0], events[0]["op"]
         if op == "metrics":
-            batch = [Metric(k, float(v), e["ts"], e["step"])
-                     for e in events for k, v in e["metrics"].items()]
+            batch = [
+                Metric(k, float(v), e["ts"], e["step"])
+                for e in events
+                for k, v in e["metrics"].items()
+            ]
             client.log_batch(self.run_id, metrics=batch)
         elif op == "params":
             items = [Param(str(k)[:250], str(v)[:6000]) for k, v in event["params"].items()]
             for i in range(0, len(items), 100):
                 client.log_batch(self.run_id, params=items[i : i + 100])
         elif op == "tags":
-            client.log_batch(self.run_id, tags=[RunTag(str(k), str(v)[:5000])
-                                                for k, v in event["tags"].items()])
+            client.log_batch(
+                self.run_id, tags=[RunTag(str(k), str(v)[:5000]) for k, v in event["tags"].items()]
+            )
         elif op == "dataset":
             d = event["dataset"]
-            dataset = Dataset(d["name"], d["digest"], d["source_type"], d["source"],
-                              profile=d.get("profile"))
+            dataset = Dataset(
+                d["name"], d["digest"], d["source_type"], d["source"], profile=d.get("profile")
+            )
             tag = InputTag("mlflow.data.context", d.get("context", "training"))
             client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[tag])])
         elif op == "artifact":
@@ -308,8 +324,9 @@ class Tracker:
             elif path.exists():
                 client.log_artifact(self.run_id, str(path), event.get("artifact_path"))
         elif op == "end":
-            client.set_terminated(self.run_id, status=event["status"],
-                                  end_time=event.get("end_time"))
+            client.set_terminated(
+                self.run_id, status=event["status"], end_time=event.get("end_time")
+            )
         elif op == "reopen":
             client.update_run(self.run_id, status="RUNNING")
 
@@ -320,8 +337,10 @@ class Tracker:
             for e in events:
                 f.write(json.dumps({"event": e, "reason": str(reason)[:300]}, default=str) + "\n")
         if not self.rejected:
-            self.warn(f"MLflow refused an event for good ({str(reason)[:200]}); it is kept in "
-                      f"{path} and the others go on")
+            self.warn(
+                f"MLflow refused an event for good ({str(reason)[:200]}); it is kept in "
+                f"{path} and the others go on"
+            )
         self.rejected += len(events)
 
     # ------------------------------------------------------------------ files
@@ -372,8 +391,9 @@ def read_mlflow_link(run) -> dict[str, Any]:
         data = json.loads(run.mlflow_file.read_text())
     except (OSError, ValueError):
         return {}
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), str)
-                                             for k in ("uri", "run_id")):
+    if not isinstance(data, dict) or not all(
+        isinstance(data.get(k), str) for k in ("uri", "run_id")
+    ):
         return {}
     return data
 

@@ -46,8 +46,9 @@ class PeekingSpec(AttentionSpec):
     kind: Literal["peeking"] = "peeking"
 
     def build(self, model, *, positional):
-        return PeekingAttention(model.d_model, model.n_heads, model.n_heads, model.dropout,
-                                model.bias, positional)
+        return PeekingAttention(
+            model.d_model, model.n_heads, model.n_heads, model.dropout, model.bias, positional
+        )
 
 
 class ForgetfulCacheAttention(CausalSelfAttention):
@@ -66,8 +67,9 @@ class ForgetfulSpec(AttentionSpec):
     kind: Literal["forgetful"] = "forgetful"
 
     def build(self, model, *, positional):
-        return ForgetfulCacheAttention(model.d_model, model.n_heads, model.n_heads,
-                                       model.dropout, model.bias, positional)
+        return ForgetfulCacheAttention(
+            model.d_model, model.n_heads, model.n_heads, model.dropout, model.bias, positional
+        )
 
 
 class GlobalRngSpec(SamplerSpec):

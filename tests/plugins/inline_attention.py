@@ -35,8 +35,10 @@ class NaiveAttention(nn.Module):
 
     def forward(self, x, positions, past=None, key_mask=None):
         B, T, C = x.shape
+
         def heads(t):
             return t.view(B, T, self.n_heads, self.hd).transpose(1, 2)
+
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
         q, k = self.positional.rotate(q, k, positions)
         if past is not None:

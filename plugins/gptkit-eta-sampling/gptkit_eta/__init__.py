@@ -25,8 +25,9 @@ class EtaSpec(SamplerSpec):
 
     def threshold(self, probs: np.ndarray) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
-            entropy = -np.nansum(np.where(probs > 0, probs * np.log(probs), 0.0), axis=-1,
-                                 keepdims=True)
+            entropy = -np.nansum(
+                np.where(probs > 0, probs * np.log(probs), 0.0), axis=-1, keepdims=True
+            )
         return np.minimum(self.epsilon, np.sqrt(self.epsilon) * np.exp(-entropy))
 
     def truncate(self, logits: np.ndarray) -> np.ndarray:

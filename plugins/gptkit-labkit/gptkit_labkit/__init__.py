@@ -28,8 +28,9 @@ class TalkingHeadsSpec(plugin.AttentionSpec):
     def build(self, model, *, positional):
         from gptkit_labkit.nn import TalkingHeadsAttention
 
-        return TalkingHeadsAttention(model.d_model, model.n_heads, model.dropout, model.bias,
-                                     positional)
+        return TalkingHeadsAttention(
+            model.d_model, model.n_heads, model.dropout, model.bias, positional
+        )
 
 
 class T5BiasSpec(plugin.PositionalSpec):
@@ -38,8 +39,9 @@ class T5BiasSpec(plugin.PositionalSpec):
 
     kind: Literal["t5_bias"] = "t5_bias"
     num_buckets: int = Field(32, gt=1, examples=[8], description="Distance buckets.")
-    max_distance: int = Field(128, gt=1, examples=[24],
-                              description="Distances beyond this share the last bucket.")
+    max_distance: int = Field(
+        128, gt=1, examples=[24], description="Distances beyond this share the last bucket."
+    )
 
     def check(self, model):
         if self.max_distance < self.num_buckets:

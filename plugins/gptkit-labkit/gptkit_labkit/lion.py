@@ -10,8 +10,13 @@ class Lion(torch.optim.Optimizer):
     m = beta2 * m + (1 - beta2) * g. Reads each group's ``lr`` at every step, so the
     trainer's schedule applies; the state is one tensor per parameter (weights_only-safe)."""
 
-    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+    ) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
 
     @torch.no_grad()

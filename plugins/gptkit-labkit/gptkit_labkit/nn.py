@@ -14,8 +14,9 @@ class TalkingHeadsAttention(CausalSelfAttention):
     """Multi-head attention whose heads exchange information: scores are mixed across heads
     (H x H) before the softmax and weights after it (Shazeer et al., 2020)."""
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float, bias: bool,
-                 positional: PositionalEncoding) -> None:
+    def __init__(
+        self, d_model: int, n_heads: int, dropout: float, bias: bool, positional: PositionalEncoding
+    ) -> None:
         super().__init__(d_model, n_heads, n_heads, dropout, bias, positional, fused=False)
         # Identity at init: the model starts as plain multi-head attention. (The GPT leaves a
         # component's own initialisation alone.)
@@ -62,7 +63,8 @@ class T5RelativeBias(PositionalEncoding):
         d = distance.clamp(min=0)
         far = exact + (
             torch.log(d.float().clamp(min=1) / exact)
-            / math.log(self.max_distance / exact) * (self.num_buckets - exact)
+            / math.log(self.max_distance / exact)
+            * (self.num_buckets - exact)
         ).to(torch.long)
         far = far.clamp(max=self.num_buckets - 1)
         return torch.where(d < exact, d, far)

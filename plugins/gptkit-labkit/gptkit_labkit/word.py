@@ -36,8 +36,9 @@ class WordTokenizer(plugin.Tokenizer):
 
     def fit(self, text: str) -> None:
         counts = Counter(PIECES.findall(text))
-        kept = [p for p, n in counts.most_common(self.spec.max_vocab - 2)
-                if n >= self.spec.min_count]
+        kept = [
+            p for p, n in counts.most_common(self.spec.max_vocab - 2) if n >= self.spec.min_count
+        ]
         self._set_vocab(sorted(kept, key=lambda p: (-counts[p], p)))
 
     def encode(self, text: str) -> list[int]:

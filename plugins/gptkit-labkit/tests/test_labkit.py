@@ -18,8 +18,9 @@ def test_every_slot_is_covered():
 
 
 def test_talking_heads_starts_as_identity_mixing():
-    model = tiny_model({"kind": "talking_heads"}, {"kind": "t5_bias", "num_buckets": 8,
-                                                   "max_distance": 24})
+    model = tiny_model(
+        {"kind": "talking_heads"}, {"kind": "t5_bias", "num_buckets": 8, "max_distance": 24}
+    )
     attn = model.blocks[0].attn
     assert torch.equal(attn.pre_mix, torch.eye(4)) and torch.equal(attn.post_mix, torch.eye(4))
 
@@ -34,8 +35,9 @@ def test_mirostat_steers_towards_the_target_surprise():
     entropy = float(-(np.exp(logp) * logp).sum() / np.log(2))
     assert entropy > 4.0  # unrestricted sampling would average > 4 bits of surprise
     state, rng = sampler.new_state(), np.random.default_rng(1)
-    surprises = [float(-logp[sampler.sample(logits, rng, None, [state])[0]] / np.log(2))
-                 for _ in range(600)]
+    surprises = [
+        float(-logp[sampler.sample(logits, rng, None, [state])[0]] / np.log(2)) for _ in range(600)
+    ]
     assert abs(np.mean(surprises[100:]) - 3.0) < 0.5
     assert state["mu"] != 2 * 3.0  # the state moved
 

@@ -28,15 +28,27 @@ class QKNormSpec(AttentionSpec):
 
     def check(self, model):
         if self.n_kv_heads and model.n_heads % self.n_kv_heads:
-            return [("n_kv_heads", f"n_heads ({model.n_heads}) must be divisible by "
-                                   f"n_kv_heads ({self.n_kv_heads})")]
+            return [
+                (
+                    "n_kv_heads",
+                    f"n_heads ({model.n_heads}) must be divisible by "
+                    f"n_kv_heads ({self.n_kv_heads})",
+                )
+            ]
         return []
 
     def build(self, model, *, positional):
         from gptkit_qknorm.modules import QKNormAttention  # torch only when building
 
-        return QKNormAttention(model.d_model, model.n_heads, self.n_kv_heads or model.n_heads,
-                               model.dropout, model.bias, positional, eps=self.eps)
+        return QKNormAttention(
+            model.d_model,
+            model.n_heads,
+            self.n_kv_heads or model.n_heads,
+            model.dropout,
+            model.bias,
+            positional,
+            eps=self.eps,
+        )
 
 
 @hookimpl
