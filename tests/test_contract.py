@@ -24,6 +24,7 @@ def test_every_builtin_combination_is_covered():
     assert len(BUILTIN) == 15  # 3 attention x 5 positional kinds
 
 
+@pytest.mark.slow  # all properties, a 64+ step cache check and/or an ONNX export each
 @pytest.mark.parametrize(("attention", "positional"), BUILTIN)
 def test_contract(attention, positional):
     testing.check_all(attention, positional)
@@ -41,12 +42,14 @@ def test_fused_kernel_matches_reference_path(attention, positional):
     torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # all properties, a 64+ step cache check and/or an ONNX export each
 @pytest.mark.parametrize(("attention", "positional"), BUILTIN)
 def test_onnx_export_contract(attention, positional, tmp_path):
     report = testing.check_onnx(testing.tiny_model(attention, positional), tmp_path)
     assert report["decode_steps"] == 32
 
 
+@pytest.mark.slow  # all properties, a 64+ step cache check and/or an ONNX export each
 @pytest.mark.parametrize(
     ("attention", "positional"), combinations(("inline_attention",), ["naive"])
 )
