@@ -153,6 +153,8 @@ def export_onnx(model: GPT, path: Path, opset: int = OPSET, static: bool | None 
 
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
+        if _os_error(exc) is not None:
+            raise  # disk full, permissions: the bundle writer says so, not a component's fault
         raise GptkitError(
             export_failure(model.spec, exc),
             "Run the component's contract tests (gptkit.testing) for the cause.",
