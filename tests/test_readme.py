@@ -39,7 +39,7 @@ def test_readme_python_blocks_run_as_written(smoke_run, tmp_path, monkeypatch, c
         namespaces.append(ns)
     out = capsys.readouterr().out
     assert (tmp_path / "checkpoints" / "quickstart" / "checkpoints" / "latest").exists()
-    batch = [line for line in out.splitlines() if re.fullmatch(r"\[(['\"]).*\1\]", line)]
+    batch = [line for line in out.splitlines() if re.fullmatch(r"\[['\"].*['\"]\]", line)]
     assert batch and len(eval(batch[0])) == 2  # noqa: S307 - the repr of the two continuations
     # The plugin author's test, defined by the README, passes for one combination.
     test = next(ns["test_my_attention"] for ns in namespaces if "test_my_attention" in ns)
