@@ -227,16 +227,15 @@ class RunRecord:
 
 
 def plot_losses(metrics: Path, out: Path, title: str) -> None:
-    """Train and validation loss against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Train and validation loss against step, as a PNG. Drawn on a bare Figure, so the
+    process's pyplot backend (a notebook's inline one, say) is left as it was."""
+    from matplotlib.figure import Figure
 
     from gptkit.training.rundir import read_jsonl
 
     rows = read_jsonl(metrics)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.subplots()
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         if pts:
@@ -249,4 +248,3 @@ def plot_losses(metrics: Path, out: Path, title: str) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(out)
-    plt.close(fig)
