@@ -51,7 +51,9 @@ def test_onnx_export_contract(attention, positional, tmp_path):
 
 @pytest.mark.slow  # all properties, a 64+ step cache check and/or an ONNX export each
 @pytest.mark.parametrize(
-    ("attention", "positional"), combinations(("inline_attention",), ["naive"])
+    ("attention", "positional"),
+    # built-in positional kinds only: an installed plugin's kinds are not loaded at run time
+    combinations(("inline_attention",), ["naive"], sorted({p for _, p in BUILTIN})),
 )
 def test_contract_for_a_plugin_component(attention, positional, tmp_path):
     testing.check_all(

@@ -715,7 +715,7 @@ class Trainer:
             raise RunError(
                 f"could not write checkpoint {checkpoint_name(state.step)} in "
                 f"{self.rundir.checkpoints}: {exc.strerror or exc}; the last good checkpoint "
-                f"({self._latest_checkpoint()}) is intact",
+                f"({read_pointer(self.rundir.checkpoints / 'latest') or 'none yet'}) is intact",
                 "Free space or fix permissions, then continue with --resume.",
             ) from None
 
