@@ -3,7 +3,10 @@
 A *backend* runs the model: ``backend(ids, positions, key_mask, past) -> (logits, past)`` with
 numpy arrays ``ids``/``positions`` (B, T) int64, ``key_mask`` (B, T_past + T) bool, and returns
 the next-token logits (B, V) plus its opaque cache. ``past=None`` means a fresh prefill.
-A backend may offer ``keep_rows(past, rows) -> past`` to drop finished rows from its cache.
+A backend may offer ``keep_rows(past, rows) -> past`` to drop finished rows from its cache,
+and ``join_rows(past, past_new, shift, shift_new, width) -> past`` to put the cache of rows
+prefilled on their own below the running rows' (each part moved right by its shift, so both
+end at ``width`` slots), so rows that join a running batch are prefilled alone.
 
 Policies (documented in the README):
 
@@ -288,9 +291,14 @@ class DecodeBatch:
     """Rows decoded together, one token per row per step. Rows join (``add``) and leave
     (when done) between steps, so a server can keep one batch running for many requests.
 
-    The cache is the backend's; when rows join, the batch is prefilled again (a row's tokens
-    do not depend on which other rows share its steps). When rows leave, the backend drops
-    them from its cache (``backend.keep_rows``) or the batch is prefilled again.
+    The cache is the backend's. Rows that join a running batch are prefilled on their own,
+    and their cache is joined to the batch's, right-aligned (``backend.join_rows``; slots stay
+    relative to each row's last token, so positions and distances are unchanged): the joiners
+    get their first token after one prefill of their own prompts, and the running rows wait
+    one step, not a prefill of everyone. A backend without ``join_rows`` prefills the whole
+    batch again instead. Either way a row's tokens do not depend on which other rows share its
+    steps. When rows leave, the backend drops them from its cache (``backend.keep_rows``) or
+    the batch is prefilled again.
     """
 
     def __init__(self, backend: Backend, tokenizer: Any, use_cache: bool = True) -> None:
@@ -298,6 +306,7 @@ class DecodeBatch:
         self.limit = backend.max_seq_len
         self.keep = max(1, self.limit * 3 // 4)
         self.rows: list[Row] = []
+        self.joining: list[Row] = []  # added while the batch runs; prefilled on their own
         self.past: Any = None
         self.key_mask = np.zeros((0, 0), dtype=bool)
 
@@ -332,30 +341,27 @@ class DecodeBatch:
         if max_new <= 0:
             row.done = True
             return row
-        self.rows.append(row)
-        self.past = None  # the new row needs a prefill; everyone is prefilled together
+        if self.past is not None and self.use_cache and hasattr(self.backend, "join_rows"):
+            self.joining.append(row)
+        else:
+            self.rows.append(row)
+            self.past = None  # the new row needs a prefill; everyone is prefilled together
         return row
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + len(self.joining)
 
     def step(self) -> list[Row]:
-        """One token for every row; returns the rows that finished (and left the batch)."""
-        rows = self.rows
-        if not rows:
-            return []
-        if self.past is None:
-            ids, self.key_mask = left_pad([r.context for r in rows], self.tokenizer.pad_id)
-            logits, self.past = self.backend(
-                ids, positions_from_mask(self.key_mask), self.key_mask, None
-            )
+        """One token for every row (or, when rows joined, one for each joiner); returns the
+        rows that finished (and left the batch)."""
+        if self.joining and (self.past is None or not self.rows):
+            self.rows, self.joining, self.past = self.rows + self.joining, [], None
+        if self.joining:
+            self._prefill_joiners()
+        elif self.rows:
+            self._decode_step()
         else:
-            last = np.array([[r.context[-1]] for r in rows], dtype=np.int64)
-            positions = np.array([[len(r.context) - 1] for r in rows], dtype=np.int64)
-            self.key_mask = np.concatenate([self.key_mask, np.ones((len(rows), 1), bool)], axis=1)
-            logits, self.past = self.backend(last, positions, self.key_mask, self.past)
-        for row, token in zip(rows, sample_rows(rows, logits)):
-            self._advance(row, token)
+            return []
         finished = self.remove_done()
         if not self.use_cache:
             self.past = None
@@ -371,11 +377,45 @@ class DecodeBatch:
             self.past = None
         return finished
 
+    def _decode_step(self) -> None:
+        """The next token of every running row (a prefill of all of them if there is no cache)."""
+        rows = self.rows
+        if self.past is None:
+            ids, self.key_mask = left_pad([r.context for r in rows], self.tokenizer.pad_id)
+            logits, self.past = self.backend(
+                ids, positions_from_mask(self.key_mask), self.key_mask, None
+            )
+        else:
+            last = np.array([[r.context[-1]] for r in rows], dtype=np.int64)
+            positions = np.array([[len(r.context) - 1] for r in rows], dtype=np.int64)
+            self.key_mask = np.concatenate([self.key_mask, np.ones((len(rows), 1), bool)], axis=1)
+            logits, self.past = self.backend(last, positions, self.key_mask, self.past)
+        for row, token in zip(rows, sample_rows(rows, logits)):
+            self._advance(row, token)
+
+    def _prefill_joiners(self) -> None:
+        """Prefill the rows that joined, alone, sample their first token, and join their
+        cache to the running rows' (right-aligned: the narrower part is moved right)."""
+        joining, self.joining = self.joining, []
+        ids, mask = left_pad([r.context for r in joining], self.tokenizer.pad_id)
+        logits, past = self.backend(ids, positions_from_mask(mask), mask, None)
+        for row, token in zip(joining, sample_rows(joining, logits)):
+            self._advance(row, token)
+        width = max(self.key_mask.shape[1], mask.shape[1])
+        shift, shift_new = width - self.key_mask.shape[1], width - mask.shape[1]
+        self.past = self.backend.join_rows(self.past, past, shift, shift_new, width)
+        self.key_mask = np.concatenate(
+            [np.pad(self.key_mask, ((0, 0), (shift, 0))), np.pad(mask, ((0, 0), (shift_new, 0)))]
+        )
+        self.rows = self.rows + joining
+
     def remove_done(self) -> list[Row]:
         """Take the rows marked done out of the batch (and its cache); returns them."""
         rows = self.rows
-        finished = [r for r in rows if r.done]
-        if finished:
+        finished = [r for r in self.joining if r.done]  # e.g. cancelled before their prefill
+        self.joining = [r for r in self.joining if not r.done]
+        if any(r.done for r in rows):
+            finished += [r for r in rows if r.done]
             kept = [i for i, r in enumerate(rows) if not r.done]
             self.rows = [rows[i] for i in kept]
             keep_rows = getattr(self.backend, "keep_rows", None)

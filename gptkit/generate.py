@@ -50,6 +50,24 @@ class StaticCache:
         self.values = [v.index_select(0, index) for v in self.values]
         return self
 
+    def join(self, other: StaticCache, shift: int, shift_other: int, width: int) -> StaticCache:
+        """This cache's rows, then ``other``'s, each moved right by its shift (``width`` slots
+        in use after)."""
+        capacity = max(self.keys[0].size(2), other.keys[0].size(2), width)
+        joined = StaticCache.__new__(StaticCache)
+        joined.keys, joined.values = [], []
+        for mine, theirs, out in (
+            (self.keys, other.keys, joined.keys),
+            (self.values, other.values, joined.values),
+        ):
+            for a, b in zip(mine, theirs):
+                buf = a.new_zeros(a.size(0) + b.size(0), a.size(1), capacity, a.size(3))
+                buf[: a.size(0), :, shift:width] = a[:, :, : self.length]
+                buf[a.size(0) :, :, shift_other:width] = b[:, :, : other.length]
+                out.append(buf)
+        joined.length = width
+        return joined
+
 
 class TorchBackend:
     """Runs a GPT for the decoding loop. The cache is a ``StaticCache`` (preallocated, updated
@@ -90,6 +108,17 @@ class TorchBackend:
             return past.keep_rows(rows)
         index = torch.tensor(rows, device=self.device)
         return [(k.index_select(0, index), v.index_select(0, index)) for k, v in past]
+
+    def join_rows(self, past, new, shift: int, shift_new: int, width: int):
+        """The running rows' cache, then the joiners' (see ``DecodeBatch``), right-aligned."""
+        if isinstance(past, StaticCache):
+            return past.join(new, shift, shift_new, width)
+        pad, pad_new = (0, 0, shift, 0), (0, 0, shift_new, 0)  # F.pad: last dim first
+
+        def cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.cat([torch.nn.functional.pad(a, pad), torch.nn.functional.pad(b, pad_new)])
+
+        return [(cat(k, k2), cat(v, v2)) for (k, v), (k2, v2) in zip(past, new)]
 
 
 class Generator(Inference):

@@ -157,6 +157,20 @@ class StaticCache:
         self.buffers = [np.ascontiguousarray(buf[rows]) for buf in self.buffers]
         return self
 
+    def join(self, other: StaticCache, shift: int, shift_other: int, width: int) -> StaticCache:
+        """This cache's rows, then ``other``'s, each moved right by its shift (``width`` slots
+        in use after)."""
+        capacity = max(self.capacity, other.capacity, width)
+        joined = StaticCache(0, 0, 0, 0)
+        for mine, theirs in zip(self.buffers, other.buffers):
+            B, H, _, hd = mine.shape
+            buf = np.zeros((B + theirs.shape[0], H, capacity, hd), dtype=np.float32)
+            buf[:B, :, shift:width] = mine[:, :, : self.length]
+            buf[B:, :, shift_other:width] = theirs[:, :, : other.length]
+            joined.buffers.append(buf)
+        joined.length = width
+        return joined
+
 
 class _Backend:
     def __init__(self, model: OnnxModel, max_seq_len: int) -> None:
@@ -173,6 +187,13 @@ class _Backend:
         if isinstance(past, StaticCache):
             return past.keep_rows(rows)
         return [np.ascontiguousarray(p[rows]) for p in past]
+
+    def join_rows(self, past: Any, new: Any, shift: int, shift_new: int, width: int) -> Any:
+        """The running rows' cache, then the joiners' (see ``DecodeBatch``), right-aligned."""
+        if isinstance(past, StaticCache):
+            return past.join(new, shift, shift_new, width)
+        pad = ((0, 0), (0, 0), (shift, 0), (0, 0)), ((0, 0), (0, 0), (shift_new, 0), (0, 0))
+        return [np.concatenate([np.pad(a, pad[0]), np.pad(b, pad[1])]) for a, b in zip(past, new)]
 
 
 def _runtime_registry(autoload: bool = False, modules: tuple[str, ...] = ()) -> Any:

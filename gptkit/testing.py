@@ -132,8 +132,11 @@ def check_static_cache(model: GPT, new_tokens: int = 40) -> bool:
     return static.static
 
 
-def _greedy_ids(backend, prompts: list[list[int]], steps: int) -> list[list[int]]:
-    """Greedy continuations of token-id prompts through the shared decoding loop."""
+def _greedy_ids(
+    backend, prompts: list[list[int]], steps: int, join_at: list[int] | None = None
+) -> list[list[int]]:
+    """Greedy continuations of token-id prompts through the shared decoding loop; row i
+    joins the running batch before step ``join_at[i]`` (all at step 0 by default)."""
     import numpy as np
 
     from gptkit.decoding import DecodeBatch
@@ -145,19 +148,43 @@ def _greedy_ids(backend, prompts: list[list[int]], steps: int) -> list[list[int]
             return " ".join(map(str, ids))
 
     class _Greedy:
-        repetition_penalty, stop, stop_at_eot = 1.0, [], False
+        """Greedy, but never one of the row's last 8 tokens: a tiny random model mostly
+        repeats its last token, and a check whose tokens never change would prove nothing."""
+
+        repetition_penalty, stop, stop_at_eot = 1.5, [], False  # != 1: the context is passed
 
         def new_state(self):
             return None
 
         def sample(self, logits, rng, previous=None):
+            logits = logits.copy()
+            for row, seen in enumerate(previous[:, -8:]):
+                logits[row, seen] = -np.inf
             return logits.argmax(-1)
 
     batch = DecodeBatch(backend, _Ids())
-    rows = [batch.add(list(p), _Greedy(), np.random.default_rng(0), steps) for p in prompts]
-    while len(batch):
+    join_at = join_at or [0] * len(prompts)
+    rows: dict[int, Any] = {}
+    step = 0
+    while len(batch) or len(rows) < len(prompts):
+        for i, p in enumerate(prompts):
+            if join_at[i] == step:
+                rows[i] = batch.add(list(p), _Greedy(), np.random.default_rng(0), steps)
         batch.step()
-    return [r.stream.tokens for r in rows]
+        step += 1
+    return [rows[i].stream.tokens for i in range(len(prompts))]
+
+
+def check_joining(backend, new_tokens: int = 24) -> None:
+    """Rows that join a running batch (prefilled on their own, their cache joined to the
+    batch's) get the same greedy tokens as each row decoded alone: joiners with shorter and
+    longer prompts than the running rows, and one joining as another leaves."""
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15, 16, 17]]
+    join_at = [0, 2, 5, 5]
+    together = _greedy_ids(backend, prompts, new_tokens, join_at)
+    for prompt, got in zip(prompts, together):
+        alone = _greedy_ids(backend, [prompt], new_tokens)[0]
+        assert got == alone, f"prompt {prompt}: joined {got} != alone {alone}"
 
 
 def check_padding(model: GPT) -> None:

@@ -57,6 +57,25 @@ def test_batch_of_uneven_prompts_equals_one_at_a_time(attention, positional):
         assert got.tokens == alone.tokens, prompt
 
 
+@pytest.mark.parametrize("static", [True, False], ids=["static", "concat"])
+@pytest.mark.parametrize(("attention", "positional"), BUILTIN)
+def test_rows_joining_a_running_batch_get_their_tokens_alone(attention, positional, static):
+    model = testing.tiny_model(attention, positional, max_seq_len=128)
+    testing.check_joining(TorchBackend(model, static=static))
+
+
+@pytest.mark.parametrize("static", [True, False], ids=["static", "concat"])
+def test_rows_joining_under_onnxruntime_get_their_tokens_alone(static, tmp_path):
+    from gptkit.export import export_onnx
+    from gptkit.runtime import OnnxModel, _Backend
+
+    model = testing.tiny_model({"kind": "gqa", "n_kv_heads": 2}, "alibi", max_seq_len=128)
+    export_onnx(model, tmp_path / "model.onnx", static=static)
+    onnx = OnnxModel(tmp_path / "model.onnx")
+    assert onnx.static is static
+    testing.check_joining(_Backend(onnx, model.spec.max_seq_len))
+
+
 def test_context_full_policy_crops_and_continues():
     model = testing.tiny_model("mha", "learned", max_seq_len=16)
     backend, tok = TorchBackend(model), char_tokenizer()
