@@ -668,8 +668,6 @@ class TokenData:
         train,
         val,
         tokenizer,
-        text_bytes: int,
-        key: str,
         cached: bool,
         folder: Path | None = None,
         meta: dict[str, Any] | None = None,
@@ -677,11 +675,9 @@ class TokenData:
         self.train = train  # TokenArray (1-D, memory-mapped)
         self.val = val
         self.tokenizer = tokenizer
-        self.text_bytes = text_bytes
-        self.key = key
         self.cached = cached  # True when read back from the cache, not tokenized now
         self.folder = folder  # the cache entry
-        self.meta = meta or {}
+        self.meta = meta or {}  # the cache entry's meta.json: source bytes, shards, documents
 
 
 # --------------------------------------------------------------------------- fitting
@@ -1052,7 +1048,7 @@ def prepare_data(
                 f"{min_len} (one window of model.max_seq_len plus its target)",
                 "Use more text, a smaller model.max_seq_len, or another data.val_fraction.",
             )
-    return TokenData(train, val, tokenizer, int(meta["source_bytes"]), key, cached, folder, meta)
+    return TokenData(train, val, tokenizer, cached, folder, meta)
 
 
 # --------------------------------------------------------------------------- whole texts

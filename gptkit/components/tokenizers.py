@@ -236,14 +236,15 @@ class ByteTokenizerSpec(TokenizerSpec):
 
 
 def _require(module: str, kind: str):
+    """Import a tokenizer library (its module and PyPI package share the name), or say how
+    to install it."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError:
-        package = {"tokenizers": "tokenizers", "sentencepiece": "sentencepiece"}[module]
         raise DataError(
-            f"tokenizer kind '{kind}' needs the '{package}' package, which is not installed",
+            f"tokenizer kind '{kind}' needs the '{module}' package, which is not installed",
             "Install it: pip install 'gptkit[tokenizers]'.",
         ) from None
 
