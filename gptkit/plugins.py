@@ -6,6 +6,7 @@ Also the trust rule for runs and bundles (:func:`check_opened_plugins`) and plug
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata as md
 import os
@@ -79,9 +80,16 @@ class PluginManager(pluggy.PluginManager):
 def _distribution_of(module_name: str) -> str | None:
     """The installed distribution that ships the top-level package of ``module_name``."""
     top = module_name.split(".")[0]
-    for dist in md.packages_distributions().get(top, []):
+    for dist in _packages_distributions().get(top, []):
         return dist
     return None
+
+
+@functools.cache
+def _packages_distributions() -> Mapping[str, list[str]]:
+    """Top-level package -> distributions, read once per process: building it reads every
+    installed distribution's file list (seconds in a large environment)."""
+    return md.packages_distributions()
 
 
 def _module_version(module: ModuleType) -> str:
