@@ -80,6 +80,8 @@ class PluginManager(pluggy.PluginManager):
 def _distribution_of(module_name: str) -> str | None:
     """The installed distribution that ships the top-level package of ``module_name``."""
     top = module_name.split(".")[0]
+    if top == "gptkit":  # the built-ins: no need to read every installed file list
+        return "gptkit"
     for dist in _packages_distributions().get(top, []):
         return dist
     return None
