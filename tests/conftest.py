@@ -4,6 +4,14 @@ from pathlib import Path
 
 import pytest
 
+# One thread per test process (torch, OpenMP, MKL, onnxruntime), subprocesses included: the
+# suite runs one worker per core (pytest -n 2 on 2 cores), and several spinning thread pools
+# per core made the small models' tests 5-10x slower than single-threaded.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "GPTKIT_ORT_THREADS"):
+    os.environ.setdefault(_var, "1")
+if "torch" in sys.modules:
+    sys.modules["torch"].set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 # Test plugins (tests/plugins/*.py) are importable as top-level modules.
