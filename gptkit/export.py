@@ -19,12 +19,14 @@ Names follow onnxruntime-genai / Optimum. Batch, sequence and cache lengths are 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -536,9 +538,8 @@ def _attach_bundle(
     for k, v in metrics.items():
         client.log_metric(run_id, k, float(v))
     client.log_artifacts(run_id, str(bundle), f"bundles/{name}")
-    mlflow.set_tracking_uri(info["uri"])
     try:
-        with mlflow.start_run(run_id=run_id):
+        with _tracking_uri(info["uri"]), mlflow.start_run(run_id=run_id):
             mlflow.onnx.log_model(
                 onnx.load(str(bundle / MODEL_FILE)),
                 name=name,
@@ -549,6 +550,26 @@ def _attach_bundle(
         if before.end_time:
             client.set_terminated(run_id, status=before.status, end_time=before.end_time)
     return name
+
+
+@contextlib.contextmanager
+def _tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API at ``uri`` for a moment: ``mlflow.set_tracking_uri`` also sets
+    $MLFLOW_TRACKING_URI, which would otherwise stay changed for the caller (a notebook) and
+    every process it starts."""
+    import mlflow
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = mlflow.get_tracking_uri() if env is not None else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            mlflow.set_tracking_uri(previous)
+        else:
+            mlflow.set_tracking_uri(None)  # back to "not set" (its default)
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def _signature(manifest: dict[str, Any]):

@@ -506,7 +506,10 @@ def test_export_replaces_a_bundle_that_is_exactly_its_manifest(smoke_run, bundle
     out = tmp_path / "b"
     shutil.copytree(bundle, out)
     (out / "model.onnx").write_bytes(b"stale")  # damaged, but every file is listed
+    assert (smoke_run / "mlflow.json").exists()  # so the export logs to the run's MLflow store
     manifest = export_run(smoke_run, out, log=lambda *_: None)
+    # Logging the bundle does not leave $MLFLOW_TRACKING_URI set in the caller's process.
+    assert "MLFLOW_TRACKING_URI" not in os.environ
     assert sha(out / MODEL) == manifest["files"][MODEL]
     Bundle.load(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no staging left behind

@@ -139,43 +139,66 @@ def _muon_optimizer_class():
             return loss
 
         def _muon(self, group: dict) -> None:
+            """Nesterov momentum, then one orthogonalised update per matrix. Matrices of the
+            same shape go through Newton-Schulz together (one batched matmul per iteration,
+            not one per matrix): at small widths the per-call overhead is most of the cost."""
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - mu)
-                update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-                update = zeropower_via_newtonschulz5(update, group["ns_steps"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                return
+            grads = [p.grad for p in params]
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_lerp_(bufs, grads, 1 - mu)
+            updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+            by_shape: dict[tuple[int, ...], list[int]] = {}
+            for i, p in enumerate(params):
+                by_shape.setdefault(tuple(p.shape), []).append(i)
+            if wd:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            for shape, idx in by_shape.items():
+                ortho = zeropower_via_newtonschulz5(
+                    torch.stack([updates[i] for i in idx]), group["ns_steps"]
+                )
                 # An orthogonal update has RMS 1/sqrt(max side); this keeps tall matrices'
                 # per-entry step the same as square ones' (Jordan, 2024).
-                scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.add_(update.to(p.dtype), alpha=-lr * scale)
+                scale = max(1.0, shape[-2] / shape[-1]) ** 0.5
+                torch._foreach_add_(
+                    [params[i] for i in idx],
+                    list(ortho.to(params[idx[0]].dtype).unbind(0)),
+                    alpha=-lr * scale,
+                )
 
         def _adamw(self, group: dict) -> None:
+            """AdamW over the group's tensors at once (foreach ops: many small tensors)."""
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                return
+            grads = [p.grad for p in params]
+            for p in params:
                 state = self.state[p]
                 if "step" not in state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = float(state["step"])
-                state["exp_avg"].lerp_(p.grad, 1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
+            states = [self.state[p] for p in params]
+            torch._foreach_add_([s["step"] for s in states], 1.0)
+            avgs = [s["exp_avg"] for s in states]
+            sqs = [s["exp_avg_sq"] for s in states]
+            steps = [float(s["step"]) for s in states]
+            torch._foreach_lerp_(avgs, grads, 1 - beta1)
+            torch._foreach_mul_(sqs, beta2)
+            torch._foreach_addcmul_(sqs, grads, grads, value=1 - beta2)
+            denom = torch._foreach_sqrt(sqs)
+            torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in steps])
+            torch._foreach_add_(denom, eps)
+            if wd:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_addcdiv_(params, avgs, denom, [-lr / (1 - beta1**t) for t in steps])
 
     return Muon
 
