@@ -208,6 +208,7 @@ def test_without_torch_the_cli_says_what_needs_it():
     assert_user_error(result, "need PyTorch, which is not installed", "pip install 'gptkit[train]'")
 
 
+@pytest.mark.slow  # trains, then exports through the CLI
 def test_spec_export_onnx_writes_a_bundle_after_training(tmp_path):
     from tests.conftest import ROOT
 

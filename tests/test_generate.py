@@ -64,6 +64,7 @@ def test_rows_joining_a_running_batch_get_their_tokens_alone(attention, position
     testing.check_joining(TorchBackend(model, static=static))
 
 
+@pytest.mark.slow  # an ONNX export each
 @pytest.mark.parametrize("static", [True, False], ids=["static", "concat"])
 def test_rows_joining_under_onnxruntime_get_their_tokens_alone(static, tmp_path):
     from gptkit.export import export_onnx

@@ -26,6 +26,7 @@ def test_example_plugins_are_discovered_by_entry_point(monkeypatch):
     assert infos["eta"].origin == "entry point (gptkit-eta-sampling)"
 
 
+@pytest.mark.slow  # trains, generates and exports through the CLI
 def test_a_spec_using_both_trains_generates_and_exports(tmp_path):
     env = {"GPTKIT_DISABLE_PLUGIN_AUTOLOAD": "0"}
     run = tmp_path / "run"

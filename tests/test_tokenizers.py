@@ -114,6 +114,7 @@ def test_pretrained_missing_file_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and "tokenizer.path not found" in result.stderr
 
 
+@pytest.mark.slow  # trains, generates and exports through the CLI
 @pytest.mark.parametrize(
     "tokenizer",
     [
