@@ -60,6 +60,18 @@ def smoke_run(tmp_path_factory):
     return work / "run"
 
 
+@pytest.fixture(scope="session")
+def smoke_bundle(smoke_run, tmp_path_factory):
+    """The smoke run exported by ``gptkit export`` (shared: tests copy it before changing it)."""
+    from tests.helpers import run_cli
+
+    out = tmp_path_factory.mktemp("smoke-bundle") / "b"
+    result = run_cli("export", smoke_run, "--out", out, cwd=smoke_run.parent)
+    assert result.returncode == 0, result.stderr
+    assert "greedy identical: True" in result.stdout
+    return out
+
+
 # Fixtures that train a model (or start a server): a test using one belongs to the slow lane.
 SLOW_FIXTURES = {"smoke_run", "reference_run", "server"}
 

@@ -13,13 +13,9 @@ from gptkit.runtime import Bundle
 from tests.helpers import assert_user_error, run_cli
 
 
-@pytest.fixture(scope="module")
-def bundle(smoke_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundle") / "b"
-    result = run_cli("export", smoke_run, "--out", out, cwd=smoke_run.parent)
-    assert result.returncode == 0, result.stderr
-    assert "greedy identical: True" in result.stdout
-    return out
+@pytest.fixture
+def bundle(smoke_bundle):
+    return smoke_bundle
 
 
 def test_manifest_lists_every_file_with_its_hash(bundle):

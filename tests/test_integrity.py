@@ -27,13 +27,9 @@ MODEL = "model.onnx"
 TOK = "tokenizer/tokenizer.gptkit.json"
 
 
-@pytest.fixture(scope="module")
-def bundle(smoke_run, tmp_path_factory):
-    from gptkit.export import export_run
-
-    out = tmp_path_factory.mktemp("integrity") / "bundle"
-    export_run(smoke_run, out, log=lambda *_: None)
-    return out
+@pytest.fixture
+def bundle(smoke_bundle):
+    return smoke_bundle
 
 
 def sha(path: Path) -> str:

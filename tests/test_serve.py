@@ -18,11 +18,8 @@ pytestmark = pytest.mark.slow  # every test here runs a real server in a subproc
 
 
 @pytest.fixture(scope="module")
-def bundle(smoke_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve") / "b"
-    result = run_cli("export", smoke_run, "--out", out, cwd=smoke_run.parent)
-    assert result.returncode == 0, result.stderr
-    return out
+def bundle(smoke_bundle):
+    return smoke_bundle
 
 
 @pytest.fixture(scope="module")
