@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gptkit.errors import GptkitError
 from gptkit.model import GPT
 
 
@@ -331,31 +332,17 @@ def _step_time(backend: Any, tokenizer_like: Any, vocab: int, context: int, repe
     return statistics.median(times[2:] or times)
 
 
-def _write_bundle(
-    folder: Path, onnx_file: Path, tokenizer: Any, name: str, max_seq_len: int, vocab: int
-) -> None:
-    """A minimal bundle around an exported graph (for serving it in the benchmark)."""
+def _write_bundle(folder: Path, onnx_file: Path, spec: Any, model: GPT, tokenizer: Any) -> None:
+    """A bundle around an exported graph (for serving it in the benchmark)."""
     import json
     import shutil
 
-    from gptkit.export import MANIFEST, MODEL_FILE, sha256_file
+    from gptkit.export import MANIFEST, MODEL_FILE, bundle_manifest
 
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(onnx_file, folder / MODEL_FILE)
-    files = [MODEL_FILE, *[f"tokenizer/{f}" for f in tokenizer.save(folder / "tokenizer")]]
-    manifest = {
-        "format": 1,
-        "gptkit_version": __import__("gptkit").__version__,
-        "spec": {
-            "name": name,
-            "tokenizer": {"kind": "char"},
-            "sampler": {"kind": "greedy", "stop_at_eot": False},
-        },
-        "max_seq_len": max_seq_len,
-        "vocab_size": vocab,
-        "precision": "fp32",
-        "files": {f: sha256_file(folder / f) for f in files},
-    }
+    tokenizer.save(folder / "tokenizer")
+    manifest = bundle_manifest(folder, spec, model, tokenizer)
     (folder / MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -385,11 +372,15 @@ def server_concurrency(
             str(max_tokens),
         ],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=(errors := tempfile.TemporaryFile("w+")),
         text=True,
     )
     try:
         line = proc.stdout.readline()
+        if " on " not in line:
+            proc.wait(timeout=30)
+            errors.seek(0)
+            raise GptkitError(f"gptkit serve did not start:\n{errors.read()[-2000:]}")
         url = line.split(" on ", 1)[1].split()[0]
 
         def one(_):
@@ -456,7 +447,15 @@ def inference_baseline(
     )
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(config).eval()
-    spec = validate_spec({"model": _model_fields(config.to_dict())}, "bench")
+    spec = validate_spec(
+        {
+            "name": "bench",
+            "model": _model_fields(config.to_dict()),
+            "tokenizer": {"kind": "char"},
+            "sampler": {"kind": "greedy", "stop_at_eot": False},  # every client: 64 tokens
+        },
+        "bench",
+    )
     model = GPT(spec.model).eval()
     weights = hf.transformer.state_dict()
     model.load_state_dict(
@@ -525,7 +524,7 @@ def inference_baseline(
             )
         report["decode_growth"] = growth
         log("serving the fp32 bundle to 1 and 8 concurrent streaming clients ...")
-        _write_bundle(Path(tmp) / "bundle", fp32, tok, "bench", ctx, tok.vocab_size)
+        _write_bundle(Path(tmp) / "bundle", fp32, spec, model, tok)
         report["server"] = server_concurrency(Path(tmp) / "bundle")
     s = report["server"]
     s["clients_8_over_1_tokens_per_s"] = s["clients_8_tokens_per_s"] / s["clients_1_tokens_per_s"]

@@ -166,6 +166,36 @@ def export_onnx(model: GPT, path: Path, opset: int = OPSET, static: bool | None 
             p.requires_grad_(True)
 
 
+def bundle_manifest(
+    folder: Path, spec: Any, model: GPT, tokenizer: Any, precision: str = "fp32"
+) -> dict[str, Any]:
+    """The manifest fields every bundle has (``Bundle.load`` checks them): the graph's inputs,
+    outputs and cache layout, the tokenizer's special ids, the spec, and every file in
+    ``folder`` (the graph and the saved tokenizer) with its hash. ``export_run`` adds the
+    run, parity and quantization reports to it."""
+    h_kv, hd = cache_shape(model)
+    inputs, outputs = io_names(spec.model.n_layers, model.static_cache)
+    return {
+        "format": 1,
+        "gptkit_version": __import__("gptkit").__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "spec": spec.to_dict(),
+        "inputs": inputs,
+        "outputs": outputs,
+        "vocab_size": spec.model.vocab_size,
+        "special_tokens": {"eot": tokenizer.eot_id, "pad": tokenizer.pad_id},
+        "max_seq_len": spec.model.max_seq_len,
+        "n_layers": spec.model.n_layers,
+        "n_kv_heads": h_kv,
+        "head_dim": hd,
+        "cache": "static" if model.static_cache else "concat",
+        "opset": OPSET,
+        "precision": precision,
+        # Everything in the folder is ours: list (and hash) every file of it.
+        "files": {f: sha256_file(folder / f) for f in sorted(folder_files(folder))},
+    }
+
+
 def export_failure(spec: Any, exc: BaseException) -> str:
     """One paragraph: which components the failed graph holds, and the cause."""
     parts = []
@@ -352,7 +382,6 @@ def export_run(
                 "contract tests for it.",
             )
         quant = None
-        model_file = MODEL_FILE
         if quantize == "int8":
             from gptkit.data import prepare_data
 
@@ -370,33 +399,14 @@ def export_run(
                 f"{quant['val_ppl_fp32']:.3f} -> {quant['val_ppl_int8']:.3f}, size "
                 f"{quant['size_fp32'] / 1e6:.1f} MB -> {quant['size_int8'] / 1e6:.1f} MB"
             )
-        tok_files = loaded.tokenizer.save(tmp / "tokenizer")
-        h_kv, hd = cache_shape(model)
-        inputs, outputs = io_names(spec.model.n_layers, model.static_cache)
-        # Everything in the staging folder is ours: list (and hash) every file of it.
-        files = {model_file, *[f"tokenizer/{f}" for f in tok_files], *folder_files(tmp)}
+        loaded.tokenizer.save(tmp / "tokenizer")
         manifest = {
-            "format": 1,
-            "gptkit_version": __import__("gptkit").__version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **bundle_manifest(tmp, spec, model, loaded.tokenizer, quantize or "fp32"),
             "source_run": str(loaded.run_dir),
             "checkpoint": loaded.checkpoint.name,
-            "spec": spec.to_dict(),
-            "inputs": inputs,
-            "outputs": outputs,
-            "vocab_size": spec.model.vocab_size,
-            "special_tokens": {"eot": loaded.tokenizer.eot_id, "pad": loaded.tokenizer.pad_id},
-            "max_seq_len": spec.model.max_seq_len,
-            "n_layers": spec.model.n_layers,
-            "n_kv_heads": h_kv,
-            "head_dim": hd,
-            "cache": "static" if model.static_cache else "concat",
-            "opset": OPSET,
-            "precision": quantize or "fp32",
             "parity": parity,
             "quantization": quant,
             "plugins": _plugin_provenance(spec),
-            "files": {f: sha256_file(tmp / f) for f in sorted(set(files))},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _swap_in(tmp, out)
