@@ -54,17 +54,16 @@ class StaticCache:
         """This cache's rows, then ``other``'s, each moved right by its shift (``width`` slots
         in use after)."""
         capacity = max(self.keys[0].size(2), other.keys[0].size(2), width)
-        joined = StaticCache.__new__(StaticCache)
-        joined.keys, joined.values = [], []
-        for mine, theirs, out in (
-            (self.keys, other.keys, joined.keys),
-            (self.values, other.values, joined.values),
-        ):
-            for a, b in zip(mine, theirs):
-                buf = a.new_zeros(a.size(0) + b.size(0), a.size(1), capacity, a.size(3))
-                buf[: a.size(0), :, shift:width] = a[:, :, : self.length]
-                buf[a.size(0) :, :, shift_other:width] = b[:, :, : other.length]
-                out.append(buf)
+
+        def stack(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            buf = a.new_zeros(a.size(0) + b.size(0), a.size(1), capacity, a.size(3))
+            buf[: a.size(0), :, shift:width] = a[:, :, : self.length]
+            buf[a.size(0) :, :, shift_other:width] = b[:, :, : other.length]
+            return buf
+
+        joined = StaticCache.__new__(StaticCache)  # filled here, not from a prefill
+        joined.keys = [stack(a, b) for a, b in zip(self.keys, other.keys)]
+        joined.values = [stack(a, b) for a, b in zip(self.values, other.values)]
         joined.length = width
         return joined
 

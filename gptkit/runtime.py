@@ -161,13 +161,15 @@ class StaticCache:
         """This cache's rows, then ``other``'s, each moved right by its shift (``width`` slots
         in use after)."""
         capacity = max(self.capacity, other.capacity, width)
-        joined = StaticCache(0, 0, 0, 0)
-        for mine, theirs in zip(self.buffers, other.buffers):
-            B, H, _, hd = mine.shape
-            buf = np.zeros((B + theirs.shape[0], H, capacity, hd), dtype=np.float32)
-            buf[:B, :, shift:width] = mine[:, :, : self.length]
-            buf[B:, :, shift_other:width] = theirs[:, :, : other.length]
-            joined.buffers.append(buf)
+
+        def stack(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            buf = np.zeros((a.shape[0] + b.shape[0], a.shape[1], capacity, a.shape[3]), a.dtype)
+            buf[: a.shape[0], :, shift:width] = a[:, :, : self.length]
+            buf[a.shape[0] :, :, shift_other:width] = b[:, :, : other.length]
+            return buf
+
+        joined = StaticCache(0, 0, 0, 0)  # no buffers yet: they are the stacked ones
+        joined.buffers = [stack(a, b) for a, b in zip(self.buffers, other.buffers)]
         joined.length = width
         return joined
 
