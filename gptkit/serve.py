@@ -203,17 +203,19 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     rows: list[Row] = field(default_factory=list)
-    first_token_s: float | None = None
 
-    def emit(self, *event: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the event loop is gone (shutting down)
-            pass
+
+def _deliver(items: list[tuple[Job, tuple]]) -> None:
+    """In the event loop: hand each event to its request's queue."""
+    for job, event in items:
+        job.events.put_nowait(event)
 
 
 class Scheduler:
-    """One thread decodes every running request in one batch; requests join between steps."""
+    """One thread decodes every running request in one batch; requests join between steps.
+
+    Events for the handlers are collected during a step and handed to the event loop once
+    after it (one wake-up per step, not one per row and token)."""
 
     def __init__(self, bundle: Bundle, max_rows: int) -> None:
         self.bundle, self.max_rows = bundle, max_rows
@@ -221,6 +223,7 @@ class Scheduler:
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: list[Job] = []
         self.peak_rows = 0  # most rows ever decoded in one step (shown by /health)
+        self.outbox: list[tuple[Job, tuple]] = []  # events not yet handed to the event loop
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._loop, name="gptkit-decode", daemon=True)
         self.thread.start()
@@ -247,35 +250,59 @@ class Scheduler:
     def _start(self, job: Job) -> None:
         for i, (ids, rng) in enumerate(zip(job.ids, row_rngs(job.seed, len(job.ids)))):
             on_text = (
-                (lambda piece, i=i, job=job: job.emit("text", i, piece)) if job.stream else None
+                (lambda piece, i=i, job=job: self._emit(job, "text", i, piece))
+                if job.stream
+                else None
             )
             job.rows.append(self.batch.add(ids, job.sampler, rng, job.max_new, on_text))
         self.running.append(job)
 
+    def _emit(self, job: Job, *event: Any) -> None:
+        self.outbox.append((job, event))
+
+    def _flush(self) -> None:
+        """Hand the collected events over: one call per event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, tuple]]] = {}
+        for job, event in self.outbox:
+            by_loop.setdefault(job.loop, []).append((job, event))
+        self.outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the event loop is gone (shutting down)
+                pass
+
     def _loop(self) -> None:
         while True:
             self._admit()
-            for job in self.running:
-                if job.cancelled.is_set():  # the client went away: its rows leave now
-                    for row in job.rows:
-                        row.done, row.finish = True, "cancelled"
-            self.batch.remove_done()
             try:
-                self.batch.step()
-            except Exception as exc:  # reported to every request in the batch, never dropped
-                for job in self.running:
-                    job.emit("error", f"{type(exc).__name__}: {exc}")
-                self.running = []
-                self.batch = DecodeBatch(self.bundle.backend, self.bundle.tokenizer)
-                continue
-            still = []
+                self._iteration()
+            finally:
+                self._flush()
+
+    def _iteration(self) -> None:
+        """One decode step for the running batch; the requests it finished leave."""
+        for job in self.running:
+            if job.cancelled.is_set():  # the client went away: its rows leave now
+                for row in job.rows:
+                    row.done, row.finish = True, "cancelled"
+        self.batch.remove_done()
+        try:
+            self.batch.step()
+        except Exception as exc:  # reported to every request in the batch, never dropped
             for job in self.running:
-                if all(r.done for r in job.rows):
-                    if not job.cancelled.is_set():
-                        job.emit("done", [r.completion() for r in job.rows])
-                else:
-                    still.append(job)
-            self.running = still
+                self._emit(job, "error", f"{type(exc).__name__}: {exc}")
+            self.running = []
+            self.batch = DecodeBatch(self.bundle.backend, self.bundle.tokenizer)
+            return
+        still = []
+        for job in self.running:
+            if all(r.done for r in job.rows):
+                if not job.cancelled.is_set():
+                    self._emit(job, "done", [r.completion() for r in job.rows])
+            else:
+                still.append(job)
+        self.running = still
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -554,25 +581,35 @@ def create_app(bundle: Bundle, limits: Limits | None = None, name: str | None = 
                 return _error(500, rest[0], "server_error")
             return render.whole(cid, created, rest[0], usage(rest[0]))
 
+        def render_events(batch: list[tuple]) -> tuple[str, bool]:
+            """Server-sent events for what the scheduler sent, and whether the stream ends."""
+            out = []
+            for kind, *rest in batch:
+                if kind == "text":
+                    out.append(render.chunk(cid, created, rest[0], rest[1], None))
+                elif kind == "done":
+                    for i, c in enumerate(rest[0]):
+                        out.append(render.chunk(cid, created, i, "", _finish(c.finish_reason)))
+                    if include_usage:
+                        out.append(render.usage_chunk(cid, created, usage(rest[0])))
+                    out.append("data: [DONE]\n\n")
+                    return "".join(out), True
+                else:
+                    error = {"error": {"message": rest[0], "type": "server_error"}}
+                    out.append("data: " + json.dumps(error) + "\n\n")
+                    return "".join(out), True
+            return "".join(out), False
+
         async def events():
             try:
                 while True:
-                    kind, *rest = await job.events.get()
-                    if kind == "text":
-                        yield render.chunk(cid, created, rest[0], rest[1], None)
-                    elif kind == "done":
-                        for i, c in enumerate(rest[0]):
-                            yield render.chunk(cid, created, i, "", _finish(c.finish_reason))
-                        if include_usage:
-                            yield render.usage_chunk(cid, created, usage(rest[0]))
-                        yield "data: [DONE]\n\n"
-                        return
-                    else:
-                        yield (
-                            "data: "
-                            + json.dumps({"error": {"message": rest[0], "type": "server_error"}})
-                            + "\n\n"
-                        )
+                    # Everything already queued goes out in one write (same events, fewer sends).
+                    batch = [await job.events.get()]
+                    while not job.events.empty():
+                        batch.append(job.events.get_nowait())
+                    text, end = render_events(batch)
+                    yield text
+                    if end:
                         return
             finally:
                 job.cancelled.set()  # the client went away (or is done): its rows leave

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gptkit.decoding import GenerationOptions
 from tests.helpers import assert_user_error, run_cli
 from tests.mlflow_server import free_port
 
@@ -395,3 +396,51 @@ def test_busy_port_and_bad_host_exit_2_before_serving(server, bundle):
     bad = run_cli("serve", bundle, "--host", "no-such-host.invalid", timeout=60)
     assert_user_error(bad, "--host 'no-such-host.invalid'")
     assert "serving on" not in bad.stdout
+
+
+def test_the_scheduler_wakes_the_event_loop_once_per_step_for_every_request(bundle):
+    """Events reach the handlers' queues in one hand-over per decode step, whatever the
+    number of rows; each request still gets all of its text, in order, then "done"."""
+    from gptkit.runtime import Bundle
+    from gptkit.serve import Job, Scheduler
+
+    loaded = Bundle.load(bundle)
+    loop = asyncio.new_event_loop()
+    handovers = []
+    real = loop.call_soon_threadsafe
+
+    def counting(callback, *args):
+        handovers.append(len(args[0]))
+        return real(callback, *args)
+
+    loop.call_soon_threadsafe = counting
+    sampler = loaded.sampler_for(GenerationOptions(temperature=0))
+    jobs = [
+        Job([loaded.tokenizer.encode(p)], sampler, None, 20, True, loop)
+        for p in ("ROMEO:", "KING", "To be")
+    ]
+    scheduler = Scheduler(loaded, max_rows=8)
+
+    async def collect(job):
+        events = []
+        while not events or events[-1][0] == "text":
+            events.append(await job.events.get())
+        return events
+
+    async def main():
+        for job in jobs:
+            scheduler.submit(job)
+        return await asyncio.gather(*(collect(j) for j in jobs))
+
+    try:
+        results = loop.run_until_complete(asyncio.wait_for(main(), 120))
+    finally:
+        loop.close()
+    for events in results:
+        kind, completions = events[-1]
+        assert kind == "done"
+        assert "".join(e[2] for e in events[:-1]) == completions[0].text
+    assert scheduler.peak_rows == 3
+    # 3 rows decoded together: each hand-over carries every row's event of that step.
+    assert max(handovers) >= 3
+    assert len(handovers) < sum(len(e) for e in results)
