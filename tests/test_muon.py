@@ -89,6 +89,25 @@ def test_muon_lowers_the_loss():
     assert after < before - 1.0, (before, after)
 
 
+def test_the_speedrun_spec_is_the_muon_recipe_and_its_model_learns_with_it():
+    """experiments/speedrun_cpu.yaml trains with Muon; speedrun_cpu_adamw.yaml is the same
+    model with the AdamW recipe it replaced (the baseline benchmarks/speedrun.sh measures)."""
+    from gptkit.spec import load_spec
+
+    spec = load_spec(ROOT / "experiments" / "speedrun_cpu.yaml")
+    baseline = load_spec(ROOT / "experiments" / "speedrun_cpu_adamw.yaml")
+    assert spec.train.optimizer.kind == "muon" and baseline.train.optimizer.kind == "adamw"
+    assert spec.model == baseline.model and spec.train.max_steps < baseline.train.max_steps
+    torch.manual_seed(0)
+    model = GPT(spec.model.model_copy(update={"vocab_size": 40}))
+    optimizer = spec.train.optimizer.build(model, lr=spec.train.lr)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 40, (4, spec.model.max_seq_len), generator=gen)
+    batch = x, torch.roll(x, -1, dims=1)
+    before = float(model(*batch).loss.detach())
+    assert _steps(model, optimizer, 8, batch) < before - 0.5
+
+
 def test_state_loads_with_weights_only_and_continues_exactly():
     batch = _batch()
     straight = tiny_model()
