@@ -37,7 +37,10 @@ from gptkit.errors import GptkitError, RunError
 from gptkit.integrity import folder_files, removable_bundle
 from gptkit.model import GPT
 
-OPSET = 18
+# Opset 20 has a single Gelu op (with the tanh approximation GPT-2 uses); at 18 the tanh GELU
+# is eight elementwise nodes per layer that onnxruntime does not fuse (a GPT-2-shaped decode
+# step measured 6% slower: 3.60 against 3.37 ms). onnxruntime >= 1.17 runs opset 20.
+OPSET = 20
 MANIFEST = "gptkit.json"
 MODEL_FILE = "model.onnx"
 # Parity is judged relative to the logits' own scale (their largest magnitude, at least 1):

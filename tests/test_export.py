@@ -228,3 +228,42 @@ def test_spec_export_onnx_writes_a_bundle_after_training(tmp_path):
     assert result.returncode == 0, result.stderr
     manifest = json.loads((run / "bundle" / "gptkit.json").read_text())
     assert manifest["parity"]["passed"] and manifest["checkpoint"] == "step-000004"
+
+
+@pytest.mark.slow
+def test_gpt2_tanh_gelu_is_one_onnx_op(tmp_path):
+    """GPT-2's tanh GELU exports as one Gelu node per layer (opset 20), not the eight
+    elementwise nodes of its formula, and keeps torch's numbers."""
+    import onnx
+    import torch
+
+    from gptkit.export import export_onnx
+    from gptkit.model import GPT
+    from gptkit.runtime import OnnxModel
+    from gptkit.spec import validate_spec
+
+    spec = validate_spec(
+        {
+            "model": {
+                "d_model": 32,
+                "n_heads": 4,
+                "n_layers": 2,
+                "d_ff": 64,
+                "max_seq_len": 16,
+                "vocab_size": 40,
+                "activation": "gelu_tanh",
+            }
+        }
+    )
+    torch.manual_seed(0)
+    model = GPT(spec.model).eval()
+    export_onnx(model, tmp_path / "m.onnx")
+    nodes = onnx.load(str(tmp_path / "m.onnx")).graph.node
+    gelus = [n for n in nodes if n.op_type == "Gelu"]
+    assert len(gelus) == 2 and not [n for n in nodes if n.op_type in ("Tanh", "Pow")]
+    assert {onnx.helper.get_attribute_value(a) for n in gelus for a in n.attribute} == {b"tanh"}
+    ids = np.arange(1, 9)[None]
+    logits, _ = OnnxModel(tmp_path / "m.onnx").run(ids, np.arange(8)[None], np.ones((1, 8)), None)
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids)).logits[0, -1].numpy()
+    np.testing.assert_allclose(logits[0], want, atol=1e-5)
