@@ -411,10 +411,12 @@ def server_concurrency(
             raise GptkitError(f"gptkit serve did not start:\n{errors.read()[-2000:]}")
         url = line.split(" on ", 1)[1].split()[0]
         out: dict[str, Any] = {"max_tokens": max_tokens}
-        # Each client in its own process (started, and its imports done, in an untimed first
-        # round): client threads of one Python process share its GIL and would be what
-        # is measured.
-        with ProcessPoolExecutor(max(clients), mp_context=mp.get_context("spawn")) as pool:
+        # Each client in its own process, its HTTP client built when the process starts (and
+        # an untimed first round): client threads of one Python process share its GIL and
+        # would be what is measured.
+        with ProcessPoolExecutor(
+            max(clients), mp_context=mp.get_context("spawn"), initializer=_http_client
+        ) as pool:
             k = max(clients)
             list(pool.map(_stream_one, [url] * k, [prompt] * k, [max_tokens] * k))  # warm up
             for n in clients:

@@ -248,6 +248,7 @@ class Scheduler:
             self.peak_rows = max(self.peak_rows, len(self.batch))
 
     def _start(self, job: Job) -> None:
+        self.running.append(job)  # first: if adding its rows fails, it is told (see _loop)
         for i, (ids, rng) in enumerate(zip(job.ids, row_rngs(job.seed, len(job.ids)))):
             on_text = (
                 (lambda piece, i=i, job=job: self._emit(job, "text", i, piece))
@@ -255,7 +256,6 @@ class Scheduler:
                 else None
             )
             job.rows.append(self.batch.add(ids, job.sampler, rng, job.max_new, on_text))
-        self.running.append(job)
 
     def _emit(self, job: Job, *event: Any) -> None:
         self.outbox.append((job, event))
@@ -274,9 +274,14 @@ class Scheduler:
 
     def _loop(self) -> None:
         while True:
-            self._admit()
             try:
+                self._admit()
                 self._iteration()
+            except Exception as exc:  # reported to every request in the batch, never dropped
+                for job in self.running:
+                    self._emit(job, "error", f"{type(exc).__name__}: {exc}")
+                self.running = []
+                self.batch = DecodeBatch(self.bundle.backend, self.bundle.tokenizer)
             finally:
                 self._flush()
 
@@ -287,14 +292,7 @@ class Scheduler:
                 for row in job.rows:
                     row.done, row.finish = True, "cancelled"
         self.batch.remove_done()
-        try:
-            self.batch.step()
-        except Exception as exc:  # reported to every request in the batch, never dropped
-            for job in self.running:
-                self._emit(job, "error", f"{type(exc).__name__}: {exc}")
-            self.running = []
-            self.batch = DecodeBatch(self.bundle.backend, self.bundle.tokenizer)
-            return
+        self.batch.step()
         still = []
         for job in self.running:
             if all(r.done for r in job.rows):

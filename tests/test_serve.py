@@ -1,4 +1,5 @@
-"""The HTTP server, run for real as `gptkit serve` and hit over a socket."""
+"""The HTTP server, run for real as `gptkit serve` and hit over a socket; and its decode
+scheduler, driven directly with a real bundle and asyncio loop."""
 
 import asyncio
 import json
@@ -15,7 +16,7 @@ from gptkit.decoding import GenerationOptions
 from tests.helpers import assert_user_error, run_cli
 from tests.mlflow_server import free_port
 
-pytestmark = pytest.mark.slow  # every test here runs a real server in a subprocess
+pytestmark = pytest.mark.slow  # a real server in a subprocess, or a real exported bundle
 
 
 @pytest.fixture(scope="module")
@@ -398,6 +399,58 @@ def test_busy_port_and_bad_host_exit_2_before_serving(server, bundle):
     assert "serving on" not in bad.stdout
 
 
+def _drive(scheduler, jobs, loop):
+    """Submit the jobs and collect each one's events up to its first that is not "text"."""
+
+    async def collect(job):
+        events = []
+        while not events or events[-1][0] == "text":
+            events.append(await job.events.get())
+        return events
+
+    async def main():
+        for job in jobs:
+            scheduler.submit(job)
+        return await asyncio.gather(*(collect(j) for j in jobs))
+
+    return loop.run_until_complete(asyncio.wait_for(main(), 120))
+
+
+def test_a_failing_step_is_reported_to_every_request_and_the_scheduler_goes_on(bundle):
+    from gptkit.runtime import Bundle
+    from gptkit.serve import Job, Scheduler
+
+    loaded = Bundle.load(bundle)
+    real, calls = loaded.backend, []
+
+    class Failing:  # the real backend, except that its third call raises
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def __call__(self, *args):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("the accelerator fell over")
+            return real(*args)
+
+    loaded.backend = Failing()
+    loop = asyncio.new_event_loop()
+    sampler = loaded.sampler_for(GenerationOptions(temperature=0))
+    scheduler = Scheduler(loaded, max_rows=8)
+
+    def job(prompt, stream):
+        return Job([loaded.tokenizer.encode(prompt)], sampler, None, 20, stream, loop)
+
+    try:
+        failed = _drive(scheduler, [job("ROMEO:", True), job("KING", False)], loop)
+        after = _drive(scheduler, [job("To be", True)], loop)
+    finally:
+        loop.close()
+    for events in failed:
+        assert events[-1] == ("error", "RuntimeError: the accelerator fell over")
+    assert after[0][-1][0] == "done" and len(after[0][-1][1][0].tokens) == 20
+
+
 def test_the_scheduler_wakes_the_event_loop_once_per_step_for_every_request(bundle):
     """Events reach the handlers' queues in one hand-over per decode step, whatever the
     number of rows; each request still gets all of its text, in order, then "done"."""
@@ -420,20 +473,8 @@ def test_the_scheduler_wakes_the_event_loop_once_per_step_for_every_request(bund
         for p in ("ROMEO:", "KING", "To be")
     ]
     scheduler = Scheduler(loaded, max_rows=8)
-
-    async def collect(job):
-        events = []
-        while not events or events[-1][0] == "text":
-            events.append(await job.events.get())
-        return events
-
-    async def main():
-        for job in jobs:
-            scheduler.submit(job)
-        return await asyncio.gather(*(collect(j) for j in jobs))
-
     try:
-        results = loop.run_until_complete(asyncio.wait_for(main(), 120))
+        results = _drive(scheduler, jobs, loop)
     finally:
         loop.close()
     for events in results:
