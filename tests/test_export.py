@@ -238,25 +238,10 @@ def test_gpt2_tanh_gelu_is_one_onnx_op(tmp_path):
     import torch
 
     from gptkit.export import export_onnx
-    from gptkit.model import GPT
     from gptkit.runtime import OnnxModel
-    from gptkit.spec import validate_spec
+    from gptkit.testing import tiny_model
 
-    spec = validate_spec(
-        {
-            "model": {
-                "d_model": 32,
-                "n_heads": 4,
-                "n_layers": 2,
-                "d_ff": 64,
-                "max_seq_len": 16,
-                "vocab_size": 40,
-                "activation": "gelu_tanh",
-            }
-        }
-    )
-    torch.manual_seed(0)
-    model = GPT(spec.model).eval()
+    model = tiny_model(activation="gelu_tanh")
     export_onnx(model, tmp_path / "m.onnx")
     try:  # torch's own exporter lowers GELU to one Gelu at opset 20 (older ones decompose it)
         from torch.onnx._internal.exporter._torchlib.ops import nn as torchlib_nn
