@@ -89,13 +89,14 @@ class OnnxModel:
     ) -> tuple[np.ndarray, StaticCache]:
         """One step over the preallocated cache: the buffers are bound to the graph's inputs
         in place (IO binding, no copy), and only the new tokens' keys/values come back, to be
-        written into the next slots."""
+        written into the next slots. A prefill (nothing cached yet) binds no slots at all, so
+        its attention spans the prompt only, not the empty capacity after it."""
         B, T = ids.shape
         if past is None:
             past = StaticCache(len(self.past_names), B, self.n_kv_heads, self.head_dim)
         L = past.length
         past.reserve(L + T, self.max_cache)
-        S = past.capacity
+        S = past.capacity if L else 0
         mask = np.zeros((B, S + T), dtype=np.int64)
         mask[:, :L] = key_mask[:, :L]
         mask[:, S:] = key_mask[:, L:]
@@ -104,8 +105,8 @@ class OnnxModel:
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", mask)
         binding.bind_cpu_input("cache_position", np.array(L, dtype=np.int64))
-        for name, buf in zip(self.past_names, past.buffers):
-            binding.bind_input(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+        for name, value in zip(self.past_names, past.bound(S)):
+            binding.bind_ortvalue_input(name, value)
         for name in self.outputs:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
@@ -126,6 +127,17 @@ class StaticCache:
             np.zeros((batch, n_kv_heads, capacity, head_dim), dtype=np.float32) for _ in range(n)
         ]
         self.length = 0
+        self._bound: tuple[int, list[Any]] | None = None  # (slots, the buffers as OrtValues)
+
+    def bound(self, slots: int) -> list[Any]:
+        """The buffers as onnxruntime values over the same memory (made once per buffer
+        set), or, for ``slots`` 0, empty ones (a prefill reads no slot)."""
+        from onnxruntime import OrtValue
+
+        if self._bound is None or self._bound[0] != slots:
+            buffers = self.buffers if slots else [b[:, :, :0].copy() for b in self.buffers]
+            self._bound = (slots, [OrtValue.ortvalue_from_numpy(b) for b in buffers])
+        return self._bound[1]
 
     @property
     def capacity(self) -> int:
@@ -145,7 +157,7 @@ class StaticCache:
             new = np.zeros((*buf.shape[:2], capacity, buf.shape[3]), dtype=np.float32)
             new[:, :, : self.length] = buf[:, :, : self.length]
             grown.append(new)
-        self.buffers = grown
+        self.buffers, self._bound = grown, None
 
     def write(self, new: list[np.ndarray]) -> None:
         L, T = self.length, new[0].shape[2]
@@ -155,6 +167,7 @@ class StaticCache:
 
     def keep_rows(self, rows: list[int]) -> StaticCache:
         self.buffers = [np.ascontiguousarray(buf[rows]) for buf in self.buffers]
+        self._bound = None
         return self
 
     def join(self, other: StaticCache, shift: int, shift_other: int, width: int) -> StaticCache:

@@ -9,6 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from gptkit.errors import RunError
+from gptkit.export import OPSET, graph_opset
 from gptkit.runtime import Bundle
 from tests.helpers import assert_user_error, run_cli
 
@@ -29,6 +30,7 @@ def test_manifest_lists_every_file_with_its_hash(bundle):
     ]
     assert manifest["outputs"][:2] == ["logits", "present.0.key"]
     assert manifest["cache"] == "static"
+    assert manifest["opset"] == graph_opset(bundle / "model.onnx") == OPSET
     assert manifest["vocab_size"] == 66 and manifest["max_seq_len"] == 32
     assert manifest["special_tokens"] == {"eot": 65, "pad": 65}
     parity = manifest["parity"]
@@ -145,6 +147,8 @@ def test_int8_bundle_reports_quality_and_is_smaller(smoke_run, tmp_path):
     assert 0.5 <= q["top1_agreement"] <= 1.0 and q["tokens"] > 0
     assert q["size_int8"] < q["size_fp32"]
     assert abs(q["val_ppl_change"]) < 0.5 * q["val_ppl_fp32"]
+    assert "blocks.0.attn.qkv" in q["input_peak_over_rms"]  # what the fp32 rule measured
+    assert set(q["fp32_matmuls"]) <= set(q["input_peak_over_rms"])
     assert json.loads((out / "gptkit.json").read_text())["precision"] == "int8"
     gen = run_cli("generate", out, "-p", "ROMEO:", "-n", "20", "--seed", "1")
     assert gen.returncode == 0, gen.stderr
@@ -258,3 +262,43 @@ def test_gpt2_tanh_gelu_is_one_onnx_op(tmp_path):
     with torch.no_grad():
         want = model(torch.from_numpy(ids)).logits[0, -1].numpy()
     np.testing.assert_allclose(logits[0], want, atol=1e-5)
+
+
+def test_int8_keeps_a_matmul_whose_input_has_outliers_in_fp32(tmp_path):
+    """The int8 rule: a matrix multiplication whose input peaks far above its RMS on
+    validation windows stays fp32 (here: one squared-ReLU unit made to fire rarely and
+    strongly, as trained ones do); every other one is quantized."""
+    import onnx
+    import torch
+
+    from gptkit.export import INT8_PEAK_OVER_RMS, activation_peaks, export_onnx, quantize_int8
+    from gptkit.testing import VOCAB, tiny_model
+
+    val = np.random.default_rng(0).integers(0, VOCAB, 2000)
+    model = tiny_model(activation="relu2", bias=True)
+    export_onnx(model, tmp_path / "plain.onnx")
+    plain = activation_peaks(tmp_path / "plain.onnx", val, 32)
+    modules = sorted(p["module"] for p in plain.values())
+    assert modules == sorted(
+        [
+            f"blocks.{i}.{m}"
+            for i in range(2)
+            for m in ("attn.qkv", "attn.out_proj", "mlp.in_proj", "mlp.out_proj")
+        ]
+        + ["lm_head"]
+    )
+    assert all(1 <= p["peak_over_rms"] < INT8_PEAK_OVER_RMS for p in plain.values())
+
+    with torch.no_grad():  # unit 7 of block 1: 8x the weight, fires only 2.5 norms above 0
+        unit = model.blocks[1].mlp.in_proj
+        unit.weight[7] *= 8
+        unit.bias[7] = -2.5 * float(unit.weight[7].norm())
+    export_onnx(model, tmp_path / "outlier.onnx")
+    peaks = activation_peaks(tmp_path / "outlier.onnx", val, 32)
+    keep = [n for n, p in peaks.items() if p["peak_over_rms"] > INT8_PEAK_OVER_RMS]
+    assert [peaks[n]["module"] for n in keep] == ["blocks.1.mlp.out_proj"]
+
+    quantize_int8(tmp_path / "outlier.onnx", tmp_path / "int8.onnx", keep)
+    nodes = onnx.load(str(tmp_path / "int8.onnx")).graph.node
+    assert keep[0] in {n.name for n in nodes if n.op_type == "MatMul"}
+    assert len([n for n in nodes if n.op_type == "MatMulInteger"]) == len(peaks) - 1
