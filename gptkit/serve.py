@@ -616,96 +616,56 @@ def create_app(bundle: Bundle, limits: Limits | None = None, name: str | None = 
         return StreamingResponse(events(), media_type="text/event-stream")
 
     class TextRender:
+        """OpenAI's completion objects: the whole answer, a streamed chunk, the usage chunk."""
+
+        whole_object = chunk_object = "text_completion"
+
         def __init__(self, echo_prompts: list[str] | None) -> None:
             self.echo = echo_prompts
 
-        def whole(self, cid, created, out, usage):
+        def envelope(self, cid, created, obj, choices, **extra):
             return {
                 "id": cid,
-                "object": "text_completion",
+                "object": obj,
                 "created": created,
                 "model": model_name,
-                "choices": [
-                    {
-                        "text": (self.echo[i] if self.echo else "") + c.text,
-                        "index": i,
-                        "logprobs": None,
-                        "finish_reason": _finish(c.finish_reason),
-                    }
-                    for i, c in enumerate(out)
-                ],
-                "usage": usage,
+                "choices": choices,
+                **extra,
             }
 
-        def chunk(self, cid, created, index, text, finish):
-            return _sse(
+        def answer(self, i, completion) -> dict[str, Any]:
+            return {"text": (self.echo[i] if self.echo else "") + completion.text}
+
+        def delta(self, text) -> dict[str, Any]:
+            return {"text": text}
+
+        def whole(self, cid, created, out, usage):
+            choices = [
                 {
-                    "id": cid,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": model_name,
-                    "choices": [
-                        {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
-                    ],
+                    "index": i,
+                    **self.answer(i, c),
+                    "logprobs": None,
+                    "finish_reason": _finish(c.finish_reason),
                 }
-            )
+                for i, c in enumerate(out)
+            ]
+            return self.envelope(cid, created, self.whole_object, choices, usage=usage)
+
+        def chunk(self, cid, created, index, text, finish):
+            choice = {"index": index, **self.delta(text), "logprobs": None, "finish_reason": finish}
+            return _sse(self.envelope(cid, created, self.chunk_object, [choice]))
 
         def usage_chunk(self, cid, created, usage):
-            return _sse(
-                {
-                    "id": cid,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": model_name,
-                    "choices": [],
-                    "usage": usage,
-                }
-            )
+            return _sse(self.envelope(cid, created, self.chunk_object, [], usage=usage))
 
     class ChatRender(TextRender):
-        def whole(self, cid, created, out, usage):
-            return {
-                "id": cid,
-                "object": "chat.completion",
-                "created": created,
-                "model": model_name,
-                "choices": [
-                    {
-                        "index": i,
-                        "message": {"role": "assistant", "content": c.text},
-                        "logprobs": None,
-                        "finish_reason": _finish(c.finish_reason),
-                    }
-                    for i, c in enumerate(out)
-                ],
-                "usage": usage,
-            }
+        whole_object, chunk_object = "chat.completion", "chat.completion.chunk"
 
-        def chunk(self, cid, created, index, text, finish):
-            delta = {"content": text} if text else {}
-            return _sse(
-                {
-                    "id": cid,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": model_name,
-                    "choices": [
-                        {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-                    ],
-                }
-            )
+        def answer(self, i, completion) -> dict[str, Any]:
+            return {"message": {"role": "assistant", "content": completion.text}}
 
-        def usage_chunk(self, cid, created, usage):
-            return _sse(
-                {
-                    "id": cid,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": model_name,
-                    "choices": [],
-                    "usage": usage,
-                }
-            )
+        def delta(self, text) -> dict[str, Any]:
+            return {"delta": {"content": text} if text else {}}
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
     async def completions(req: CompletionRequest):

@@ -173,9 +173,6 @@ class CausalSelfAttention(nn.Module):
         q_idx = past.position + torch.arange(T, device=device)  # (T,) index in the batch
         slots = torch.arange(S, device=device)
         k_idx = torch.cat([slots, q_idx])  # (S + T,)
-        bias = self.positional.score_bias_at(q_idx, k_idx)  # (1, H, T, S + T) or None
-        if bias is not None:
-            scores = scores + bias
         in_use = torch.cat([slots < past.position, torch.ones(T, dtype=torch.bool, device=device)])
         allowed = (k_idx[None, :] <= q_idx[:, None]) & in_use[None, :]  # (T, S + T)
         if self.window is not None:
@@ -190,7 +187,15 @@ class CausalSelfAttention(nn.Module):
                 dim=-1,
             )
             allowed = (allowed & key_mask[:, None, None, :].bool()) | itself
-        att = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+        # The mask as an additive bias (0 or -inf), made once for every head (and, exported,
+        # for every layer): onnxruntime adds it to a long prompt's scores far faster than it
+        # masks them with a broadcast Where (a 700-token prefill: ~235-290 -> ~170 ms).
+        bias = torch.zeros(allowed.shape, dtype=scores.dtype, device=device)
+        bias = bias.masked_fill(~allowed, float("-inf"))
+        position_bias = self.positional.score_bias_at(q_idx, k_idx)  # (1, H, T, S + T) or None
+        if position_bias is not None:
+            bias = bias + position_bias
+        att = (scores + bias).softmax(dim=-1)
         p_cache = att[..., :S].reshape(B, H_kv, G * T, S)
         p_new = att[..., S:].reshape(B, H_kv, G * T, T)
         y = p_cache @ past.values + p_new @ v  # (B, H_kv, G * T, hd)
