@@ -822,7 +822,7 @@ def cache_key(data_spec, tokenizer_spec, digest: str) -> str:
     blob = json.dumps(
         {
             "format": CACHE_FORMAT,
-            "tok": tokenizer_spec.model_dump(mode="json"),
+            "tok": tokenizer_spec.model_dump(mode="json", exclude={"chat_template"}),
             "fingerprint": tokenizer_spec.fingerprint(),
             "data": data_spec.model_dump(mode="json", exclude={"source"}),
         },

@@ -141,6 +141,25 @@ def _model_fields(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def read_chat_template(src: Path) -> str | None:
+    """The chat template in ``src/tokenizer_config.json``, if any (a string, or the entry
+    named "default" of a list of named templates)."""
+    from gptkit.safeio import read_json
+
+    path = src / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    template = read_json(path, "tokenizer_config.json", MAX_CONFIG_BYTES, RunError).get(
+        "chat_template"
+    )
+    if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise RunError(f"{path}: chat_template is not a string")
+    return template
+
+
 def import_hf(src: str | Path, out: str | Path | None = None, name: str | None = None) -> Path:
     """Make a run directory (spec, tokenizer, checkpoint step 0) from a local GPT-2 folder."""
     from gptkit.model import GPT
@@ -169,10 +188,15 @@ def import_hf(src: str | Path, out: str | Path | None = None, name: str | None =
     # Everything is read and checked before the run folder is made: a failed import leaves
     # nothing behind.
     model_fields = _model_fields(config)
+    chat = {"chat_template": t} if (t := read_chat_template(src)) is not None else {}
     spec = validate_spec(
         {
             "name": name,
-            "tokenizer": {"kind": "pretrained", "path": str((src / "tokenizer.json").resolve())},
+            "tokenizer": {
+                "kind": "pretrained",
+                "path": str((src / "tokenizer.json").resolve()),
+                **chat,
+            },
             "model": model_fields,
             "tracking": {"enabled": False},
         },
@@ -216,6 +240,7 @@ def import_hf(src: str | Path, out: str | Path | None = None, name: str | None =
             "tokenizer": {
                 "kind": "pretrained",
                 "path": str((run.tokenizer_dir / "tokenizer.json").resolve()),
+                **chat,
             },
         },
         str(src / "config.json"),

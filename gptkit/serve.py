@@ -32,7 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gptkit.decoding import DecodeBatch, GenerationOptions, Row, row_rngs
+from gptkit.decoding import Completion, DecodeBatch, GenerationOptions, Row, row_rngs
 from gptkit.errors import GptkitError
 from gptkit.runtime import Bundle
 
@@ -623,7 +623,9 @@ def create_app(bundle: Bundle, limits: Limits | None = None, name: str | None = 
         def __init__(self, echo_prompts: list[str] | None) -> None:
             self.echo = echo_prompts
 
-        def envelope(self, cid, created, obj, choices, **extra):
+        def envelope(
+            self, cid: str, created: int, obj: str, choices: list[dict[str, Any]], **extra: Any
+        ) -> dict[str, Any]:
             return {
                 "id": cid,
                 "object": obj,
@@ -633,13 +635,15 @@ def create_app(bundle: Bundle, limits: Limits | None = None, name: str | None = 
                 **extra,
             }
 
-        def answer(self, i, completion) -> dict[str, Any]:
+        def answer(self, i: int, completion: Completion) -> dict[str, Any]:
             return {"text": (self.echo[i] if self.echo else "") + completion.text}
 
-        def delta(self, text) -> dict[str, Any]:
+        def delta(self, text: str) -> dict[str, Any]:
             return {"text": text}
 
-        def whole(self, cid, created, out, usage):
+        def whole(
+            self, cid: str, created: int, out: list[Completion], usage: dict[str, int]
+        ) -> dict[str, Any]:
             choices = [
                 {
                     "index": i,
@@ -651,20 +655,20 @@ def create_app(bundle: Bundle, limits: Limits | None = None, name: str | None = 
             ]
             return self.envelope(cid, created, self.whole_object, choices, usage=usage)
 
-        def chunk(self, cid, created, index, text, finish):
+        def chunk(self, cid: str, created: int, index: int, text: str, finish: str | None) -> str:
             choice = {"index": index, **self.delta(text), "logprobs": None, "finish_reason": finish}
             return _sse(self.envelope(cid, created, self.chunk_object, [choice]))
 
-        def usage_chunk(self, cid, created, usage):
+        def usage_chunk(self, cid: str, created: int, usage: dict[str, int]) -> str:
             return _sse(self.envelope(cid, created, self.chunk_object, [], usage=usage))
 
     class ChatRender(TextRender):
         whole_object, chunk_object = "chat.completion", "chat.completion.chunk"
 
-        def answer(self, i, completion) -> dict[str, Any]:
+        def answer(self, i: int, completion: Completion) -> dict[str, Any]:
             return {"message": {"role": "assistant", "content": completion.text}}
 
-        def delta(self, text) -> dict[str, Any]:
+        def delta(self, text: str) -> dict[str, Any]:
             return {"delta": {"content": text} if text else {}}
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from gptkit.errors import RunError
+from gptkit.errors import GptkitError, RunError
 from gptkit.export import OPSET, graph_opset
 from gptkit.runtime import Bundle
 from tests.helpers import assert_user_error, run_cli
@@ -288,6 +288,8 @@ def test_int8_keeps_a_matmul_whose_input_has_outliers_in_fp32(tmp_path):
         + ["lm_head"]
     )
     assert all(1 <= p["peak_over_rms"] < INT8_PEAK_OVER_RMS for p in plain.values())
+    with pytest.raises(GptkitError, match="validation split has 1 token"):
+        activation_peaks(tmp_path / "plain.onnx", val[:1], 32)
 
     with torch.no_grad():  # unit 7 of block 1: 8x the weight, fires only 2.5 norms above 0
         unit = model.blocks[1].mlp.in_proj

@@ -118,6 +118,27 @@ def test_imported_run_fine_tunes_and_exports_to_onnx(hf_gpt2, tmp_path):
     assert gen.returncode == 0, gen.stderr
 
 
+def test_import_keeps_the_chat_template_of_tokenizer_config(hf_gpt2, tmp_path):
+    """A chat model's tokenizer_config.json template comes along (the "default" one of a
+    named list, as newer Hugging Face files have it), so its bundle can serve chat."""
+    import shutil
+
+    folder, _ = hf_gpt2
+    src = tmp_path / "chat-model"
+    shutil.copytree(folder, src)
+    template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    templates = [{"name": "tool_use", "template": "x"}, {"name": "default", "template": template}]
+    (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": templates}))
+    run = import_hf(src, tmp_path / "run")
+    assert Generator.from_run(run).tokenizer.chat_template == template
+    assert Generator.from_run(import_hf(folder, tmp_path / "plain")).tokenizer.chat_template is None
+    (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": 5}))
+    assert_user_error(
+        run_cli("import-hf", src, "--out", tmp_path / "bad"), "chat_template is not a string"
+    )
+    assert not (tmp_path / "bad").exists()
+
+
 def test_import_refuses_what_it_cannot_read(tmp_path, smoke_run):
     assert_user_error(run_cli("import-hf", tmp_path), "has no config.json")
     assert_user_error(

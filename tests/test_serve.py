@@ -56,16 +56,7 @@ def server(bundle, tmp_path_factory):
         stderr=open(log, "w"),
         text=True,
     )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        raise AssertionError(log.read_text())
+    url = _wait_for(proc, port, log)
     yield {
         "url": url,
         "proc": proc,
@@ -75,6 +66,19 @@ def server(bundle, tmp_path_factory):
     }
     proc.terminate()
     proc.wait(timeout=30)
+
+
+def _wait_for(proc: subprocess.Popen, port: int, log: Path) -> str:
+    """The server's URL once /health answers (the log in the error if it never does)."""
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(log.read_text())
 
 
 def test_health_models_and_no_torch_in_the_process(server):
@@ -485,3 +489,73 @@ def test_the_scheduler_wakes_the_event_loop_once_per_step_for_every_request(bund
     # 3 rows decoded together: each hand-over carries every row's event of that step.
     assert max(handovers) >= 3
     assert len(handovers) < sum(len(e) for e in results)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def test_chat_with_a_template_answers_what_the_rendered_prompt_would(tmp_path):
+    """A tokenizer with a chat template (``tokenizer.chat_template``): /v1/chat/completions
+    renders the messages with it and answers exactly what /v1/completions answers for the
+    rendered prompt; a template that does not parse is refused when the spec is read."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    spec = {
+        "extends": str(root / "experiments" / "smoke.yaml"),
+        "name": "chat",
+        "tokenizer": {"kind": "char", "chat_template": CHAT_TEMPLATE},
+        "train": {"max_steps": 5},
+        "tracking": {"enabled": False},
+    }
+    (tmp_path / "chat.yaml").write_text(yaml.safe_dump(spec))
+    bad = {**spec, "tokenizer": {"kind": "char", "chat_template": "{% for m in %}"}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    assert_user_error(run_cli("validate", tmp_path / "bad.yaml"), "chat_template")
+    trained = run_cli(
+        "train", tmp_path / "chat.yaml", "--run-dir", tmp_path / "run", "--no-progress",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    exported = run_cli("export", tmp_path / "run", "--out", tmp_path / "b", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    port, log = free_port(), tmp_path / "serve.txt"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptkit", "serve", str(tmp_path / "b"), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"),
+    )
+    try:
+        url = _wait_for(proc, port, log)
+        messages = [{"role": "user", "content": "ROMEO"}]
+        chat = httpx.post(
+            url + "/v1/chat/completions",
+            json={"messages": messages, "max_tokens": 8, "temperature": 0},
+        ).json()
+        prompt = "user: ROMEO\nassistant:"
+        plain = httpx.post(
+            url + "/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0}
+        ).json()
+        assert chat["object"] == "chat.completion"
+        message = chat["choices"][0]["message"]
+        assert message["role"] == "assistant"
+        assert message["content"] == plain["choices"][0]["text"] and message["content"]
+        assert chat["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"] == len(prompt)
+        pieces = []
+        with httpx.stream(
+            "POST",
+            url + "/v1/chat/completions",
+            json={"messages": messages, "max_tokens": 8, "temperature": 0, "stream": True},
+        ) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    assert chunk["object"] == "chat.completion.chunk"
+                    pieces += [c["delta"].get("content", "") for c in chunk["choices"]]
+        assert "".join(pieces) == message["content"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -113,6 +113,32 @@ class TokenizerSpec(ComponentSpec):
 
     slot: ClassVar[str] = "tokenizer"
 
+    chat_template: str | None = Field(
+        None,
+        description=(
+            "A Hugging Face-style (Jinja) chat template rendering `messages` (and "
+            "`add_generation_prompt`) to a prompt; with one, `gptkit serve` answers "
+            "/v1/chat/completions. It does not change how text is tokenized."
+        ),
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_parses(cls, value: str | None) -> str | None:
+        """A template that does not parse is refused at validation (where jinja2 is there)."""
+        if value is None:
+            return value
+        try:
+            from jinja2 import TemplateSyntaxError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:  # the serve extra brings jinja2; without it nothing renders
+            return value
+        try:
+            ImmutableSandboxedEnvironment().parse(value)
+        except TemplateSyntaxError as exc:
+            raise ValueError(f"not a valid Jinja template: {exc}") from None
+        return value
+
     def fingerprint(self) -> str:
         """Anything besides the fields that changes the result (e.g. a file's hash): the token
         cache is keyed on the fields plus this string."""

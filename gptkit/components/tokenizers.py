@@ -33,6 +33,11 @@ class Tokenizer:
         self.spec = spec
 
     @property
+    def chat_template(self) -> str | None:
+        """The spec's chat template (see ``TokenizerSpec.chat_template``), if any."""
+        return getattr(self.spec, "chat_template", None)
+
+    @property
     def pad_id(self) -> int:
         """Padding shares the end-of-text id; padded positions are masked out anyway."""
         return self.eot_id
