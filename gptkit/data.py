@@ -1028,6 +1028,9 @@ def prepare_data(
         _remove_stale_builds(folder)
         _build_entry(folder, sources, data_spec, tokenizer_spec, digest, progress, workers, log)
         meta, tokenizer, shards = _load_entry(folder)
+    # The entry is keyed on every spec field that shapes ids; the others (the chat template)
+    # are this spec's, not those of the run that built the entry.
+    tokenizer.spec = tokenizer_spec
     total = int(meta["tokens"])
     if total == 0:
         raise DataError(

@@ -638,7 +638,7 @@ def create_app(bundle: Bundle, limits: Limits | None = None, name: str | None = 
         def answer(self, i: int, completion: Completion) -> dict[str, Any]:
             return {"text": (self.echo[i] if self.echo else "") + completion.text}
 
-        def delta(self, text: str) -> dict[str, Any]:
+        def delta(self, index: int, text: str) -> dict[str, Any]:
             return {"text": text}
 
         def whole(
@@ -656,7 +656,8 @@ def create_app(bundle: Bundle, limits: Limits | None = None, name: str | None = 
             return self.envelope(cid, created, self.whole_object, choices, usage=usage)
 
         def chunk(self, cid: str, created: int, index: int, text: str, finish: str | None) -> str:
-            choice = {"index": index, **self.delta(text), "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, **self.delta(index, text)}
+            choice.update(logprobs=None, finish_reason=finish)
             return _sse(self.envelope(cid, created, self.chunk_object, [choice]))
 
         def usage_chunk(self, cid: str, created: int, usage: dict[str, int]) -> str:
@@ -665,11 +666,19 @@ def create_app(bundle: Bundle, limits: Limits | None = None, name: str | None = 
     class ChatRender(TextRender):
         whole_object, chunk_object = "chat.completion", "chat.completion.chunk"
 
+        def __init__(self, echo_prompts: list[str] | None) -> None:
+            super().__init__(echo_prompts)
+            self.opened: set[int] = set()  # choices whose role has been sent
+
         def answer(self, i: int, completion: Completion) -> dict[str, Any]:
             return {"message": {"role": "assistant", "content": completion.text}}
 
-        def delta(self, text: str) -> dict[str, Any]:
-            return {"delta": {"content": text} if text else {}}
+        def delta(self, index: int, text: str) -> dict[str, Any]:
+            # Each choice's first chunk names the role, as OpenAI's streams do.
+            if index in self.opened:
+                return {"delta": {"content": text} if text else {}}
+            self.opened.add(index)
+            return {"delta": {"role": "assistant", "content": text}}
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
     async def completions(req: CompletionRequest):

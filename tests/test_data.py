@@ -46,6 +46,12 @@ def test_tokenizer_is_fitted_on_training_part_and_cache_is_reused(tmp_path):
     byte_spec = validate_spec({"data": {"source": str(path)}, "tokenizer": "byte"})
     third = prepare_data(byte_spec.data, byte_spec.tokenizer, cache=tmp_path / "cache")
     assert not third.cached and third.tokenizer.vocab_size == 257
+    # A chat template does not change the ids: the same entry, with this spec's template.
+    chat = validate_spec(
+        {"data": {"source": str(path)}, "tokenizer": {"kind": "char", "chat_template": "{{ 1 }}"}}
+    )
+    fourth = prepare_data(chat.data, chat.tokenizer, cache=tmp_path / "cache")
+    assert fourth.cached and fourth.tokenizer.chat_template == "{{ 1 }}"
 
 
 @pytest.mark.slow

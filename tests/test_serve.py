@@ -539,7 +539,7 @@ def test_chat_with_a_template_answers_what_the_rendered_prompt_would(tmp_path):
         plain = httpx.post(
             url + "/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0}
         ).json()
-        assert chat["object"] == "chat.completion"
+        assert chat.get("object") == "chat.completion", chat
         message = chat["choices"][0]["message"]
         assert message["role"] == "assistant"
         assert message["content"] == plain["choices"][0]["text"] and message["content"]
@@ -554,8 +554,9 @@ def test_chat_with_a_template_answers_what_the_rendered_prompt_would(tmp_path):
                 if line.startswith("data: {"):
                     chunk = json.loads(line[6:])
                     assert chunk["object"] == "chat.completion.chunk"
-                    pieces += [c["delta"].get("content", "") for c in chunk["choices"]]
-        assert "".join(pieces) == message["content"]
+                    pieces += [c["delta"] for c in chunk["choices"]]
+        assert pieces[0]["role"] == "assistant"  # the first chunk names the role
+        assert "".join(p.get("content", "") for p in pieces) == message["content"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
