@@ -551,7 +551,7 @@ def create_app(bundle: Bundle, limits: Limits | None = None, name: str | None = 
             return _error(
                 429, "server busy; retry later", "rate_limit", headers={"Retry-After": "1"}
             )
-        created, cid = int(time.time()), f"cmpl-{uuid.uuid4().hex[:24]}"
+        created, cid = int(time.time()), f"{render.id_prefix}-{uuid.uuid4().hex[:24]}"
         max_new = (
             sampler.max_new_tokens if options.max_new_tokens is None else options.max_new_tokens
         )
@@ -619,6 +619,7 @@ def create_app(bundle: Bundle, limits: Limits | None = None, name: str | None = 
         """OpenAI's completion objects: the whole answer, a streamed chunk, the usage chunk."""
 
         whole_object = chunk_object = "text_completion"
+        id_prefix = "cmpl"
 
         def __init__(self, echo_prompts: list[str] | None) -> None:
             self.echo = echo_prompts
@@ -665,6 +666,7 @@ def create_app(bundle: Bundle, limits: Limits | None = None, name: str | None = 
 
     class ChatRender(TextRender):
         whole_object, chunk_object = "chat.completion", "chat.completion.chunk"
+        id_prefix = "chatcmpl"
 
         def __init__(self, echo_prompts: list[str] | None) -> None:
             super().__init__(echo_prompts)

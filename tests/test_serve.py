@@ -540,6 +540,7 @@ def test_chat_with_a_template_answers_what_the_rendered_prompt_would(tmp_path):
             url + "/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0}
         ).json()
         assert chat.get("object") == "chat.completion", chat
+        assert chat["id"].startswith("chatcmpl-") and plain["id"].startswith("cmpl-")
         message = chat["choices"][0]["message"]
         assert message["role"] == "assistant"
         assert message["content"] == plain["choices"][0]["text"] and message["content"]
