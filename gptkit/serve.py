@@ -765,10 +765,10 @@ def _sse(doc: dict[str, Any]) -> str:
 
 def _render_chat(template: str, messages: list[dict[str, str]]) -> str:
     """A Hugging Face-style chat template (Jinja) with the generation prompt added."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from gptkit.components.base import chat_environment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True)
+    compiled = chat_environment().from_string(template)
+    return compiled.render(messages=messages, add_generation_prompt=True)
 
 
 def _finish(reason: str) -> str:

@@ -100,6 +100,14 @@ class PositionalSpec(ComponentSpec):
     slot: ClassVar[str] = "positional"
 
 
+def chat_environment() -> Any:
+    """The Jinja environment chat templates are parsed and rendered in: sandboxed, with
+    Hugging Face's settings (``trim_blocks``, ``lstrip_blocks``). Needs jinja2."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+
 class TokenizerSpec(ComponentSpec):
     """Tokenizer: ``build()`` returns an unfitted ``gptkit.plugin.Tokenizer`` subclass.
 
@@ -130,11 +138,10 @@ class TokenizerSpec(ComponentSpec):
             return value
         try:
             from jinja2 import TemplateSyntaxError
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
         except ImportError:  # the serve extra brings jinja2; without it nothing renders
             return value
         try:
-            ImmutableSandboxedEnvironment().parse(value)
+            chat_environment().parse(value)
         except TemplateSyntaxError as exc:
             raise ValueError(f"not a valid Jinja template: {exc}") from None
         return value
