@@ -6,7 +6,7 @@ import time
 import torch
 
 from gptkit.model import GPT
-from gptkit.spec import load_spec
+from gptkit.spec.files import load_spec
 
 spec = load_spec("experiments/speedrun_cpu.yaml")
 model_spec = spec.model.model_copy(update={"vocab_size": 66})

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptkit.data import load_text
+from gptkit.data.sources import load_text
 
 
 @torch.no_grad()

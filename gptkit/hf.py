@@ -163,9 +163,9 @@ def read_chat_template(src: Path) -> str | None:
 def import_hf(src: str | Path, out: str | Path | None = None, name: str | None = None) -> Path:
     """Make a run directory (spec, tokenizer, checkpoint step 0) from a local GPT-2 folder."""
     from gptkit.model import GPT
-    from gptkit.spec import validate_spec
-    from gptkit.training.checkpoint import save_checkpoint
-    from gptkit.training.rundir import RunDir
+    from gptkit.spec.validate import validate_spec
+    from gptkit.store.checkpoint import save_checkpoint
+    from gptkit.store.rundir import RunDir
 
     src = Path(src)
     for f in ("config.json", "model.safetensors"):
@@ -284,7 +284,7 @@ def export_hf(run: str | Path, out: str | Path, force: bool = False) -> Path:
             f"{out} already holds {', '.join(existing)}; refusing to overwrite",
             "Choose another folder, or pass --force to replace them.",
         )
-    from gptkit.training.rundir import load_run
+    from gptkit.store.rundir import load_run
 
     loaded = load_run(run)
     m = loaded.spec.model

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from gptkit.components.attention import KVCache, supports_static_cache
 from gptkit.components.base import mark_residual
-from gptkit.spec import ModelSpec
+from gptkit.spec.models import ModelSpec
 
 
 def make_norm(kind: str, dim: int, bias: bool) -> nn.Module:

@@ -56,7 +56,7 @@ Rules every component follows:
 
 Provenance: each run (``<run>/plugins.json``) and bundle (manifest key ``plugins``) records,
 for every non-built-in kind, ``{"<slot>.<kind>": {"distribution", "version", "module"}}``
-(:func:`gptkit.plugins.provenance`), so that opening it without the plugin names the package
+(:func:`gptkit.registry.manager.provenance`), so that opening it without the plugin names the package
 to install.
 """
 
@@ -78,7 +78,7 @@ from gptkit.components.base import (
     mark_residual,
 )
 from gptkit.components.tokenizers import EOT, Tokenizer
-from gptkit.hookspecs import Register, hookimpl
+from gptkit.registry.hookspecs import Register, hookimpl
 
 # Names that need torch, imported on first use so that ``from gptkit import plugin`` stays
 # torch-free for tokenizer and sampler plugins.

@@ -23,7 +23,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 
 @pytest.fixture(autouse=True)
 def _fresh_registry(monkeypatch):
-    from gptkit.registry import clear_registry_cache
+    from gptkit.registry.registry import clear_registry_cache
 
     monkeypatch.delenv("GPTKIT_PLUGINS", raising=False)
     # In-process tests see the built-ins only; installed example plugins are tested on purpose

@@ -6,9 +6,8 @@ import pytest
 import yaml
 
 from gptkit.cli import main
-from gptkit.compose import compose_spec_file
 from gptkit.errors import GptkitError
-from gptkit.spec import load_spec
+from gptkit.spec.files import compose_spec_file, load_spec
 from tests.conftest import ROOT
 
 BASE = """\

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from gptkit.data import load_corpus, load_text, prepare_data, split_text
+from gptkit.data.prepare import prepare_tokens
+from gptkit.data.sources import load_corpus, load_text, split_text
 from gptkit.errors import DataError
-from gptkit.spec import validate_spec
+from gptkit.spec.validate import validate_spec
 from tests.conftest import ROOT
 from tests.helpers import assert_user_error, run_cli
 
@@ -33,24 +34,24 @@ def test_tokenizer_is_fitted_on_training_part_and_cache_is_reused(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("ab" * 450 + "abx" * 33 + "a")  # 'x' only in the last 10% of the bytes
     spec = validate_spec({"data": {"source": str(path)}})
-    first = prepare_data(spec.data, spec.tokenizer, cache=tmp_path / "cache")
+    first = prepare_tokens(spec.data, spec.tokenizer, cache=tmp_path / "cache")
     assert first.tokenizer.chars == ["a", "b"]
     assert first.train.dtype == np.uint16 and not first.cached
     # The unseen 'x' is dropped (and counted); the last 10% of the 967 ids are validation.
     assert first.meta["dropped_characters"] == 33
     assert len(first.train) == 870 and len(first.val) == 97
-    second = prepare_data(spec.data, spec.tokenizer, cache=tmp_path / "cache")
+    second = prepare_tokens(spec.data, spec.tokenizer, cache=tmp_path / "cache")
     assert second.cached
     assert np.array_equal(np.asarray(first.train), np.asarray(second.train))
     # A different tokenizer is a different cache entry.
     byte_spec = validate_spec({"data": {"source": str(path)}, "tokenizer": "byte"})
-    third = prepare_data(byte_spec.data, byte_spec.tokenizer, cache=tmp_path / "cache")
+    third = prepare_tokens(byte_spec.data, byte_spec.tokenizer, cache=tmp_path / "cache")
     assert not third.cached and third.tokenizer.vocab_size == 257
     # A chat template does not change the ids: the same entry, with this spec's template.
     chat = validate_spec(
         {"data": {"source": str(path)}, "tokenizer": {"kind": "char", "chat_template": "{{ 1 }}"}}
     )
-    fourth = prepare_data(chat.data, chat.tokenizer, cache=tmp_path / "cache")
+    fourth = prepare_tokens(chat.data, chat.tokenizer, cache=tmp_path / "cache")
     assert fourth.cached and fourth.tokenizer.chat_template == "{{ 1 }}"
 
 

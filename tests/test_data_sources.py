@@ -9,9 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from gptkit.data import TokenArray, load_corpus, prepare_data
+from gptkit.data.prepare import prepare_tokens
+from gptkit.data.shards import TokenArray
+from gptkit.data.sources import load_corpus
 from gptkit.errors import DataError
-from gptkit.spec import validate_spec
+from gptkit.spec.validate import validate_spec
 from tests.conftest import ROOT
 from tests.helpers import assert_user_error, run_cli
 
@@ -80,7 +82,7 @@ def make_source(kind, root):
 def test_each_source_kind_becomes_documents_separated_by_end_of_text(tmp_path, kind):
     fields, docs = make_source(kind, tmp_path)
     spec = validate_spec({"data": {**fields, "val_fraction": 0.25}, "tokenizer": "byte"})
-    data = prepare_data(spec.data, spec.tokenizer, cache=tmp_path / "cache")
+    data = prepare_tokens(spec.data, spec.tokenizer, cache=tmp_path / "cache")
     ids = np.concatenate([np.asarray(data.train), np.asarray(data.val)])
     assert np.array_equal(ids, expected_ids(docs))
     assert data.meta["documents"] == len(docs)
@@ -89,13 +91,13 @@ def test_each_source_kind_becomes_documents_separated_by_end_of_text(tmp_path, k
 
 
 def test_text_larger_than_a_piece_is_one_document(tmp_path, monkeypatch):
-    import gptkit.data as data_mod
+    import gptkit.data.sources as data_mod
 
     monkeypatch.setattr(data_mod, "PIECE_BYTES", 64)  # many pieces, cut inside lines too
     text = "line of text, naïve café\n" * 20 + "x" * 300 + "東京" * 50
     (tmp_path / "a.txt").write_text(text)
     spec = validate_spec({"data": {"source": str(tmp_path / "a.txt")}, "tokenizer": "char"})
-    data = prepare_data(spec.data, spec.tokenizer, cache=tmp_path / "cache")
+    data = prepare_tokens(spec.data, spec.tokenizer, cache=tmp_path / "cache")
     ids = np.concatenate([np.asarray(data.train), np.asarray(data.val)])
     assert data.tokenizer.eot_id not in ids.tolist()  # no separator inside a document
     assert data.tokenizer.decode(ids.tolist()) == text
@@ -176,7 +178,7 @@ def test_bad_input_names_the_file_and_leaves_no_cache(tmp_path, case):
     fields, needles = _bad_sources(tmp_path, case)
     spec = validate_spec({"data": fields, "tokenizer": "byte"})
     with pytest.raises(DataError) as info:
-        prepare_data(spec.data, spec.tokenizer, cache=tmp_path / "cache")
+        prepare_tokens(spec.data, spec.tokenizer, cache=tmp_path / "cache")
     for needle in needles:
         assert needle in str(info.value)
     assert _no_valid_cache(tmp_path / "cache")
@@ -202,7 +204,7 @@ def test_shards_read_as_one_array(tmp_path):
     spec = validate_spec(
         {"data": {"source": str(tmp_path / "a.txt"), "shard_tokens": 3000}, "tokenizer": "byte"}
     )
-    data = prepare_data(spec.data, spec.tokenizer, cache=tmp_path / "cache")
+    data = prepare_tokens(spec.data, spec.tokenizer, cache=tmp_path / "cache")
     flat = np.frombuffer(text.encode(), dtype=np.uint8).astype(np.int64)
     assert len(data.meta["shards"]) == 7 and data.train.dtype == np.uint16
     whole = np.concatenate([np.asarray(data.train), np.asarray(data.val)])
@@ -238,12 +240,12 @@ def test_token_array_over_memmaps_matches_numpy():
 def test_damaged_cache_is_rebuilt_and_a_second_run_reuses(tmp_path):
     (tmp_path / "a.txt").write_text("hello world\n" * 500)
     spec = validate_spec({"data": {"source": str(tmp_path / "a.txt")}})
-    first = prepare_data(spec.data, spec.tokenizer, cache=tmp_path / "cache")
+    first = prepare_tokens(spec.data, spec.tokenizer, cache=tmp_path / "cache")
     assert not first.cached
-    assert prepare_data(spec.data, spec.tokenizer, cache=tmp_path / "cache").cached
+    assert prepare_tokens(spec.data, spec.tokenizer, cache=tmp_path / "cache").cached
     shard = first.folder / "shard-00000.bin"
     shard.write_bytes(shard.read_bytes()[:-10])  # cut short, as by a crash
-    again = prepare_data(spec.data, spec.tokenizer, cache=tmp_path / "cache")
+    again = prepare_tokens(spec.data, spec.tokenizer, cache=tmp_path / "cache")
     assert not again.cached and np.array_equal(np.asarray(again.train), np.asarray(first.train))
     # A build killed midway leaves a temporary folder; the next build of the entry removes it.
     import shutil
@@ -252,15 +254,16 @@ def test_damaged_cache_is_rebuilt_and_a_second_run_reuses(tmp_path):
     stale = again.folder.with_name(f".tmp-{again.folder.name}-999999999-1")
     stale.mkdir()
     (stale / "shard-00000.bin").write_bytes(b"partial")
-    assert not prepare_data(spec.data, spec.tokenizer, cache=tmp_path / "cache").cached
+    assert not prepare_tokens(spec.data, spec.tokenizer, cache=tmp_path / "cache").cached
     assert not stale.exists()
     # New content is a new entry.
     (tmp_path / "a.txt").write_text("hello world\n" * 501)
-    assert not prepare_data(spec.data, spec.tokenizer, cache=tmp_path / "cache").cached
+    assert not prepare_tokens(spec.data, spec.tokenizer, cache=tmp_path / "cache").cached
 
 
 def test_fitting_sees_a_bounded_seeded_sample(tmp_path):
-    from gptkit.data import fit_sample, resolve_sources
+    from gptkit.data.encode import fit_sample
+    from gptkit.data.sources import resolve_sources
 
     # 40 files of 4 KB, each with its own rare letter; a 20 KB sample cannot see all of them.
     for i in range(40):
@@ -326,11 +329,11 @@ def test_a_failed_write_leaves_nothing_that_looks_like_a_cache(tmp_path):
 
 PEAK_RSS = r"""
 import resource, sys
-from gptkit.data import prepare_data
-from gptkit.spec import validate_spec
+from gptkit.data.prepare import prepare_tokens
+from gptkit.spec.validate import validate_spec
 spec = validate_spec({"data": {"source": sys.argv[1], "shard_tokens": 4_000_000},
                       "tokenizer": sys.argv[2]})
-data = prepare_data(spec.data, spec.tokenizer, workers=1, progress=False)
+data = prepare_tokens(spec.data, spec.tokenizer, workers=1, progress=False)
 print(len(data.train) + len(data.val), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 

@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from gptkit.training.checkpoint import read_pointer
+from gptkit.store.checkpoint import read_pointer
 from tests.conftest import ROOT
 from tests.helpers import run_cli
 

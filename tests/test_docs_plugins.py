@@ -82,7 +82,7 @@ def test_doc_example_contract(case, tmp_path):
 
 
 def test_the_spec_example_validates_with_the_examples():
-    from gptkit.spec import validate_spec
+    from gptkit.spec.validate import validate_spec
 
     specs = [code for lang, code in BLOCKS if lang == "yaml"]
     assert specs

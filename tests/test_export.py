@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+import gptkit
 from gptkit.errors import GptkitError, RunError
-from gptkit.export import OPSET, graph_opset
-from gptkit.runtime import Bundle
+from gptkit.export.onnx import OPSET, graph_opset
 from tests.helpers import assert_user_error, run_cli
 
 
@@ -42,8 +42,8 @@ def test_bundle_generates_without_torch_installed(bundle):
     # torch cannot be imported at all in this process: sys.modules['torch'] = None.
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "from gptkit.runtime import Bundle\n"
-        f"b = Bundle.load({str(bundle)!r})\n"
+        "import gptkit\n"
+        f"b = gptkit.load({str(bundle)!r})\n"
         "text = b.generate('ROMEO:', max_new_tokens=30, seed=1)\n"
         "assert isinstance(text, str) and len(text) > 0, text\n"
         "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
@@ -75,10 +75,10 @@ def test_bundle_generates_without_torch_installed(bundle):
 
 
 def test_bundle_and_torch_give_the_same_tokens_for_the_same_seed(smoke_run, bundle):
-    from gptkit.generate import Generator
+    import gptkit
 
-    gen = Generator.from_run(smoke_run)
-    b = Bundle.load(bundle)
+    gen = gptkit.load(smoke_run)
+    b = gptkit.load(bundle)
     for changes in (
         {"kind": "greedy", "stop_at_eot": False},
         {"kind": "top_k", "k": 5, "stop_at_eot": False},
@@ -105,7 +105,7 @@ def test_tampered_bundle_is_refused(bundle, tmp_path):
     tok = copy / "tokenizer" / "tokenizer.gptkit.json"
     tok.write_text(tok.read_text().replace("a", "b", 1))
     with pytest.raises(RunError, match="does not match its sha256"):
-        Bundle.load(copy)
+        gptkit.load(copy)
     assert_user_error(run_cli("generate", copy, "-p", "a"), "does not match its sha256")
 
 
@@ -179,8 +179,8 @@ def test_runtime_loads_plugins_only_for_kinds_it_lacks(bundle):
     # bundle of built-in kinds, and still finds a plugin sampler when asked for one.
     code = (
         "import sys\n"
-        "from gptkit.runtime import Bundle\n"
-        f"b = Bundle.load({str(bundle)!r})\n"
+        "import gptkit\n"
+        f"b = gptkit.load({str(bundle)!r})\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "s = b.sampler_with(kind='eta', epsilon=0.01)\n"
         "print(s.kind, len(b.complete(['A'], sampler=s, max_new_tokens=5, seed=1)[0].tokens))\n"
@@ -241,8 +241,8 @@ def test_gpt2_tanh_gelu_is_one_onnx_op(tmp_path):
     import onnx
     import torch
 
-    from gptkit.export import export_onnx
-    from gptkit.runtime import OnnxModel
+    from gptkit.export.onnx import export_onnx
+    from gptkit.inference.onnx import OnnxModel
     from gptkit.testing import tiny_model
 
     model = tiny_model(activation="gelu_tanh")
@@ -271,7 +271,8 @@ def test_int8_keeps_a_matmul_whose_input_has_outliers_in_fp32(tmp_path):
     import onnx
     import torch
 
-    from gptkit.export import INT8_PEAK_OVER_RMS, activation_peaks, export_onnx, quantize_int8
+    from gptkit.export.onnx import export_onnx
+    from gptkit.export.quantize import INT8_PEAK_OVER_RMS, activation_peaks, quantize_int8
     from gptkit.testing import VOCAB, tiny_model
 
     val = np.random.default_rng(0).integers(0, VOCAB, 2000)

@@ -6,9 +6,9 @@ import torch
 
 from gptkit import testing
 from gptkit.components.tokenizers import ByteTokenizerSpec, CharTokenizerSpec
-from gptkit.decoding import decode_loop
-from gptkit.generate import TorchBackend
-from gptkit.registry import load_registry
+from gptkit.inference.decoding import decode_loop
+from gptkit.inference.torch import TorchBackend
+from gptkit.registry.registry import load_registry
 from tests.helpers import assert_user_error, run_cli
 from tests.test_contract import BUILTIN
 
@@ -67,14 +67,14 @@ def test_rows_joining_a_running_batch_get_their_tokens_alone(attention, position
 @pytest.mark.slow  # an ONNX export each
 @pytest.mark.parametrize("static", [True, False], ids=["static", "concat"])
 def test_rows_joining_under_onnxruntime_get_their_tokens_alone(static, tmp_path):
-    from gptkit.export import export_onnx
-    from gptkit.runtime import OnnxModel, _Backend
+    from gptkit.export.onnx import export_onnx
+    from gptkit.inference.onnx import OnnxBackend, OnnxModel
 
     model = testing.tiny_model({"kind": "gqa", "n_kv_heads": 2}, "alibi", max_seq_len=128)
     export_onnx(model, tmp_path / "model.onnx", static=static)
     onnx = OnnxModel(tmp_path / "model.onnx")
     assert onnx.static is static
-    testing.check_joining(_Backend(onnx, model.spec.max_seq_len))
+    testing.check_joining(OnnxBackend(onnx, model.spec.max_seq_len))
 
 
 def test_context_full_policy_crops_and_continues():
@@ -312,7 +312,7 @@ def test_builtin_samplers_pass_the_plugin_sampler_contract(kind):
 @pytest.mark.slow
 def test_temperature_zero_is_greedy_in_every_path(smoke_run):
     import gptkit
-    from gptkit.api import Inference
+    from gptkit.inference.base import Inference
 
     gen = gptkit.load(smoke_run)
     assert isinstance(gen, Inference)
@@ -343,8 +343,8 @@ def test_cli_temperature_zero_is_greedy(smoke_run):
 
 
 def test_options_mean_the_same_as_sampler_fields():
-    from gptkit.decoding import GenerationOptions, resolve_sampler
-    from gptkit.registry import load_registry
+    from gptkit.inference.decoding import GenerationOptions, resolve_sampler
+    from gptkit.registry.registry import load_registry
 
     base = sampler("top_p", p=0.9, temperature=0.8, stop=["\n\n"])
     got = resolve_sampler(

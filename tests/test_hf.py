@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
+import gptkit
 from gptkit.components.tokenizers import BPETokenizerSpec
-from gptkit.data import load_corpus
-from gptkit.generate import Generator
+from gptkit.data.sources import load_corpus
 from gptkit.hf import import_hf
 from tests.helpers import assert_user_error, run_cli
 
@@ -48,7 +48,7 @@ def hf_gpt2(tmp_path_factory):
 def test_import_gives_the_same_logits_and_greedy_text(hf_gpt2, tmp_path):
     folder, hf = hf_gpt2
     run = import_hf(folder, tmp_path / "run")
-    gen = Generator.from_run(run)
+    gen = gptkit.load(run)
     ids = torch.randint(
         0, hf.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1)
     )
@@ -130,8 +130,8 @@ def test_import_keeps_the_chat_template_of_tokenizer_config(hf_gpt2, tmp_path):
     templates = [{"name": "tool_use", "template": "x"}, {"name": "default", "template": template}]
     (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": templates}))
     run = import_hf(src, tmp_path / "run")
-    assert Generator.from_run(run).tokenizer.chat_template == template
-    assert Generator.from_run(import_hf(folder, tmp_path / "plain")).tokenizer.chat_template is None
+    assert gptkit.load(run).tokenizer.chat_template == template
+    assert gptkit.load(import_hf(folder, tmp_path / "plain")).tokenizer.chat_template is None
     (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": 5}))
     assert_user_error(
         run_cli("import-hf", src, "--out", tmp_path / "bad"), "chat_template is not a string"
@@ -153,7 +153,9 @@ def test_peaked_logits_pass_the_scale_aware_parity_gate_and_a_real_difference_fa
 ):
     """A GPT-2 whose embedding is scaled x25 has logits in the tens: its fp32 rounding is
     larger in absolute terms, but not relative to the logits, and greedy tokens agree."""
-    from gptkit.export import export_onnx, export_run, parity_check
+    from gptkit.export.bundle import export_run
+    from gptkit.export.onnx import export_onnx
+    from gptkit.export.parity import parity_check
 
     folder, hf = hf_gpt2
     peaked = transformers.GPT2LMHeadModel(hf.config).eval()
@@ -172,7 +174,7 @@ def test_peaked_logits_pass_the_scale_aware_parity_gate_and_a_real_difference_fa
     assert parity["max_rel_diff"] <= parity["tolerance"] == 1e-4
     # A component that really differs: the graph of the model, checked against the same model
     # with its final norm changed by 0.5%, fails the same gate.
-    gen = Generator.from_run(run)
+    gen = gptkit.load(run)
     export_onnx(gen.model, tmp_path / "m.onnx")
     with torch.no_grad():
         gen.model.norm_f.weight.mul_(1.005)

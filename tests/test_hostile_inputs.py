@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gptkit.errors import GptkitError
-from gptkit.spec import load_spec
+from gptkit.spec.files import load_spec
 from tests.conftest import ROOT
 from tests.helpers import assert_user_error, run_cli
 
@@ -105,7 +105,7 @@ def test_hostile_specs_are_refused_in_one_paragraph(tmp_path, name):
 
 @pytest.mark.parametrize("kind", ["fifo", "dev-zero", "link-to-dev-zero", "directory"])
 def test_special_files_as_specs_and_data_are_refused_without_reading(tmp_path, kind):
-    from gptkit.data import load_text
+    from gptkit.data.sources import load_text
     from gptkit.errors import DataError
 
     path = tmp_path / "x.yaml"
@@ -213,10 +213,10 @@ def gpt2_folder(tmp_path_factory):
     from safetensors.torch import save_file
 
     from gptkit.components.tokenizers import BPETokenizerSpec
-    from gptkit.data import load_corpus
+    from gptkit.data.sources import load_corpus
     from gptkit.hf import _model_fields, name_map
     from gptkit.model import GPT
-    from gptkit.spec import validate_spec
+    from gptkit.spec.validate import validate_spec
 
     folder = tmp_path_factory.mktemp("gpt2")
     tok = BPETokenizerSpec(vocab_size=300).build()

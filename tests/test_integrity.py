@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import gptkit
 from gptkit.errors import GptkitError
-from gptkit.runtime import Bundle
 from tests.helpers import assert_user_error, run_cli
 
 MANIFEST = "gptkit.json"
@@ -58,7 +58,7 @@ def rehash(folder: Path) -> None:
 def refused(folder: Path, *needles: str) -> str:
     """Loading fails with a user error (exit 2 at the CLI) in one paragraph naming the problem."""
     with pytest.raises(GptkitError) as info:
-        Bundle.load(folder)
+        gptkit.load(folder)
     text = str(info.value)
     assert info.value.exit_code == 2
     assert "Traceback" not in text and len(text.splitlines()) <= 3, text
@@ -140,7 +140,7 @@ def test_the_untouched_copy_loads_and_an_empty_folder_is_harmless(bundle, tmp_pa
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
     (copy / "empty-dir").mkdir()
-    assert Bundle.load(copy).generate("A", max_new_tokens=3, seed=1) is not None
+    assert gptkit.load(copy).generate("A", max_new_tokens=3, seed=1) is not None
 
 
 def test_swapped_files_are_refused(bundle, tmp_path):
@@ -464,7 +464,7 @@ def test_damaged_bundles_at_the_cli_exit_2_with_one_paragraph(bundle, tmp_path):
 
 
 def test_export_refuses_a_folder_it_cannot_prove_it_made(smoke_run, bundle, tmp_path):
-    from gptkit.export import export_run
+    from gptkit.export.bundle import export_run
 
     def keep(folder: Path):
         before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
@@ -497,7 +497,7 @@ def test_export_refuses_a_folder_it_cannot_prove_it_made(smoke_run, bundle, tmp_
 
 @pytest.mark.slow
 def test_export_replaces_a_bundle_that_is_exactly_its_manifest(smoke_run, bundle, tmp_path):
-    from gptkit.export import export_run
+    from gptkit.export.bundle import export_run
 
     out = tmp_path / "b"
     shutil.copytree(bundle, out)
@@ -507,7 +507,7 @@ def test_export_replaces_a_bundle_that_is_exactly_its_manifest(smoke_run, bundle
     # Logging the bundle does not leave $MLFLOW_TRACKING_URI set in the caller's process.
     assert "MLFLOW_TRACKING_URI" not in os.environ
     assert sha(out / MODEL) == manifest["files"][MODEL]
-    Bundle.load(out)
+    gptkit.load(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no staging left behind
 
 

@@ -12,7 +12,7 @@ import torch
 
 from gptkit.components.optimizers import MuonSpec, zeropower_via_newtonschulz5
 from gptkit.model import GPT
-from gptkit.spec import validate_spec
+from gptkit.spec.validate import validate_spec
 from tests.conftest import ROOT
 from tests.helpers import run_cli
 
@@ -92,7 +92,7 @@ def test_muon_lowers_the_loss():
 def test_the_speedrun_spec_is_the_muon_recipe_and_its_model_learns_with_it():
     """experiments/speedrun_cpu.yaml trains with Muon; speedrun_cpu_adamw.yaml is the same
     model with the AdamW recipe it replaced (the baseline benchmarks/speedrun.sh measures)."""
-    from gptkit.spec import load_spec
+    from gptkit.spec.files import load_spec
 
     spec = load_spec(ROOT / "experiments" / "speedrun_cpu.yaml")
     baseline = load_spec(ROOT / "experiments" / "speedrun_cpu_adamw.yaml")
@@ -159,7 +159,7 @@ MUON = [
 def test_muon_trains_the_smoke_spec_and_resumes_bit_identically(tmp_path):
     from safetensors.torch import load_file
 
-    from gptkit.training.checkpoint import read_pointer
+    from gptkit.store.checkpoint import read_pointer
 
     def weights(run):
         return load_file(

@@ -11,10 +11,12 @@ import sys
 import numpy as np
 import pytest
 
-from gptkit import hookspecs, plugin, testing
+from gptkit import plugin, testing
 from gptkit.components.base import SLOTS
 from gptkit.errors import SpecError
-from gptkit.spec import validate_spec
+from gptkit.registry import hookspecs
+from gptkit.registry.manager import check_hooks_in_sync
+from gptkit.spec.validate import validate_spec
 from gptkit.testing import Case, contract_cases, run_contract
 
 
@@ -80,7 +82,7 @@ def test_a_global_rng_sampler_is_caught_every_time():
 
 
 def test_a_stateful_sampler_gets_fresh_state_per_row_from_the_decoding_loop():
-    from gptkit.decoding import new_states, sample_next
+    from gptkit.inference.decoding import new_states, sample_next
 
     class Counting(plugin.SamplerSpec):
         kind: str = "counting"
@@ -116,7 +118,7 @@ def test_hookspecs_and_slot_table_are_checked_in_sync(monkeypatch):
     }
     monkeypatch.setattr(hookspecs, "gptkit_register_norm", lambda register: None, raising=False)
     with pytest.raises(ImportError, match="gptkit_register_norm"):
-        hookspecs._check_in_sync()
+        check_hooks_in_sync(hookspecs)
 
 
 def test_the_public_plugin_module_imports_without_torch():

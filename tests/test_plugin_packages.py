@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from gptkit.registry import load_registry
+from gptkit.registry.registry import load_registry
 from tests.conftest import ROOT
 from tests.helpers import assert_user_error, run_cli
 from tests.mlflow_server import free_port
@@ -61,8 +61,8 @@ def test_a_spec_using_both_trains_generates_and_exports(tmp_path):
 
 
 def test_labkit_provides_one_component_per_slot_with_provenance(monkeypatch):
-    from gptkit.plugins import provenance
-    from gptkit.spec import load_spec
+    from gptkit.registry.manager import provenance
+    from gptkit.spec.files import load_spec
 
     monkeypatch.delenv("GPTKIT_DISABLE_PLUGIN_AUTOLOAD")
     spec = load_spec(ROOT / "experiments" / "labkit_demo.yaml")
@@ -83,9 +83,9 @@ def test_a_run_without_its_plugin_names_the_package_to_install(tmp_path, monkeyp
     import yaml
 
     from gptkit.errors import PluginError
-    from gptkit.plugins import provenance
-    from gptkit.registry import clear_registry_cache
-    from gptkit.spec import load_spec
+    from gptkit.registry.manager import provenance
+    from gptkit.registry.registry import clear_registry_cache
+    from gptkit.spec.files import load_spec
     from gptkit.training import RunDir
 
     monkeypatch.delenv("GPTKIT_DISABLE_PLUGIN_AUTOLOAD")

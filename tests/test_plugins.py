@@ -6,9 +6,9 @@ import textwrap
 import pytest
 
 from gptkit.errors import PluginError
-from gptkit.plugins import plugin_manager
-from gptkit.registry import Registry, load_registry
-from gptkit.spec import validate_spec
+from gptkit.registry.manager import plugin_manager
+from gptkit.registry.registry import Registry, load_registry
+from gptkit.spec.validate import validate_spec
 from tests.helpers import assert_user_error, run_cli
 
 
@@ -166,7 +166,7 @@ def test_a_run_may_load_a_module_the_user_allowed(tmp_path, monkeypatch):
 
 
 def test_a_spec_file_the_user_trains_loads_its_own_plugins(tmp_path):
-    from gptkit.spec import load_spec
+    from gptkit.spec.files import load_spec
 
     path = tmp_path / "s.yaml"
     path.write_text("plugins: [inline_attention]\nmodel: {attention: naive}\n")
@@ -182,7 +182,7 @@ def test_a_spec_file_the_user_trains_loads_its_own_plugins(tmp_path):
 )
 def test_a_plugin_that_exits_on_import_is_a_broken_plugin(module, needle, monkeypatch):
     from gptkit.errors import PluginError
-    from gptkit.registry import load_registry
+    from gptkit.registry.registry import load_registry
 
     monkeypatch.setenv("GPTKIT_PLUGINS", module)
     with pytest.raises(PluginError, match="is broken") as info:
@@ -197,7 +197,7 @@ def test_cli_reports_a_plugin_that_exits_on_import_and_exits_2():
 
 
 def test_a_recorded_kind_whose_plugin_failed_to_import_shows_the_real_error():
-    from gptkit.plugins import PluginInfo, missing_kind_message
+    from gptkit.registry.manager import PluginInfo, missing_kind_message
 
     pm = plugin_manager(autoload=False)
     pm.infos.append(

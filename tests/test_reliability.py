@@ -12,13 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptkit.testing import tiny_model
-from gptkit.training.checkpoint import (
+from gptkit.store.checkpoint import (
     load_checkpoint,
     read_pointer,
     resume_candidates,
     save_checkpoint,
 )
+from gptkit.testing import tiny_model
 from tests.conftest import ROOT
 from tests.helpers import assert_user_error, run_cli
 
@@ -67,7 +67,7 @@ def test_same_spec_and_seed_give_bit_identical_weights_and_text(tmp_path):
 
 WRITER = """
 import sys, torch
-from gptkit.training.checkpoint import save_checkpoint
+from gptkit.store.checkpoint import save_checkpoint
 from gptkit.testing import tiny_model
 from pathlib import Path
 model = tiny_model(d_model=256, n_heads=4, n_layers=6, d_ff=1024)

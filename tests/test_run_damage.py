@@ -142,7 +142,7 @@ def test_resume_from_a_damaged_training_state(smoke_run, tmp_path, capsys, name,
 
 
 def test_pointer_outside_the_run_is_never_followed(smoke_run, tmp_path):
-    from gptkit.training.checkpoint import checkpoint_candidates, read_pointer
+    from gptkit.store.checkpoint import checkpoint_candidates, read_pointer
 
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run)

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gptkit.decoding import GenerationOptions
+from gptkit.inference.decoding import GenerationOptions
 from tests.helpers import assert_user_error, run_cli
 from tests.mlflow_server import free_port
 
@@ -246,8 +246,8 @@ def _stream_text(url, body):
 def test_concurrent_clients_share_decode_steps_and_get_the_tokens_they_get_alone(server):
     from concurrent.futures import ThreadPoolExecutor
 
-    from gptkit.decoding import GenerationOptions
-    from gptkit.runtime import Bundle
+    import gptkit
+    from gptkit.inference.decoding import GenerationOptions
 
     bodies = [
         {"prompt": "ROMEO:", "max_tokens": 40, "temperature": 0},
@@ -274,7 +274,7 @@ def test_concurrent_clients_share_decode_steps_and_get_the_tokens_they_get_alone
 
     with ThreadPoolExecutor(len(bodies)) as pool:
         got = list(pool.map(ask, bodies * 2))  # each twice, at once
-    alone = Bundle.load(server["bundle"])
+    alone = gptkit.load(server["bundle"])
     for body, texts in zip(bodies * 2, got):
         stops = body.get("stop", [])
         options = GenerationOptions(
@@ -421,10 +421,10 @@ def _drive(scheduler, jobs, loop):
 
 
 def test_a_failing_step_is_reported_to_every_request_and_the_scheduler_goes_on(bundle):
-    from gptkit.runtime import Bundle
-    from gptkit.serve import Job, Scheduler
+    import gptkit
+    from gptkit.serve.scheduler import Job, Scheduler
 
-    loaded = Bundle.load(bundle)
+    loaded = gptkit.load(bundle)
     real, calls = loaded.backend, []
 
     class Failing:  # the real backend, except that its third call raises
@@ -458,10 +458,10 @@ def test_a_failing_step_is_reported_to_every_request_and_the_scheduler_goes_on(b
 def test_the_scheduler_wakes_the_event_loop_once_per_step_for_every_request(bundle):
     """Events reach the handlers' queues in one hand-over per decode step, whatever the
     number of rows; each request still gets all of its text, in order, then "done"."""
-    from gptkit.runtime import Bundle
-    from gptkit.serve import Job, Scheduler
+    import gptkit
+    from gptkit.serve.scheduler import Job, Scheduler
 
-    loaded = Bundle.load(bundle)
+    loaded = gptkit.load(bundle)
     loop = asyncio.new_event_loop()
     handovers = []
     real = loop.call_soon_threadsafe

@@ -6,7 +6,9 @@ import pytest
 import yaml
 
 from gptkit.errors import GptkitError, SpecError
-from gptkit.spec import load_spec, spec_class, validate_spec
+from gptkit.spec.files import load_spec
+from gptkit.spec.models import spec_class
+from gptkit.spec.validate import validate_spec
 from tests.conftest import ROOT
 from tests.helpers import assert_user_error, run_cli
 
@@ -202,7 +204,7 @@ def test_validate_prints_the_resolved_model():
 
 
 def test_committed_spec_reference_is_current():
-    from gptkit.docs import spec_reference_markdown
+    from gptkit.spec.reference import spec_reference_markdown
 
     committed = (ROOT / "docs" / "spec-reference.md").read_text()
     assert committed == spec_reference_markdown(), (

@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gptkit.components.tokenizers import load_tokenizer
-from gptkit.data import load_corpus
+from gptkit.data.sources import load_corpus
 from gptkit.errors import DataError
-from gptkit.registry import load_registry
+from gptkit.registry.registry import load_registry
 from tests.conftest import ROOT
 from tests.helpers import run_cli
 
@@ -89,7 +89,7 @@ def test_tokenizers_load_without_torch(fitted, tmp_path):
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "from gptkit.components.tokenizers import load_tokenizer\n"
-        "from gptkit.runtime import _runtime_registry\n"
+        "from gptkit.inference.onnx import _runtime_registry\n"
         "r = _runtime_registry()\n"
         f"for k in ('bpe', 'sentencepiece', 'char'):\n"
         f"    t = load_tokenizer({str(tmp_path)!r} + '/' + k, r)\n"

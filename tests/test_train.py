@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptkit.spec import validate_spec
-from gptkit.training.checkpoint import read_pointer
+from gptkit.spec.validate import validate_spec
+from gptkit.store.checkpoint import read_pointer
 from gptkit.training.loop import lr_at
 from tests.conftest import ROOT
 from tests.helpers import assert_user_error, run_cli

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from gptkit.components.base import AttentionSpec, mark_residual
 from gptkit.components.positional import PositionalEncoding
-from gptkit.hookspecs import hookimpl
+from gptkit.registry.hookspecs import hookimpl
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # keys, values: (B, H_kv, T_past, hd) each
 

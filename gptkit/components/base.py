@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-if TYPE_CHECKING:  # the spec module imports this one
-    from gptkit.spec import ModelSpec
 
 
 class ComponentSpec(BaseModel):
@@ -39,8 +36,8 @@ class ComponentSpec(BaseModel):
             )
         return args[0]
 
-    def check(self, model: ModelSpec) -> list[tuple[str, str]]:
-        """Cross-field checks against the enclosing ``ModelSpec``.
+    def check(self, model: Any) -> list[tuple[str, str]]:
+        """Cross-field checks against the enclosing ``ModelSpec`` (``model``).
 
         Return ``(field, message)`` pairs, ``field`` being one of this component's fields (or
         ``"kind"`` for the component as a whole); an empty list means the combination is fine.

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field
 
 from gptkit.components.base import OptimizerSpec
-from gptkit.hookspecs import hookimpl
+from gptkit.registry.hookspecs import hookimpl
 
 
 def decay_groups(model, weight_decay: float) -> list[dict]:

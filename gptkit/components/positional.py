@@ -20,7 +20,7 @@ import torch.nn as nn
 from pydantic import Field
 
 from gptkit.components.base import PositionalSpec
-from gptkit.hookspecs import hookimpl
+from gptkit.registry.hookspecs import hookimpl
 
 
 class PositionalEncoding(nn.Module):

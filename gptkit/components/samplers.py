@@ -12,7 +12,7 @@ import numpy as np
 from pydantic import Field
 
 from gptkit.components.base import SamplerSpec
-from gptkit.hookspecs import hookimpl
+from gptkit.registry.hookspecs import hookimpl
 
 NEG_INF = -np.inf
 

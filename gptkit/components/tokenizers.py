@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError
 
 from gptkit.components.base import TokenizerSpec
 from gptkit.errors import DataError, GptkitError, RunError
-from gptkit.hookspecs import hookimpl
+from gptkit.registry.hookspecs import hookimpl
 
 TOKENIZER_FILE = "tokenizer.gptkit.json"
 EOT = "<|endoftext|>"
@@ -102,7 +102,7 @@ def load_tokenizer(directory: str | Path, registry=None) -> Tokenizer:
     if not isinstance(state, dict):
         raise RunError(f"{path} is not a gptkit tokenizer file: 'state' must be an object")
     if registry is None:
-        from gptkit.registry import load_registry
+        from gptkit.registry.registry import load_registry
 
         registry = load_registry()
     cls = registry.get("tokenizer", spec_data["kind"])

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gptkit.training.rundir import RUNS_ROOT, RunDir
+from gptkit.store.rundir import RUNS_ROOT, RunDir
 
 
 def run_row(run: RunDir) -> dict[str, Any]:

@@ -24,15 +24,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from gptkit.data.batches import get_batch
 from gptkit.errors import GptkitError, RunError
 from gptkit.model import GPT
-from gptkit.spec import ExperimentSpec
-from gptkit.training.checkpoint import checkpoint_name, read_pointer, resume_candidates
-from gptkit.training.checkpoint import load_checkpoint as load_checkpoint_files
-from gptkit.training.checkpoint import save_checkpoint as save_checkpoint_files
+from gptkit.spec.models import ExperimentSpec
+from gptkit.store.checkpoint import checkpoint_name, read_pointer, resume_candidates
+from gptkit.store.checkpoint import load_checkpoint as load_checkpoint_files
+from gptkit.store.checkpoint import save_checkpoint as save_checkpoint_files
+from gptkit.store.rundir import RUNS_ROOT, RunDir
 from gptkit.training.distributed import Dist
-from gptkit.training.progress import Progress, one_line
-from gptkit.training.rundir import RUNS_ROOT, RunDir
+from gptkit.training.progress import Progress, one_line, progress_sample
 from gptkit.training.state import TrainState
 
 EVAL_SEED_OFFSET = 1_000_003
@@ -52,7 +53,7 @@ class Interrupted(GptkitError):
 
 @dataclass
 class TrainResult:
-    """What one ``Trainer.run`` did (figures are for this process's session only)."""
+    """What one ``SpecTrainer.run`` did (figures are for this process's session only)."""
 
     run_dir: Path
     step: int
@@ -120,33 +121,6 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return supported
 
 
-def get_batch(
-    data: np.ndarray,
-    batch_size: int,
-    block: int,
-    gen: torch.Generator,
-    device: torch.device,
-    part: tuple[int, int] = (0, 1),
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``batch_size`` random windows of ``block`` tokens and their next-token targets.
-
-    With ``part=(rank, world)`` every rank draws the same global batch and keeps its slice,
-    so N processes see exactly the batch one process would.
-    """
-    starts = torch.randint(len(data) - block, (batch_size,), generator=gen).numpy()
-    rank, world = part
-    share = batch_size // world
-    starts = starts[rank * share : (rank + 1) * share]
-    windows = np.asarray(data[starts[:, None] + np.arange(block + 1)], dtype=np.int64)
-    xy = torch.from_numpy(windows)
-    x, y = xy[:, :-1], xy[:, 1:]
-    if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(
-            device, non_blocking=True
-        )
-    return x.to(device), y.to(device)
-
-
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, data: np.ndarray, spec: ExperimentSpec, device, autocast
@@ -182,7 +156,7 @@ def spec_diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
     return [] if a == b else [(prefix[:-1], a, b)]
 
 
-class Trainer:
+class SpecTrainer:
     """Train an ``ExperimentSpec`` in a run directory (new, or resumed).
 
     ``overrides`` and ``command`` are recorded with the run (what was asked, and how), so a
@@ -281,12 +255,12 @@ class Trainer:
             self._record_run()
 
     def _prepare_data(self) -> None:
-        from gptkit.data import prepare_data
+        from gptkit.data.prepare import prepare_tokens
 
         spec, d = self.spec, self.dist
         if not d.main:
             d.barrier()  # rank 0 fills the token cache first
-        self.data = prepare_data(spec.data, spec.tokenizer, min_len=spec.model.max_seq_len + 1)
+        self.data = prepare_tokens(spec.data, spec.tokenizer, min_len=spec.model.max_seq_len + 1)
         if d.main:
             d.barrier()
         tok = self.data.tokenizer
@@ -439,7 +413,7 @@ class Trainer:
         run.write_spec(self.spec)
         provenance = plugin_provenance(self.spec)
         if provenance:
-            from gptkit.training.rundir import atomic_write_text
+            from gptkit.store.rundir import atomic_write_text
 
             atomic_write_text(run.plugins_file, json.dumps(provenance, indent=2))
 
@@ -669,9 +643,7 @@ class Trainer:
         )
         # A sharded model runs only with every rank taking part.
         if spec.train.sample_tokens and (self.dist.main or self.fsdp):
-            from gptkit.generate import sample_text
-
-            text = sample_text(
+            text = progress_sample(
                 self.model,
                 self.data.tokenizer,
                 spec.sampler,

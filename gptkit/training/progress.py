@@ -8,6 +8,7 @@ scrollback (nanoGPT style). Elsewhere (a log file, CI): a plain line every ``log
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 
 def format_eta(seconds: float) -> str:
@@ -71,3 +72,29 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+def progress_sample(
+    model: Any, tokenizer: Any, sampler: Any, n_tokens: int, seed: int, prompt: str = "\n"
+) -> str:
+    """A short sample for progress reports (the model is put back in its previous mode)."""
+    from gptkit.inference.decoding import decode_loop
+    from gptkit.inference.torch import TorchBackend
+
+    was_training = model.training
+    try:
+        try:
+            prompt_ids_ok = bool(tokenizer.encode(prompt))
+        except Exception:
+            prompt_ids_ok = False
+        out = decode_loop(
+            TorchBackend(model, next(model.parameters()).device),
+            tokenizer,
+            [prompt if prompt_ids_ok else ""],
+            sampler,
+            max_new_tokens=n_tokens,
+            seed=seed,
+        )
+        return out[0].text
+    finally:
+        model.train(was_training)

@@ -22,10 +22,10 @@ from gptkit.training.tracking import Tracker, flatten, resolve_uri
 def plugin_provenance(spec: Any) -> dict[str, dict[str, str]]:
     """``{"slot.kind": {distribution, version, module}}`` for every non-built-in component."""
     try:
-        from gptkit.plugins import provenance
+        from gptkit.registry.manager import provenance
     except ImportError:
         provenance = None
-    from gptkit.registry import load_registry
+    from gptkit.registry.registry import load_registry
 
     registry = load_registry(tuple(spec.plugins))
     if provenance is not None:
@@ -231,7 +231,7 @@ def plot_losses(metrics: Path, out: Path, title: str) -> None:
     process's pyplot backend (a notebook's inline one, say) is left as it was."""
     from matplotlib.figure import Figure
 
-    from gptkit.training.rundir import read_jsonl
+    from gptkit.store.rundir import read_jsonl
 
     rows = read_jsonl(metrics)
     fig = Figure(figsize=(7, 4), dpi=100)

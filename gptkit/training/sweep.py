@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from gptkit.errors import GptkitError
-from gptkit.spec import ExperimentSpec, validate_spec
-from gptkit.training.rundir import RunDir, default_run_name, short_override
+from gptkit.spec.models import ExperimentSpec
+from gptkit.spec.validate import validate_spec
+from gptkit.store.rundir import RunDir, default_run_name, short_override
 
 MAX_POINTS = 1000
 
@@ -135,9 +136,9 @@ def _train_point(
     progress: bool,
     command: str | None,
 ) -> dict[str, Any]:
-    from gptkit.training.loop import Trainer
+    from gptkit.training.loop import SpecTrainer
 
-    result = Trainer(
+    result = SpecTrainer(
         spec,
         run_dir=run.path,
         progress=progress,

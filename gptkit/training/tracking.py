@@ -117,7 +117,7 @@ class Tracker:
         start_time: int | None = None,
         on_created=None,
     ) -> None:
-        from gptkit.training.rundir import RunDir
+        from gptkit.store.rundir import RunDir
 
         self.parent_run_id = parent_run_id
         self.start_time = start_time or time_ms()
@@ -349,7 +349,7 @@ class Tracker:
         return read_mlflow_link(self.files)
 
     def _write_run_file(self, data: dict[str, Any]) -> None:
-        from gptkit.training.rundir import atomic_write_text
+        from gptkit.store.rundir import atomic_write_text
 
         atomic_write_text(self.files.mlflow_file, json.dumps(data, indent=2))
 
@@ -375,7 +375,7 @@ class Tracker:
         return events
 
     def _write_spool(self) -> None:
-        from gptkit.training.rundir import atomic_write_text
+        from gptkit.store.rundir import atomic_write_text
 
         path = self.files.spool_file
         if not self.pending:

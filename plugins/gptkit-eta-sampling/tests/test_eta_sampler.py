@@ -1,6 +1,6 @@
 import numpy as np
 
-from gptkit.registry import load_registry
+from gptkit.registry.registry import load_registry
 from gptkit.testing import check_sampler
 
 

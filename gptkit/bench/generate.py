@@ -1,0 +1,310 @@
+"""The inference comparison (``gptkit bench --baseline``): gptkit on torch and onnxruntime against
+Hugging Face ``generate`` with the same weights, and the server under concurrent clients."""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gptkit.errors import GptkitError
+from gptkit.model import GPT
+
+
+def _greedy_run(
+    backend: Any, tokenizer: Any, ids: list[int], new_tokens: int
+) -> tuple[list[int], float]:
+    """Greedy continuation of token ids through the shared decoding loop: (tokens, seconds)."""
+    from gptkit.components.samplers import GreedySpec
+    from gptkit.inference.decoding import DecodeBatch
+
+    batch = DecodeBatch(backend, tokenizer)
+    greedy = GreedySpec(stop_at_eot=False)
+    t = time.perf_counter()
+    row = batch.add(list(ids), greedy, np.random.default_rng(0), new_tokens)
+    while len(batch):
+        batch.step()
+    return row.stream.tokens, time.perf_counter() - t
+
+
+def _step_time(backend: Any, tokenizer_like: Any, vocab: int, context: int, repeats: int) -> float:
+    """Median seconds of one cached decode step with ``context`` tokens already cached."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, vocab, (1, context), dtype=np.int64)
+    mask = np.ones((1, context), dtype=bool)
+    _, past = backend(ids, np.arange(context)[None], mask, None)
+    times = []
+    for i in range(repeats):
+        mask = np.ones((1, context + i + 1), dtype=bool)
+        t = time.perf_counter()
+        _, past = backend(ids[:, -1:], np.array([[context + i]]), mask, past)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[2:] or times)
+
+
+def _write_bundle(folder: Path, onnx_file: Path, spec: Any, model: GPT, tokenizer: Any) -> None:
+    """A bundle around an exported graph (for serving it in the benchmark)."""
+    import json
+    import shutil
+
+    from gptkit.export.bundle import bundle_manifest
+    from gptkit.store.bundle import MANIFEST, MODEL_FILE
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(onnx_file, folder / MODEL_FILE)
+    tokenizer.save(folder / "tokenizer")
+    manifest = bundle_manifest(folder, spec, model, tokenizer)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+@functools.cache
+def _http_client() -> Any:
+    """This process's HTTP client, kept for every request (as OpenAI's client keeps one):
+    building one loads a certificate store, ~40 ms that belong to no request."""
+    import httpx
+
+    return httpx.Client(timeout=600)
+
+
+def _stream_one(url: str, prompt: str, max_tokens: int) -> tuple[float | None, float]:
+    """One streaming completion: (seconds to the first text, seconds to the end)."""
+    import json
+
+    client = _http_client()
+    t0 = time.perf_counter()
+    first = None
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    with client.stream("POST", url + "/v1/completions", json=body) as r:
+        for raw in r.iter_lines():
+            if raw.startswith("data: {") and json.loads(raw[6:])["choices"][0]["text"]:
+                first = first or time.perf_counter() - t0
+    return first, time.perf_counter() - t0
+
+
+def server_concurrency(
+    bundle: Path,
+    clients: tuple[int, ...] = (1, 8),
+    max_tokens: int = 64,
+    prompt: str = "ROMEO:",
+    rounds: int = 5,
+) -> dict[str, Any]:
+    """Aggregate streamed tokens/s and time to first token of N concurrent clients against a
+    real ``gptkit serve`` subprocess (over a socket): ``rounds`` rounds of N requests started
+    together; tokens/s over all rounds' wall clock, the median first-token time."""
+    import multiprocessing as mp
+    import subprocess
+    import sys
+    from concurrent.futures import ProcessPoolExecutor
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gptkit",
+            "serve",
+            str(bundle),
+            "--port",
+            "0",
+            "--no-access-log",
+            "--max-tokens",
+            str(max_tokens),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=(errors := tempfile.TemporaryFile("w+")),
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        if " on " not in line:
+            proc.wait(timeout=30)
+            errors.seek(0)
+            raise GptkitError(f"gptkit serve did not start:\n{errors.read()[-2000:]}")
+        url = line.split(" on ", 1)[1].split()[0]
+        out: dict[str, Any] = {"max_tokens": max_tokens}
+        # Each client in its own process, its HTTP client built when the process starts (and
+        # an untimed first round): client threads of one Python process share its GIL and
+        # would be what is measured.
+        with ProcessPoolExecutor(
+            max(clients), mp_context=mp.get_context("spawn"), initializer=_http_client
+        ) as pool:
+            k = max(clients)
+            list(pool.map(_stream_one, [url] * k, [prompt] * k, [max_tokens] * k))  # warm up
+            for n in clients:
+                wall, results = 0.0, []
+                for _ in range(rounds):
+                    t = time.perf_counter()
+                    results += pool.map(_stream_one, [url] * n, [prompt] * n, [max_tokens] * n)
+                    wall += time.perf_counter() - t
+                out[f"clients_{n}_tokens_per_s"] = rounds * n * max_tokens / wall
+                out[f"clients_{n}_first_token_s"] = statistics.median(r[0] or r[1] for r in results)
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def inference_baseline(
+    new_tokens: int = 256,
+    prompts: tuple[int, ...] = (16, 700),
+    contexts: tuple[int, ...] = (64, 1024),
+    log=print,
+) -> dict[str, Any]:
+    """Hugging Face transformers ``generate`` against gptkit (torch with the static cache,
+    onnxruntime fp32 and int8) on the same random GPT-2-shaped weights (6 layers, 6 heads,
+    384 wide, Tiny Shakespeare's characters), greedy, batch 1, alternating in this process."""
+    import transformers
+
+    from gptkit.components.tokenizers import CharTokenizerSpec
+    from gptkit.data.sources import load_corpus
+    from gptkit.export.onnx import export_onnx
+    from gptkit.export.quantize import quantize_int8
+    from gptkit.hf import _model_fields, name_map
+    from gptkit.inference.onnx import OnnxBackend, OnnxModel
+    from gptkit.inference.torch import TorchBackend
+    from gptkit.spec.validate import validate_spec
+
+    text = load_corpus("tinyshakespeare")
+    tok = CharTokenizerSpec().build()
+    tok.fit(text)
+    ctx = max(contexts) + 64
+    config = transformers.GPT2Config(
+        vocab_size=tok.vocab_size,
+        n_positions=ctx,
+        n_embd=384,
+        n_layer=6,
+        n_head=6,
+        resid_pdrop=0,
+        embd_pdrop=0,
+        attn_pdrop=0,
+        bos_token_id=tok.eot_id,
+        eos_token_id=tok.eot_id,
+    )
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    spec = validate_spec(
+        {
+            "name": "bench",
+            "model": _model_fields(config.to_dict()),
+            "tokenizer": {"kind": "char"},
+            "sampler": {"kind": "greedy", "stop_at_eot": False},  # every client: 64 tokens
+        },
+        "bench",
+    )
+    model = GPT(spec.model).eval()
+    weights = hf.transformer.state_dict()
+    model.load_state_dict(
+        {ours: weights[theirs].t() if tr else weights[theirs] for ours, theirs, tr in name_map(6)},
+        strict=False,
+    )
+    report: dict[str, Any] = {
+        "new_tokens": new_tokens,
+        "threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        log("exporting the GPT-2-shaped model to ONNX (fp32, int8) ...")
+        fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        export_onnx(model, fp32)
+        quantize_int8(fp32, int8)
+        backends = {
+            "gptkit_torch": TorchBackend(model),
+            "onnx_fp32": OnnxBackend(OnnxModel(fp32), ctx),
+            "onnx_int8": OnnxBackend(OnnxModel(int8), ctx),
+        }
+
+        def hf_generate(ids: list[int], n: int) -> tuple[list[int], float]:
+            x = torch.tensor([ids])
+            t = time.perf_counter()
+            with torch.inference_mode():
+                # An explicit mask: generate would otherwise mask every prompt token equal to
+                # pad_token_id.
+                out = hf.generate(
+                    x,
+                    attention_mask=torch.ones_like(x),
+                    max_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=tok.eot_id,
+                    eos_token_id=None,
+                )
+            return out[0, len(ids) :].tolist(), time.perf_counter() - t
+
+        for length in prompts:
+            ids = tok.encode(text[1000 : 1000 + length])
+            log(f"generating {new_tokens} tokens after a {length}-token prompt ...")
+            hf_generate(ids, 4)
+            for backend in backends.values():
+                _greedy_run(backend, tok, ids, 4)  # warm up
+            want, secs = hf_generate(ids, new_tokens)
+            row = {"hf_generate_tokens_per_s": new_tokens / secs}
+            for name, backend in backends.items():
+                got, secs = _greedy_run(backend, tok, ids, new_tokens)
+                row[f"{name}_tokens_per_s"] = new_tokens / secs
+                row[f"{name}_over_hf"] = (
+                    row[f"{name}_tokens_per_s"] / row["hf_generate_tokens_per_s"]
+                )
+                if name != "onnx_int8":
+                    row[f"{name}_same_tokens_as_hf"] = got == want
+            report[f"prompt_{length}"] = row
+        log("timing one decode step at each context ...")
+        growth: dict[str, Any] = {}
+        for name in ("gptkit_torch", "onnx_fp32"):
+            for c in contexts:
+                growth[f"{name}_step_s_at_{c}"] = _step_time(
+                    backends[name], tok, tok.vocab_size, c, 20
+                )
+            growth[f"{name}_growth"] = (
+                growth[f"{name}_step_s_at_{contexts[-1]}"]
+                / growth[f"{name}_step_s_at_{contexts[0]}"]
+            )
+        report["decode_growth"] = growth
+        log("serving the fp32 bundle to 1 and 8 concurrent streaming clients ...")
+        _write_bundle(Path(tmp) / "bundle", fp32, spec, model, tok)
+        report["server"] = server_concurrency(Path(tmp) / "bundle")
+    s = report["server"]
+    s["clients_8_over_1_tokens_per_s"] = s["clients_8_tokens_per_s"] / s["clients_1_tokens_per_s"]
+    s["clients_8_over_1_first_token"] = s["clients_8_first_token_s"] / s["clients_1_first_token_s"]
+    return report
+
+
+def format_inference(r: dict[str, Any]) -> str:
+    lines = [
+        f"inference vs Hugging Face transformers {r['transformers']} generate "
+        f"(same random GPT-2-shaped weights, greedy, batch 1, {r['new_tokens']} new tokens, "
+        f"{r['threads']} threads):",
+        f"    {'prompt':>8} {'HF tok/s':>10} {'torch':>16} {'onnx fp32':>16} {'onnx int8':>16}",
+    ]
+    for key in [k for k in r if k.startswith("prompt_")]:
+        row = r[key]
+        cells = "".join(
+            f"{row[f'{n}_tokens_per_s']:9.1f} ({row[f'{n}_over_hf']:.2f}x)"
+            for n in ("gptkit_torch", "onnx_fp32", "onnx_int8")
+        )
+        same = all(row[k] for k in row if k.endswith("same_tokens_as_hf"))
+        lines.append(
+            f"    {key[7:]:>8} {row['hf_generate_tokens_per_s']:10.1f} {cells}"
+            f"   tokens identical to HF: {same}"
+        )
+    g = r["decode_growth"]
+    for name in ("gptkit_torch", "onnx_fp32"):
+        steps = [k for k in g if k.startswith(f"{name}_step_s_at_")]
+        lines.append(
+            f"    decode step, {name}: "
+            + ", ".join(f"{g[k] * 1e3:.2f} ms at {k.rsplit('_', 1)[1]}" for k in steps)
+            + f" ({g[f'{name}_growth']:.2f}x)"
+        )
+    s = r["server"]
+    lines.append(
+        f"    server, {s['max_tokens']} streamed tokens each: 1 client "
+        f"{s['clients_1_tokens_per_s']:.1f} tok/s, first token "
+        f"{s['clients_1_first_token_s'] * 1e3:.0f} ms; 8 clients "
+        f"{s['clients_8_tokens_per_s']:.1f} tok/s ({s['clients_8_over_1_tokens_per_s']:.2f}x), "
+        f"first token {s['clients_8_first_token_s'] * 1e3:.0f} ms "
+        f"({s['clients_8_over_1_first_token']:.2f}x)"
+    )
+    return "\n".join(lines)

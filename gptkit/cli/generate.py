@@ -1,0 +1,199 @@
+"""Commands that use a model: ``generate``, ``eval``, ``serve``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from gptkit.cli._common import JsonOpt, app, echo, require_torch
+from gptkit.errors import GptkitError
+
+
+@app.command()
+def generate(
+    run: Annotated[
+        Path, typer.Argument(help="A run directory (or runs/<name>), or an export bundle.")
+    ],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "",
+    max_new_tokens: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--max-new-tokens", "-n", help="Default: the sampler's max_new_tokens."),
+    ] = None,
+    overrides: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--set", "-s", help="Override a sampler field, e.g. --set sampler.p=0.9."),
+    ] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (repeatable output).")] = None,  # noqa: UP045
+    stream: Annotated[bool, typer.Option("--stream", help="Print text as it is produced.")] = False,
+    num_samples: Annotated[
+        int, typer.Option("--num-samples", "-k", min=1, help="Continuations to generate at once.")
+    ] = 1,
+    stop: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--stop", help="Stop at this string (repeatable; \\n and \\t work)."),
+    ] = None,
+    checkpoint: Annotated[str, typer.Option(help="For runs: latest, best, or step-N.")] = "latest",
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Recompute the whole context for every token.")
+    ] = False,
+    temperature: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(min=0, help="0 means greedy; otherwise divides the logits."),
+    ] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", min=1, help="Top-k sampling.")] = None,  # noqa: UP045
+    top_p: Annotated[
+        Optional[float], typer.Option("--top-p", min=0, max=1, help="Nucleus sampling.")  # noqa: UP045
+    ] = None,
+) -> None:
+    """Generate text from a training run (torch) or an export bundle (onnxruntime, no torch)."""
+    if max_new_tokens is not None and max_new_tokens < 0:
+        raise GptkitError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    from gptkit.inference.base import Inference
+    from gptkit.inference.decoding import GenerationOptions
+
+    prompt = codecs_unescape(prompt)
+    options = GenerationOptions.from_kwargs(
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop=[codecs_unescape(s) for s in (stop or [])],
+        sampler=_sampler_changes(list(overrides or [])),
+    )
+    if not os.path.lexists(run / "gptkit.json"):  # a bundle, even a damaged one, says why
+        require_torch("generate")
+    gen = Inference.load(run, checkpoint=checkpoint)
+    prompts = [prompt] * num_samples
+    if stream and num_samples == 1:
+        typer.echo(prompt, nl=False)
+        gen.complete(
+            prompts,
+            options,
+            use_cache=not no_cache,
+            on_text=lambda row, piece: (sys.stdout.write(piece), sys.stdout.flush()),
+        )
+        typer.echo()
+        return
+    for i, completion in enumerate(gen.complete(prompts, options, use_cache=not no_cache)):
+        if num_samples > 1:
+            echo(f"--- sample {i + 1} ({completion.finish_reason}) ---")
+        echo(prompt + completion.text)
+
+
+def _sampler_changes(sets: list[str]) -> dict:
+    """``--set sampler.x=y``: generation changes only the sampler (runs and bundles alike)."""
+    from gptkit.spec.validate import parse_override
+
+    changes = {}
+    for text in sets:
+        path, value = parse_override(text)
+        if len(path) != 2 or path[0] != "sampler":
+            raise GptkitError(f"--set {text!r}: generate takes sampler.FIELD=VALUE overrides only")
+        changes[path[1]] = value
+    return changes
+
+
+def codecs_unescape(text: str) -> str:
+    """'\\n' typed on a command line -> a newline (only simple escapes)."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+@app.command("eval")
+def eval_cmd(
+    run: Annotated[Path, typer.Argument(help="A run directory.")],
+    data: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            "--data", help="A UTF-8 text file to score (default: the run's whole validation split)."
+        ),
+    ] = None,
+    checkpoint: Annotated[str, typer.Option(help="latest, best, or step-N.")] = "latest",
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", min=1)] = 32,
+    as_json: JsonOpt = False,
+) -> None:
+    """Loss, perplexity and bits per byte of a model on a text file, or its mean loss over
+    the run's whole validation split."""
+    require_torch("eval")
+    from gptkit.evaluate import evaluate_text, evaluate_tokens
+    from gptkit.store.rundir import load_run
+
+    loaded = load_run(run, checkpoint=checkpoint)
+    if data is None:
+        from gptkit.data.prepare import prepare_tokens
+
+        spec = loaded.spec
+        tokens = prepare_tokens(spec.data, spec.tokenizer).val
+        result = evaluate_tokens(loaded.model, tokens, batch_size)
+        result = {k: v for k, v in result.items() if k != "total_nats"}
+        if as_json:
+            echo(json.dumps({"split": "val", **result}))
+            return
+        echo(
+            f"validation split of {spec.data.source}: {result['tokens']:,} tokens predicted "
+            f"(every one, windows of {loaded.model.spec.max_seq_len})"
+        )
+        echo(f"  loss            {result['loss']:.4f} nats/token")
+        echo(f"  perplexity      {result['perplexity']:.3f}")
+        return
+    result = evaluate_text(loaded.model, loaded.tokenizer, data, batch_size)
+    if as_json:
+        echo(json.dumps(result))
+        return
+    echo(f"{data}: {result['tokens']:,} tokens, {result['bytes']:,} bytes")
+    echo(f"  loss            {result['loss']:.4f} nats/token")
+    echo(f"  perplexity      {result['perplexity']:.3f}")
+    echo(f"  bits per byte   {result['bits_per_byte']:.4f}")
+
+
+@app.command()
+def serve(
+    bundle: Annotated[Path, typer.Argument(help="An export bundle folder.")],
+    host: Annotated[
+        str, typer.Option(help="Address to bind (default: this machine only).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    max_concurrent: Annotated[
+        int, typer.Option(min=1, help="Requests decoded together in the running batch.")
+    ] = 16,
+    max_queued: Annotated[int, typer.Option(min=0, help="Requests waiting beyond those.")] = 64,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens accepted.")] = 1024,
+    body_timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds a client has to send its request body.")
+    ] = 10.0,
+    header_timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds a client has to send its request headers.")
+    ] = 10.0,
+    served_model_name: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--served-model-name", help="The model id clients use (default: the spec name)."
+        ),
+    ] = None,
+    access_log: Annotated[
+        bool, typer.Option("--access-log/--no-access-log", help="One stderr line per request.")
+    ] = True,
+) -> None:
+    """Serve an export bundle over HTTP (OpenAI-style /v1/completions) on onnxruntime."""
+    from gptkit.serve.http import serve as run_server
+    from gptkit.serve.schemas import Limits
+
+    run_server(
+        str(bundle),
+        host,
+        port,
+        Limits(
+            max_concurrent=max_concurrent,
+            max_queued=max_queued,
+            max_tokens=max_tokens,
+            body_timeout_s=body_timeout,
+            header_timeout_s=header_timeout,
+        ),
+        name=served_model_name,
+        access=access_log,
+    )

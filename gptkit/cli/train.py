@@ -1,0 +1,234 @@
+"""Commands about training runs: ``train``, ``runs``, ``compare``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from gptkit.cli._common import STARTED, JsonOpt, SetOpt, _print_table, app, echo, require_torch
+from gptkit.errors import GptkitError
+
+
+@app.command()
+def train(
+    spec: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Argument(
+            help="Experiment spec file (.yaml, .yml or .toml); with --resume "
+            "--run-dir it may be left out (the run's own spec is used)."
+        ),
+    ] = None,
+    overrides: SetOpt = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the newest run of this spec (or --run-dir) "
+            "exactly as it was started; --set changes fields on purpose.",
+        ),
+    ] = False,
+    run_dir: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--run-dir", help="Run directory (default runs/<name>/<time>)."),
+    ] = None,
+    name: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--name", help="Run name (default: the spec's name and the --set changes)."),
+    ] = None,
+    no_progress: Annotated[
+        bool, typer.Option("--no-progress", help="Plain log lines only.")
+    ] = False,
+) -> None:
+    """Validate SPEC, prepare data, train with progress, checkpoint, and track in MLflow."""
+    require_torch("train")
+    from gptkit.store.rundir import default_run_name
+    from gptkit.training.loop import SpecTrainer
+
+    sets = list(overrides or [])
+    if resume:
+        resolved, run_dir = _resume_spec(spec, run_dir, sets)
+    else:
+        if spec is None:
+            raise GptkitError("gptkit train needs a SPEC file (or --resume --run-dir RUN)")
+        from gptkit.spec.files import compose_spec_file, validate_composed
+
+        composed = compose_spec_file(spec)  # with the files it extends merged in
+        raw = composed.data
+        resolved = validate_composed(composed, str(spec), sets)
+        if resolved.sweep or resolved.repeats > 1:
+            _train_sweep(raw, spec, sets, resolved, run_dir, not no_progress)
+            return
+    trainer = SpecTrainer(
+        resolved,
+        run_dir=run_dir,
+        resume=resume,
+        progress=not no_progress,
+        run_name=name or (None if resume else default_run_name(resolved.name, sets)),
+        overrides=sets,
+        command=_command_line(),
+        started_at=STARTED,
+    )
+    result = trainer.run()
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports
+    if resolved.export.onnx:  # export: {onnx: true} in the spec: a bundle inside the run
+        from gptkit.export.bundle import export_run
+
+        export_run(result.run_dir, trainer.rundir.default_bundle, quantize=resolved.export.quantize)
+    echo(_train_report(result))
+
+
+def _command_line() -> str:
+    import shlex
+
+    return "gptkit " + shlex.join(sys.argv[1:])
+
+
+def _resume_spec(spec_file: Path | None, run_dir: Path | None, sets: list[str]):
+    """The run's own spec (what was asked), with this command's --set changes on top."""
+    from gptkit.spec.files import load_spec
+    from gptkit.store.rundir import RUNS_ROOT, RunDir
+
+    from_file = load_spec(spec_file, sets) if spec_file is not None else None
+    if run_dir is None:
+        if from_file is None:
+            raise GptkitError("--resume needs --run-dir RUN or a SPEC whose newest run to continue")
+        found = RunDir.latest(RUNS_ROOT / from_file.name)
+        if found is None:
+            raise GptkitError(
+                f"nothing to resume: no run of '{from_file.name}' under "
+                f"{RUNS_ROOT / from_file.name}",
+                "Start it without --resume.",
+            )
+        echo(f"gptkit: resuming {found.path} (newest run of '{from_file.name}')", err=True)
+        run_dir = found.path
+    run = RunDir(run_dir)
+    if not run.is_run():
+        raise GptkitError(
+            f"nothing to resume in {run_dir}: it is not a gptkit run (no spec.yaml)",
+            "Start it without --resume.",
+        )
+    resolved = run.read_spec(sets)
+    if from_file is not None:
+        _warn_spec_file_ignored(spec_file, from_file, resolved)
+    return resolved, run.path
+
+
+def _warn_spec_file_ignored(path: Path, from_file, resolved) -> None:
+    from gptkit.training.loop import spec_diff
+
+    diffs = [
+        (k, a, b)
+        for k, a, b in spec_diff(resolved.to_dict(), from_file.to_dict())
+        if k != "model.vocab_size"
+    ]
+    if diffs:
+        shown = "; ".join(f"{k}: {a!r} in the run, {b!r} in {path.name}" for k, a, b in diffs[:5])
+        echo(
+            f"gptkit: warning: the run continues its own spec; {path} differs and is not "
+            f"applied ({shown}). Pass --set FIELD=VALUE to change a field on purpose.",
+            err=True,
+        )
+
+
+def _train_sweep(raw, spec: Path, sets: list[str], resolved, run_dir, progress: bool) -> None:
+    from gptkit.training.sweep import run_sweep
+
+    results = run_sweep(
+        raw, str(spec), sets, resolved, run_dir, progress=progress, command=_command_line()
+    )
+    echo("sweep done:")
+    for r in results:
+        val = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "n/a"
+        echo(f"  {r['point']:<40} val loss {val}  {r['run_dir']}")
+
+
+def _train_report(result) -> str:
+    if result.steps_trained == 0:
+        return (
+            f"nothing to train: the run is already at step {result.step} "
+            f"(raise it with --set train.max_steps=N)\nrun: {result.run_dir}"
+        )
+    val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+    if result.stop_reason == "early_stop":
+        val += " (stopped early: train.early_stop)"
+    return (
+        f"done: {result.steps_trained} steps (now at step {result.step}) in "
+        f"{result.elapsed:.1f}s, val loss {val}, {result.tokens_per_sec:,.0f} tokens/s"
+        f"\nrun: {result.run_dir}"
+    )
+
+
+@app.command("runs")
+def runs_cmd(
+    experiment: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Argument(help="Only the runs of this spec name (a folder under runs/)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List runs newest first: name, status, steps, best/final val loss, tokens/s, wall time."""
+    from gptkit.store.rundir import RUNS_ROOT
+    from gptkit.training.listing import format_rows, list_runs
+
+    if experiment and not (RUNS_ROOT / experiment).is_dir():
+        have = (
+            sorted(p.name for p in RUNS_ROOT.iterdir() if p.is_dir()) if RUNS_ROOT.is_dir() else []
+        )
+        raise GptkitError(
+            f"no runs of '{experiment}' under {RUNS_ROOT}/; there are runs of: "
+            f"{', '.join(have) or '(none)'}"
+        )
+    rows = list_runs(experiment)
+    if as_json:
+        echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        echo(f"no runs under {RUNS_ROOT}/ yet. Train one: gptkit train SPEC")
+        return
+    _print_table(format_rows(rows))
+
+
+@app.command("compare")
+def compare_cmd(
+    experiment: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Argument(help="MLflow experiment (default: the most recently updated)."),
+    ] = None,
+    tracking_uri: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--tracking-uri", help="Default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db."
+        ),
+    ] = None,
+    plot: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--plot", help="Where to write the curves (default compare-EXPERIMENT.png)."),
+    ] = None,
+    log: Annotated[
+        bool,
+        typer.Option(
+            "--log",
+            help="Also keep the comparison in MLflow (experiment "
+            "EXPERIMENT-comparisons, apart from the runs).",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Runs side by side from MLflow, best first: the spec fields that differ, final metrics,
+    curves. Runs that differ only by seed are one row (mean ± std, n), and the best row is
+    tested against the next (Welch's t-test). Adds nothing to the experiment."""
+    from gptkit.training.compare import compare
+
+    result = compare(experiment, tracking_uri, plot, log=log)
+    if as_json:
+        echo(json.dumps(result.to_json(), indent=2))
+        return
+    _print_table(result.grid)
+    echo(result.verdict["text"])
+    echo(f"validation curves: {result.plot}")

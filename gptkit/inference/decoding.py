@@ -1,0 +1,488 @@
+"""The decoding loop, shared by the torch generator and the onnxruntime runtime (no torch).
+
+A *backend* runs the model: ``backend(ids, positions, key_mask, past) -> (logits, past)`` with
+numpy arrays ``ids``/``positions`` (B, T) int64, ``key_mask`` (B, T_past + T) bool, and returns
+the next-token logits (B, V) plus its opaque cache. ``past=None`` means a fresh prefill.
+A backend may offer ``keep_rows(past, rows) -> past`` to drop finished rows from its cache,
+and ``join_rows(past, past_new, shift, shift_new, width) -> past`` to put the cache of rows
+prefilled on their own below the running rows' (each part moved right by its shift, so both
+end at ``width`` slots), so rows that join a running batch are prefilled alone.
+
+Policies (documented in the README):
+
+- prompts of different lengths are left-padded; padding is masked and positions start at 0 at
+  each row's first real token, so each row gets what it would get alone;
+- each row has its own sampler and random generator (row i of a call seeded s draws from
+  (s, i)), so a row gets the same tokens alone or batched with others;
+- when a row's context passes ``max_seq_len``, that row is cropped to its last
+  ``max_seq_len * 3 // 4`` tokens and the batch is re-prefilled (positions restart at 0);
+- stop strings are matched on decoded text, across token boundaries; streamed text holds back
+  anything that could still turn out to be the start of a stop string (or a partial UTF-8
+  character), so a stop string is never printed half-way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import numpy as np
+
+from gptkit.errors import GptkitError
+
+REPLACEMENT = "\ufffd"
+
+
+class Backend(Protocol):
+    max_seq_len: int
+
+    def __call__(
+        self, ids: np.ndarray, positions: np.ndarray, key_mask: np.ndarray, past: Any
+    ) -> tuple[np.ndarray, Any]: ...
+
+
+@dataclass
+class Completion:
+    """One generated continuation."""
+
+    text: str
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str = "length"  # "length" | "stop" | "eot"
+
+
+@dataclass
+class GenerationOptions:
+    """The options every generation path takes, with one meaning everywhere (CLI ``generate``,
+    ``gptkit.load(...).generate``, the HTTP server, notebooks).
+
+    Fields left at None keep the run's or bundle's own sampler setting. ``temperature=0``
+    means greedy, always; ``top_k`` / ``top_p`` / ``min_p`` switch to that sampler;
+    ``sampler`` holds any other sampler fields (``{"kind": "typical", "p": 0.9}``), as
+    ``--set sampler.p=0.9`` does. ``stop`` strings are added to the sampler's own.
+    """
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_at_eot: bool | None = None
+    seed: int | None = None
+    sampler: dict[str, Any] = field(default_factory=dict)
+
+    FIELDS = (
+        "max_new_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "repetition_penalty",
+        "stop",
+        "stop_at_eot",
+        "seed",
+        "sampler",
+    )
+
+    @classmethod
+    def from_kwargs(
+        cls, options: GenerationOptions | None = None, **kwargs: Any
+    ) -> GenerationOptions:
+        """``options`` (or the defaults) with keyword changes; an unknown keyword is taken as a
+        sampler field (``p=0.9``, ``kind="typical"``), a None value is ignored."""
+        base = options or cls()
+        known = {k: v for k, v in kwargs.items() if k in cls.FIELDS and v is not None}
+        extra = {k: v for k, v in kwargs.items() if k not in cls.FIELDS and v is not None}
+        if isinstance(known.get("stop"), str):
+            known["stop"] = [known["stop"]]
+        if extra or "sampler" in known:
+            fields = {**base.sampler, **known.get("sampler", {}), **extra}
+            if "temperature" in fields:  # one meaning for temperature, however it is given
+                known["temperature"] = fields.pop("temperature")
+            known["sampler"] = fields
+        return replace(base, **known)
+
+    def sampler_changes(self, base: Any) -> dict[str, Any]:
+        """These options as changes to the sampler spec ``base``."""
+        changes: dict[str, Any] = dict(self.sampler)
+        for name in ("repetition_penalty", "stop_at_eot"):
+            if getattr(self, name) is not None:
+                changes[name] = getattr(self, name)
+        if self.stop:
+            changes["stop"] = [*changes.get("stop", base.stop), *self.stop]
+        if self.temperature == 0:
+            # Greedy whatever else is asked: the most likely token, no randomness.
+            changes.pop("temperature", None)
+            return {**changes, "kind": "greedy"}
+        if self.temperature is not None:
+            changes["temperature"] = self.temperature
+        for kind, name, value in (
+            ("top_k", "k", self.top_k),
+            ("top_p", "p", self.top_p),
+            ("min_p", "p", self.min_p),
+        ):
+            if value is not None:
+                changes.update({"kind": kind, name: value})
+                break
+        return changes
+
+
+def resolve_sampler(registry: Any, base: Any, options: GenerationOptions) -> Any:
+    """The one place generation options become a sampler spec: ``base`` with ``options``."""
+    changes = options.sampler_changes(base)
+    return derive_sampler(registry, base, changes) if changes else base
+
+
+def derive_sampler(registry: Any, base: Any, changes: dict[str, Any]) -> Any:
+    """``base`` (a sampler spec) with ``changes``; a new ``kind`` keeps the fields it shares."""
+    from pydantic import ValidationError
+
+    kind = changes.get("kind", base.kind)
+    cls = registry.get("sampler", kind)
+    data = {k: v for k, v in base.model_dump().items() if k in cls.model_fields}
+    data.update(changes, kind=kind)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise GptkitError(
+            "; ".join(
+                f"sampler.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                for e in exc.errors(include_url=False)
+            )
+        ) from None
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of different lengths -> ids (B, T) and a mask (B, T), padding on the left."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=bool)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = row
+            mask[i, width - len(row) :] = True
+    return ids, mask
+
+
+def positions_from_mask(mask: np.ndarray) -> np.ndarray:
+    """Absolute positions: 0 at each row's first real token, padding clamped to 0."""
+    return np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int64)
+
+
+class _TextStream:
+    """Tracks one row's decoded text: stop strings, and what is safe to stream."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str]) -> None:
+        self.decode = decode
+        self.stops = [s for s in stops if s]
+        self.tokens: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def add(self, token: int) -> None:
+        self.tokens.append(token)
+        self.text = self.decode(self.tokens)
+        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+
+    def safe_text(self, final: bool) -> str:
+        """New text that can be shown now."""
+        end = len(self.text)
+        if not final:
+            while end > self.emitted and self.text[end - 1] == REPLACEMENT:
+                end -= 1  # maybe a multi-byte character still arriving
+            for s in self.stops:  # hold back a suffix that could grow into a stop string
+                for k in range(min(len(s) - 1, end - self.emitted), 0, -1):
+                    if self.text[end - k : end] == s[:k]:
+                        end -= k
+                        break
+        piece = self.text[self.emitted : end]
+        self.emitted = max(self.emitted, end)
+        return piece
+
+
+def new_states(sampler: Any, rows: int) -> list[Any]:
+    """One fresh per-generation sampler state per row (``SamplerSpec.new_state``)."""
+    return [sampler.new_state() for _ in range(rows)]
+
+
+def sample_next(
+    sampler: Any,
+    logits: np.ndarray,
+    rng: np.random.Generator,
+    contexts: Sequence[Sequence[int]],
+    states: list[Any],
+) -> np.ndarray:
+    """The one place a sampler is called: logits (B, V) -> next ids (B,).
+
+    ``contexts`` are the rows' tokens so far (for the repetition penalty); ``states`` the
+    rows' sampler states, which the sampler updates in place and which live as long as the
+    generation (context crops and re-prefills included).
+    """
+    previous = None
+    if sampler.repetition_penalty != 1.0:  # padding repeats a row's own first token
+        width = max(len(c) for c in contexts)
+        previous = np.array([[c[0]] * (width - len(c)) + list(c) for c in contexts], dtype=np.int64)
+    if all(s is None for s in states):
+        # Stateless: the three-argument call, so samplers written before states still work.
+        return sampler.sample(logits, rng, previous)
+    return sampler.sample(logits, rng, previous, states)
+
+
+def row_rngs(seed: int | None, n: int) -> list[np.random.Generator]:
+    """One random generator per row: row i of a call with seed s draws from (s, i), whatever
+    else is in the batch, so a request gives the same tokens alone or batched with others."""
+    if seed is None:
+        return [np.random.default_rng() for _ in range(n)]
+    return [np.random.default_rng([seed, i]) for i in range(n)]
+
+
+@dataclass
+class Row:
+    """One sequence being decoded: its context, its own sampler and random generator, and
+    what it has produced so far."""
+
+    context: list[int]
+    sampler: Any
+    rng: np.random.Generator
+    stream: _TextStream
+    max_new: int
+    on_text: Callable[[str], None] | None = None
+    state: Any = None  # the sampler's per-generation state (``SamplerSpec.new_state``)
+    generated: int = 0
+    done: bool = False
+    finish: str = "length"
+
+    def completion(self) -> Completion:
+        return Completion(self.stream.text, self.stream.tokens, self.finish)
+
+
+def sample_rows(rows: Sequence[Row], logits: np.ndarray) -> list[int]:
+    """Each row's next token: its own sampler, random generator, tokens so far and sampler
+    state, through ``sample_next`` (the one place a sampler is called)."""
+    return [
+        int(sample_next(row.sampler, logits[i : i + 1], row.rng, [row.context], [row.state])[0])
+        for i, row in enumerate(rows)
+    ]
+
+
+class DecodeBatch:
+    """Rows decoded together, one token per row per step. Rows join (``add``) and leave
+    (when done) between steps, so a server can keep one batch running for many requests.
+
+    The cache is the backend's. Rows that join a running batch are prefilled on their own,
+    and their cache is joined to the batch's, right-aligned (``backend.join_rows``; slots stay
+    relative to each row's last token, so positions and distances are unchanged): the joiners
+    get their first token after one prefill of their own prompts, and the running rows wait
+    one step, not a prefill of everyone. A backend without ``join_rows`` prefills the whole
+    batch again instead. Either way a row's tokens do not depend on which other rows share its
+    steps. When rows leave, the backend drops them from its cache (``backend.keep_rows``) or
+    the batch is prefilled again.
+    """
+
+    def __init__(self, backend: Backend, tokenizer: Any, use_cache: bool = True) -> None:
+        self.backend, self.tokenizer, self.use_cache = backend, tokenizer, use_cache
+        self.limit = backend.max_seq_len
+        self.keep = max(1, self.limit * 3 // 4)
+        self.rows: list[Row] = []
+        self.joining: list[Row] = []  # added while the batch runs; prefilled on their own
+        self.past: Any = None
+        self.key_mask = np.zeros((0, 0), dtype=bool)
+
+    def encode(self, prompt: str, index: int = 0) -> list[int]:
+        """Prompt ids (the end-of-text token for an empty prompt), checked against the context."""
+        ids = self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eot_id]
+        if len(ids) > self.limit:
+            raise GptkitError(
+                f"prompt {index} is {len(ids)} tokens; the model's context is {self.limit} "
+                "(model.max_seq_len)",
+                "Shorten the prompt.",
+            )
+        return list(ids)
+
+    def add(
+        self,
+        ids: list[int],
+        sampler: Any,
+        rng: np.random.Generator,
+        max_new: int,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Row:
+        row = Row(
+            list(ids),
+            sampler,
+            rng,
+            _TextStream(self.tokenizer.decode, sampler.stop),
+            max_new,
+            on_text,
+            new_states(sampler, 1)[0],
+        )
+        if max_new <= 0:
+            row.done = True
+            return row
+        if self.past is not None and self.use_cache and hasattr(self.backend, "join_rows"):
+            self.joining.append(row)
+        else:
+            self.rows.append(row)
+            self.past = None  # the new row needs a prefill; everyone is prefilled together
+        return row
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.joining)
+
+    def step(self) -> list[Row]:
+        """One token for every row (or, when rows joined, one for each joiner); returns the
+        rows that finished (and left the batch)."""
+        if self.joining and (self.past is None or not self.rows):
+            self.rows, self.joining, self.past = self.rows + self.joining, [], None
+        if self.joining:
+            self._prefill_joiners()
+        elif self.rows:
+            self._decode_step()
+        else:
+            return []
+        finished = self.remove_done()
+        if not self.use_cache:
+            self.past = None
+        if any(len(r.context) > self.limit for r in self.rows):
+            # A row's context is full: it keeps its most recent tokens (the other rows keep
+            # theirs), and the batch starts a fresh prefill, positions from 0.
+            for r in self.rows:
+                if len(r.context) > self.limit:
+                    r.context = r.context[-self.keep :]
+            self.past = None
+        elif self.past is not None and self.key_mask.shape[1] >= self.limit:
+            # Rows that left can leave the cache wider than any row still needs.
+            self.past = None
+        return finished
+
+    def _decode_step(self) -> None:
+        """The next token of every running row (a prefill of all of them if there is no cache)."""
+        rows = self.rows
+        if self.past is None:
+            ids, self.key_mask = left_pad([r.context for r in rows], self.tokenizer.pad_id)
+            logits, self.past = self.backend(
+                ids, positions_from_mask(self.key_mask), self.key_mask, None
+            )
+        else:
+            last = np.array([[r.context[-1]] for r in rows], dtype=np.int64)
+            positions = np.array([[len(r.context) - 1] for r in rows], dtype=np.int64)
+            self.key_mask = np.concatenate([self.key_mask, np.ones((len(rows), 1), bool)], axis=1)
+            logits, self.past = self.backend(last, positions, self.key_mask, self.past)
+        for row, token in zip(rows, sample_rows(rows, logits)):
+            self._advance(row, token)
+
+    def _prefill_joiners(self) -> None:
+        """Prefill the rows that joined, alone, sample their first token, and join their
+        cache to the running rows' (right-aligned: the narrower part is moved right)."""
+        joining, self.joining = self.joining, []
+        ids, mask = left_pad([r.context for r in joining], self.tokenizer.pad_id)
+        logits, past = self.backend(ids, positions_from_mask(mask), mask, None)
+        for row, token in zip(joining, sample_rows(joining, logits)):
+            self._advance(row, token)
+        width = max(self.key_mask.shape[1], mask.shape[1])
+        shift, shift_new = width - self.key_mask.shape[1], width - mask.shape[1]
+        self.past = self.backend.join_rows(self.past, past, shift, shift_new, width)
+        self.key_mask = np.concatenate(
+            [np.pad(self.key_mask, ((0, 0), (shift, 0))), np.pad(mask, ((0, 0), (shift_new, 0)))]
+        )
+        self.rows = self.rows + joining
+
+    def remove_done(self) -> list[Row]:
+        """Take the rows marked done out of the batch (and its cache); returns them."""
+        rows = self.rows
+        finished = [r for r in self.joining if r.done]  # e.g. cancelled before their prefill
+        self.joining = [r for r in self.joining if not r.done]
+        if any(r.done for r in rows):
+            finished += [r for r in rows if r.done]
+            kept = [i for i, r in enumerate(rows) if not r.done]
+            self.rows = [rows[i] for i in kept]
+            keep_rows = getattr(self.backend, "keep_rows", None)
+            if self.past is not None and kept and keep_rows is not None:
+                self.past = keep_rows(self.past, kept)
+                self.key_mask = self.key_mask[kept]
+            else:
+                self.past = None
+        return finished
+
+    def _advance(self, row: Row, token: int) -> None:
+        row.context.append(token)
+        row.generated += 1
+        if row.sampler.stop_at_eot and token == self.tokenizer.eot_id:
+            row.done, row.finish = True, "eot"
+        else:
+            row.stream.add(token)
+            if row.stream.stopped:
+                row.done, row.finish = True, "stop"
+            elif row.generated >= row.max_new:
+                row.done = True
+        if row.on_text is not None:
+            piece = row.stream.safe_text(final=row.done)
+            if piece:
+                row.on_text(piece)
+
+
+def max_new_for(sampler: Any, requested: int | None) -> int:
+    """The one place the new-token budget is resolved: ``requested``, or the sampler's own
+    ``max_new_tokens`` when None."""
+    max_new = sampler.max_new_tokens if requested is None else requested
+    if max_new < 0:
+        raise GptkitError(f"max_new_tokens must be >= 0, got {max_new}")
+    return int(max_new)
+
+
+def start_batch(
+    backend: Backend,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    sampler: Any,
+    *,
+    max_new_tokens: int | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+    on_text: Callable[[int, str], None] | None = None,
+) -> tuple[DecodeBatch, list[Row]]:
+    """A batch holding one row per prompt (row i seeded from (seed, i)); step it until empty.
+    ``on_text(row, piece)`` receives each row's text as it becomes safe to show."""
+    max_new = max_new_for(sampler, max_new_tokens)
+    batch = DecodeBatch(backend, tokenizer, use_cache)
+    ids = [batch.encode(p, i) for i, p in enumerate(prompts)]
+    rows = []
+    for i, (row_ids, rng) in enumerate(zip(ids, row_rngs(seed, len(prompts)))):
+        callback = None if on_text is None else (lambda piece, i=i: on_text(i, piece))
+        rows.append(batch.add(row_ids, sampler, rng, max_new, callback))
+    return batch, rows
+
+
+def decode_loop(
+    backend: Backend,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    sampler: Any,
+    *,
+    max_new_tokens: int | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+    on_text: Callable[[int, str], None] | None = None,
+) -> list[Completion]:
+    """Generate a continuation for each prompt; ``on_text(row, piece)`` streams text."""
+    if not prompts:
+        return []
+    batch, rows = start_batch(
+        backend,
+        tokenizer,
+        prompts,
+        sampler,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        use_cache=use_cache,
+        on_text=on_text,
+    )
+    while len(batch):
+        batch.step()
+    return [r.completion() for r in rows]

@@ -1,0 +1,148 @@
+"""The registry: slot -> kind -> component spec class, filled by calling every plugin's hooks."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from gptkit.components.base import SLOTS as SLOT_TABLE
+from gptkit.components.base import ComponentSpec
+from gptkit.errors import GptkitError, did_you_mean
+from gptkit.registry.manager import (
+    PluginManager,
+    autoload_enabled,
+    env_plugin_modules,
+    plugin_manager,
+)
+
+SLOTS = tuple(SLOT_TABLE)
+
+
+@dataclass(frozen=True)
+class Registration:
+    slot: str
+    kind: str
+    cls: type[ComponentSpec]
+    provider: str  # plugin name
+    version: str
+
+
+@dataclass(eq=False)  # hashed by identity: spec classes are cached per registry
+class Registry:
+    """Every component the loaded plugins provide, and what went wrong loading them."""
+
+    pm: PluginManager
+    components: dict[str, dict[str, Registration]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_manager(cls, pm: PluginManager) -> Registry:
+        reg = cls(pm, {slot: {} for slot in SLOTS})
+        for slot in SLOTS:
+            caller = getattr(pm.hook, SLOT_TABLE[slot].hook)
+            # Call each plugin's hook on its own so a registration can be credited to its
+            # provider, and a plugin that raises is reported without stopping the others.
+            for impl in caller.get_hookimpls():
+                info = pm.info(impl.plugin_name)
+                version = info.version if info else "unknown"
+
+                def register(
+                    component: type, _slot=slot, _name=impl.plugin_name, _v=version
+                ) -> None:
+                    reg._add(_slot, component, _name, _v)
+
+                try:
+                    impl.function(**{arg: register for arg in impl.argnames})
+                except BaseException as exc:  # noqa: BLE001 - sys.exit included
+                    reg.problems.append(
+                        f"plugin '{impl.plugin_name}' {version}: gptkit_register_{slot} "
+                        f"raised {exc!r}"
+                    )
+        for info in pm.infos:
+            if info.error:
+                reg.problems.append(
+                    f"plugin '{info.name}' {info.version} ({info.origin}): {info.error}"
+                )
+        return reg
+
+    def _add(self, slot: str, component: type, provider: str, version: str) -> None:
+        where = f"plugin '{provider}' {version}"
+        base = SLOT_TABLE[slot].base
+        if not (isinstance(component, type) and issubclass(component, base)):
+            self.problems.append(
+                f"{where} registered {component!r} as a {slot}, but it is not a subclass of "
+                f"{base.__name__}"
+            )
+            return
+        try:
+            kind = component.kind_name()
+        except TypeError as exc:
+            self.problems.append(f"{where}: {exc}")
+            return
+        try:
+            # Validate the defaults too (pydantic does not by default), as a spec would use them.
+            defaults = {
+                name: f.get_default(call_default_factory=True)
+                for name, f in component.model_fields.items()
+                if not f.is_required()
+            }
+            component.model_validate({**defaults, "kind": kind})
+        except ValidationError as exc:
+            bad = [e for e in exc.errors() if e["type"] != "missing"]
+            if bad:
+                self.problems.append(
+                    f"{where}: {slot} '{kind}' ({component.__name__}) has an invalid default: "
+                    + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in bad)
+                )
+                return
+        existing = self.components[slot].get(kind)
+        if existing is not None:
+            self.problems.append(
+                f"duplicate {slot} kind '{kind}': registered by plugin '{existing.provider}' "
+                f"{existing.version} and again by {where}; keeping '{existing.provider}'"
+            )
+            return
+        self.components[slot][kind] = Registration(slot, kind, component, provider, version)
+
+    def kinds(self, slot: str) -> list[str]:
+        return sorted(self.components[slot])
+
+    def classes(self, slot: str) -> list[type[ComponentSpec]]:
+        return [self.components[slot][k].cls for k in self.kinds(slot)]
+
+    def unknown_kind_message(self, slot: str, kind: object) -> str:
+        installed = ", ".join(self.kinds(slot)) or "(none)"
+        hint = did_you_mean(str(kind), self.kinds(slot))
+        # A plugin that failed to load may be the one that provides it: show its real error.
+        broken = "".join(
+            f" Plugin '{i.name}' {i.version} is installed but failed to load: {i.error}."
+            for i in self.pm.infos
+            if i.error
+        )
+        return (
+            f"unknown {slot} kind {kind!r}{hint}; installed: {installed}.{broken} "
+            "Run 'gptkit plugins'."
+        )
+
+    def get(self, slot: str, kind: str) -> type[ComponentSpec]:
+        try:
+            return self.components[slot][kind].cls
+        except KeyError:
+            raise GptkitError(self.unknown_kind_message(slot, kind)) from None
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_registry(modules: tuple[str, ...], env: tuple[str, ...], autoload: bool) -> Registry:
+    return Registry.from_manager(plugin_manager(modules, autoload=autoload))
+
+
+def load_registry(modules: tuple[str, ...] | list[str] = ()) -> Registry:
+    """The registry for the built-ins, installed plugins and ``modules`` (cached per input)."""
+    return _cached_registry(tuple(modules), env_plugin_modules(), autoload_enabled())
+
+
+def clear_registry_cache() -> None:
+    """Forget cached registries (after installing a plugin or changing ``GPTKIT_PLUGINS``)."""
+    _cached_registry.cache_clear()

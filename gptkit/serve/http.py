@@ -1,0 +1,121 @@
+"""The HTTP server process: bind the port (a busy one is a clear error), time out slow headers, log
+access, run uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import time
+
+from gptkit.errors import GptkitError
+from gptkit.inference.base import Inference
+from gptkit.inference.onnx import open_bundle
+from gptkit.serve.app import access_log, create_app
+from gptkit.serve.schemas import Limits
+
+
+def _header_timeout_protocol(seconds: float):
+    """uvicorn's HTTP/1.1 protocol, with a deadline for a request's headers: a client that
+    opens a connection (or keeps one alive) and never finishes its headers is dropped."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._header_timer = None
+            self._arm()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(seconds, self._headers_too_slow)
+
+        def _disarm(self) -> None:
+            if getattr(self, "_header_timer", None) is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_too_slow(self) -> None:
+            self._header_timer = None
+            waiting = self.cycle is None or self.cycle.response_complete
+            if waiting and not self.transport.is_closing():
+                self.transport.close()
+
+        def handle_events(self) -> None:
+            before = self.cycle
+            super().handle_events()
+            if self.cycle is not None and self.cycle is not before:
+                self._disarm()  # the headers are in; the body has its own deadline
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # a kept-alive connection: the next request's headers
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, or a GptkitError (exit 2) for a bad host or a busy port."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise GptkitError(
+            f"--host {host!r}: not an address this machine can bind ({exc.strerror})",
+            "Use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface).",
+        ) from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        what = "is in use" if exc.errno in (98, 48, 10048) else f"cannot be bound ({exc.strerror})"
+        raise GptkitError(
+            f"port {port} on {host} {what}",
+            "Pick another with --port, or stop the process using it.",
+        ) from None
+    sock.setblocking(False)
+    return sock
+
+
+def serve(
+    bundle_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    limits: Limits | None = None,
+    name: str | None = None,
+    access: bool = True,
+) -> None:
+    import uvicorn
+
+    limits = limits or Limits()
+    started = time.perf_counter()
+    sock = bind(host, port)  # before anything is printed: a busy port is a plain error
+    bundle = Inference(**open_bundle(bundle_dir))  # a bundle only: onnxruntime, no torch
+    app = create_app(bundle, limits, name)
+    if access:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        access_log.addHandler(handler)
+        access_log.setLevel(logging.INFO)
+    bound = sock.getsockname()[1]
+    print(
+        f"gptkit: serving {bundle_dir} on http://{host}:{bound} "
+        f"(loaded in {time.perf_counter() - started:.2f}s)",
+        flush=True,
+    )
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        timeout_keep_alive=5,
+        limit_concurrency=1024,  # open connections; requests are capped above
+        http=_header_timeout_protocol(limits.header_timeout_s),
+    )
+    uvicorn.Server(config).run(sockets=[sock])

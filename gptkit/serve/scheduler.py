@@ -1,0 +1,129 @@
+"""Continuous batching: one decoding thread runs every admitted request in one batch. A request
+joins the running batch between two decode steps and leaves it when its rows are done (or its
+client goes away); each row keeps its own sampler, seed, stop strings and stream, so it gets the
+same tokens as it would alone."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from gptkit.inference.base import Inference
+from gptkit.inference.decoding import DecodeBatch, Row, row_rngs
+
+
+@dataclass
+class Job:
+    """One request's rows, and the way back to its handler (an asyncio queue of events:
+    ("text", row, piece), ("done", completions), ("error", message))."""
+
+    ids: list[list[int]]
+    sampler: Any
+    seed: int | None
+    max_new: int
+    stream: bool
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    rows: list[Row] = field(default_factory=list)
+
+
+def _deliver(items: list[tuple[Job, tuple]]) -> None:
+    """In the event loop: hand each event to its request's queue."""
+    for job, event in items:
+        job.events.put_nowait(event)
+
+
+class Scheduler:
+    """One thread decodes every running request in one batch; requests join between steps.
+
+    Events for the handlers are collected during a step and handed to the event loop once
+    after it (one wake-up per step, not one per row and token)."""
+
+    def __init__(self, bundle: Inference, max_rows: int) -> None:
+        self.bundle, self.max_rows = bundle, max_rows
+        self.batch = DecodeBatch(bundle.backend, bundle.tokenizer)
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.running: list[Job] = []
+        self.peak_rows = 0  # most rows ever decoded in one step (shown by /health)
+        self.outbox: list[tuple[Job, tuple]] = []  # events not yet handed to the event loop
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._loop, name="gptkit-decode", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            self.waiting.append(job)
+            self.cond.notify()
+
+    def _admit(self) -> None:
+        """Move waiting requests into the batch while their rows fit (one always fits)."""
+        with self.cond:
+            while not self.waiting and not self.running:
+                self.cond.wait()
+            rows = sum(len(j.rows) for j in self.running)
+            while self.waiting and (
+                not self.running or rows + len(self.waiting[0].ids) <= self.max_rows
+            ):
+                job = self.waiting.popleft()
+                self._start(job)
+                rows += len(job.ids)
+            self.peak_rows = max(self.peak_rows, len(self.batch))
+
+    def _start(self, job: Job) -> None:
+        self.running.append(job)  # first: if adding its rows fails, it is told (see _loop)
+        for i, (ids, rng) in enumerate(zip(job.ids, row_rngs(job.seed, len(job.ids)))):
+            on_text = (
+                (lambda piece, i=i, job=job: self._emit(job, "text", i, piece))
+                if job.stream
+                else None
+            )
+            job.rows.append(self.batch.add(ids, job.sampler, rng, job.max_new, on_text))
+
+    def _emit(self, job: Job, *event: Any) -> None:
+        self.outbox.append((job, event))
+
+    def _flush(self) -> None:
+        """Hand the collected events over: one call per event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, tuple]]] = {}
+        for job, event in self.outbox:
+            by_loop.setdefault(job.loop, []).append((job, event))
+        self.outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the event loop is gone (shutting down)
+                pass
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self._admit()
+                self._iteration()
+            except Exception as exc:  # reported to every request in the batch, never dropped
+                for job in self.running:
+                    self._emit(job, "error", f"{type(exc).__name__}: {exc}")
+                self.running = []
+                self.batch = DecodeBatch(self.bundle.backend, self.bundle.tokenizer)
+            finally:
+                self._flush()
+
+    def _iteration(self) -> None:
+        """One decode step for the running batch; the requests it finished leave."""
+        for job in self.running:
+            if job.cancelled.is_set():  # the client went away: its rows leave now
+                for row in job.rows:
+                    row.done, row.finish = True, "cancelled"
+        self.batch.remove_done()
+        self.batch.step()
+        still = []
+        for job in self.running:
+            if all(r.done for r in job.rows):
+                if not job.cancelled.is_set():
+                    self._emit(job, "done", [r.completion() for r in job.rows])
+            else:
+                still.append(job)
+        self.running = still

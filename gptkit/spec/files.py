@@ -1,0 +1,295 @@
+"""Spec files: read a YAML or TOML file (bounded, regular files only), compose it with its
+``extends:`` parents, and validate it (``load_spec``).
+
+``extends:`` a parent spec (or a list of them), and where each field came from.
+
+A spec file may name the files it builds on::
+
+    extends: base/tinyshakespeare_char.yaml        # or a list, applied in order
+    model: {n_layers: 2}
+
+The rules, in order of application (each parent resolved first, recursively):
+
+- paths are relative to the file that names them; YAML and TOML mix freely;
+- sections (mappings) merge key by key, the child's value winning;
+- a component slot (``model.attention``, ``model.positional``, ``tokenizer``, ``sampler``,
+  ``train.optimizer``) merges with the parent's only while the kind stays the same; a child that
+  names another kind replaces the slot as a whole (the parent's ``p: 0.9`` does not leak into a
+  ``greedy`` sampler);
+- lists and scalars are replaced, and so is ``sweep`` (a grid is one thing, not a merge of two);
+- a cycle (``a`` extends ``b`` extends ``a``) or a missing parent is an error naming the files.
+
+The result has no ``extends`` key: it is what the run stores, so a run never depends on its parent
+files again.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gptkit.errors import GptkitError
+from gptkit.spec.models import ExperimentSpec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+MAX_SPEC_BYTES = 1_000_000
+
+
+def read_spec_file(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML or TOML spec file into a mapping, with clear errors.
+
+    The file must be a regular file of at most ``MAX_SPEC_BYTES`` (counted while reading), and
+    the parsed document is bounded in depth and in size after YAML aliases
+    (:func:`gptkit.safeio.check_tree`).
+    """
+    from gptkit import safeio
+
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise GptkitError(f"spec file not found: {path}", "Try one of experiments/*.yaml.")
+    if path.is_dir():
+        raise GptkitError(f"spec path is a directory, not a file: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise GptkitError(f"spec file {path} has suffix '{path.suffix}'; use .yaml, .yml or .toml")
+    text = safeio.read_text(path, "spec file", MAX_SPEC_BYTES)
+    if not text.strip():
+        raise GptkitError(
+            f"spec file {path} is empty", "See experiments/smoke.yaml for an example."
+        )
+    data = parse_document(text, suffix, f"spec file {path}")
+    if not isinstance(data, dict):
+        raise GptkitError(
+            f"spec file {path} must hold a mapping of fields (name:, model:, ...), "
+            f"not a {type(data).__name__}"
+        )
+    return data
+
+
+def parse_document(text: str, suffix: str, source: str) -> Any:
+    """Parse YAML (also JSON) or TOML text; nesting and alias expansion are bounded."""
+    from gptkit import safeio
+
+    try:
+        if suffix == ".toml":
+            data: Any = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise GptkitError(f"{source} is not valid TOML: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise GptkitError(f"{source} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise GptkitError(
+            f"{source} nests too deeply (at most {safeio.MAX_DEPTH} levels)"
+        ) from None
+    safeio.check_tree(data, source)
+    return data
+
+
+def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentSpec:
+    """Read a spec file (with the files it ``extends``), override and validate it."""
+    spec: ExperimentSpec = validate_composed(compose_spec_file(path), str(path), overrides)
+    return spec
+
+
+# --------------------------------------------------------------------------- extends:
+
+
+MAX_DEPTH = 32  # parents of parents; deeper than this is a mistake, not a design
+REPLACED_WHOLE = {("sweep",)}
+
+FieldPath = tuple[str, ...]
+
+
+@dataclass
+class ComposedSpec:
+    """A spec file with its parents merged in: the data, and the file each field came from."""
+
+    data: dict[str, Any]
+    origins: dict[FieldPath, str] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)  # every file read, parents first
+
+    def origin(self, path: FieldPath) -> str | None:
+        """The file that set ``path`` (or the section or slot holding it), if any did."""
+        for n in range(len(path), 0, -1):
+            if path[:n] in self.origins:
+                return self.origins[path[:n]]
+        return None
+
+
+def compose_spec_file(path: str | Path) -> ComposedSpec:
+    """Read a spec file and everything it ``extends``, merged by the rules above."""
+    return _resolve(Path(path), ())
+
+
+def _resolve(path: Path, chain: tuple[Path, ...]) -> ComposedSpec:
+    key = path.resolve()
+    if key in chain:
+        loop = " -> ".join(str(p) for p in (*chain[chain.index(key) :], key))
+        raise GptkitError(
+            f"{path}: 'extends' makes a cycle: {loop}",
+            "A spec may not extend itself, directly or through its parents.",
+        )
+    if len(chain) >= MAX_DEPTH:
+        raise GptkitError(f"{path}: 'extends' goes more than {MAX_DEPTH} files deep")
+    data = read_spec_file(path)
+    parents = _parent_paths(path, data.pop("extends", None))
+    label = str(path)
+    own = ComposedSpec(
+        _normalise_slots(data), _leaf_origins(_normalise_slots(data), label), [label]
+    )
+    if not parents:
+        return own
+    merged = ComposedSpec({})
+    for parent in parents:
+        merged = merge(merged, _resolve(parent, (*chain, key)))
+    return merge(merged, own)
+
+
+def _parent_paths(path: Path, extends: Any) -> list[Path]:
+    """``extends`` as a list of existing files, relative to the file that names them."""
+    if extends is None:
+        return []
+    names = [extends] if isinstance(extends, str) else extends
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise GptkitError(
+            f"{path}: extends: give a file name or a list of file names "
+            f"(relative to {path.parent or '.'}), got {extends!r}"
+        )
+    out = []
+    for name in names:
+        parent = Path(os.path.normpath(path.parent / name))
+        if not parent.is_file():
+            raise GptkitError(
+                f"{path}: extends {name!r}: no such file ({parent})",
+                "Paths in 'extends' are relative to the spec file that names them.",
+            )
+        out.append(parent)
+    return out
+
+
+def _slot_paths() -> dict[FieldPath, str]:
+    from gptkit.spec.models import SLOT_PATHS
+
+    return SLOT_PATHS
+
+
+def _normalise_slots(data: dict[str, Any]) -> dict[str, Any]:
+    """``positional: rope`` -> ``positional: {kind: rope}``, so slots merge like sections."""
+    out = dict(data)
+    for path in _slot_paths():
+        node = out
+        for key in path[:-1]:
+            child = node.get(key)
+            if not isinstance(child, dict):
+                break
+            node[key] = child = dict(child)
+            node = child
+        else:
+            if isinstance(node.get(path[-1]), str):
+                node[path[-1]] = {"kind": node[path[-1]]}
+    return out
+
+
+def _leaf_origins(data: Any, label: str, prefix: FieldPath = ()) -> dict[FieldPath, str]:
+    if isinstance(data, dict) and data and prefix not in REPLACED_WHOLE:
+        out: dict[FieldPath, str] = {}
+        for k, v in data.items():
+            out.update(_leaf_origins(v, label, (*prefix, str(k))))
+        return out
+    return {prefix: label} if prefix else {}
+
+
+def merge(base: ComposedSpec, child: ComposedSpec) -> ComposedSpec:
+    """``child`` over ``base``: sections merge, a slot whose kind changes is replaced whole."""
+    replaced: list[FieldPath] = []
+    data = _merge_dicts(base.data, child.data, (), replaced)
+    origins = {p: o for p, o in base.origins.items() if not any(p[: len(r)] == r for r in replaced)}
+    origins.update(child.origins)
+    return ComposedSpec(data, origins, [*base.files, *child.files])
+
+
+def _merge_dicts(
+    base: dict[str, Any], child: dict[str, Any], prefix: FieldPath, replaced: list[FieldPath]
+) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in child.items():
+        here = (*prefix, str(key))
+        old = out.get(key)
+        mergeable = isinstance(old, dict) and isinstance(value, dict) and here not in REPLACED_WHOLE
+        if mergeable and here in _slot_paths():
+            mergeable = value.get("kind", old.get("kind")) == old.get("kind")
+        if mergeable:
+            out[key] = _merge_dicts(old, value, here, replaced)
+        else:
+            out[key] = value
+            replaced.append(here)
+    return out
+
+
+def validate_composed(composed: ComposedSpec, source: str, overrides: Any = ()) -> Any:
+    """Validate a composed spec; a problem in a field a parent set names that parent."""
+    from gptkit.errors import SpecError
+    from gptkit.spec.validate import validate_spec
+
+    try:
+        return validate_spec(composed.data, source, overrides)
+    except SpecError as exc:
+        if len(composed.files) < 2:
+            raise
+        problems = []
+        for where, message in exc.problems:
+            origin = composed.origin(tuple(where.split("."))) if where else None
+            problems.append(
+                (
+                    where,
+                    message
+                    + (f" (set in {origin})" if origin and origin != composed.files[-1] else ""),
+                )
+            )
+        raise SpecError(source, problems, exc.hint) from None
+
+
+# --------------------------------------------------------------------------- showing it
+
+
+def annotated_yaml(data: dict[str, Any], origin_of: Any) -> str:
+    """``data`` as block YAML with ``# from FILE`` after each field; ``origin_of(path)`` says
+    where a field came from. The text loads back (``yaml.safe_load``) to ``data``."""
+    lines: list[tuple[str, str]] = []
+    _emit(data, (), 0, origin_of, lines)
+    width = max(len(text) for text, _ in lines if _) if any(c for _, c in lines) else 0
+    return "\n".join(f"{text:<{width}}  # {note}" if note else text for text, note in lines)
+
+
+def _emit(
+    data: dict[str, Any],
+    prefix: FieldPath,
+    indent: int,
+    origin_of: Any,
+    lines: list[tuple[str, str]],
+) -> None:
+    pad = "  " * indent
+    for key, value in data.items():
+        here = (*prefix, str(key))
+        if isinstance(value, dict) and value and here not in REPLACED_WHOLE:
+            lines.append((f"{pad}{_flow(key)}:", ""))
+            _emit(value, here, indent + 1, origin_of, lines)
+        else:
+            lines.append((f"{pad}{_flow(key)}: {_flow(value)}", origin_of(here)))
+
+
+def _flow(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000, sort_keys=False)
+    return text.removesuffix("\n").removesuffix("\n...").strip()

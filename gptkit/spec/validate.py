@@ -1,0 +1,223 @@
+"""Validation: a spec dict (plus ``--set`` overrides) into an ``ExperimentSpec``, with errors that
+name the dotted field path and what would be accepted."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ValidationError,
+)
+
+from gptkit.components.base import (
+    SLOTS,
+    ComponentSpec,
+)
+from gptkit.errors import GptkitError, SpecError, did_you_mean
+from gptkit.registry.registry import Registry, load_registry
+from gptkit.spec.models import SLOT_DEFAULTS, SLOT_PATHS, ExperimentSpec, spec_class
+
+_PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``model.dropout=0.1`` -> (['model', 'dropout'], 0.1); the value is parsed as YAML."""
+    if "=" not in text:
+        raise GptkitError(
+            f"--set {text!r}: expected PATH=VALUE, for example --set model.dropout=0.1"
+        )
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not _PATH_RE.match(key):
+        raise GptkitError(f"--set {text!r}: {key!r} is not a dotted field path like train.lr")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    except RecursionError:
+        raise GptkitError(f"--set {key}: the value nests too deeply") from None
+    from gptkit.safeio import check_tree
+
+    check_tree(value, f"--set {key}")
+    return key.split("."), value
+
+
+def apply_overrides(
+    data: dict[str, Any], overrides: Iterable[str], registry: Registry | None = None
+) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``PATH=VALUE`` applied, in order.
+
+    Changing a component's ``kind`` drops the fields the new kind does not have, so
+    ``--set sampler.kind=greedy`` works on a spec whose sampler had ``p: 0.9``.
+    """
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = data
+        for i, key in enumerate(path[:-1]):
+            child = node.get(key)
+            slot_here = SLOT_PATHS.get(tuple(path[: i + 1]))
+            if child is None and slot_here:
+                # The spec leaves this component at its default: start from the default kind,
+                # so `--set train.optimizer.weight_decay=0.01` needs no `kind`.
+                child = node[key] = {"kind": SLOT_DEFAULTS[slot_here]}
+            elif child is None:
+                child = node[key] = {}
+            elif isinstance(child, str) and tuple(path[: i + 1]) in SLOT_PATHS:
+                child = node[key] = {"kind": child}  # bare component name
+            elif not isinstance(child, dict):
+                where = ".".join(path[: i + 1])
+                raise GptkitError(
+                    f"--set {text!r}: {where} is a {type(child).__name__}, not a section"
+                )
+            node = child
+        last = path[-1]
+        slot = SLOT_PATHS.get(tuple(path[:-1]))
+        if last == "kind" and slot and registry is not None and node.get("kind") != value:
+            if value not in registry.components[slot]:
+                raise GptkitError(f"--set {text!r}: " + registry.unknown_kind_message(slot, value))
+            keep = registry.components[slot][value].cls.model_fields
+            for stale in [k for k in node if k not in keep]:
+                del node[stale]
+        node[last] = value
+    return data
+
+
+def _model_at(cls: Any, loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that the error location ``loc`` points into."""
+    current: Any = cls
+    i = 0
+    while i < len(loc):
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        f = current.model_fields.get(str(loc[i]))
+        if f is None:
+            return None
+        ann = f.annotation
+        options = [a for a in _flatten(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if len(options) > 1 and i + 1 < len(loc):
+            tagged = [
+                o for o in options if issubclass(o, ComponentSpec) and o.kind_name() == loc[i + 1]
+            ]
+            current = tagged[0] if tagged else None
+            i += 2
+            continue
+        current = options[0] if options else None
+        i += 1
+    return current if isinstance(current, type) else None
+
+
+def _flatten(ann: Any) -> list[Any]:
+    import typing
+
+    args = typing.get_args(ann)
+    if typing.get_origin(ann) is Annotated:
+        return _flatten(args[0])
+    if args and typing.get_origin(ann) in (Union, getattr(__import__("types"), "UnionType", Union)):
+        return [x for a in args for x in _flatten(a)]
+    return [ann]
+
+
+def format_errors(
+    exc: ValidationError, cls: type[BaseModel], registry: Registry
+) -> list[tuple[str, str]]:
+    """Turn pydantic's errors into (dotted path, message) pairs a user can act on."""
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        # A discriminated union puts the tag in the location: model.attention.gqa.n_kv_heads.
+        clean: list[Any] = []
+        stripped = False
+        for part in loc:
+            slot = SLOT_PATHS.get(tuple(clean))
+            if slot and not stripped and part in registry.components.get(slot, {}):
+                stripped = True  # only the tag right after the slot, not a field named alike
+                continue
+            clean.append(part)
+        kind, msg = err["type"], err["msg"]
+        if kind == "unknown_component":
+            clean.append("kind")
+        path = ".".join(str(p) for p in clean)
+        if kind == "extra_forbidden":
+            owner = _model_at(cls, loc[:-1])
+            known = sorted(owner.model_fields) if owner else []
+            msg = f"unknown key '{loc[-1]}'{did_you_mean(str(loc[-1]), known)}"
+            if known:
+                msg += f"; allowed here: {', '.join(known)}"
+        elif kind == "cross_field":
+            for sub, m in err.get("ctx", {}).get("problems", []):
+                problems.append((f"{path}.{sub}" if path else sub, m))
+            continue
+        elif kind not in ("unknown_component", "missing", "component_kind_missing"):
+            value = err.get("input")
+            shown = json.dumps(value, default=str) if not isinstance(value, (dict, list)) else None
+            if shown is not None and len(shown) <= 60:
+                msg += f" (got {shown})"
+        problems.append((path, msg))
+    return problems
+
+
+def validate_spec(
+    data: Mapping[str, Any],
+    source: str = "<spec>",
+    overrides: Iterable[str] = (),
+    *,
+    opened: bool = False,
+    provenance: Mapping[str, Any] | None = None,
+) -> ExperimentSpec:
+    """Validate a spec mapping (plus ``--set`` overrides) against the loaded plugins.
+
+    ``opened=True`` for a spec read from a run or bundle (not one the user passed): its
+    ``plugins:`` modules are imported only if they are installed gptkit plugins or the user
+    allowed them (:func:`gptkit.registry.manager.check_opened_plugins`), and a kind no loaded plugin
+    provides is reported with the package ``provenance`` names for it.
+    """
+    from gptkit.registry.manager import allow_plugin_modules, check_opened_plugins
+
+    overrides = list(overrides)
+    raw = apply_overrides(dict(data), overrides)  # first pass: `plugins` may be overridden
+    plugins = raw.get("plugins", [])
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise SpecError(source, [("plugins", "must be a list of module names")])
+    if opened:
+        check_opened_plugins(plugins, source)
+    else:
+        allow_plugin_modules(plugins)  # the user's own spec: they named these modules
+    registry = load_registry(tuple(plugins))
+    if opened:
+        _require_recorded_kinds(registry, raw, source, provenance or {})
+    raw = apply_overrides(dict(data), overrides, registry)
+    cls = spec_class(registry)
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(source, format_errors(exc, cls, registry)) from None
+
+
+def _require_recorded_kinds(
+    registry: Registry, raw: Mapping[str, Any], source: str, recorded: Mapping[str, Any]
+) -> None:
+    """Name the package behind each kind of an opened run/bundle that no plugin provides."""
+    from gptkit.errors import PluginError
+    from gptkit.registry.manager import missing_kind_message
+
+    problems = []
+    for name, slot in SLOTS.items():
+        node: Any = raw
+        for key in slot.path:
+            node = node.get(key) if isinstance(node, Mapping) else None
+        kind = node.get("kind") if isinstance(node, Mapping) else node
+        if isinstance(kind, str):
+            msg = missing_kind_message(registry, name, kind, recorded)
+            if msg:
+                problems.append(msg)
+    if problems:
+        raise PluginError(
+            f"{source} " + "; and ".join(problems), "Run 'gptkit plugins' to see what is installed."
+        )

@@ -1,0 +1,432 @@
+"""``RunDir``: the one owner of a training run's folder. No other module spells a run path.
+
+::
+
+    runs/<spec name>/<YYYYmmdd-HHMMSS>/
+        run.json            name, creation time, command, overrides, status and summary
+        spec.yaml           the resolved spec (vocab_size filled in): what the run *is*
+        plugins.json        which distribution provided each non-built-in component
+        tokenizer/          the fitted tokenizer
+        checkpoints/        see gptkit.training.checkpoint
+        metrics.jsonl       one JSON object per logged step
+        samples.txt         text sampled at each evaluation
+        loss_curve.png      train and validation loss
+        mlflow.json         tracking URI and run id, so a resume reopens the same MLflow run
+        mlflow-spool.jsonl  MLflow events not sent yet (see gptkit.training.tracking)
+        .lock               the pid of the process writing the run (one writer at a time)
+
+A run's newest-ness is its creation time (``run.json``), never its folder name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from gptkit.errors import RunError
+
+if TYPE_CHECKING:
+    from gptkit.spec.models import ExperimentSpec
+
+RUNS_ROOT = Path("runs")
+SPEC_FILE = "spec.yaml"
+RUN_FILE = "run.json"
+BUNDLE_MANIFEST = "gptkit.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never half a file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file; lines cut short by a crash, or that are not
+    objects, are skipped."""
+    rows: list[dict[str, Any]] = []
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return rows
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def dump_yaml(data: Any, path: Path) -> None:
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def short_override(text: str) -> str:
+    """``model.positional.kind="rope"`` -> ``positional=rope``;
+    ``train.lr=0.003`` -> ``lr=0.003``."""
+    key, _, value = text.partition("=")
+    parts = key.strip().split(".")
+    short = parts[-2] if parts[-1] == "kind" and len(parts) > 1 else parts[-1]
+    return f"{short}={value.strip().strip(chr(34)).strip(chr(39))}"
+
+
+def default_run_name(spec_name: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """A readable run name: the spec's name and what the command line changed."""
+    return " ".join([spec_name, *(short_override(o) for o in overrides)])[:250]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run folder and everything in it, by name. Create with ``new``/``create``, find with
+    ``latest``/``resolve``, open a finished one with ``load``."""
+
+    path: Path
+
+    # ------------------------------------------------------------------ the layout
+
+    @property
+    def spec_file(self) -> Path:
+        return self.path / SPEC_FILE
+
+    @property
+    def run_file(self) -> Path:
+        return self.path / RUN_FILE
+
+    @property
+    def plugins_file(self) -> Path:
+        return self.path / "plugins.json"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / "tokenizer"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def samples_file(self) -> Path:
+        return self.path / "samples.txt"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.path / "loss_curve.png"
+
+    @property
+    def mlflow_file(self) -> Path:
+        return self.path / "mlflow.json"
+
+    @property
+    def spool_file(self) -> Path:
+        return self.path / "mlflow-spool.jsonl"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / ".lock"
+
+    @property
+    def default_bundle(self) -> Path:
+        """Where ``export: {onnx: true}`` writes the bundle after training."""
+        return self.path / "bundle"
+
+    def artifacts(self) -> list[Path]:
+        """Files worth attaching to the MLflow run at the end."""
+        files = [
+            self.spec_file,
+            self.run_file,
+            self.plugins_file,
+            self.metrics_file,
+            self.samples_file,
+            self.loss_plot,
+        ]
+        return [f for f in files if f.exists()]
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # ------------------------------------------------------------------ finding runs
+
+    @classmethod
+    def new(cls, spec_name: str, root: Path = RUNS_ROOT) -> RunDir:
+        """A fresh folder name ``runs/<spec name>/<time>`` (not created yet)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path, n = root / spec_name / stamp, 1
+        while path.exists():
+            n += 1
+            path = root / spec_name / f"{stamp}-{n}"
+        return cls(path)
+
+    @classmethod
+    def new_sweep(cls, spec_name: str, root: Path = RUNS_ROOT) -> Path:
+        """A fresh folder for a sweep's runs: ``runs/<spec name>/sweep-<time>``."""
+        return root / spec_name / time.strftime("sweep-%Y%m%d-%H%M%S")
+
+    @classmethod
+    def sweep_point(cls, sweep_root: Path, index: int, name: str) -> RunDir:
+        """The run folder of one grid point inside a sweep folder."""
+        slug = "".join(c if c.isalnum() or c in ".-" else "-" for c in name.replace("=", "-"))
+        return cls(sweep_root / f"{index:02d}-{slug}"[:120])
+
+    @staticmethod
+    def sweep_file(sweep_root: Path) -> Path:
+        return sweep_root / "sweep.json"
+
+    def is_run(self) -> bool:
+        return self.spec_file.is_file()
+
+    def created(self) -> float:
+        """Creation time (run.json; for older runs, the spec file's modification time)."""
+        info = self.info()
+        if isinstance(info.get("created"), (int, float)):
+            return float(info["created"])
+        try:
+            return self.spec_file.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    @classmethod
+    def find(cls, folder: Path, depth: int = 3) -> Iterator[RunDir]:
+        """Every run in ``folder`` (itself included), down to ``depth`` levels (sweeps nest)."""
+        run = cls(folder)
+        if run.is_run():
+            yield run
+            return
+        if depth <= 0 or not folder.is_dir():
+            return
+        for child in sorted(folder.iterdir()):
+            if child.is_dir() and not child.name.startswith("."):
+                yield from cls.find(child, depth - 1)
+
+    @classmethod
+    def latest(cls, folder: Path) -> RunDir | None:
+        """The newest run (by creation time) in ``folder`` or below it."""
+        runs = list(cls.find(folder))
+        return max(runs, key=lambda r: r.created()) if runs else None
+
+    @classmethod
+    def resolve(cls, run: str | Path, announce: bool = True) -> RunDir:
+        """A run directory, or a folder of runs (``runs/<name>``, a sweep): its newest run.
+        Prints which run it picked when it had to choose."""
+        path = Path(run)
+        if not path.exists():
+            raise RunError(f"run not found: {path}", "List your runs with: gptkit runs")
+        if not path.is_dir():
+            raise RunError(f"{path} is a file; expected a run directory")
+        found = cls(path)
+        if found.is_run():
+            return found
+        newest = cls.latest(path)
+        if newest is None:
+            raise RunError(
+                f"{path} is not a gptkit run directory (no {SPEC_FILE}) and holds no runs",
+                "Pass a folder made by 'gptkit train' (runs/<name>/<time>/), runs/<name> for its "
+                "newest run, or an export bundle. List runs with: gptkit runs",
+            )
+        if announce:
+            import sys
+
+            print(
+                f"gptkit: using {newest.path} (newest run in {path}: "
+                f"{newest.info().get('name') or newest.path.name})",
+                file=sys.stderr,
+            )
+        return newest
+
+    # ------------------------------------------------------------------ files of the run
+
+    def info(self) -> dict[str, Any]:
+        """run.json (empty for runs made before it existed)."""
+        try:
+            data = json.loads(self.run_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def update_info(self, **fields: Any) -> None:
+        atomic_write_text(self.run_file, json.dumps({**self.info(), **fields}, indent=2))
+
+    def read_spec(self, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentSpec:
+        """The run's resolved spec (``overrides`` applied on top)."""
+        from gptkit.spec.files import read_spec_file
+        from gptkit.spec.validate import validate_spec
+
+        if not self.spec_file.is_file():
+            raise RunError(
+                f"{self.path} is not a gptkit run directory (no {SPEC_FILE})",
+                "Pass a folder made by 'gptkit train' (runs/<name>/<time>/) or an export bundle.",
+            )
+        # Issue 14/18: import only trusted plugin modules; name the package of a missing kind.
+        return validate_spec(
+            read_spec_file(self.spec_file),
+            str(self.spec_file),
+            overrides,
+            opened=True,
+            provenance=self.plugin_provenance(),
+        )
+
+    def write_spec(self, spec: ExperimentSpec) -> None:
+        dump_yaml(spec.to_dict(), self.spec_file)
+
+    def plugin_provenance(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.plugins_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.metrics_file)
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with open(self.metrics_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop log lines past ``step``: a resumed run writes them again."""
+        if self.metrics_file.exists():
+            rows = [r for r in self.metrics() if r.get("step", step + 1) <= step]
+            atomic_write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def append_sample(self, step: int, text: str) -> None:
+        with open(self.samples_file, "a", encoding="utf-8") as f:
+            f.write(f"--- step {step} ---\n{text}\n")
+
+    # ------------------------------------------------------------------ ownership
+
+    def check_writable_target(self) -> None:
+        """Refuse to train into an existing folder that is not a gptkit run: its files are
+        the user's, not ours."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"--run-dir {self.path} is a file, not a folder")
+        if self.path.is_dir() and not self.is_run() and any(self.path.iterdir()):
+            raise RunError(
+                f"{self.path} exists and is not a gptkit run (no {SPEC_FILE}); refusing to write "
+                "into it",
+                "Choose a new or empty --run-dir.",
+            )
+
+    def lock(self) -> None:
+        """Become the run's one writer, or refuse. A lock left by a dead process is taken over
+        (and said so)."""
+        import sys
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._lock_owner()
+                if owner is not None and _pid_alive(owner) and owner != os.getpid():
+                    raise RunError(
+                        f"{self.path} is being written by another gptkit process (pid {owner})",
+                        f"Wait for it to finish, or stop it; if pid {owner} is not gptkit, "
+                        f"remove {self.lock_file}.",
+                    ) from None
+                print(
+                    f"gptkit: note: {self.lock_file} was left by a process that is gone "
+                    f"(pid {owner}); taking over",
+                    file=sys.stderr,
+                )
+                self.lock_file.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            return
+        raise RunError(f"could not take the lock {self.lock_file}")
+
+    def _lock_owner(self) -> int | None:
+        try:
+            return int(self.lock_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def unlock(self) -> None:
+        if self._lock_owner() == os.getpid():
+            self.lock_file.unlink(missing_ok=True)
+
+    def writer_pid(self) -> int | None:
+        """The pid of a live process writing the run, if any."""
+        owner = self._lock_owner()
+        return owner if owner is not None and _pid_alive(owner) else None
+
+    # ------------------------------------------------------------------ opening a run
+
+    def load(
+        self,
+        checkpoint: str = "latest",
+        overrides: list[str] | tuple[str, ...] = (),
+        device: str = "cpu",
+    ) -> LoadedRun:
+        """The run's spec, tokenizer and model weights (``checkpoint``: latest, best, step-N)."""
+        from gptkit.components.tokenizers import load_tokenizer
+        from gptkit.model import GPT
+        from gptkit.store.checkpoint import checkpoint_candidates, load_checkpoint
+
+        spec = self.read_spec(overrides)
+        if spec.model.vocab_size is None:
+            raise RunError(
+                f"{self.spec_file} has no model.vocab_size: it is not the resolved "
+                "spec that 'gptkit train' writes (was it replaced by hand?)"
+            )
+        tokenizer = load_tokenizer(self.tokenizer_dir)
+        candidates = checkpoint_candidates(self.checkpoints, checkpoint)
+        if not candidates:
+            raise RunError(f"run {self.path} has no checkpoint yet", "Train it: gptkit train SPEC")
+        model = GPT(spec.model)
+        errors = []
+        for path in candidates:
+            try:
+                load_checkpoint(path, model)
+                return LoadedRun(self, spec, model.to(device).eval(), tokenizer, path)
+            except RunError as exc:
+                errors.append(str(exc))
+        more = f" (and {len(errors) - 1} older checkpoint(s) failed too)" if len(errors) > 1 else ""
+        raise RunError(f"no usable checkpoint in {self.checkpoints}: {errors[0]}{more}")
+
+
+@dataclass
+class LoadedRun:
+    """A run opened for use: its spec, model (eval mode) and tokenizer."""
+
+    run: RunDir
+    spec: Any
+    model: Any
+    tokenizer: Any
+    checkpoint: Path
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.path
+
+
+def load_run(
+    run: str | Path,
+    checkpoint: str = "latest",
+    overrides: list[str] | tuple[str, ...] = (),
+    device: str = "cpu",
+) -> LoadedRun:
+    """Open a run directory (or ``runs/<name>``: its newest run) for generation or export."""
+    return RunDir.resolve(run).load(checkpoint, overrides, device)
