@@ -160,14 +160,8 @@ def read_chat_template(src: Path) -> str | None:
     return template
 
 
-def import_hf(src: str | Path, out: str | Path | None = None, name: str | None = None) -> Path:
-    """Make a run directory (spec, tokenizer, checkpoint step 0) from a local GPT-2 folder."""
-    from gptkit.model import GPT
-    from gptkit.spec.validate import validate_spec
-    from gptkit.store.checkpoint import save_checkpoint
-    from gptkit.store.rundir import RunDir
-
-    src = Path(src)
+def _check_hf_folder(src: Path) -> None:
+    """The files import-hf reads must be there before anything is made."""
     for f in ("config.json", "model.safetensors"):
         if not (src / f).is_file():
             raise RunError(
@@ -179,6 +173,51 @@ def import_hf(src: str | Path, out: str | Path | None = None, name: str | None =
             f"{src} has no tokenizer.json (the fast tokenizer file); gptkit needs it "
             "to turn text into the model's tokens"
         )
+
+
+def _model_with_weights(model_spec: Any, src: Path) -> Any:
+    """A GPT of ``model_spec`` holding the folder's GPT-2 weights, every one accounted for."""
+    from gptkit.model import GPT
+
+    weights_path = src / "model.safetensors"
+    weights = _load_weights(weights_path)
+    prefix = "transformer." if any(k.startswith("transformer.") for k in weights) else ""
+    model = GPT(model_spec)
+    state = {}
+    for ours, theirs, transpose in name_map(model_spec.n_layers):
+        key = prefix + theirs
+        if key not in weights:
+            raise RunError(f"{weights_path} lacks {key}")
+        t = weights[key]
+        state[ours] = t.t().contiguous() if transpose else t
+    if not model_spec.tie_embeddings:
+        if "lm_head.weight" not in weights:
+            raise RunError(
+                f"{weights_path} lacks lm_head.weight (config.json says the "
+                "embeddings are not tied)"
+            )
+        state["lm_head.weight"] = weights["lm_head.weight"]
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that disagree with config.json
+        raise RunError(
+            f"{weights_path} does not fit {src / 'config.json'}: "
+            f"{str(exc).splitlines()[-1].strip()[:300]}"
+        ) from None
+    missing = [m for m in missing if not (m == "lm_head.weight" and model_spec.tie_embeddings)]
+    if missing or unexpected:
+        raise RunError(f"weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model
+
+
+def import_hf(src: str | Path, out: str | Path | None = None, name: str | None = None) -> Path:
+    """Make a run directory (spec, tokenizer, checkpoint step 0) from a local GPT-2 folder."""
+    from gptkit.spec.validate import validate_spec
+    from gptkit.store.checkpoint import save_checkpoint
+    from gptkit.store.rundir import RunDir
+
+    src = Path(src)
+    _check_hf_folder(src)
     config = read_config(src / "config.json")
     name = name or "gpt2-import"
     run = RunDir(Path(out)) if out else RunDir.new(name)
@@ -204,34 +243,7 @@ def import_hf(src: str | Path, out: str | Path | None = None, name: str | None =
     )
     tok = spec.tokenizer.build()
     tok.fit("")
-    weights_path = src / "model.safetensors"
-    weights = _load_weights(weights_path)
-    prefix = "transformer." if any(k.startswith("transformer.") for k in weights) else ""
-    model = GPT(spec.model)
-    state = {}
-    for ours, theirs, transpose in name_map(spec.model.n_layers):
-        key = prefix + theirs
-        if key not in weights:
-            raise RunError(f"{weights_path} lacks {key}")
-        t = weights[key]
-        state[ours] = t.t().contiguous() if transpose else t
-    if not spec.model.tie_embeddings:
-        if "lm_head.weight" not in weights:
-            raise RunError(
-                f"{weights_path} lacks lm_head.weight (config.json says the "
-                "embeddings are not tied)"
-            )
-        state["lm_head.weight"] = weights["lm_head.weight"]
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shapes that disagree with config.json
-        raise RunError(
-            f"{weights_path} does not fit {src / 'config.json'}: "
-            f"{str(exc).splitlines()[-1].strip()[:300]}"
-        ) from None
-    missing = [m for m in missing if not (m == "lm_head.weight" and spec.model.tie_embeddings)]
-    if missing or unexpected:
-        raise RunError(f"weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model = _model_with_weights(spec.model, src)
     run.tokenizer_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src / "tokenizer.json", run.tokenizer_dir / "tokenizer.json")
     spec = validate_spec(

@@ -56,8 +56,8 @@ Rules every component follows:
 
 Provenance: each run (``<run>/plugins.json``) and bundle (manifest key ``plugins``) records,
 for every non-built-in kind, ``{"<slot>.<kind>": {"distribution", "version", "module"}}``
-(:func:`gptkit.registry.manager.provenance`), so that opening it without the plugin names the package
-to install.
+(:func:`gptkit.registry.manager.provenance`), so that opening it without the plugin names
+the package to install.
 """
 
 from __future__ import annotations

@@ -149,30 +149,14 @@ def server_concurrency(
         proc.wait(timeout=30)
 
 
-def inference_baseline(
-    new_tokens: int = 256,
-    prompts: tuple[int, ...] = (16, 700),
-    contexts: tuple[int, ...] = (64, 1024),
-    log=print,
-) -> dict[str, Any]:
-    """Hugging Face transformers ``generate`` against gptkit (torch with the static cache,
-    onnxruntime fp32 and int8) on the same random GPT-2-shaped weights (6 layers, 6 heads,
-    384 wide, Tiny Shakespeare's characters), greedy, batch 1, alternating in this process."""
+def _gpt2_pair(tok: Any, ctx: int) -> tuple[Any, Any, GPT]:
+    """A random GPT-2-shaped Hugging Face model (6 layers, 6 heads, 384 wide) and gptkit's GPT
+    holding the same weights, with the spec that describes it."""
     import transformers
 
-    from gptkit.components.tokenizers import CharTokenizerSpec
-    from gptkit.data.sources import load_corpus
-    from gptkit.export.onnx import export_onnx
-    from gptkit.export.quantize import quantize_int8
     from gptkit.hf import _model_fields, name_map
-    from gptkit.inference.onnx import OnnxBackend, OnnxModel
-    from gptkit.inference.torch import TorchBackend
     from gptkit.spec.validate import validate_spec
 
-    text = load_corpus("tinyshakespeare")
-    tok = CharTokenizerSpec().build()
-    tok.fit(text)
-    ctx = max(contexts) + 64
     config = transformers.GPT2Config(
         vocab_size=tok.vocab_size,
         n_positions=ctx,
@@ -202,6 +186,81 @@ def inference_baseline(
         {ours: weights[theirs].t() if tr else weights[theirs] for ours, theirs, tr in name_map(6)},
         strict=False,
     )
+    return hf, spec, model
+
+
+def _hf_generate(hf: Any, tok: Any, ids: list[int], n: int) -> tuple[list[int], float]:
+    """Greedy ``generate``: the new tokens and the seconds they took."""
+    x = torch.tensor([ids])
+    t = time.perf_counter()
+    with torch.inference_mode():
+        # An explicit mask: generate would otherwise mask every prompt token equal to
+        # pad_token_id.
+        out = hf.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=tok.eot_id,
+            eos_token_id=None,
+        )
+    return out[0, len(ids) :].tolist(), time.perf_counter() - t
+
+
+def _against_hf(
+    hf: Any, backends: dict[str, Any], tok: Any, ids: list[int], new_tokens: int
+) -> dict[str, Any]:
+    """Tokens/s of ``generate`` and of each backend after one prompt, their ratios, and
+    whether the fp32 paths chose the same tokens."""
+    _hf_generate(hf, tok, ids, 4)
+    for backend in backends.values():
+        _greedy_run(backend, tok, ids, 4)  # warm up
+    want, secs = _hf_generate(hf, tok, ids, new_tokens)
+    row: dict[str, Any] = {"hf_generate_tokens_per_s": new_tokens / secs}
+    for name, backend in backends.items():
+        got, secs = _greedy_run(backend, tok, ids, new_tokens)
+        row[f"{name}_tokens_per_s"] = new_tokens / secs
+        row[f"{name}_over_hf"] = row[f"{name}_tokens_per_s"] / row["hf_generate_tokens_per_s"]
+        if name != "onnx_int8":
+            row[f"{name}_same_tokens_as_hf"] = got == want
+    return row
+
+
+def _context_growth(backends: dict[str, Any], tok: Any, contexts: tuple[int, ...]) -> dict:
+    """One decode step's time at each context, and the longest over the shortest."""
+    growth: dict[str, Any] = {}
+    for name in ("gptkit_torch", "onnx_fp32"):
+        for c in contexts:
+            growth[f"{name}_step_s_at_{c}"] = _step_time(backends[name], tok, tok.vocab_size, c, 20)
+        growth[f"{name}_growth"] = (
+            growth[f"{name}_step_s_at_{contexts[-1]}"] / growth[f"{name}_step_s_at_{contexts[0]}"]
+        )
+    return growth
+
+
+def inference_baseline(
+    new_tokens: int = 256,
+    prompts: tuple[int, ...] = (16, 700),
+    contexts: tuple[int, ...] = (64, 1024),
+    log=print,
+) -> dict[str, Any]:
+    """Hugging Face transformers ``generate`` against gptkit (torch with the static cache,
+    onnxruntime fp32 and int8) on the same random GPT-2-shaped weights (6 layers, 6 heads,
+    384 wide, Tiny Shakespeare's characters), greedy, batch 1, alternating in this process."""
+    import transformers
+
+    from gptkit.components.tokenizers import CharTokenizerSpec
+    from gptkit.data.sources import load_corpus
+    from gptkit.export.onnx import export_onnx
+    from gptkit.export.quantize import quantize_int8
+    from gptkit.inference.onnx import OnnxBackend, OnnxModel
+    from gptkit.inference.torch import TorchBackend
+
+    text = load_corpus("tinyshakespeare")
+    tok = CharTokenizerSpec().build()
+    tok.fit(text)
+    ctx = max(contexts) + 64
+    hf, spec, model = _gpt2_pair(tok, ctx)
     report: dict[str, Any] = {
         "new_tokens": new_tokens,
         "threads": torch.get_num_threads(),
@@ -217,52 +276,12 @@ def inference_baseline(
             "onnx_fp32": OnnxBackend(OnnxModel(fp32), ctx),
             "onnx_int8": OnnxBackend(OnnxModel(int8), ctx),
         }
-
-        def hf_generate(ids: list[int], n: int) -> tuple[list[int], float]:
-            x = torch.tensor([ids])
-            t = time.perf_counter()
-            with torch.inference_mode():
-                # An explicit mask: generate would otherwise mask every prompt token equal to
-                # pad_token_id.
-                out = hf.generate(
-                    x,
-                    attention_mask=torch.ones_like(x),
-                    max_new_tokens=n,
-                    do_sample=False,
-                    pad_token_id=tok.eot_id,
-                    eos_token_id=None,
-                )
-            return out[0, len(ids) :].tolist(), time.perf_counter() - t
-
         for length in prompts:
             ids = tok.encode(text[1000 : 1000 + length])
             log(f"generating {new_tokens} tokens after a {length}-token prompt ...")
-            hf_generate(ids, 4)
-            for backend in backends.values():
-                _greedy_run(backend, tok, ids, 4)  # warm up
-            want, secs = hf_generate(ids, new_tokens)
-            row = {"hf_generate_tokens_per_s": new_tokens / secs}
-            for name, backend in backends.items():
-                got, secs = _greedy_run(backend, tok, ids, new_tokens)
-                row[f"{name}_tokens_per_s"] = new_tokens / secs
-                row[f"{name}_over_hf"] = (
-                    row[f"{name}_tokens_per_s"] / row["hf_generate_tokens_per_s"]
-                )
-                if name != "onnx_int8":
-                    row[f"{name}_same_tokens_as_hf"] = got == want
-            report[f"prompt_{length}"] = row
+            report[f"prompt_{length}"] = _against_hf(hf, backends, tok, ids, new_tokens)
         log("timing one decode step at each context ...")
-        growth: dict[str, Any] = {}
-        for name in ("gptkit_torch", "onnx_fp32"):
-            for c in contexts:
-                growth[f"{name}_step_s_at_{c}"] = _step_time(
-                    backends[name], tok, tok.vocab_size, c, 20
-                )
-            growth[f"{name}_growth"] = (
-                growth[f"{name}_step_s_at_{contexts[-1]}"]
-                / growth[f"{name}_step_s_at_{contexts[0]}"]
-            )
-        report["decode_growth"] = growth
+        report["decode_growth"] = _context_growth(backends, tok, contexts)
         log("serving the fp32 bundle to 1 and 8 concurrent streaming clients ...")
         _write_bundle(Path(tmp) / "bundle", fp32, spec, model, tok)
         report["server"] = server_concurrency(Path(tmp) / "bundle")

@@ -200,12 +200,7 @@ def run_bench(
     log(f"timing training steps (batch {batch or spec.train.batch_size}) ...")
     tr = train_speed(spec, vocab, batch or spec.train.batch_size, steps, warmup, baseline, compile)
     report["train"] = tr
-    tr["mfu"] = tr["gptkit_tokens_per_s"] * tr["flops_per_token"] / report["matmul_flops"]
-    if baseline:
-        tr["baseline_mfu"] = (
-            tr["baseline_tokens_per_s"] * tr["flops_per_token"] / report["matmul_flops"]
-        )
-        tr["gptkit_over_baseline"] = tr["gptkit_tokens_per_s"] / tr["baseline_tokens_per_s"]
+    _training_ratios(tr, report["matmul_flops"], baseline)
     report["peak_rss_mb_after_training"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     torch.manual_seed(0)
@@ -223,20 +218,7 @@ def run_bench(
             "new_tokens": gen_tokens,
             **generation_speed(model, data.tokenizer, greedy, gen_tokens, list(batches), onnx_dir),
         }
-        g = report["generate"]
-        if onnx and "onnx_fp32_b1_tokens_per_s" in g:
-            g["onnx_fp32_over_torch_cache_b1"] = (
-                g["onnx_fp32_b1_tokens_per_s"] / g["torch_cache_b1_tokens_per_s"]
-            )
-            g["onnx_fp32_over_torch_no_cache_b1"] = (
-                g["onnx_fp32_b1_tokens_per_s"] / g["torch_no_cache_b1_tokens_per_s"]
-            )
-            g["onnx_int8_over_fp32_b1"] = (
-                g["onnx_int8_b1_tokens_per_s"] / g["onnx_fp32_b1_tokens_per_s"]
-            )
-        g["torch_cache_over_no_cache_b1"] = (
-            g["torch_cache_b1_tokens_per_s"] / g["torch_no_cache_b1_tokens_per_s"]
-        )
+        _generation_ratios(report["generate"])
         if context_growth:
             log("timing one decode step at 64 and 1024 tokens of context ...")
             long_spec = spec.model.model_copy(
@@ -250,6 +232,31 @@ def run_bench(
                 export_onnx(long_model, path)
             report["decode_growth"] = decode_growth(long_model, path)
     return report
+
+
+def _training_ratios(tr: dict[str, Any], matmul_flops: float, baseline: bool) -> None:
+    """MFU against the measured matmul rate, and gptkit over the plain GPT."""
+    tr["mfu"] = tr["gptkit_tokens_per_s"] * tr["flops_per_token"] / matmul_flops
+    if baseline:
+        tr["baseline_mfu"] = tr["baseline_tokens_per_s"] * tr["flops_per_token"] / matmul_flops
+        tr["gptkit_over_baseline"] = tr["gptkit_tokens_per_s"] / tr["baseline_tokens_per_s"]
+
+
+def _generation_ratios(g: dict[str, Any]) -> None:
+    """Each generation path against the one it replaces, at batch 1."""
+    if "onnx_fp32_b1_tokens_per_s" in g:
+        g["onnx_fp32_over_torch_cache_b1"] = (
+            g["onnx_fp32_b1_tokens_per_s"] / g["torch_cache_b1_tokens_per_s"]
+        )
+        g["onnx_fp32_over_torch_no_cache_b1"] = (
+            g["onnx_fp32_b1_tokens_per_s"] / g["torch_no_cache_b1_tokens_per_s"]
+        )
+        g["onnx_int8_over_fp32_b1"] = (
+            g["onnx_int8_b1_tokens_per_s"] / g["onnx_fp32_b1_tokens_per_s"]
+        )
+    g["torch_cache_over_no_cache_b1"] = (
+        g["torch_cache_b1_tokens_per_s"] / g["torch_no_cache_b1_tokens_per_s"]
+    )
 
 
 def format_report(r: dict[str, Any]) -> str:

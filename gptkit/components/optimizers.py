@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -135,72 +135,79 @@ def _muon_optimizer_class():
                 with torch.enable_grad():
                     loss = closure()
             for group in self.param_groups:
-                (self._muon if group["use_muon"] else self._adamw)(group)
+                (_muon_update if group["use_muon"] else _adamw_update)(self.state, group)
             return loss
 
-        def _muon(self, group: dict) -> None:
-            """Nesterov momentum, then one orthogonalised update per matrix. Matrices of the
-            same shape go through Newton-Schulz together (one batched matmul per iteration,
-            not one per matrix): at small widths the per-call overhead is most of the cost."""
-            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                return
-            grads = [p.grad for p in params]
-            for p in params:
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-            bufs = [self.state[p]["momentum_buffer"] for p in params]
-            torch._foreach_lerp_(bufs, grads, 1 - mu)
-            updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
-            by_shape: dict[tuple[int, ...], list[int]] = {}
-            for i, p in enumerate(params):
-                by_shape.setdefault(tuple(p.shape), []).append(i)
-            if wd:
-                torch._foreach_mul_(params, 1 - lr * wd)
-            for shape, idx in by_shape.items():
-                ortho = zeropower_via_newtonschulz5(
-                    torch.stack([updates[i] for i in idx]), group["ns_steps"]
-                )
-                # An orthogonal update has RMS 1/sqrt(max side); this keeps tall matrices'
-                # per-entry step the same as square ones' (Jordan, 2024).
-                scale = max(1.0, shape[-2] / shape[-1]) ** 0.5
-                torch._foreach_add_(
-                    [params[i] for i in idx],
-                    list(ortho.to(params[idx[0]].dtype).unbind(0)),
-                    alpha=-lr * scale,
-                )
-
-        def _adamw(self, group: dict) -> None:
-            """AdamW over the group's tensors at once (foreach ops: many small tensors)."""
-            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-            beta1, beta2 = group["betas"]
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                return
-            grads = [p.grad for p in params]
-            for p in params:
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-            states = [self.state[p] for p in params]
-            torch._foreach_add_([s["step"] for s in states], 1.0)
-            avgs = [s["exp_avg"] for s in states]
-            sqs = [s["exp_avg_sq"] for s in states]
-            steps = [float(s["step"]) for s in states]
-            torch._foreach_lerp_(avgs, grads, 1 - beta1)
-            torch._foreach_mul_(sqs, beta2)
-            torch._foreach_addcmul_(sqs, grads, grads, value=1 - beta2)
-            denom = torch._foreach_sqrt(sqs)
-            torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in steps])
-            torch._foreach_add_(denom, eps)
-            if wd:
-                torch._foreach_mul_(params, 1 - lr * wd)
-            torch._foreach_addcdiv_(params, avgs, denom, [-lr / (1 - beta1**t) for t in steps])
-
     return Muon
+
+
+def _muon_update(state: Any, group: dict) -> None:
+    """Muon's step for one group: Nesterov momentum, then one orthogonalised update per
+    matrix. Matrices of the same shape go through Newton-Schulz together (one batched matmul
+    per iteration, not one per matrix): at small widths the per-call overhead is most of the
+    cost."""
+    import torch
+
+    lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+    params = [p for p in group["params"] if p.grad is not None]
+    if not params:
+        return
+    grads = [p.grad for p in params]
+    for p in params:
+        if "momentum_buffer" not in state[p]:
+            state[p]["momentum_buffer"] = torch.zeros_like(p)
+    bufs = [state[p]["momentum_buffer"] for p in params]
+    torch._foreach_lerp_(bufs, grads, 1 - mu)
+    updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(params):
+        by_shape.setdefault(tuple(p.shape), []).append(i)
+    if wd:
+        torch._foreach_mul_(params, 1 - lr * wd)
+    for shape, idx in by_shape.items():
+        ortho = zeropower_via_newtonschulz5(
+            torch.stack([updates[i] for i in idx]), group["ns_steps"]
+        )
+        # An orthogonal update has RMS 1/sqrt(max side); this keeps tall matrices'
+        # per-entry step the same as square ones' (Jordan, 2024).
+        scale = max(1.0, shape[-2] / shape[-1]) ** 0.5
+        torch._foreach_add_(
+            [params[i] for i in idx],
+            list(ortho.to(params[idx[0]].dtype).unbind(0)),
+            alpha=-lr * scale,
+        )
+
+
+def _adamw_update(state: Any, group: dict) -> None:
+    """AdamW over the group's tensors at once (foreach ops: many small tensors)."""
+    import torch
+
+    lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+    beta1, beta2 = group["betas"]
+    params = [p for p in group["params"] if p.grad is not None]
+    if not params:
+        return
+    grads = [p.grad for p in params]
+    for p in params:
+        state = state[p]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+    states = [state[p] for p in params]
+    torch._foreach_add_([s["step"] for s in states], 1.0)
+    avgs = [s["exp_avg"] for s in states]
+    sqs = [s["exp_avg_sq"] for s in states]
+    steps = [float(s["step"]) for s in states]
+    torch._foreach_lerp_(avgs, grads, 1 - beta1)
+    torch._foreach_mul_(sqs, beta2)
+    torch._foreach_addcmul_(sqs, grads, grads, value=1 - beta2)
+    denom = torch._foreach_sqrt(sqs)
+    torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in steps])
+    torch._foreach_add_(denom, eps)
+    if wd:
+        torch._foreach_mul_(params, 1 - lr * wd)
+    torch._foreach_addcdiv_(params, avgs, denom, [-lr / (1 - beta1**t) for t in steps])
 
 
 class MuonSpec(OptimizerSpec):

@@ -352,7 +352,8 @@ def piece_has_text(piece: Piece) -> bool:
 
 def load_text(source: str | list[str], fmt: str = "auto", field_name: str = "text") -> str:
     """The whole text of small sources (evaluation files, notebooks): documents joined by
-    newlines. Training never calls this; it streams through :func:`gptkit.data.prepare.prepare_tokens`."""
+    newlines. Training never calls this; it streams through
+    :func:`gptkit.data.prepare.prepare_tokens`."""
     texts = []
     for piece in iter_pieces(resolve_sources(source, fmt), field_name):
         docs, starts = piece_documents(piece)

@@ -98,7 +98,7 @@ class Inference:
         if sampler is None:
             from gptkit.registry.registry import load_registry
 
-            sampler = load_registry().get("sampler", "top_p")()
+            sampler = load_registry().get("sampler", "top_p").model_validate({"kind": "top_p"})
         return cls(TorchBackend(model, device), tokenizer, sampler)
 
     # ----------------------------------------------------------------- options

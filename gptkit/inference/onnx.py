@@ -123,7 +123,8 @@ def _bound(cache: StaticCache, slots: int) -> list[Any]:
     if cache.bound is None or cache.bound[0] != slots:
         buffers = cache.buffers if slots else [b[:, :, :0].copy() for b in cache.buffers]
         cache.bound = (slots, [OrtValue.ortvalue_from_numpy(b) for b in buffers])
-    return cache.bound[1]
+    values: list[Any] = cache.bound[1]
+    return values
 
 
 class OnnxBackend:

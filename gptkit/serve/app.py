@@ -15,22 +15,16 @@ size and time, header time, prompt length, ``max_tokens``, number of choices, an
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import threading
 import time
-import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gptkit.errors import GptkitError
 from gptkit.inference.base import Inference
-from gptkit.inference.decoding import Completion, DecodeBatch, GenerationOptions
-from gptkit.serve.scheduler import Job, Scheduler
 from gptkit.serve.schemas import (
     ERRORS,
     ChatRequest,
@@ -40,6 +34,7 @@ from gptkit.serve.schemas import (
     Limits,
     _error,
 )
+from gptkit.serve.service import CompletionService
 
 access_log = logging.getLogger("gptkit.access")
 
@@ -155,38 +150,17 @@ def _docs_page(schema: dict[str, Any]) -> str:
 
 
 def create_app(bundle: Inference, limits: Limits | None = None, name: str | None = None) -> FastAPI:
-    """The ASGI app for one bundle."""
-    limits = limits or Limits()
-    model_name = name or bundle.manifest["spec"].get("name", "gptkit")
+    """The ASGI app for one model: routes only; ``CompletionService`` does the work."""
+    service = CompletionService(bundle, limits or Limits(), name)
     app = FastAPI(
         title="gptkit",
-        version=bundle.manifest.get("gptkit_version", "0"),
+        version=service.version,
         description="OpenAI-compatible completions from a gptkit export bundle.",
         docs_url=None,
         redoc_url=None,
     )
-    scheduler = Scheduler(bundle, max_rows=max(limits.max_concurrent, limits.max_choices))
-    state = {"active": 0}
-    lock = threading.Lock()
-    chat_template = getattr(bundle.tokenizer, "chat_template", None)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()
-        )
-        return _error(422, problems or "invalid request")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(
-            exc.status_code, "invalid_request_error"
-        )
-        message = {
-            404: f"no such endpoint: {request.url.path}",
-            405: f"{request.method} is not allowed on {request.url.path}",
-        }.get(exc.status_code, str(exc.detail))
-        return _error(exc.status_code, message, kind, headers=getattr(exc, "headers", None))
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
@@ -195,319 +169,43 @@ def create_app(bundle: Inference, limits: Limits | None = None, name: str | None
     @app.get("/health")
     async def health() -> dict[str, Any]:
         """Liveness, and how many requests are admitted (decoding or waiting)."""
-        return {
-            "status": "ok",
-            "model": model_name,
-            "active": state["active"],
-            "batch_rows": len(scheduler.batch),
-            "peak_batch_rows": scheduler.peak_rows,
-        }
+        return service.health()
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         """The one model this server serves."""
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": model_name,
-                    "object": "model",
-                    "owned_by": "gptkit",
-                    "max_seq_len": bundle.max_seq_len,
-                    "vocab_size": bundle.manifest["vocab_size"],
-                    "precision": bundle.manifest.get("precision", "fp32"),
-                }
-            ],
-        }
-
-    def _admit() -> bool:
-        with lock:
-            if state["active"] >= limits.max_concurrent + limits.max_queued:
-                return False
-            state["active"] += 1
-            return True
-
-    def _release() -> None:
-        with lock:
-            state["active"] -= 1
-
-    def _check(
-        model: str | None, stops: list[str], max_tokens: int, n_choices: int, prompts: list[str]
-    ) -> JSONResponse | None:
-        if model is not None and model != model_name:
-            return _error(
-                404,
-                f"model {model!r} not found; this server serves {model_name!r} (GET /v1/models)",
-                param="model",
-                code="model_not_found",
-            )
-        if not prompts:
-            return _error(
-                400, "prompt: give a string or a non-empty list of strings", param="prompt"
-            )
-        if n_choices > limits.max_choices:
-            return _error(
-                400,
-                f"prompts x n = {n_choices}; at most {limits.max_choices} choices per request",
-                param="n",
-            )
-        if max_tokens > limits.max_tokens:
-            return _error(
-                400,
-                f"max_tokens: at most {limits.max_tokens}, got {max_tokens}",
-                param="max_tokens",
-            )
-        if any(len(p) > limits.max_prompt_chars for p in prompts):
-            return _error(
-                400, f"prompt: at most {limits.max_prompt_chars} characters", param="prompt"
-            )
-        if len(stops) > 4 or any(not s or len(s) > 64 for s in stops):
-            return _error(
-                400, "stop: up to 4 non-empty strings of at most 64 characters", param="stop"
-            )
-        return None
-
-    async def _run(
-        prompts: list[str],
-        n: int,
-        options: GenerationOptions,
-        stream: bool,
-        include_usage: bool,
-        render,
-    ) -> Any:
-        """Admit, queue into the running batch, and answer (JSON or server-sent events)."""
-        try:
-            sampler = bundle.sampler_for(options)
-            ids = [
-                DecodeBatch(bundle.backend, bundle.tokenizer).encode(p, i)
-                for i, p in enumerate(prompts)
-            ]
-        except GptkitError as exc:
-            return _error(400, exc.message)
-        rows = [r for r in ids for _ in range(n)]
-        if not _admit():
-            return _error(
-                429, "server busy; retry later", "rate_limit", headers={"Retry-After": "1"}
-            )
-        created, cid = int(time.time()), f"{render.id_prefix}-{uuid.uuid4().hex[:24]}"
-        max_new = (
-            sampler.max_new_tokens if options.max_new_tokens is None else options.max_new_tokens
-        )
-        job = Job(rows, sampler, options.seed, max_new, stream, asyncio.get_running_loop())
-        scheduler.submit(job)
-        prompt_tokens = sum(len(r) for r in rows)
-
-        def usage(out) -> dict[str, int]:
-            completion_tokens = sum(len(c.tokens) for c in out)
-            return {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            }
-
-        if not stream:
-            try:
-                kind, *rest = await job.events.get()
-                while kind == "text":
-                    kind, *rest = await job.events.get()
-            finally:
-                job.cancelled.set()
-                _release()
-            if kind == "error":
-                return _error(500, rest[0], "server_error")
-            return render.whole(cid, created, rest[0], usage(rest[0]))
-
-        def render_events(batch: list[tuple]) -> tuple[str, bool]:
-            """Server-sent events for what the scheduler sent, and whether the stream ends."""
-            out = []
-            for kind, *rest in batch:
-                if kind == "text":
-                    out.append(render.chunk(cid, created, rest[0], rest[1], None))
-                elif kind == "done":
-                    for i, c in enumerate(rest[0]):
-                        out.append(render.chunk(cid, created, i, "", _finish(c.finish_reason)))
-                    if include_usage:
-                        out.append(render.usage_chunk(cid, created, usage(rest[0])))
-                    out.append("data: [DONE]\n\n")
-                    return "".join(out), True
-                else:
-                    error = {"error": {"message": rest[0], "type": "server_error"}}
-                    out.append("data: " + json.dumps(error) + "\n\n")
-                    return "".join(out), True
-            return "".join(out), False
-
-        async def events():
-            try:
-                while True:
-                    # Everything already queued goes out in one write (same events, fewer sends).
-                    batch = [await job.events.get()]
-                    while not job.events.empty():
-                        batch.append(job.events.get_nowait())
-                    text, end = render_events(batch)
-                    yield text
-                    if end:
-                        return
-            finally:
-                job.cancelled.set()  # the client went away (or is done): its rows leave
-                _release()
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    class TextRender:
-        """OpenAI's completion objects: the whole answer, a streamed chunk, the usage chunk."""
-
-        whole_object = chunk_object = "text_completion"
-        id_prefix = "cmpl"
-
-        def __init__(self, echo_prompts: list[str] | None) -> None:
-            self.echo = echo_prompts
-
-        def envelope(
-            self, cid: str, created: int, obj: str, choices: list[dict[str, Any]], **extra: Any
-        ) -> dict[str, Any]:
-            return {
-                "id": cid,
-                "object": obj,
-                "created": created,
-                "model": model_name,
-                "choices": choices,
-                **extra,
-            }
-
-        def answer(self, i: int, completion: Completion) -> dict[str, Any]:
-            return {"text": (self.echo[i] if self.echo else "") + completion.text}
-
-        def delta(self, index: int, text: str) -> dict[str, Any]:
-            return {"text": text}
-
-        def whole(
-            self, cid: str, created: int, out: list[Completion], usage: dict[str, int]
-        ) -> dict[str, Any]:
-            choices = [
-                {
-                    "index": i,
-                    **self.answer(i, c),
-                    "logprobs": None,
-                    "finish_reason": _finish(c.finish_reason),
-                }
-                for i, c in enumerate(out)
-            ]
-            return self.envelope(cid, created, self.whole_object, choices, usage=usage)
-
-        def chunk(self, cid: str, created: int, index: int, text: str, finish: str | None) -> str:
-            choice = {"index": index, **self.delta(index, text)}
-            choice.update(logprobs=None, finish_reason=finish)
-            return _sse(self.envelope(cid, created, self.chunk_object, [choice]))
-
-        def usage_chunk(self, cid: str, created: int, usage: dict[str, int]) -> str:
-            return _sse(self.envelope(cid, created, self.chunk_object, [], usage=usage))
-
-    class ChatRender(TextRender):
-        whole_object, chunk_object = "chat.completion", "chat.completion.chunk"
-        id_prefix = "chatcmpl"
-
-        def __init__(self, echo_prompts: list[str] | None) -> None:
-            super().__init__(echo_prompts)
-            self.opened: set[int] = set()  # choices whose role has been sent
-
-        def answer(self, i: int, completion: Completion) -> dict[str, Any]:
-            return {"message": {"role": "assistant", "content": completion.text}}
-
-        def delta(self, index: int, text: str) -> dict[str, Any]:
-            # Each choice's first chunk names the role, as OpenAI's streams do.
-            if index in self.opened:
-                return {"delta": {"content": text} if text else {}}
-            self.opened.add(index)
-            return {"delta": {"role": "assistant", "content": text}}
+        return service.models()
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
     async def completions(req: CompletionRequest):
         """Continue a prompt (or several); ``stream: true`` sends server-sent events."""
-        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        problem = _check(req.model, stops, req.max_tokens, len(prompts) * req.n, prompts)
-        if problem is not None:
-            return problem
-        if req.logprobs is not None:
-            return _error(400, "logprobs is not supported by gptkit's server", param="logprobs")
-        if req.best_of not in (None, 1):
-            return _error(400, "best_of: only 1 is supported", param="best_of")
-        if req.echo and req.stream:
-            return _error(400, "echo is supported without stream only", param="echo")
-        options = GenerationOptions(
-            max_new_tokens=req.max_tokens,
-            temperature=req.temperature,
-            top_k=req.top_k,
-            top_p=req.top_p,
-            stop=stops,
-            seed=req.seed,
-        )
-        echo = [p for p in prompts for _ in range(req.n)] if req.echo else None
-        return await _run(
-            prompts,
-            req.n,
-            options,
-            req.stream,
-            bool(req.stream_options and req.stream_options.include_usage),
-            TextRender(echo),
-        )
+        return await service.completions(req)
 
     @app.post("/v1/chat/completions", response_model=ChatResponse, responses=ERRORS)
     async def chat_completions(req: ChatRequest):
         """Chat, for a bundle whose tokenizer has a chat template (else 400: a base model)."""
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        if req.model is not None and req.model != model_name:
-            return _check(req.model, [], 0, 1, ["x"])
-        if not chat_template:
-            return _error(
-                400,
-                f"{model_name!r} is a base model: its tokenizer has no chat "
-                "template; use /v1/completions with a prompt",
-                param="messages",
-                code="base_model",
-            )
-        if req.logprobs:
-            return _error(400, "logprobs is not supported by gptkit's server", param="logprobs")
-        try:
-            prompt = _render_chat(chat_template, [m.model_dump() for m in req.messages])
-        except Exception as exc:
-            return _error(400, f"messages: the chat template failed: {exc}", param="messages")
-        problem = _check(None, stops, max_tokens, req.n, [prompt])
-        if problem is not None:
-            return problem
-        options = GenerationOptions(
-            max_new_tokens=max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            stop=stops,
-            seed=req.seed,
-        )
-        return await _run(
-            [prompt],
-            req.n,
-            options,
-            req.stream,
-            bool(req.stream_options and req.stream_options.include_usage),
-            ChatRender(None),
-        )
+        return await service.chat(req)
 
-    app.add_middleware(BodyLimitMiddleware, limits=limits)
+    app.add_middleware(BodyLimitMiddleware, limits=service.limits)
     app.add_middleware(AccessLogMiddleware)
     return app
 
 
-def _sse(doc: dict[str, Any]) -> str:
-    return "data: " + json.dumps(doc) + "\n\n"
+async def _invalid(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()
+    )
+    return _error(422, problems or "invalid request")
 
 
-def _render_chat(template: str, messages: list[dict[str, str]]) -> str:
-    """A Hugging Face-style chat template (Jinja) with the generation prompt added."""
-    from gptkit.components.base import chat_environment
-
-    compiled = chat_environment().from_string(template)
-    return compiled.render(messages=messages, add_generation_prompt=True)
-
-
-def _finish(reason: str) -> str:
-    return "stop" if reason in ("stop", "eot") else "length"
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(
+        exc.status_code, "invalid_request_error"
+    )
+    message = {
+        404: f"no such endpoint: {request.url.path}",
+        405: f"{request.method} is not allowed on {request.url.path}",
+    }.get(exc.status_code, str(exc.detail))
+    return _error(exc.status_code, message, kind, headers=getattr(exc, "headers", None))

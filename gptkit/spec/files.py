@@ -229,8 +229,10 @@ def _merge_dicts(
         old = out.get(key)
         mergeable = isinstance(old, dict) and isinstance(value, dict) and here not in REPLACED_WHOLE
         if mergeable and here in _slot_paths():
+            assert isinstance(old, dict)
             mergeable = value.get("kind", old.get("kind")) == old.get("kind")
         if mergeable:
+            assert isinstance(old, dict)
             out[key] = _merge_dicts(old, value, here, replaced)
         else:
             out[key] = value

@@ -1,0 +1,100 @@
+"""How answers look on the wire: OpenAI's completion and chat completion objects, whole or as
+server-sent event chunks, and chat prompts rendered from messages by the tokenizer's template.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from gptkit.inference.decoding import Completion
+
+
+def sse(doc: dict[str, Any]) -> str:
+    """One server-sent event carrying ``doc`` as JSON."""
+    return "data: " + json.dumps(doc) + "\n\n"
+
+
+def finish_reason(reason: str) -> str:
+    """gptkit's finish reason in OpenAI's words (an end-of-text token is a stop)."""
+    return "stop" if reason in ("stop", "eot") else "length"
+
+
+def render_chat(template: str, messages: list[dict[str, str]]) -> str:
+    """A Hugging Face-style chat template (Jinja, sandboxed) with the generation prompt."""
+    from gptkit.components.base import chat_environment
+
+    compiled = chat_environment().from_string(template)
+    return compiled.render(messages=messages, add_generation_prompt=True)
+
+
+class TextRender:
+    """OpenAI's completion objects: the whole answer, a streamed chunk, the usage chunk."""
+
+    whole_object = chunk_object = "text_completion"
+    id_prefix = "cmpl"
+
+    def __init__(self, model_name: str, echo_prompts: list[str] | None = None) -> None:
+        self.model_name = model_name
+        self.echo = echo_prompts
+
+    def envelope(
+        self, cid: str, created: int, obj: str, choices: list[dict[str, Any]], **extra: Any
+    ) -> dict[str, Any]:
+        return {
+            "id": cid,
+            "object": obj,
+            "created": created,
+            "model": self.model_name,
+            "choices": choices,
+            **extra,
+        }
+
+    def answer(self, i: int, completion: Completion) -> dict[str, Any]:
+        return {"text": (self.echo[i] if self.echo else "") + completion.text}
+
+    def delta(self, index: int, text: str) -> dict[str, Any]:
+        return {"text": text}
+
+    def whole(
+        self, cid: str, created: int, out: list[Completion], usage: dict[str, int]
+    ) -> dict[str, Any]:
+        choices = [
+            {
+                "index": i,
+                **self.answer(i, c),
+                "logprobs": None,
+                "finish_reason": finish_reason(c.finish_reason),
+            }
+            for i, c in enumerate(out)
+        ]
+        return self.envelope(cid, created, self.whole_object, choices, usage=usage)
+
+    def chunk(self, cid: str, created: int, index: int, text: str, finish: str | None) -> str:
+        choice = {"index": index, **self.delta(index, text)}
+        choice.update(logprobs=None, finish_reason=finish)
+        return sse(self.envelope(cid, created, self.chunk_object, [choice]))
+
+    def usage_chunk(self, cid: str, created: int, usage: dict[str, int]) -> str:
+        return sse(self.envelope(cid, created, self.chunk_object, [], usage=usage))
+
+
+class ChatRender(TextRender):
+    """OpenAI's chat completion objects (a message per choice; deltas when streamed)."""
+
+    whole_object, chunk_object = "chat.completion", "chat.completion.chunk"
+    id_prefix = "chatcmpl"
+
+    def __init__(self, model_name: str, echo_prompts: list[str] | None = None) -> None:
+        super().__init__(model_name, echo_prompts)
+        self.opened: set[int] = set()  # choices whose role has been sent
+
+    def answer(self, i: int, completion: Completion) -> dict[str, Any]:
+        return {"message": {"role": "assistant", "content": completion.text}}
+
+    def delta(self, index: int, text: str) -> dict[str, Any]:
+        # Each choice's first chunk names the role, as OpenAI's streams do.
+        if index in self.opened:
+            return {"delta": {"content": text} if text else {}}
+        self.opened.add(index)
+        return {"delta": {"role": "assistant", "content": text}}

@@ -1,0 +1,266 @@
+"""The request runner between the routes and the scheduler: check a request against the
+limits, admit it (or answer 429), hand its rows to the running batch, and turn what the
+scheduler sends back into a JSON answer or a stream of server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from gptkit.errors import GptkitError
+from gptkit.inference.base import Inference
+from gptkit.inference.decoding import Completion, DecodeBatch, GenerationOptions, max_new_for
+from gptkit.serve.render import ChatRender, TextRender, finish_reason, render_chat, sse
+from gptkit.serve.scheduler import Job, Scheduler
+from gptkit.serve.schemas import ChatRequest, CompletionRequest, Limits, _error
+
+
+class CompletionService:
+    """One model behind the server: its limits, its scheduler and the requests admitted."""
+
+    def __init__(self, bundle: Inference, limits: Limits, name: str | None = None) -> None:
+        self.bundle, self.limits = bundle, limits
+        manifest = bundle.manifest or {}
+        self.model_name = name or manifest.get("spec", {}).get("name", "gptkit")
+        self.version = manifest.get("gptkit_version", "0")
+        self.scheduler = Scheduler(bundle, max_rows=max(limits.max_concurrent, limits.max_choices))
+        self.chat_template = getattr(bundle.tokenizer, "chat_template", None)
+        self.active = 0  # admitted requests, decoding or waiting
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- read-only routes
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "active": self.active,
+            "batch_rows": len(self.scheduler.batch),
+            "peak_batch_rows": self.scheduler.peak_rows,
+        }
+
+    def models(self) -> dict[str, Any]:
+        manifest = self.bundle.manifest or {}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.model_name,
+                    "object": "model",
+                    "owned_by": "gptkit",
+                    "max_seq_len": self.bundle.max_seq_len,
+                    "vocab_size": manifest.get("vocab_size", self.bundle.tokenizer.vocab_size),
+                    "precision": manifest.get("precision", "fp32"),
+                }
+            ],
+        }
+
+    # ----------------------------------------------------------------- requests
+
+    async def completions(self, req: CompletionRequest) -> Any:
+        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        problem = self.check(req.model, stops, req.max_tokens, len(prompts) * req.n, prompts)
+        if problem is not None:
+            return problem
+        if req.logprobs is not None:
+            return _error(400, "logprobs is not supported by gptkit's server", param="logprobs")
+        if req.best_of not in (None, 1):
+            return _error(400, "best_of: only 1 is supported", param="best_of")
+        if req.echo and req.stream:
+            return _error(400, "echo is supported without stream only", param="echo")
+        options = GenerationOptions(
+            max_new_tokens=req.max_tokens,
+            temperature=req.temperature,
+            top_k=req.top_k,
+            top_p=req.top_p,
+            stop=stops,
+            seed=req.seed,
+        )
+        echo = [p for p in prompts for _ in range(req.n)] if req.echo else None
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        render = TextRender(self.model_name, echo)
+        return await self.run(prompts, req.n, options, req.stream, include_usage, render)
+
+    async def chat(self, req: ChatRequest) -> Any:
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        if req.model is not None and req.model != self.model_name:
+            return self.check(req.model, [], 0, 1, ["x"])
+        if not self.chat_template:
+            return _error(
+                400,
+                f"{self.model_name!r} is a base model: its tokenizer has no chat "
+                "template; use /v1/completions with a prompt",
+                param="messages",
+                code="base_model",
+            )
+        if req.logprobs:
+            return _error(400, "logprobs is not supported by gptkit's server", param="logprobs")
+        try:
+            prompt = render_chat(self.chat_template, [m.model_dump() for m in req.messages])
+        except Exception as exc:
+            return _error(400, f"messages: the chat template failed: {exc}", param="messages")
+        problem = self.check(None, stops, max_tokens, req.n, [prompt])
+        if problem is not None:
+            return problem
+        options = GenerationOptions(
+            max_new_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            stop=stops,
+            seed=req.seed,
+        )
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        render = ChatRender(self.model_name)
+        return await self.run([prompt], req.n, options, req.stream, include_usage, render)
+
+    def check(
+        self, model: str | None, stops: list[str], max_tokens: int, choices: int, prompts: list[str]
+    ) -> JSONResponse | None:
+        """The first limit the request breaks, as an error answer, or None."""
+        limits = self.limits
+        if model is not None and model != self.model_name:
+            return _error(
+                404,
+                f"model {model!r} not found; this server serves {self.model_name!r} "
+                "(GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
+        problems = [
+            (not prompts, "prompt: give a string or a non-empty list of strings", "prompt"),
+            (
+                choices > limits.max_choices,
+                f"prompts x n = {choices}; at most {limits.max_choices} choices per request",
+                "n",
+            ),
+            (
+                max_tokens > limits.max_tokens,
+                f"max_tokens: at most {limits.max_tokens}, got {max_tokens}",
+                "max_tokens",
+            ),
+            (
+                any(len(p) > limits.max_prompt_chars for p in prompts),
+                f"prompt: at most {limits.max_prompt_chars} characters",
+                "prompt",
+            ),
+            (
+                len(stops) > 4 or any(not s or len(s) > 64 for s in stops),
+                "stop: up to 4 non-empty strings of at most 64 characters",
+                "stop",
+            ),
+        ]
+        for broken, message, param in problems:
+            if broken:
+                return _error(400, message, param=param)
+        return None
+
+    def admit(self) -> bool:
+        with self._lock:
+            if self.active >= self.limits.max_concurrent + self.limits.max_queued:
+                return False
+            self.active += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self.active -= 1
+
+    async def run(
+        self,
+        prompts: list[str],
+        n: int,
+        options: GenerationOptions,
+        stream: bool,
+        include_usage: bool,
+        render: TextRender,
+    ) -> Any:
+        """Admit, queue into the running batch, and answer (JSON or server-sent events)."""
+        bundle = self.bundle
+        try:
+            sampler = bundle.sampler_for(options)
+            max_new = max_new_for(sampler, options.max_new_tokens)
+            encoder = DecodeBatch(bundle.backend, bundle.tokenizer)
+            ids = [encoder.encode(p, i) for i, p in enumerate(prompts)]
+        except GptkitError as exc:
+            return _error(400, exc.message)
+        rows = [r for r in ids for _ in range(n)]
+        if not self.admit():
+            return _error(
+                429, "server busy; retry later", "rate_limit", headers={"Retry-After": "1"}
+            )
+        job = Job(rows, sampler, options.seed, max_new, stream, asyncio.get_running_loop())
+        self.scheduler.submit(job)
+        answer = _Answer(render, sum(len(r) for r in rows), include_usage)
+        if not stream:
+            return await self._whole(job, answer)
+        return StreamingResponse(self._events(job, answer), media_type="text/event-stream")
+
+    async def _whole(self, job: Job, answer: _Answer) -> Any:
+        try:
+            kind, *rest = await job.events.get()
+            while kind == "text":
+                kind, *rest = await job.events.get()
+        finally:
+            job.cancelled.set()
+            self.release()
+        if kind == "error":
+            return _error(500, rest[0], "server_error")
+        return answer.render.whole(answer.cid, answer.created, rest[0], answer.usage(rest[0]))
+
+    async def _events(self, job: Job, answer: _Answer) -> AsyncIterator[str]:
+        try:
+            while True:
+                # Everything already queued goes out in one write (same events, fewer sends).
+                batch = [await job.events.get()]
+                while not job.events.empty():
+                    batch.append(job.events.get_nowait())
+                text, end = answer.events(batch)
+                yield text
+                if end:
+                    return
+        finally:
+            job.cancelled.set()  # the client went away (or is done): its rows leave
+            self.release()
+
+
+class _Answer:
+    """One request's answer in the making: its id, time, renderer and token counts."""
+
+    def __init__(self, render: TextRender, prompt_tokens: int, include_usage: bool) -> None:
+        self.render, self.prompt_tokens, self.include_usage = render, prompt_tokens, include_usage
+        self.created, self.cid = int(time.time()), f"{render.id_prefix}-{uuid.uuid4().hex[:24]}"
+
+    def usage(self, out: list[Completion]) -> dict[str, int]:
+        completion_tokens = sum(len(c.tokens) for c in out)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.prompt_tokens + completion_tokens,
+        }
+
+    def events(self, batch: list[tuple[Any, ...]]) -> tuple[str, bool]:
+        """Server-sent events for what the scheduler sent, and whether the stream ends."""
+        render, cid, created = self.render, self.cid, self.created
+        out = []
+        for kind, *rest in batch:
+            if kind == "text":
+                out.append(render.chunk(cid, created, rest[0], rest[1], None))
+                continue
+            if kind == "done":
+                for i, c in enumerate(rest[0]):
+                    out.append(render.chunk(cid, created, i, "", finish_reason(c.finish_reason)))
+                if self.include_usage:
+                    out.append(render.usage_chunk(cid, created, self.usage(rest[0])))
+                out.append("data: [DONE]\n\n")
+            else:
+                out.append(sse({"error": {"message": rest[0], "type": "server_error"}}))
+            return "".join(out), True
+        return "".join(out), False
