@@ -12,6 +12,7 @@ import typer
 
 from gptkit.cli._common import JsonOpt, app, echo, require_torch
 from gptkit.errors import GptkitError
+from gptkit.store.bundle import MANIFEST
 
 
 @app.command()
@@ -55,6 +56,7 @@ def generate(
         raise GptkitError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
     from gptkit.inference.base import Inference
     from gptkit.inference.decoding import GenerationOptions
+    from gptkit.spec.validate import parse_sampler_overrides
 
     prompt = codecs_unescape(prompt)
     options = GenerationOptions.from_kwargs(
@@ -64,9 +66,9 @@ def generate(
         top_k=top_k,
         top_p=top_p,
         stop=[codecs_unescape(s) for s in (stop or [])],
-        sampler=_sampler_changes(list(overrides or [])),
+        sampler=parse_sampler_overrides(list(overrides or [])),
     )
-    if not os.path.lexists(run / "gptkit.json"):  # a bundle, even a damaged one, says why
+    if not os.path.lexists(run / MANIFEST):  # a bundle, even a damaged one, says why
         require_torch("generate")
     gen = Inference.load(run, checkpoint=checkpoint)
     prompts = [prompt] * num_samples
@@ -84,19 +86,6 @@ def generate(
         if num_samples > 1:
             echo(f"--- sample {i + 1} ({completion.finish_reason}) ---")
         echo(prompt + completion.text)
-
-
-def _sampler_changes(sets: list[str]) -> dict:
-    """``--set sampler.x=y``: generation changes only the sampler (runs and bundles alike)."""
-    from gptkit.spec.validate import parse_override
-
-    changes = {}
-    for text in sets:
-        path, value = parse_override(text)
-        if len(path) != 2 or path[0] != "sampler":
-            raise GptkitError(f"--set {text!r}: generate takes sampler.FIELD=VALUE overrides only")
-        changes[path[1]] = value
-    return changes
 
 
 def codecs_unescape(text: str) -> str:

@@ -335,4 +335,3 @@ SLOTS: dict[str, Slot] = {
         ),
     )
 }
-SLOT_BASES: dict[str, type[ComponentSpec]] = {name: s.base for name, s in SLOTS.items()}

@@ -33,6 +33,7 @@ from gptkit.export.onnx import OPSET, _os_error, cache_shape, export_onnx, graph
 from gptkit.export.parity import PARITY_RTOL, parity_check
 from gptkit.export.quantize import _quantize_bundle
 from gptkit.model import GPT
+from gptkit.registry.registry import spec_provenance
 from gptkit.store.bundle import MANIFEST, MODEL_FILE, folder_files, removable_bundle
 
 
@@ -126,7 +127,7 @@ def export_run(
             "checkpoint": loaded.checkpoint.name,
             "parity": parity,
             "quantization": quant,
-            "plugins": _plugin_provenance(spec),
+            "plugins": spec_provenance(spec),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _swap_in(tmp, out)
@@ -143,14 +144,6 @@ def export_run(
     log(f"bundle written: {out}")
     _log_to_mlflow(loaded.run_dir, out, manifest, register, log)
     return manifest
-
-
-def _plugin_provenance(spec: Any) -> dict[str, dict[str, str]]:
-    """Which package provides each non-built-in kind (the manifest's ``plugins``)."""
-    from gptkit.registry.manager import provenance
-    from gptkit.registry.registry import load_registry
-
-    return provenance(load_registry(tuple(spec.plugins)), spec)
 
 
 def _check_replaceable(out: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -15,6 +16,7 @@ from gptkit.registry.manager import (
     autoload_enabled,
     env_plugin_modules,
     plugin_manager,
+    provenance,
 )
 
 SLOTS = tuple(SLOT_TABLE)
@@ -146,3 +148,8 @@ def load_registry(modules: tuple[str, ...] | list[str] = ()) -> Registry:
 def clear_registry_cache() -> None:
     """Forget cached registries (after installing a plugin or changing ``GPTKIT_PLUGINS``)."""
     _cached_registry.cache_clear()
+
+
+def spec_provenance(spec: Any) -> dict[str, dict[str, str]]:
+    """:func:`provenance` of ``spec`` against the registry its own ``plugins:`` load."""
+    return provenance(load_registry(tuple(spec.plugins)), spec)

@@ -48,6 +48,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def parse_sampler_overrides(sets: list[str]) -> dict[str, Any]:
+    """``--set sampler.x=y``: generation changes only the sampler (runs and bundles alike)."""
+    changes = {}
+    for text in sets:
+        path, value = parse_override(text)
+        if len(path) != 2 or path[0] != "sampler":
+            raise GptkitError(f"--set {text!r}: generate takes sampler.FIELD=VALUE overrides only")
+        changes[path[1]] = value
+    return changes
+
+
 def apply_overrides(
     data: dict[str, Any], overrides: Iterable[str], registry: Registry | None = None
 ) -> dict[str, Any]:

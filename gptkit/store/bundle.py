@@ -28,11 +28,12 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from gptkit import safeio
+from gptkit.components.tokenizers import TOKENIZER_FILE
 from gptkit.errors import RunError
 
 MANIFEST = "gptkit.json"
 MODEL_FILE = "model.onnx"
-TOKENIZER_MANIFEST = "tokenizer/tokenizer.gptkit.json"
+TOKENIZER_MANIFEST = f"tokenizer/{TOKENIZER_FILE}"
 MAX_MANIFEST_BYTES = 16 << 20
 
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]

@@ -27,7 +27,7 @@ from safetensors.torch import load_model, save_model
 
 from gptkit.errors import RunError
 
-MODEL_FILE = "model.safetensors"
+WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 
@@ -87,7 +87,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        save_model(model, str(tmp / MODEL_FILE))
+        save_model(model, str(tmp / WEIGHTS_FILE))
         torch.save(state, tmp / STATE_FILE)
         (tmp / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=2))
         for f in tmp.iterdir():
@@ -146,14 +146,14 @@ def _prune(ckpt_dir: Path, keep_last: int, keep: set[str | None]) -> None:
 
 def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load weights into ``model``; return (training state, meta). Never unpickles code."""
-    for f in (MODEL_FILE, STATE_FILE, META_FILE):
+    for f in (WEIGHTS_FILE, STATE_FILE, META_FILE):
         if not (path / f).is_file():
             raise RunError(f"checkpoint {path} is incomplete: {f} is missing")
-    _check_shapes(path / MODEL_FILE, model)
+    _check_shapes(path / WEIGHTS_FILE, model)
     try:
-        missing, unexpected = load_model(model, str(path / MODEL_FILE), strict=False)
+        missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False)
     except Exception as exc:
-        raise RunError(f"checkpoint {path}: cannot read {MODEL_FILE}: {str(exc)[:300]}") from None
+        raise RunError(f"checkpoint {path}: cannot read {WEIGHTS_FILE}: {str(exc)[:300]}") from None
     if missing or unexpected:
         raise RunError(
             f"checkpoint {path} does not fit this model (missing {sorted(missing)[:3]}, "
@@ -177,7 +177,7 @@ def _check_shapes(file: Path, model: torch.nn.Module) -> None:
             shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except Exception as exc:
         raise RunError(
-            f"checkpoint {file.parent}: {MODEL_FILE} is unreadable "
+            f"checkpoint {file.parent}: {WEIGHTS_FILE} is unreadable "
             f"(truncated or not safetensors): {str(exc)[:200]}"
         ) from None
     wanted = {k: list(v.shape) for k, v in model.state_dict().items()}

@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 RUNS_ROOT = Path("runs")
 SPEC_FILE = "spec.yaml"
 RUN_FILE = "run.json"
-BUNDLE_MANIFEST = "gptkit.json"
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -385,7 +385,7 @@ class SpecTrainer:
     def _record_run(self) -> None:
         """Write what the run is (spec, tokenizer, name, command, provenance), now that the
         resume (if any) is known to work; a refused resume has changed nothing."""
-        from gptkit.training.record import plugin_provenance
+        from gptkit.registry.registry import spec_provenance
 
         run = self.rundir
         if self.resume:
@@ -411,7 +411,7 @@ class SpecTrainer:
                 status="RUNNING",
             )
         run.write_spec(self.spec)
-        provenance = plugin_provenance(self.spec)
+        provenance = spec_provenance(self.spec)
         if provenance:
             from gptkit.store.rundir import atomic_write_text
 

@@ -16,45 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gptkit.registry.registry import spec_provenance
 from gptkit.training.tracking import Tracker, flatten, resolve_uri
-
-
-def plugin_provenance(spec: Any) -> dict[str, dict[str, str]]:
-    """``{"slot.kind": {distribution, version, module}}`` for every non-built-in component."""
-    try:
-        from gptkit.registry.manager import provenance
-    except ImportError:
-        provenance = None
-    from gptkit.registry.registry import load_registry
-
-    registry = load_registry(tuple(spec.plugins))
-    if provenance is not None:
-        return provenance(registry, spec)
-    infos = {i.name: i for i in registry.pm.infos}
-    out = {}
-    for slot, component in used_components(spec):
-        reg = registry.components[slot].get(component.kind)
-        info = infos.get(reg.provider) if reg is not None else None
-        if info is None or info.origin == "builtin":
-            continue
-        origin = info.origin
-        dist = origin[origin.find("(") + 1 : origin.rfind(")")] if "(" in origin else reg.provider
-        out[f"{slot}.{component.kind}"] = {
-            "distribution": dist,
-            "version": reg.version,
-            "module": type(component).__module__,
-        }
-    return out
-
-
-def used_components(spec: Any) -> list[tuple[str, Any]]:
-    return [
-        ("tokenizer", spec.tokenizer),
-        ("attention", spec.model.attention),
-        ("positional", spec.model.positional),
-        ("sampler", spec.sampler),
-        ("optimizer", spec.train.optimizer),
-    ]
 
 
 def params_in_force(spec: Any, facts: dict[str, Any]) -> dict[str, str]:
@@ -168,7 +131,7 @@ class RunRecord:
         commit = git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
-        for key, info in plugin_provenance(trainer.spec).items():
+        for key, info in spec_provenance(trainer.spec).items():
             tags[f"gptkit.plugin.{key}"] = f"{info['distribution']} {info['version']}"
         if trainer.overrides:
             tags["gptkit.overrides"] = " ".join(trainer.overrides)
