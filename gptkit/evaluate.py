@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,4 +97,31 @@ def evaluate_text(model, tokenizer, path: str | Path, batch_size: int = 8) -> di
         "tokens": result["tokens"],
         "bytes": n_bytes,
         "bits_per_byte": result["total_nats"] / (n_bytes * math.log(2)),
+    }
+
+
+def evaluate_run(
+    run: str | Path,
+    data: str | Path | None = None,
+    checkpoint: str = "latest",
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """``gptkit eval``: a run's model scored on a text file (loss, perplexity, bits per byte),
+    or, with no file, its mean loss over the run's whole validation split (``split: "val"``,
+    ``source``, ``window``)."""
+    from gptkit.store.rundir import load_run
+
+    loaded = load_run(run, checkpoint=checkpoint)
+    if data is not None:
+        return evaluate_text(loaded.model, loaded.tokenizer, data, batch_size)
+    from gptkit.data.prepare import prepare_tokens
+
+    spec = loaded.spec
+    tokens = prepare_tokens(spec.data, spec.tokenizer).val
+    result = evaluate_tokens(loaded.model, tokens, batch_size)
+    return {
+        "split": "val",
+        **{k: v for k, v in result.items() if k != "total_nats"},
+        "source": spec.data.source,
+        "window": loaded.model.spec.max_seq_len,
     }

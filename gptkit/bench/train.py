@@ -306,3 +306,35 @@ def format_report(r: dict[str, Any]) -> str:
                     f"({d[f'{k}_decode_growth_64_to_1024']:.2f}x)"
                 )
     return "\n".join(lines)
+
+
+def bench_spec(spec: Any, *, baseline: bool = False, log=print, **options: Any) -> dict[str, Any]:
+    """``gptkit bench``: :func:`run_bench` on ``spec``, and with ``baseline`` the comparison
+    against Hugging Face ``generate`` when transformers is installed (else a note is logged)."""
+    report = run_bench(spec, baseline=baseline, log=log, **options)
+    if not baseline:
+        return report
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        log(
+            "gptkit: note: transformers is not installed; skipping the Hugging Face "
+            "generate comparison (pip install 'gptkit[dev]')"
+        )
+        return report
+    from gptkit.bench.generate import inference_baseline
+
+    report["inference_baseline"] = inference_baseline(
+        new_tokens=options.get("gen_tokens", 256), log=log
+    )
+    return report
+
+
+def format_bench(report: dict[str, Any]) -> str:
+    """The whole bench report as text: training and generation, then the comparison."""
+    text = format_report(report)
+    if "inference_baseline" in report:
+        from gptkit.bench.generate import format_inference
+
+        text += "\n" + format_inference(report["inference_baseline"])
+    return text

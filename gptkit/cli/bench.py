@@ -36,12 +36,11 @@ def bench(
 ) -> None:
     """Training tokens/s and MFU; generation tokens/s for torch, onnxruntime fp32 and int8."""
     require_torch("bench")
-    from gptkit.bench.train import format_report, run_bench
+    from gptkit.bench.train import bench_spec, format_bench
     from gptkit.spec.files import load_spec
 
-    resolved = load_spec(spec, overrides or [])
-    report = run_bench(
-        resolved,
+    report = bench_spec(
+        load_spec(spec, overrides or []),
         batch=batch,
         steps=steps,
         baseline=baseline,
@@ -51,26 +50,4 @@ def bench(
         context_growth=not no_growth,
         log=lambda m: echo(m, err=True),
     )
-    if baseline:  # generation against Hugging Face transformers (the dev extra)
-        import importlib.util
-
-        if importlib.util.find_spec("transformers") is None:
-            echo(
-                "gptkit: note: transformers is not installed; skipping the Hugging Face "
-                "generate comparison (pip install 'gptkit[dev]')",
-                err=True,
-            )
-        else:
-            from gptkit.bench.generate import inference_baseline
-
-            report["inference_baseline"] = inference_baseline(
-                new_tokens=gen_tokens, log=lambda m: echo(m, err=True)
-            )
-    if as_json:
-        echo(json.dumps(report, indent=2))
-        return
-    echo(format_report(report))
-    if "inference_baseline" in report:
-        from gptkit.bench.generate import format_inference
-
-        echo(format_inference(report["inference_baseline"]))
+    echo(json.dumps(report, indent=2) if as_json else format_bench(report))

@@ -109,35 +109,24 @@ def eval_cmd(
     """Loss, perplexity and bits per byte of a model on a text file, or its mean loss over
     the run's whole validation split."""
     require_torch("eval")
-    from gptkit.evaluate import evaluate_text, evaluate_tokens
-    from gptkit.store.rundir import load_run
+    from gptkit.evaluate import evaluate_run
 
-    loaded = load_run(run, checkpoint=checkpoint)
+    result = evaluate_run(run, data, checkpoint, batch_size)
+    if as_json:  # the split's figures without where they came from, as before
+        shown = {k: v for k, v in result.items() if k not in ("source", "window")}
+        echo(json.dumps(shown))
+        return
     if data is None:
-        from gptkit.data.prepare import prepare_tokens
-
-        spec = loaded.spec
-        tokens = prepare_tokens(spec.data, spec.tokenizer).val
-        result = evaluate_tokens(loaded.model, tokens, batch_size)
-        result = {k: v for k, v in result.items() if k != "total_nats"}
-        if as_json:
-            echo(json.dumps({"split": "val", **result}))
-            return
         echo(
-            f"validation split of {spec.data.source}: {result['tokens']:,} tokens predicted "
-            f"(every one, windows of {loaded.model.spec.max_seq_len})"
+            f"validation split of {result['source']}: {result['tokens']:,} tokens predicted "
+            f"(every one, windows of {result['window']})"
         )
-        echo(f"  loss            {result['loss']:.4f} nats/token")
-        echo(f"  perplexity      {result['perplexity']:.3f}")
-        return
-    result = evaluate_text(loaded.model, loaded.tokenizer, data, batch_size)
-    if as_json:
-        echo(json.dumps(result))
-        return
-    echo(f"{data}: {result['tokens']:,} tokens, {result['bytes']:,} bytes")
+    else:
+        echo(f"{data}: {result['tokens']:,} tokens, {result['bytes']:,} bytes")
     echo(f"  loss            {result['loss']:.4f} nats/token")
     echo(f"  perplexity      {result['perplexity']:.3f}")
-    echo(f"  bits per byte   {result['bits_per_byte']:.4f}")
+    if data is not None:
+        echo(f"  bits per byte   {result['bits_per_byte']:.4f}")
 
 
 @app.command()

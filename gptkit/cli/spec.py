@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -90,92 +90,30 @@ def validate(
     ] = False,
 ) -> None:
     """Check a spec and print the resolved model (parameters, components) without training."""
-    from gptkit.spec.files import compose_spec_file, validate_composed
+    from gptkit.registry.registry import load_registry
+    from gptkit.spec.files import compose_spec_file, explained_yaml, validate_composed
+    from gptkit.training.plan import summarize
 
     composed = compose_spec_file(spec)
     resolved = validate_composed(composed, str(spec), overrides or [])
-    from gptkit.registry.registry import load_registry
-
     registry = load_registry(tuple(resolved.plugins))
     warn_plugin_problems(registry)
     if print_spec:
-        echo(_explained_spec(composed, resolved, overrides or []))
+        echo(explained_yaml(composed, resolved, overrides or []))
         return
-    sweep = _sweep_size(resolved) if resolved.sweep or resolved.repeats > 1 else None
-    m = resolved.model
+    summary = summarize(resolved, registry)
     echo(f"{spec}: valid")
-    echo(f"  name        {resolved.name}")
-    from gptkit.components.base import SLOTS
-
-    for slot, entry in SLOTS.items():
-        component: Any = resolved
-        for key in entry.path:
-            component = getattr(component, key)
-        reg = registry.components[slot][component.kind]
-        fields = component.model_dump(exclude={"kind"}, exclude_defaults=slot == "sampler")
-        extra = " ".join(f"{k}={v}" for k, v in fields.items())
-        echo(f"  {slot:<11} {component.kind} {extra}  [{reg.provider}]".rstrip())
-    echo(
-        f"  model       {m.n_layers} layers, {m.n_heads} heads, d_model {m.d_model}, "
-        f"d_ff {m.hidden_dim}, max_seq_len {m.max_seq_len}, dropout {m.dropout}, "
-        f"{m.norm}, {m.activation}"
-    )
-    if sweep:
-        echo(f"  sweep       {sweep}")
-    vocab = m.vocab_size
-    if vocab is None:
-        vocab = _vocab_size_from_tokenizer(resolved)
-    try:
-        import torch
-
-        from gptkit.model import build_model
-    except ImportError:
+    echo(f"  name        {summary.name}")
+    for slot, kind, fields, provider in summary.components:
+        echo(f"  {slot:<11} {kind} {fields}  [{provider}]".rstrip())
+    echo(f"  model       {summary.model}")
+    if summary.sweep:
+        echo(f"  sweep       {summary.sweep}")
+    if summary.parameters is None:
         echo("  parameters  (install gptkit[train] to count them)")
         return
-    with torch.device("meta"):  # count without allocating
-        model = build_model(resolved, vocab_size=vocab)
-    total = model.num_params(non_embedding=False)
-    echo(f"  vocab_size  {vocab}")
-    echo(f"  parameters  {total / 1e6:.2f}M ({total:,})")
-
-
-def _sweep_size(resolved) -> str:
-    """``2 points x 3 seeds = 6 runs`` (and the grid's errors, before anything trains)."""
-    try:
-        from gptkit.training.sweep import sweep_plan
-    except ImportError:  # the sweep runner needs torch; the count does not
-        return "(install gptkit[train] to count the runs)"
-    plan = sweep_plan(resolved)
-    runs = sum(len(r) for _, r in plan)
-    seeds = f" x {len(plan[0][1])} seeds" if runs > len(plan) else ""
-    return f"{len(plan)} point{'s' * (len(plan) != 1)}{seeds} = {runs} runs"
-
-
-def _explained_spec(composed, resolved, sets: list[str]) -> str:
-    """The resolved spec as YAML, each field marked with where its value came from."""
-    from gptkit.spec.files import annotated_yaml
-    from gptkit.spec.models import PRESETS
-    from gptkit.spec.validate import parse_override
-
-    set_paths = [tuple(parse_override(s)[0]) for s in sets]
-    preset = resolved.model.preset
-
-    def origin_of(path: tuple[str, ...]) -> str:
-        if any(path[: len(p)] == p or p[: len(path)] == path for p in set_paths):
-            return "--set"
-        found = composed.origin(path)
-        if found is None and preset and path[:1] == ("model",) and path[-1] in PRESETS[preset]:
-            return f"preset {preset} ({composed.origin(('model', 'preset'))})"
-        return f"from {found}" if found else "default"
-
-    lines = [f"# resolved from: {' <- '.join(reversed(composed.files))}"]
-    return "\n".join([*lines, annotated_yaml(resolved.to_dict(), origin_of)])
-
-
-def _vocab_size_from_tokenizer(spec) -> int:
-    from gptkit.data.encode import fit_tokenizer
-
-    return fit_tokenizer(spec.data, spec.tokenizer).vocab_size  # on a bounded sample
+    echo(f"  vocab_size  {summary.vocab_size}")
+    echo(f"  parameters  {summary.parameters / 1e6:.2f}M ({summary.parameters:,})")
 
 
 @app.command()
@@ -205,23 +143,8 @@ def prepare(
     data = prepare_tokens(
         resolved.data, resolved.tokenizer, progress=not no_progress, workers=workers
     )
-    elapsed = time.perf_counter() - started
-    meta = data.meta
-    layout = {
-        "cache": str(data.folder),
-        "reused": data.cached,
-        "tokenizer": resolved.tokenizer.kind,
-        "vocab_size": data.tokenizer.vocab_size,
-        "eot_id": data.tokenizer.eot_id,
-        "dtype": meta["dtype"],
-        "tokens": meta["tokens"],
-        "train_tokens": len(data.train),
-        "val_tokens": len(data.val),
-        "documents": meta["documents"],
-        "source_bytes": meta["source_bytes"],
-        "seconds": round(elapsed, 3),
-        "shards": meta["shards"],
-    }
+    layout = data.layout(time.perf_counter() - started)
+    elapsed, meta = layout["seconds"], data.meta
     if as_json:
         echo(json.dumps(layout))
         return

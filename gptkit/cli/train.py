@@ -51,7 +51,12 @@ def train(
 
     sets = list(overrides or [])
     if resume:
-        resolved, run_dir = _resume_spec(spec, run_dir, sets)
+        from gptkit.training.resume import resume_spec
+
+        resumption = resume_spec(spec, run_dir, sets)
+        for note in resumption.notes:
+            echo(f"gptkit: {note}", err=True)
+        resolved, run_dir = resumption.spec, resumption.run_dir
     else:
         if spec is None:
             raise GptkitError("gptkit train needs a SPEC file (or --resume --run-dir RUN)")
@@ -87,53 +92,6 @@ def _command_line() -> str:
     import shlex
 
     return "gptkit " + shlex.join(sys.argv[1:])
-
-
-def _resume_spec(spec_file: Path | None, run_dir: Path | None, sets: list[str]):
-    """The run's own spec (what was asked), with this command's --set changes on top."""
-    from gptkit.spec.files import load_spec
-    from gptkit.store.rundir import RUNS_ROOT, RunDir
-
-    from_file = load_spec(spec_file, sets) if spec_file is not None else None
-    if run_dir is None:
-        if from_file is None:
-            raise GptkitError("--resume needs --run-dir RUN or a SPEC whose newest run to continue")
-        found = RunDir.latest(RUNS_ROOT / from_file.name)
-        if found is None:
-            raise GptkitError(
-                f"nothing to resume: no run of '{from_file.name}' under "
-                f"{RUNS_ROOT / from_file.name}",
-                "Start it without --resume.",
-            )
-        echo(f"gptkit: resuming {found.path} (newest run of '{from_file.name}')", err=True)
-        run_dir = found.path
-    run = RunDir(run_dir)
-    if not run.is_run():
-        raise GptkitError(
-            f"nothing to resume in {run_dir}: it is not a gptkit run (no spec.yaml)",
-            "Start it without --resume.",
-        )
-    resolved = run.read_spec(sets)
-    if from_file is not None:
-        _warn_spec_file_ignored(spec_file, from_file, resolved)
-    return resolved, run.path
-
-
-def _warn_spec_file_ignored(path: Path, from_file, resolved) -> None:
-    from gptkit.training.loop import spec_diff
-
-    diffs = [
-        (k, a, b)
-        for k, a, b in spec_diff(resolved.to_dict(), from_file.to_dict())
-        if k != "model.vocab_size"
-    ]
-    if diffs:
-        shown = "; ".join(f"{k}: {a!r} in the run, {b!r} in {path.name}" for k, a, b in diffs[:5])
-        echo(
-            f"gptkit: warning: the run continues its own spec; {path} differs and is not "
-            f"applied ({shown}). Pass --set FIELD=VALUE to change a field on purpose.",
-            err=True,
-        )
 
 
 def _train_sweep(raw, spec: Path, sets: list[str], resolved, run_dir, progress: bool) -> None:

@@ -141,7 +141,7 @@ def _muon_optimizer_class():
     return Muon
 
 
-def _muon_update(state: Any, group: dict) -> None:
+def _muon_update(optimizer_state: Any, group: dict) -> None:
     """Muon's step for one group: Nesterov momentum, then one orthogonalised update per
     matrix. Matrices of the same shape go through Newton-Schulz together (one batched matmul
     per iteration, not one per matrix): at small widths the per-call overhead is most of the
@@ -154,9 +154,9 @@ def _muon_update(state: Any, group: dict) -> None:
         return
     grads = [p.grad for p in params]
     for p in params:
-        if "momentum_buffer" not in state[p]:
-            state[p]["momentum_buffer"] = torch.zeros_like(p)
-    bufs = [state[p]["momentum_buffer"] for p in params]
+        if "momentum_buffer" not in optimizer_state[p]:
+            optimizer_state[p]["momentum_buffer"] = torch.zeros_like(p)
+    bufs = [optimizer_state[p]["momentum_buffer"] for p in params]
     torch._foreach_lerp_(bufs, grads, 1 - mu)
     updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
     by_shape: dict[tuple[int, ...], list[int]] = {}
@@ -178,7 +178,7 @@ def _muon_update(state: Any, group: dict) -> None:
         )
 
 
-def _adamw_update(state: Any, group: dict) -> None:
+def _adamw_update(optimizer_state: Any, group: dict) -> None:
     """AdamW over the group's tensors at once (foreach ops: many small tensors)."""
     import torch
 
@@ -189,12 +189,12 @@ def _adamw_update(state: Any, group: dict) -> None:
         return
     grads = [p.grad for p in params]
     for p in params:
-        state = state[p]
+        state = optimizer_state[p]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
-    states = [state[p] for p in params]
+    states = [optimizer_state[p] for p in params]
     torch._foreach_add_([s["step"] for s in states], 1.0)
     avgs = [s["exp_avg"] for s in states]
     sqs = [s["exp_avg_sq"] for s in states]

@@ -77,6 +77,25 @@ class TokenData:
         self.folder = folder  # the cache entry
         self.meta = meta or {}  # the cache entry's meta.json: source bytes, shards, documents
 
+    def layout(self, seconds: float) -> dict[str, Any]:
+        """What ``gptkit prepare`` reports: the cache entry, its tokens and its shards."""
+        meta = self.meta
+        return {
+            "cache": str(self.folder),
+            "reused": self.cached,
+            "tokenizer": self.tokenizer.spec.kind,
+            "vocab_size": self.tokenizer.vocab_size,
+            "eot_id": self.tokenizer.eot_id,
+            "dtype": meta["dtype"],
+            "tokens": meta["tokens"],
+            "train_tokens": len(self.train),
+            "val_tokens": len(self.val),
+            "documents": meta["documents"],
+            "source_bytes": meta["source_bytes"],
+            "seconds": round(seconds, 3),
+            "shards": meta["shards"],
+        }
+
 
 class PrepareProgress:
     """MB done, MB/s and ETA: a live bar on a terminal, a plain line every few seconds else."""

@@ -295,3 +295,23 @@ def _emit(
 def _flow(value: Any) -> str:
     text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000, sort_keys=False)
     return text.removesuffix("\n").removesuffix("\n...").strip()
+
+
+def explained_yaml(composed: ComposedSpec, resolved: Any, sets: list[str]) -> str:
+    """The resolved spec as YAML, each field marked with where its value came from."""
+    from gptkit.spec.models import PRESETS
+    from gptkit.spec.validate import parse_override
+
+    set_paths = [tuple(parse_override(s)[0]) for s in sets]
+    preset = resolved.model.preset
+
+    def origin_of(path: tuple[str, ...]) -> str:
+        if any(path[: len(p)] == p or p[: len(path)] == path for p in set_paths):
+            return "--set"
+        found = composed.origin(path)
+        if found is None and preset and path[:1] == ("model",) and path[-1] in PRESETS[preset]:
+            return f"preset {preset} ({composed.origin(('model', 'preset'))})"
+        return f"from {found}" if found else "default"
+
+    lines = [f"# resolved from: {' <- '.join(reversed(composed.files))}"]
+    return "\n".join([*lines, annotated_yaml(resolved.to_dict(), origin_of)])

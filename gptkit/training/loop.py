@@ -31,9 +31,10 @@ from gptkit.spec.models import ExperimentSpec
 from gptkit.store.checkpoint import checkpoint_name, read_pointer, resume_candidates
 from gptkit.store.checkpoint import load_checkpoint as load_checkpoint_files
 from gptkit.store.checkpoint import save_checkpoint as save_checkpoint_files
-from gptkit.store.rundir import RUNS_ROOT, RunDir
+from gptkit.store.rundir import RunDir
 from gptkit.training.distributed import Dist
 from gptkit.training.progress import Progress, one_line, progress_sample
+from gptkit.training.resume import fingerprint, spec_diff
 from gptkit.training.state import TrainState
 
 EVAL_SEED_OFFSET = 1_000_003
@@ -138,24 +139,6 @@ def evaluate(
     return float(np.mean(losses))
 
 
-def fingerprint(spec: ExperimentSpec) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: the model and the tokenizer."""
-    return {
-        "model": spec.model.model_dump(mode="json"),
-        "tokenizer": spec.tokenizer.model_dump(mode="json"),
-    }
-
-
-def spec_diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted field, old, new) for every field that differs between two spec dicts."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += spec_diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [(prefix[:-1], a, b)]
-
-
 class SpecTrainer:
     """Train an ``ExperimentSpec`` in a run directory (new, or resumed).
 
@@ -205,14 +188,9 @@ class SpecTrainer:
 
     def _choose_run_dir(self, path: Path | None) -> RunDir:
         if self.resume:
-            found = RunDir(path) if path else RunDir.latest(RUNS_ROOT / self.spec.name)
-            if found is None or not found.is_run():
-                where = f"in {path}" if path else f"under {RUNS_ROOT / self.spec.name}"
-                raise RunError(
-                    f"nothing to resume: no run of '{self.spec.name}' {where}",
-                    "Start it without --resume.",
-                )
-            return found
+            from gptkit.training.resume import run_to_resume
+
+            return run_to_resume(self.spec.name, path)
         if path is None:
             return RunDir.new(self.spec.name)
         run = RunDir(path)
