@@ -1,32 +1,36 @@
 """Contract tests, timm style: every registered attention x positional combination."""
 
+import os
+
 import pytest
 import torch
 
 from gptkit import testing
-from gptkit.testing import combinations
+from gptkit.testing import contract_cases, run_contract
+
+MODEL_PROPS = tuple(p for p in testing.PROPERTIES["attention"] if p != "onnx")
 
 
-def _builtin_combinations():
-    import os
-
+def _builtin(**narrow):
     os.environ["GPTKIT_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # collection time: before any fixture
     try:
-        return combinations()
+        return contract_cases(slots=("attention",), pairs=True, **narrow)
     finally:
         del os.environ["GPTKIT_DISABLE_PLUGIN_AUTOLOAD"]
 
 
-BUILTIN = _builtin_combinations()
+BUILTIN_CASES = _builtin(props=MODEL_PROPS)
+BUILTIN = sorted({(c.values[0].kind, c.values[0].partner) for c in BUILTIN_CASES})
 
 
 def test_every_builtin_combination_is_covered():
     assert len(BUILTIN) == 15  # 3 attention x 5 positional kinds
+    assert len(BUILTIN_CASES) == 15 * len(MODEL_PROPS)
 
 
-@pytest.mark.parametrize(("attention", "positional"), BUILTIN)
-def test_contract(attention, positional):  # every property but ONNX: about a second each
-    testing.check_all(attention, positional)
+@pytest.mark.parametrize("case", BUILTIN_CASES)
+def test_contract(case):  # every property but ONNX, on every pair
+    run_contract(case)
 
 
 @pytest.mark.parametrize(("attention", "positional"), BUILTIN)
@@ -49,22 +53,27 @@ PAIRS_NOT_IN_COMPONENT_CASES = [(a, p) for a, p in BUILTIN if a != "mha" and p !
 @pytest.mark.slow  # an ONNX export each
 @pytest.mark.parametrize(("attention", "positional"), PAIRS_NOT_IN_COMPONENT_CASES)
 def test_onnx_export_contract(attention, positional, tmp_path):
-    report = testing.check_onnx(testing.tiny_model(attention, positional), tmp_path)
+    report = testing.models.check_onnx(testing.tiny_model(attention, positional), tmp_path)
     assert report["decode_steps"] == 32
 
 
-@pytest.mark.slow  # all properties, a 64+ step cache check and/or an ONNX export each
-@pytest.mark.parametrize(
-    ("attention", "positional"),
-    # built-in positional kinds only: an installed plugin's kinds are not loaded at run time
-    combinations(("inline_attention",), ["naive"], sorted({p for _, p in BUILTIN})),
-)
-def test_contract_for_a_plugin_component(attention, positional, tmp_path):
-    onnx_dir = tmp_path if positional in ("rope", "alibi") else None  # reach into attention
-    testing.check_all(
-        {"kind": attention, "score_scale": 1.3}, positional, ["inline_attention"], onnx_dir=onnx_dir
+PLUGIN_CASES = [
+    case
+    for case in contract_cases(
+        ("inline_attention",), slots=("attention",), kinds=("naive",), pairs=True
     )
-    model = testing.tiny_model({"kind": "naive"}, positional, ["inline_attention"])
+    # built-in positional kinds only (an installed plugin's kinds are not loaded at run time);
+    # ONNX with the positional kinds that reach into attention
+    if case.values[0].partner in {p for _, p in BUILTIN}
+    and (case.values[0].prop != "onnx" or case.values[0].partner in ("rope", "alibi"))
+]
+
+
+@pytest.mark.slow  # a 64+ step cache check and/or an ONNX export each
+@pytest.mark.parametrize("case", PLUGIN_CASES)
+def test_contract_for_a_plugin_component(case, tmp_path):
+    run_contract(case, tmp_path)
+    model = testing.tiny_model({"kind": "naive"}, case.partner, ["inline_attention"])
     assert type(model.blocks[0].attn).__name__ == "NaiveAttention"
 
 
@@ -108,26 +117,28 @@ def test_tied_embeddings_share_storage_and_untied_do_not():
 def test_model_options_keep_the_contract(options):
     model = testing.tiny_model("mha", "rope", **options)
     with torch.no_grad():
-        testing.check_kv_cache(model)
-        testing.check_causal(model)
-    testing.check_gradients(model)
+        testing.models.check_kv_cache(model)
+        testing.models.check_causal(model)
+    testing.models.check_gradients(model)
 
 
 @pytest.mark.parametrize(("attention", "positional"), BUILTIN)
 def test_every_builtin_combination_uses_the_static_cache(attention, positional):
-    assert testing.check_static_cache(testing.tiny_model(attention, positional, max_seq_len=24))
+    assert testing.models.check_static_cache(
+        testing.tiny_model(attention, positional, max_seq_len=24)
+    )
 
 
 def test_a_plugin_attention_without_static_support_falls_back_and_still_decodes():
     model = testing.tiny_model({"kind": "naive"}, "rope", ["inline_attention"], max_seq_len=24)
     assert not model.static_cache  # NaiveAttention does not declare static_cache
-    assert not testing.check_static_cache(model)  # the concatenating cache, same tokens
+    assert not testing.models.check_static_cache(model)  # the concatenating cache, same tokens
 
 
 def test_a_subclass_that_only_changes_qk_keeps_the_static_cache():
     pytest.importorskip("gptkit_qknorm")
     model = testing.tiny_model({"kind": "qk_norm"}, "alibi", ["gptkit_qknorm"], max_seq_len=24)
-    assert model.static_cache and testing.check_static_cache(model)
+    assert model.static_cache and testing.models.check_static_cache(model)
 
 
 def test_a_positional_plugin_with_only_score_bias_falls_back():

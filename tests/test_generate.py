@@ -61,7 +61,7 @@ def test_batch_of_uneven_prompts_equals_one_at_a_time(attention, positional):
 @pytest.mark.parametrize(("attention", "positional"), BUILTIN)
 def test_rows_joining_a_running_batch_get_their_tokens_alone(attention, positional, static):
     model = testing.tiny_model(attention, positional, max_seq_len=128)
-    testing.check_joining(TorchBackend(model, static=static))
+    testing.models.check_joining(TorchBackend(model, static=static))
 
 
 @pytest.mark.slow  # an ONNX export each
@@ -74,7 +74,7 @@ def test_rows_joining_under_onnxruntime_get_their_tokens_alone(static, tmp_path)
     export_onnx(model, tmp_path / "model.onnx", static=static)
     onnx = OnnxModel(tmp_path / "model.onnx")
     assert onnx.static is static
-    testing.check_joining(OnnxBackend(onnx, model.spec.max_seq_len))
+    testing.models.check_joining(OnnxBackend(onnx, model.spec.max_seq_len))
 
 
 def test_context_full_policy_crops_and_continues():
@@ -303,7 +303,7 @@ def test_cli_generate_bad_arguments(smoke_run, args, needle):
 
 @pytest.mark.parametrize("kind", ["temperature", "top_k", "top_p", "min_p", "typical", "greedy"])
 def test_builtin_samplers_pass_the_plugin_sampler_contract(kind):
-    testing.check_sampler(sampler(kind))
+    testing.samplers.check_sampler(sampler(kind))
 
 
 # ----------------------------------------------------------------------- one generation object

@@ -16,6 +16,7 @@ from gptkit.components.base import SLOTS
 from gptkit.errors import SpecError
 from gptkit.registry import hookspecs
 from gptkit.registry.manager import check_hooks_in_sync
+from gptkit.registry.registry import load_registry
 from gptkit.spec.validate import validate_spec
 from gptkit.testing import Case, contract_cases, run_contract
 
@@ -60,25 +61,25 @@ def test_broken_components_are_caught(slot, kind, prop, needle, tmp_path):
 
 
 def test_the_cache_that_forgets_after_20_tokens_passed_the_old_16_token_check():
-    model = testing.contract_model(
+    model = testing.models.contract_model(
         Case("attention", "forgetful", "kv_cache", ("broken_components",)),
-        testing.load_registry(("broken_components",)).get("attention", "forgetful").example(),
+        load_registry(("broken_components",)).get("attention", "forgetful").example(),
     )
     import torch
 
     with torch.no_grad():
-        testing.check_kv_cache(model, prefill=7, decode=9)  # what gptkit used to check
+        testing.models.check_kv_cache(model, prefill=7, decode=9)  # what gptkit used to check
         with pytest.raises(AssertionError):
-            testing.check_kv_cache(model)  # 64 steps
+            testing.models.check_kv_cache(model)  # 64 steps
 
 
 def test_a_global_rng_sampler_is_caught_every_time():
-    registry = testing.load_registry(("broken_components",))
+    registry = load_registry(("broken_components",))
     sampler = registry.get("sampler", "global_rng").example()
     for seed in range(20):
         np.random.seed(seed)
         with pytest.raises(AssertionError):
-            testing.sampler_seeded(sampler)
+            testing.samplers.sampler_seeded(sampler)
 
 
 def test_a_stateful_sampler_gets_fresh_state_per_row_from_the_decoding_loop():

@@ -1,7 +1,7 @@
 import numpy as np
 
 from gptkit.registry.registry import load_registry
-from gptkit.testing import check_sampler
+from gptkit.testing.samplers import check_sampler
 
 
 def eta(**fields):

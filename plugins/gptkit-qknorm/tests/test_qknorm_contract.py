@@ -1,20 +1,21 @@
 import pytest
 import torch
 
-from gptkit.testing import check_all, combinations, tiny_model
+from gptkit.testing import contract_cases, run_contract, tiny_model
+
+# Every property with every positional kind; an ONNX export (gptkit's slow lane) only with the
+# positional kinds that reach into attention (rotation of the normalised queries and keys, a
+# score bias).
+CASES = [
+    case
+    for case in contract_cases(kinds=("qk_norm",), slots=("attention",), pairs=True)
+    if case.values[0].prop != "onnx" or case.values[0].partner in ("rope", "alibi")
+]
 
 
-@pytest.mark.parametrize(("attention", "positional"), combinations(attention=["qk_norm"]))
-def test_gptkit_contract(attention, positional):
-    check_all(attention, positional)
-
-
-# An ONNX export takes seconds: with the positional kinds that reach into attention (rotation
-# of the normalised queries and keys, a score bias), in gptkit's slow lane.
-@pytest.mark.slow
-@pytest.mark.parametrize("positional", ["rope", "alibi"])
-def test_gptkit_contract_onnx(positional, tmp_path):
-    check_all("qk_norm", positional, onnx_dir=tmp_path)
+@pytest.mark.parametrize("case", CASES)
+def test_gptkit_contract(case, tmp_path):
+    run_contract(case, tmp_path)
 
 
 def test_queries_and_keys_are_unit_rms_before_positions():

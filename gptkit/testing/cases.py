@@ -1,0 +1,130 @@
+"""The contract: one case per property per component, for every slot, and the one function
+that runs a case. See the package docstring for how a plugin's tests use them."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from gptkit.registry.registry import load_registry
+from gptkit.testing.models import PARTNERS, run_model_case
+from gptkit.testing.optimizers import run_optimizer_case
+from gptkit.testing.samplers import run_sampler_case
+from gptkit.testing.tokenizers import run_tokenizer_case
+
+MODEL_PROPERTIES = (
+    "shapes",
+    "causal",
+    "kv_cache",
+    "static_cache",
+    "joining",
+    "padding",
+    "gradients",
+    "determinism",
+    "onnx",
+)
+PROPERTIES: dict[str, tuple[str, ...]] = {
+    "attention": MODEL_PROPERTIES,
+    "positional": MODEL_PROPERTIES,
+    "tokenizer": ("torch_free", "roundtrip", "save_load"),
+    "sampler": ("torch_free", "distribution", "seeded", "state"),
+    "optimizer": ("descends", "zero_lr", "follows_lr", "state_weights_only"),
+}
+
+
+class Case(NamedTuple):
+    """One contract test: a property of one component (for attention and positional, on a
+    model whose other slot holds ``partner``)."""
+
+    slot: str
+    kind: str
+    prop: str
+    plugins: tuple[str, ...] = ()
+    partner: str | None = None
+
+    def __str__(self) -> str:
+        default = PARTNERS.get(self.slot, ("", None))[1]
+        kind = self.kind if self.partner in (None, default) else f"{self.kind}+{self.partner}"
+        return f"{self.slot}-{kind}-{self.prop}"
+
+
+def contract_cases(
+    plugins: tuple[str, ...] | list[str] = (),
+    *,
+    provider: str | None = None,
+    slots: tuple[str, ...] | None = None,
+    kinds: tuple[str, ...] | None = None,
+    props: tuple[str, ...] | None = None,
+    pairs: bool = False,
+) -> list[Any]:
+    """``pytest.param`` cases, one per (component, property), for :func:`run_contract`.
+
+    ``plugins``: modules to load besides the installed ones; ``provider``: only components
+    from this plugin (its entry-point name, module or distribution); ``slots`` / ``kinds`` /
+    ``props``: narrow further; ``pairs``: run attention and positional components with
+    every kind of the other slot (ids such as ``attention-gqa+alibi-kv_cache``), not only
+    with the default partner.
+    """
+    import pytest
+
+    registry = load_registry(tuple(plugins))
+    cases = []
+    for slot in slots or PROPERTIES:
+        for kind, reg in sorted(registry.components[slot].items()):
+            if kinds is not None and kind not in kinds:
+                continue
+            if provider is not None and provider not in _provider_names(registry, reg):
+                continue
+            for partner in _partners(registry, slot, pairs):
+                for prop in PROPERTIES[slot]:
+                    if props is not None and prop not in props:
+                        continue
+                    case = Case(slot, kind, prop, tuple(plugins), partner)
+                    # ONNX export takes tens of seconds on a CPU: outside the fast lane.
+                    marks = [pytest.mark.slow] if prop == "onnx" else []
+                    cases.append(pytest.param(case, id=str(case), marks=marks))
+    return cases
+
+
+def _provider_names(registry: Any, reg: Any) -> set[str]:
+    info = registry.pm.info(reg.provider)
+    names = {reg.provider, reg.cls.__module__.split(".")[0]}
+    if info is not None:
+        names |= {info.module, info.distribution or ""}
+    return names
+
+
+def _partners(registry: Any, slot: str, pairs: bool) -> list[str | None]:
+    if slot not in PARTNERS:
+        return [None]
+    other, default = PARTNERS[slot]
+    return sorted(registry.kinds(other)) if pairs else [default]
+
+
+def run_contract(case: Case, tmp_path: Any = None) -> None:
+    """Run one contract case (``tmp_path``: a scratch folder, for ONNX and save/load). A
+    component whose example cannot be built is skipped, naming what to add."""
+    registry = load_registry(case.plugins)
+    cls = registry.get(case.slot, case.kind)
+    if case.slot in PARTNERS and case.partner is None:
+        case = case._replace(partner=PARTNERS[case.slot][1])
+    try:
+        example = cls.example()
+    except Exception as exc:
+        import pytest
+
+        pytest.skip(
+            f"{case.slot} '{case.kind}' has no example values to build it from ({exc}); "
+            "give its required fields examples=[...]"
+        )
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(tmp_path) if tmp_path is not None else Path(scratch)
+        if case.slot in ("attention", "positional"):
+            run_model_case(case, example, folder)
+        elif case.slot == "tokenizer":
+            run_tokenizer_case(case, example, registry, folder)
+        elif case.slot == "sampler":
+            run_sampler_case(case, example, registry, folder)
+        else:
+            run_optimizer_case(case, example, registry, folder)

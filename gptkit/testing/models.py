@@ -1,0 +1,308 @@
+"""The properties every attention and positional component must have, on a tiny GPT:
+shapes, causality, the KV cache (concatenating and static) equal to the full forward,
+continuous batching (rows joining a running batch), padding, gradients, determinism, and
+ONNX export with parity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptkit.model import GPT
+from gptkit.registry.registry import load_registry
+from gptkit.spec.validate import validate_spec
+
+VOCAB = 23
+# The part each model component is paired with by default: rope exercises rotate(), mha the
+# plain path. ``contract_cases(pairs=True)`` pairs it with every kind of the other slot.
+PARTNERS = {"attention": ("positional", "rope"), "positional": ("attention", "mha")}
+
+
+def tiny_model(
+    attention: Any = "mha",
+    positional: Any = "learned",
+    plugins: list[str] | tuple[str, ...] = (),
+    seed: int = 0,
+    **model_fields: Any,
+) -> GPT:
+    """A GPT of a few thousand parameters, in fp32 and eval mode, with the given parts."""
+    if isinstance(attention, str):
+        attention = {"kind": attention}
+    # The component's own example values (small enough that a window or key/value groups
+    # actually matter at T = 16), then what the caller set.
+    example = load_registry(tuple(plugins)).get("attention", attention["kind"]).example()
+    attention = {**example.model_dump(), **attention}
+    model = {
+        "d_model": 32,
+        "n_heads": 4,
+        "n_layers": 2,
+        "d_ff": 64,
+        "max_seq_len": 96,
+        "vocab_size": VOCAB,
+        "attention": attention,
+        "positional": positional,
+        **model_fields,
+    }
+    spec = validate_spec({"name": "contract", "model": model, "plugins": list(plugins)})
+    torch.manual_seed(seed)
+    return GPT(spec.model).eval()
+
+
+def _tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, length), generator=g)
+
+
+def check_shapes(model: GPT) -> None:
+    """Logits are (B, T, V); the cache holds (B, H_kv, T, hd) per layer; loss is a scalar."""
+    idx = _tokens(3, 11)
+    out = model(idx)
+    assert out.logits.shape == (3, 11, model.spec.vocab_size), out.logits.shape
+    assert len(out.past_key_values) == model.spec.n_layers
+    k, v = out.past_key_values[0]
+    assert k.shape[0] == 3 and k.shape[2] == 11 and k.shape == v.shape, k.shape
+    loss = model(idx, idx).loss
+    assert loss is not None and loss.dim() == 0 and torch.isfinite(loss)
+
+
+def check_causal(model: GPT, length: int = 16) -> None:
+    """Changing token t+1 leaves the outputs at positions <= t unchanged."""
+    idx = _tokens(2, length)
+    base = model(idx).logits
+    for t in (0, length // 2, length - 2):
+        changed = idx.clone()
+        changed[:, t + 1] = (changed[:, t + 1] + 1) % VOCAB
+        out = model(changed).logits
+        torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-6)
+        assert not torch.allclose(out[:, t + 1 :], base[:, t + 1 :]), "later outputs ignore input"
+
+
+def check_kv_cache(model: GPT, prefill: int = 8, decode: int = 64, atol: float = 1e-5) -> None:
+    """A prefill then token-by-token decode through the cache equals the full forward (64
+    steps by default, so a cache that loses early entries after a while is caught)."""
+    idx = _tokens(2, prefill + decode)
+    full = model(idx).logits
+    out = model(idx[:, :prefill])
+    pieces, past = [out.logits], out.past_key_values
+    for t in range(prefill, prefill + decode):
+        out = model(idx[:, t : t + 1], past_key_values=past)
+        pieces.append(out.logits)
+        past = out.past_key_values
+    cached = torch.cat(pieces, dim=1)
+    torch.testing.assert_close(cached, full, rtol=0, atol=atol)
+    assert past[0][0].shape[2] == prefill + decode
+
+
+def check_static_cache(model: GPT, new_tokens: int = 40) -> bool:
+    """Decoding with the static (preallocated) KV cache gives the same tokens as the
+    concatenating cache: greedy, a left-padded batch of uneven prompts, and past
+    ``max_seq_len`` (context refill). Returns whether the model uses the static cache (a
+    component that cannot take one falls back to the concatenating cache, as declared)."""
+    from gptkit.inference.torch import TorchBackend
+
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [12]]
+    limit = model.spec.max_seq_len
+    steps = max(new_tokens, limit + 8)  # long enough to pass the context limit
+    static, concat = TorchBackend(model, static=True), TorchBackend(model, static=False)
+    a = _greedy_ids(static, prompts, steps)
+    b = _greedy_ids(concat, prompts, steps)
+    assert a == b, "static-cache decoding differs from the concatenating cache"
+    return static.static
+
+
+def _greedy_ids(
+    backend, prompts: list[list[int]], steps: int, join_at: list[int] | None = None
+) -> list[list[int]]:
+    """Greedy continuations of token-id prompts through the shared decoding loop; row i
+    joins the running batch before step ``join_at[i]`` (all at step 0 by default)."""
+    import numpy as np
+
+    from gptkit.inference.decoding import DecodeBatch
+
+    class _Ids:  # a tokenizer over ids, so the check needs no fitted text tokenizer
+        eot_id, pad_id = 0, 0
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    class _Greedy:
+        """Greedy, but never one of the row's last 8 tokens: a tiny random model mostly
+        repeats its last token, and a check whose tokens never change would prove nothing."""
+
+        repetition_penalty, stop, stop_at_eot = 1.5, [], False  # != 1: the context is passed
+
+        def new_state(self):
+            return None
+
+        def sample(self, logits, rng, previous=None):
+            logits = logits.copy()
+            for row, seen in enumerate(previous[:, -8:]):
+                logits[row, seen] = -np.inf
+            return logits.argmax(-1)
+
+    batch = DecodeBatch(backend, _Ids())
+    join_at = join_at or [0] * len(prompts)
+    rows: dict[int, Any] = {}
+    step = 0
+    while len(batch) or len(rows) < len(prompts):
+        for i, p in enumerate(prompts):
+            if join_at[i] == step:
+                rows[i] = batch.add(list(p), _Greedy(), np.random.default_rng(0), steps)
+        batch.step()
+        step += 1
+    return [rows[i].stream.tokens for i in range(len(prompts))]
+
+
+def check_joining(backend, new_tokens: int = 24) -> None:
+    """Rows that join a running batch (prefilled on their own, their cache joined to the
+    batch's) get the same greedy tokens as each row decoded alone: joiners with shorter and
+    longer prompts than the running rows, and one joining as another leaves."""
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15, 16, 17]]
+    join_at = [0, 2, 5, 5]
+    together = _greedy_ids(backend, prompts, new_tokens, join_at)
+    for prompt, got in zip(prompts, together):
+        alone = _greedy_ids(backend, [prompt], new_tokens)[0]
+        assert got == alone, f"prompt {prompt}: joined {got} != alone {alone}"
+
+
+def check_padding(model: GPT) -> None:
+    """A left-padded row in a batch gives the same logits as the row alone."""
+    long, short = _tokens(1, 12, seed=2), _tokens(1, 7, seed=3)
+    pad = torch.zeros(1, 5, dtype=torch.long)
+    idx = torch.cat([long, torch.cat([pad, short], dim=1)], dim=0)  # (2, 12)
+    key_mask = torch.ones(2, 12, dtype=torch.bool)
+    key_mask[1, :5] = False
+    positions = torch.cat([torch.arange(12)[None], (torch.arange(12) - 5).clamp(min=0)[None]])
+    batched = model(idx, positions=positions, key_mask=key_mask).logits
+    torch.testing.assert_close(batched[1, 5:], model(short).logits[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(batched[0], model(long).logits[0], rtol=0, atol=1e-5)
+
+
+def check_gradients(model: GPT) -> None:
+    """A backward pass reaches every parameter with a finite, non-zero gradient."""
+    model.train()
+    try:
+        idx = _tokens(2, 16)
+        model.zero_grad()
+        model(idx, idx).loss.backward()
+        for name, p in model.named_parameters():
+            assert p.grad is not None, f"no gradient reaches {name}"
+            assert torch.isfinite(p.grad).all(), f"non-finite gradient in {name}"
+            assert p.grad.abs().sum() > 0, f"zero gradient in {name}"
+    finally:
+        model.zero_grad()
+        model.eval()
+
+
+def check_onnx(model: GPT, folder) -> dict:
+    """Export to ONNX: symbolic batch/sequence/past dimensions, onnx.checker, and parity with
+    torch (logits within 1e-4 on a prefill and 32 cached decode steps, same greedy tokens)."""
+    from pathlib import Path
+
+    import onnx
+
+    from gptkit.export.onnx import export_onnx, io_names
+    from gptkit.export.parity import parity_check
+
+    path = Path(folder) / "model.onnx"
+    export_onnx(model, path)
+    proto = onnx.load(str(path), load_external_data=False)
+    inputs, outputs = io_names(model.spec.n_layers, model.static_cache)
+    assert [i.name for i in proto.graph.input] == inputs
+    assert [o.name for o in proto.graph.output] == outputs
+    dims = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+        for i in [*proto.graph.input, *proto.graph.output]
+    }
+    if model.static_cache:
+        # The graph hands back only the new tokens' keys and values, and never joins the
+        # cache to anything: it is read in place.
+        assert dims["present.0.key"][2] == dims["input_ids"][1], dims["present.0.key"]
+        past = {n for n in inputs if n.startswith("past_key_values.")}
+        for node in proto.graph.node:
+            assert not (node.op_type == "Concat" and past & set(node.input)), node.name
+        from gptkit.inference.onnx import OnnxBackend, OnnxModel
+        from gptkit.inference.torch import TorchBackend
+
+        prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [12]]
+        steps = model.spec.max_seq_len + 8
+        ort = _greedy_ids(OnnxBackend(OnnxModel(path), model.spec.max_seq_len), prompts, steps)
+        assert ort == _greedy_ids(TorchBackend(model, static=False), prompts, steps), (
+            "onnxruntime static-cache decoding differs from torch"
+        )
+    for name in ("input_ids", "position_ids", "attention_mask"):
+        assert all(isinstance(d, str) for d in dims[name]), f"{name} has fixed dims {dims[name]}"
+    past = dims["past_key_values.0.key"]
+    assert isinstance(past[0], str) and isinstance(past[2], str), f"past dims fixed: {past}"
+    report = parity_check(model, path)
+    assert report["passed"], report
+    return report
+
+
+# The model the attention / positional / optimizer cases build; sizes the components' example
+# values can override. max_seq_len grows to fit the cache check past any window.
+CONTRACT_MODEL = {
+    "d_model": 32,
+    "n_heads": 4,
+    "n_layers": 2,
+    "d_ff": 64,
+    "max_seq_len": 96,
+    "vocab_size": VOCAB,
+}
+
+
+CACHE_PREFILL, CACHE_MIN_STEPS = 8, 64
+
+
+def run_model_case(case: Any, example: Any, folder: Path) -> None:
+    """One property of an attention or positional component, on its contract model."""
+    if case.prop == "determinism":
+        a, b = contract_model(case, example, seed=7), contract_model(case, example, seed=7)
+        c = contract_model(case, example, seed=8)
+        idx = _tokens(2, 10)
+        with torch.no_grad():
+            assert torch.equal(a(idx).logits, b(idx).logits), "same seed, different outputs"
+            assert not torch.equal(a(idx).logits, c(idx).logits), (
+                "another seed gave the same outputs: the weights ignore the seed"
+            )
+        return
+    model = contract_model(case, example)
+    if case.prop == "gradients":
+        check_gradients(model)
+    elif case.prop == "onnx":
+        check_onnx(model, folder)
+    elif case.prop == "joining":
+        from gptkit.inference.torch import TorchBackend
+
+        check_joining(TorchBackend(model))
+    else:
+        check = {
+            "shapes": check_shapes,
+            "causal": check_causal,
+            "padding": check_padding,
+            "static_cache": check_static_cache,
+            "kv_cache": lambda m: check_kv_cache(m, CACHE_PREFILL, cache_steps(example)),
+        }[case.prop]
+        with torch.no_grad():
+            check(model)
+
+
+def cache_steps(example: Any) -> int:
+    """Decode steps for the cache check: at least 64, and well past any window."""
+    window = getattr(example, "window", 0) or 0
+    return max(CACHE_MIN_STEPS, 2 * int(window) + 8)
+
+
+def contract_model(case: Any, example: Any, seed: int = 0) -> GPT:
+    """The tiny GPT a model-component case runs on (fp32, eval mode): the component with its
+    example values, paired with ``case.partner`` in the other model slot."""
+    model: dict[str, Any] = dict(CONTRACT_MODEL)
+    model["max_seq_len"] = max(model["max_seq_len"], CACHE_PREFILL + cache_steps(example) + 1)
+    other, default = PARTNERS[case.slot]
+    model[case.slot] = example.model_dump()
+    model[other] = case.partner or default
+    spec = validate_spec({"name": "contract", "model": model, "plugins": list(case.plugins)})
+    torch.manual_seed(seed)
+    return GPT(spec.model).eval()

@@ -1,0 +1,83 @@
+"""The properties every tokenizer must have: torch-free, decode(encode(x)) == x on text it was
+fitted on, and the same ids after save and load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def check_torch_free(module: str) -> None:
+    """Import ``module`` in a fresh interpreter where torch cannot be imported."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class _NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ImportError('torch is blocked: this module must be torch-free')\n"
+        "sys.meta_path.insert(0, _NoTorch())\n"
+        f"import {module}\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, (
+        f"module {module} must import without torch (bundles load it without torch); import "
+        f"torch inside build() instead:\n{result.stderr.strip()[-2000:]}"
+    )
+
+
+def modules_of(registry: Any, case: Any) -> list[str]:
+    reg = registry.components[case.slot][case.kind]
+    info = registry.pm.info(reg.provider)
+    return sorted({reg.cls.__module__, *([info.module] if info and info.module else [])})
+
+
+def sample_text() -> str:
+    """About 20,000 characters of Tiny Shakespeare, the text tokenizers are fitted on."""
+    import gzip
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "corpora" / "tinyshakespeare.txt.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return f.read(20_000)
+
+
+def run_tokenizer_case(case: Any, example: Any, registry: Any, folder: Path) -> None:
+    if case.prop == "torch_free":
+        for module in modules_of(registry, case):
+            check_torch_free(module)
+        return
+    text = sample_text()
+    tok = example.build()
+    tok.fit(text)
+    assert isinstance(tok.vocab_size, int) and tok.vocab_size > 0, "vocab_size must be set"
+    assert 0 <= tok.eot_id < tok.vocab_size, f"eot_id {tok.eot_id} outside the vocabulary"
+    # Whole lines of the fitted text: covered by any vocabulary fitted on it (a slice cut
+    # mid-word could hold a word the fitted vocabulary never saw).
+    lines = text.splitlines(keepends=True)[:-1]
+    pieces = ["".join(lines[:40]), "".join(lines[200:230]), "".join(lines[-20:]), lines[3]]
+    if case.prop == "roundtrip":
+        for piece in pieces:
+            ids = tok.encode(piece)
+            assert all(0 <= i < tok.vocab_size for i in ids), "encode gave ids outside the vocab"
+            back = tok.decode(ids)
+            assert back == piece, (
+                f"decode(encode(x)) != x for text the tokenizer was fitted "
+                f"on: {piece[:60]!r} came back as {back[:60]!r}"
+            )
+    elif case.prop == "save_load":
+        from gptkit.components.tokenizers import load_tokenizer
+
+        tok.save(folder / "tokenizer")
+        again = load_tokenizer(folder / "tokenizer", registry)
+        assert again.vocab_size == tok.vocab_size and again.eot_id == tok.eot_id
+        for piece in pieces:
+            assert again.encode(piece) == tok.encode(piece), (
+                "a reloaded tokenizer encodes differently"
+            )
