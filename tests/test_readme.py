@@ -41,7 +41,14 @@ def test_readme_python_blocks_run_as_written(smoke_run, tmp_path, monkeypatch, c
     assert (tmp_path / "checkpoints" / "quickstart" / "checkpoints" / "latest").exists()
     batch = [line for line in out.splitlines() if re.fullmatch(r"\[['\"].*['\"]\]", line)]
     assert batch and len(eval(batch[0])) == 2  # noqa: S307 - the repr of the two continuations
-    # The plugin author's test, defined by the README, passes for one combination.
-    test = next(ns["test_my_attention"] for ns in namespaces if "test_my_attention" in ns)
-    test("mqa", "rope", tmp_path / "onnx")
+    # The plugin author's test, defined by the README, passes every property for one pair
+    # (ONNX export included).
+    ns = next(ns for ns in namespaces if "test_my_attention" in ns)
+    cases = [c for c in ns["contract_cases"](["my_attention"], kinds=("mqa",), pairs=True)]
+    rope = [c.values[0] for c in cases if c.values[0].partner == "rope"]
+    assert {c.prop for c in rope} == set(
+        ns["contract_cases"].__globals__["PROPERTIES"]["attention"]
+    )
+    for i, case in enumerate(rope):
+        ns["test_my_attention"](case, tmp_path / f"case-{i}")
     sys.modules.pop("my_attention", None)
