@@ -25,7 +25,7 @@ def evaluate_tokens(
 ) -> dict[str, float]:
     """Mean next-token loss over *every* token of ``tokens`` (e.g. ``TokenData.val``).
 
-    ``tokens`` is any 1-D array-like (a memory-mapped :class:`~gptkit.data.TokenArray`, an
+    ``tokens`` is any 1-D array-like (a memory-mapped :class:`~gptkit.data.shards.TokenArray`, an
     ndarray). It is cut into consecutive, non-overlapping windows of ``block`` tokens (default:
     the model's ``max_seq_len``); window ``i`` predicts ids ``i*block+1 .. (i+1)*block`` from
     the ids before them in the window, so every id but the first is predicted exactly once. The

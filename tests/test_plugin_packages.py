@@ -86,7 +86,7 @@ def test_a_run_without_its_plugin_names_the_package_to_install(tmp_path, monkeyp
     from gptkit.registry.manager import provenance
     from gptkit.registry.registry import clear_registry_cache
     from gptkit.spec.files import load_spec
-    from gptkit.training import RunDir
+    from gptkit.store.rundir import RunDir
 
     monkeypatch.delenv("GPTKIT_DISABLE_PLUGIN_AUTOLOAD")
     spec = load_spec(ROOT / "experiments" / "labkit_demo.yaml")

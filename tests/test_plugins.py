@@ -147,7 +147,7 @@ def _fake_run(tmp_path, plugins):
 
 def test_a_run_naming_a_module_under_plugins_does_not_get_it_imported(tmp_path, capsys):
     from gptkit.errors import PluginError
-    from gptkit.training import RunDir
+    from gptkit.store.rundir import RunDir
 
     with pytest.raises(PluginError) as info:
         RunDir(_fake_run(tmp_path, ["this"])).read_spec()
@@ -158,7 +158,7 @@ def test_a_run_naming_a_module_under_plugins_does_not_get_it_imported(tmp_path, 
 
 
 def test_a_run_may_load_a_module_the_user_allowed(tmp_path, monkeypatch):
-    from gptkit.training import RunDir
+    from gptkit.store.rundir import RunDir
 
     monkeypatch.setenv("GPTKIT_PLUGINS", "inline_attention")
     spec = RunDir(_fake_run(tmp_path, ["inline_attention"])).read_spec()

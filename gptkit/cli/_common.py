@@ -78,7 +78,7 @@ def warn_plugin_problems(registry) -> None:
         echo(f"gptkit: warning: {problem}", err=True)
 
 
-def _print_table(grid: list[list[str]]) -> None:
+def print_table(grid: list[list[str]]) -> None:
     from rich.console import Console
     from rich.table import Table
 

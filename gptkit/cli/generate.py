@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -12,7 +11,6 @@ import typer
 
 from gptkit.cli._common import JsonOpt, app, echo, require_torch
 from gptkit.errors import GptkitError
-from gptkit.store.bundle import MANIFEST
 
 
 @app.command()
@@ -68,7 +66,9 @@ def generate(
         stop=[codecs_unescape(s) for s in (stop or [])],
         sampler=parse_sampler_overrides(list(overrides or [])),
     )
-    if not os.path.lexists(run / MANIFEST):  # a bundle, even a damaged one, says why
+    from gptkit.store.bundle import is_bundle
+
+    if not is_bundle(run):  # a bundle, even a damaged one, says why
         require_torch("generate")
     gen = Inference.load(run, checkpoint=checkpoint)
     prompts = [prompt] * num_samples

@@ -143,8 +143,8 @@ def prepare(
     data = prepare_tokens(
         resolved.data, resolved.tokenizer, progress=not no_progress, workers=workers
     )
-    layout = data.layout(time.perf_counter() - started)
-    elapsed, meta = layout["seconds"], data.meta
+    elapsed = time.perf_counter() - started
+    layout, meta = data.layout(elapsed), data.meta
     if as_json:
         echo(json.dumps(layout))
         return

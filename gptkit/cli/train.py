@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from gptkit.cli._common import STARTED, JsonOpt, SetOpt, _print_table, app, echo, require_torch
+from gptkit.cli._common import STARTED, JsonOpt, SetOpt, app, echo, print_table, require_torch
 from gptkit.errors import GptkitError
 
 
@@ -149,7 +149,7 @@ def runs_cmd(
     if not rows:
         echo(f"no runs under {RUNS_ROOT}/ yet. Train one: gptkit train SPEC")
         return
-    _print_table(format_rows(rows))
+    print_table(format_rows(rows))
 
 
 @app.command("compare")
@@ -187,6 +187,6 @@ def compare_cmd(
     if as_json:
         echo(json.dumps(result.to_json(), indent=2))
         return
-    _print_table(result.grid)
+    print_table(result.grid)
     echo(result.verdict["text"])
     echo(f"validation curves: {result.plot}")

@@ -4,7 +4,6 @@ bundle on onnxruntime). Options have one meaning everywhere (``GenerationOptions
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,10 +64,10 @@ class Inference:
         """Open a run directory (torch, imported now) or an export bundle (onnxruntime): the
         backend is picked from what the folder holds. ``gptkit.load`` is this function;
         ``checkpoint`` and ``device`` are for runs, ``threads`` for bundles."""
-        from gptkit.store.bundle import MANIFEST
+        from gptkit.store.bundle import is_bundle
 
         path = Path(path)
-        if os.path.lexists(path / MANIFEST):  # a bundle, even a damaged one, says why
+        if is_bundle(path):  # a bundle, even a damaged one, says why
             from gptkit.inference.onnx import open_bundle
 
             return cls(**open_bundle(path, threads=threads))

@@ -92,9 +92,9 @@ class StaticCache:
         self.buffers, self.bound = grown, None
 
     def write(self, new: list[Any]) -> None:
-        """Put the new tokens' keys and values (one array per buffer) in the next slots."""
+        """Put the new tokens' keys and values (one array per buffer) in the next slots (the
+        caller reserves room first: a write past the capacity is an error)."""
         L, T = self.length, new[0].shape[2]
-        self.reserve(L + T)
         for buf, x in zip(self.buffers, new):
             buf[:, :, L : L + T] = x
         self.length = L + T
@@ -113,14 +113,17 @@ class StaticCache:
         return StaticCache(buffers, width)
 
 
+def _is_pair(layer: Any) -> bool:
+    """A layer's (keys, values), as a torch model returns them, rather than one array."""
+    return not hasattr(layer, "shape")
+
+
 def keep_rows(past: Any, rows: list[int]) -> Any:
     """The cache of the given rows only, for either kind of cache."""
     if isinstance(past, StaticCache):
         return past.keep_rows(rows)
     return [
-        tuple(_take_rows(x, rows) for x in layer)
-        if isinstance(layer, tuple)
-        else _take_rows(layer, rows)
+        tuple(_take_rows(x, rows) for x in layer) if _is_pair(layer) else _take_rows(layer, rows)
         for layer in past
     ]
 
@@ -136,7 +139,7 @@ def join_rows(past: Any, new: Any, shift: int, shift_new: int, width: int) -> An
 
     return [
         tuple(stack(a, b) for a, b in zip(layer, joined))
-        if isinstance(layer, tuple)
+        if _is_pair(layer)
         else stack(layer, joined)
         for layer, joined in zip(past, new)
     ]

@@ -37,7 +37,7 @@ def _session_options(threads: int | None = None) -> Any:
 
 class OnnxModel:
     """An exported decoder graph. ``run`` follows the decoding loop's backend protocol; its
-    cache is a ``StaticCache`` for a static-cache graph (see ``gptkit/export.py``), else a
+    cache is a ``StaticCache`` for a static-cache graph (see ``gptkit/export/onnx.py``), else a
     list of arrays that the graph concatenates."""
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:

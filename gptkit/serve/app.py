@@ -1,4 +1,4 @@
-"""HTTP serving of an export bundle on onnxruntime (no torch): FastAPI + uvicorn.
+"""The server's routes (FastAPI) and its middleware; ``CompletionService`` does the work.
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` (an OpenAI-compatible
 subset, with server-sent events for ``stream: true``), ``POST /v1/chat/completions`` (for a
@@ -32,7 +32,7 @@ from gptkit.serve.schemas import (
     CompletionRequest,
     CompletionResponse,
     Limits,
-    _error,
+    error_response,
 )
 from gptkit.serve.service import CompletionService
 
@@ -56,7 +56,7 @@ class BodyLimitMiddleware:
             except ValueError:
                 too_big = True
             if too_big:
-                return await _error(
+                return await error_response(
                     413,
                     f"request body over {self.limits.max_body_bytes} bytes",
                     "request_too_large",
@@ -71,15 +71,15 @@ class BodyLimitMiddleware:
             try:
                 message = await asyncio.wait_for(receive(), timeout=max(0.01, remaining))
             except asyncio.TimeoutError:
-                return await _error(408, "request body not received in time", "request_timeout")(
-                    scope, receive, send
-                )
+                return await error_response(
+                    408, "request body not received in time", "request_timeout"
+                )(scope, receive, send)
             if message["type"] == "http.disconnect":
                 return None
             body = message.get("body", b"")
             received += len(body)
             if received > self.limits.max_body_bytes:
-                return await _error(
+                return await error_response(
                     413,
                     f"request body over {self.limits.max_body_bytes} bytes",
                     "request_too_large",
@@ -196,7 +196,7 @@ async def _invalid(request: Request, exc: Exception) -> JSONResponse:
     problems = "; ".join(
         f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()
     )
-    return _error(422, problems or "invalid request")
+    return error_response(422, problems or "invalid request")
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -208,4 +208,4 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         404: f"no such endpoint: {request.url.path}",
         405: f"{request.method} is not allowed on {request.url.path}",
     }.get(exc.status_code, str(exc.detail))
-    return _error(exc.status_code, message, kind, headers=getattr(exc, "headers", None))
+    return error_response(exc.status_code, message, kind, headers=getattr(exc, "headers", None))

@@ -138,7 +138,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _error(
+def error_response(
     status: int,
     message: str,
     kind: str = "invalid_request_error",

@@ -18,7 +18,7 @@ from gptkit.inference.base import Inference
 from gptkit.inference.decoding import Completion, DecodeBatch, GenerationOptions, max_new_for
 from gptkit.serve.render import ChatRender, TextRender, finish_reason, render_chat, sse
 from gptkit.serve.scheduler import Job, Scheduler
-from gptkit.serve.schemas import ChatRequest, CompletionRequest, Limits, _error
+from gptkit.serve.schemas import ChatRequest, CompletionRequest, Limits, error_response
 
 
 class CompletionService:
@@ -70,11 +70,13 @@ class CompletionService:
         if problem is not None:
             return problem
         if req.logprobs is not None:
-            return _error(400, "logprobs is not supported by gptkit's server", param="logprobs")
+            return error_response(
+                400, "logprobs is not supported by gptkit's server", param="logprobs"
+            )
         if req.best_of not in (None, 1):
-            return _error(400, "best_of: only 1 is supported", param="best_of")
+            return error_response(400, "best_of: only 1 is supported", param="best_of")
         if req.echo and req.stream:
-            return _error(400, "echo is supported without stream only", param="echo")
+            return error_response(400, "echo is supported without stream only", param="echo")
         options = GenerationOptions(
             max_new_tokens=req.max_tokens,
             temperature=req.temperature,
@@ -94,7 +96,7 @@ class CompletionService:
         if req.model is not None and req.model != self.model_name:
             return self.check(req.model, [], 0, 1, ["x"])
         if not self.chat_template:
-            return _error(
+            return error_response(
                 400,
                 f"{self.model_name!r} is a base model: its tokenizer has no chat "
                 "template; use /v1/completions with a prompt",
@@ -102,11 +104,15 @@ class CompletionService:
                 code="base_model",
             )
         if req.logprobs:
-            return _error(400, "logprobs is not supported by gptkit's server", param="logprobs")
+            return error_response(
+                400, "logprobs is not supported by gptkit's server", param="logprobs"
+            )
         try:
             prompt = render_chat(self.chat_template, [m.model_dump() for m in req.messages])
         except Exception as exc:
-            return _error(400, f"messages: the chat template failed: {exc}", param="messages")
+            return error_response(
+                400, f"messages: the chat template failed: {exc}", param="messages"
+            )
         problem = self.check(None, stops, max_tokens, req.n, [prompt])
         if problem is not None:
             return problem
@@ -127,7 +133,7 @@ class CompletionService:
         """The first limit the request breaks, as an error answer, or None."""
         limits = self.limits
         if model is not None and model != self.model_name:
-            return _error(
+            return error_response(
                 404,
                 f"model {model!r} not found; this server serves {self.model_name!r} "
                 "(GET /v1/models)",
@@ -159,7 +165,7 @@ class CompletionService:
         ]
         for broken, message, param in problems:
             if broken:
-                return _error(400, message, param=param)
+                return error_response(400, message, param=param)
         return None
 
     def admit(self) -> bool:
@@ -190,10 +196,10 @@ class CompletionService:
             encoder = DecodeBatch(bundle.backend, bundle.tokenizer)
             ids = [encoder.encode(p, i) for i, p in enumerate(prompts)]
         except GptkitError as exc:
-            return _error(400, exc.message)
+            return error_response(400, exc.message)
         rows = [r for r in ids for _ in range(n)]
         if not self.admit():
-            return _error(
+            return error_response(
                 429, "server busy; retry later", "rate_limit", headers={"Retry-After": "1"}
             )
         job = Job(rows, sampler, options.seed, max_new, stream, asyncio.get_running_loop())
@@ -212,7 +218,7 @@ class CompletionService:
             job.cancelled.set()
             self.release()
         if kind == "error":
-            return _error(500, rest[0], "server_error")
+            return error_response(500, rest[0], "server_error")
         return answer.render.whole(answer.cid, answer.created, rest[0], answer.usage(rest[0]))
 
     async def _events(self, job: Job, answer: _Answer) -> AsyncIterator[str]:

@@ -71,6 +71,18 @@ class Manifest(BaseModel):
     special_tokens: _SpecialTokens
 
 
+def is_bundle(folder: Path) -> bool:
+    """Whether ``folder`` is (or was) an export bundle: it has a manifest, even a damaged one,
+    or a bundle's graph and no run spec (a bundle whose manifest was deleted is still named as
+    a damaged bundle, not taken for a run)."""
+    folder = Path(folder)
+    if os.path.lexists(folder / MANIFEST):
+        return True
+    from gptkit.store.rundir import SPEC_FILE
+
+    return os.path.lexists(folder / MODEL_FILE) and not os.path.lexists(folder / SPEC_FILE)
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
     """``gptkit.json`` as a dict, after its size, syntax, nesting and field types are checked."""
     path = folder / MANIFEST

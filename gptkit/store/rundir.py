@@ -7,7 +7,7 @@
         spec.yaml           the resolved spec (vocab_size filled in): what the run *is*
         plugins.json        which distribution provided each non-built-in component
         tokenizer/          the fitted tokenizer
-        checkpoints/        see gptkit.training.checkpoint
+        checkpoints/        see gptkit.store.checkpoint
         metrics.jsonl       one JSON object per logged step
         samples.txt         text sampled at each evaluation
         loss_curve.png      train and validation loss
@@ -283,13 +283,13 @@ class RunDir:
             str(self.spec_file),
             overrides,
             opened=True,
-            provenance=self.plugin_provenance(),
+            provenance=self.recorded_plugins(),
         )
 
     def write_spec(self, spec: ExperimentSpec) -> None:
         dump_yaml(spec.to_dict(), self.spec_file)
 
-    def plugin_provenance(self) -> dict[str, Any]:
+    def recorded_plugins(self) -> dict[str, Any]:
         try:
             data = json.loads(self.plugins_file.read_text())
         except (OSError, ValueError):

@@ -1,18 +1,17 @@
-"""Training: the loop, its state, the run folder, checkpoints, tracking, sweeps.
+"""Training: the loop, its state, resume, tracking, sweeps.
 
-- ``RunDir`` (gptkit.store.rundir): the one owner of a run folder's layout; finds and opens runs.
-- ``TrainState`` (state.py): everything a resume needs besides the weights.
 - ``SpecTrainer`` (loop.py): set up → step → log → evaluate → checkpoint, until max_steps.
-- distributed.py (torchrun), tracking.py (MLflow that never
+- ``TrainState`` (state.py): everything a resume needs besides the weights.
+- resume.py (which run ``--resume`` continues, with which spec), plan.py (what a spec would
+  train: ``gptkit validate``), distributed.py (torchrun), tracking.py (MLflow that never
   stops training), record.py (what the run's MLflow record says), progress.py (the bar),
-  sweep.py (grids), compare.py (runs side by side), listing.py (``gptkit runs``).
+  sweep.py (grids), compare.py (runs side by side), stats.py, listing.py (``gptkit runs``).
+- Run folders (``RunDir``, ``load_run``) live in ``gptkit.store.rundir``.
 """
 
 from typing import Any
 
-from gptkit.store.rundir import LoadedRun, RunDir, load_run
-
-__all__ = ["LoadedRun", "RunDir", "TrainState", "SpecTrainer", "TrainResult", "load_run"]
+__all__ = ["TrainState", "SpecTrainer", "TrainResult"]
 
 
 def __getattr__(name: str) -> Any:

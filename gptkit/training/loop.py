@@ -34,7 +34,7 @@ from gptkit.store.checkpoint import save_checkpoint as save_checkpoint_files
 from gptkit.store.rundir import RunDir
 from gptkit.training.distributed import Dist
 from gptkit.training.progress import Progress, one_line, progress_sample
-from gptkit.training.resume import fingerprint, spec_diff
+from gptkit.training.resume import fingerprint, run_to_resume, spec_diff
 from gptkit.training.state import TrainState
 
 EVAL_SEED_OFFSET = 1_000_003
@@ -188,8 +188,6 @@ class SpecTrainer:
 
     def _choose_run_dir(self, path: Path | None) -> RunDir:
         if self.resume:
-            from gptkit.training.resume import run_to_resume
-
             return run_to_resume(self.spec.name, path)
         if path is None:
             return RunDir.new(self.spec.name)

@@ -13,8 +13,8 @@ from gptkit.components.base import SLOTS
 @dataclass
 class SpecSummary:
     name: str
-    components: list[tuple[str, str, str, str]] = field(default_factory=list)  # slot, kind,
-    # its fields as k=v, provider
+    # (slot, kind, its fields as "k=v ...", the plugin that provides it)
+    components: list[tuple[str, str, str, str]] = field(default_factory=list)
     model: str = ""
     sweep: str | None = None
     vocab_size: int | None = None
