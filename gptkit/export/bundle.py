@@ -40,9 +40,9 @@ from gptkit.store.bundle import MANIFEST, MODEL_FILE, folder_files, removable_bu
 def bundle_manifest(
     folder: Path, spec: Any, model: GPT, tokenizer: Any, precision: str = "fp32"
 ) -> dict[str, Any]:
-    """The manifest fields every bundle has (``gptkit.store.bundle.verify_bundle`` checks them): the graph's inputs,
-    outputs and cache layout, the tokenizer's special ids, the spec, and every file in
-    ``folder`` (the graph and the saved tokenizer) with its hash. ``export_run`` adds the
+    """The manifest fields every bundle has (``gptkit.store.bundle.verify_bundle`` checks
+    them): the graph's inputs, outputs and cache layout, the tokenizer's special ids, the spec,
+    and every file in ``folder`` (the graph and the saved tokenizer) with its hash. ``export_run`` adds the
     run, parity and quantization reports to it."""
     h_kv, hd = cache_shape(model)
     inputs, outputs = io_names(spec.model.n_layers, model.static_cache)
