@@ -42,8 +42,8 @@ def bundle_manifest(
 ) -> dict[str, Any]:
     """The manifest fields every bundle has (``gptkit.store.bundle.verify_bundle`` checks
     them): the graph's inputs, outputs and cache layout, the tokenizer's special ids, the spec,
-    and every file in ``folder`` (the graph and the saved tokenizer) with its hash. ``export_run`` adds the
-    run, parity and quantization reports to it."""
+    and every file in ``folder`` (the graph and the saved tokenizer) with its hash.
+    ``export_run`` adds the run, parity and quantization reports to it."""
     h_kv, hd = cache_shape(model)
     inputs, outputs = io_names(spec.model.n_layers, model.static_cache)
     return {
