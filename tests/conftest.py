@@ -27,7 +27,7 @@ def _fresh_registry(monkeypatch):
 
     monkeypatch.delenv("GPTKIT_PLUGINS", raising=False)
     # In-process tests see the built-ins only; installed example plugins are tested on purpose
-    # (tests/test_plugin_packages.py) and in their own folders.
+    # (tests/registry/test_plugin_packages.py) and in their own folders.
     monkeypatch.setenv("GPTKIT_DISABLE_PLUGIN_AUTOLOAD", "1")
     clear_registry_cache()
     yield

@@ -10,7 +10,7 @@ from gptkit.inference.decoding import decode_loop
 from gptkit.inference.torch import TorchBackend
 from gptkit.registry.registry import load_registry
 from tests.helpers import assert_user_error, run_cli
-from tests.test_contract import BUILTIN
+from tests.testing.test_contract import BUILTIN
 
 ALPHABET = "abcdefghijklmnopqrstuv"  # 22 characters + <|endoftext|> = testing.VOCAB
 

@@ -46,7 +46,7 @@ def test_fused_kernel_matches_reference_path(attention, positional):
 
 
 # Each attention kind is exported with rope, and each positional kind with mha, by its own
-# contract cases (tests/test_plugin_contract.py); here the pairs those cases do not reach.
+# contract cases (tests/testing/test_plugin_contract.py); here the pairs those cases do not reach.
 PAIRS_NOT_IN_COMPONENT_CASES = [(a, p) for a, p in BUILTIN if a != "mha" and p != "rope"]
 
 

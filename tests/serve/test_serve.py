@@ -503,7 +503,7 @@ def test_chat_with_a_template_answers_what_the_rendered_prompt_would(tmp_path):
     rendered prompt; a template that does not parse is refused when the spec is read."""
     import yaml
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     spec = {
         "extends": str(root / "experiments" / "smoke.yaml"),
         "name": "chat",
