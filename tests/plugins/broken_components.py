@@ -1,6 +1,7 @@
 """Deliberately broken components, one per contract property that must catch them.
 
-Each looks plausible and trains; ``gptkit.testing`` must fail it (tests/testing/test_plugin_contract.py).
+Each looks plausible and trains; ``gptkit.testing`` must fail it
+(tests/testing/test_plugin_contract.py).
 """
 
 from __future__ import annotations
