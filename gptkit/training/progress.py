@@ -8,6 +8,7 @@ scrollback (nanoGPT style). Elsewhere (a log file, CI): a plain line every ``log
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 
@@ -32,6 +33,7 @@ class Progress:
         self.live = enabled and not quiet and sys.stderr.isatty()
         self._tps: float | None = None
         self._bar = None
+        self._drawn = time.monotonic()
         if self.live:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
             from rich.progress import Progress as RichProgress
@@ -56,7 +58,12 @@ class Progress:
         eta = (self.total - step) * tokens / max(self._tps, 1e-9)
         info = f"loss {loss:.4f} | lr {lr:.2e} | {self._tps:,.0f} tok/s | eta {format_eta(eta)}"
         if self._bar is not None:
-            self._bar.update(self._task, completed=step, info=info)
+            # Drawn at least every 0.1 s of training from here, not only by rich's refresh
+            # thread, which a busy machine can starve for a whole logging interval.
+            now = time.monotonic()
+            redraw = now - self._drawn >= 0.1
+            self._drawn = now if redraw else self._drawn
+            self._bar.update(self._task, completed=step, info=info, refresh=redraw)
         elif plain_line and not self.quiet:
             print(f"step {step:>6}/{self.total} | {info}", flush=True)
 
