@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import sys
 
-# Importing the command modules registers their commands on the app.
-from gptkit.cli import bench, export, generate, spec, train  # noqa: F401
+# Importing the command modules registers their commands on the app, in the order
+# ``gptkit --help`` lists them: specs and plugins, training, using a model, moving one, speed.
+# isort: off
+from gptkit.cli import spec, train, generate, export, bench  # noqa: F401
+
+# isort: on
 from gptkit.cli._common import app, echo
 from gptkit.errors import GptkitError
 
