@@ -1,21 +1,7 @@
-"""Export a trained run to an ONNX bundle with a KV cache, parity-checked against torch.
-
-One graph serves prefill and decode. With a static cache (every component supports it)::
-
-    inputs   input_ids (B, T) int64, position_ids (B, T) int64,
-             attention_mask (B, S + T) int64 (the S cache slots, then the new tokens;
-                 1 = a real token, 0 = left padding or an unused slot),
-             cache_position () int64 (slots in use: where the new tokens go),
-             past_key_values.{i}.key / .value (B, H_kv, S, hd) float32: the preallocated cache
-    outputs  logits (B, T, V) float32, present.{i}.key / .value (B, H_kv, T, hd): the new
-             tokens' keys and values, which the runtime writes into its cache in place
-
-so the graph never copies the cache. Otherwise (the declared fallback of a component that
-cannot take a static cache) the cache is concatenated: ``past_key_values`` (B, H_kv, P, hd),
-no ``cache_position``, and ``present`` (B, H_kv, P + T, hd) is the whole new cache.
-
-Names follow onnxruntime-genai / Optimum. Batch, sequence and cache lengths are symbolic.
-"""
+"""``export_run``: a trained run to an export bundle. The graph is exported and checked
+against torch (``parity``), optionally quantized (``quantize``), written with the tokenizer
+and a manifest of hashes into a staging folder, swapped in atomically (never over a folder
+gptkit cannot prove it made), and attached to the run's MLflow record (``mlflow``)."""
 
 from __future__ import annotations
 
