@@ -84,6 +84,7 @@ from gptkit.registry.hookspecs import Register, hookimpl
 # torch-free for tokenizer and sampler plugins.
 _LAZY = {
     "KVCache": "gptkit.components.attention",
+    "StaticKV": "gptkit.components.attention",
     "CausalSelfAttention": "gptkit.components.attention",
     "PositionalEncoding": "gptkit.components.positional",
     "contract_cases": "gptkit.testing",

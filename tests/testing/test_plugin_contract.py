@@ -147,3 +147,11 @@ def test_components_own_their_init_and_residuals_are_marked():
     residual_std = 0.02 / math.sqrt(2 * 8)
     assert abs(float(attn.out_proj.weight.detach().std()) - residual_std) < residual_std * 0.2
     assert abs(float(attn.qkv.weight.detach().std()) - 0.02) < 0.004
+
+
+def test_the_plugin_facade_hands_out_what_a_static_cache_attention_needs():
+    from gptkit import plugin
+    from gptkit.components.attention import CausalSelfAttention, StaticKV
+
+    assert plugin.StaticKV is StaticKV and plugin.CausalSelfAttention is CausalSelfAttention
+    assert "StaticKV" in plugin.__all__
