@@ -51,6 +51,8 @@ def server(bundle, tmp_path_factory):
             "2",
             "--served-model-name",
             "shakespeare",
+            "--stream-interval",
+            "0",  # every decode step: the streaming tests see token-sized chunks
         ],
         stdout=subprocess.PIPE,
         stderr=open(log, "w"),
@@ -489,6 +491,51 @@ def test_the_scheduler_wakes_the_event_loop_once_per_step_for_every_request(bund
     # 3 rows decoded together: each hand-over carries every row's event of that step.
     assert max(handovers) >= 3
     assert len(handovers) < sum(len(e) for e in results)
+
+
+def test_streamed_text_is_handed_over_at_most_every_stream_interval(bundle):
+    """Text decoded between two hand-overs goes out together: a request's first text, its
+    end and errors at once, the rest at most every ``stream_interval`` seconds; with 0 every
+    decode step is handed over. Either way each request gets all of its text, in order."""
+    import gptkit
+    from gptkit.serve.scheduler import Job, Scheduler
+
+    loaded = gptkit.load(bundle)
+    sampler = loaded.sampler_for(GenerationOptions(temperature=0))
+    counts = {}
+    for interval in (0.0, 0.05):
+        loop = asyncio.new_event_loop()
+        handovers = []
+        real = loop.call_soon_threadsafe
+
+        def counting(callback, *args, real=real, handovers=handovers):
+            handovers.append(len(args[0]))
+            return real(callback, *args)
+
+        loop.call_soon_threadsafe = counting
+        jobs = [
+            Job([loaded.tokenizer.encode(p)], sampler, None, 60, True, loop)
+            for p in ("ROMEO:", "KING")
+        ]
+        scheduler = Scheduler(loaded, max_rows=8, stream_interval=interval)
+        started = time.perf_counter()
+        try:
+            results = _drive(scheduler, jobs, loop)
+        finally:
+            loop.close()
+        elapsed = time.perf_counter() - started
+        for events in results:
+            kind, completions = events[-1]
+            assert kind == "done"
+            assert "".join(e[2] for e in events[:-1]) == completions[0].text
+        steps = max(len(events[-1][1][0].tokens) for events in results)
+        counts[interval] = (len(handovers), elapsed)
+    every_step, _ = counts[0.0]
+    coalesced, elapsed = counts[0.05]
+    assert steps >= 20 and every_step >= steps  # one hand-over per decode step
+    # 2 first texts + 2 ends at once, the rest at most once per interval.
+    assert coalesced <= 4 + elapsed / 0.05 + 1
+    assert coalesced < every_step
 
 
 CHAT_TEMPLATE = (
