@@ -50,6 +50,8 @@ def train(
     from gptkit.training.loop import SpecTrainer
 
     sets = list(overrides or [])
+    if resume and _resumed_sweep(spec, run_dir, sets, not no_progress):
+        return
     if resume:
         from gptkit.training.resume import resume_spec
 
@@ -100,6 +102,49 @@ def _train_sweep(raw, spec: Path, sets: list[str], resolved, run_dir, progress: 
     results = run_sweep(
         raw, str(spec), sets, resolved, run_dir, progress=progress, command=_command_line()
     )
+    _report_sweep(results)
+
+
+def _resumed_sweep(spec: Path | None, run_dir: Path | None, sets, progress: bool) -> bool:
+    """Continue a sweep if that is what ``--resume`` names; False when it names one run."""
+    sweep_dir = _sweep_to_resume(spec, run_dir)
+    if sweep_dir is None:
+        return False
+    if sets:
+        raise GptkitError(
+            "--set cannot change a sweep being continued (its runs must stay comparable)",
+            "Continue it as it was: gptkit train --resume --run-dir " + str(sweep_dir),
+        )
+    from gptkit.training.sweep import resume_sweep
+
+    _report_sweep(resume_sweep(sweep_dir, progress, _command_line()))
+    return True
+
+
+def _sweep_to_resume(spec: Path | None, run_dir: Path | None) -> Path | None:
+    """The sweep folder a ``--resume`` continues: ``--run-dir`` when it is one, else (a sweep
+    spec and no ``--run-dir``) the newest sweep of that spec."""
+    from gptkit.training.sweep import is_sweep_folder, newest_sweep
+
+    if run_dir is not None:
+        return run_dir if is_sweep_folder(run_dir) else None
+    if spec is None:
+        return None
+    from gptkit.spec.files import load_spec
+
+    resolved = load_spec(spec)
+    if not (resolved.sweep or resolved.repeats > 1):
+        return None
+    found = newest_sweep(resolved.name)
+    if found is None:
+        raise GptkitError(
+            f"nothing to resume: no sweep of '{resolved.name}' under runs/{resolved.name}/",
+            f"Start it without --resume: gptkit train {spec}",
+        )
+    return found
+
+
+def _report_sweep(results) -> None:
     echo("sweep done:")
     for r in results:
         val = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "n/a"
