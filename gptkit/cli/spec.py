@@ -96,6 +96,10 @@ def validate(
 
     composed = compose_spec_file(spec)
     resolved = validate_composed(composed, str(spec), overrides or [])
+    if resolved.sweep or resolved.repeats > 1:
+        from gptkit.training.sweep import check_sweep
+
+        check_sweep(composed.data, str(spec), overrides or [], resolved)  # every point
     registry = load_registry(tuple(resolved.plugins))
     warn_plugin_problems(registry)
     if print_spec:

@@ -252,7 +252,8 @@ def validate_composed(composed: ComposedSpec, source: str, overrides: Any = ()) 
             raise
         problems = []
         for where, message in exc.problems:
-            origin = composed.origin(tuple(where.split("."))) if where else None
+            blamed = where in exc.overridden  # the override named already, not a file
+            origin = composed.origin(tuple(where.split("."))) if where and not blamed else None
             problems.append(
                 (
                     where,
@@ -260,7 +261,9 @@ def validate_composed(composed: ComposedSpec, source: str, overrides: Any = ()) 
                     + (f" (set in {origin})" if origin and origin != composed.files[-1] else ""),
                 )
             )
-        raise SpecError(source, problems, exc.hint) from None
+        error = SpecError(exc.source, problems, exc.hint)
+        error.overridden = exc.overridden
+        raise error from None
 
 
 # --------------------------------------------------------------------------- showing it

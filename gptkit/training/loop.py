@@ -180,6 +180,7 @@ class SpecTrainer:
         self.rundir = RunDir(Path(self.dist.broadcast(str(chosen.path) if chosen else None) or "."))
         self.run_name = run_name or self.rundir.info().get("name") or self.rundir.path.name
         self._stop_signal: str | None = None
+        self.idle = False
         self.changes: list[tuple[str, Any, Any]] = []
 
     @property
@@ -227,7 +228,15 @@ class SpecTrainer:
         if saved is not None and saved.get("optimizer") is not None:
             self._load_optimizer(saved)
         self.forward = self._wrap_for_speed()
-        if self.dist.main:
+        # A resume with nothing to train (at max_steps, or patience spent) changes nothing:
+        # not the run's files, not its MLflow record (end time, tags) - unless events wait.
+        self.idle = (
+            self.resume
+            and (self.state.step >= spec.train.max_steps or self.patience_spent())
+            and not self.rundir.spool_file.exists()
+            and self.rundir.info().get("status") == "FINISHED"  # else its end is recorded now
+        )
+        if self.dist.main and not self.idle:
             self._record_run()
 
     def _prepare_data(self) -> None:
@@ -433,7 +442,7 @@ class SpecTrainer:
         self.progress = Progress(
             t.max_steps, self.state.step, self.show_progress, quiet=not self.dist.main
         )
-        self.record = RunRecord.start(self) if self.dist.main else None
+        self.record = RunRecord.start(self) if self.dist.main and not self.idle else None
         self._started = time.time()  # training time counts from here
         self._announce()
         previous_handlers = self._install_signals()
@@ -499,11 +508,16 @@ class SpecTrainer:
             return
         improved = state.best_val is None or val < state.best_val - rule.min_delta
         state.evals_since_best = 0 if improved else state.evals_since_best + 1
-        if self.patience_spent():
+        if self.stopped_early():
+            best = val if state.best_val is None else min(state.best_val, val)
             self.progress.print(
                 f"step {state.step}: early stop: val loss has not improved by more than "
-                f"{rule.min_delta} for {rule.patience} evaluation(s) (best {state.best_val:.4f})"
+                f"{rule.min_delta} for {rule.patience} evaluation(s) (best {best:.4f})"
             )
+
+    def stopped_early(self) -> bool:
+        """Patience ran out before ``max_steps`` (on the last step it stops no earlier)."""
+        return self.patience_spent() and self.state.step < self.spec.train.max_steps
 
     def stop_reason(self, status: str) -> str:
         """Why the run ended: max_steps, early_stop, interrupted or failed."""
@@ -511,7 +525,7 @@ class SpecTrainer:
             return "interrupted"
         if status != "FINISHED":
             return "failed"
-        return "early_stop" if self.patience_spent() else "max_steps"
+        return "early_stop" if self.stopped_early() else "max_steps"
 
     def _stop_if_asked(self) -> None:
         if self.dist.any(self._stop_signal is not None):  # every rank stops at the same step
@@ -706,6 +720,9 @@ class SpecTrainer:
         if not self.dist.main:
             return 0
         self._stop_reason = self.stop_reason(status)
+        if self.idle and status == "FINISHED":
+            self.rundir.unlock()
+            return 0
         try:
             summary = self.summary()
             self.rundir.update_info(status=status, stop_reason=self._stop_reason, summary=summary)

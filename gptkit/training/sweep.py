@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gptkit.errors import GptkitError, RunError
+from gptkit.errors import GptkitError, RunError, SpecError
 from gptkit.spec.models import ExperimentSpec
 from gptkit.spec.validate import validate_spec
 from gptkit.store.rundir import RunDir, default_run_name, short_override
@@ -90,9 +90,7 @@ def run_sweep(
     from gptkit.store.rundir import dump_yaml
     from gptkit.training.tracking import time_ms
 
-    base = {k: v for k, v in raw.items() if k not in ("sweep", "repeats")}
-    plan = sweep_plan(spec)
-    specs = _validate_points(base, source, overrides, plan)  # a bad point fails first
+    plan, specs = check_sweep(raw, source, overrides, spec)  # a bad point fails first
     root = Path(run_dir or RunDir.new_sweep(spec.name))
     root.mkdir(parents=True, exist_ok=True)
     dump_yaml(raw, root / SWEEP_SPEC)
@@ -121,9 +119,7 @@ def resume_sweep(root: Path, progress: bool = True, command: str | None = None) 
     raw = read_spec_file(root / SWEEP_SPEC)
     source, overrides = state["source"], state["overrides"]
     spec = validate_spec(raw, source, overrides)
-    base = {k: v for k, v in raw.items() if k not in ("sweep", "repeats")}
-    plan = sweep_plan(spec)
-    specs = _validate_points(base, source, overrides, plan)
+    plan, specs = check_sweep(raw, source, overrides, spec)
     parent = SweepParent.reopen(spec, state.get("parent_run_id"))
     print(f"resuming sweep {root}", flush=True)
     return _run_plan(root, state, spec, specs, plan, parent, progress, command)
@@ -157,16 +153,32 @@ def newest_sweep(spec_name: str) -> Path | None:
     return found[-1] if found else None
 
 
-def _validate_points(
-    base: dict[str, Any], source: str, overrides: list[str], plan: Plan
-) -> dict[str, ExperimentSpec]:
-    return {
-        point_name(r): validate_spec(
-            base, f"{source} (sweep point {point_name(r)})", [*overrides, *r]
-        )
-        for _, runs in plan
-        for r in runs
-    }
+def check_sweep(
+    raw: dict[str, Any], source: str, overrides: list[str], spec: ExperimentSpec
+) -> tuple[Plan, dict[str, ExperimentSpec]]:
+    """The sweep's plan and every run's validated spec (``gptkit validate`` and ``train`` both
+    check each point before anything trains). A bad value is blamed on its sweep entry."""
+    base = {k: v for k, v in raw.items() if k not in ("sweep", "repeats")}
+    plan = sweep_plan(spec)
+    specs, problems = {}, {}
+    for _, runs in plan:
+        for run in runs:
+            labels = {o: f"sweep entry {o} in {source}" for o in run}
+            try:
+                specs[point_name(run)] = validate_spec(
+                    base,
+                    f"{source} (sweep point {point_name(run)})",
+                    [*overrides, *run],
+                    labels=labels,
+                )
+            except SpecError as exc:  # every distinct problem, not only the first point's
+                for where, message in exc.problems:
+                    problems.setdefault(f"{where}: {message}", (where, message))
+            except GptkitError as exc:
+                problems.setdefault(exc.message, ("sweep", exc.message))
+    if problems:
+        raise SpecError(f"{source} (sweep:)", list(problems.values()))
+    return plan, specs
 
 
 def _run_plan(

@@ -213,3 +213,35 @@ def test_committed_spec_reference_is_current():
     )
     for kind in ("mha", "rope", "top_p", "sentencepiece", "adamw"):
         assert f"#### `{kind}`" in committed
+
+
+def test_an_overrides_problem_names_the_override_not_the_spec_file():
+    raw = yaml.safe_load((ROOT / "experiments" / "smoke.yaml").read_text())
+    with pytest.raises(SpecError) as caught:
+        validate_spec(raw, "smoke.yaml", ["train.lr=abc"])
+    assert caught.value.source == "--set 'train.lr=abc'"
+    assert "(from --set 'train.lr=abc')" in str(caught.value)
+    with pytest.raises(SpecError) as caught:  # a problem of the file's own stays the file's
+        validate_spec({**raw, "seed": "x"}, "smoke.yaml", ["train.lr=abc"])
+    assert caught.value.source == "smoke.yaml"
+    assert [p for p, _ in caught.value.problems] == ["seed", "train.lr"]
+
+
+def test_validate_checks_every_sweep_point_and_names_the_sweep_entry(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(
+        f"extends: {ROOT / 'experiments' / 'smoke.yaml'}\nname: bad\n"
+        "sweep:\n  model.positional.kind: [rope, rpoe]\n  train.lr: [0.001, fast]\n"
+        "  model.n_layer: [2]\nrepeats: 3\n"
+    )
+    result = run_cli("validate", spec)
+    assert_user_error(
+        result,
+        "3 problems",
+        "(from sweep entry model.n_layer=2 in",
+        'train.lr: Input should be a valid number, unable to parse string as a number (got "fast")'
+        ' (from sweep entry train.lr="fast" in',
+        'sweep entry model.positional.kind="rpoe" in',
+        "unknown positional kind 'rpoe'",
+    )
+    assert "--set" not in result.stderr  # the user typed no override

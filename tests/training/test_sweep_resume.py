@@ -144,7 +144,15 @@ def test_resuming_a_finished_sweep_trains_nothing_and_set_is_refused(tmp_path, r
     again = run_cli("train", spec, "--resume", "--no-progress", cwd=tmp_path)  # its newest sweep
     assert again.returncode == 0, again.stderr
     assert "has finished; nothing to train" in again.stdout
-    assert finals(sweep)[1] == reference
+    state, done = finals(sweep)
+    assert done == reference
+    # The parent carries the best configuration's mean over its seeds, not a lucky seed.
+    top = min(state["groups"], key=lambda g: g["val_loss_mean"])
+    parent = client_for(tmp_path).get_run(state["parent_run_id"])
+    assert parent.data.tags["gptkit.best_group"] == top["group"]
+    assert parent.data.metrics["val_loss"] == pytest.approx(top["val_loss_mean"])
+    assert parent.data.metrics["val_loss_std"] == pytest.approx(top["val_loss_std"])
+    assert parent.data.metrics["val_loss"] != min(d[1] for d in done)
     assert_user_error(
         run_cli("train", "--resume", "--run-dir", sweep, "--set", "train.lr=0.1", cwd=tmp_path),
         "--set cannot change a sweep",
