@@ -199,9 +199,17 @@ def runs_cmd(
 
 @app.command("compare")
 def compare_cmd(
-    experiment: Annotated[
+    targets: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Argument(
+            help="What to compare, any number and mixed: MLflow experiments, spec files, run "
+            "folders (a run, a sweep, runs/NAME) or spec names (default: the most recently "
+            "updated experiment)."
+        ),
+    ] = None,
+    experiments: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Argument(help="MLflow experiment (default: the most recently updated)."),
+        typer.Option("--experiment", help="Experiments to compare, comma-separated: a,b."),
     ] = None,
     tracking_uri: Annotated[
         Optional[str],  # noqa: UP045
@@ -228,7 +236,8 @@ def compare_cmd(
     tested against the next (Welch's t-test). Adds nothing to the experiment."""
     from gptkit.training.compare import compare
 
-    result = compare(experiment, tracking_uri, plot, log=log)
+    chosen = [*(targets or []), *(e.strip() for e in (experiments or "").split(",") if e.strip())]
+    result = compare(chosen, tracking_uri, plot, log=log)
     if as_json:
         echo(json.dumps(result.to_json(), indent=2))
         return

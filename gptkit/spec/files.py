@@ -130,7 +130,25 @@ class ComposedSpec:
 
 def compose_spec_file(path: str | Path) -> ComposedSpec:
     """Read a spec file and everything it ``extends``, merged by the rules above."""
-    return _resolve(Path(path), ())
+    composed = _resolve(Path(path), ())
+    _shared_experiment(composed)
+    return composed
+
+
+def _shared_experiment(composed: ComposedSpec) -> None:
+    """Variants made with ``extends:`` share one MLflow experiment by default: the name of
+    their root parent (the first file up the chain that has one), so the MLflow UI and
+    ``gptkit compare`` show them side by side. An explicit ``tracking.experiment`` wins."""
+    tracking = composed.data.get("tracking", {})
+    if len(composed.files) < 2 or not isinstance(tracking, dict) or tracking.get("experiment"):
+        return
+    for label in composed.files[:-1]:  # parents first; the last is the spec itself
+        name = read_spec_file(Path(label)).get("name")
+        if isinstance(name, str) and name:
+            if name != composed.data.get("name"):
+                composed.data["tracking"] = {**tracking, "experiment": name}
+                composed.origins[("tracking", "experiment")] = f"the name of {label}"
+            return
 
 
 def _resolve(path: Path, chain: tuple[Path, ...]) -> ComposedSpec:

@@ -126,7 +126,7 @@ def test_sweep_with_seeds_groups_in_mlflow_and_compare_gives_a_verdict(tmp_path,
     assert len(summary["points"]) == 6 and [g["n"] for g in summary["groups"]] == [3, 3]
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("rep")
+    exp = client.get_experiment_by_name("smoke")  # extends smoke.yaml: its experiment
     runs = client.search_runs([exp.experiment_id])
     groups = [r for r in runs if r.data.tags.get("gptkit.kind") == "group"]
     assert len(groups) == 2

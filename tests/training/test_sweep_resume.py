@@ -45,7 +45,7 @@ def finals(sweep):
 
 def live_runs(folder):
     client = client_for(folder)
-    exp = client.get_experiment_by_name("sw")
+    exp = client.get_experiment_by_name("smoke")  # extends smoke.yaml: its experiment
     return client.search_runs([exp.experiment_id])
 
 
