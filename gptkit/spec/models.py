@@ -208,7 +208,9 @@ class TrackingSpec(StrictModel):
     uri: str | None = Field(
         None, description="Default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."
     )
-    experiment: str | None = Field(None, description="Default: the spec's name.")
+    experiment: str | None = Field(
+        None, description="Default: the spec's name (with extends: its root parent's name)."
+    )
 
 
 class ExportSpec(StrictModel):
