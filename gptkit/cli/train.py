@@ -43,6 +43,14 @@ def train(
     no_progress: Annotated[
         bool, typer.Option("--no-progress", help="Plain log lines only.")
     ] = False,
+    checkpoint: Annotated[
+        str,
+        typer.Option(
+            "--checkpoint",
+            help="With --resume: continue from latest, best or step-N (newer checkpoints are "
+            "set aside in checkpoints/set-aside-TIME/, not deleted).",
+        ),
+    ] = "latest",
 ) -> None:
     """Validate SPEC, prepare data, train with progress, checkpoint, and track in MLflow."""
     require_torch("train")
@@ -50,26 +58,16 @@ def train(
     from gptkit.training.loop import SpecTrainer
 
     sets = list(overrides or [])
+    if checkpoint != "latest" and not resume:
+        raise GptkitError("--checkpoint goes with --resume (which checkpoint to continue from)")
     if resume and _resumed_sweep(spec, run_dir, sets, not no_progress):
         return
     if resume:
-        from gptkit.training.resume import resume_spec
-
-        resumption = resume_spec(spec, run_dir, sets)
-        for note in resumption.notes:
-            echo(f"gptkit: {note}", err=True)
-        resolved, run_dir = resumption.spec, resumption.run_dir
+        resolved, run_dir = _resumption(spec, run_dir, sets)
     else:
-        if spec is None:
-            raise GptkitError("gptkit train needs a SPEC file (or --resume --run-dir RUN)")
-        from gptkit.spec.files import compose_spec_file, validate_composed
-
-        composed = compose_spec_file(spec)  # with the files it extends merged in
-        raw = composed.data
-        resolved = validate_composed(composed, str(spec), sets)
-        if resolved.sweep or resolved.repeats > 1:
-            _train_sweep(raw, spec, sets, resolved, run_dir, not no_progress)
-            return
+        resolved = _new_spec(spec, sets, run_dir, not no_progress)
+        if resolved is None:
+            return  # a sweep, trained
     trainer = SpecTrainer(
         resolved,
         run_dir=run_dir,
@@ -79,6 +77,7 @@ def train(
         overrides=sets,
         command=_command_line(),
         started_at=STARTED,
+        checkpoint=checkpoint,
     )
     result = trainer.run()
     if os.environ.get("RANK", "0") != "0":
@@ -88,6 +87,29 @@ def train(
 
         export_run(result.run_dir, trainer.rundir.default_bundle, quantize=resolved.export.quantize)
     echo(_train_report(result))
+
+
+def _resumption(spec: Path | None, run_dir: Path | None, sets: list[str]):
+    from gptkit.training.resume import resume_spec
+
+    resumption = resume_spec(spec, run_dir, sets)
+    for note in resumption.notes:
+        echo(f"gptkit: {note}", err=True)
+    return resumption.spec, resumption.run_dir
+
+
+def _new_spec(spec: Path | None, sets: list[str], run_dir: Path | None, progress: bool):
+    """The spec of a new run; a sweep (or repeats) is trained here and None returned."""
+    if spec is None:
+        raise GptkitError("gptkit train needs a SPEC file (or --resume --run-dir RUN)")
+    from gptkit.spec.files import compose_spec_file, validate_composed
+
+    composed = compose_spec_file(spec)  # with the files it extends merged in
+    resolved = validate_composed(composed, str(spec), sets)
+    if resolved.sweep or resolved.repeats > 1:
+        _train_sweep(composed.data, spec, sets, resolved, run_dir, progress)
+        return None
+    return resolved
 
 
 def _command_line() -> str:

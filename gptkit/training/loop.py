@@ -28,7 +28,13 @@ from gptkit.data.batches import get_batch
 from gptkit.errors import GptkitError, RunError
 from gptkit.model import GPT
 from gptkit.spec.models import ExperimentSpec
-from gptkit.store.checkpoint import checkpoint_name, read_pointer, resume_candidates
+from gptkit.store.checkpoint import (
+    checkpoint_candidates,
+    checkpoint_name,
+    read_pointer,
+    resume_candidates,
+    set_aside_after,
+)
 from gptkit.store.checkpoint import load_checkpoint as load_checkpoint_files
 from gptkit.store.checkpoint import save_checkpoint as save_checkpoint_files
 from gptkit.store.rundir import RunDir
@@ -158,8 +164,10 @@ class SpecTrainer:
         overrides: list[str] | tuple[str, ...] = (),
         command: str | None = None,
         started_at: float | None = None,
+        checkpoint: str = "latest",
     ) -> None:
         self.spec = spec
+        self.resume_from = checkpoint  # on resume: latest, best or step-N
         self.started_at = started_at  # when the command began (the MLflow run's start)
         self.initial_model = model  # train this instance instead of a fresh one
         self.parent_run_id = parent_run_id
@@ -298,7 +306,7 @@ class SpecTrainer:
     def _restore(self) -> tuple[TrainState, dict[str, Any]]:
         """The newest usable checkpoint's weights (into the model) and state."""
         errors = []
-        for path in resume_candidates(self.rundir.checkpoints):
+        for path in checkpoint_candidates(self.rundir.checkpoints, self.resume_from):
             try:
                 saved, _ = load_checkpoint_files(path, self.model)
                 state = TrainState.from_checkpoint(saved, f"checkpoint {path}")
@@ -309,6 +317,7 @@ class SpecTrainer:
                 continue
             if self.dist.main:
                 print(f"resuming {self.run_dir} from {path.name} (step {state.step})", flush=True)
+            self._resumed_from = path
             return state, saved
         raise RunError(
             f"cannot resume {self.run_dir}: no usable checkpoint"
@@ -373,6 +382,10 @@ class SpecTrainer:
         from gptkit.registry.registry import spec_provenance
 
         run = self.rundir
+        if self.resume and self.resume_from != "latest":
+            aside = set_aside_after(run.checkpoints, self._resumed_from)
+            if aside is not None:
+                print(f"checkpoints after {self._resumed_from.name} set aside in {aside}")
         if self.resume:
             run.truncate_metrics(self.state.step)
             resumes = run.info().get("resumes", [])
