@@ -96,10 +96,15 @@ def validate(
 
     composed = compose_spec_file(spec)
     resolved = validate_composed(composed, str(spec), overrides or [])
+    runs = [resolved]
     if resolved.sweep or resolved.repeats > 1:
         from gptkit.training.sweep import check_sweep
 
-        check_sweep(composed.data, str(spec), overrides or [], resolved)  # every point
+        runs = list(check_sweep(composed.data, str(spec), overrides or [], resolved)[1].values())
+    from gptkit.training.plan import spec_warnings
+
+    for warning in spec_warnings(runs):
+        echo(f"gptkit: warning: {warning}", err=True)
     registry = load_registry(tuple(resolved.plugins))
     warn_plugin_problems(registry)
     if print_spec:

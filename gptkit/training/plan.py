@@ -30,7 +30,7 @@ def summarize(resolved: Any, registry: Any) -> SpecSummary:
         for key in entry.path:
             component = getattr(component, key)
         reg = registry.components[slot][component.kind]
-        fields = component.model_dump(exclude={"kind"}, exclude_defaults=slot == "sampler")
+        fields = component.model_dump(exclude={"kind"})
         extra = " ".join(f"{k}={v}" for k, v in fields.items())
         summary.components.append((slot, component.kind, extra, reg.provider))
     summary.model = (
@@ -42,6 +42,25 @@ def summarize(resolved: Any, registry: Any) -> SpecSummary:
         summary.sweep = sweep_size(resolved)
     summary.vocab_size, summary.parameters = _parameters(resolved)
     return summary
+
+
+def spec_warnings(specs: Any) -> list[str]:
+    """Settings that validate but make little sense (each said once over a sweep's runs)."""
+    out: dict[str, None] = {}
+    for spec in specs:
+        t = spec.train
+        if t.warmup_steps > t.max_steps:
+            out[
+                f"train.warmup_steps ({t.warmup_steps}) > train.max_steps ({t.max_steps}): "
+                "the learning rate never reaches train.lr"
+            ] = None
+        if t.eval_every > t.max_steps:
+            out[
+                f"train.eval_every ({t.eval_every}) > train.max_steps ({t.max_steps}): one "
+                "evaluation and one checkpoint, at the last step"
+                + (" (early_stop cannot act)" if t.early_stop is not None else "")
+            ] = None
+    return list(out)
 
 
 def sweep_size(resolved: Any) -> str:

@@ -91,6 +91,10 @@ def run_sweep(
     from gptkit.training.tracking import time_ms
 
     plan, specs = check_sweep(raw, source, overrides, spec)  # a bad point fails first
+    from gptkit.training.plan import spec_warnings
+
+    for warning in spec_warnings(specs.values()):
+        print(f"gptkit: warning: {warning}", file=sys.stderr)
     root = Path(run_dir or RunDir.new_sweep(spec.name))
     root.mkdir(parents=True, exist_ok=True)
     dump_yaml(raw, root / SWEEP_SPEC)

@@ -245,3 +245,29 @@ def test_validate_checks_every_sweep_point_and_names_the_sweep_entry(tmp_path):
         "unknown positional kind 'rpoe'",
     )
     assert "--set" not in result.stderr  # the user typed no override
+
+
+def test_validate_warns_of_settings_that_make_little_sense_and_shows_sampler_fields():
+    from gptkit.registry.registry import load_registry
+    from gptkit.training.plan import spec_warnings, summarize
+
+    raw = yaml.safe_load((ROOT / "experiments" / "smoke.yaml").read_text())
+    fine = validate_spec(raw)
+    assert spec_warnings([fine]) == []
+    odd = validate_spec(raw, overrides=["train.max_steps=5", "train.warmup_steps=9"])
+    assert spec_warnings([odd, odd]) == [  # said once over a sweep's runs
+        "train.warmup_steps (9) > train.max_steps (5): the learning rate never reaches train.lr",
+        "train.eval_every (10) > train.max_steps (5): one evaluation and one checkpoint, at the "
+        "last step",
+    ]
+    base = load_spec(ROOT / "experiments" / "baby_gpt.yaml")  # top_p with the default p=0.9
+    (sampler,) = [c for c in summarize(base, load_registry(())).components if c[0] == "sampler"]
+    assert "p=0.9" in sampler[2] and "temperature=0.8" in sampler[2]
+
+
+def test_a_plugin_module_not_on_the_import_path_says_how_to_add_it():
+    raw = yaml.safe_load((ROOT / "experiments" / "smoke.yaml").read_text())
+    with pytest.raises(GptkitError) as caught:
+        validate_spec({**raw, "plugins": ["my_own_plugin_nowhere"]})
+    assert "was not found on the import path" in str(caught.value)
+    assert "PYTHONPATH=." in str(caught.value)
