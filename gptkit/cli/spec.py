@@ -101,7 +101,7 @@ def validate(
         from gptkit.training.sweep import check_sweep
 
         runs = list(check_sweep(composed.data, str(spec), overrides or [], resolved)[1].values())
-    from gptkit.training.plan import spec_warnings
+    from gptkit.spec.validate import spec_warnings
 
     for warning in spec_warnings(runs):
         echo(f"gptkit: warning: {warning}", err=True)

@@ -109,7 +109,7 @@ def _new_spec(spec: Path | None, sets: list[str], run_dir: Path | None, progress
     if resolved.sweep or resolved.repeats > 1:
         _train_sweep(composed.data, spec, sets, resolved, run_dir, progress)
         return None
-    from gptkit.training.plan import spec_warnings
+    from gptkit.spec.validate import spec_warnings
 
     for warning in spec_warnings([resolved]):
         echo(f"gptkit: warning: {warning}", err=True)

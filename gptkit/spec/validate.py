@@ -272,3 +272,22 @@ def _require_recorded_kinds(
         raise PluginError(
             f"{source} " + "; and ".join(problems), "Run 'gptkit plugins' to see what is installed."
         )
+
+
+def spec_warnings(specs: Any) -> list[str]:
+    """Settings that validate but make little sense (each said once over a sweep's runs)."""
+    out: dict[str, None] = {}
+    for spec in specs:
+        t = spec.train
+        if t.warmup_steps > t.max_steps:
+            out[
+                f"train.warmup_steps ({t.warmup_steps}) > train.max_steps ({t.max_steps}): "
+                "the learning rate never reaches train.lr"
+            ] = None
+        if t.eval_every > t.max_steps:
+            out[
+                f"train.eval_every ({t.eval_every}) > train.max_steps ({t.max_steps}): one "
+                "evaluation and one checkpoint, at the last step"
+                + (" (early_stop cannot act)" if t.early_stop is not None else "")
+            ] = None
+    return list(out)

@@ -91,7 +91,7 @@ def run_sweep(
     from gptkit.training.tracking import time_ms
 
     plan, specs = check_sweep(raw, source, overrides, spec)  # a bad point fails first
-    from gptkit.training.plan import spec_warnings
+    from gptkit.spec.validate import spec_warnings
 
     for warning in spec_warnings(specs.values()):
         print(f"gptkit: warning: {warning}", file=sys.stderr)

@@ -249,7 +249,8 @@ def test_validate_checks_every_sweep_point_and_names_the_sweep_entry(tmp_path):
 
 def test_validate_warns_of_settings_that_make_little_sense_and_shows_sampler_fields():
     from gptkit.registry.registry import load_registry
-    from gptkit.training.plan import spec_warnings, summarize
+    from gptkit.spec.validate import spec_warnings
+    from gptkit.training.plan import summarize
 
     raw = yaml.safe_load((ROOT / "experiments" / "smoke.yaml").read_text())
     fine = validate_spec(raw)
