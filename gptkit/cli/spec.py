@@ -98,9 +98,15 @@ def validate(
     resolved = validate_composed(composed, str(spec), overrides or [])
     runs = [resolved]
     if resolved.sweep or resolved.repeats > 1:
-        from gptkit.training.sweep import check_sweep
+        from gptkit.training.sweep import check_sweep, is_search
 
-        runs = list(check_sweep(composed.data, str(spec), overrides or [], resolved)[1].values())
+        if is_search(resolved.sweep):
+            from gptkit.training.search import check_search
+
+            checked = check_search(composed.data, str(spec), overrides or [], resolved)
+        else:
+            checked = check_sweep(composed.data, str(spec), overrides or [], resolved)[1]
+        runs = list(checked.values())
     from gptkit.spec.validate import spec_warnings
 
     for warning in spec_warnings(runs):

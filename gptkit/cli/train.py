@@ -123,9 +123,11 @@ def _command_line() -> str:
 
 
 def _train_sweep(raw, spec: Path, sets: list[str], resolved, run_dir, progress: bool) -> None:
-    from gptkit.training.sweep import run_sweep
+    from gptkit.training.search import run_search
+    from gptkit.training.sweep import is_search, run_sweep
 
-    results = run_sweep(
+    runner = run_search if is_search(resolved.sweep) else run_sweep
+    results = runner(
         raw, str(spec), sets, resolved, run_dir, progress=progress, command=_command_line()
     )
     _report_sweep(results)
@@ -141,8 +143,14 @@ def _resumed_sweep(spec: Path | None, run_dir: Path | None, sets, progress: bool
             "--set cannot change a sweep being continued (its runs must stay comparable)",
             "Continue it as it was: gptkit train --resume --run-dir " + str(sweep_dir),
         )
-    from gptkit.training.sweep import resume_sweep
+    from gptkit.training.sweep import read_sweep_state, resume_sweep
 
+    state = read_sweep_state(sweep_dir)
+    if state.get("kind") == "search" and state.get("status") != "finished":
+        from gptkit.training.search import resume_search
+
+        _report_sweep(resume_search(sweep_dir, state, progress, _command_line()))
+        return True
     _report_sweep(resume_sweep(sweep_dir, progress, _command_line()))
     return True
 
@@ -174,7 +182,8 @@ def _report_sweep(results) -> None:
     echo("sweep done:")
     for r in results:
         val = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "n/a"
-        echo(f"  {r['point']:<40} val loss {val}  {r['run_dir']}")
+        note = " (pruned)" if r.get("stop_reason") == "pruned" else ""
+        echo(f"  {r['point']:<40} val loss {val}{note}  {r['run_dir']}")
 
 
 def _train_report(result) -> str:

@@ -165,8 +165,12 @@ class SpecTrainer:
         command: str | None = None,
         started_at: float | None = None,
         checkpoint: str = "latest",
+        on_eval: Any = None,
     ) -> None:
         self.spec = spec
+        # on_eval(step, val_loss) -> True to stop the run here (a search's pruner).
+        self.on_eval = on_eval
+        self.pruned = False
         self.resume_from = checkpoint  # on resume: latest, best or step-N
         self.started_at = started_at  # when the command began (the MLflow run's start)
         self.initial_model = model  # train this instance instead of a fresh one
@@ -483,7 +487,7 @@ class SpecTrainer:
         """The loop: step → log → evaluate → checkpoint, until max_steps."""
         t, state = self.spec.train, self.state
         self.model.train()
-        while state.step < t.max_steps and not self.patience_spent():
+        while state.step < t.max_steps and not self.patience_spent() and not self.pruned:
             self._stop_if_asked()
             t0 = time.perf_counter()
             lr = lr_at(state.step, t)
@@ -499,6 +503,7 @@ class SpecTrainer:
                 state.step % (t.checkpoint_every or t.eval_every) == 0
                 or state.step == t.max_steps
                 or self.patience_spent()
+                or self.pruned
             ):
                 self._checkpoint()
         if state.bad_in_a_row:
@@ -538,6 +543,8 @@ class SpecTrainer:
             return "interrupted"
         if status != "FINISHED":
             return "failed"
+        if self.pruned:
+            return "pruned"
         return "early_stop" if self.stopped_early() else "max_steps"
 
     def _stop_if_asked(self) -> None:
@@ -644,6 +651,10 @@ class SpecTrainer:
         self.progress.print(
             f"step {state.step}: val loss {state.last_val:.4f} (best {state.best_val:.4f})"
         )
+        if self.on_eval is not None and state.step < spec.train.max_steps:
+            self.pruned = bool(self.on_eval(state.step, state.last_val))
+            if self.pruned:
+                self.progress.print(f"step {state.step}: pruned by the search (not promising)")
         # A sharded model runs only with every rank taking part.
         if spec.train.sample_tokens and (self.dist.main or self.fsdp):
             text = progress_sample(

@@ -162,27 +162,32 @@ def check_sweep(
 ) -> tuple[Plan, dict[str, ExperimentSpec]]:
     """The sweep's plan and every run's validated spec (``gptkit validate`` and ``train`` both
     check each point before anything trains). A bad value is blamed on its sweep entry."""
-    base = {k: v for k, v in raw.items() if k not in ("sweep", "repeats")}
     plan = sweep_plan(spec)
+    runs = [run for _, point_runs in plan for run in point_runs]
+    return plan, check_runs(raw, source, overrides, runs, "sweep entry")
+
+
+def check_runs(
+    raw: dict[str, Any], source: str, overrides: list[str], runs: list[list[str]], entry: str
+) -> dict[str, ExperimentSpec]:
+    """Each run's spec (the spec without its sweep, with the run's overrides), by run name;
+    every distinct problem over all runs in one error, each named by its ``entry``."""
+    base = {k: v for k, v in raw.items() if k not in ("sweep", "repeats")}
     specs, problems = {}, {}
-    for _, runs in plan:
-        for run in runs:
-            labels = {o: f"sweep entry {o} in {source}" for o in run}
-            try:
-                specs[point_name(run)] = validate_spec(
-                    base,
-                    f"{source} (sweep point {point_name(run)})",
-                    [*overrides, *run],
-                    labels=labels,
-                )
-            except SpecError as exc:  # every distinct problem, not only the first point's
-                for where, message in exc.problems:
-                    problems.setdefault(f"{where}: {message}", (where, message))
-            except GptkitError as exc:
-                problems.setdefault(exc.message, ("sweep", exc.message))
+    for run in runs:
+        labels = {o: f"{entry} {o} in {source}" for o in run}
+        try:
+            specs[point_name(run)] = validate_spec(
+                base, f"{source} (sweep point {point_name(run)})", [*overrides, *run], labels=labels
+            )
+        except SpecError as exc:  # every distinct problem, not only the first run's
+            for where, message in exc.problems:
+                problems.setdefault(f"{where}: {message}", (where, message))
+        except GptkitError as exc:
+            problems.setdefault(exc.message, ("sweep", exc.message))
     if problems:
         raise SpecError(f"{source} (sweep:)", list(problems.values()))
-    return plan, specs
+    return specs
 
 
 def _run_plan(
@@ -291,6 +296,11 @@ def _open_group(
     return group
 
 
+def is_search(sweep: dict[str, Any]) -> bool:
+    """``sweep: {method: ...}`` is a search (gptkit.training.search), not a grid."""
+    return "method" in sweep
+
+
 def _point(
     spec: ExperimentSpec,
     folder: RunDir,
@@ -299,9 +309,10 @@ def _point(
     parent_run_id: str | None,
     progress: bool,
     command: str | None,
+    on_eval: Any = None,
 ) -> dict[str, Any]:
     """One run of the sweep: kept if it finished before, resumed from its checkpoint if it was
-    stopped, else trained from the start."""
+    stopped, else trained from the start. ``on_eval``: a search's pruner (see SpecTrainer)."""
     from gptkit.store.checkpoint import resume_candidates
     from gptkit.training.loop import SpecTrainer
 
@@ -320,6 +331,7 @@ def _point(
         run_name=name,
         overrides=overrides,
         command=command,
+        on_eval=on_eval,
     ).run()
     return _point_result(spec, folder, name)
 
