@@ -20,13 +20,10 @@ from gptkit.store.rundir import RunDir, default_run_name
 from gptkit.training.sweep import (
     SWEEP_SPEC,
     SweepParent,
-    _is_interruption,
+    SweepRun,
     _point,
-    _save_state,
-    _stop_watch,
     check_runs,
     point_name,
-    start_watch,
 )
 
 
@@ -163,42 +160,20 @@ def _run(
     command: str | None,
 ) -> list[dict[str, Any]]:
     optuna = optuna_module()
-    hint = f"gptkit train --resume --run-dir {root}"
-    RunDir(root).lock()
-    watch = start_watch(root, parent) if parent.run_id else None
-    state.update(status="running", resume=hint)
-    results: list[dict[str, Any]] = list(state.get("points") or [])
+    search = SweepRun(root, state, parent, "search", list(state.get("points") or []))
     study = _open_study(root, spec)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     try:
         failures = 0
         while len(study.get_trials(deepcopy=False, states=finished)) < spec.sweep["trials"]:
-            if not _trial(root, state, raw, spec, parent, study, results, progress, command):
+            if not _trial(search, raw, spec, study, progress, command):
                 failures += 1
                 if failures > spec.sweep["trials"]:
                     raise GptkitError("the search stopped: more failed trials than trials asked")
     except BaseException as exc:
-        status = "KILLED" if _is_interruption(exc) else "FAILED"
-        parent.end(status)
-        state["status"] = status.lower()
-        _save_state(root, state, results)
-        _stop_watch(watch)
-        RunDir(root).unlock()
-        if status == "KILLED":
-            from gptkit.training.loop import Interrupted
-
-            raise Interrupted(
-                f"search interrupted after {len(results)} run(s); its folder: {root}",
-                f"Continue the search with: {hint}",
-            ) from None
-        raise
-    state["status"] = "finished"
+        search.stop(exc)
     state["best"] = _best(study)
-    _save_state(root, state, results)
-    parent.finish([r for r in results if r.get("stop_reason") != "pruned"])
-    _stop_watch(watch)
-    RunDir(root).unlock()
-    return results
+    return search.finish([r for r in search.results if r.get("stop_reason") != "pruned"])
 
 
 def _best(study: Any) -> dict[str, Any] | None:
@@ -210,13 +185,10 @@ def _best(study: Any) -> dict[str, Any] | None:
 
 
 def _trial(
-    root: Path,
-    state: dict[str, Any],
+    search: SweepRun,
     raw: dict[str, Any],
     spec: ExperimentSpec,
-    parent: SweepParent,
     study: Any,
-    results: list[dict[str, Any]],
     progress: bool,
     command: str | None,
 ) -> bool:
@@ -225,11 +197,8 @@ def _trial(
     from gptkit.training.tracking import time_ms
 
     optuna = optuna_module()
-    trial = study.ask()
-    params = {key: suggest(trial, key, dim) for key, dim in spec.sweep["space"].items()}
-    folder = trial.user_attrs.get("folder") or f"trial-{trial.number:03d}"
-    trial.set_user_attr("folder", folder)
-    state["folders"][str(trial.number)] = folder
+    root, state, parent, results = search.root, search.state, search.parent, search.results
+    trial, params, folder = _ask(study, spec, state)
     point = [f"{k}={json.dumps(v)}" for k, v in params.items()]
     seeds = [spec.seed + i for i in range(spec.repeats)]
     runs = [[*point, f"seed={s}"] for s in seeds] if spec.repeats > 1 else [point]
@@ -246,7 +215,8 @@ def _trial(
     label = f"trial {trial.number}: {point_name(shown)}"
     print(f"=== {label}", flush=True)
     group = parent.group(label, point, time_ms()) if len(runs) > 1 else None
-    _save_state(root, state, results)
+    search.group = group
+    search.save()
     done = []
     for i, run in enumerate(runs):
         name = f"{label} seed={seeds[i]}" if len(runs) > 1 else label
@@ -262,17 +232,34 @@ def _trial(
         entry = {**result, "group": label, "trial": trial.number}
         done.append(entry)
         results.append(entry)
-        _save_state(root, state, results)
+        search.save()
         if result["stop_reason"] == "pruned":
             break
     if group is not None:
         group.finish(done, grouped=True)
+        search.group = None
+    _tell(study, trial, done)
+    return True
+
+
+def _ask(study: Any, spec: ExperimentSpec, state: dict[str, Any]) -> tuple[Any, dict, str]:
+    """The next trial, its values, and its folder (a re-asked trial keeps its own)."""
+    trial = study.ask()
+    params = {key: suggest(trial, key, dim) for key, dim in spec.sweep["space"].items()}
+    folder = trial.user_attrs.get("folder") or f"trial-{trial.number:03d}"
+    trial.set_user_attr("folder", folder)
+    state["folders"][str(trial.number)] = folder
+    return trial, params, folder
+
+
+def _tell(study: Any, trial: Any, done: list[dict[str, Any]]) -> None:
+    """Pruned, or the mean final validation loss over the trial's seeds."""
+    optuna = optuna_module()
     if done[-1]["stop_reason"] == "pruned":
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    else:
-        finals = [r["val_loss"] for r in done if r["val_loss"] is not None]
-        study.tell(trial, sum(finals) / len(finals) if finals else float("nan"))
-    return True
+        return
+    finals = [r["val_loss"] for r in done if r["val_loss"] is not None]
+    study.tell(trial, sum(finals) / len(finals) if finals else float("nan"))
 
 
 def _reporter(trial: Any) -> Any:

@@ -8,7 +8,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from gptkit.errors import GptkitError, RunError, SpecError
 from gptkit.spec.models import ExperimentSpec
@@ -202,19 +202,14 @@ def _run_plan(
 ) -> list[dict[str, Any]]:
     """Train every run of the plan not finished yet; keep ``sweep.json`` and the MLflow
     parent true whatever happens (KILLED on Ctrl-C or a signal, FAILED on an error)."""
-    hint = f"gptkit train --resume --run-dir {root}"
-    RunDir(root).lock()  # one process runs a sweep at a time
-    watch = start_watch(root, parent) if parent.run_id else None
-    state.update(status="running", resume=hint)
-    _save_state(root, state, [])
-    results: list[dict[str, Any]] = []
-    group: SweepParent | None = None
+    sweep = SweepRun(root, state, parent, "sweep", [])
     try:
         index, total = 0, sum(len(runs) for _, runs in plan)
         for point, runs in plan:
             group_name = point_name(point) or spec.name
             group = _open_group(parent, state, group_name, point) if len(runs) > 1 else None
-            _save_state(root, state, results)  # its MLflow id, before anything can stop it
+            sweep.group = group
+            sweep.save()  # the group's MLflow id, before anything can stop it
             done = []
             for run in runs:
                 index += 1
@@ -222,47 +217,77 @@ def _run_plan(
                 print(f"=== sweep point {index}/{total}: {name}", flush=True)
                 folder = RunDir.sweep_point(root, index, name)
                 target = group.run_id if group else parent.run_id
-                result = _point(
-                    specs[name],
-                    folder,
-                    name,
-                    [*state["overrides"], *run],
-                    target,
-                    progress,
-                    command,
-                )
-                entry = {**result, "group": group_name}
-                done.append(entry)
-                results.append(entry)
-                _save_state(root, state, results)
+                over = [*state["overrides"], *run]
+                result = _point(specs[name], folder, name, over, target, progress, command)
+                done.append({**result, "group": group_name})
+                sweep.results.append(done[-1])
+                sweep.save()
             if group is not None:
                 group.finish(done, grouped=True)
                 state["groups_done"].append(group.done_key)
-                group = None
+                sweep.group = None
     except BaseException as exc:
+        sweep.stop(exc)
+    return sweep.finish(sweep.results)
+
+
+class SweepRun:
+    """A sweep (or search) being run: its lock, its watcher, ``sweep.json`` and the MLflow
+    runs left open, ended truly however it stops."""
+
+    def __init__(
+        self,
+        root: Path,
+        state: dict[str, Any],
+        parent: SweepParent,
+        what: str,
+        results: list[dict[str, Any]],
+    ) -> None:
+        self.root, self.state, self.parent, self.what = root, state, parent, what
+        self.results = results
+        self.group: SweepParent | None = None  # a group run open now
+        self.hint = f"gptkit train --resume --run-dir {root}"
+        RunDir(root).lock()  # one process runs a sweep at a time
+        self.watch = start_watch(root, parent) if parent.run_id else None
+        state.update(status="running", resume=self.hint)
+        self.save()
+
+    def save(self) -> None:
+        _save_state(self.root, self.state, self.results)
+
+    def _close(self, status: str) -> None:
+        self.state["status"] = status
+        self.save()
+        _stop_watch(self.watch)
+        RunDir(self.root).unlock()
+
+    def stop(self, exc: BaseException) -> NoReturn:
+        """Stopped by ``exc``: the open runs KILLED (interrupted) or FAILED, then re-raised
+        with the command that continues."""
         status = "KILLED" if _is_interruption(exc) else "FAILED"
-        for run_ in (group, parent):
-            if run_ is not None:
-                run_.end(status)
-        state["status"] = status.lower()
-        _save_state(root, state, results)
-        _stop_watch(watch)
-        RunDir(root).unlock()
+        for run in (self.group, self.parent):
+            if run is not None:
+                run.end(status)
+        self._close(status.lower())
         if status == "KILLED":
             from gptkit.training.loop import Interrupted
 
             raise Interrupted(
-                f"sweep interrupted after {len(results)} finished run(s); its folder: {root}",
-                f"Continue the sweep with: {hint}",
+                f"{self.what} interrupted after {len(self.results)} finished run(s); its "
+                f"folder: {self.root}",
+                f"Continue the {self.what} with: {self.hint}",
             ) from None
-        print(f"gptkit: the sweep stopped; once fixed, continue it with: {hint}", file=sys.stderr)
-        raise
-    state["status"] = "finished"
-    _save_state(root, state, results)
-    parent.finish(results)
-    _stop_watch(watch)
-    RunDir(root).unlock()
-    return results
+        print(
+            f"gptkit: the {self.what} stopped; once fixed, continue it with: {self.hint}",
+            file=sys.stderr,
+        )
+        raise exc
+
+    def finish(self, ranked: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Done: ``sweep.json`` says finished, the parent gets the best of ``ranked``."""
+        self._close("finished")
+        self.parent.finish(ranked)
+        return self.results
 
 
 def _is_interruption(exc: BaseException) -> bool:
