@@ -159,3 +159,35 @@ def test_resuming_a_finished_sweep_trains_nothing_and_set_is_refused(tmp_path, r
     )
     after = {r.info.run_id: (r.info.status, r.info.end_time) for r in live_runs(tmp_path)}
     assert after == before  # a resume that trains nothing changes nothing in MLflow
+
+
+@pytest.mark.slow
+def test_a_point_killed_before_its_first_checkpoint_starts_again_and_leaves_no_stray_run(
+    tmp_path,
+):
+    spec = tmp_path / "sw.yaml"
+    spec.write_text(
+        f"extends: {SMOKE}\nname: sw\n"
+        "train: {max_steps: 400, eval_every: 400, eval_batches: 2, sample_tokens: 0,"
+        " log_every: 5, threads: 1}\nsweep: {train.lr: [0.003, 0.001]}\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptkit", "train", str(spec), "--no-progress", "--run-dir", "sweep"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not list((tmp_path / "sweep").glob("01-*/metrics.jsonl")):  # training has begun
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not list((tmp_path / "sweep").glob("01-*/checkpoints/step-*"))
+    assert wait_for_status(tmp_path, "KILLED").info.status == "KILLED"
+    again = run_cli("train", "--resume", "--run-dir", "sweep", "--no-progress", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "stopped before its first checkpoint; starting it again: sweep/01-" in again.stdout
+    runs = live_runs(tmp_path)  # deleted runs are not listed: one run per point, and the parent
+    assert sorted(r.data.tags.get("gptkit.kind", "run") for r in runs) == ["run", "run", "sweep"]
+    assert all(r.info.status == "FINISHED" for r in runs)
