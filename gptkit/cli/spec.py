@@ -96,6 +96,21 @@ def validate(
 
     composed = compose_spec_file(spec)
     resolved = validate_composed(composed, str(spec), overrides or [])
+    runs = [resolved]
+    if resolved.sweep or resolved.repeats > 1:
+        from gptkit.training.sweep import check_sweep, is_search
+
+        if is_search(resolved.sweep):
+            from gptkit.training.search import check_search
+
+            checked = check_search(composed.data, str(spec), overrides or [], resolved)
+        else:
+            checked = check_sweep(composed.data, str(spec), overrides or [], resolved)[1]
+        runs = list(checked.values())
+    from gptkit.spec.validate import spec_warnings
+
+    for warning in spec_warnings(runs):
+        echo(f"gptkit: warning: {warning}", err=True)
     registry = load_registry(tuple(resolved.plugins))
     warn_plugin_problems(registry)
     if print_spec:

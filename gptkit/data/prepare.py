@@ -92,6 +92,7 @@ class TokenData:
             "val_tokens": len(self.val),
             "documents": meta["documents"],
             "source_bytes": meta["source_bytes"],
+            "content_sha256": meta.get("content_sha256"),  # what a run's MLflow dataset shows
             "seconds": round(seconds, 3),
             "shards": meta["shards"],
         }

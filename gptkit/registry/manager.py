@@ -186,6 +186,13 @@ def plugin_manager(
         try:
             module = importlib.import_module(name)
         except BaseException as exc:  # noqa: BLE001 - sys.exit on import is a broken plugin too
+            if isinstance(exc, ModuleNotFoundError) and exc.name == name:
+                raise PluginError(
+                    f"plugin module '{name}' (from {origin}) could not be imported: it was not "
+                    "found on the import path",
+                    f"Install it, or for a {name}.py of your own folder put that folder on the "
+                    f"import path: PYTHONPATH=. gptkit ... (or pip install -e a package).",
+                ) from None
             dist = _distribution_of(name)
             where = f" ({dist} {_dist_version(dist)})" if dist else ""
             raise PluginError(

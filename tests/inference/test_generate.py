@@ -328,6 +328,9 @@ def test_temperature_zero_is_greedy_in_every_path(smoke_run):
     assert (
         gen.generate("ROMEO:", max_new_tokens=20, temperature=0, stop_at_eot=False) == greedy.text
     )
+    # A string is one prompt (not one prompt per character).
+    (alone,) = gen.complete("ROMEO:", max_new_tokens=20, kind="greedy", stop_at_eot=False)
+    assert alone.tokens == greedy.tokens
     streamed = "".join(gen.stream("ROMEO:", max_new_tokens=20, temperature=0, stop_at_eot=False))
     assert streamed == greedy.text
 
