@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from gptkit.components.attention import CausalSelfAttention
+from gptkit.components.attention import CausalSelfAttention, StaticKV
 from gptkit.components.optimizers import AdamWSpec
 from gptkit.components.tokenizers import CharTokenizer, CharTokenizerSpec
 from gptkit.plugin import AttentionSpec, SamplerSpec, hookimpl
@@ -73,6 +73,51 @@ class ForgetfulSpec(AttentionSpec):
         )
 
 
+def _mha(cls, model, positional):
+    return cls(model.d_model, model.n_heads, model.n_heads, model.dropout, model.bias, positional)
+
+
+class MaskIgnoringAttention(CausalSelfAttention):
+    """Correct without padding; ignores ``key_mask``, so left padding leaks into a row."""
+
+    def forward(self, x, positions, past=None, key_mask=None):
+        return super().forward(x, positions, past, None)
+
+
+class MaskIgnoringSpec(AttentionSpec):
+    kind: Literal["mask_ignoring"] = "mask_ignoring"
+
+    def build(self, model, *, positional):
+        return _mha(MaskIgnoringAttention, model, positional)
+
+
+class ShiftedStaticAttention(CausalSelfAttention):
+    """Correct with the concatenating cache; with the static cache it loses the first slot's
+    values (reads zeros there), as an off-by-one in the slot bookkeeping would."""
+
+    def attend_static(self, q, k, v, past: StaticKV, key_mask):
+        values = past.values.clone()
+        values[:, :, 0] = 0
+        return super().attend_static(q, k, v, past._replace(values=values), key_mask)
+
+
+class ShiftedStaticSpec(AttentionSpec):
+    kind: Literal["shifted_static"] = "shifted_static"
+
+    def build(self, model, *, positional):
+        return _mha(ShiftedStaticAttention, model, positional)
+
+
+class NoExampleSpec(AttentionSpec):
+    """A required field without ``examples``: the contract cannot build it."""
+
+    kind: Literal["no_example"] = "no_example"
+    width: int
+
+    def build(self, model, *, positional):
+        return _mha(CausalSelfAttention, model, positional)
+
+
 class GlobalRngSpec(SamplerSpec):
     """Samples with numpy's global RNG instead of the rng it is given."""
 
@@ -130,6 +175,9 @@ class FixedLrSpec(AdamWSpec):
 def gptkit_register_attention(register):
     register(PeekingSpec)
     register(ForgetfulSpec)
+    register(MaskIgnoringSpec)
+    register(ShiftedStaticSpec)
+    register(NoExampleSpec)
 
 
 @hookimpl
