@@ -191,6 +191,24 @@ def test_sampler_distribution_matches_its_analytic_truncation(kind, fields):
         assert chi2 < CHI2_999[dof], (chi2, counts, n * want)
 
 
+def test_the_analytic_reference_rejects_a_wrong_truncation():
+    from gptkit.components.samplers import TopKSpec
+
+    class OffByOneTopK(TopKSpec):  # overrides only truncate: keeps k + 1 tokens
+        def truncate(self, logits):
+            return TopKSpec(k=self.k + 1).truncate(logits)
+
+    wrong = OffByOneTopK(k=3)
+    # Its draws follow its own probs (so a check against probs() passes it) ...
+    testing.samplers.sampler_distribution(wrong)
+    # ... but not the independent reference, on every row.
+    rows = np.stack([LOGITS[0], LOGITS[0][::-1]])
+    assert not np.allclose(wrong.probs(rows)[0], expected("top_k", k=3))
+    right = sampler("top_k", k=3).probs(rows)
+    np.testing.assert_allclose(right[0], expected("top_k", k=3), atol=1e-12)
+    np.testing.assert_allclose(right[1], expected("top_k", k=3)[::-1], atol=1e-12)
+
+
 def test_greedy_and_repetition_penalty():
     assert sampler("greedy").sample(LOGITS, np.random.default_rng(0)).tolist() == [0]
     penalised = sampler("greedy", repetition_penalty=2.0)
