@@ -591,3 +591,25 @@ def test_chat_with_a_template_answers_what_the_rendered_prompt_would(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_serve_with_torch_unimportable_answers_like_the_regular_server(server, tmp_path):
+    port = free_port()
+    log = tmp_path / "stderr.txt"
+    code = "import sys; sys.modules['torch'] = None\nfrom gptkit.cli import main; main()"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "serve", str(server["bundle"]), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=open(log, "w"),
+        text=True,
+    )
+    try:
+        url = _wait_for(proc, port, log)
+        body = {"prompt": "ROMEO:", "max_tokens": 20, "seed": 7, "temperature": 0.8}
+        blocked = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+        regular = httpx.post(server["url"] + "/v1/completions", json=body, timeout=60).json()
+        assert blocked["choices"][0]["text"] == regular["choices"][0]["text"]
+        assert len(blocked["choices"][0]["text"]) > 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
