@@ -197,14 +197,21 @@ def check_joining(backend, new_tokens: int = 24) -> None:
         assert got == alone, f"prompt {prompt}: joined {got} != alone {alone}"
 
 
-def check_padding(model: GPT) -> None:
-    """A left-padded row in a batch gives the same logits as the row alone."""
+def _padded_batch() -> tuple[torch.Tensor, ...]:
+    """A 12-token row and a 7-token row left-padded by 5: (ids, positions, key_mask, long,
+    short)."""
     long, short = _tokens(1, 12, seed=2), _tokens(1, 7, seed=3)
     pad = torch.zeros(1, 5, dtype=torch.long)
     idx = torch.cat([long, torch.cat([pad, short], dim=1)], dim=0)  # (2, 12)
     key_mask = torch.ones(2, 12, dtype=torch.bool)
     key_mask[1, :5] = False
     positions = torch.cat([torch.arange(12)[None], (torch.arange(12) - 5).clamp(min=0)[None]])
+    return idx, positions, key_mask, long, short
+
+
+def check_padding(model: GPT) -> None:
+    """A left-padded row in a batch gives the same logits as the row alone."""
+    idx, positions, key_mask, long, short = _padded_batch()
     batched = model(idx, positions=positions, key_mask=key_mask).logits
     torch.testing.assert_close(batched[1, 5:], model(short).logits[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(batched[0], model(long).logits[0], rtol=0, atol=1e-5)
@@ -268,7 +275,23 @@ def check_onnx(model: GPT, folder) -> dict:
     assert isinstance(past[0], str) and isinstance(past[2], str), f"past dims fixed: {past}"
     report = parity_check(model, path)
     assert report["passed"], report
+    _check_onnx_padding(model, path)
     return report
+
+
+def _check_onnx_padding(model: GPT, path: Path) -> None:
+    """The exported graph honours ``attention_mask``: a left-padded row gives, under
+    onnxruntime, the logits torch gives for the row alone (a graph that ignores the mask
+    lets the padding leak in)."""
+    from gptkit.inference.onnx import OnnxModel
+
+    idx, positions, key_mask, _, short = _padded_batch()
+    onnx = OnnxModel(path)
+    got, _ = onnx.run(idx.numpy(), positions.numpy(), key_mask.numpy(), None, all_logits=True)
+    with torch.no_grad():
+        alone = model(short).logits[0].numpy()
+    err = float(abs(got[1, 5:] - alone).max())
+    assert err < 1e-4, f"the ONNX graph's padded row differs from the row alone: {err}"
 
 
 # The model the attention / positional / optimizer cases build; sizes the components' example

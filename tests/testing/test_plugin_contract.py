@@ -65,6 +65,13 @@ def test_broken_components_are_caught(slot, kind, prop, needle, tmp_path):
         run_contract(Case(slot, kind, prop, ("broken_components",)), tmp_path)
 
 
+@pytest.mark.slow  # an ONNX export
+def test_an_onnx_graph_ignoring_attention_mask_is_caught(tmp_path):
+    case = Case("attention", "mask_ignoring", "onnx", ("broken_components",))
+    with pytest.raises(AssertionError, match="padded row differs from the row alone"):
+        run_contract(case, tmp_path)
+
+
 def test_a_component_whose_example_cannot_be_built_fails_not_skips(tmp_path):
     with pytest.raises(pytest.fail.Exception, match="no example values"):
         run_contract(Case("attention", "no_example", "shapes", ("broken_components",)), tmp_path)
