@@ -108,6 +108,21 @@ class ShiftedStaticSpec(AttentionSpec):
         return _mha(ShiftedStaticAttention, model, positional)
 
 
+class DecodeMaskDroppingAttention(CausalSelfAttention):
+    """Honours ``key_mask`` on a prefill only: decoding through a cache ignores it, so a row
+    that joined a running batch (its cache left-padded) attends to the padding."""
+
+    def forward(self, x, positions, past=None, key_mask=None):
+        return super().forward(x, positions, past, None if past is not None else key_mask)
+
+
+class DecodeMaskDroppingSpec(AttentionSpec):
+    kind: Literal["decode_mask_dropping"] = "decode_mask_dropping"
+
+    def build(self, model, *, positional):
+        return _mha(DecodeMaskDroppingAttention, model, positional)
+
+
 class NoExampleSpec(AttentionSpec):
     """A required field without ``examples``: the contract cannot build it."""
 
@@ -178,6 +193,7 @@ def gptkit_register_attention(register):
     register(MaskIgnoringSpec)
     register(ShiftedStaticSpec)
     register(NoExampleSpec)
+    register(DecodeMaskDroppingSpec)
 
 
 @hookimpl
