@@ -320,6 +320,11 @@ def run_model_case(case: Any, example: Any, folder: Path) -> None:
             assert not torch.equal(a(idx).logits, c(idx).logits), (
                 "another seed gave the same outputs: the weights ignore the seed"
             )
+        # The component's own weights, not only the rest of the model's, follow the seed.
+        mine, other = _component_params(a, case.slot), _component_params(c, case.slot)
+        assert not mine or any(not torch.equal(x, y) for x, y in zip(mine, other)), (
+            f"another seed gave the {case.slot}'s weights unchanged: its init ignores the seed"
+        )
         return
     model = contract_model(case, example)
     if case.prop == "static_cache" and not model.static_cache:
@@ -345,6 +350,14 @@ def run_model_case(case: Any, example: Any, folder: Path) -> None:
         }[case.prop]
         with torch.no_grad():
             check(model)
+
+
+def _component_params(model: GPT, slot: str) -> list[torch.Tensor]:
+    """The parameters of the model's ``slot`` component (every block's attention, or the
+    shared positional encoding)."""
+    if slot == "positional":
+        return [p.detach() for p in model.positional.parameters()]
+    return [p.detach() for block in model.blocks for p in block.attn.parameters()]
 
 
 def cache_steps(example: Any) -> int:

@@ -123,6 +123,25 @@ class DecodeMaskDroppingSpec(AttentionSpec):
         return _mha(DecodeMaskDroppingAttention, model, positional)
 
 
+class FixedInitAttention(CausalSelfAttention):
+    """Initialises its weights from a fixed generator: every seed gives the same attention."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.out_proj.gptkit_residual = False  # so the GPT does not re-initialise it either
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+class FixedInitSpec(AttentionSpec):
+    kind: Literal["fixed_init"] = "fixed_init"
+
+    def build(self, model, *, positional):
+        return _mha(FixedInitAttention, model, positional)
+
+
 class NoExampleSpec(AttentionSpec):
     """A required field without ``examples``: the contract cannot build it."""
 
@@ -194,6 +213,7 @@ def gptkit_register_attention(register):
     register(ShiftedStaticSpec)
     register(NoExampleSpec)
     register(DecodeMaskDroppingSpec)
+    register(FixedInitSpec)
 
 
 @hookimpl

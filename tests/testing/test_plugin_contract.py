@@ -51,6 +51,7 @@ BROKEN = [
     ("attention", "mask_ignoring", "padding", "Tensor-likes are not close"),
     ("attention", "shifted_static", "static_cache", "differs from the concatenating cache"),
     ("attention", "decode_mask_dropping", "joining", "joined"),
+    ("attention", "fixed_init", "determinism", "its init ignores the seed"),
     ("sampler", "global_rng", "seeded", "numpy's global RNG"),
     ("tokenizer", "lossy", "roundtrip", "decode(encode(x)) != x"),
     ("optimizer", "fixed_lr", "zero_lr", "ignores the schedule"),
