@@ -15,6 +15,7 @@ from pydantic import Field
 
 from gptkit.components.attention import CausalSelfAttention, StaticKV
 from gptkit.components.optimizers import AdamWSpec
+from gptkit.components.samplers import TopKSpec
 from gptkit.components.tokenizers import CharTokenizer, CharTokenizerSpec
 from gptkit.plugin import AttentionSpec, SamplerSpec, hookimpl
 
@@ -162,6 +163,18 @@ class GlobalRngSpec(SamplerSpec):
         return np.array([np.random.choice(p.shape[-1], p=row) for row in p], dtype=np.int64)
 
 
+class DrawsUntruncatedSpec(TopKSpec):
+    """Reports top-k probabilities but draws from the whole softmax."""
+
+    kind: Literal["draws_untruncated"] = "draws_untruncated"  # type: ignore[assignment]
+
+    def sample(self, logits, rng, previous=None, states=None):
+        x = self.adjust(logits, previous)
+        p = np.exp(x - x.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        return np.array([rng.choice(len(row), p=row) for row in p])
+
+
 class LossyTokenizer(CharTokenizer):
     """Lower-cases what it decodes: decode(encode(x)) != x."""
 
@@ -219,6 +232,7 @@ def gptkit_register_attention(register):
 @hookimpl
 def gptkit_register_sampler(register):
     register(GlobalRngSpec)
+    register(DrawsUntruncatedSpec)
 
 
 @hookimpl
