@@ -39,7 +39,9 @@ def plugins(as_json: JsonOpt = False) -> None:
     for col in ("plugin", "version", "origin", "status"):
         table.add_column(col)
     for info in registry.pm.infos:
-        table.add_row(info.name, info.version, info.origin, info.error or "ok")
+        refused = [p for p in registry.problems if f"plugin '{info.name}' " in p]
+        status = info.error or ("error: " + "; ".join(refused) if refused else "ok")
+        table.add_row(info.name, info.version, info.origin, status)
     console.print(table)
     table = Table(title="components", title_justify="left")
     for col in ("slot", "kind", "spec class", "provider"):

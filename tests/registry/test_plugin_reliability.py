@@ -1,0 +1,58 @@
+"""Plugin contracts fail loudly (issue 26): a plugin written against an older contract and a
+kind two providers claim are refused at registration, naming what is wrong."""
+
+import pytest
+
+from gptkit.errors import GptkitError
+from gptkit.registry.manager import plugin_manager
+from gptkit.registry.registry import Registry
+from gptkit.spec.validate import validate_spec
+from tests.helpers import assert_user_error, run_cli
+
+
+def _registry(*modules):
+    return Registry.from_manager(plugin_manager(modules, autoload=False))
+
+
+def test_old_signature_build_is_refused_at_registration_naming_what_changed():
+    registry = _registry("old_signature")
+    assert "old_attention" not in registry.components["attention"]
+    (problem,) = registry.problems
+    assert "plugin 'old_signature' 0.1" in problem
+    assert "old_signature.OldAttentionSpec.build(model)" in problem
+    assert "build(model, positional=...)" in problem and "positional" in problem
+
+
+def test_old_signature_spec_is_refused_with_the_reason_not_a_type_error():
+    spec = {
+        "plugins": ["old_signature"],
+        "model": {"attention": "old_attention", "d_model": 16, "n_heads": 2, "vocab_size": 8},
+    }
+    with pytest.raises(GptkitError, match="was refused: plugin 'old_signature'"):
+        validate_spec(spec)
+
+
+def test_old_signature_cli_plugins_shows_the_error_and_validate_exits_2(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "plugins: [old_signature]\n"
+        "model: {attention: old_attention, d_model: 16, n_heads: 2, vocab_size: 8}\n"
+    )
+    listing = run_cli("plugins", env={"GPTKIT_PLUGINS": "old_signature"})
+    assert "OldAttentionSpec.build(model)" in listing.stdout + listing.stderr
+    assert_user_error(run_cli("validate", spec), "OldAttentionSpec.build(model)", "refused")
+
+
+def test_kind_clash_with_a_builtin_refuses_both_even_as_the_default():
+    registry = _registry("duplicate_kind")
+    assert "mha" not in registry.components["attention"]
+    (problem,) = registry.problems
+    assert "attention kind 'mha' is provided by both" in problem
+    assert "gptkit.components.attention" in problem and "'duplicate_kind' 9.9" in problem
+    assert "gqa" in registry.components["attention"]  # the rest keep working
+    # 'mha' is the default attention: a spec naming none must not silently get either class
+    model = {"d_model": 16, "n_heads": 2, "vocab_size": 8}
+    with pytest.raises(GptkitError, match="provided by both"):
+        validate_spec({"plugins": ["duplicate_kind"], "model": model})
+    with pytest.raises(GptkitError, match="provided by both"):
+        validate_spec({"plugins": ["duplicate_kind"], "model": {**model, "attention": "mha"}})
