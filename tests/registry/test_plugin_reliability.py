@@ -56,3 +56,25 @@ def test_kind_clash_with_a_builtin_refuses_both_even_as_the_default():
         validate_spec({"plugins": ["duplicate_kind"], "model": model})
     with pytest.raises(GptkitError, match="provided by both"):
         validate_spec({"plugins": ["duplicate_kind"], "model": {**model, "attention": "mha"}})
+
+
+@pytest.mark.slow
+def test_spec_plugins_tokenizer_prepares_and_trains_without_entry_points(tmp_path):
+    """'a spec file you train yourself loads its own plugins:' holds for prepare and train
+    with autoload off (the word tokenizer comes from the spec's gptkit_labkit only)."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("the king and the queen walk in the garden of the castle\n" * 200)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "plugins: [gptkit_labkit]\n"
+        f"data: {{source: {text}}}\n"
+        "tokenizer: {kind: word, max_vocab: 50}\n"
+        "model: {d_model: 16, n_heads: 2, n_layers: 1, max_seq_len: 16}\n"
+        "train: {batch_size: 2, max_steps: 2, eval_every: 2, eval_batches: 1, sample_tokens: 2}\n"
+    )
+    env = {"GPTKIT_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    prepare = run_cli("prepare", spec, cwd=tmp_path, env=env)
+    assert prepare.returncode == 0, prepare.stderr
+    train = run_cli("train", spec, "--no-progress", "--run-dir", tmp_path / "run", env=env)
+    assert train.returncode == 0, train.stderr
+    assert (tmp_path / "run" / "tokenizer").is_dir()
