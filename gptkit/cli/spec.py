@@ -14,9 +14,16 @@ from gptkit.cli._common import JsonOpt, SetOpt, SpecArg, app, echo, warn_plugin_
 @app.command()
 def plugins(as_json: JsonOpt = False) -> None:
     """List every plugin (name, version, origin) and the components it registers, by slot."""
-    from gptkit.registry.registry import SLOTS, load_registry
+    import importlib.util
 
-    registry = load_registry()
+    from gptkit.registry.manager import plugin_manager
+    from gptkit.registry.registry import SLOTS, Registry, load_registry
+
+    if importlib.util.find_spec("torch") is None:
+        # Without PyTorch, list the torch-free slots (what bundles use) and say what is missing.
+        registry = Registry.from_manager(plugin_manager(torch_optional=True))
+    else:
+        registry = load_registry()
     if as_json:
         doc = {
             "plugins": [vars(i) for i in registry.pm.infos],

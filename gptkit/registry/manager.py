@@ -132,13 +132,16 @@ def plugin_manager(
     *,
     builtins: tuple[str, ...] = BUILTINS,
     autoload: bool | None = None,
+    torch_optional: bool = False,
 ) -> PluginManager:
     """Build a fresh plugin manager.
 
     Order: the built-in component modules, then entry points of group ``gptkit`` (unless
     ``GPTKIT_DISABLE_PLUGIN_AUTOLOAD=1``), then ``GPTKIT_PLUGINS``, then ``modules`` (a spec's
     ``plugins:`` list). An entry point that fails is recorded and skipped; a module the user
-    named explicitly that fails is a :class:`PluginError`.
+    named explicitly that fails is a :class:`PluginError`. ``torch_optional``: without
+    PyTorch, record the built-ins that need it as not loaded instead of refusing (``gptkit
+    plugins`` lists what the torch-free slots hold).
     """
     from gptkit import __version__
 
@@ -149,6 +152,18 @@ def plugin_manager(
         except ImportError as exc:
             if exc.name != "torch":
                 raise
+            if torch_optional:
+                pm.infos.append(
+                    PluginInfo(
+                        name,
+                        __version__,
+                        "builtin",
+                        "needs PyTorch, which is not installed (pip install 'gptkit[train]')",
+                        name,
+                        None,
+                    )
+                )
+                continue
             raise PluginError(
                 f"gptkit's built-in {name.rsplit('.', 1)[-1]} need PyTorch, which is not installed",
                 "Install the training extra: pip install 'gptkit[train]' (exported bundles run "

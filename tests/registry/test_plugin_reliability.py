@@ -1,6 +1,10 @@
 """Plugin contracts fail loudly (issue 26): a plugin written against an older contract and a
 kind two providers claim are refused at registration, naming what is wrong."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 from gptkit.errors import GptkitError
@@ -78,3 +82,26 @@ def test_spec_plugins_tokenizer_prepares_and_trains_without_entry_points(tmp_pat
     train = run_cli("train", spec, "--no-progress", "--run-dir", tmp_path / "run", env=env)
     assert train.returncode == 0, train.stderr
     assert (tmp_path / "run" / "tokenizer").is_dir()
+
+
+def test_gptkit_plugins_works_without_torch():
+    """The hint 'Run gptkit plugins' in torch-free errors must be runnable without torch."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.modules['torch'] = None\n"
+            "from gptkit.cli import main\n"
+            "main(['plugins', '--json'])",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    doc = json.loads(result.stdout)
+    assert "char" in doc["components"]["tokenizer"] and "top_p" in doc["components"]["sampler"]
+    assert doc["components"]["attention"] == {}  # the built-in attentions need torch
+    (attention,) = [p for p in doc["plugins"] if p["name"] == "gptkit.components.attention"]
+    assert "needs PyTorch" in attention["error"]
