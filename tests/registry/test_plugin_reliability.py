@@ -105,3 +105,36 @@ def test_gptkit_plugins_works_without_torch():
     assert doc["components"]["attention"] == {}  # the built-in attentions need torch
     (attention,) = [p for p in doc["plugins"] if p["name"] == "gptkit.components.attention"]
     assert "needs PyTorch" in attention["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("attention", "prop"),
+    [("peek_ahead", "causal"), ("drops_first", "cache-equals-full-forward")],
+)
+def test_export_refuses_a_model_that_breaks_the_contract(tmp_path, attention, prop):
+    """Parity alone passes these (torch and onnxruntime run the same wrong code)."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "plugins: [planted_contract]\n"
+        "data: {source: tinyshakespeare}\n"
+        "tokenizer: char\n"
+        "model: {d_model: 16, n_heads: 2, n_layers: 1, max_seq_len: 32,\n"
+        f"  attention: {attention}}}\n"
+        "train: {batch_size: 2, max_steps: 2, eval_every: 2, eval_batches: 1, sample_tokens: 2}\n"
+    )
+    run = tmp_path / "run"
+    train = run_cli("train", spec, "--no-progress", "--run-dir", run, cwd=tmp_path)
+    assert train.returncode == 0, train.stderr
+    export = run_cli(
+        "export",
+        run,
+        "--out",
+        tmp_path / "bundle",
+        cwd=tmp_path,
+        env={"GPTKIT_PLUGINS": "planted_contract"},
+    )
+    assert_user_error(
+        export, f"model.attention '{attention}'", f"fails the contract's {prop} check"
+    )
+    assert not (tmp_path / "bundle").exists()
