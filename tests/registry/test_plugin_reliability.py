@@ -138,3 +138,12 @@ def test_export_refuses_a_model_that_breaks_the_contract(tmp_path, attention, pr
         export, f"model.attention '{attention}'", f"fails the contract's {prop} check"
     )
     assert not (tmp_path / "bundle").exists()
+
+
+def test_a_sampler_whose_state_leaks_is_reported_as_leaking_state():
+    from gptkit.testing.samplers import sampler_distribution
+
+    registry = _registry("leaky_sampler")
+    sampler = registry.get("sampler", "leaky")()
+    with pytest.raises(AssertionError, match="sampler state leaks between generations"):
+        sampler_distribution(sampler)
