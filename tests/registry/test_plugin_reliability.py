@@ -147,3 +147,15 @@ def test_a_sampler_whose_state_leaks_is_reported_as_leaking_state():
     sampler = registry.get("sampler", "leaky")()
     with pytest.raises(AssertionError, match="sampler state leaks between generations"):
         sampler_distribution(sampler)
+
+
+@pytest.mark.parametrize(
+    ("attention", "prop"), [("peek_ahead", "causal"), ("drops_first", "kv_cache")]
+)
+def test_model_contract_checks_name_the_failing_property(attention, prop):
+    from gptkit.testing.models import check_causal, check_kv_cache, tiny_model
+
+    model = tiny_model(attention, plugins=["planted_contract"]).eval()
+    check = check_causal if prop == "causal" else check_kv_cache
+    with pytest.raises(AssertionError, match=f"^{prop}: "):
+        check(model)
