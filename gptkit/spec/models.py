@@ -375,6 +375,9 @@ def _slot_field(registry: Registry, slot: str) -> tuple[Any, Any]:
     if default_kind in registry.components[slot]:
         default_cls = registry.components[slot][default_kind].cls
         return (annotated, Field(default_factory=lambda: default_cls(kind=default_kind)))
+    if default_kind in registry.refused.get(slot, {}):
+        # The default was refused (two providers claim it): a spec relying on it gets why.
+        return (annotated, Field(default={"kind": default_kind}, validate_default=True))
     return (annotated, Field(...))
 
 

@@ -67,6 +67,11 @@ def check_shapes(model: GPT) -> None:
     assert loss is not None and loss.dim() == 0 and torch.isfinite(loss)
 
 
+def _property(name: str, what: str) -> Any:
+    """An ``assert_close`` message naming the contract property that failed."""
+    return lambda detail: f"{name}: {what}\n{detail}"
+
+
 def check_causal(model: GPT, length: int = 16) -> None:
     """Changing token t+1 leaves the outputs at positions <= t unchanged."""
     idx = _tokens(2, length)
@@ -75,7 +80,13 @@ def check_causal(model: GPT, length: int = 16) -> None:
         changed = idx.clone()
         changed[:, t + 1] = (changed[:, t + 1] + 1) % VOCAB
         out = model(changed).logits
-        torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            out[:, : t + 1],
+            base[:, : t + 1],
+            rtol=0,
+            atol=1e-6,
+            msg=_property("causal", f"changing token {t + 1} changed earlier outputs"),
+        )
         assert not torch.allclose(out[:, t + 1 :], base[:, t + 1 :]), "later outputs ignore input"
 
 
@@ -91,7 +102,13 @@ def check_kv_cache(model: GPT, prefill: int = 8, decode: int = 64, atol: float =
         pieces.append(out.logits)
         past = out.past_key_values
     cached = torch.cat(pieces, dim=1)
-    torch.testing.assert_close(cached, full, rtol=0, atol=atol)
+    torch.testing.assert_close(
+        cached,
+        full,
+        rtol=0,
+        atol=atol,
+        msg=_property("kv_cache", "cached decode differs from the full forward pass"),
+    )
     assert past[0][0].shape[2] == prefill + decode
 
 
@@ -213,8 +230,9 @@ def check_padding(model: GPT) -> None:
     """A left-padded row in a batch gives the same logits as the row alone."""
     idx, positions, key_mask, long, short = _padded_batch()
     batched = model(idx, positions=positions, key_mask=key_mask).logits
-    torch.testing.assert_close(batched[1, 5:], model(short).logits[0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(batched[0], model(long).logits[0], rtol=0, atol=1e-5)
+    msg = _property("padding", "a left-padded row differs from the row alone")
+    torch.testing.assert_close(batched[1, 5:], model(short).logits[0], rtol=0, atol=1e-5, msg=msg)
+    torch.testing.assert_close(batched[0], model(long).logits[0], rtol=0, atol=1e-5, msg=msg)
 
 
 def check_gradients(model: GPT) -> None:

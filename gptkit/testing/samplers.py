@@ -64,15 +64,34 @@ def _check_draws(sampler: Any, logits: Any, p: Any, gen: Any, draws: int) -> Non
         minlength=len(logits),
     )
     want = p * counts.sum()
-    assert counts[want == 0].sum() == 0, "drew a token outside the sampler's support"
+    vocab = len(logits)
     support = want > 0
     dof = int(support.sum()) - 1
+    chi2 = float((((counts[support] - want[support]) ** 2) / want[support]).sum())
+    if counts[~support].sum() or (dof > 0 and chi2 >= chi2_critical(dof)):
+        # Name the cause when it is state carried from one generation into the next.
+        assert not _state_leaks(sampler, vocab), (
+            "sampler state leaks between generations: the first draw of a fresh generation "
+            "depends on earlier generations (keep per-generation state in new_state() objects)"
+        )
+    assert counts[~support].sum() == 0, "drew a token outside the sampler's support"
     if dof > 0:
-        chi2 = float((((counts[support] - want[support]) ** 2) / want[support]).sum())
         assert chi2 < chi2_critical(dof), (
             f"draws do not follow probs (chi2 {chi2:.1f}): {counts.tolist()} vs "
             f"{want.round(1).tolist()}"
         )
+
+
+def _state_leaks(sampler: Any, vocab: int) -> bool:
+    """Whether a fresh generation's first draw changes after other generations ran."""
+    import numpy as np
+
+    logits = np.random.default_rng(7).normal(0, 2, size=(64, vocab))
+    before = _draw(sampler, logits, np.random.default_rng(1), _fresh(sampler, 64))
+    for seed in range(5):
+        _draw(sampler, logits, np.random.default_rng(100 + seed), _fresh(sampler, 64))
+    after = _draw(sampler, logits, np.random.default_rng(1), _fresh(sampler, 64))
+    return bool((before != after).any())
 
 
 def sampler_seeded(sampler: Any, rows: int = 256, vocab: int = 12) -> None:
@@ -116,7 +135,10 @@ def sampler_state(sampler: Any, rows: int = 3, steps: int = 40, vocab: int = 12)
             for _ in range(steps)
         ]
 
-    assert generation() == generation(), "a seeded generation with fresh states did not repeat"
+    assert generation() == generation(), (
+        "sampler state leaks between generations: a seeded generation with fresh states did "
+        "not repeat"
+    )
 
 
 def run_sampler_case(case: Any, example: Any, registry: Any, folder: Path) -> None:

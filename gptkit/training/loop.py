@@ -286,7 +286,7 @@ class SpecTrainer:
             )
         from gptkit.components.tokenizers import load_tokenizer
 
-        saved = load_tokenizer(self.rundir.tokenizer_dir)
+        saved = load_tokenizer(self.rundir.tokenizer_dir, spec_class=type(self.spec.tokenizer))
         if saved.state() != self.data.tokenizer.state():
             raise RunError(
                 f"cannot resume {self.run_dir}: the data would give it a different tokenizer "
