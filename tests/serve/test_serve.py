@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from gptkit.inference.decoding import GenerationOptions
+from gptkit.serve.schemas import Limits
 from tests.helpers import assert_user_error, run_cli
 from tests.mlflow_server import free_port
 
@@ -326,6 +327,63 @@ def test_a_client_leaving_mid_stream_leaves_the_batch_and_others_finish(server):
             break
         time.sleep(0.1)
     assert httpx.get(url + "/health").json()["active"] == 0
+
+
+def test_streaming_clients_that_hang_up_at_once_release_their_admission(server):
+    """A client that closes its socket right after sending a streaming request (before the body
+    starts) must not keep its admission slot: more of them than max_concurrent + max_queued
+    (4 + 8), then nothing is active and a normal request is answered (not 429)."""
+    url = server["url"]
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "KING", "max_tokens": 64, "stream": True}).encode()
+    request = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    for _ in range(30):
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(request)
+    for _ in range(100):
+        if httpx.get(url + "/health").json()["active"] == 0:
+            break
+        time.sleep(0.1)
+    assert httpx.get(url + "/health").json()["active"] == 0
+    r = httpx.post(url + "/v1/completions", json={"prompt": "A", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+def test_a_stream_whose_first_send_fails_releases_its_admission_and_cancels(bundle):
+    """Under an ASGI 2.4 server a send to a closed socket raises OSError: the response ends
+    before the event generator ever starts (so its own ``finally`` never runs). The streamed
+    answer still releases its admission slot and cancels its rows, once."""
+    from starlette.requests import ClientDisconnect
+
+    import gptkit
+    from gptkit.serve.schemas import CompletionRequest
+    from gptkit.serve.service import CompletionService
+
+    service = CompletionService(gptkit.load(bundle), Limits(max_concurrent=1, max_queued=0))
+
+    async def hang_up(message):
+        raise OSError("the client closed the connection")
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def one_stream():
+        req = CompletionRequest(prompt="KING", max_tokens=30, stream=True)
+        response = await service.completions(req)
+        assert service.active == 1
+        scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
+        with pytest.raises(ClientDisconnect):
+            await response(scope, receive, hang_up)
+        return response
+
+    for _ in range(3):  # more than max_concurrent + max_queued: each slot came back
+        response = asyncio.run(one_stream())
+        assert service.active == 0 and response.done.ran
+    assert service.scheduler.thread.is_alive()
 
 
 def test_concurrent_clients_share_decode_steps_and_get_the_tokens_they_get_alone(server):
