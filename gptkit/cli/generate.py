@@ -131,7 +131,13 @@ def eval_cmd(
 
 @app.command()
 def serve(
-    bundle: Annotated[Path, typer.Argument(help="An export bundle folder.")],
+    bundle: Annotated[
+        Path,
+        typer.Argument(
+            help="An export bundle folder (served on onnxruntime) or a training run folder "
+            "(served on torch)."
+        ),
+    ],
     host: Annotated[
         str, typer.Option(help="Address to bind (default: this machine only).")
     ] = "127.0.0.1",
@@ -171,7 +177,8 @@ def serve(
         bool, typer.Option("--access-log/--no-access-log", help="One stderr line per request.")
     ] = True,
 ) -> None:
-    """Serve an export bundle over HTTP (OpenAI-style /v1/completions) on onnxruntime."""
+    """Serve an export bundle (onnxruntime) or a training run (torch) over HTTP: OpenAI-style
+    /v1/completions and /v1/chat/completions."""
     from gptkit.serve.http import serve as run_server
     from gptkit.serve.schemas import Limits
 

@@ -373,7 +373,12 @@ class DecodeBatch:
 
     def encode(self, prompt: str, index: int = 0) -> list[int]:
         """Prompt ids (the end-of-text token for an empty prompt), checked against the context."""
-        ids = self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eot_id]
+        return self.checked(self.tokenizer.encode(prompt) if prompt else [], index)
+
+    def checked(self, ids: Sequence[int], index: int = 0) -> list[int]:
+        """Prompt ids given as such (the end-of-text token for none), checked against the
+        context."""
+        ids = list(ids) or [self.tokenizer.eot_id]
         if len(ids) > self.limit:
             raise GptkitError(
                 f"prompt {index} is {len(ids)} tokens; the model's context is {self.limit} "

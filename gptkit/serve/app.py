@@ -155,7 +155,7 @@ def create_app(bundle: Inference, limits: Limits | None = None, name: str | None
     app = FastAPI(
         title="gptkit",
         version=service.version,
-        description="OpenAI-compatible completions from a gptkit export bundle.",
+        description="OpenAI-compatible completions from a gptkit export bundle or training run.",
         docs_url=None,
         redoc_url=None,
     )
@@ -191,12 +191,38 @@ def create_app(bundle: Inference, limits: Limits | None = None, name: str | None
     return app
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    """OpenAI's ``param`` for a pydantic error location: ``('body', 'messages', 0, 'role')``
+    is ``messages[0].role`` (union branch tags such as ``list[int]`` are left out)."""
+    out = ""
+    for part in loc[1:]:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.isidentifier() and part.lower() not in _TYPE_TAGS:
+            out += f".{part}" if out else part
+    return out or None
+
+
 async def _invalid(request: Request, exc: Exception) -> JSONResponse:
+    """A body that does not parse or fit the schema: 400 naming the first parameter at fault."""
     assert isinstance(exc, RequestValidationError)
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()
-    )
-    return error_response(422, problems or "invalid request")
+    errors = exc.errors()
+    if not errors:
+        return error_response(400, "invalid request")
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        where = first["loc"][1] if len(first["loc"]) > 1 else "?"
+        detail = (first.get("ctx") or {}).get("error", "")
+        return error_response(
+            400, f"the request body is not valid JSON ({detail} at character {where})"
+        )
+    param = _param(tuple(first["loc"]))
+    if first["type"] == "extra_forbidden":
+        return error_response(400, f"{param}: unknown parameter", param=param)
+    return error_response(400, f"{param or 'body'}: {first['msg']}", param=param)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -10,7 +10,6 @@ import time
 
 from gptkit.errors import GptkitError
 from gptkit.inference.base import Inference
-from gptkit.inference.onnx import open_bundle
 from gptkit.serve.app import access_log, create_app
 from gptkit.serve.schemas import Limits
 
@@ -86,7 +85,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(
-    bundle_dir: str,
+    bundle_dir: str,  # an export bundle or a training run folder
     host: str = "127.0.0.1",
     port: int = 8000,
     limits: Limits | None = None,
@@ -98,7 +97,12 @@ def serve(
     limits = limits or Limits()
     started = time.perf_counter()
     sock = bind(host, port)  # before anything is printed: a busy port is a plain error
-    bundle = Inference(**open_bundle(bundle_dir))  # a bundle only: onnxruntime, no torch
+    # A bundle runs on onnxruntime (no torch in the process); a run folder on torch.
+    bundle = Inference.load(bundle_dir)
+    if bundle.manifest is None and name is None:  # a run: its spec names it
+        from gptkit.store.rundir import RunDir
+
+        name = RunDir.resolve(bundle_dir, announce=False).read_spec().name
     app = create_app(bundle, limits, name)
     if access:
         handler = logging.StreamHandler(sys.stderr)

@@ -24,20 +24,59 @@ class Limits:
     stream_interval_s: float = 0.01  # streamed text is handed over at most this often
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class Strict(BaseModel):
+    """A request part: a field gptkit does not know is a 400 naming it, never ignored."""
 
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
+class Unsupported(Strict):
+    """OpenAI fields gptkit does not implement yet: accepted by the schema only so that a
+    request setting one (to anything but its neutral value) is refused with 400 naming it."""
+
+    presence_penalty: float | None = Field(None, description="Not supported unless 0.")
+    frequency_penalty: float | None = Field(None, description="Not supported unless 0.")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported unless {}.")
+    tools: list[Any] | None = Field(None, description="Not supported.")
+    tool_choice: Any = Field(None, description="Not supported.")
+    functions: list[Any] | None = Field(None, description="Not supported.")
+    function_call: Any = Field(None, description="Not supported.")
+    response_format: dict[str, Any] | None = Field(
+        None, description='Only {"type": "text"} is supported.'
+    )
+    user: str | None = Field(None, description="Accepted as metadata; not used.")
+
+    def refused(self) -> str | None:
+        """The first field set that gptkit would have to ignore, or None."""
+        neutral: dict[str, Any] = {
+            "presence_penalty": (None, 0),
+            "frequency_penalty": (None, 0),
+            "logit_bias": (None, {}),
+            "response_format": (None, {"type": "text"}),
+            "suffix": (None, ""),
+            "logprobs": (None, False, 0),
+            "top_logprobs": (None, 0),
+            "best_of": (None, 1),
+        }
+        unsupported = (*neutral, "tools", "tool_choice", "functions", "function_call")
+        for name in unsupported:
+            if getattr(self, name, None) not in neutral.get(name, (None,)):
+                return name
+        return None
+
+
+class CompletionRequest(Unsupported):
     """The part of OpenAI's completions request that gptkit honours (other fields that would
     change the answer are refused with 400, never silently ignored)."""
 
-    model_config = ConfigDict(extra="ignore")
-
     model: str | None = None
-    prompt: str | list[str] = Field(..., description="A prompt or a list of prompts.")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="A prompt, a list of prompts, token ids, or a list of token-id lists."
+    )
     max_tokens: int = Field(16, ge=0)
     temperature: float | None = Field(None, ge=0, le=10, description="0 means greedy.")
     top_p: float | None = Field(None, gt=0, le=1)
@@ -48,23 +87,30 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: bool = Field(False, description="Return the prompt before the completion.")
-    logprobs: int | None = Field(None, ge=0, le=5, description="Not supported: 400 if set.")
+    logprobs: int | None = Field(None, ge=0, le=5, description="Not supported unless 0.")
     best_of: int | None = Field(None, ge=1, description="Only 1 (or unset) is supported.")
+    suffix: str | None = Field(None, description="Not supported.")
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ContentPart(BaseModel):
+    """A part of a chat message's content: only ``{"type": "text", "text": ...}`` is served."""
 
-    role: str
-    content: str
+    model_config = ConfigDict(extra="allow")  # other part types are refused by name
+
+    type: str
+    text: str | None = None
 
 
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[ContentPart]
 
+
+class ChatRequest(Unsupported):
     model: str | None = None
     messages: list[ChatMessage]
     max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0, description="max_tokens' new name.")
     temperature: float | None = Field(None, ge=0, le=10)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
@@ -72,7 +118,8 @@ class ChatRequest(BaseModel):
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: bool | None = None
+    logprobs: bool | None = Field(None, description="Not supported unless false.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Not supported unless 0.")
 
 
 class Usage(BaseModel):
@@ -134,7 +181,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for code, text in (
         (400, "Bad request"),
         (404, "Unknown model"),
-        (422, "Invalid body"),
         (429, "Busy: retry later"),
     )
 }

@@ -8,7 +8,7 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -18,7 +18,13 @@ from gptkit.inference.base import Inference
 from gptkit.inference.decoding import Completion, DecodeBatch, GenerationOptions, max_new_for
 from gptkit.serve.render import ChatRender, TextRender, finish_reason, sse
 from gptkit.serve.scheduler import Job, Scheduler
-from gptkit.serve.schemas import ChatRequest, CompletionRequest, Limits, error_response
+from gptkit.serve.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    Limits,
+    Unsupported,
+    error_response,
+)
 from gptkit.serve.templates import TemplateError, TemplateRenderer
 
 
@@ -37,6 +43,7 @@ class CompletionService:
         )
         self.chat_template = getattr(bundle.tokenizer, "chat_template", None)
         self.templates = TemplateRenderer(limits.template_timeout_s, limits.max_prompt_chars)
+        self.vocab = bundle.tokenizer.vocab_size  # a token-id prompt's ids are below this
         self.active = 0  # admitted requests, decoding or waiting
         self._lock = threading.Lock()
 
@@ -71,17 +78,20 @@ class CompletionService:
     # ----------------------------------------------------------------- requests
 
     async def completions(self, req: CompletionRequest) -> Any:
-        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        if (refused := _refused(req)) is not None:
+            return refused
+        prompts = _prompts(req.prompt)
+        bad = [t for p in prompts if not isinstance(p, str) for t in p if not 0 <= t < self.vocab]
+        if bad:
+            return error_response(
+                400,
+                f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.vocab})",
+                param="prompt",
+            )
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         problem = self.check(req.model, stops, req.max_tokens, len(prompts) * req.n, prompts)
         if problem is not None:
             return problem
-        if req.logprobs is not None:
-            return error_response(
-                400, "logprobs is not supported by gptkit's server", param="logprobs"
-            )
-        if req.best_of not in (None, 1):
-            return error_response(400, "best_of: only 1 is supported", param="best_of")
         if req.echo and req.stream:
             return error_response(400, "echo is supported without stream only", param="echo")
         options = GenerationOptions(
@@ -92,14 +102,28 @@ class CompletionService:
             stop=stops,
             seed=req.seed,
         )
-        echo = [p for p in prompts for _ in range(req.n)] if req.echo else None
+        decode = self.bundle.tokenizer.decode
+        texts = [p if isinstance(p, str) else decode(list(p)) for p in prompts]
+        echo = [t for t in texts for _ in range(req.n)] if req.echo else None
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         render = TextRender(self.model_name, echo)
         return await self.run(prompts, req.n, options, req.stream, include_usage, render)
 
     async def chat(self, req: ChatRequest) -> Any:
+        if (refused := _refused(req)) is not None:
+            return refused
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        given = {t for t in (req.max_tokens, req.max_completion_tokens) if t is not None}
+        if len(given) > 1:
+            return error_response(
+                400,
+                "max_tokens and max_completion_tokens differ; give one",
+                param="max_completion_tokens",
+            )
+        max_tokens = given.pop() if given else 16
+        messages = _chat_messages(req)
+        if isinstance(messages, JSONResponse):
+            return messages
         if req.model is not None and req.model != self.model_name:
             return self.check(req.model, [], 0, 1, ["x"])
         if not self.chat_template:
@@ -110,16 +134,9 @@ class CompletionService:
                 param="messages",
                 code="base_model",
             )
-        if req.logprobs:
-            return error_response(
-                400, "logprobs is not supported by gptkit's server", param="logprobs"
-            )
         try:  # in the template worker, off the event loop (a template is a program)
             prompt = await asyncio.get_running_loop().run_in_executor(
-                None,
-                self.templates.render,
-                self.chat_template,
-                [m.model_dump() for m in req.messages],
+                None, self.templates.render, self.chat_template, messages
             )
         except TemplateError as exc:
             return error_response(
@@ -140,7 +157,12 @@ class CompletionService:
         return await self.run([prompt], req.n, options, req.stream, include_usage, render)
 
     def check(
-        self, model: str | None, stops: list[str], max_tokens: int, choices: int, prompts: list[str]
+        self,
+        model: str | None,
+        stops: list[str],
+        max_tokens: int,
+        choices: int,
+        prompts: Sequence[str | list[int]],
     ) -> JSONResponse | None:
         """The first limit the request breaks, as an error answer, or None."""
         limits = self.limits
@@ -165,7 +187,7 @@ class CompletionService:
                 "max_tokens",
             ),
             (
-                any(len(p) > limits.max_prompt_chars for p in prompts),
+                any(isinstance(p, str) and len(p) > limits.max_prompt_chars for p in prompts),
                 f"prompt: at most {limits.max_prompt_chars} characters",
                 "prompt",
             ),
@@ -193,7 +215,7 @@ class CompletionService:
 
     async def run(
         self,
-        prompts: list[str],
+        prompts: Sequence[str | list[int]],
         n: int,
         options: GenerationOptions,
         stream: bool,
@@ -206,7 +228,10 @@ class CompletionService:
             sampler = bundle.sampler_for(options)
             max_new = max_new_for(sampler, options.max_new_tokens)
             encoder = DecodeBatch(bundle.backend, bundle.tokenizer)
-            ids = [encoder.encode(p, i) for i, p in enumerate(prompts)]
+            ids = [
+                encoder.encode(p, i) if isinstance(p, str) else encoder.checked(p, i)
+                for i, p in enumerate(prompts)
+            ]
         except GptkitError as exc:
             return error_response(400, exc.message)
         rows = [r for r in ids for _ in range(n)]
@@ -217,24 +242,25 @@ class CompletionService:
         job = Job(rows, sampler, options.seed, max_new, stream, asyncio.get_running_loop())
         self.scheduler.submit(job)
         merge = self.limits.stream_interval_s > 0
-        answer = _Answer(render, sum(len(r) for r in rows), include_usage, merge)
+        # Each prompt's tokens count once, however many choices (n) continue it.
+        answer = _Answer(render, sum(len(r) for r in ids), include_usage, merge)
+        done = _Once(lambda: (job.cancelled.set(), self.release()))
         if not stream:
-            return await self._whole(job, answer)
-        return StreamingResponse(self._events(job, answer), media_type="text/event-stream")
+            return await self._whole(job, answer, done)
+        return _Stream(self._events(job, answer, done), done, media_type="text/event-stream")
 
-    async def _whole(self, job: Job, answer: _Answer) -> Any:
+    async def _whole(self, job: Job, answer: _Answer, done: _Once) -> Any:
         try:
             kind, *rest = await job.events.get()
             while kind == "text":
                 kind, *rest = await job.events.get()
         finally:
-            job.cancelled.set()
-            self.release()
+            done()
         if kind == "error":
             return error_response(500, rest[0], "server_error")
         return answer.render.whole(answer.cid, answer.created, rest[0], answer.usage(rest[0]))
 
-    async def _events(self, job: Job, answer: _Answer) -> AsyncIterator[str]:
+    async def _events(self, job: Job, answer: _Answer, done: _Once) -> AsyncIterator[str]:
         try:
             while True:
                 # Everything already queued goes out in one write (same events, fewer sends).
@@ -246,8 +272,79 @@ class CompletionService:
                 if end:
                     return
         finally:
-            job.cancelled.set()  # the client went away (or is done): its rows leave
-            self.release()
+            done()  # the client went away (or is done): its rows leave
+
+
+class _Once:
+    """A request's clean-up (cancel its rows, release its admission): runs once, whoever
+    calls it first."""
+
+    def __init__(self, action: Callable[[], object]) -> None:
+        self.action, self.ran = action, False
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self.ran:
+                return
+            self.ran = True
+        self.action()
+
+
+class _Stream(StreamingResponse):
+    """A streamed answer whose clean-up runs however the response ends, also when the client
+    leaves before the body's first byte (then the event generator never starts, and its own
+    ``finally`` never runs)."""
+
+    def __init__(self, content: AsyncIterator[str], done: _Once, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.done = done
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.done()
+
+
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """A completions request's prompts: strings, or token-id lists."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return [list(prompt)]  # type: ignore[arg-type]
+    return list(prompt)  # type: ignore[arg-type]
+
+
+def _chat_messages(req: ChatRequest) -> list[dict[str, str]] | JSONResponse:
+    """The messages for the chat template, a list of content parts joined into one string
+    (text parts only: another part type is a 400 naming it)."""
+    out = []
+    for i, message in enumerate(req.messages):
+        content = message.content
+        if not isinstance(content, str):
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None or part.model_extra:
+                    param = f"messages[{i}].content[{j}]"
+                    return error_response(
+                        400,
+                        f"{param}: content part of type {part.type!r} is not supported "
+                        '(only {"type": "text", "text": ...})',
+                        param=param + ".type",
+                    )
+            content = "".join(part.text or "" for part in content)
+        out.append({"role": message.role, "content": content})
+    return out
+
+
+def _refused(req: Unsupported) -> JSONResponse | None:
+    """A 400 naming the first field set that gptkit does not implement (never ignored)."""
+    name = req.refused()
+    if name is None:
+        return None
+    return error_response(
+        400, f"{name}: not supported by gptkit's server (refused, not ignored)", param=name
+    )
 
 
 class _Answer:

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from gptkit.inference.decoding import GenerationOptions
+from gptkit.serve.schemas import Limits
 from tests.helpers import assert_user_error, run_cli
 from tests.mlflow_server import free_port
 
@@ -142,25 +143,76 @@ def test_streaming_server_sent_events(server):
 
 
 @pytest.mark.parametrize(
-    ("body", "status", "needle"),
+    ("body", "status", "needle", "param"),
     [
-        ({"prompt": "A", "max_tokens": 1000}, 400, "max_tokens: at most 64"),
-        ({"prompt": "A", "top_p": 1.5}, 422, "top_p"),
-        ({"prompt": "A", "max_tokens": -1}, 422, "max_tokens"),
-        ({"max_tokens": 3}, 422, "prompt"),
-        ({"prompt": "x" * 40}, 400, "the model's context is 32"),
-        ({"prompt": "snow ☃"}, 400, "never saw"),
-        ({"prompt": [], "max_tokens": 3}, 400, "non-empty list"),
-        ({"prompt": "A", "n": 99}, 422, "n"),
-        ({"prompt": "A", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-        ({"prompt": "A", "best_of": 2}, 400, "best_of"),
+        ({"prompt": "A", "max_tokens": 1000}, 400, "max_tokens: at most 64", "max_tokens"),
+        ({"prompt": "A", "top_p": 1.5}, 400, "top_p", "top_p"),
+        ({"prompt": "A", "max_tokens": -1}, 400, "max_tokens", "max_tokens"),
+        ({"max_tokens": 3}, 400, "prompt", "prompt"),
+        ({"prompt": "x" * 40}, 400, "the model's context is 32", None),
+        ({"prompt": "snow ☃"}, 400, "never saw", None),
+        ({"prompt": [], "max_tokens": 3}, 400, "non-empty list", "prompt"),
+        ({"prompt": "A", "n": 99}, 400, "n", "n"),
+        ({"prompt": "A", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "stop"),
+        ({"prompt": "A", "best_of": 2}, 400, "best_of", "best_of"),
+        ({"prompt": "A", "temprature": 0.5}, 400, "unknown parameter", "temprature"),
+        ({"prompt": "A", "stream_options": {"x": 1}}, 400, "unknown", "stream_options.x"),
+        ({"prompt": "A", "presence_penalty": 0.5}, 400, "not supported", "presence_penalty"),
+        ({"prompt": "A", "frequency_penalty": -1}, 400, "not supported", "frequency_penalty"),
+        ({"prompt": "A", "logit_bias": {"5": 10}}, 400, "not supported", "logit_bias"),
+        ({"prompt": "A", "suffix": "end"}, 400, "not supported", "suffix"),
+        ({"prompt": "A", "logprobs": 2}, 400, "not supported", "logprobs"),
+        ({"prompt": "A", "tools": [{"type": "function"}]}, 400, "not supported", "tools"),
+        ({"prompt": "A", "tool_choice": "auto"}, 400, "not supported", "tool_choice"),
+        ({"prompt": "A", "functions": [{}]}, 400, "not supported", "functions"),
+        ({"prompt": "A", "function_call": "auto"}, 400, "not supported", "function_call"),
+        (
+            {"prompt": "A", "response_format": {"type": "json_object"}},
+            400,
+            "not supported",
+            "response_format",
+        ),
     ],
 )
-def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, body, status, needle):
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, body, status, needle, param):
     r = httpx.post(server["url"] + "/v1/completions", json=body)
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == param, r.text
     assert httpx.get(server["url"] + "/health").status_code == 200
+
+
+def test_neutral_values_of_unsupported_fields_and_user_are_accepted(server):
+    body = {
+        "prompt": "A",
+        "max_tokens": 2,
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "logit_bias": {},
+        "logprobs": 0,
+        "best_of": 1,
+        "response_format": {"type": "text"},
+        "user": "someone",
+    }
+    r = httpx.post(server["url"] + "/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": "hi", "x": 1}]}, "messages[0].x"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
+        ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
+        ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": "hi"}], "tools": []}, "tools"),
+    ],
+)
+def test_chat_field_errors_are_400_naming_the_param(server, body, param):
+    r = httpx.post(server["url"] + "/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.text
 
 
 def test_malformed_json_and_oversized_body(server):
@@ -169,7 +221,9 @@ def test_malformed_json_and_oversized_body(server):
         content=b"{not json",
         headers={"content-type": "application/json"},
     )
-    assert r.status_code == 422
+    assert r.status_code == 400
+    message = r.json()["error"]["message"]
+    assert message.startswith("the request body is not valid JSON") and "character 1" in message
     big = httpx.post(
         server["url"] + "/v1/completions",
         content=b"x" * 200_000,
@@ -275,6 +329,63 @@ def test_a_client_leaving_mid_stream_leaves_the_batch_and_others_finish(server):
     assert httpx.get(url + "/health").json()["active"] == 0
 
 
+def test_streaming_clients_that_hang_up_at_once_release_their_admission(server):
+    """A client that closes its socket right after sending a streaming request (before the body
+    starts) must not keep its admission slot: more of them than max_concurrent + max_queued
+    (4 + 8), then nothing is active and a normal request is answered (not 429)."""
+    url = server["url"]
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "KING", "max_tokens": 64, "stream": True}).encode()
+    request = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    for _ in range(30):
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(request)
+    for _ in range(100):
+        if httpx.get(url + "/health").json()["active"] == 0:
+            break
+        time.sleep(0.1)
+    assert httpx.get(url + "/health").json()["active"] == 0
+    r = httpx.post(url + "/v1/completions", json={"prompt": "A", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+def test_a_stream_whose_first_send_fails_releases_its_admission_and_cancels(bundle):
+    """Under an ASGI 2.4 server a send to a closed socket raises OSError: the response ends
+    before the event generator ever starts (so its own ``finally`` never runs). The streamed
+    answer still releases its admission slot and cancels its rows, once."""
+    from starlette.requests import ClientDisconnect
+
+    import gptkit
+    from gptkit.serve.schemas import CompletionRequest
+    from gptkit.serve.service import CompletionService
+
+    service = CompletionService(gptkit.load(bundle), Limits(max_concurrent=1, max_queued=0))
+
+    async def hang_up(message):
+        raise OSError("the client closed the connection")
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def one_stream():
+        req = CompletionRequest(prompt="KING", max_tokens=30, stream=True)
+        response = await service.completions(req)
+        assert service.active == 1
+        scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
+        with pytest.raises(ClientDisconnect):
+            await response(scope, receive, hang_up)
+        return response
+
+    for _ in range(3):  # more than max_concurrent + max_queued: each slot came back
+        response = asyncio.run(one_stream())
+        assert service.active == 0 and response.done.ran
+    assert service.scheduler.thread.is_alive()
+
+
 def test_concurrent_clients_share_decode_steps_and_get_the_tokens_they_get_alone(server):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -340,7 +451,8 @@ def test_unknown_model_logprobs_and_method_errors_are_openai_shaped(server):
         assert r.status_code == status
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     r = httpx.post(server["url"] + "/v1/completions", json={"prompt": 3})
-    assert r.status_code == 422 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert r.json()["error"]["param"] == "prompt"
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_echo_and_include_usage(server):

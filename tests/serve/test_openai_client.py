@@ -1,0 +1,207 @@
+"""The official ``openai`` client against a real ``gptkit serve``: a bundle (onnxruntime) and the
+training run it was exported from (torch), both with a chat template."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from tests.helpers import run_cli
+from tests.mlflow_server import free_port
+from tests.serve.test_serve import CHAT_TEMPLATE, _wait_for
+
+pytestmark = pytest.mark.slow  # a trained run, an export and real servers in subprocesses
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory):
+    """A tiny run whose tokenizer has a chat template, and its export bundle."""
+    tmp = tmp_path_factory.mktemp("openai-chat")
+    root = Path(__file__).resolve().parents[2]
+    spec = {
+        "extends": str(root / "experiments" / "smoke.yaml"),
+        "name": "chatty",
+        "tokenizer": {"kind": "char", "chat_template": CHAT_TEMPLATE},
+        "train": {"max_steps": 5},
+        "tracking": {"enabled": False},
+    }
+    (tmp / "chat.yaml").write_text(yaml.safe_dump(spec))
+    trained = run_cli(
+        "train", tmp / "chat.yaml", "--run-dir", tmp / "run", "--no-progress", cwd=tmp
+    )
+    assert trained.returncode == 0, trained.stderr
+    exported = run_cli("export", tmp / "run", "--out", tmp / "bundle", cwd=tmp)
+    assert exported.returncode == 0, exported.stderr
+    return {"run": tmp / "run", "bundle": tmp / "bundle", "tmp": tmp}
+
+
+def _serve(folder: Path, log: Path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptkit", "serve", str(folder), "--port", str(port),
+         "--max-concurrent", "2", "--max-queued", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"),
+    )  # fmt: skip
+    return proc, _wait_for(proc, port, log)
+
+
+@pytest.fixture(scope="module")
+def bundle_url(chat_run):
+    proc, url = _serve(chat_run["bundle"], chat_run["tmp"] / "bundle-serve.txt")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(bundle_url):
+    return openai.OpenAI(base_url=bundle_url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_completions_n_stop_seed_and_usage_counted_once_per_prompt(client):
+    one = client.completions.create(model="chatty", prompt="ROMEO:", max_tokens=12, seed=3)
+    two = client.completions.create(model="chatty", prompt="ROMEO:", max_tokens=12, seed=3, n=2)
+    assert len(two.choices) == 2 and two.choices[0].text == one.choices[0].text
+    assert one.usage.prompt_tokens == two.usage.prompt_tokens == len("ROMEO:")
+    assert two.usage.completion_tokens == sum(len(c.text) for c in two.choices)  # char tokens
+    text = one.choices[0].text
+    stop = text[3]
+    cut = client.completions.create(
+        model="chatty", prompt="ROMEO:", max_tokens=12, seed=3, stop=[stop]
+    )
+    assert cut.choices[0].text == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_completions_streamed_equal_whole(client):
+    whole = client.completions.create(model="chatty", prompt="KING", max_tokens=10, seed=5)
+    stream = client.completions.create(
+        model="chatty", prompt="KING", max_tokens=10, seed=5, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream if c.choices) == whole.choices[0].text
+
+
+def test_token_id_prompts_answer_like_their_text(client, chat_run):
+    from gptkit import load
+
+    ids = load(chat_run["bundle"]).tokenizer.encode("ROMEO:")
+    text = client.completions.create(model="chatty", prompt="ROMEO:", max_tokens=8, seed=1)
+    by_ids = client.completions.create(model="chatty", prompt=ids, max_tokens=8, seed=1)
+    assert by_ids.choices[0].text == text.choices[0].text
+    assert by_ids.usage.prompt_tokens == len(ids)
+    several = client.completions.create(
+        model="chatty", prompt=[ids, ids[:2]], max_tokens=4, seed=1, echo=True
+    )
+    assert several.choices[0].text.startswith("ROMEO:")  # echo: the ids' decoded text
+    assert several.choices[1].text.startswith("RO") and len(several.choices) == 2
+    assert several.usage.prompt_tokens == len(ids) + 2
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="chatty", prompt=[ids[0], 10**6], max_tokens=2)
+    assert info.value.body["param"] == "prompt" and "vocabulary" in info.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="chatty", prompt=[-1], max_tokens=2)
+    assert info.value.body["param"] == "prompt"
+
+
+def test_chat_whole_streamed_content_parts_and_max_completion_tokens(client):
+    messages = [{"role": "developer", "content": "RO"}]  # the context is 32 characters
+    whole = client.chat.completions.create(
+        model="chatty", messages=messages, max_completion_tokens=5, temperature=0
+    )
+    assert whole.usage.completion_tokens == 5 and whole.choices[0].finish_reason == "length"
+    assert whole.choices[0].message.role == "assistant"
+    parts = [
+        {
+            "role": "developer",
+            "content": [{"type": "text", "text": "R"}, {"type": "text", "text": "O"}],
+        }
+    ]
+    from_parts = client.chat.completions.create(
+        model="chatty", messages=parts, max_tokens=5, temperature=0
+    )
+    assert from_parts.choices[0].message.content == whole.choices[0].message.content
+    assert from_parts.usage.prompt_tokens == whole.usage.prompt_tokens
+    stream = client.chat.completions.create(
+        model="chatty",
+        messages=messages,
+        max_completion_tokens=5,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 5
+    n2 = client.chat.completions.create(
+        model="chatty", messages=messages, max_tokens=3, seed=9, n=2
+    )
+    assert len(n2.choices) == 2 and n2.usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "extra", "param"),
+    [
+        ("chat", {"frequency_penalty": 0.5}, "frequency_penalty"),
+        ("chat", {"presence_penalty": 1}, "presence_penalty"),
+        ("chat", {"logit_bias": {"3": 5}}, "logit_bias"),
+        ("chat", {"logprobs": True}, "logprobs"),
+        ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("chat", {"max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens"),
+        ("chat", {"extra_body": {"mystery": 1}}, "mystery"),
+        ("completions", {"suffix": "x"}, "suffix"),
+        ("completions", {"logprobs": 1}, "logprobs"),
+        ("completions", {"best_of": 2}, "best_of"),
+        ("completions", {"extra_body": {"mystery": 1}}, "mystery"),
+    ],
+)
+def test_unsupported_fields_are_bad_requests_naming_them(client, endpoint, extra, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        if endpoint == "chat":
+            client.chat.completions.create(
+                model="chatty", messages=[{"role": "user", "content": "A"}], **extra
+            )
+        else:
+            client.completions.create(model="chatty", prompt="A", max_tokens=2, **extra)
+    assert info.value.status_code == 400 and info.value.body["param"] == param
+
+
+def test_chat_roles_and_part_types_outside_text_are_refused(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model="chatty", messages=[{"role": "wizard", "content": "A"}]
+        )
+    assert info.value.body["param"] == "messages[0].role"
+    image = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model="chatty", messages=[{"role": "user", "content": [image]}]
+        )
+    assert info.value.body["param"] == "messages[0].content[0].type"
+    assert "image_url" in info.value.body["message"]
+
+
+def test_serving_a_run_answers_like_load_run_generate(chat_run, bundle_url):
+    """``gptkit serve RUN`` (torch): the spec name is the model id, and a seeded request gets
+    the text ``gptkit.load(run).generate`` gives with the same options."""
+    from gptkit import load
+
+    proc, url = _serve(chat_run["run"], chat_run["tmp"] / "run-serve.txt")
+    try:
+        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "chatty"
+        run_client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        options = {"max_tokens": 12, "seed": 4, "temperature": 0.9, "top_p": 0.9}
+        served = run_client.completions.create(model="chatty", prompt="ROMEO:", **options)
+        expected = load(chat_run["run"]).generate(
+            "ROMEO:", max_new_tokens=12, seed=4, temperature=0.9, top_p=0.9
+        )
+        assert served.choices[0].text == expected and expected
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
