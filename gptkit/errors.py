@@ -29,6 +29,7 @@ class SpecError(GptkitError):
     def __init__(self, source: str, problems: list[tuple[str, str]], hint: str | None = None):
         self.source = source
         self.problems = problems
+        self.overridden: set[str] = set()  # paths whose problem an override caused
         n = len(problems)
         lines = [f"{source}: {n} problem{'s' if n != 1 else ''} in the spec:"]
         lines += [f"  {path or '(top level)'}: {msg}" for path, msg in problems]

@@ -52,3 +52,32 @@ def test_readme_python_blocks_run_as_written(smoke_run, tmp_path, monkeypatch, c
     for i, case in enumerate(rope):
         ns["test_my_attention"](case, tmp_path / f"case-{i}")
     sys.modules.pop("my_attention", None)
+
+
+def _guarantee_rows():
+    text = (ROOT / "README.md").read_text().split("## Guarantees", 1)[1].split("\n## ", 1)[0]
+    return [line for line in text.splitlines() if line.startswith("| ") and "`" in line]
+
+
+def test_every_guarantee_names_tests_that_exist():
+    """Each ``file.py::test`` (and ``::test``, of the file before it) in the Guarantees table
+    is a test function in that file, and each named file exists."""
+    rows = _guarantee_rows()
+    assert len(rows) >= 10, rows
+    missing = []
+    for row in rows:
+        tests_cell = row.rstrip(" |").rsplit(" | ", 1)[1]
+        current = None
+        for ref in re.findall(r"`([^`]+)`", tests_cell):
+            path, _, name = ref.partition("::")
+            if path:
+                if not path.endswith(".py"):
+                    continue  # a command or a field name, not a test
+                current = ROOT / "tests" / path.removeprefix("tests/")
+                if not current.is_file():
+                    missing.append(ref)
+                    continue
+            name = name.split("[")[0]
+            if name and (current is None or f"def {name}(" not in current.read_text()):
+                missing.append(ref)
+    assert not missing, f"the Guarantees table names tests that do not exist: {missing}"

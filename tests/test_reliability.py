@@ -105,6 +105,24 @@ def test_sigkill_during_checkpoint_writes_leaves_a_valid_latest(tmp_path):
         state, meta = load_checkpoint(ckpt / latest, model)
         assert state["step"] == meta["step"] == int(latest.split("-")[1])
         assert resume_candidates(ckpt)[0].name == latest
+        # The weights are the step's own, not a torn mix of two writes.
+        want = _writer_weights(meta["step"])
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(tensor, want[name]), f"{latest}: {name} is not the step's"
+
+
+def _writer_weights(step):
+    """The weights WRITER saves at ``step``: its model, one AdamW step, then +1.0 a step."""
+    model = tiny_model(d_model=256, n_heads=4, n_layers=6, d_ff=1024)
+    opt = torch.optim.AdamW(model.parameters())
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    model(idx, idx).loss.backward()
+    opt.step()
+    with torch.no_grad():
+        for _ in range(step):
+            for p in model.parameters():
+                p.add_(1.0)
+    return model.state_dict()
 
 
 def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -150,6 +150,14 @@ def serve(
     header_timeout: Annotated[
         float, typer.Option(min=0.1, help="Seconds a client has to send its request headers.")
     ] = 10.0,
+    stream_interval: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Seconds between streamed chunks at most (text decoded meanwhile goes out "
+            "together; 0: every decode step).",
+        ),
+    ] = 0.01,
     served_model_name: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(
@@ -174,6 +182,7 @@ def serve(
             max_tokens=max_tokens,
             body_timeout_s=body_timeout,
             header_timeout_s=header_timeout,
+            stream_interval_s=stream_interval,
         ),
         name=served_model_name,
         access=access_log,

@@ -14,9 +14,16 @@ from gptkit.cli._common import JsonOpt, SetOpt, SpecArg, app, echo, warn_plugin_
 @app.command()
 def plugins(as_json: JsonOpt = False) -> None:
     """List every plugin (name, version, origin) and the components it registers, by slot."""
-    from gptkit.registry.registry import SLOTS, load_registry
+    import importlib.util
 
-    registry = load_registry()
+    from gptkit.registry.manager import plugin_manager
+    from gptkit.registry.registry import SLOTS, Registry, load_registry
+
+    if importlib.util.find_spec("torch") is None:
+        # Without PyTorch, list the torch-free slots (what bundles use) and say what is missing.
+        registry = Registry.from_manager(plugin_manager(torch_optional=True))
+    else:
+        registry = load_registry()
     if as_json:
         doc = {
             "plugins": [vars(i) for i in registry.pm.infos],
@@ -39,7 +46,9 @@ def plugins(as_json: JsonOpt = False) -> None:
     for col in ("plugin", "version", "origin", "status"):
         table.add_column(col)
     for info in registry.pm.infos:
-        table.add_row(info.name, info.version, info.origin, info.error or "ok")
+        refused = [p for p in registry.problems if f"plugin '{info.name}' " in p]
+        status = info.error or ("error: " + "; ".join(refused) if refused else "ok")
+        table.add_row(info.name, info.version, info.origin, status)
     console.print(table)
     table = Table(title="components", title_justify="left")
     for col in ("slot", "kind", "spec class", "provider"):
@@ -96,6 +105,21 @@ def validate(
 
     composed = compose_spec_file(spec)
     resolved = validate_composed(composed, str(spec), overrides or [])
+    runs = [resolved]
+    if resolved.sweep or resolved.repeats > 1:
+        from gptkit.training.sweep import check_sweep, is_search
+
+        if is_search(resolved.sweep):
+            from gptkit.training.search import check_search
+
+            checked = check_search(composed.data, str(spec), overrides or [], resolved)
+        else:
+            checked = check_sweep(composed.data, str(spec), overrides or [], resolved)[1]
+        runs = list(checked.values())
+    from gptkit.spec.validate import spec_warnings
+
+    for warning in spec_warnings(runs):
+        echo(f"gptkit: warning: {warning}", err=True)
     registry = load_registry(tuple(resolved.plugins))
     warn_plugin_problems(registry)
     if print_spec:

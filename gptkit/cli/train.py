@@ -43,6 +43,14 @@ def train(
     no_progress: Annotated[
         bool, typer.Option("--no-progress", help="Plain log lines only.")
     ] = False,
+    checkpoint: Annotated[
+        str,
+        typer.Option(
+            "--checkpoint",
+            help="With --resume: continue from latest, best or step-N (newer checkpoints are "
+            "set aside in checkpoints/set-aside-TIME/, not deleted).",
+        ),
+    ] = "latest",
 ) -> None:
     """Validate SPEC, prepare data, train with progress, checkpoint, and track in MLflow."""
     require_torch("train")
@@ -50,24 +58,16 @@ def train(
     from gptkit.training.loop import SpecTrainer
 
     sets = list(overrides or [])
+    if checkpoint != "latest" and not resume:
+        raise GptkitError("--checkpoint goes with --resume (which checkpoint to continue from)")
+    if resume and _resumed_sweep(spec, run_dir, sets, not no_progress):
+        return
     if resume:
-        from gptkit.training.resume import resume_spec
-
-        resumption = resume_spec(spec, run_dir, sets)
-        for note in resumption.notes:
-            echo(f"gptkit: {note}", err=True)
-        resolved, run_dir = resumption.spec, resumption.run_dir
+        resolved, run_dir = _resumption(spec, run_dir, sets)
     else:
-        if spec is None:
-            raise GptkitError("gptkit train needs a SPEC file (or --resume --run-dir RUN)")
-        from gptkit.spec.files import compose_spec_file, validate_composed
-
-        composed = compose_spec_file(spec)  # with the files it extends merged in
-        raw = composed.data
-        resolved = validate_composed(composed, str(spec), sets)
-        if resolved.sweep or resolved.repeats > 1:
-            _train_sweep(raw, spec, sets, resolved, run_dir, not no_progress)
-            return
+        resolved = _new_spec(spec, sets, run_dir, not no_progress)
+        if resolved is None:
+            return  # a sweep, trained
     trainer = SpecTrainer(
         resolved,
         run_dir=run_dir,
@@ -77,6 +77,7 @@ def train(
         overrides=sets,
         command=_command_line(),
         started_at=STARTED,
+        checkpoint=checkpoint,
     )
     result = trainer.run()
     if os.environ.get("RANK", "0") != "0":
@@ -88,6 +89,33 @@ def train(
     echo(_train_report(result))
 
 
+def _resumption(spec: Path | None, run_dir: Path | None, sets: list[str]):
+    from gptkit.training.resume import resume_spec
+
+    resumption = resume_spec(spec, run_dir, sets)
+    for note in resumption.notes:
+        echo(f"gptkit: {note}", err=True)
+    return resumption.spec, resumption.run_dir
+
+
+def _new_spec(spec: Path | None, sets: list[str], run_dir: Path | None, progress: bool):
+    """The spec of a new run; a sweep (or repeats) is trained here and None returned."""
+    if spec is None:
+        raise GptkitError("gptkit train needs a SPEC file (or --resume --run-dir RUN)")
+    from gptkit.spec.files import compose_spec_file, validate_composed
+
+    composed = compose_spec_file(spec)  # with the files it extends merged in
+    resolved = validate_composed(composed, str(spec), sets)
+    if resolved.sweep or resolved.repeats > 1:
+        _train_sweep(composed.data, spec, sets, resolved, run_dir, progress)
+        return None
+    from gptkit.spec.validate import spec_warnings
+
+    for warning in spec_warnings([resolved]):
+        echo(f"gptkit: warning: {warning}", err=True)
+    return resolved
+
+
 def _command_line() -> str:
     import shlex
 
@@ -95,15 +123,67 @@ def _command_line() -> str:
 
 
 def _train_sweep(raw, spec: Path, sets: list[str], resolved, run_dir, progress: bool) -> None:
-    from gptkit.training.sweep import run_sweep
+    from gptkit.training.search import run_search
+    from gptkit.training.sweep import is_search, run_sweep
 
-    results = run_sweep(
+    runner = run_search if is_search(resolved.sweep) else run_sweep
+    results = runner(
         raw, str(spec), sets, resolved, run_dir, progress=progress, command=_command_line()
     )
+    _report_sweep(results)
+
+
+def _resumed_sweep(spec: Path | None, run_dir: Path | None, sets, progress: bool) -> bool:
+    """Continue a sweep if that is what ``--resume`` names; False when it names one run."""
+    sweep_dir = _sweep_to_resume(spec, run_dir)
+    if sweep_dir is None:
+        return False
+    if sets:
+        raise GptkitError(
+            "--set cannot change a sweep being continued (its runs must stay comparable)",
+            "Continue it as it was: gptkit train --resume --run-dir " + str(sweep_dir),
+        )
+    from gptkit.training.sweep import read_sweep_state, resume_sweep
+
+    state = read_sweep_state(sweep_dir)
+    if state.get("kind") == "search" and state.get("status") != "finished":
+        from gptkit.training.search import resume_search
+
+        _report_sweep(resume_search(sweep_dir, state, progress, _command_line()))
+        return True
+    _report_sweep(resume_sweep(sweep_dir, progress, _command_line()))
+    return True
+
+
+def _sweep_to_resume(spec: Path | None, run_dir: Path | None) -> Path | None:
+    """The sweep folder a ``--resume`` continues: ``--run-dir`` when it is one, else (a sweep
+    spec and no ``--run-dir``) the newest sweep of that spec."""
+    from gptkit.training.sweep import is_sweep_folder, newest_sweep
+
+    if run_dir is not None:
+        return run_dir if is_sweep_folder(run_dir) else None
+    if spec is None:
+        return None
+    from gptkit.spec.files import load_spec
+
+    resolved = load_spec(spec)
+    if not (resolved.sweep or resolved.repeats > 1):
+        return None
+    found = newest_sweep(resolved.name)
+    if found is None:
+        raise GptkitError(
+            f"nothing to resume: no sweep of '{resolved.name}' under runs/{resolved.name}/",
+            f"Start it without --resume: gptkit train {spec}",
+        )
+    return found
+
+
+def _report_sweep(results) -> None:
     echo("sweep done:")
     for r in results:
         val = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "n/a"
-        echo(f"  {r['point']:<40} val loss {val}  {r['run_dir']}")
+        note = " (pruned)" if r.get("stop_reason") == "pruned" else ""
+        echo(f"  {r['point']:<40} val loss {val}{note}  {r['run_dir']}")
 
 
 def _train_report(result) -> str:
@@ -154,9 +234,17 @@ def runs_cmd(
 
 @app.command("compare")
 def compare_cmd(
-    experiment: Annotated[
+    targets: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Argument(
+            help="What to compare, any number and mixed: MLflow experiments, spec files, run "
+            "folders (a run, a sweep, runs/NAME) or spec names (default: the most recently "
+            "updated experiment)."
+        ),
+    ] = None,
+    experiments: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Argument(help="MLflow experiment (default: the most recently updated)."),
+        typer.Option("--experiment", help="Experiments to compare, comma-separated: a,b."),
     ] = None,
     tracking_uri: Annotated[
         Optional[str],  # noqa: UP045
@@ -183,7 +271,8 @@ def compare_cmd(
     tested against the next (Welch's t-test). Adds nothing to the experiment."""
     from gptkit.training.compare import compare
 
-    result = compare(experiment, tracking_uri, plot, log=log)
+    chosen = [*(targets or []), *(e.strip() for e in (experiments or "").split(",") if e.strip())]
+    result = compare(chosen, tracking_uri, plot, log=log)
     if as_json:
         echo(json.dumps(result.to_json(), indent=2))
         return

@@ -278,11 +278,40 @@ class Slot:
     builtins: str  # the module with gptkit's own components (a plain plugin)
     torch_free: bool  # its components must load without torch (bundles use them)
     summary: str
+    build_args: tuple[str, ...] = ()  # build()'s positional arguments under the contract
+    build_keywords: tuple[str, ...] = ()  # and its keyword-only ones
 
     @property
     def hook(self) -> str:
         """The hook a plugin implements to register components of this slot."""
         return f"gptkit_register_{self.name}"
+
+    @property
+    def build_call(self) -> str:
+        """How gptkit calls ``build``, as the contract documents it."""
+        kw = [f"{k}=..." for k in self.build_keywords]
+        return f"build({', '.join([*self.build_args, *kw])})"
+
+    def contract_problem(self, component: type) -> str | None:
+        """What in ``component``'s ``build`` does not accept the call gptkit makes (``None``
+        when it does): a plugin written against an older contract is refused at registration
+        rather than dying with a raw TypeError in the middle of training."""
+        import inspect
+
+        try:
+            sig = inspect.signature(component.build)
+        except (TypeError, ValueError):  # a builtin or odd callable: nothing to check
+            return None
+        args = [object() for _ in self.build_args]
+        try:
+            sig.bind(object(), *args, **dict.fromkeys(self.build_keywords, object()))
+        except TypeError as exc:
+            params = list(sig.parameters)[1:]
+            return (
+                f"{component.__module__}.{component.__qualname__}.build({', '.join(params)}) "
+                f"does not accept the current contract's call {self.build_call}: {exc}"
+            )
+        return None
 
 
 SLOTS: dict[str, Slot] = {
@@ -296,6 +325,8 @@ SLOTS: dict[str, Slot] = {
             "gptkit.components.attention",
             False,
             "how tokens attend to earlier tokens",
+            build_args=("model",),
+            build_keywords=("positional",),
         ),
         Slot(
             "positional",
@@ -305,6 +336,8 @@ SLOTS: dict[str, Slot] = {
             "gptkit.components.positional",
             False,
             "how position reaches the model",
+            build_args=("model",),
+            build_keywords=(),
         ),
         Slot(
             "tokenizer",
@@ -332,6 +365,8 @@ SLOTS: dict[str, Slot] = {
             "gptkit.components.optimizers",
             False,
             "how parameters are updated",
+            build_args=("model",),
+            build_keywords=("lr",),
         ),
     )
 }

@@ -40,7 +40,7 @@ class TopKSpec(SamplerSpec):
     """Only the k most likely tokens (Fan et al., 2018)."""
 
     kind: Literal["top_k"] = "top_k"
-    k: int = Field(50, gt=0)
+    k: int = Field(50, gt=0, examples=[4])  # contract vocabulary: 12, so 4 truncates
 
     def truncate(self, logits):
         k = min(self.k, logits.shape[-1])
@@ -68,7 +68,9 @@ class TopPSpec(SamplerSpec):
     probability reaches p."""
 
     kind: Literal["top_p"] = "top_p"
-    p: float = Field(0.9, gt=0, le=1, description="Probability mass to keep, in (0, 1].")
+    p: float = Field(
+        0.9, gt=0, le=1, examples=[0.5], description="Probability mass to keep, in (0, 1]."
+    )
 
     def truncate(self, logits):
         return _keep_prefix(logits, np.argsort(-logits, axis=-1, kind="stable"), self.p)
@@ -78,7 +80,9 @@ class MinPSpec(SamplerSpec):
     """Tokens at least p times as likely as the most likely one (Nguyen et al., 2024)."""
 
     kind: Literal["min_p"] = "min_p"
-    p: float = Field(0.05, gt=0, le=1, description="Fraction of the top probability, in (0, 1].")
+    p: float = Field(
+        0.05, gt=0, le=1, examples=[0.2], description="Fraction of the top probability, in (0, 1]."
+    )
 
     def truncate(self, logits):
         # p_i >= p * p_max  <=>  logit_i >= logit_max + log(p)
@@ -91,7 +95,9 @@ class TypicalSpec(SamplerSpec):
     distribution's entropy, until their probability reaches p."""
 
     kind: Literal["typical"] = "typical"
-    p: float = Field(0.95, gt=0, le=1, description="Probability mass to keep, in (0, 1].")
+    p: float = Field(
+        0.95, gt=0, le=1, examples=[0.5], description="Probability mass to keep, in (0, 1]."
+    )
 
     def truncate(self, logits):
         probs = _softmax(logits)

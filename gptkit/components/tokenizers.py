@@ -79,8 +79,12 @@ class Tokenizer:
 MAX_TOKENIZER_BYTES = 256 << 20  # tokenizer.gptkit.json and the files it names
 
 
-def load_tokenizer(directory: str | Path, registry=None) -> Tokenizer:
+def load_tokenizer(directory: str | Path, registry=None, spec_class=None) -> Tokenizer:
     """Load a tokenizer saved by :meth:`Tokenizer.save` (needs no torch).
+
+    ``spec_class``: the spec class the caller already resolved (from a spec's own
+    ``plugins:``); used when the saved kind is its kind, so that the tokenizer loads without
+    entry points (``GPTKIT_DISABLE_PLUGIN_AUTOLOAD=1``) as the spec itself did.
 
     A damaged or hostile tokenizer folder ends in a :class:`RunError` naming the file, never
     in another exception: the file is bounded, its fields type-checked, and the state files
@@ -101,11 +105,14 @@ def load_tokenizer(directory: str | Path, registry=None) -> Tokenizer:
         )
     if not isinstance(state, dict):
         raise RunError(f"{path} is not a gptkit tokenizer file: 'state' must be an object")
-    if registry is None:
-        from gptkit.registry.registry import load_registry
+    if spec_class is not None and spec_class.kind_name() == spec_data["kind"]:
+        cls = spec_class
+    else:
+        if registry is None:
+            from gptkit.registry.registry import load_registry
 
-        registry = load_registry()
-    cls = registry.get("tokenizer", spec_data["kind"])
+            registry = load_registry()
+        cls = registry.get("tokenizer", spec_data["kind"])
     try:
         tok_spec = cls.model_validate(spec_data)
     except ValidationError as exc:

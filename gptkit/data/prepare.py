@@ -92,6 +92,7 @@ class TokenData:
             "val_tokens": len(self.val),
             "documents": meta["documents"],
             "source_bytes": meta["source_bytes"],
+            "content_sha256": meta.get("content_sha256"),  # what a run's MLflow dataset shows
             "seconds": round(seconds, 3),
             "shards": meta["shards"],
         }
@@ -245,14 +246,15 @@ def _tokenize_into(
     return stats
 
 
-def _load_entry(folder: Path, registry=None):
-    """(meta, tokenizer, shards) of a complete cache entry; raises if anything is off."""
+def _load_entry(folder: Path, spec_class=None):
+    """(meta, tokenizer, shards) of a complete cache entry; raises if anything is off.
+    ``spec_class``: the tokenizer spec's class (a spec's own ``plugins:`` may provide it)."""
     from gptkit.components.tokenizers import load_tokenizer
 
     meta = json.loads((folder / "meta.json").read_text())
     if meta.get("format") != CACHE_FORMAT:
         raise ValueError("old cache format")
-    tokenizer = load_tokenizer(folder / "tokenizer", registry)
+    tokenizer = load_tokenizer(folder / "tokenizer", spec_class=spec_class)
     shards = [open_shard(folder / s["file"], s["tokens"]) for s in meta["shards"]]
     return meta, tokenizer, shards
 
@@ -323,7 +325,7 @@ def _build_entry(
             )
         if folder.exists():  # a damaged entry, or another process finished first
             try:
-                _load_entry(folder)
+                _load_entry(folder, type(tokenizer_spec))
                 return  # theirs is complete: keep it, drop ours
             except Exception:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -364,13 +366,13 @@ def prepare_tokens(
     folder = (cache or cache_dir()) / "tokens" / key
     cached = True
     try:
-        meta, tokenizer, shards = _load_entry(folder)
+        meta, tokenizer, shards = _load_entry(folder, type(tokenizer_spec))
     except Exception:  # missing or damaged: (re)build it
         cached = False
         folder.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_builds(folder)
         _build_entry(folder, sources, data_spec, tokenizer_spec, digest, progress, workers, log)
-        meta, tokenizer, shards = _load_entry(folder)
+        meta, tokenizer, shards = _load_entry(folder, type(tokenizer_spec))
     # The entry is keyed on every spec field that shapes ids; the others (the chat template)
     # are this spec's, not those of the run that built the entry.
     tokenizer.spec = tokenizer_spec

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gptkit.errors import GptkitError
+from gptkit.export.checks import model_checks
 from gptkit.export.mlflow import _log_to_mlflow
 from gptkit.export.onnx import OPSET, _os_error, cache_shape, export_onnx, graph_opset, io_names
 from gptkit.export.parity import PARITY_RTOL, parity_check
@@ -80,6 +81,8 @@ def export_run(
     model, spec = loaded.model, loaded.spec
     tmp = _make_staging(out)
     try:
+        checks = model_checks(model, spec, spec.model.vocab_size)
+        log(f"  contract checks on {checks['tokens']} tokens: causal, cache equals full forward")
         t0 = time.time()
         log(f"exporting {loaded.checkpoint} to ONNX (opset {OPSET}) ...")
         export_onnx(model, tmp / MODEL_FILE)

@@ -124,7 +124,7 @@ class Inference:
 
     def complete(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[str] | str,
         options: GenerationOptions | None = None,
         *,
         sampler: Any = None,
@@ -132,7 +132,8 @@ class Inference:
         on_text: Callable[[int, str], None] | None = None,
         **kwargs: Any,
     ) -> list[Completion]:
-        """Continuations (text, tokens, finish reason) for a batch of prompts.
+        """Continuations (text, tokens, finish reason) for a batch of prompts (a string is one
+        prompt: ``complete("ROMEO:")`` gives one completion).
 
         ``options`` and keywords are ``GenerationOptions`` fields (keywords win); ``sampler``
         is a dict of sampler fields, or a sampler spec that replaces the default sampler;
@@ -147,7 +148,7 @@ class Inference:
         return decode_loop(
             self.backend,
             self.tokenizer,
-            list(prompts),
+            [prompts] if isinstance(prompts, str) else list(prompts),
             chosen,
             max_new_tokens=options.max_new_tokens,
             seed=options.seed,

@@ -127,34 +127,55 @@ def autoload_enabled() -> bool:
     return os.environ.get("GPTKIT_DISABLE_PLUGIN_AUTOLOAD", "") in ("", "0", "false")
 
 
-def plugin_manager(
-    modules: tuple[str, ...] = (),
-    *,
-    builtins: tuple[str, ...] = BUILTINS,
-    autoload: bool | None = None,
-) -> PluginManager:
-    """Build a fresh plugin manager.
-
-    Order: the built-in component modules, then entry points of group ``gptkit`` (unless
-    ``GPTKIT_DISABLE_PLUGIN_AUTOLOAD=1``), then ``GPTKIT_PLUGINS``, then ``modules`` (a spec's
-    ``plugins:`` list). An entry point that fails is recorded and skipped; a module the user
-    named explicitly that fails is a :class:`PluginError`.
-    """
+def _add_builtins(pm: PluginManager, builtins: tuple[str, ...], torch_optional: bool) -> None:
+    """Load gptkit's own component modules into ``pm`` (see :func:`plugin_manager`)."""
     from gptkit import __version__
 
-    pm = PluginManager()
     for name in builtins:
         try:
             module = importlib.import_module(name)
         except ImportError as exc:
             if exc.name != "torch":
                 raise
+            if torch_optional:
+                pm.infos.append(
+                    PluginInfo(
+                        name,
+                        __version__,
+                        "builtin",
+                        "needs PyTorch, which is not installed (pip install 'gptkit[train]')",
+                        name,
+                        None,
+                    )
+                )
+                continue
             raise PluginError(
                 f"gptkit's built-in {name.rsplit('.', 1)[-1]} need PyTorch, which is not installed",
                 "Install the training extra: pip install 'gptkit[train]' (exported bundles run "
                 "without it: gptkit generate BUNDLE, gptkit serve BUNDLE).",
             ) from None
         pm.add(module, name, __version__, "builtin")
+
+
+def plugin_manager(
+    modules: tuple[str, ...] = (),
+    *,
+    builtins: tuple[str, ...] = BUILTINS,
+    autoload: bool | None = None,
+    torch_optional: bool = False,
+) -> PluginManager:
+    """Build a fresh plugin manager.
+
+    Order: the built-in component modules, then entry points of group ``gptkit`` (unless
+    ``GPTKIT_DISABLE_PLUGIN_AUTOLOAD=1``), then ``GPTKIT_PLUGINS``, then ``modules`` (a spec's
+    ``plugins:`` list). An entry point that fails is recorded and skipped; a module the user
+    named explicitly that fails is a :class:`PluginError`. ``torch_optional``: without
+    PyTorch, record the built-ins that need it as not loaded instead of refusing (``gptkit
+    plugins`` lists what the torch-free slots hold).
+    """
+
+    pm = PluginManager()
+    _add_builtins(pm, builtins, torch_optional)
 
     if autoload if autoload is not None else autoload_enabled():
         for ep in md.entry_points(group=ENTRY_POINT_GROUP):
@@ -186,6 +207,13 @@ def plugin_manager(
         try:
             module = importlib.import_module(name)
         except BaseException as exc:  # noqa: BLE001 - sys.exit on import is a broken plugin too
+            if isinstance(exc, ModuleNotFoundError) and exc.name == name:
+                raise PluginError(
+                    f"plugin module '{name}' (from {origin}) could not be imported: it was not "
+                    "found on the import path",
+                    f"Install it, or for a {name}.py of your own folder put that folder on the "
+                    f"import path: PYTHONPATH=. gptkit ... (or pip install -e a package).",
+                ) from None
             dist = _distribution_of(name)
             where = f" ({dist} {_dist_version(dist)})" if dist else ""
             raise PluginError(

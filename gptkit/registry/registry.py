@@ -38,10 +38,12 @@ class Registry:
     pm: PluginManager
     components: dict[str, dict[str, Registration]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    # kinds refused at registration (a clash, a broken contract): slot -> kind -> why
+    refused: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @classmethod
     def from_manager(cls, pm: PluginManager) -> Registry:
-        reg = cls(pm, {slot: {} for slot in SLOTS})
+        reg = cls(pm, {slot: {} for slot in SLOTS}, refused={slot: {} for slot in SLOTS})
         for slot in SLOTS:
             caller = getattr(pm.hook, SLOT_TABLE[slot].hook)
             # Call each plugin's hook on its own so a registration can be credited to its
@@ -99,12 +101,26 @@ class Registry:
                     + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in bad)
                 )
                 return
+        problem = SLOT_TABLE[slot].contract_problem(component)
+        if problem is not None:
+            self.problems.append(f"{where}: {slot} '{kind}': {problem}")
+            self.refused[slot][kind] = self.problems[-1]
+            return
         existing = self.components[slot].get(kind)
-        if existing is not None:
-            self.problems.append(
-                f"duplicate {slot} kind '{kind}': registered by plugin '{existing.provider}' "
-                f"{existing.version} and again by {where}; keeping '{existing.provider}'"
+        if existing is not None or kind in self.refused[slot]:
+            # Neither provider wins: a spec naming the kind must not silently get the class of
+            # a package other than the one its author meant (a built-in added later included).
+            first = (
+                f"plugin '{existing.provider}' {existing.version}"
+                if existing is not None
+                else "an earlier plugin"
             )
+            self.problems.append(
+                f"{slot} kind '{kind}' is provided by both {first} and {where}; refusing "
+                f"both: uninstall or rename one of them"
+            )
+            self.components[slot].pop(kind, None)
+            self.refused[slot][kind] = self.problems[-1]
             return
         self.components[slot][kind] = Registration(slot, kind, component, provider, version)
 
@@ -115,6 +131,9 @@ class Registry:
         return [self.components[slot][k].cls for k in self.kinds(slot)]
 
     def unknown_kind_message(self, slot: str, kind: object) -> str:
+        refused = self.refused.get(slot, {}).get(str(kind))
+        if refused is not None:
+            return f"{slot} kind {kind!r} was refused: {refused}"
         installed = ", ".join(self.kinds(slot)) or "(none)"
         hint = did_you_mean(str(kind), self.kinds(slot))
         # A plugin that failed to load may be the one that provides it: show its real error.

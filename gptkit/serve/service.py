@@ -29,7 +29,11 @@ class CompletionService:
         manifest = bundle.manifest or {}
         self.model_name = name or manifest.get("spec", {}).get("name", "gptkit")
         self.version = manifest.get("gptkit_version", "0")
-        self.scheduler = Scheduler(bundle, max_rows=max(limits.max_concurrent, limits.max_choices))
+        self.scheduler = Scheduler(
+            bundle,
+            max_rows=max(limits.max_concurrent, limits.max_choices),
+            stream_interval=limits.stream_interval_s,
+        )
         self.chat_template = getattr(bundle.tokenizer, "chat_template", None)
         self.active = 0  # admitted requests, decoding or waiting
         self._lock = threading.Lock()
@@ -43,6 +47,7 @@ class CompletionService:
             "active": self.active,
             "batch_rows": len(self.scheduler.batch),
             "peak_batch_rows": self.scheduler.peak_rows,
+            "cpu_seconds": round(time.process_time(), 4),  # this process's, all threads
         }
 
     def models(self) -> dict[str, Any]:
@@ -204,7 +209,8 @@ class CompletionService:
             )
         job = Job(rows, sampler, options.seed, max_new, stream, asyncio.get_running_loop())
         self.scheduler.submit(job)
-        answer = _Answer(render, sum(len(r) for r in rows), include_usage)
+        merge = self.limits.stream_interval_s > 0
+        answer = _Answer(render, sum(len(r) for r in rows), include_usage, merge)
         if not stream:
             return await self._whole(job, answer)
         return StreamingResponse(self._events(job, answer), media_type="text/event-stream")
@@ -240,8 +246,11 @@ class CompletionService:
 class _Answer:
     """One request's answer in the making: its id, time, renderer and token counts."""
 
-    def __init__(self, render: TextRender, prompt_tokens: int, include_usage: bool) -> None:
+    def __init__(
+        self, render: TextRender, prompt_tokens: int, include_usage: bool, merge: bool = True
+    ) -> None:
         self.render, self.prompt_tokens, self.include_usage = render, prompt_tokens, include_usage
+        self.merge = merge  # one chunk per choice per hand-over (else one per decoded piece)
         self.created, self.cid = int(time.time()), f"{render.id_prefix}-{uuid.uuid4().hex[:24]}"
 
     def usage(self, out: list[Completion]) -> dict[str, int]:
@@ -256,10 +265,16 @@ class _Answer:
         """Server-sent events for what the scheduler sent, and whether the stream ends."""
         render, cid, created = self.render, self.cid, self.created
         out = []
+        texts: dict[int, list[str]] = {}  # each choice's new text: one chunk per choice
         for kind, *rest in batch:
+            if kind == "text" and self.merge:
+                texts.setdefault(rest[0], []).append(rest[1])
+                continue
             if kind == "text":
                 out.append(render.chunk(cid, created, rest[0], rest[1], None))
                 continue
+            out += [render.chunk(cid, created, i, "".join(t), None) for i, t in texts.items()]
+            texts = {}
             if kind == "done":
                 for i, c in enumerate(rest[0]):
                     out.append(render.chunk(cid, created, i, "", finish_reason(c.finish_reason)))
@@ -269,4 +284,5 @@ class _Answer:
             else:
                 out.append(sse({"error": {"message": rest[0], "type": "server_error"}}))
             return "".join(out), True
+        out += [render.chunk(cid, created, i, "".join(t), None) for i, t in texts.items()]
         return "".join(out), False

@@ -130,7 +130,25 @@ class ComposedSpec:
 
 def compose_spec_file(path: str | Path) -> ComposedSpec:
     """Read a spec file and everything it ``extends``, merged by the rules above."""
-    return _resolve(Path(path), ())
+    composed = _resolve(Path(path), ())
+    _shared_experiment(composed)
+    return composed
+
+
+def _shared_experiment(composed: ComposedSpec) -> None:
+    """Variants made with ``extends:`` share one MLflow experiment by default: the name of
+    their root parent (the first file up the chain that has one), so the MLflow UI and
+    ``gptkit compare`` show them side by side. An explicit ``tracking.experiment`` wins."""
+    tracking = composed.data.get("tracking", {})
+    if len(composed.files) < 2 or not isinstance(tracking, dict) or tracking.get("experiment"):
+        return
+    for label in composed.files[:-1]:  # parents first; the last is the spec itself
+        name = read_spec_file(Path(label)).get("name")
+        if isinstance(name, str) and name:
+            if name != composed.data.get("name"):
+                composed.data["tracking"] = {**tracking, "experiment": name}
+                composed.origins[("tracking", "experiment")] = f"the name of {label}"
+            return
 
 
 def _resolve(path: Path, chain: tuple[Path, ...]) -> ComposedSpec:
@@ -252,7 +270,8 @@ def validate_composed(composed: ComposedSpec, source: str, overrides: Any = ()) 
             raise
         problems = []
         for where, message in exc.problems:
-            origin = composed.origin(tuple(where.split("."))) if where else None
+            blamed = where in exc.overridden  # the override named already, not a file
+            origin = composed.origin(tuple(where.split("."))) if where and not blamed else None
             problems.append(
                 (
                     where,
@@ -260,7 +279,9 @@ def validate_composed(composed: ComposedSpec, source: str, overrides: Any = ()) 
                     + (f" (set in {origin})" if origin and origin != composed.files[-1] else ""),
                 )
             )
-        raise SpecError(source, problems, exc.hint) from None
+        error = SpecError(exc.source, problems, exc.hint)
+        error.overridden = exc.overridden
+        raise error from None
 
 
 # --------------------------------------------------------------------------- showing it

@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     create_model,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -208,7 +209,9 @@ class TrackingSpec(StrictModel):
     uri: str | None = Field(
         None, description="Default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."
     )
-    experiment: str | None = Field(None, description="Default: the spec's name.")
+    experiment: str | None = Field(
+        None, description="Default: the spec's name (with extends: its root parent's name)."
+    )
 
 
 class ExportSpec(StrictModel):
@@ -231,10 +234,12 @@ class ExperimentSpec(StrictModel):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     plugins: list[str] = Field(default_factory=list, description="Extra plugin modules to load.")
-    sweep: dict[str, list[Any]] = Field(
+    sweep: dict[str, Any] = Field(
         default_factory=dict,
         description="A grid: dotted field -> values. 'gptkit train' runs every combination as "
-        "a child MLflow run of one parent run; a 'seed' axis repeats each point.",
+        "a child MLflow run of one parent run; a 'seed' axis repeats each point. Or a search: "
+        "{method: random | tpe, trials: N, space: {field: [choices] | {low, high, log, int}}, "
+        "pruner: median | none} (Optuna; pip install 'gptkit[search]').",
     )
     repeats: int = Field(
         1,
@@ -243,6 +248,17 @@ class ExperimentSpec(StrictModel):
         description="Train each grid point with this many seeds (seed, "
         "seed+1, ...), grouped in MLflow under one parent run per point.",
     )
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep_shape(cls, sweep: dict[str, Any]) -> dict[str, Any]:
+        if "method" in sweep:
+            check_search(sweep)
+        else:
+            for key, values in sweep.items():
+                if not isinstance(values, list):
+                    raise ValueError(f"sweep.{key}: give a list of values (a grid axis)")
+        return sweep
 
     @model_validator(mode="after")
     def _sane_size(self) -> ExperimentSpec:
@@ -372,6 +388,9 @@ def _slot_field(registry: Registry, slot: str) -> tuple[Any, Any]:
     if default_kind in registry.components[slot]:
         default_cls = registry.components[slot][default_kind].cls
         return (annotated, Field(default_factory=lambda: default_cls(kind=default_kind)))
+    if default_kind in registry.refused.get(slot, {}):
+        # The default was refused (two providers claim it): a spec relying on it gets why.
+        return (annotated, Field(default={"kind": default_kind}, validate_default=True))
     return (annotated, Field(...))
 
 
@@ -407,3 +426,40 @@ def _spec_class(registry: Registry) -> type[ExperimentSpec]:
 def spec_class(registry: Registry | None = None) -> type[ExperimentSpec]:
     """The ``ExperimentSpec`` class whose component slots accept the registry's kinds."""
     return _spec_class(registry or load_registry())
+
+
+SEARCH_KEYS = {"method", "trials", "space", "pruner"}
+
+
+def check_search(sweep: dict[str, Any]) -> None:
+    """A search block's shape (``ValueError`` naming the entry): method, trials, space."""
+    unknown = set(sweep) - SEARCH_KEYS
+    if unknown:
+        raise ValueError(
+            f"sweep: unknown key(s) {sorted(unknown)} in a search; allowed: {sorted(SEARCH_KEYS)}"
+        )
+    if sweep["method"] not in ("random", "tpe"):
+        raise ValueError(f"sweep.method: 'random' or 'tpe', got {sweep['method']!r}")
+    trials = sweep.get("trials")
+    if not isinstance(trials, int) or isinstance(trials, bool) or not 1 <= trials <= 1000:
+        raise ValueError(f"sweep.trials: a whole number from 1 to 1000, got {trials!r}")
+    if sweep.get("pruner", "median") not in ("median", "none"):
+        raise ValueError(f"sweep.pruner: 'median' or 'none', got {sweep['pruner']!r}")
+    space = sweep.get("space")
+    if not isinstance(space, dict) or not space:
+        raise ValueError("sweep.space: give at least one field: [choices] or {low, high}")
+    for key, dim in space.items():
+        if isinstance(dim, list):
+            if not dim:
+                raise ValueError(f"sweep.space.{key}: give at least one choice")
+            continue
+        if not isinstance(dim, dict) or set(dim) - {"low", "high", "log", "int"}:
+            raise ValueError(
+                f"sweep.space.{key}: a list of choices or {{low, high, log: bool, int: bool}}"
+            )
+        low, high = dim.get("low"), dim.get("high")
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
+        if not numbers or not low < high:  # type: ignore[operator]
+            raise ValueError(f"sweep.space.{key}: low and high numbers with low < high")
+        if dim.get("log") and low <= 0:  # type: ignore[operator]
+            raise ValueError(f"sweep.space.{key}: a log range needs low > 0")

@@ -59,8 +59,17 @@ def parse_sampler_overrides(sets: list[str]) -> dict[str, Any]:
     return changes
 
 
+def override_label(text: str, labels: Mapping[str, str] | None = None) -> str:
+    """How an error names an override: ``--set 'train.lr=abc'``, or what the caller says it
+    is (a sweep entry, say: the user never typed a ``--set`` for it)."""
+    return (labels or {}).get(text) or f"--set {text!r}"
+
+
 def apply_overrides(
-    data: dict[str, Any], overrides: Iterable[str], registry: Registry | None = None
+    data: dict[str, Any],
+    overrides: Iterable[str],
+    registry: Registry | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Return a copy of ``data`` with each ``PATH=VALUE`` applied, in order.
 
@@ -70,6 +79,7 @@ def apply_overrides(
     data = copy.deepcopy(data)
     for text in overrides:
         path, value = parse_override(text)
+        name = override_label(text, labels)
         node: Any = data
         for i, key in enumerate(path[:-1]):
             child = node.get(key)
@@ -84,15 +94,13 @@ def apply_overrides(
                 child = node[key] = {"kind": child}  # bare component name
             elif not isinstance(child, dict):
                 where = ".".join(path[: i + 1])
-                raise GptkitError(
-                    f"--set {text!r}: {where} is a {type(child).__name__}, not a section"
-                )
+                raise GptkitError(f"{name}: {where} is a {type(child).__name__}, not a section")
             node = child
         last = path[-1]
         slot = SLOT_PATHS.get(tuple(path[:-1]))
         if last == "kind" and slot and registry is not None and node.get("kind") != value:
             if value not in registry.components[slot]:
-                raise GptkitError(f"--set {text!r}: " + registry.unknown_kind_message(slot, value))
+                raise GptkitError(f"{name}: " + registry.unknown_kind_message(slot, value))
             keep = registry.components[slot][value].cls.model_fields
             for stale in [k for k in node if k not in keep]:
                 del node[stale]
@@ -181,18 +189,22 @@ def validate_spec(
     *,
     opened: bool = False,
     provenance: Mapping[str, Any] | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> ExperimentSpec:
     """Validate a spec mapping (plus ``--set`` overrides) against the loaded plugins.
 
     ``opened=True`` for a spec read from a run or bundle (not one the user passed): its
     ``plugins:`` modules are imported only if they are installed gptkit plugins or the user
     allowed them (:func:`gptkit.registry.manager.check_opened_plugins`), and a kind no loaded plugin
-    provides is reported with the package ``provenance`` names for it.
+    provides is reported with the package ``provenance`` names for it. A problem in a field an
+    override set names the override (``labels`` says what each one is; default ``--set``).
     """
     from gptkit.registry.manager import allow_plugin_modules, check_opened_plugins
 
     overrides = list(overrides)
-    raw = apply_overrides(dict(data), overrides)  # first pass: `plugins` may be overridden
+    raw = apply_overrides(
+        dict(data), overrides, labels=labels
+    )  # first pass: `plugins` may be overridden
     plugins = raw.get("plugins", [])
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         raise SpecError(source, [("plugins", "must be a list of module names")])
@@ -203,12 +215,40 @@ def validate_spec(
     registry = load_registry(tuple(plugins))
     if opened:
         _require_recorded_kinds(registry, raw, source, provenance or {})
-    raw = apply_overrides(dict(data), overrides, registry)
+    raw = apply_overrides(dict(data), overrides, registry, labels)
     cls = spec_class(registry)
     try:
         return cls.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError(source, format_errors(exc, cls, registry)) from None
+        raise blame_overrides(
+            source, format_errors(exc, cls, registry), overrides, labels
+        ) from None
+
+
+def blame_overrides(
+    source: str,
+    problems: list[tuple[str, str]],
+    overrides: list[str],
+    labels: Mapping[str, str] | None = None,
+) -> SpecError:
+    """The spec error, each problem in a field an override set naming that override (the last
+    one that touched it); when every problem came from overrides, they head the error, not the
+    spec file."""
+    paths = [(tuple(parse_override(o)[0]), o) for o in overrides]
+    blamed: dict[str, str] = {}
+    out = []
+    for where, message in problems:
+        at = tuple(where.split(".")) if where else ()
+        hits = [o for p, o in paths if at and (at[: len(p)] == p or p[: len(at)] == at)]
+        if hits:
+            blamed[where] = override_label(hits[-1], labels)
+            message += f" (from {blamed[where]})"
+        out.append((where, message))
+    if problems and len(blamed) == len(problems):
+        source = ", ".join(dict.fromkeys(blamed.values()))
+    error = SpecError(source, out)
+    error.overridden = set(blamed)
+    return error
 
 
 def _require_recorded_kinds(
@@ -232,3 +272,22 @@ def _require_recorded_kinds(
         raise PluginError(
             f"{source} " + "; and ".join(problems), "Run 'gptkit plugins' to see what is installed."
         )
+
+
+def spec_warnings(specs: Any) -> list[str]:
+    """Settings that validate but make little sense (each said once over a sweep's runs)."""
+    out: dict[str, None] = {}
+    for spec in specs:
+        t = spec.train
+        if t.warmup_steps > t.max_steps:
+            out[
+                f"train.warmup_steps ({t.warmup_steps}) > train.max_steps ({t.max_steps}): "
+                "the learning rate never reaches train.lr"
+            ] = None
+        if t.eval_every > t.max_steps:
+            out[
+                f"train.eval_every ({t.eval_every}) > train.max_steps ({t.max_steps}): one "
+                "evaluation and one checkpoint, at the last step"
+                + (" (early_stop cannot act)" if t.early_stop is not None else "")
+            ] = None
+    return list(out)

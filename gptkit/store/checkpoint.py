@@ -126,6 +126,27 @@ def _meta(path: Path) -> dict[str, Any]:
         return {}
 
 
+def set_aside_after(ckpt_dir: Path, chosen: Path) -> Path | None:
+    """Resuming from an older checkpoint (``--checkpoint best``): the newer ones move to
+    ``checkpoints/set-aside-<time>/`` (kept, never deleted; no longer resumed or pruned), and
+    ``latest``/``best`` name what is left. Returns the folder they went to, if any."""
+    import time
+
+    newer = [p for p in list_checkpoints(ckpt_dir) if p.name > chosen.name]
+    if not newer:
+        return None
+    aside = ckpt_dir / time.strftime("set-aside-%Y%m%d-%H%M%S")
+    aside.mkdir(exist_ok=True)
+    for path in newer:
+        os.replace(path, aside / path.name)
+    write_pointer(ckpt_dir / "latest", chosen.name)
+    left = [p for p in list_checkpoints(ckpt_dir) if _meta(p).get("val_loss") is not None]
+    if left:
+        write_pointer(ckpt_dir / "best", min(left, key=lambda p: _meta(p)["val_loss"]).name)
+    _fsync_dir(ckpt_dir)
+    return aside
+
+
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Complete checkpoint folders, oldest first."""
     if not ckpt_dir.is_dir():

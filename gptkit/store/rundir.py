@@ -390,7 +390,7 @@ class RunDir:
                 f"{self.spec_file} has no model.vocab_size: it is not the resolved "
                 "spec that 'gptkit train' writes (was it replaced by hand?)"
             )
-        tokenizer = load_tokenizer(self.tokenizer_dir)
+        tokenizer = load_tokenizer(self.tokenizer_dir, spec_class=type(spec.tokenizer))
         candidates = checkpoint_candidates(self.checkpoints, checkpoint)
         if not candidates:
             raise RunError(f"run {self.path} has no checkpoint yet", "Train it: gptkit train SPEC")

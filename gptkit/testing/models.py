@@ -67,6 +67,11 @@ def check_shapes(model: GPT) -> None:
     assert loss is not None and loss.dim() == 0 and torch.isfinite(loss)
 
 
+def _property(name: str, what: str) -> Any:
+    """An ``assert_close`` message naming the contract property that failed."""
+    return lambda detail: f"{name}: {what}\n{detail}"
+
+
 def check_causal(model: GPT, length: int = 16) -> None:
     """Changing token t+1 leaves the outputs at positions <= t unchanged."""
     idx = _tokens(2, length)
@@ -75,7 +80,13 @@ def check_causal(model: GPT, length: int = 16) -> None:
         changed = idx.clone()
         changed[:, t + 1] = (changed[:, t + 1] + 1) % VOCAB
         out = model(changed).logits
-        torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            out[:, : t + 1],
+            base[:, : t + 1],
+            rtol=0,
+            atol=1e-6,
+            msg=_property("causal", f"changing token {t + 1} changed earlier outputs"),
+        )
         assert not torch.allclose(out[:, t + 1 :], base[:, t + 1 :]), "later outputs ignore input"
 
 
@@ -91,7 +102,13 @@ def check_kv_cache(model: GPT, prefill: int = 8, decode: int = 64, atol: float =
         pieces.append(out.logits)
         past = out.past_key_values
     cached = torch.cat(pieces, dim=1)
-    torch.testing.assert_close(cached, full, rtol=0, atol=atol)
+    torch.testing.assert_close(
+        cached,
+        full,
+        rtol=0,
+        atol=atol,
+        msg=_property("kv_cache", "cached decode differs from the full forward pass"),
+    )
     assert past[0][0].shape[2] == prefill + decode
 
 
@@ -105,11 +122,56 @@ def check_static_cache(model: GPT, new_tokens: int = 40) -> bool:
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [12]]
     limit = model.spec.max_seq_len
     steps = max(new_tokens, limit + 8)  # long enough to pass the context limit
-    static, concat = TorchBackend(model, static=True), TorchBackend(model, static=False)
+    static = _Recording(TorchBackend(model, static=True))
+    concat = _Recording(TorchBackend(model, static=False))
     a = _greedy_ids(static, prompts, steps)
     b = _greedy_ids(concat, prompts, steps)
     assert a == b, "static-cache decoding differs from the concatenating cache"
-    return static.static
+    # The tokens alone are a weak check (an untrained model's attention is nearly uniform, so
+    # a wrong cache slot rarely flips an argmax): the logits of every step must agree too.
+    for step, (x, y) in enumerate(zip(static.logits, concat.logits)):
+        err = float(abs(x - y).max())
+        assert err < 1e-4, (
+            f"static-cache decoding differs from the concatenating cache at call {step}: {err}"
+        )
+    return bool(static.backend.static)
+
+
+class _Recording:
+    """A decoding backend that keeps the logits of every call."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend, self.logits = backend, []  # type: list[Any]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+    def __call__(self, *args: Any) -> Any:
+        logits, past = self.backend(*args)
+        self.logits.append(logits)
+        return logits, past
+
+
+class FreshGreedy:
+    """A sampler for decode-loop checks: greedy, but never one of the row's last
+    ``FRESH_WINDOW`` tokens. A tiny random model mostly repeats its last token, and a check
+    whose tokens never change would prove nothing."""
+
+    repetition_penalty, stop, stop_at_eot = 1.5, [], False  # != 1: the context is passed
+
+    def new_state(self) -> None:
+        return None
+
+    def sample(self, logits: Any, rng: Any, previous: Any = None) -> Any:
+        import numpy as np
+
+        logits = np.array(logits, dtype=np.float64)
+        for row, seen in enumerate(previous[:, -FRESH_WINDOW:]):
+            logits[row, seen] = -np.inf
+        return logits.argmax(-1)
+
+
+FRESH_WINDOW = 8
 
 
 def _greedy_ids(
@@ -127,21 +189,6 @@ def _greedy_ids(
         def decode(self, ids):
             return " ".join(map(str, ids))
 
-    class _Greedy:
-        """Greedy, but never one of the row's last 8 tokens: a tiny random model mostly
-        repeats its last token, and a check whose tokens never change would prove nothing."""
-
-        repetition_penalty, stop, stop_at_eot = 1.5, [], False  # != 1: the context is passed
-
-        def new_state(self):
-            return None
-
-        def sample(self, logits, rng, previous=None):
-            logits = logits.copy()
-            for row, seen in enumerate(previous[:, -8:]):
-                logits[row, seen] = -np.inf
-            return logits.argmax(-1)
-
     batch = DecodeBatch(backend, _Ids())
     join_at = join_at or [0] * len(prompts)
     rows: dict[int, Any] = {}
@@ -149,7 +196,7 @@ def _greedy_ids(
     while len(batch) or len(rows) < len(prompts):
         for i, p in enumerate(prompts):
             if join_at[i] == step:
-                rows[i] = batch.add(list(p), _Greedy(), np.random.default_rng(0), steps)
+                rows[i] = batch.add(list(p), FreshGreedy(), np.random.default_rng(0), steps)
         batch.step()
         step += 1
     return [rows[i].stream.tokens for i in range(len(prompts))]
@@ -167,17 +214,25 @@ def check_joining(backend, new_tokens: int = 24) -> None:
         assert got == alone, f"prompt {prompt}: joined {got} != alone {alone}"
 
 
-def check_padding(model: GPT) -> None:
-    """A left-padded row in a batch gives the same logits as the row alone."""
+def _padded_batch() -> tuple[torch.Tensor, ...]:
+    """A 12-token row and a 7-token row left-padded by 5: (ids, positions, key_mask, long,
+    short)."""
     long, short = _tokens(1, 12, seed=2), _tokens(1, 7, seed=3)
     pad = torch.zeros(1, 5, dtype=torch.long)
     idx = torch.cat([long, torch.cat([pad, short], dim=1)], dim=0)  # (2, 12)
     key_mask = torch.ones(2, 12, dtype=torch.bool)
     key_mask[1, :5] = False
     positions = torch.cat([torch.arange(12)[None], (torch.arange(12) - 5).clamp(min=0)[None]])
+    return idx, positions, key_mask, long, short
+
+
+def check_padding(model: GPT) -> None:
+    """A left-padded row in a batch gives the same logits as the row alone."""
+    idx, positions, key_mask, long, short = _padded_batch()
     batched = model(idx, positions=positions, key_mask=key_mask).logits
-    torch.testing.assert_close(batched[1, 5:], model(short).logits[0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(batched[0], model(long).logits[0], rtol=0, atol=1e-5)
+    msg = _property("padding", "a left-padded row differs from the row alone")
+    torch.testing.assert_close(batched[1, 5:], model(short).logits[0], rtol=0, atol=1e-5, msg=msg)
+    torch.testing.assert_close(batched[0], model(long).logits[0], rtol=0, atol=1e-5, msg=msg)
 
 
 def check_gradients(model: GPT) -> None:
@@ -238,7 +293,23 @@ def check_onnx(model: GPT, folder) -> dict:
     assert isinstance(past[0], str) and isinstance(past[2], str), f"past dims fixed: {past}"
     report = parity_check(model, path)
     assert report["passed"], report
+    _check_onnx_padding(model, path)
     return report
+
+
+def _check_onnx_padding(model: GPT, path: Path) -> None:
+    """The exported graph honours ``attention_mask``: a left-padded row gives, under
+    onnxruntime, the logits torch gives for the row alone (a graph that ignores the mask
+    lets the padding leak in)."""
+    from gptkit.inference.onnx import OnnxModel
+
+    idx, positions, key_mask, _, short = _padded_batch()
+    onnx = OnnxModel(path)
+    got, _ = onnx.run(idx.numpy(), positions.numpy(), key_mask.numpy(), None, all_logits=True)
+    with torch.no_grad():
+        alone = model(short).logits[0].numpy()
+    err = float(abs(got[1, 5:] - alone).max())
+    assert err < 1e-4, f"the ONNX graph's padded row differs from the row alone: {err}"
 
 
 # The model the attention / positional / optimizer cases build; sizes the components' example
@@ -267,8 +338,18 @@ def run_model_case(case: Any, example: Any, folder: Path) -> None:
             assert not torch.equal(a(idx).logits, c(idx).logits), (
                 "another seed gave the same outputs: the weights ignore the seed"
             )
+        # The component's own weights, not only the rest of the model's, follow the seed.
+        mine, other = _component_params(a, case.slot), _component_params(c, case.slot)
+        assert not mine or any(not torch.equal(x, y) for x, y in zip(mine, other)), (
+            f"another seed gave the {case.slot}'s weights unchanged: its init ignores the seed"
+        )
         return
     model = contract_model(case, example)
+    if case.prop == "static_cache" and not model.static_cache:
+        import pytest
+
+        # Not a pass: without static support both sides would be the concatenating cache.
+        pytest.skip(f"not applicable: {case.slot} '{case.kind}' declares no static cache")
     if case.prop == "gradients":
         check_gradients(model)
     elif case.prop == "onnx":
@@ -287,6 +368,14 @@ def run_model_case(case: Any, example: Any, folder: Path) -> None:
         }[case.prop]
         with torch.no_grad():
             check(model)
+
+
+def _component_params(model: GPT, slot: str) -> list[torch.Tensor]:
+    """The parameters of the model's ``slot`` component (every block's attention, or the
+    shared positional encoding)."""
+    if slot == "positional":
+        return [p.detach() for p in model.positional.parameters()]
+    return [p.detach() for block in model.blocks for p in block.attn.parameters()]
 
 
 def cache_steps(example: Any) -> int:

@@ -15,7 +15,7 @@ def chi2_critical(dof: int, z: float = 3.09) -> float:
     return dof * (1.0 - c + z * c**0.5) ** 3
 
 
-def check_sampler(sampler: Any, vocab: int = 12, draws: int = 30_000, seed: int = 0) -> None:
+def check_sampler(sampler: Any, vocab: int = 12, draws: int = 40_000, seed: int = 0) -> None:
     """Every sampler property at once (see :func:`sampler_distribution` and the others)."""
     sampler_distribution(sampler, vocab, draws, seed)
     sampler_seeded(sampler)
@@ -33,7 +33,7 @@ def _draw(sampler: Any, logits: Any, rng: Any, states: list[Any]) -> Any:
     return sample_next(sampler, logits, rng, contexts, states)
 
 
-def sampler_distribution(sampler: Any, vocab: int = 12, draws: int = 30_000, seed: int = 0) -> None:
+def sampler_distribution(sampler: Any, vocab: int = 12, draws: int = 40_000, seed: int = 0) -> None:
     """A proper distribution, draws only from its support, and an empirical distribution that
     matches ``probs`` (chi-square, 0.1% level). Each draw is the first step of a fresh
     generation (its own new state), so stateful samplers are judged fairly."""
@@ -44,24 +44,54 @@ def sampler_distribution(sampler: Any, vocab: int = 12, draws: int = 30_000, see
     p = sampler.probs(logits, None, _fresh(sampler, 4))
     assert p.shape == logits.shape and (p >= 0).all(), "probs must be (B, V) and >= 0"
     np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-9, err_msg="probs rows must sum to 1")
-    batch = np.repeat(logits[:1], 1000, axis=0)
     gen = np.random.default_rng(2)
+    for row in range(len(logits)):  # every row: a sampler that mixes rows up is caught
+        _check_draws(sampler, logits[row], p[row], gen, draws // len(logits))
+
+
+def _check_draws(sampler: Any, logits: Any, p: Any, gen: Any, draws: int) -> None:
+    """Draws from one row's ``logits`` follow ``p`` (chi-square, 0.1% level)."""
+    import numpy as np
+
+    batch = np.repeat(logits[None], 1000, axis=0)
     counts = np.bincount(
         np.concatenate(
-            [_draw(sampler, batch, gen, _fresh(sampler, 1000)) for _ in range(draws // 1000)]
+            [
+                _draw(sampler, batch, gen, _fresh(sampler, 1000))
+                for _ in range(max(1, draws // 1000))
+            ]
         ),
-        minlength=vocab,
+        minlength=len(logits),
     )
-    want = p[0] * counts.sum()
-    assert counts[want == 0].sum() == 0, "drew a token outside the sampler's support"
+    want = p * counts.sum()
+    vocab = len(logits)
     support = want > 0
     dof = int(support.sum()) - 1
+    chi2 = float((((counts[support] - want[support]) ** 2) / want[support]).sum())
+    if counts[~support].sum() or (dof > 0 and chi2 >= chi2_critical(dof)):
+        # Name the cause when it is state carried from one generation into the next.
+        assert not _state_leaks(sampler, vocab), (
+            "sampler state leaks between generations: the first draw of a fresh generation "
+            "depends on earlier generations (keep per-generation state in new_state() objects)"
+        )
+    assert counts[~support].sum() == 0, "drew a token outside the sampler's support"
     if dof > 0:
-        chi2 = float((((counts[support] - want[support]) ** 2) / want[support]).sum())
         assert chi2 < chi2_critical(dof), (
             f"draws do not follow probs (chi2 {chi2:.1f}): {counts.tolist()} vs "
             f"{want.round(1).tolist()}"
         )
+
+
+def _state_leaks(sampler: Any, vocab: int) -> bool:
+    """Whether a fresh generation's first draw changes after other generations ran."""
+    import numpy as np
+
+    logits = np.random.default_rng(7).normal(0, 2, size=(64, vocab))
+    before = _draw(sampler, logits, np.random.default_rng(1), _fresh(sampler, 64))
+    for seed in range(5):
+        _draw(sampler, logits, np.random.default_rng(100 + seed), _fresh(sampler, 64))
+    after = _draw(sampler, logits, np.random.default_rng(1), _fresh(sampler, 64))
+    return bool((before != after).any())
 
 
 def sampler_seeded(sampler: Any, rows: int = 256, vocab: int = 12) -> None:
@@ -105,7 +135,10 @@ def sampler_state(sampler: Any, rows: int = 3, steps: int = 40, vocab: int = 12)
             for _ in range(steps)
         ]
 
-    assert generation() == generation(), "a seeded generation with fresh states did not repeat"
+    assert generation() == generation(), (
+        "sampler state leaks between generations: a seeded generation with fresh states did "
+        "not repeat"
+    )
 
 
 def run_sampler_case(case: Any, example: Any, registry: Any, folder: Path) -> None:

@@ -21,17 +21,29 @@ SEED_PARAMS = ("seed", "repeats")  # runs that differ only in these are repeats 
 
 
 def collect(client: Any, experiment: str) -> list[dict[str, Any]]:
-    """One row per finished-enough run (it has a validation loss), best first."""
+    """One row per finished-enough run of an experiment (it has a validation loss), best first."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        names = ", ".join(e.name for e in client.search_experiments()) or "(none)"
         raise GptkitError(
-            f"no MLflow experiment named {experiment!r}; experiments: {names}",
+            f"no MLflow experiment named {experiment!r}; experiments: {_names(client)}",
             "Pass one of them, or --tracking-uri for another store.",
         )
-    rows = []
-    for run in client.search_runs([exp.experiment_id], max_results=500):
+    return rows_of(client, client.search_runs([exp.experiment_id], max_results=500))
+
+
+def _names(client: Any) -> str:
+    return ", ".join(e.name for e in client.search_experiments()) or "(none)"
+
+
+def rows_of(client: Any, runs: list[Any]) -> list[dict[str, Any]]:
+    """The rows of these MLflow runs (parents, comparisons and runs without a validation loss
+    left out; each run once), best first."""
+    rows, seen = [], set()
+    for run in runs:
         metrics = run.data.metrics
+        if run.info.run_id in seen or run.info.lifecycle_stage == "deleted":
+            continue
+        seen.add(run.info.run_id)
         if run.data.tags.get("gptkit.kind") in HIDDEN_KINDS or "val_loss" not in metrics:
             continue
         history = client.get_metric_history(run.info.run_id, "val_loss")
@@ -51,6 +63,67 @@ def collect(client: Any, experiment: str) -> list[dict[str, Any]]:
         )
     rows.sort(key=lambda r: r["val_loss"])
     return rows
+
+
+def select_runs(client: Any, target: str) -> list[Any]:
+    """The MLflow runs one ``compare`` target names: a spec file (its runs), a folder (the runs
+    in it: a run, a sweep, ``runs/<name>``), an experiment, or a spec name (its runs in any
+    experiment: variants made with ``extends:`` share their root's experiment)."""
+    path = Path(target)
+    if path.is_dir():
+        return _folder_runs(client, path)
+    if path.is_file():
+        from gptkit.spec.files import load_spec
+
+        spec = load_spec(path)
+        return _spec_runs(client, spec.name, target)
+    exp = client.get_experiment_by_name(target)
+    if exp is not None:
+        return list(client.search_runs([exp.experiment_id], max_results=500))
+    runs = _spec_runs(client, target, None)
+    if not runs:
+        raise GptkitError(
+            f"no MLflow experiment or spec named {target!r} (and no such file or folder); "
+            f"experiments: {_names(client)}",
+            "Pass an experiment, a spec file or a run folder, or --tracking-uri for another store.",
+        )
+    return runs
+
+
+def _spec_runs(client: Any, name: str, file: str | None) -> list[Any]:
+    ids = [e.experiment_id for e in client.search_experiments()]
+    runs = (
+        client.search_runs(
+            ids, filter_string=f"tags.`gptkit.spec_name` = '{name}'", max_results=1000
+        )
+        if ids and "'" not in name
+        else []
+    )
+    if file is not None and not runs:
+        raise GptkitError(
+            f"{file}: no MLflow runs of spec '{name}' yet", f"Train it: gptkit train {file}"
+        )
+    return list(runs)
+
+
+def _folder_runs(client: Any, folder: Path) -> list[Any]:
+    from gptkit.store.rundir import RunDir
+    from gptkit.training.tracking import read_mlflow_link
+
+    runs = []
+    for run in RunDir.find(folder):
+        link = read_mlflow_link(run)
+        if link:
+            try:
+                runs.append(client.get_run(link["run_id"]))
+            except Exception:  # a run of another store, or deleted: not comparable here
+                continue
+    if not runs:
+        raise GptkitError(
+            f"{folder}: no runs with an MLflow record in this store",
+            "Pass run folders made by 'gptkit train' with tracking on (or --tracking-uri).",
+        )
+    return runs
 
 
 def differing(rows: list[dict[str, Any]]) -> list[str]:
@@ -109,6 +182,8 @@ def group_runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _group_name(members: list[dict[str, Any]]) -> str:
     """The runs' common name with their ``seed=N`` left out."""
     names = {re.sub(r"\s*\bseed=\S+", "", m["name"] or "").strip() for m in members}
+    if len(members) > 1 and names == {""}:  # runs named by their seed only: the spec's name
+        return members[0]["params"].get("name") or members[0]["name"]
     if len(members) == 1 or len(names) != 1 or not next(iter(names)):
         return members[0]["name"] or members[0]["run_id"][:8]
     return names.pop()
@@ -253,20 +328,23 @@ class Comparison:
 
 
 def compare(
-    experiment: str | None, uri: str | None, out: Path | None, log: bool = False
+    experiment: str | list[str] | None, uri: str | None, out: Path | None, log: bool = False
 ) -> Comparison:
     """The comparison table (runs that differ only by seed grouped), whether the best group is
-    separated from the next, and the curves' plot; with ``log``, also kept in MLflow."""
+    separated from the next, and the curves' plot; with ``log``, also kept in MLflow.
+    ``experiment``: one target or several (experiments, spec files, run folders, spec names;
+    see ``select_runs``); none: the most recently updated experiment."""
     from gptkit.training.tracking import quick_timeouts, resolve_uri
 
     quick_timeouts()
     uri = resolve_uri(uri)
+    targets = [experiment] if isinstance(experiment, str) else list(experiment or [])
     try:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(uri)
-        experiment = experiment or _latest_experiment(client)
-        rows = collect(client, experiment)
+        targets = targets or [_latest_experiment(client)]
+        rows = rows_of(client, [run for t in targets for run in select_runs(client, t)])
     except GptkitError:
         raise
     except Exception as exc:
@@ -274,19 +352,20 @@ def compare(
             f"cannot read MLflow at {uri}: {type(exc).__name__}: {str(exc)[:300]}",
             "Check --tracking-uri / $MLFLOW_TRACKING_URI, or that the server is up.",
         ) from None
+    label = "+".join(Path(t).name or t for t in targets)
     if not rows:
-        raise GptkitError(f"experiment {experiment!r} has no runs with a validation loss yet")
+        raise GptkitError(f"{', '.join(targets)}: no runs with a validation loss yet")
     groups = group_runs(rows)
     result = Comparison(
-        experiment,
+        label,
         table(groups, differing(groups)),
         groups,
         separation(groups),
-        out or Path(f"compare-{experiment}.png"),
+        out or Path(f"compare-{re.sub(r'[^A-Za-z0-9_.+-]', '-', label)}.png"),
     )
-    plot(groups, result.plot, f"{experiment}: validation loss (best: {groups[0]['name']})")
+    plot(groups, result.plot, f"{label}: validation loss (best: {groups[0]['name']})")
     if log:
-        _log_comparison(client, experiment, result.grid, result.plot)
+        _log_comparison(client, label, result.grid, result.plot)
     return result
 
 

@@ -28,7 +28,13 @@ from gptkit.data.batches import get_batch
 from gptkit.errors import GptkitError, RunError
 from gptkit.model import GPT
 from gptkit.spec.models import ExperimentSpec
-from gptkit.store.checkpoint import checkpoint_name, read_pointer, resume_candidates
+from gptkit.store.checkpoint import (
+    checkpoint_candidates,
+    checkpoint_name,
+    read_pointer,
+    resume_candidates,
+    set_aside_after,
+)
 from gptkit.store.checkpoint import load_checkpoint as load_checkpoint_files
 from gptkit.store.checkpoint import save_checkpoint as save_checkpoint_files
 from gptkit.store.rundir import RunDir
@@ -158,8 +164,14 @@ class SpecTrainer:
         overrides: list[str] | tuple[str, ...] = (),
         command: str | None = None,
         started_at: float | None = None,
+        checkpoint: str = "latest",
+        on_eval: Any = None,
     ) -> None:
         self.spec = spec
+        # on_eval(step, val_loss) -> True to stop the run here (a search's pruner).
+        self.on_eval = on_eval
+        self.pruned = False
+        self.resume_from = checkpoint  # on resume: latest, best or step-N
         self.started_at = started_at  # when the command began (the MLflow run's start)
         self.initial_model = model  # train this instance instead of a fresh one
         self.parent_run_id = parent_run_id
@@ -180,6 +192,7 @@ class SpecTrainer:
         self.rundir = RunDir(Path(self.dist.broadcast(str(chosen.path) if chosen else None) or "."))
         self.run_name = run_name or self.rundir.info().get("name") or self.rundir.path.name
         self._stop_signal: str | None = None
+        self.idle = False
         self.changes: list[tuple[str, Any, Any]] = []
 
     @property
@@ -227,7 +240,15 @@ class SpecTrainer:
         if saved is not None and saved.get("optimizer") is not None:
             self._load_optimizer(saved)
         self.forward = self._wrap_for_speed()
-        if self.dist.main:
+        # A resume with nothing to train (at max_steps, or patience spent) changes nothing:
+        # not the run's files, not its MLflow record (end time, tags) - unless events wait.
+        self.idle = (
+            self.resume
+            and (self.state.step >= spec.train.max_steps or self.patience_spent())
+            and not self.rundir.spool_file.exists()
+            and self.rundir.info().get("status") == "FINISHED"  # else its end is recorded now
+        )
+        if self.dist.main and not self.idle:
             self._record_run()
 
     def _prepare_data(self) -> None:
@@ -265,7 +286,7 @@ class SpecTrainer:
             )
         from gptkit.components.tokenizers import load_tokenizer
 
-        saved = load_tokenizer(self.rundir.tokenizer_dir)
+        saved = load_tokenizer(self.rundir.tokenizer_dir, spec_class=type(self.spec.tokenizer))
         if saved.state() != self.data.tokenizer.state():
             raise RunError(
                 f"cannot resume {self.run_dir}: the data would give it a different tokenizer "
@@ -289,7 +310,7 @@ class SpecTrainer:
     def _restore(self) -> tuple[TrainState, dict[str, Any]]:
         """The newest usable checkpoint's weights (into the model) and state."""
         errors = []
-        for path in resume_candidates(self.rundir.checkpoints):
+        for path in checkpoint_candidates(self.rundir.checkpoints, self.resume_from):
             try:
                 saved, _ = load_checkpoint_files(path, self.model)
                 state = TrainState.from_checkpoint(saved, f"checkpoint {path}")
@@ -300,6 +321,7 @@ class SpecTrainer:
                 continue
             if self.dist.main:
                 print(f"resuming {self.run_dir} from {path.name} (step {state.step})", flush=True)
+            self._resumed_from = path
             return state, saved
         raise RunError(
             f"cannot resume {self.run_dir}: no usable checkpoint"
@@ -364,6 +386,10 @@ class SpecTrainer:
         from gptkit.registry.registry import spec_provenance
 
         run = self.rundir
+        if self.resume and self.resume_from != "latest":
+            aside = set_aside_after(run.checkpoints, self._resumed_from)
+            if aside is not None:
+                print(f"checkpoints after {self._resumed_from.name} set aside in {aside}")
         if self.resume:
             run.truncate_metrics(self.state.step)
             resumes = run.info().get("resumes", [])
@@ -433,7 +459,7 @@ class SpecTrainer:
         self.progress = Progress(
             t.max_steps, self.state.step, self.show_progress, quiet=not self.dist.main
         )
-        self.record = RunRecord.start(self) if self.dist.main else None
+        self.record = RunRecord.start(self) if self.dist.main and not self.idle else None
         self._started = time.time()  # training time counts from here
         self._announce()
         previous_handlers = self._install_signals()
@@ -461,7 +487,7 @@ class SpecTrainer:
         """The loop: step → log → evaluate → checkpoint, until max_steps."""
         t, state = self.spec.train, self.state
         self.model.train()
-        while state.step < t.max_steps and not self.patience_spent():
+        while state.step < t.max_steps and not self.patience_spent() and not self.pruned:
             self._stop_if_asked()
             t0 = time.perf_counter()
             lr = lr_at(state.step, t)
@@ -477,6 +503,7 @@ class SpecTrainer:
                 state.step % (t.checkpoint_every or t.eval_every) == 0
                 or state.step == t.max_steps
                 or self.patience_spent()
+                or self.pruned
             ):
                 self._checkpoint()
         if state.bad_in_a_row:
@@ -499,11 +526,16 @@ class SpecTrainer:
             return
         improved = state.best_val is None or val < state.best_val - rule.min_delta
         state.evals_since_best = 0 if improved else state.evals_since_best + 1
-        if self.patience_spent():
+        if self.stopped_early():
+            best = val if state.best_val is None else min(state.best_val, val)
             self.progress.print(
                 f"step {state.step}: early stop: val loss has not improved by more than "
-                f"{rule.min_delta} for {rule.patience} evaluation(s) (best {state.best_val:.4f})"
+                f"{rule.min_delta} for {rule.patience} evaluation(s) (best {best:.4f})"
             )
+
+    def stopped_early(self) -> bool:
+        """Patience ran out before ``max_steps`` (on the last step it stops no earlier)."""
+        return self.patience_spent() and self.state.step < self.spec.train.max_steps
 
     def stop_reason(self, status: str) -> str:
         """Why the run ended: max_steps, early_stop, interrupted or failed."""
@@ -511,7 +543,9 @@ class SpecTrainer:
             return "interrupted"
         if status != "FINISHED":
             return "failed"
-        return "early_stop" if self.patience_spent() else "max_steps"
+        if self.pruned:
+            return "pruned"
+        return "early_stop" if self.stopped_early() else "max_steps"
 
     def _stop_if_asked(self) -> None:
         if self.dist.any(self._stop_signal is not None):  # every rank stops at the same step
@@ -617,6 +651,10 @@ class SpecTrainer:
         self.progress.print(
             f"step {state.step}: val loss {state.last_val:.4f} (best {state.best_val:.4f})"
         )
+        if self.on_eval is not None and state.step < spec.train.max_steps:
+            self.pruned = bool(self.on_eval(state.step, state.last_val))
+            if self.pruned:
+                self.progress.print(f"step {state.step}: pruned by the search (not promising)")
         # A sharded model runs only with every rank taking part.
         if spec.train.sample_tokens and (self.dist.main or self.fsdp):
             text = progress_sample(
@@ -706,6 +744,9 @@ class SpecTrainer:
         if not self.dist.main:
             return 0
         self._stop_reason = self.stop_reason(status)
+        if self.idle and status == "FINISHED":
+            self.rundir.unlock()
+            return 0
         try:
             summary = self.summary()
             self.rundir.update_info(status=status, stop_reason=self._stop_reason, summary=summary)

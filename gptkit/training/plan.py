@@ -30,7 +30,7 @@ def summarize(resolved: Any, registry: Any) -> SpecSummary:
         for key in entry.path:
             component = getattr(component, key)
         reg = registry.components[slot][component.kind]
-        fields = component.model_dump(exclude={"kind"}, exclude_defaults=slot == "sampler")
+        fields = component.model_dump(exclude={"kind"})
         extra = " ".join(f"{k}={v}" for k, v in fields.items())
         summary.components.append((slot, component.kind, extra, reg.provider))
     summary.model = (
@@ -47,9 +47,13 @@ def summarize(resolved: Any, registry: Any) -> SpecSummary:
 def sweep_size(resolved: Any) -> str:
     """``2 points x 3 seeds = 6 runs`` (and the grid's errors, before anything trains)."""
     try:
-        from gptkit.training.sweep import sweep_plan
+        from gptkit.training.sweep import is_search, sweep_plan
     except ImportError:  # the sweep runner needs torch; the count does not
         return "(install gptkit[train] to count the runs)"
+    if is_search(resolved.sweep):
+        from gptkit.training.search import describe
+
+        return describe(resolved)
     plan = sweep_plan(resolved)
     runs = sum(len(r) for _, r in plan)
     seeds = f" x {len(plan[0][1])} seeds" if runs > len(plan) else ""

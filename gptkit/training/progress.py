@@ -45,7 +45,8 @@ class Progress:
                 TextColumn("{task.fields[info]}"),
                 transient=False,
             )
-            self._task = self._bar.add_task("train", total=total, completed=start, info="")
+            first = "starting: waiting for the first step" if not start else "resuming"
+            self._task = self._bar.add_task("train", total=total, completed=start, info=first)
             self._bar.start()
 
     def step(

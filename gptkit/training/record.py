@@ -2,10 +2,10 @@
 
 What MLflow shows is what was trained: params are the spec *as it was in force* (resolved
 tracking URI, the device and precision used, no nulls standing for defaults, no fields that did
-not apply), the dataset is an MLflow dataset input (source, sha256, tokenizer), the git commit and
-plugin versions are tags, the description is the command that made the run, start and end times
-are the training's own, and summary metrics (best/final val loss, total tokens, wall time, mean
-tokens/s) sit beside the per-step curves.
+not apply), the dataset is an MLflow dataset input (source, content sha256, tokenizer), the git
+commit and plugin versions are tags, the description is the command that made the run, start
+and end times are the training's own, and summary metrics (best/final val loss, total tokens,
+wall time, mean tokens/s) sit beside the per-step curves.
 """
 
 from __future__ import annotations
@@ -56,21 +56,36 @@ def dataset_input(trainer: Any) -> dict[str, str]:
     """The training data as an MLflow dataset: source, content digest, tokenizer."""
     data, spec = trainer.data, trainer.spec
     source = spec.data.source if isinstance(spec.data.source, str) else ",".join(spec.data.source)
-    key = str(getattr(data, "key", "") or "")
+    sha = str((getattr(data, "meta", None) or {}).get("content_sha256") or "")
+    if not sha:  # an entry made before the hash was kept: the token ids themselves
+        sha = token_digest(data)
     profile = {
         "train_tokens": len(data.train),
         "val_tokens": len(data.val),
         "tokenizer": spec.tokenizer.kind,
         "vocab_size": spec.model.vocab_size,
-        "sha256": key,
+        "sha256": sha,
     }
     return {
         "name": Path(source).name or source,
-        "digest": key[:36] or "unknown",
+        "digest": sha[:36],  # MLflow keeps at most 36 characters; the profile has all 64
         "source_type": "local" if source != "tinyshakespeare" else "gptkit-embedded",
         "source": source,
         "profile": json.dumps(profile),
     }
+
+
+def token_digest(data: Any) -> str:
+    """sha256 over the train and validation token ids (in the cache's dtype)."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for part in (data.train, data.val):
+        for start in range(0, len(part), 1 << 24):
+            h.update(np.asarray(part[start : start + (1 << 24)]).tobytes())
+    return h.hexdigest()
 
 
 class RunRecord:

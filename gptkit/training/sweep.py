@@ -8,14 +8,15 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from gptkit.errors import GptkitError
+from gptkit.errors import GptkitError, RunError, SpecError
 from gptkit.spec.models import ExperimentSpec
 from gptkit.spec.validate import validate_spec
 from gptkit.store.rundir import RunDir, default_run_name, short_override
 
 MAX_POINTS = 1000
+SWEEP_SPEC = "sweep-spec.yaml"  # the composed spec a sweep runs (kept for its resume)
 
 
 def sweep_points(sweep: dict[str, list[Any]]) -> list[list[str]]:
@@ -41,7 +42,10 @@ def point_name(overrides: list[str]) -> str:
     return " ".join(short_override(o) for o in overrides)
 
 
-def sweep_plan(spec: ExperimentSpec) -> list[tuple[list[str], list[list[str]]]]:
+Plan = list[tuple[list[str], list[list[str]]]]
+
+
+def sweep_plan(spec: ExperimentSpec) -> Plan:
     """The grid as (point, the overrides of each of its runs): one run per point, or one per
     seed when the grid has a ``seed`` axis or ``repeats`` > 1 (seeds ``seed``, ``seed+1``, ...)."""
     grid = dict(spec.sweep)
@@ -79,83 +83,353 @@ def run_sweep(
     command: str | None = None,
 ) -> list[dict[str, Any]]:
     """Validate every run first, then train them in order. Returns one summary per run; runs
-    that differ only by seed share a ``group`` (an MLflow parent run of their own)."""
+    that differ only by seed share a ``group`` (an MLflow parent run of their own).
+
+    The sweep's folder keeps what it needs to be continued (``sweep-spec.yaml`` and
+    ``sweep.json``): ``resume_sweep`` goes on from where it stopped."""
+    from gptkit.store.rundir import dump_yaml
     from gptkit.training.tracking import time_ms
 
-    base = {k: v for k, v in raw.items() if k not in ("sweep", "repeats")}
-    plan = sweep_plan(spec)
-    specs = {
-        point_name(r): validate_spec(
-            base, f"{source} (sweep point {point_name(r)})", [*overrides, *r]
-        )
-        for _, runs in plan
-        for r in runs
-    }  # a bad point fails before anything trains
-    root = run_dir or RunDir.new_sweep(spec.name)
+    plan, specs = check_sweep(raw, source, overrides, spec)  # a bad point fails first
+    from gptkit.spec.validate import spec_warnings
+
+    for warning in spec_warnings(specs.values()):
+        print(f"gptkit: warning: {warning}", file=sys.stderr)
+    root = Path(run_dir or RunDir.new_sweep(spec.name))
+    root.mkdir(parents=True, exist_ok=True)
+    dump_yaml(raw, root / SWEEP_SPEC)
     parent = SweepParent.start(spec, default_run_name(spec.name, overrides) + " sweep", time_ms())
-    results: list[dict[str, Any]] = []
-    total = sum(len(runs) for _, runs in plan)
-    for point, runs in plan:
-        group_name = point_name(point) or spec.name
-        group = parent.group(group_name, point, time_ms()) if len(runs) > 1 else None
-        done = []
-        for run in runs:
-            name = point_name(run)
-            print(f"=== sweep point {len(results) + 1}/{total}: {name}", flush=True)
-            folder = RunDir.sweep_point(root, len(results) + 1, name)
-            result = _train_point(
-                specs[name],
-                folder,
-                name,
-                [*overrides, *run],
-                group.run_id if group else parent.run_id,
-                progress,
-                command,
-            )
-            entry = {**result, "group": group_name}
-            done.append(entry)
-            results.append(entry)
-        if group is not None:
-            group.finish(done, grouped=True)
-    RunDir.sweep_file(root).write_text(
-        json.dumps(
-            {"parent_run_id": parent.run_id, "points": results, "groups": group_summaries(results)},
-            indent=2,
+    state = {
+        "source": source,
+        "overrides": list(overrides),
+        "parent_run_id": parent.run_id,
+        "group_run_ids": {},
+        "status": "running",
+        "points": [],
+        "groups": [],
+    }
+    return _run_plan(root, state, spec, specs, plan, parent, progress, command)
+
+
+def resume_sweep(root: Path, progress: bool = True, command: str | None = None) -> list[dict]:
+    """Continue a sweep where it stopped: finished points are kept, the interrupted one
+    resumes from its checkpoint, the rest run. The same MLflow parent (and groups) go on."""
+    from gptkit.spec.files import read_spec_file
+
+    state = read_sweep_state(root)
+    if state.get("status") == "finished":  # nothing to do, and nothing in MLflow changes
+        print(f"the sweep in {root} has finished; nothing to train", flush=True)
+        return list(state.get("points") or [])
+    raw = read_spec_file(root / SWEEP_SPEC)
+    source, overrides = state["source"], state["overrides"]
+    spec = validate_spec(raw, source, overrides)
+    plan, specs = check_sweep(raw, source, overrides, spec)
+    parent = SweepParent.reopen(spec, state.get("parent_run_id"))
+    print(f"resuming sweep {root}", flush=True)
+    return _run_plan(root, state, spec, specs, plan, parent, progress, command)
+
+
+def read_sweep_state(root: Path) -> dict[str, Any]:
+    """A sweep folder's ``sweep.json`` (made by this version: it names its spec and overrides)."""
+    try:
+        state = json.loads(RunDir.sweep_file(root).read_text())
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{root} is not a sweep folder (no readable sweep.json: {exc})") from None
+    if not isinstance(state, dict) or not (root / SWEEP_SPEC).is_file() or "source" not in state:
+        raise RunError(
+            f"cannot resume the sweep in {root}: it has no {SWEEP_SPEC} (made by an older "
+            "gptkit, or damaged)",
+            "Start the sweep again: gptkit train SPEC",
         )
-    )
-    parent.finish(results)
-    return results
+    return state
 
 
-def _train_point(
+def is_sweep_folder(path: Path) -> bool:
+    return RunDir.sweep_file(path).is_file() and (path / SWEEP_SPEC).is_file()
+
+
+def newest_sweep(spec_name: str) -> Path | None:
+    """The newest sweep folder of a spec (``runs/<name>/sweep-<time>``), if any."""
+    from gptkit.store.rundir import RUNS_ROOT
+
+    folders = sorted((RUNS_ROOT / spec_name).glob("sweep-*"))
+    found = [f for f in folders if is_sweep_folder(f)]
+    return found[-1] if found else None
+
+
+def check_sweep(
+    raw: dict[str, Any], source: str, overrides: list[str], spec: ExperimentSpec
+) -> tuple[Plan, dict[str, ExperimentSpec]]:
+    """The sweep's plan and every run's validated spec (``gptkit validate`` and ``train`` both
+    check each point before anything trains). A bad value is blamed on its sweep entry."""
+    plan = sweep_plan(spec)
+    runs = [run for _, point_runs in plan for run in point_runs]
+    return plan, check_runs(raw, source, overrides, runs, "sweep entry")
+
+
+def check_runs(
+    raw: dict[str, Any], source: str, overrides: list[str], runs: list[list[str]], entry: str
+) -> dict[str, ExperimentSpec]:
+    """Each run's spec (the spec without its sweep, with the run's overrides), by run name;
+    every distinct problem over all runs in one error, each named by its ``entry``."""
+    base = {k: v for k, v in raw.items() if k not in ("sweep", "repeats")}
+    specs, problems = {}, {}
+    for run in runs:
+        labels = {o: f"{entry} {o} in {source}" for o in run}
+        try:
+            specs[point_name(run)] = validate_spec(
+                base, f"{source} (sweep point {point_name(run)})", [*overrides, *run], labels=labels
+            )
+        except SpecError as exc:  # every distinct problem, not only the first run's
+            for where, message in exc.problems:
+                problems.setdefault(f"{where}: {message}", (where, message))
+        except GptkitError as exc:
+            problems.setdefault(exc.message, ("sweep", exc.message))
+    if problems:
+        raise SpecError(f"{source} (sweep:)", list(problems.values()))
+    return specs
+
+
+def _run_plan(
+    root: Path,
+    state: dict[str, Any],
     spec: ExperimentSpec,
-    run: RunDir,
+    specs: dict[str, ExperimentSpec],
+    plan: Plan,
+    parent: SweepParent,
+    progress: bool,
+    command: str | None,
+) -> list[dict[str, Any]]:
+    """Train every run of the plan not finished yet; keep ``sweep.json`` and the MLflow
+    parent true whatever happens (KILLED on Ctrl-C or a signal, FAILED on an error)."""
+    sweep = SweepRun(root, state, parent, "sweep", [])
+    try:
+        index, total = 0, sum(len(runs) for _, runs in plan)
+        for point, runs in plan:
+            group_name = point_name(point) or spec.name
+            group = _open_group(parent, state, group_name, point) if len(runs) > 1 else None
+            sweep.group = group
+            sweep.save()  # the group's MLflow id, before anything can stop it
+            done = []
+            for run in runs:
+                index += 1
+                name = point_name(run)
+                print(f"=== sweep point {index}/{total}: {name}", flush=True)
+                folder = RunDir.sweep_point(root, index, name)
+                target = group.run_id if group else parent.run_id
+                over = [*state["overrides"], *run]
+                result = _point(specs[name], folder, name, over, target, progress, command)
+                done.append({**result, "group": group_name})
+                sweep.results.append(done[-1])
+                sweep.save()
+            if group is not None:
+                group.finish(done, grouped=True)
+                state["groups_done"].append(group.done_key)
+                sweep.group = None
+    except BaseException as exc:
+        sweep.stop(exc)
+    return sweep.finish(sweep.results)
+
+
+class SweepRun:
+    """A sweep (or search) being run: its lock, its watcher, ``sweep.json`` and the MLflow
+    runs left open, ended truly however it stops."""
+
+    def __init__(
+        self,
+        root: Path,
+        state: dict[str, Any],
+        parent: SweepParent,
+        what: str,
+        results: list[dict[str, Any]],
+    ) -> None:
+        self.root, self.state, self.parent, self.what = root, state, parent, what
+        self.results = results
+        self.group: SweepParent | None = None  # a group run open now
+        self.hint = f"gptkit train --resume --run-dir {root}"
+        RunDir(root).lock()  # one process runs a sweep at a time
+        self.watch = start_watch(root, parent) if parent.run_id else None
+        state.update(status="running", resume=self.hint)
+        self.save()
+
+    def save(self) -> None:
+        _save_state(self.root, self.state, self.results)
+
+    def _close(self, status: str) -> None:
+        self.state["status"] = status
+        self.save()
+        _stop_watch(self.watch)
+        RunDir(self.root).unlock()
+
+    def stop(self, exc: BaseException) -> NoReturn:
+        """Stopped by ``exc``: the open runs KILLED (interrupted) or FAILED, then re-raised
+        with the command that continues."""
+        status = "KILLED" if _is_interruption(exc) else "FAILED"
+        for run in (self.group, self.parent):
+            if run is not None:
+                run.end(status)
+        self._close(status.lower())
+        if status == "KILLED":
+            from gptkit.training.loop import Interrupted
+
+            raise Interrupted(
+                f"{self.what} interrupted after {len(self.results)} finished run(s); its "
+                f"folder: {self.root}",
+                f"Continue the {self.what} with: {self.hint}",
+            ) from None
+        print(
+            f"gptkit: the {self.what} stopped; once fixed, continue it with: {self.hint}",
+            file=sys.stderr,
+        )
+        raise exc
+
+    def finish(self, ranked: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Done: ``sweep.json`` says finished, the parent gets the best of ``ranked``."""
+        self._close("finished")
+        self.parent.finish(ranked)
+        return self.results
+
+
+def _is_interruption(exc: BaseException) -> bool:
+    from gptkit.training.loop import Interrupted
+
+    return isinstance(exc, (KeyboardInterrupt, Interrupted))
+
+
+def _save_state(root: Path, state: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    """``sweep.json``, written whole after every run (atomically: a kill never leaves half)."""
+    from gptkit.store.rundir import atomic_write_text
+
+    state.update(points=results, groups=group_summaries(results))
+    atomic_write_text(RunDir.sweep_file(root), json.dumps(state, indent=2))
+
+
+def _open_group(
+    parent: SweepParent, state: dict[str, Any], name: str, point: list[str]
+) -> SweepParent | None:
+    """The MLflow group of one point's seeds: the one made before this sweep was stopped, or
+    a new one. None for a group already finished (nothing of it runs again)."""
+    from gptkit.training.tracking import time_ms
+
+    if name in state.setdefault("groups_done", []):
+        return None
+    known = state.setdefault("group_run_ids", {}).get(name)
+    group = parent.reopen_child(known) if known else parent.group(name, point, time_ms())
+    if group.run_id:
+        state["group_run_ids"][name] = group.run_id
+    group.done_key = name
+    return group
+
+
+def is_search(sweep: dict[str, Any]) -> bool:
+    """``sweep: {method: ...}`` is a search (gptkit.training.search), not a grid."""
+    return "method" in sweep
+
+
+def _point(
+    spec: ExperimentSpec,
+    folder: RunDir,
     name: str,
     overrides: list[str],
     parent_run_id: str | None,
     progress: bool,
     command: str | None,
+    on_eval: Any = None,
 ) -> dict[str, Any]:
+    """One run of the sweep: kept if it finished before, resumed from its checkpoint if it was
+    stopped, else trained from the start. ``on_eval``: a search's pruner (see SpecTrainer)."""
+    from gptkit.store.checkpoint import resume_candidates
     from gptkit.training.loop import SpecTrainer
 
-    result = SpecTrainer(
+    if folder.is_run() and folder.info().get("status") == "FINISHED":
+        print(f"    finished before, kept: {folder.path}", flush=True)
+        return _point_result(spec, folder, name)
+    resume = folder.is_run() and bool(resume_candidates(folder.checkpoints))
+    if not resume and folder.path.exists():
+        _discard(folder)
+    SpecTrainer(
         spec,
-        run_dir=run.path,
+        run_dir=folder.path,
+        resume=resume,
         progress=progress,
         parent_run_id=parent_run_id,
         run_name=name,
         overrides=overrides,
         command=command,
+        on_eval=on_eval,
     ).run()
+    return _point_result(spec, folder, name)
+
+
+def _discard(folder: RunDir) -> None:
+    """A run stopped before its first checkpoint: nothing to resume, so it starts again (its
+    MLflow run, which holds only the first steps, is deleted so the sweep keeps one per point)."""
+    import shutil
+
+    from gptkit.training.tracking import read_mlflow_link
+
+    if folder.writer_pid() is not None:
+        raise RunError(f"{folder.path} is being written by another process ({folder.writer_pid()})")
+    link = read_mlflow_link(folder)
+    if link:
+        try:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(link["uri"]).delete_run(link["run_id"])
+        except Exception as exc:
+            print(
+                f"gptkit: warning: MLflow run {link['run_id']} not deleted: {exc}", file=sys.stderr
+            )
+    print(f"    stopped before its first checkpoint; starting it again: {folder.path}", flush=True)
+    shutil.rmtree(folder.path)
+
+
+def _point_result(spec: ExperimentSpec, folder: RunDir, name: str) -> dict[str, Any]:
+    summary = folder.info().get("summary") or {}
     return {
         "point": name,
-        "run_dir": str(run.path),
+        "run_dir": str(folder.path),
         "seed": spec.seed,
-        "val_loss": result.val_loss,
-        "best_val_loss": result.best_val_loss,
-        "tokens_per_sec": result.tokens_per_sec,
-        "stop_reason": result.stop_reason,
+        "val_loss": summary.get("final_val_loss"),
+        "best_val_loss": summary.get("best_val_loss"),
+        "tokens_per_sec": summary.get("tokens_per_sec"),
+        "stop_reason": summary.get("stop_reason"),
     }
+
+
+def start_watch(root: Path, parent: SweepParent) -> Any:
+    """A small process that outlives a ``kill -9`` of this one: it marks the sweep's MLflow
+    runs KILLED (with an end time) the moment this process is gone without ending them."""
+    import os
+    import subprocess
+
+    if os.name != "posix" or parent.uri is None:
+        return None
+    try:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gptkit.training.sweep_watch",
+                str(os.getpid()),
+                parent.uri,
+                str(parent.run_id),
+                str(root),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C in the terminal does not reach it
+        )
+    except OSError as exc:
+        print(f"gptkit: warning: no watcher for the sweep's MLflow runs: {exc}", file=sys.stderr)
+        return None
+
+
+def _stop_watch(watch: Any) -> None:
+    if watch is not None:
+        watch.terminate()
+        watch.wait(timeout=10)
 
 
 def group_summaries(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -187,20 +461,18 @@ class SweepParent:
     With seeds, each grid point has a parent of its own (``gptkit.kind=group``, nested under
     the sweep's) whose metrics are the mean and standard deviation over its seeds."""
 
-    def __init__(self, client: Any, run_id: str | None) -> None:
-        self.client, self.run_id = client, run_id
+    def __init__(self, client: Any, run_id: str | None, uri: str | None = None) -> None:
+        self.client, self.run_id, self.uri = client, run_id, uri
+        self.done_key = ""
 
     @classmethod
     def start(cls, spec: ExperimentSpec, name: str, start_time: int) -> SweepParent:
         if not spec.tracking.enabled:
             return cls(None, None)
-        from gptkit.training.tracking import ensure_experiment, quick_timeouts, resolve_uri
+        from gptkit.training.tracking import ensure_experiment
 
         try:
-            from mlflow.tracking import MlflowClient
-
-            quick_timeouts()
-            client = MlflowClient(resolve_uri(spec.tracking.uri))
+            client, uri = cls._client(spec)
             exp_id = ensure_experiment(client, spec.tracking.experiment or spec.name)
             run = client.create_run(
                 exp_id, start_time=start_time, run_name=name, tags={"gptkit.kind": "sweep"}
@@ -208,10 +480,45 @@ class SweepParent:
             client.log_param(run.info.run_id, "sweep", json.dumps(spec.sweep)[:6000])
             if spec.repeats > 1:
                 client.log_param(run.info.run_id, "repeats", str(spec.repeats))
-            return cls(client, run.info.run_id)
+            return cls(client, run.info.run_id, uri)
         except Exception as exc:
             print(f"gptkit: warning: no MLflow parent run for the sweep: {exc}", file=sys.stderr)
             return cls(None, None)
+
+    @staticmethod
+    def _client(spec: ExperimentSpec) -> tuple[Any, str]:
+        from mlflow.tracking import MlflowClient
+
+        from gptkit.training.tracking import quick_timeouts, resolve_uri
+
+        quick_timeouts()
+        uri = resolve_uri(spec.tracking.uri)
+        return MlflowClient(uri), uri
+
+    @classmethod
+    def reopen(cls, spec: ExperimentSpec, run_id: str | None) -> SweepParent:
+        """The parent of a sweep being continued, marked RUNNING again."""
+        if not spec.tracking.enabled or not run_id:
+            return cls(None, None)
+        try:
+            client, uri = cls._client(spec)
+            return cls(client, None, uri).reopen_child(run_id)
+        except Exception as exc:
+            print(
+                f"gptkit: warning: MLflow sweep run {run_id} not reopened: {exc}", file=sys.stderr
+            )
+            return cls(None, None)
+
+    def reopen_child(self, run_id: str) -> SweepParent:
+        """Another run of this store (a group, or the parent itself) marked RUNNING again."""
+        if self.client is None:
+            return SweepParent(None, None)
+        try:
+            self.client.update_run(run_id, status="RUNNING")
+            return SweepParent(self.client, run_id, self.uri)
+        except Exception as exc:
+            print(f"gptkit: warning: MLflow run {run_id} not reopened: {exc}", file=sys.stderr)
+            return SweepParent(None, None)
 
     def group(self, name: str, point: list[str], start_time: int) -> SweepParent:
         """A parent run for one grid point's seeds, nested under this one (with the point's
@@ -229,14 +536,25 @@ class SweepParent:
             for override in point:
                 key, _, value = override.partition("=")
                 self.client.log_param(run.info.run_id, key, value.strip('"'))
-            return SweepParent(self.client, run.info.run_id)
+            return SweepParent(self.client, run.info.run_id, self.uri)
         except Exception as exc:
             print(f"gptkit: warning: no MLflow group run for {name}: {exc}", file=sys.stderr)
             return SweepParent(None, None)
 
+    def end(self, status: str) -> None:
+        """Stopped (KILLED or FAILED), with the time it stopped."""
+        if self.client is None:
+            return
+        from gptkit.training.tracking import time_ms
+
+        try:
+            self.client.set_terminated(self.run_id, status=status, end_time=time_ms())
+        except Exception as exc:
+            print(f"gptkit: warning: sweep run not marked {status}: {exc}", file=sys.stderr)
+
     def finish(self, results: list[dict[str, Any]], grouped: bool = False) -> None:
-        """A sweep: the best run's figures; a group: mean and std over its seeds. Either way
-        an end time after the last child."""
+        """A sweep: the best point's figures (the best group's means when seeds repeat); a
+        group: mean and std over its seeds. Either way an end time after the last child."""
         if self.client is None:
             return
         from gptkit.training.tracking import time_ms
@@ -256,10 +574,15 @@ class SweepParent:
             return {}
         best = min(done, key=lambda r: r["best_val_loss"])
         self.client.set_tag(self.run_id, "gptkit.best_point", best["point"])
-        groups = [g for g in group_summaries(results) if "val_loss_mean" in g]
-        if groups:
+        groups = [g for g in group_summaries(results) if "val_loss_mean" in g and g.get("n", 0) > 1]
+        if groups:  # seeds repeat: the best configuration is the best mean, not a lucky seed
             top = min(groups, key=lambda g: g["val_loss_mean"])
             self.client.set_tag(self.run_id, "gptkit.best_group", top["group"])
+            return {
+                **{k: v for k, v in top.items() if k != "group"},
+                "val_loss": top["val_loss_mean"],
+                "best_val_loss": top.get("best_val_loss_mean"),
+            }
         return {
             "best_val_loss": best["best_val_loss"],
             "val_loss": best["val_loss"],

@@ -26,34 +26,47 @@ def sampler(kind, **fields):
     return load_registry().get("sampler", kind).model_validate({"kind": kind, **fields})
 
 
-GREEDY = {"kind": "greedy", "stop_at_eot": False}
+# Greedy that never repeats a row's last tokens: an untrained tiny model's plain greedy output
+# is mostly one token over and over, which a broken cache or batch would reproduce as well.
+FRESH = testing.models.FreshGreedy()
+
+
+def assert_changing(tokens):
+    """The sequence moves: no token equals the one before it, and it uses many tokens."""
+    assert all(a != b for a, b in zip(tokens, tokens[1:])), tokens
+    assert len(set(tokens)) > testing.models.FRESH_WINDOW, tokens
 
 
 @pytest.mark.parametrize(("attention", "positional"), BUILTIN)
 def test_greedy_with_cache_equals_without_for_64_steps(attention, positional):
     model = testing.tiny_model(attention, positional, max_seq_len=128)
     backend, tok = TorchBackend(model), char_tokenizer()
-    s = sampler(**GREEDY)
-    cached = decode_loop(backend, tok, ["abcabd"], s, max_new_tokens=64, use_cache=True)[0]
-    full = decode_loop(backend, tok, ["abcabd"], s, max_new_tokens=64, use_cache=False)[0]
+    cached = decode_loop(backend, tok, ["abcabd"], FRESH, max_new_tokens=64, use_cache=True)[0]
+    full = decode_loop(backend, tok, ["abcabd"], FRESH, max_new_tokens=64, use_cache=False)[0]
     assert len(cached.tokens) == 64
+    assert_changing(cached.tokens)
     assert cached.tokens == full.tokens
-    # And both equal the plainest possible loop: argmax of a full forward, one token at a time.
+    # And both equal the plainest possible loop: a full forward, one token at a time.
     idx = torch.tensor([tok.encode("abcabd")])
     with torch.no_grad():
         for _ in range(64):
-            idx = torch.cat([idx, model(idx).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            logits = model(idx).logits[:, -1].numpy()
+            nxt = FRESH.sample(logits, None, idx.numpy())
+            idx = torch.cat([idx, torch.tensor(nxt)[:, None]], dim=1)
     assert idx[0, 6:].tolist() == cached.tokens
 
 
 @pytest.mark.parametrize(("attention", "positional"), BUILTIN)
 def test_batch_of_uneven_prompts_equals_one_at_a_time(attention, positional):
-    model = testing.tiny_model(attention, positional, max_seq_len=128)
-    backend, tok, s = TorchBackend(model), char_tokenizer(), sampler(**GREEDY)
+    # fp64: an untrained model has near-ties (top two logits 2e-8 apart), which padding's
+    # float32 rounding would flip; the check is of the bookkeeping, not of rounding.
+    model = testing.tiny_model(attention, positional, max_seq_len=128).double()
+    backend, tok = TorchBackend(model), char_tokenizer()
     prompts = ["a", "bcdefghij", "kkkk"]
-    batch = decode_loop(backend, tok, prompts, s, max_new_tokens=20)
+    batch = decode_loop(backend, tok, prompts, FRESH, max_new_tokens=20)
     for prompt, got in zip(prompts, batch):
-        alone = decode_loop(backend, tok, [prompt], s, max_new_tokens=20)[0]
+        assert_changing(got.tokens)
+        alone = decode_loop(backend, tok, [prompt], FRESH, max_new_tokens=20)[0]
         assert got.tokens == alone.tokens, prompt
 
 
@@ -80,11 +93,12 @@ def test_rows_joining_under_onnxruntime_get_their_tokens_alone(static, tmp_path)
 def test_context_full_policy_crops_and_continues():
     model = testing.tiny_model("mha", "learned", max_seq_len=16)
     backend, tok = TorchBackend(model), char_tokenizer()
-    out = decode_loop(backend, tok, ["abcdefghij"], sampler(**GREEDY), max_new_tokens=40)[0]
+    out = decode_loop(backend, tok, ["abcdefghij"], FRESH, max_new_tokens=40)[0]
     assert len(out.tokens) == 40  # learned positions would fail past 16 without the crop
-    nocache = decode_loop(
-        backend, tok, ["abcdefghij"], sampler(**GREEDY), max_new_tokens=40, use_cache=False
-    )[0]
+    assert_changing(out.tokens)
+    nocache = decode_loop(backend, tok, ["abcdefghij"], FRESH, max_new_tokens=40, use_cache=False)[
+        0
+    ]
     assert nocache.tokens == out.tokens
 
 
@@ -175,6 +189,24 @@ def test_sampler_distribution_matches_its_analytic_truncation(kind, fields):
     dof = int(support.sum()) - 1
     if dof:
         assert chi2 < CHI2_999[dof], (chi2, counts, n * want)
+
+
+def test_the_analytic_reference_rejects_a_wrong_truncation():
+    from gptkit.components.samplers import TopKSpec
+
+    class OffByOneTopK(TopKSpec):  # overrides only truncate: keeps k + 1 tokens
+        def truncate(self, logits):
+            return TopKSpec(k=self.k + 1).truncate(logits)
+
+    wrong = OffByOneTopK(k=3)
+    # Its draws follow its own probs (so a check against probs() passes it) ...
+    testing.samplers.sampler_distribution(wrong)
+    # ... but not the independent reference, on every row.
+    rows = np.stack([LOGITS[0], LOGITS[0][::-1]])
+    assert not np.allclose(wrong.probs(rows)[0], expected("top_k", k=3))
+    right = sampler("top_k", k=3).probs(rows)
+    np.testing.assert_allclose(right[0], expected("top_k", k=3), atol=1e-12)
+    np.testing.assert_allclose(right[1], expected("top_k", k=3)[::-1], atol=1e-12)
 
 
 def test_greedy_and_repetition_penalty():
@@ -328,6 +360,9 @@ def test_temperature_zero_is_greedy_in_every_path(smoke_run):
     assert (
         gen.generate("ROMEO:", max_new_tokens=20, temperature=0, stop_at_eot=False) == greedy.text
     )
+    # A string is one prompt (not one prompt per character).
+    (alone,) = gen.complete("ROMEO:", max_new_tokens=20, kind="greedy", stop_at_eot=False)
+    assert alone.tokens == greedy.tokens
     streamed = "".join(gen.stream("ROMEO:", max_new_tokens=20, temperature=0, stop_at_eot=False))
     assert streamed == greedy.text
 

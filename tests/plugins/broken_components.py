@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from gptkit.components.attention import CausalSelfAttention
+from gptkit.components.attention import CausalSelfAttention, StaticKV
 from gptkit.components.optimizers import AdamWSpec
+from gptkit.components.samplers import TopKSpec
 from gptkit.components.tokenizers import CharTokenizer, CharTokenizerSpec
 from gptkit.plugin import AttentionSpec, SamplerSpec, hookimpl
 
@@ -73,6 +74,85 @@ class ForgetfulSpec(AttentionSpec):
         )
 
 
+def _mha(cls, model, positional):
+    return cls(model.d_model, model.n_heads, model.n_heads, model.dropout, model.bias, positional)
+
+
+class MaskIgnoringAttention(CausalSelfAttention):
+    """Correct without padding; ignores ``key_mask``, so left padding leaks into a row."""
+
+    def forward(self, x, positions, past=None, key_mask=None):
+        return super().forward(x, positions, past, None)
+
+
+class MaskIgnoringSpec(AttentionSpec):
+    kind: Literal["mask_ignoring"] = "mask_ignoring"
+
+    def build(self, model, *, positional):
+        return _mha(MaskIgnoringAttention, model, positional)
+
+
+class ShiftedStaticAttention(CausalSelfAttention):
+    """Correct with the concatenating cache; with the static cache it loses the first slot's
+    values (reads zeros there), as an off-by-one in the slot bookkeeping would."""
+
+    def attend_static(self, q, k, v, past: StaticKV, key_mask):
+        values = past.values.clone()
+        values[:, :, 0] = 0
+        return super().attend_static(q, k, v, past._replace(values=values), key_mask)
+
+
+class ShiftedStaticSpec(AttentionSpec):
+    kind: Literal["shifted_static"] = "shifted_static"
+
+    def build(self, model, *, positional):
+        return _mha(ShiftedStaticAttention, model, positional)
+
+
+class DecodeMaskDroppingAttention(CausalSelfAttention):
+    """Honours ``key_mask`` on a prefill only: decoding through a cache ignores it, so a row
+    that joined a running batch (its cache left-padded) attends to the padding."""
+
+    def forward(self, x, positions, past=None, key_mask=None):
+        return super().forward(x, positions, past, None if past is not None else key_mask)
+
+
+class DecodeMaskDroppingSpec(AttentionSpec):
+    kind: Literal["decode_mask_dropping"] = "decode_mask_dropping"
+
+    def build(self, model, *, positional):
+        return _mha(DecodeMaskDroppingAttention, model, positional)
+
+
+class FixedInitAttention(CausalSelfAttention):
+    """Initialises its weights from a fixed generator: every seed gives the same attention."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.out_proj.gptkit_residual = False  # so the GPT does not re-initialise it either
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+class FixedInitSpec(AttentionSpec):
+    kind: Literal["fixed_init"] = "fixed_init"
+
+    def build(self, model, *, positional):
+        return _mha(FixedInitAttention, model, positional)
+
+
+class NoExampleSpec(AttentionSpec):
+    """A required field without ``examples``: the contract cannot build it."""
+
+    kind: Literal["no_example"] = "no_example"
+    width: int
+
+    def build(self, model, *, positional):
+        return _mha(CausalSelfAttention, model, positional)
+
+
 class GlobalRngSpec(SamplerSpec):
     """Samples with numpy's global RNG instead of the rng it is given."""
 
@@ -81,6 +161,18 @@ class GlobalRngSpec(SamplerSpec):
     def sample(self, logits, rng, previous=None, states=None):
         p = self.probs(logits, previous)
         return np.array([np.random.choice(p.shape[-1], p=row) for row in p], dtype=np.int64)
+
+
+class DrawsUntruncatedSpec(TopKSpec):
+    """Reports top-k probabilities but draws from the whole softmax."""
+
+    kind: Literal["draws_untruncated"] = "draws_untruncated"  # type: ignore[assignment]
+
+    def sample(self, logits, rng, previous=None, states=None):
+        x = self.adjust(logits, previous)
+        p = np.exp(x - x.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        return np.array([rng.choice(len(row), p=row) for row in p])
 
 
 class LossyTokenizer(CharTokenizer):
@@ -130,11 +222,17 @@ class FixedLrSpec(AdamWSpec):
 def gptkit_register_attention(register):
     register(PeekingSpec)
     register(ForgetfulSpec)
+    register(MaskIgnoringSpec)
+    register(ShiftedStaticSpec)
+    register(NoExampleSpec)
+    register(DecodeMaskDroppingSpec)
+    register(FixedInitSpec)
 
 
 @hookimpl
 def gptkit_register_sampler(register):
     register(GlobalRngSpec)
+    register(DrawsUntruncatedSpec)
 
 
 @hookimpl

@@ -65,15 +65,6 @@ def test_missing_plugin_module_is_a_clear_error():
         plugin_manager(("no_such_plugin",), autoload=False)
 
 
-def test_duplicate_kind_names_both_providers_and_keeps_the_first():
-    registry = Registry.from_manager(plugin_manager(("duplicate_kind",), autoload=False))
-    (problem,) = registry.problems
-    assert "duplicate attention kind 'mha'" in problem
-    assert "gptkit.components.attention" in problem and "duplicate_kind' 9.9" in problem
-    assert registry.components["attention"]["mha"].provider == "gptkit.components.attention"
-    assert "gqa" in registry.components["attention"]  # the rest keep working
-
-
 def test_bad_default_is_reported_and_skipped():
     registry = Registry.from_manager(plugin_manager(("bad_default",), autoload=False))
     assert "bad_default" not in registry.components["sampler"]

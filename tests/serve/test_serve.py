@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -51,6 +52,8 @@ def server(bundle, tmp_path_factory):
             "2",
             "--served-model-name",
             "shakespeare",
+            "--stream-interval",
+            "0",  # every decode step: the streaming tests see token-sized chunks
         ],
         stdout=subprocess.PIPE,
         stderr=open(log, "w"),
@@ -101,18 +104,24 @@ def test_completion_seeded_and_repeatable(server):
 def test_list_of_prompts_and_n(server):
     r = httpx.post(
         server["url"] + "/v1/completions",
-        json={"prompt": ["A", "BB"], "n": 2, "max_tokens": 5, "seed": 1},
+        json={"prompt": ["A", "BB"], "n": 2, "max_tokens": 5, "seed": 1, "echo": True},
     ).json()
     assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
+    # Choice i*n + j answers prompt i: with echo, its text starts with that prompt.
+    texts = [c["text"] for c in r["choices"]]
+    assert [t[0] for t in texts] == ["A", "A", "B", "B"], texts
+    assert texts[2].startswith("BB") and texts[3].startswith("BB"), texts
 
 
 def test_stop_string(server):
-    r = httpx.post(
-        server["url"] + "/v1/completions",
-        json={"prompt": "A", "max_tokens": 60, "temperature": 0, "stop": ["e"]},
-    )
-    text = r.json()["choices"][0]["text"]
-    assert "e" not in text
+    body = {"prompt": "ROMEO:", "max_tokens": 40, "seed": 7, "temperature": 0.8}
+    full = httpx.post(server["url"] + "/v1/completions", json=body).json()["choices"][0]["text"]
+    # A stop string the seeded text reaches after at least one character.
+    stop = next(c for c in full[1:] if full.index(c) > 0)
+    r = httpx.post(server["url"] + "/v1/completions", json={**body, "stop": [stop]})
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop", choice  # it stopped at the string, not the limit
+    assert choice["text"] == full[: full.index(stop)] and choice["text"], (choice, full)
 
 
 def test_streaming_server_sent_events(server):
@@ -144,6 +153,7 @@ def test_streaming_server_sent_events(server):
         ({"prompt": [], "max_tokens": 3}, 400, "non-empty list"),
         ({"prompt": "A", "n": 99}, 422, "n"),
         ({"prompt": "A", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"prompt": "A", "best_of": 2}, 400, "best_of"),
     ],
 )
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, body, status, needle):
@@ -199,6 +209,8 @@ def test_burst_of_200_concurrent_requests_all_answered_or_refused(server):
     assert len(codes) == 200
     assert set(codes) <= {200, 429, 503}, sorted(set(codes))  # answered, or refused outright
     assert codes.count(200) >= 12  # 4 running + 8 queued are always admitted
+    # 200 at once against 4 + 8 places: a server without admission limits would answer all.
+    assert codes.count(429) + codes.count(503) > 0, sorted(set(codes))
     assert httpx.get(server["url"] + "/health").json()["active"] == 0
 
 
@@ -241,6 +253,26 @@ def _stream_text(url, body):
             if line.startswith("data: "):
                 pieces.append(json.loads(line[6:])["choices"][0]["text"])
     raise AssertionError("stream ended without [DONE]")
+
+
+def test_a_client_leaving_mid_stream_leaves_the_batch_and_others_finish(server):
+    url = server["url"]
+    body = {"prompt": "KING", "max_tokens": 60, "seed": 2, "temperature": 0.8}
+    alone = _stream_text(url, body)
+    with ThreadPoolExecutor(1) as pool:
+        other = pool.submit(_stream_text, url, body)
+        with httpx.stream(
+            "POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60
+        ) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    break  # the first piece, then hang up
+        assert other.result(timeout=120) == alone
+    for _ in range(100):  # the dropped row leaves: nothing is left active
+        if httpx.get(url + "/health").json()["active"] == 0:
+            break
+        time.sleep(0.1)
+    assert httpx.get(url + "/health").json()["active"] == 0
 
 
 def test_concurrent_clients_share_decode_steps_and_get_the_tokens_they_get_alone(server):
@@ -491,6 +523,51 @@ def test_the_scheduler_wakes_the_event_loop_once_per_step_for_every_request(bund
     assert len(handovers) < sum(len(e) for e in results)
 
 
+def test_streamed_text_is_handed_over_at_most_every_stream_interval(bundle):
+    """Text decoded between two hand-overs goes out together: a request's first text, its
+    end and errors at once, the rest at most every ``stream_interval`` seconds; with 0 every
+    decode step is handed over. Either way each request gets all of its text, in order."""
+    import gptkit
+    from gptkit.serve.scheduler import Job, Scheduler
+
+    loaded = gptkit.load(bundle)
+    sampler = loaded.sampler_for(GenerationOptions(temperature=0))
+    counts = {}
+    for interval in (0.0, 0.05):
+        loop = asyncio.new_event_loop()
+        handovers = []
+        real = loop.call_soon_threadsafe
+
+        def counting(callback, *args, real=real, handovers=handovers):
+            handovers.append(len(args[0]))
+            return real(callback, *args)
+
+        loop.call_soon_threadsafe = counting
+        jobs = [
+            Job([loaded.tokenizer.encode(p)], sampler, None, 60, True, loop)
+            for p in ("ROMEO:", "KING")
+        ]
+        scheduler = Scheduler(loaded, max_rows=8, stream_interval=interval)
+        started = time.perf_counter()
+        try:
+            results = _drive(scheduler, jobs, loop)
+        finally:
+            loop.close()
+        elapsed = time.perf_counter() - started
+        for events in results:
+            kind, completions = events[-1]
+            assert kind == "done"
+            assert "".join(e[2] for e in events[:-1]) == completions[0].text
+        steps = max(len(events[-1][1][0].tokens) for events in results)
+        counts[interval] = (len(handovers), elapsed)
+    every_step, _ = counts[0.0]
+    coalesced, elapsed = counts[0.05]
+    assert steps >= 20 and every_step >= steps  # one hand-over per decode step
+    # 2 first texts + 2 ends at once, the rest at most once per interval.
+    assert coalesced <= 4 + elapsed / 0.05 + 1
+    assert coalesced < every_step
+
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
@@ -558,6 +635,28 @@ def test_chat_with_a_template_answers_what_the_rendered_prompt_would(tmp_path):
                     pieces += [c["delta"] for c in chunk["choices"]]
         assert pieces[0]["role"] == "assistant"  # the first chunk names the role
         assert "".join(p.get("content", "") for p in pieces) == message["content"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_serve_with_torch_unimportable_answers_like_the_regular_server(server, tmp_path):
+    port = free_port()
+    log = tmp_path / "stderr.txt"
+    code = "import sys; sys.modules['torch'] = None\nfrom gptkit.cli import main; main()"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "serve", str(server["bundle"]), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=open(log, "w"),
+        text=True,
+    )
+    try:
+        url = _wait_for(proc, port, log)
+        body = {"prompt": "ROMEO:", "max_tokens": 20, "seed": 7, "temperature": 0.8}
+        blocked = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+        regular = httpx.post(server["url"] + "/v1/completions", json=body, timeout=60).json()
+        assert blocked["choices"][0]["text"] == regular["choices"][0]["text"]
+        assert len(blocked["choices"][0]["text"]) > 0
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -219,3 +219,62 @@ def test_repeats_past_the_last_seed_are_refused_at_validate_time(tmp_path):
     spec = write(tmp_path, "s.yaml", "seed: 4294967294\nrepeats: 3\n")
     assert_user_error(run_cli("validate", spec), "repeats:", "4294967294..4294967296")
     validate_spec({"seed": 4294967294, "repeats": 2})  # the last seed, 2**32-1, still fits
+
+
+def test_an_overrides_problem_names_the_override_not_the_spec_file():
+    raw = yaml.safe_load((ROOT / "experiments" / "smoke.yaml").read_text())
+    with pytest.raises(SpecError) as caught:
+        validate_spec(raw, "smoke.yaml", ["train.lr=abc"])
+    assert caught.value.source == "--set 'train.lr=abc'"
+    assert "(from --set 'train.lr=abc')" in str(caught.value)
+    with pytest.raises(SpecError) as caught:  # a problem of the file's own stays the file's
+        validate_spec({**raw, "seed": "x"}, "smoke.yaml", ["train.lr=abc"])
+    assert caught.value.source == "smoke.yaml"
+    assert [p for p, _ in caught.value.problems] == ["seed", "train.lr"]
+
+
+def test_validate_checks_every_sweep_point_and_names_the_sweep_entry(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(
+        f"extends: {ROOT / 'experiments' / 'smoke.yaml'}\nname: bad\n"
+        "sweep:\n  model.positional.kind: [rope, rpoe]\n  train.lr: [0.001, fast]\n"
+        "  model.n_layer: [2]\nrepeats: 3\n"
+    )
+    result = run_cli("validate", spec)
+    assert_user_error(
+        result,
+        "3 problems",
+        "(from sweep entry model.n_layer=2 in",
+        'train.lr: Input should be a valid number, unable to parse string as a number (got "fast")'
+        ' (from sweep entry train.lr="fast" in',
+        'sweep entry model.positional.kind="rpoe" in',
+        "unknown positional kind 'rpoe'",
+    )
+    assert "--set" not in result.stderr  # the user typed no override
+
+
+def test_validate_warns_of_settings_that_make_little_sense_and_shows_sampler_fields():
+    from gptkit.registry.registry import load_registry
+    from gptkit.spec.validate import spec_warnings
+    from gptkit.training.plan import summarize
+
+    raw = yaml.safe_load((ROOT / "experiments" / "smoke.yaml").read_text())
+    fine = validate_spec(raw)
+    assert spec_warnings([fine]) == []
+    odd = validate_spec(raw, overrides=["train.max_steps=5", "train.warmup_steps=9"])
+    assert spec_warnings([odd, odd]) == [  # said once over a sweep's runs
+        "train.warmup_steps (9) > train.max_steps (5): the learning rate never reaches train.lr",
+        "train.eval_every (10) > train.max_steps (5): one evaluation and one checkpoint, at the "
+        "last step",
+    ]
+    base = load_spec(ROOT / "experiments" / "baby_gpt.yaml")  # top_p with the default p=0.9
+    (sampler,) = [c for c in summarize(base, load_registry(())).components if c[0] == "sampler"]
+    assert "p=0.9" in sampler[2] and "temperature=0.8" in sampler[2]
+
+
+def test_a_plugin_module_not_on_the_import_path_says_how_to_add_it():
+    raw = yaml.safe_load((ROOT / "experiments" / "smoke.yaml").read_text())
+    with pytest.raises(GptkitError) as caught:
+        validate_spec({**raw, "plugins": ["my_own_plugin_nowhere"]})
+    assert "was not found on the import path" in str(caught.value)
+    assert "PYTHONPATH=." in str(caught.value)

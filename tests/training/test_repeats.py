@@ -126,7 +126,7 @@ def test_sweep_with_seeds_groups_in_mlflow_and_compare_gives_a_verdict(tmp_path,
     assert len(summary["points"]) == 6 and [g["n"] for g in summary["groups"]] == [3, 3]
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("rep")
+    exp = client.get_experiment_by_name("smoke")  # extends smoke.yaml: its experiment
     runs = client.search_runs([exp.experiment_id])
     groups = [r for r in runs if r.data.tags.get("gptkit.kind") == "group"]
     assert len(groups) == 2
@@ -256,3 +256,47 @@ def test_a_run_stores_its_resolved_spec_and_no_longer_needs_its_parent(tmp_path)
     assert more.returncode == 0, more.stderr
     gen = run_cli("generate", tmp_path / "run", "--prompt", "A", "-n", "3", cwd=tmp_path)
     assert gen.returncode == 0, gen.stderr
+
+
+@pytest.mark.slow
+def test_the_record_has_no_blanks_and_a_resume_with_nothing_to_train_changes_nothing(tmp_path):
+    """The MLflow dataset digest is the data's content hash (the one `gptkit prepare` reports);
+    patience spent on the very last step is not an early stop; a resume that trains nothing
+    leaves the run's files and MLflow record as they were."""
+    from mlflow.tracking import MlflowClient
+
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = tmp_path / "s.yaml"
+    spec.write_text(
+        f"extends: {SMOKE}\nname: blanks\ndata: {{source: {tmp_path / 'text.txt'}}}\n"
+        + TINY.replace("}\n", ", early_stop: {patience: 1, min_delta: 100}, warmup_steps: 0}\n")
+        + f"tracking: {{uri: '{db}'}}\n"
+    )
+    (tmp_path / "text.txt").write_text(
+        "".join(f"line {i}: to be or not to be\n" for i in range(400))
+    )
+    result = run_cli("train", spec, "--no-progress", "--run-dir", tmp_path / "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    # Evals at 2 (the first best) and 4 (no better: patience spent), but 4 is max_steps.
+    assert "early stop" not in result.stdout + result.stderr
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["stop_reason"] == "max_steps" and info["summary"]["steps"] == 4
+    client = MlflowClient(db)
+    run_id = json.loads((tmp_path / "run" / "mlflow.json").read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert run.data.tags["gptkit.stop_reason"] == "max_steps"
+    prepared = run_cli("prepare", spec, "--json", cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr
+    sha = json.loads(prepared.stdout)["content_sha256"]
+    assert len(sha) == 64 and int(sha, 16)
+    (dataset,) = [d.dataset for d in run.inputs.dataset_inputs]
+    assert dataset.digest == sha[:36] and json.loads(dataset.profile)["sha256"] == sha
+
+    files = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    again = run_cli("train", "--resume", "--run-dir", tmp_path / "run", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "nothing to train" in again.stdout
+    after = client.get_run(run_id)
+    assert (after.info.status, after.info.end_time) == (run.info.status, run.info.end_time)
+    assert after.data.tags == run.data.tags
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == files

@@ -172,6 +172,10 @@ def test_progress_on_a_real_terminal_shows_loss_lr_rate_and_one_eta(tmp_path):
     for frame in between:
         assert "loss" in frame and "lr" in frame and "tok/s" in frame, frame
         assert frame.count("eta") == 1 and "-:--:--" not in frame, frame
+    zero = [f for f in frames if re.search(r"\b0/60\b", f)]
+    assert zero and all("waiting for the first step" in f for f in zero), text[
+        :1500
+    ]  # a word, not a bare 0/60
     assert "step 30: val loss" in text  # the eval line stays in the scrollback
     sample_lines = [line for line in text.splitlines() if "sample:" in line]
     assert sample_lines and all("⏎" in s or len(s) < 200 for s in sample_lines)

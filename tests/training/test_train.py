@@ -478,3 +478,41 @@ def test_a_run_that_ends_on_non_finite_steps_fails_and_names_the_checkpoint(tmp_
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
     assert "non-finite step(s)" in result.stderr and "checkpoints/step-" in result.stderr
+
+
+@pytest.mark.slow
+def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
+    """``--resume --checkpoint step-N`` (or ``best``) continues from that checkpoint; the newer
+    ones are kept aside, not deleted, and training from step N again gives them back exactly."""
+    sets = ["train.max_steps=6", "train.eval_every=2", "train.sample_tokens=0", "train.keep_last=5"]
+    args = [x for s in [*sets, "tracking.enabled=false"] for x in ("--set", s)]
+    first = run_cli("train", SMOKE, "--no-progress", "--run-dir", "run", *args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    ckpts = tmp_path / "run" / "checkpoints"
+    again = run_cli(
+        "train", "--resume", "--run-dir", "run", "--checkpoint", "step-000002", cwd=tmp_path
+    )
+    assert again.returncode == 0, again.stderr
+    assert "from step-000002 (step 2)" in again.stdout and "done: 4 steps" in again.stdout
+    (aside,) = ckpts.glob("set-aside-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["step-000004", "step-000006"]
+    weights = "model.safetensors"
+    assert (ckpts / "step-000006" / weights).read_bytes() == (
+        aside / "step-000006" / weights
+    ).read_bytes()
+    best = run_cli(
+        "train",
+        "--resume",
+        "--run-dir",
+        "run",
+        "--checkpoint",
+        "best",
+        "--set",
+        "train.max_steps=8",
+        cwd=tmp_path,
+    )
+    assert best.returncode == 0, best.stderr
+    assert (ckpts / "latest").read_text().strip() == "step-000008"
+    assert_user_error(
+        run_cli("train", SMOKE, "--checkpoint", "best", cwd=tmp_path), "--checkpoint goes with"
+    )

@@ -1,0 +1,78 @@
+"""The contract's causal and cache checks, run on the real model before a bundle is written.
+
+The parity gate compares torch with onnxruntime, which run the same code: an attention that
+peeks at a later token, or whose KV cache loses an entry, passes it. These checks hold the
+model itself to the contract on a few positions (cheap: one short sequence)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gptkit.errors import GptkitError
+
+CHECK_TOKENS = 24  # longer than 20, where a cache that drops entries late goes wrong
+CHECK_RTOL = 1e-4  # of the logits' scale
+
+
+def _component(spec: Any) -> str:
+    m = spec.model
+    return f"model.attention '{m.attention.kind}' (with positional '{m.positional.kind}')"
+
+
+def _refuse(spec: Any, prop: str, detail: str) -> GptkitError:
+    return GptkitError(
+        f"{_component(spec)} fails the contract's {prop} check: {detail}; the bundle was not "
+        "written",
+        "Run gptkit's contract tests for the component (gptkit.plugin.contract_cases).",
+    )
+
+
+@torch.no_grad()
+def model_checks(model: Any, spec: Any, vocab_size: int) -> dict[str, Any]:
+    """Check ``model`` is causal and that cached decoding equals the full forward pass.
+    Raises a :class:`GptkitError` naming the component and the property; returns a report."""
+    was_training = model.training
+    model.eval()
+    try:
+        T = min(CHECK_TOKENS, spec.model.max_seq_len)
+        gen = torch.Generator().manual_seed(0)
+        idx = torch.randint(0, vocab_size, (1, T), generator=gen)
+        positions = torch.arange(T)[None]
+        full = model(idx, positions=positions).logits.float()
+        tol = CHECK_RTOL * max(1.0, float(full.abs().max()))
+        report: dict[str, Any] = {"tokens": T, "tolerance": tol}
+        if T < 2:
+            return report
+        for k in sorted({T // 2, T - 1}):
+            changed = idx.clone()
+            changed[0, k] = (changed[0, k] + 1) % vocab_size
+            other = model(changed, positions=positions).logits.float()
+            diff = float((other[:, :k] - full[:, :k]).abs().max())
+            if diff > tol:
+                raise _refuse(
+                    spec,
+                    "causal",
+                    f"changing the token at position {k} changed the logits of earlier "
+                    f"positions by {diff:.2e} (tolerance {tol:.1e})",
+                )
+        report["causal"] = True
+        if model.static_cache:  # a preallocated cache: parity covers its decode path
+            return report
+        past = None
+        for t in range(T):
+            out = model(idx[:, t : t + 1], positions=positions[:, t : t + 1], past_key_values=past)
+            past = out.past_key_values
+            diff = float((out.logits.float()[:, 0] - full[:, t]).abs().max())
+            if diff > tol:
+                raise _refuse(
+                    spec,
+                    "cache-equals-full-forward",
+                    f"decoding token by token with the KV cache gives logits differing from "
+                    f"the full forward pass by {diff:.2e} at position {t} (tolerance {tol:.1e})",
+                )
+        report["cache_equals_full"] = True
+        return report
+    finally:
+        model.train(was_training)

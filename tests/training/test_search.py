@@ -1,0 +1,95 @@
+"""Search beyond the grid: ``sweep: {method: tpe, trials: N, space: ...}`` backed by Optuna.
+Each trial is an MLflow child run; hopeless trials are pruned at evaluations; the study (its
+RDB storage in the search folder) survives an interruption and continues with the printed
+command; the best trial is what ``gptkit compare`` ranks first. Real subprocesses and signals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.helpers import assert_user_error, run_cli
+
+SMOKE = ROOT / "experiments" / "smoke.yaml"
+SPEC = (
+    f"extends: {SMOKE}\nname: srch\n"
+    "train: {max_steps: 12, eval_every: 3, eval_batches: 2, sample_tokens: 0, log_every: 6,"
+    " warmup_steps: 0, threads: 1}\n"
+    "sweep:\n  method: tpe\n  trials: 12\n  space:\n"
+    "    train.lr: {low: 1.0e-5, high: 3.0e-2, log: true}\n"
+    "    model.positional.kind: [learned, rope]\n"
+)
+
+
+@pytest.mark.slow
+def test_a_tpe_search_prunes_resumes_after_ctrl_c_and_its_best_trial_is_compared_first(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    spec = tmp_path / "srch.yaml"
+    spec.write_text(SPEC)
+    assert "tpe search: 12 trials" in run_cli("validate", spec, cwd=tmp_path).stdout
+    with open(tmp_path / "err.txt", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gptkit", "train", str(spec), "--no-progress", "--run-dir", "s"],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        deadline = time.time() + 300
+        while not list((tmp_path / "s").glob("trial-004/checkpoints/latest")):
+            assert proc.poll() is None, (tmp_path / "err.txt").read_text()
+            assert time.time() < deadline
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+    stderr = (tmp_path / "err.txt").read_text()
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    hint = stderr.split("Continue the search with: ")[1].split("\n")[0].strip()
+    assert hint == "gptkit train --resume --run-dir s"
+
+    again = run_cli(*hint.split()[1:], "--no-progress", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    # The stopped trial goes on in its own folder: from its checkpoint, or kept if it had ended
+    # (pruned at its first evaluation, say) before the signal was seen.
+    out = again.stdout
+    assert "resuming s/trial-004 from" in out or "finished before, kept: s/trial-004" in out
+
+    study = optuna.load_study(study_name="srch", storage=f"sqlite:///{tmp_path / 's' / 'study.db'}")
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") + states.count("PRUNED") == 12
+    assert states.count("PRUNED") >= 1 and states.count("FAIL") <= 1  # the one stopped, retold
+    state = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert state["status"] == "finished" and state["best"]["value"] == study.best_value
+    pruned = [p for p in state["points"] if p["stop_reason"] == "pruned"]
+    assert pruned and all(
+        json.loads((tmp_path / p["run_dir"] / "run.json").read_text())["summary"]["steps"] < 12
+        for p in pruned
+    )
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.get_run(state["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["val_loss"] == pytest.approx(study.best_value)
+    compared = run_cli("compare", "smoke", "--json", "--plot", tmp_path / "c.png", cwd=tmp_path)
+    assert compared.returncode == 0, compared.stderr
+    top = json.loads(compared.stdout)["groups"][0]
+    assert top["name"].startswith(f"trial {study.best_trial.number}: ")
+    assert top["val_loss"] == pytest.approx(study.best_value)
+
+
+@pytest.mark.slow
+def test_a_bad_search_space_is_refused_naming_the_entry(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(
+        f"extends: {SMOKE}\nname: bad\nsweep:\n  method: tpe\n  trials: 3\n  space:\n"
+        "    model.positional.kind: [rope, rpoe]\n"
+    )
+    assert_user_error(run_cli("validate", spec), 'search space model.positional.kind="rpoe"')
+    spec.write_text(f"extends: {SMOKE}\nname: bad\nsweep: {{method: grid, trials: 3}}\n")
+    assert_user_error(run_cli("validate", spec), "sweep.method: 'random' or 'tpe'")
