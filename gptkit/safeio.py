@@ -45,14 +45,20 @@ def open_regular(path: str | Path, what: str, error: type[GptkitError] = GptkitE
     link to a regular file is fine and a link to ``/dev/zero`` is refused.
     """
     try:
-        # O_NONBLOCK: opening a FIFO with no writer returns at once instead of hanging.
+        # Checked before opening too: opening some device files has effects of its own.
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise error(f"{what} {path} is {_describe(mode)}; expected a regular file")
+        # O_NONBLOCK: a FIFO swapped in after the check still opens at once, never hangs.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise error(f"{what} not found: {path}") from None
     except IsADirectoryError:
         raise error(f"{what} {path} is a directory, not a file") from None
     except OSError as exc:
-        raise error(f"cannot read {what} {path}: {exc.strerror}") from None
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except (RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte in the name
+        raise error(f"cannot read {what} {path}: {exc}") from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
