@@ -178,9 +178,15 @@ def _content_digest(sources: list[Source]) -> str:
         )
         for path in files:
             h.update(f"{path.relative_to(src.path) if src.path.is_dir() else ''}\0".encode())
-            with open(path, "rb") as f:
-                while block := f.read(8 << 20):
-                    h.update(block)
+            try:
+                with open(path, "rb") as f:
+                    while block := f.read(8 << 20):
+                        h.update(block)
+            except OSError as exc:  # e.g. /proc/self/mem: a "regular" file that cannot be read
+                raise DataError(
+                    f"cannot read data file {path}: {exc.strerror or exc}",
+                    "Name files that hold your text in data.source.",
+                ) from None
     return h.hexdigest()
 
 
