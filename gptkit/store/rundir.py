@@ -363,7 +363,12 @@ class RunDir:
         (and said so)."""
         import sys
 
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunError(
+                f"cannot make the run folder {self.path}: {exc.strerror or exc}"
+            ) from None
         for _ in range(2):
             try:
                 fd = os.open(self.lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
