@@ -272,7 +272,18 @@ def _load_entry(folder: Path, spec_class=None):
     tokenizer = load_tokenizer(folder / "tokenizer", spec_class=spec_class)
     _check_meta(meta, tokenizer.vocab_size)
     shards = [open_shard(folder / s["file"], s["tokens"]) for s in meta["shards"]]
+    _check_ids(shards, tokenizer.vocab_size)
     return meta, tokenizer, shards
+
+
+def _check_ids(shards: list, vocab_size: int, chunk: int = 1 << 24) -> None:
+    """Refuse (ValueError: the entry is rebuilt) shards holding an id past the vocabulary, which
+    training would otherwise meet as an IndexError in the embedding. One pass over the ids,
+    in chunks, so memory stays bounded however large the corpus."""
+    for shard in shards:
+        for start in range(0, len(shard), chunk):
+            if int(np.max(shard[start : start + chunk])) >= vocab_size:
+                raise ValueError("a token id past the vocabulary")
 
 
 def _check_meta(meta: dict, vocab_size: int) -> None:

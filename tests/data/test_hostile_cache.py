@@ -5,6 +5,7 @@ rebuilt (it is gptkit's own, derived from the sources); nothing hangs."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT
@@ -25,6 +26,16 @@ def _prepare(cache, cwd):
     )
 
 
+def _poke_id(meta_file, good):
+    """Write an id past the vocabulary into the middle of the first shard."""
+    shard = meta_file.parent / good["shards"][0]["file"]
+    dtype = np.dtype(good["dtype"])
+    ids = np.memmap(shard, dtype=dtype, mode="r+", offset=256 * 4)
+    ids[len(ids) // 2] = good["vocab_size"] + 3
+    ids.flush()
+    del ids
+
+
 @pytest.mark.slow
 def test_a_damaged_cache_entry_is_rebuilt_never_read_blindly(tmp_path):
     cache = tmp_path / "cache"
@@ -36,6 +47,7 @@ def test_a_damaged_cache_entry_is_rebuilt_never_read_blindly(tmp_path):
         lambda: os.mkfifo(meta_file),
         lambda: meta_file.write_text(json.dumps({**good, "tokens": "many"})),
         lambda: meta_file.write_text(json.dumps({**good, "tokens": good["tokens"] * 10})),
+        lambda: (meta_file.write_text(json.dumps(good)), _poke_id(meta_file, good)),
     ]
     for damage in damages:
         meta_file.unlink()
@@ -44,6 +56,9 @@ def test_a_damaged_cache_entry_is_rebuilt_never_read_blindly(tmp_path):
         assert again.returncode == 0, again.stderr
         assert json.loads(again.stdout)["tokens"] == good["tokens"]
         assert json.loads(meta_file.read_text())["tokens"] == good["tokens"]  # rebuilt
+        shard = meta_file.parent / good["shards"][0]["file"]
+        ids = np.memmap(shard, dtype=np.dtype(good["dtype"]), mode="r", offset=256 * 4)
+        assert int(ids.max()) < good["vocab_size"]
 
 
 @pytest.mark.slow  # a subprocess importing the spec layer: ~3 s on 2 shared cores
