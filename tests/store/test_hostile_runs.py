@@ -88,3 +88,23 @@ def test_resume_over_a_lock_that_is_not_gptkits_exits_2(smoke_run, tmp_path, dam
     )
     assert_user_error(result, needle, "remove it")
     assert (run / ".lock").exists() or (run / ".lock").is_symlink()  # the user's, left alone
+
+
+def test_a_fifo_as_the_mlflow_link_is_not_waited_on(tmp_path):
+    import subprocess
+    import sys
+
+    run = _run(tmp_path, "r")
+    os.mkfifo(run / "mlflow.json")
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from gptkit.store.rundir import RunDir\n"
+        "from gptkit.training.tracking import read_mlflow_link\n"
+        "run = RunDir(Path(sys.argv[1]))\n"
+        "assert read_mlflow_link(run) == {}\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(run)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
