@@ -16,9 +16,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from gptkit.errors import GptkitError
 from gptkit.inference.base import Inference
 from gptkit.inference.decoding import Completion, DecodeBatch, GenerationOptions, max_new_for
-from gptkit.serve.render import ChatRender, TextRender, finish_reason, render_chat, sse
+from gptkit.serve.render import ChatRender, TextRender, finish_reason, sse
 from gptkit.serve.scheduler import Job, Scheduler
 from gptkit.serve.schemas import ChatRequest, CompletionRequest, Limits, error_response
+from gptkit.serve.templates import TemplateError, TemplateRenderer
 
 
 class CompletionService:
@@ -35,6 +36,7 @@ class CompletionService:
             stream_interval=limits.stream_interval_s,
         )
         self.chat_template = getattr(bundle.tokenizer, "chat_template", None)
+        self.templates = TemplateRenderer(limits.template_timeout_s, limits.max_prompt_chars)
         self.active = 0  # admitted requests, decoding or waiting
         self._lock = threading.Lock()
 
@@ -112,9 +114,14 @@ class CompletionService:
             return error_response(
                 400, "logprobs is not supported by gptkit's server", param="logprobs"
             )
-        try:
-            prompt = render_chat(self.chat_template, [m.model_dump() for m in req.messages])
-        except Exception as exc:
+        try:  # in the template worker, off the event loop (a template is a program)
+            prompt = await asyncio.get_running_loop().run_in_executor(
+                None,
+                self.templates.render,
+                self.chat_template,
+                [m.model_dump() for m in req.messages],
+            )
+        except TemplateError as exc:
             return error_response(
                 400, f"messages: the chat template failed: {exc}", param="messages"
             )
