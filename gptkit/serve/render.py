@@ -4,10 +4,12 @@ server-sent event chunks, and chat prompts rendered from messages by the tokeniz
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Callable
 from typing import Any
 
-from gptkit.inference.decoding import Completion
+from gptkit.inference.decoding import Completion, TokenLogprob
 
 
 def sse(doc: dict[str, Any]) -> str:
@@ -34,9 +36,30 @@ class TextRender:
     whole_object = chunk_object = "text_completion"
     id_prefix = "cmpl"
 
-    def __init__(self, model_name: str, echo_prompts: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        echo_prompts: list[str] | None = None,
+        decode: Callable[[list[int]], str] | None = None,
+    ) -> None:
         self.model_name = model_name
         self.echo = echo_prompts
+        self.decode = decode or (lambda ids: "")  # token text, for log-probabilities
+        self.offsets: dict[int, int] = {}  # a streamed choice's text so far (text_offset)
+
+    def logprobs(self, index: int, tokens: list[TokenLogprob]) -> dict[str, Any]:
+        """OpenAI's completions ``logprobs``: token texts, their log-probabilities, the top
+        alternatives and each token's offset in the choice's text."""
+        texts = [self.decode([t.token]) for t in tokens]
+        start = self.offsets.get(index, len(self.echo[index]) if self.echo else 0)
+        offsets = list(itertools.accumulate((len(t) for t in texts), initial=start))
+        self.offsets[index] = offsets[-1]
+        return {
+            "tokens": texts,
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{self.decode([j]): lp for j, lp in t.top} for t in tokens],
+            "text_offset": offsets[:-1],
+        }
 
     def envelope(
         self, cid: str, created: int, obj: str, choices: list[dict[str, Any]], **extra: Any
@@ -63,16 +86,25 @@ class TextRender:
             {
                 "index": i,
                 **self.answer(i, c),
-                "logprobs": None,
+                "logprobs": None if c.logprobs is None else self.logprobs(i, c.logprobs),
                 "finish_reason": finish_reason(c.finish_reason),
             }
             for i, c in enumerate(out)
         ]
         return self.envelope(cid, created, self.whole_object, choices, usage=usage)
 
-    def chunk(self, cid: str, created: int, index: int, text: str, finish: str | None) -> str:
+    def chunk(
+        self,
+        cid: str,
+        created: int,
+        index: int,
+        text: str,
+        finish: str | None,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> str:
         choice = {"index": index, **self.delta(index, text)}
-        choice.update(logprobs=None, finish_reason=finish)
+        rendered = None if not logprobs else self.logprobs(index, logprobs)
+        choice.update(logprobs=rendered, finish_reason=finish)
         return sse(self.envelope(cid, created, self.chunk_object, [choice]))
 
     def usage_chunk(self, cid: str, created: int, usage: dict[str, int]) -> str:
@@ -85,12 +117,32 @@ class ChatRender(TextRender):
     whole_object, chunk_object = "chat.completion", "chat.completion.chunk"
     id_prefix = "chatcmpl"
 
-    def __init__(self, model_name: str, echo_prompts: list[str] | None = None) -> None:
-        super().__init__(model_name, echo_prompts)
+    def __init__(
+        self,
+        model_name: str,
+        echo_prompts: list[str] | None = None,
+        decode: Callable[[list[int]], str] | None = None,
+    ) -> None:
+        super().__init__(model_name, echo_prompts, decode)
         self.opened: set[int] = set()  # choices whose role has been sent
 
     def answer(self, i: int, completion: Completion) -> dict[str, Any]:
         return {"message": {"role": "assistant", "content": completion.text}}
+
+    def logprobs(self, index: int, tokens: list[TokenLogprob]) -> dict[str, Any]:
+        """OpenAI's chat ``logprobs``: per token its text, bytes, log-probability and the top
+        alternatives."""
+
+        def entry(token: int, logprob: float) -> dict[str, Any]:
+            text = self.decode([token])
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {
+            "content": [
+                {**entry(t.token, t.logprob), "top_logprobs": [entry(j, v) for j, v in t.top]}
+                for t in tokens
+            ]
+        }
 
     def delta(self, index: int, text: str) -> dict[str, Any]:
         # Each choice's first chunk names the role, as OpenAI's streams do.

@@ -34,13 +34,20 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class Unsupported(Strict):
-    """OpenAI fields gptkit does not implement yet: accepted by the schema only so that a
-    request setting one (to anything but its neutral value) is refused with 400 naming it."""
+class SharedFields(Strict):
+    """Fields both endpoints take: the logit processing gptkit implements (penalties, bias),
+    and OpenAI fields it does not, accepted by the schema only so that a request setting one
+    (to anything but its neutral value) is refused with 400 naming it (``refused``)."""
 
-    presence_penalty: float | None = Field(None, description="Not supported unless 0.")
-    frequency_penalty: float | None = Field(None, description="Not supported unless 0.")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported unless {}.")
+    presence_penalty: float | None = Field(
+        None, ge=-2, le=2, description="Subtracted from a token's logit once it was generated."
+    )
+    frequency_penalty: float | None = Field(
+        None, ge=-2, le=2, description="Subtracted from a token's logit per time it was generated."
+    )
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id -> added to its logit (-100..100; -100 bans it)."
+    )
     tools: list[Any] | None = Field(None, description="Not supported.")
     tool_choice: Any = Field(None, description="Not supported.")
     functions: list[Any] | None = Field(None, description="Not supported.")
@@ -53,13 +60,8 @@ class Unsupported(Strict):
     def refused(self) -> str | None:
         """The first field set that gptkit would have to ignore, or None."""
         neutral: dict[str, Any] = {
-            "presence_penalty": (None, 0),
-            "frequency_penalty": (None, 0),
-            "logit_bias": (None, {}),
             "response_format": (None, {"type": "text"}),
             "suffix": (None, ""),
-            "logprobs": (None, False, 0),
-            "top_logprobs": (None, 0),
             "best_of": (None, 1),
         }
         unsupported = (*neutral, "tools", "tool_choice", "functions", "function_call")
@@ -69,7 +71,7 @@ class Unsupported(Strict):
         return None
 
 
-class CompletionRequest(Unsupported):
+class CompletionRequest(SharedFields):
     """The part of OpenAI's completions request that gptkit honours (other fields that would
     change the answer are refused with 400, never silently ignored)."""
 
@@ -87,7 +89,9 @@ class CompletionRequest(Unsupported):
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: bool = Field(False, description="Return the prompt before the completion.")
-    logprobs: int | None = Field(None, ge=0, le=5, description="Not supported unless 0.")
+    logprobs: int | None = Field(
+        None, ge=0, le=5, description="Log-probabilities of the tokens and this many alternatives."
+    )
     best_of: int | None = Field(None, ge=1, description="Only 1 (or unset) is supported.")
     suffix: str | None = Field(None, description="Not supported.")
 
@@ -106,7 +110,7 @@ class ChatMessage(Strict):
     content: str | list[ContentPart]
 
 
-class ChatRequest(Unsupported):
+class ChatRequest(SharedFields):
     model: str | None = None
     messages: list[ChatMessage]
     max_tokens: int | None = Field(None, ge=0)
@@ -118,8 +122,10 @@ class ChatRequest(Unsupported):
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: bool | None = Field(None, description="Not supported unless false.")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="Not supported unless 0.")
+    logprobs: bool | None = Field(None, description="Log-probabilities of the tokens.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="Alternatives per token (with logprobs: true)."
+    )
 
 
 class Usage(BaseModel):
@@ -131,7 +137,7 @@ class Usage(BaseModel):
 class Choice(BaseModel):
     text: str
     index: int
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -152,7 +158,7 @@ class ChatChoiceMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: ChatChoiceMessage
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: Literal["stop", "length"] | None
 
 

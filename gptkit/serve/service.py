@@ -15,14 +15,20 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from gptkit.errors import GptkitError
 from gptkit.inference.base import Inference
-from gptkit.inference.decoding import Completion, DecodeBatch, GenerationOptions, max_new_for
+from gptkit.inference.decoding import (
+    Completion,
+    DecodeBatch,
+    GenerationOptions,
+    Processing,
+    max_new_for,
+)
 from gptkit.serve.render import ChatRender, TextRender, finish_reason, sse
 from gptkit.serve.scheduler import Job, Scheduler
 from gptkit.serve.schemas import (
     ChatRequest,
     CompletionRequest,
     Limits,
-    Unsupported,
+    SharedFields,
     error_response,
 )
 from gptkit.serve.templates import TemplateError, TemplateRenderer
@@ -94,6 +100,14 @@ class CompletionService:
             return problem
         if req.echo and req.stream:
             return error_response(400, "echo is supported without stream only", param="echo")
+        if req.echo and req.logprobs is not None:
+            return error_response(
+                400, "echo with logprobs (the prompt's log-probabilities) is not supported",
+                param="echo",
+            )  # fmt: skip
+        processing = self.processing(req, req.logprobs)
+        if isinstance(processing, JSONResponse):
+            return processing
         options = GenerationOptions(
             max_new_tokens=req.max_tokens,
             temperature=req.temperature,
@@ -101,12 +115,13 @@ class CompletionService:
             top_p=req.top_p,
             stop=stops,
             seed=req.seed,
+            **processing,
         )
         decode = self.bundle.tokenizer.decode
         texts = [p if isinstance(p, str) else decode(list(p)) for p in prompts]
         echo = [t for t in texts for _ in range(req.n)] if req.echo else None
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        render = TextRender(self.model_name, echo)
+        render = TextRender(self.model_name, echo, decode)
         return await self.run(prompts, req.n, options, req.stream, include_usage, render)
 
     async def chat(self, req: ChatRequest) -> Any:
@@ -145,16 +160,45 @@ class CompletionService:
         problem = self.check(None, stops, max_tokens, req.n, [prompt])
         if problem is not None:
             return problem
+        if req.top_logprobs is not None and not req.logprobs:
+            return error_response(
+                400, "top_logprobs needs logprobs: true", param="top_logprobs"
+            )  # fmt: skip
+        processing = self.processing(req, (req.top_logprobs or 0) if req.logprobs else None)
+        if isinstance(processing, JSONResponse):
+            return processing
         options = GenerationOptions(
             max_new_tokens=max_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
             stop=stops,
             seed=req.seed,
+            **processing,
         )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        render = ChatRender(self.model_name)
+        render = ChatRender(self.model_name, None, self.bundle.tokenizer.decode)
         return await self.run([prompt], req.n, options, req.stream, include_usage, render)
+
+    def processing(self, req: SharedFields, logprobs: int | None) -> dict[str, Any] | JSONResponse:
+        """The request's penalties, bias and log-probabilities as generation options (token
+        ids checked against the vocabulary), or a 400."""
+        bias: dict[int, float] = {}
+        for key, value in (req.logit_bias or {}).items():
+            token = int(key) if key.strip().isdigit() else -1
+            if not 0 <= token < self.vocab or not -100 <= value <= 100:
+                return error_response(
+                    400,
+                    f"logit_bias: {key!r}: {value} — keys are token ids in [0, {self.vocab}), "
+                    "values in [-100, 100]",
+                    param="logit_bias",
+                )
+            bias[token] = value
+        return {
+            "presence_penalty": req.presence_penalty,
+            "frequency_penalty": req.frequency_penalty,
+            "logit_bias": bias,
+            "logprobs": logprobs,
+        }
 
     def check(
         self,
@@ -239,7 +283,9 @@ class CompletionService:
             return error_response(
                 429, "server busy; retry later", "rate_limit", headers={"Retry-After": "1"}
             )
-        job = Job(rows, sampler, options.seed, max_new, stream, asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        processing = Processing.from_options(options)
+        job = Job(rows, sampler, options.seed, max_new, stream, loop, processing=processing)
         self.scheduler.submit(job)
         merge = self.limits.stream_interval_s > 0
         # Each prompt's tokens count once, however many choices (n) continue it.
@@ -337,7 +383,7 @@ def _chat_messages(req: ChatRequest) -> list[dict[str, str]] | JSONResponse:
     return out
 
 
-def _refused(req: Unsupported) -> JSONResponse | None:
+def _refused(req: SharedFields) -> JSONResponse | None:
     """A 400 naming the first field set that gptkit does not implement (never ignored)."""
     name = req.refused()
     if name is None:
@@ -370,15 +416,17 @@ class _Answer:
         render, cid, created = self.render, self.cid, self.created
         out = []
         texts: dict[int, list[str]] = {}  # each choice's new text: one chunk per choice
+        logprobs: dict[int, list] = {}  # and the log-probabilities of its tokens
         for kind, *rest in batch:
             if kind == "text" and self.merge:
                 texts.setdefault(rest[0], []).append(rest[1])
+                logprobs.setdefault(rest[0], []).extend(rest[2])
                 continue
             if kind == "text":
-                out.append(render.chunk(cid, created, rest[0], rest[1], None))
+                out.append(render.chunk(cid, created, rest[0], rest[1], None, rest[2]))
                 continue
-            out += [render.chunk(cid, created, i, "".join(t), None) for i, t in texts.items()]
-            texts = {}
+            out += self._merged(texts, logprobs)
+            texts, logprobs = {}, {}
             if kind == "done":
                 for i, c in enumerate(rest[0]):
                     out.append(render.chunk(cid, created, i, "", finish_reason(c.finish_reason)))
@@ -388,5 +436,12 @@ class _Answer:
             else:
                 out.append(sse({"error": {"message": rest[0], "type": "server_error"}}))
             return "".join(out), True
-        out += [render.chunk(cid, created, i, "".join(t), None) for i, t in texts.items()]
+        out += self._merged(texts, logprobs)
         return "".join(out), False
+
+    def _merged(self, texts: dict[int, list[str]], logprobs: dict[int, list]) -> list[str]:
+        """One chunk per choice for the text (and log-probabilities) collected."""
+        return [
+            self.render.chunk(self.cid, self.created, i, "".join(t), None, logprobs.get(i))
+            for i, t in texts.items()
+        ]
