@@ -3,7 +3,6 @@ Hugging Face ``generate`` with the same weights, and the server under concurrent
 
 from __future__ import annotations
 
-import functools
 import statistics
 import tempfile
 import time
@@ -13,7 +12,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from gptkit.errors import GptkitError
 from gptkit.model import GPT
 
 
@@ -63,30 +61,6 @@ def _write_bundle(folder: Path, onnx_file: Path, spec: Any, model: GPT, tokenize
     (folder / MANIFEST).write_text(json.dumps(manifest))
 
 
-@functools.cache
-def _http_client() -> Any:
-    """This process's HTTP client, kept for every request (as OpenAI's client keeps one):
-    building one loads a certificate store, ~40 ms that belong to no request."""
-    import httpx
-
-    return httpx.Client(timeout=600)
-
-
-def _stream_one(url: str, prompt: str, max_tokens: int) -> tuple[float | None, float]:
-    """One streaming completion: (seconds to the first text, seconds to the end)."""
-    import json
-
-    client = _http_client()
-    t0 = time.perf_counter()
-    first = None
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    with client.stream("POST", url + "/v1/completions", json=body) as r:
-        for raw in r.iter_lines():
-            if raw.startswith("data: {") and json.loads(raw[6:])["choices"][0]["text"]:
-                first = first or time.perf_counter() - t0
-    return first, time.perf_counter() - t0
-
-
 def server_concurrency(
     bundle: Path,
     clients: tuple[int, ...] = (1, 8),
@@ -94,59 +68,13 @@ def server_concurrency(
     prompt: str = "ROMEO:",
     rounds: int = 5,
 ) -> dict[str, Any]:
-    """Aggregate streamed tokens/s and time to first token of N concurrent clients against a
-    real ``gptkit serve`` subprocess (over a socket): ``rounds`` rounds of N requests started
-    together; tokens/s over all rounds' wall clock, the median first-token time."""
-    import multiprocessing as mp
-    import subprocess
-    import sys
-    from concurrent.futures import ProcessPoolExecutor
+    """Aggregate streamed tokens/s and time to first token of N concurrent greedy clients
+    against a real ``gptkit serve`` subprocess (``gptkit.bench.serve`` does the measuring)."""
+    from gptkit.bench.serve import concurrent_clients, running_server
 
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gptkit",
-            "serve",
-            str(bundle),
-            "--port",
-            "0",
-            "--no-access-log",
-            "--max-tokens",
-            str(max_tokens),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=(errors := tempfile.TemporaryFile("w+")),
-        text=True,
-    )
-    try:
-        line = proc.stdout.readline()
-        if " on " not in line:
-            proc.wait(timeout=30)
-            errors.seek(0)
-            raise GptkitError(f"gptkit serve did not start:\n{errors.read()[-2000:]}")
-        url = line.split(" on ", 1)[1].split()[0]
-        out: dict[str, Any] = {"max_tokens": max_tokens}
-        # Each client in its own process, its HTTP client built when the process starts (and
-        # an untimed first round): client threads of one Python process share its GIL and
-        # would be what is measured.
-        with ProcessPoolExecutor(
-            max(clients), mp_context=mp.get_context("spawn"), initializer=_http_client
-        ) as pool:
-            k = max(clients)
-            list(pool.map(_stream_one, [url] * k, [prompt] * k, [max_tokens] * k))  # warm up
-            for n in clients:
-                wall, results = 0.0, []
-                for _ in range(rounds):
-                    t = time.perf_counter()
-                    results += pool.map(_stream_one, [url] * n, [prompt] * n, [max_tokens] * n)
-                    wall += time.perf_counter() - t
-                out[f"clients_{n}_tokens_per_s"] = rounds * n * max_tokens / wall
-                out[f"clients_{n}_first_token_s"] = statistics.median(r[0] or r[1] for r in results)
-        return out
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    with running_server(bundle, "--max-tokens", str(max_tokens)) as url:
+        return {"max_tokens": max_tokens, **concurrent_clients(url, body, clients, rounds)}
 
 
 def _gpt2_pair(tok: Any, ctx: int) -> tuple[Any, Any, GPT]:

@@ -153,6 +153,12 @@ def serve(
     header_timeout: Annotated[
         float, typer.Option(min=0.1, help="Seconds a client has to send its request headers.")
     ] = 10.0,
+    template_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.1, help="Seconds a chat template may render (in its worker process) before 400."
+        ),
+    ] = 2.0,
     stream_interval: Annotated[
         float,
         typer.Option(
@@ -187,6 +193,7 @@ def serve(
             body_timeout_s=body_timeout,
             header_timeout_s=header_timeout,
             stream_interval_s=stream_interval,
+            template_timeout_s=template_timeout,
         ),
         name=served_model_name,
         access=access_log,

@@ -12,6 +12,7 @@ from gptkit.errors import GptkitError
 from gptkit.inference.decoding import (
     Completion,
     GenerationOptions,
+    Processing,
     decode_loop,
     resolve_sampler,
     start_batch,
@@ -154,6 +155,7 @@ class Inference:
             seed=options.seed,
             use_cache=use_cache,
             on_text=on_text,
+            processing=Processing.from_options(options),
         )
 
     def generate(
@@ -195,6 +197,7 @@ class Inference:
             max_new_tokens=options.max_new_tokens,
             seed=options.seed,
             on_text=lambda row, piece: pieces.append(piece),
+            processing=Processing.from_options(options),
         )
         while len(batch):
             batch.step()

@@ -43,12 +43,68 @@ class Backend(Protocol):
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (log-softmax of its logits, before
+    temperature, penalties and truncation) and the ``top`` most likely alternatives."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class Completion:
-    """One generated continuation."""
+    """One generated continuation (``logprobs`` when asked for)."""
 
     text: str
     tokens: list[int] = field(default_factory=list)
     finish_reason: str = "length"  # "length" | "stop" | "eot"
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class Processing:
+    """What is done to a row's logits besides its sampler, OpenAI's way: before sampling,
+    ``logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty`` over the
+    tokens the row has generated, plus ``logit_bias[j]``; after it, the chosen token's
+    log-probability (and the ``logprobs`` most likely) under the model's own logits."""
+
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # alternatives per token; None: no log-probabilities
+
+    @classmethod
+    def from_options(cls, options: GenerationOptions) -> Processing | None:
+        """The processing ``options`` ask for, or None when they ask for none."""
+        made = cls(
+            options.presence_penalty or 0.0,
+            options.frequency_penalty or 0.0,
+            dict(options.logit_bias or {}),
+            options.logprobs,
+        )
+        return None if made == cls() else made
+
+    def adjust(self, logits: np.ndarray, counts: dict[int, int]) -> np.ndarray:
+        """``logits`` (1, V) with the penalties for ``counts`` and the bias (a copy)."""
+        if not counts and not self.logit_bias:
+            return logits
+        out = logits.astype(np.float64, copy=True)
+        if counts and (self.presence_penalty or self.frequency_penalty):
+            ids = np.fromiter(counts, dtype=np.int64, count=len(counts))
+            c = np.fromiter(counts.values(), dtype=np.float64, count=len(counts))
+            out[0, ids] -= c * self.frequency_penalty + self.presence_penalty
+        for token, bias in self.logit_bias.items():
+            out[0, token] += bias
+        return out
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """``token``'s log-softmax under ``logits`` (V,), with the ``top`` most likely."""
+    z = logits.astype(np.float64) - logits.max()
+    logp = z - np.log(np.exp(z).sum())
+    best = np.argsort(-logp, kind="stable")[:top] if top else []
+    return TokenLogprob(token, float(logp[token]), [(int(j), float(logp[j])) for j in best])
 
 
 @dataclass
@@ -72,6 +128,10 @@ class GenerationOptions:
     stop_at_eot: bool | None = None
     seed: int | None = None
     sampler: dict[str, Any] = field(default_factory=dict)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = None
 
     FIELDS = (
         "max_new_tokens",
@@ -84,6 +144,10 @@ class GenerationOptions:
         "stop_at_eot",
         "seed",
         "sampler",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "logprobs",
     )
 
     @classmethod
@@ -254,21 +318,34 @@ class Row:
     max_new: int
     on_text: Callable[[str], None] | None = None
     state: Any = None  # the sampler's per-generation state (``SamplerSpec.new_state``)
+    processing: Processing | None = None
     generated: int = 0
     done: bool = False
     finish: str = "length"
+    counts: dict[int, int] = field(default_factory=dict)  # generated tokens (penalties)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def completion(self) -> Completion:
-        return Completion(self.stream.text, self.stream.tokens, self.finish)
+        asked = self.processing is not None and self.processing.logprobs is not None
+        kept = self.logprobs[: len(self.stream.tokens)] if asked else None
+        return Completion(self.stream.text, self.stream.tokens, self.finish, kept)
 
 
 def sample_rows(rows: Sequence[Row], logits: np.ndarray) -> list[int]:
     """Each row's next token: its own sampler, random generator, tokens so far and sampler
-    state, through ``sample_next`` (the one place a sampler is called)."""
-    return [
-        int(sample_next(row.sampler, logits[i : i + 1], row.rng, [row.context], [row.state])[0])
-        for i, row in enumerate(rows)
-    ]
+    state, through ``sample_next`` (the one place a sampler is called), after the row's
+    ``Processing`` (penalties, bias), whose log-probabilities it records."""
+    out = []
+    for i, row in enumerate(rows):
+        p, raw = row.processing, logits[i : i + 1]
+        seen = raw if p is None else p.adjust(raw, row.counts)
+        token = int(sample_next(row.sampler, seen, row.rng, [row.context], [row.state])[0])
+        if p is not None:
+            row.counts[token] = row.counts.get(token, 0) + 1
+            if p.logprobs is not None:
+                row.logprobs.append(token_logprob(raw[0], token, p.logprobs))
+        out.append(token)
+    return out
 
 
 class DecodeBatch:
@@ -317,6 +394,7 @@ class DecodeBatch:
         rng: np.random.Generator,
         max_new: int,
         on_text: Callable[[str], None] | None = None,
+        processing: Processing | None = None,
     ) -> Row:
         row = Row(
             list(ids),
@@ -326,6 +404,7 @@ class DecodeBatch:
             max_new,
             on_text,
             new_states(sampler, 1)[0],
+            processing,
         )
         if max_new <= 0:
             row.done = True
@@ -451,6 +530,7 @@ def start_batch(
     seed: int | None = None,
     use_cache: bool = True,
     on_text: Callable[[int, str], None] | None = None,
+    processing: Processing | None = None,
 ) -> tuple[DecodeBatch, list[Row]]:
     """A batch holding one row per prompt (row i seeded from (seed, i)); step it until empty.
     ``on_text(row, piece)`` receives each row's text as it becomes safe to show."""
@@ -460,7 +540,7 @@ def start_batch(
     rows = []
     for i, (row_ids, rng) in enumerate(zip(ids, row_rngs(seed, len(prompts)))):
         callback = None if on_text is None else (lambda piece, i=i: on_text(i, piece))
-        rows.append(batch.add(row_ids, sampler, rng, max_new, callback))
+        rows.append(batch.add(row_ids, sampler, rng, max_new, callback, processing))
     return batch, rows
 
 
@@ -474,6 +554,7 @@ def decode_loop(
     seed: int | None = None,
     use_cache: bool = True,
     on_text: Callable[[int, str], None] | None = None,
+    processing: Processing | None = None,
 ) -> list[Completion]:
     """Generate a continuation for each prompt; ``on_text(row, piece)`` streams text."""
     if not prompts:
@@ -487,6 +568,7 @@ def decode_loop(
         seed=seed,
         use_cache=use_cache,
         on_text=on_text,
+        processing=processing,
     )
     while len(batch):
         batch.step()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gptkit.inference.base import Inference
-from gptkit.inference.decoding import DecodeBatch, Row, row_rngs
+from gptkit.inference.decoding import DecodeBatch, Processing, Row, TokenLogprob, row_rngs
 
 
 @dataclass
@@ -30,7 +30,19 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     rows: list[Row] = field(default_factory=list)
+    processing: Processing | None = None  # penalties, bias, log-probabilities
+    sent: dict[int, int] = field(default_factory=dict)  # row -> log-probabilities streamed
     streamed: bool = False  # has any of its text been handed over yet
+
+
+def _new_logprobs(job: Job, i: int) -> list[TokenLogprob]:
+    """Row ``i``'s log-probabilities not streamed yet (its text tokens only)."""
+    row = job.rows[i]
+    if job.processing is None or job.processing.logprobs is None:
+        return []
+    start, end = job.sent.get(i, 0), len(row.stream.tokens)
+    job.sent[i] = end
+    return row.logprobs[start:end]
 
 
 def _deliver(items: list[tuple[Job, tuple]]) -> None:
@@ -87,11 +99,17 @@ class Scheduler:
         self.running.append(job)  # first: if adding its rows fails, it is told (see _loop)
         for i, (ids, rng) in enumerate(zip(job.ids, row_rngs(job.seed, len(job.ids)))):
             on_text = (
-                (lambda piece, i=i, job=job: self._emit(job, "text", i, piece))
+                (
+                    lambda piece, i=i, job=job: self._emit(
+                        job, "text", i, piece, _new_logprobs(job, i)
+                    )
+                )
                 if job.stream
                 else None
             )
-            job.rows.append(self.batch.add(ids, job.sampler, rng, job.max_new, on_text))
+            job.rows.append(
+                self.batch.add(ids, job.sampler, rng, job.max_new, on_text, job.processing)
+            )
 
     def _emit(self, job: Job, *event: Any) -> None:
         if event[0] != "text" or not job.streamed:

@@ -20,6 +20,7 @@ class Limits:
     max_choices: int = 16  # prompts x n
     max_concurrent: int = 16  # requests decoding together in the running batch
     max_queued: int = 64
+    template_timeout_s: float = 2.0  # rendering a chat template, in its worker process
     stream_interval_s: float = 0.01  # streamed text is handed over at most this often
 
 

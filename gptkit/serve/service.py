@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from gptkit.errors import GptkitError
 from gptkit.inference.base import Inference
 from gptkit.inference.decoding import Completion, DecodeBatch, GenerationOptions, max_new_for
-from gptkit.serve.render import ChatRender, TextRender, finish_reason, render_chat, sse
+from gptkit.serve.render import ChatRender, TextRender, finish_reason, sse
 from gptkit.serve.scheduler import Job, Scheduler
 from gptkit.serve.schemas import (
     ChatRequest,
@@ -25,6 +25,7 @@ from gptkit.serve.schemas import (
     Unsupported,
     error_response,
 )
+from gptkit.serve.templates import TemplateError, TemplateRenderer
 
 
 class CompletionService:
@@ -42,6 +43,7 @@ class CompletionService:
         )
         self.chat_template = getattr(bundle.tokenizer, "chat_template", None)
         self.vocab = bundle.tokenizer.vocab_size  # a token-id prompt's ids are below this
+        self.templates = TemplateRenderer(limits.template_timeout_s, limits.max_prompt_chars)
         self.active = 0  # admitted requests, decoding or waiting
         self._lock = threading.Lock()
 
@@ -132,9 +134,11 @@ class CompletionService:
                 param="messages",
                 code="base_model",
             )
-        try:
-            prompt = render_chat(self.chat_template, messages)
-        except Exception as exc:
+        try:  # in the template worker, off the event loop (a template is a program)
+            prompt = await asyncio.get_running_loop().run_in_executor(
+                None, self.templates.render, self.chat_template, messages
+            )
+        except TemplateError as exc:
             return error_response(
                 400, f"messages: the chat template failed: {exc}", param="messages"
             )

@@ -267,6 +267,7 @@ def test_gpt2_tanh_gelu_is_one_onnx_op(tmp_path):
     np.testing.assert_allclose(logits[0], want, atol=1e-5)
 
 
+@pytest.mark.slow  # a few seconds: the whole suite runs it
 def test_int8_keeps_a_matmul_whose_input_has_outliers_in_fp32(tmp_path):
     """The int8 rule: a matrix multiplication whose input peaks far above its RMS on
     validation windows stays fp32 (here: one squared-ReLU unit made to fire rarely and

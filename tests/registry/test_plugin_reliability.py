@@ -36,6 +36,7 @@ def test_old_signature_spec_is_refused_with_the_reason_not_a_type_error():
         validate_spec(spec)
 
 
+@pytest.mark.slow  # a few seconds: the whole suite runs it
 def test_old_signature_cli_plugins_shows_the_error_and_validate_exits_2(tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text(

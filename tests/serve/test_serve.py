@@ -686,17 +686,18 @@ CHAT_TEMPLATE = (
 )
 
 
-def test_chat_with_a_template_answers_what_the_rendered_prompt_would(tmp_path):
-    """A tokenizer with a chat template (``tokenizer.chat_template``): /v1/chat/completions
-    renders the messages with it and answers exactly what /v1/completions answers for the
-    rendered prompt; a template that does not parse is refused when the spec is read."""
+@pytest.fixture(scope="module")
+def chat_server(tmp_path_factory):
+    """A bundle whose tokenizer has a chat template (trained a few steps), served; a template
+    that does not parse is refused when the spec is read."""
     import yaml
 
+    tmp_path = tmp_path_factory.mktemp("chat")
     root = Path(__file__).resolve().parents[2]
     spec = {
         "extends": str(root / "experiments" / "smoke.yaml"),
         "name": "chat",
-        "tokenizer": {"kind": "char", "chat_template": CHAT_TEMPLATE},
+        "tokenizer": {"kind": "char", "chat_template": HOSTILE + CHAT_TEMPLATE},
         "train": {"max_steps": 5},
         "tracking": {"enabled": False},
     }
@@ -718,38 +719,91 @@ def test_chat_with_a_template_answers_what_the_rendered_prompt_would(tmp_path):
         stderr=open(log, "w"),
     )
     try:
-        url = _wait_for(proc, port, log)
-        messages = [{"role": "user", "content": "ROMEO"}]
-        chat = httpx.post(
-            url + "/v1/chat/completions",
-            json={"messages": messages, "max_tokens": 8, "temperature": 0},
-        ).json()
-        prompt = "user: ROMEO\nassistant:"
-        plain = httpx.post(
-            url + "/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0}
-        ).json()
-        assert chat.get("object") == "chat.completion", chat
-        assert chat["id"].startswith("chatcmpl-") and plain["id"].startswith("cmpl-")
-        message = chat["choices"][0]["message"]
-        assert message["role"] == "assistant"
-        assert message["content"] == plain["choices"][0]["text"] and message["content"]
-        assert chat["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"] == len(prompt)
-        pieces = []
-        with httpx.stream(
-            "POST",
-            url + "/v1/chat/completions",
-            json={"messages": messages, "max_tokens": 8, "temperature": 0, "stream": True},
-        ) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    chunk = json.loads(line[6:])
-                    assert chunk["object"] == "chat.completion.chunk"
-                    pieces += [c["delta"] for c in chunk["choices"]]
-        assert pieces[0]["role"] == "assistant"  # the first chunk names the role
-        assert "".join(p.get("content", "") for p in pieces) == message["content"]
+        yield _wait_for(proc, port, log)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# Template branches a hostile user could write (picked by the first message's content):
+# loop 10^10 times, double a string 40 times, render 50,000 characters.
+HOSTILE = (
+    "{% if messages[0]['content'] == 'loop' %}{% for i in range(100000) %}"
+    "{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    "{% elif messages[0]['content'] == 'grow' %}{% set ns = namespace(s='xxxxxxxx') %}"
+    "{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}"
+    "{% elif messages[0]['content'] == 'long' %}{% for i in range(5000) %}0123456789"
+    "{% endfor %}{% endif %}"
+)
+
+
+def test_chat_with_a_template_answers_what_the_rendered_prompt_would(chat_server):
+    """/v1/chat/completions renders the messages with the tokenizer's chat template and
+    answers exactly what /v1/completions answers for the rendered prompt."""
+    url = chat_server
+    messages = [{"role": "user", "content": "ROMEO"}]
+    chat = httpx.post(
+        url + "/v1/chat/completions",
+        json={"messages": messages, "max_tokens": 8, "temperature": 0},
+    ).json()
+    prompt = "user: ROMEO\nassistant:"
+    plain = httpx.post(
+        url + "/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0}
+    ).json()
+    assert chat.get("object") == "chat.completion", chat
+    assert chat["id"].startswith("chatcmpl-") and plain["id"].startswith("cmpl-")
+    message = chat["choices"][0]["message"]
+    assert message["role"] == "assistant"
+    assert message["content"] == plain["choices"][0]["text"] and message["content"]
+    assert chat["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"] == len(prompt)
+    pieces = []
+    with httpx.stream(
+        "POST",
+        url + "/v1/chat/completions",
+        json={"messages": messages, "max_tokens": 8, "temperature": 0, "stream": True},
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                assert chunk["object"] == "chat.completion.chunk"
+                pieces += [c["delta"] for c in chunk["choices"]]
+    assert pieces[0]["role"] == "assistant"  # the first chunk names the role
+    assert "".join(p.get("content", "") for p in pieces) == message["content"]
+
+
+def test_a_hostile_chat_template_gets_a_400_while_others_are_answered(chat_server):
+    """Templates render in a worker process with a deadline (2 s), a memory ceiling and a
+    size bound: a template that loops 10^10 times gets a 400 while /health and other chats
+    are answered at once; a 2^43-byte string and a 50,000-character prompt get a 400; the
+    server goes on answering."""
+    import concurrent.futures
+
+    url = chat_server
+
+    def chat(content: str) -> httpx.Response:
+        body = {"messages": [{"role": "user", "content": content}], "max_tokens": 4}
+        return httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        started = time.perf_counter()
+        looping = pool.submit(chat, "loop")
+        time.sleep(0.3)  # the loop is running in the template worker
+        health = httpx.get(url + "/health", timeout=60)
+        health_s = time.perf_counter() - started
+        plain = httpx.post(
+            url + "/v1/completions", json={"prompt": "A", "max_tokens": 4}, timeout=60
+        )
+        assert health.status_code == 200 and plain.status_code == 200
+        assert not looping.done() and health_s < 2.0  # answered while the loop ran
+        r = looping.result()
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    assert "longer than" in r.json()["error"]["message"]
+    assert time.perf_counter() - started < 20
+    grow = chat("grow")
+    assert grow.status_code == 400 and "memory" in grow.json()["error"]["message"], grow.text
+    long = chat("long")
+    assert long.status_code == 400 and "characters" in long.json()["error"]["message"]
+    assert chat("ROMEO").status_code == 200  # a new worker renders the next request
 
 
 def test_serve_with_torch_unimportable_answers_like_the_regular_server(server, tmp_path):

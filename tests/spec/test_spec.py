@@ -196,6 +196,7 @@ def test_schema_includes_plugin_components():
     assert "score_scale" in result.stdout
 
 
+@pytest.mark.slow  # a few seconds: the whole suite runs it
 def test_validate_prints_the_resolved_model():
     result = run_cli("validate", "experiments/smoke.yaml", "--set", "model.positional=alibi")
     assert result.returncode == 0, result.stderr
@@ -227,6 +228,7 @@ def test_an_overrides_problem_names_the_override_not_the_spec_file():
     assert [p for p, _ in caught.value.problems] == ["seed", "train.lr"]
 
 
+@pytest.mark.slow  # a few seconds: the whole suite runs it
 def test_validate_checks_every_sweep_point_and_names_the_sweep_entry(tmp_path):
     spec = tmp_path / "bad.yaml"
     spec.write_text(

@@ -173,6 +173,7 @@ class _Refuses(Exception):
     error_code = "INVALID_PARAMETER_VALUE"
 
 
+@pytest.mark.slow  # a few seconds: the whole suite runs it
 def test_damaged_spool_lines_are_set_aside_and_the_rest_is_sent(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -197,6 +198,7 @@ def test_damaged_spool_lines_are_set_aside_and_the_rest_is_sent(tmp_path):
     assert not (run / "mlflow-spool.jsonl").exists()
 
 
+@pytest.mark.slow  # a few seconds: the whole suite runs it
 def test_an_event_mlflow_refuses_for_good_does_not_block_the_others(tmp_path):
     from mlflow.tracking import MlflowClient
 
