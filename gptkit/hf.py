@@ -116,7 +116,7 @@ def _model_fields(config: dict[str, Any]) -> dict[str, Any]:
             f"config.json activation_function {act!r} is not supported; "
             f"supported: {', '.join(ACTIVATIONS)}"
         )
-    if abs(config.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+    if not abs(config.get("layer_norm_epsilon", 1e-5) - 1e-5) <= 1e-12:  # NaN fails too
         raise GptkitError("config.json layer_norm_epsilon must be 1e-5 (gptkit's LayerNorm)")
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         if config.get(flag):
@@ -149,11 +149,16 @@ def read_chat_template(src: Path) -> str | None:
     path = src / "tokenizer_config.json"
     if not path.is_file():
         return None
-    template = read_json(path, "tokenizer_config.json", MAX_CONFIG_BYTES, RunError).get(
-        "chat_template"
-    )
+    config = read_json(path, "tokenizer_config.json", MAX_CONFIG_BYTES, RunError)
+    if not isinstance(config, dict):
+        raise RunError(f"{path} holds {type(config).__name__}, not an object")
+    template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        named = {
+            t["name"]: t.get("template")
+            for t in template
+            if isinstance(t, dict) and isinstance(t.get("name"), str)
+        }
         template = named.get("default")
     if template is not None and not isinstance(template, str):
         raise RunError(f"{path}: chat_template is not a string")

@@ -45,14 +45,20 @@ def open_regular(path: str | Path, what: str, error: type[GptkitError] = GptkitE
     link to a regular file is fine and a link to ``/dev/zero`` is refused.
     """
     try:
-        # O_NONBLOCK: opening a FIFO with no writer returns at once instead of hanging.
+        # Checked before opening too: opening some device files has effects of its own.
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise error(f"{what} {path} is {_describe(mode)}; expected a regular file")
+        # O_NONBLOCK: a FIFO swapped in after the check still opens at once, never hangs.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise error(f"{what} not found: {path}") from None
     except IsADirectoryError:
         raise error(f"{what} {path} is a directory, not a file") from None
     except OSError as exc:
-        raise error(f"cannot read {what} {path}: {exc.strerror}") from None
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except (RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte in the name
+        raise error(f"cannot read {what} {path}: {exc}") from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
@@ -173,3 +179,54 @@ def check_tree(
         return total
 
     size(doc, 1)
+
+
+MAX_WALK_FILES = 100_000  # files one folder walk may return
+MAX_WALK_ENTRIES = 1_000_000  # entries one folder walk may look at
+
+
+def walk_files(
+    root: str | Path,
+    max_depth: int | None = None,
+    limit: int = MAX_WALK_FILES,
+    error: type[GptkitError] = GptkitError,
+) -> list[Path]:
+    """Regular files under ``root`` (sorted, hidden names skipped), bounded and cycle-safe.
+
+    Symlinked folders are followed, but every folder is entered once (by device and inode), so
+    a link to ``.`` or a parent ends the branch instead of repeating it forever. At most
+    ``limit`` files and :data:`MAX_WALK_ENTRIES` entries; ``max_depth`` folders deep (None:
+    no depth limit besides the cycle check).
+    """
+    seen: set[tuple[int, int]] = set()
+    found: list[Path] = []
+    looked = 0
+    stack: list[tuple[Path, int]] = [(Path(root), 0)]
+    while stack:
+        folder, depth = stack.pop()
+        try:
+            info = os.stat(folder)
+            if (info.st_dev, info.st_ino) in seen:
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue  # vanished, unreadable or a symlink loop: nothing to take from it
+        for entry in entries:
+            looked += 1
+            if looked > MAX_WALK_ENTRIES:
+                raise error(f"{root} holds more than {MAX_WALK_ENTRIES:,} entries; name fewer")
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir()
+                is_file = not is_dir and entry.is_file()
+            except OSError:
+                continue
+            if is_dir and (max_depth is None or depth < max_depth):
+                stack.append((Path(entry.path), depth + 1))
+            elif is_file:
+                found.append(Path(entry.path))
+                if len(found) > limit:
+                    raise error(f"{root} holds more than {limit:,} files; name fewer")
+    return sorted(found)

@@ -180,3 +180,26 @@ def test_peaked_logits_pass_the_scale_aware_parity_gate_and_a_real_difference_fa
         gen.model.norm_f.weight.mul_(1.005)
     report = parity_check(gen.model, tmp_path / "m.onnx")
     assert not report["passed"] and report["max_rel_diff"] > 1e-4
+
+
+@pytest.mark.slow  # three import-hf subprocesses
+def test_import_refuses_hostile_config_files(hf_gpt2, tmp_path):
+    """Issue 26: a NaN epsilon, a tokenizer_config.json that is not an object, and a named
+    template list whose names are not strings end in exit 2 or a plain import, never a
+    traceback."""
+    import shutil
+
+    folder, _ = hf_gpt2
+    src = tmp_path / "src"
+    shutil.copytree(folder, src)
+    (src / "tokenizer_config.json").write_text("[1]")
+    assert_user_error(run_cli("import-hf", src, "--out", tmp_path / "a"), "not an object")
+    odd_names = {"chat_template": [{"name": ["default"], "template": "x"}]}
+    (src / "tokenizer_config.json").write_text(json.dumps(odd_names))
+    result = run_cli("import-hf", src, "--out", tmp_path / "b")
+    assert result.returncode == 0, result.stderr  # no template named "default": none taken
+    (src / "tokenizer_config.json").unlink()
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "layer_norm_epsilon": float("nan")}))
+    assert_user_error(run_cli("import-hf", src, "--out", tmp_path / "c"), "layer_norm_epsilon")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()

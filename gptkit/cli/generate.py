@@ -27,7 +27,10 @@ def generate(
         Optional[list[str]],  # noqa: UP045
         typer.Option("--set", "-s", help="Override a sampler field, e.g. --set sampler.p=0.9."),
     ] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed (repeatable output).")] = None,  # noqa: UP045
+    seed: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=0, max=2**32 - 1, help="Random seed (repeatable output)."),
+    ] = None,
     stream: Annotated[bool, typer.Option("--stream", help="Print text as it is produced.")] = False,
     num_samples: Annotated[
         int, typer.Option("--num-samples", "-k", min=1, help="Continuations to generate at once.")

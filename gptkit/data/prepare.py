@@ -48,6 +48,9 @@ from gptkit.data.encode import POOL_MIN_BYTES, _init_worker, _work, _workers_for
 from gptkit.data.shards import CACHE_FORMAT, ShardWriter, TokenArray, open_shard, token_dtype
 from gptkit.data.sources import EMBEDDED, Source, iter_pieces, piece_has_text, resolve_sources
 from gptkit.errors import DataError
+from gptkit.safeio import read_json
+
+MAX_META = 64 << 20  # a cache entry's meta.json
 
 
 def cache_dir() -> Path:
@@ -55,6 +58,11 @@ def cache_dir() -> Path:
     root = os.environ.get("GPTKIT_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gptkit"
     )
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise DataError(
+            f"the token cache folder {root} is not a folder",
+            "Point GPTKIT_CACHE_DIR at a folder (it is made if missing).",
+        )
     return Path(root)
 
 
@@ -170,9 +178,15 @@ def _content_digest(sources: list[Source]) -> str:
         )
         for path in files:
             h.update(f"{path.relative_to(src.path) if src.path.is_dir() else ''}\0".encode())
-            with open(path, "rb") as f:
-                while block := f.read(8 << 20):
-                    h.update(block)
+            try:
+                with open(path, "rb") as f:
+                    while block := f.read(8 << 20):
+                        h.update(block)
+            except OSError as exc:  # e.g. /proc/self/mem: a "regular" file that cannot be read
+                raise DataError(
+                    f"cannot read data file {path}: {exc.strerror or exc}",
+                    "Name files that hold your text in data.source.",
+                ) from None
     return h.hexdigest()
 
 
@@ -251,12 +265,45 @@ def _load_entry(folder: Path, spec_class=None):
     ``spec_class``: the tokenizer spec's class (a spec's own ``plugins:`` may provide it)."""
     from gptkit.components.tokenizers import load_tokenizer
 
-    meta = json.loads((folder / "meta.json").read_text())
-    if meta.get("format") != CACHE_FORMAT:
+    # A FIFO or device in meta.json's place is refused, not read: the entry is rebuilt.
+    meta = read_json(folder / "meta.json", "token cache meta", MAX_META, DataError)
+    if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
         raise ValueError("old cache format")
     tokenizer = load_tokenizer(folder / "tokenizer", spec_class=spec_class)
+    _check_meta(meta, tokenizer.vocab_size)
     shards = [open_shard(folder / s["file"], s["tokens"]) for s in meta["shards"]]
+    _check_ids(shards, tokenizer.vocab_size)
     return meta, tokenizer, shards
+
+
+def _check_ids(shards: list, vocab_size: int, chunk: int = 1 << 24) -> None:
+    """Refuse (ValueError: the entry is rebuilt) shards holding an id past the vocabulary, which
+    training would otherwise meet as an IndexError in the embedding. One pass over the ids,
+    in chunks, so memory stays bounded however large the corpus."""
+    for shard in shards:
+        for start in range(0, len(shard), chunk):
+            if int(np.max(shard[start : start + chunk])) >= vocab_size:
+                raise ValueError("a token id past the vocabulary")
+
+
+def _check_meta(meta: dict, vocab_size: int) -> None:
+    """Refuse (ValueError: the entry is rebuilt) a meta.json whose counts do not add up."""
+
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    shards = meta.get("shards")
+    if not isinstance(shards, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("file"), str) and count(s.get("tokens"))
+        for s in shards
+    ):
+        raise ValueError("meta.json: bad shard list")
+    if not count(meta.get("tokens")) or meta["tokens"] != sum(s["tokens"] for s in shards):
+        raise ValueError("meta.json: token count does not match the shards")
+    if meta.get("vocab_size") != vocab_size:
+        raise ValueError("meta.json: vocabulary size does not match the tokenizer")
+    if any(Path(s["file"]).name != s["file"] for s in shards):
+        raise ValueError("meta.json: a shard outside the entry")
 
 
 def _remove_stale_builds(folder: Path) -> None:

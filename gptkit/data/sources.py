@@ -3,17 +3,18 @@ datasets saved on disk, resolved from ``data.source`` and read as pieces of docu
 
 from __future__ import annotations
 
-import glob
 import gzip
 import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from gptkit.errors import DataError
+from gptkit.safeio import walk_files
 
 EMBEDDED = {
     "tinyshakespeare": (
@@ -86,6 +87,34 @@ def _source(path: Path, fmt: str) -> Source:
     return Source(kind, path, str(path), size)
 
 
+def glob_files(pattern: str) -> list[Path]:
+    """The files (and saved Hugging Face dataset folders) a glob names, sorted. ``**`` is
+    zero or more folders; hidden names are skipped. The walk is bounded and cycle-safe
+    (:func:`gptkit.safeio.walk_files`): a folder holding symlinks to itself ends."""
+    parts = Path(pattern).parts
+    fixed = next(i for i, p in enumerate(parts) if any(ch in p for ch in "*?["))
+    root, pats = Path(*parts[:fixed]) if fixed else Path("."), parts[fixed:]
+    # One level past the pattern: a dataset folder it names is seen through its files.
+    depth = None if "**" in pats else len(pats)
+    hits = []
+    for path in walk_files(root, depth, error=DataError):
+        rel = path.relative_to(root).parts
+        for n in range(1, len(rel) + 1):  # the file itself, or a dataset folder above it
+            here = root / Path(*rel[:n])
+            if _glob_match(rel[:n], pats) and (n == len(rel) or _is_hf_folder(here)):
+                hits.append(here)
+                break
+    return sorted(set(hits))
+
+
+def _glob_match(parts: tuple[str, ...], pats: tuple[str, ...]) -> bool:
+    if not pats:
+        return not parts
+    if pats[0] == "**":
+        return any(_glob_match(parts[i:], pats[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatchcase(parts[0], pats[0]) and _glob_match(parts[1:], pats[1:])
+
+
 def resolve_sources(source: str | list[str], fmt: str = "auto") -> list[Source]:
     """Expand ``data.source`` (paths, globs, folders, an embedded name) into sources, in a
     stable order. A folder is a saved Hugging Face dataset when it holds one, else every
@@ -99,8 +128,7 @@ def resolve_sources(source: str | list[str], fmt: str = "auto") -> list[Source]:
             out.append(Source("embedded", None, item, len(_embedded_bytes(item))))
             continue
         if any(ch in item for ch in "*?["):
-            matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
-            matches = [m for m in matches if m.is_file() or (m.is_dir() and _is_hf_folder(m))]
+            matches = glob_files(item)
             if not matches:
                 raise DataError(f"data.source glob '{item}' matches no files")
             out += [_source(m, fmt) for m in matches]
@@ -113,12 +141,7 @@ def resolve_sources(source: str | list[str], fmt: str = "auto") -> list[Source]:
                 "'tinyshakespeare' (embedded).",
             )
         if path.is_dir() and not (fmt == "hf" or _is_hf_folder(path)):
-            files = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file()
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
+            files = walk_files(path, error=DataError)
             if not files:
                 raise DataError(f"data.source folder {item} holds no files (an empty directory)")
             out += [_source(f, fmt) for f in files]

@@ -42,8 +42,8 @@ class CompletionService:
             stream_interval=limits.stream_interval_s,
         )
         self.chat_template = getattr(bundle.tokenizer, "chat_template", None)
-        self.vocab = bundle.tokenizer.vocab_size  # a token-id prompt's ids are below this
         self.templates = TemplateRenderer(limits.template_timeout_s, limits.max_prompt_chars)
+        self.vocab = bundle.tokenizer.vocab_size  # a token-id prompt's ids are below this
         self.active = 0  # admitted requests, decoding or waiting
         self._lock = threading.Lock()
 

@@ -107,6 +107,7 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentSpec
 
 
 MAX_DEPTH = 32  # parents of parents; deeper than this is a mistake, not a design
+MAX_FILES = 256  # distinct files in one composition, and entries in one 'extends' list
 REPLACED_WHOLE = {("sweep",)}
 
 FieldPath = tuple[str, ...]
@@ -119,6 +120,7 @@ class ComposedSpec:
     data: dict[str, Any]
     origins: dict[FieldPath, str] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)  # every file read, parents first
+    own_name: Any = None  # the ``name`` the file itself sets (not inherited)
 
     def origin(self, path: FieldPath) -> str | None:
         """The file that set ``path`` (or the section or slot holding it), if any did."""
@@ -129,13 +131,22 @@ class ComposedSpec:
 
 
 def compose_spec_file(path: str | Path) -> ComposedSpec:
-    """Read a spec file and everything it ``extends``, merged by the rules above."""
-    composed = _resolve(Path(path), ())
-    _shared_experiment(composed)
+    """Read a spec file and everything it ``extends``, merged by the rules above. Each file is
+    read and composed once (a parent named many times is reused), so the work is bounded by
+    :data:`MAX_FILES` files however the ``extends`` lists repeat each other."""
+    memo: dict[Path, ComposedSpec] = {}
+    composed = _resolve(Path(path), (), memo)
+    _shared_experiment(composed, {str(k): c for k, c in memo.items()})
     return composed
 
 
-def _shared_experiment(composed: ComposedSpec) -> None:
+def _real(path: Path) -> Path:
+    """The file a path names (symlinks followed); a symlink loop stays as it is and is
+    reported when the file is read."""
+    return Path(os.path.realpath(path))
+
+
+def _shared_experiment(composed: ComposedSpec, read: dict[str, ComposedSpec]) -> None:
     """Variants made with ``extends:`` share one MLflow experiment by default: the name of
     their root parent (the first file up the chain that has one), so the MLflow UI and
     ``gptkit compare`` show them side by side. An explicit ``tracking.experiment`` wins."""
@@ -143,7 +154,9 @@ def _shared_experiment(composed: ComposedSpec) -> None:
     if len(composed.files) < 2 or not isinstance(tracking, dict) or tracking.get("experiment"):
         return
     for label in composed.files[:-1]:  # parents first; the last is the spec itself
-        name = read_spec_file(Path(label)).get("name")
+        parent = read.get(str(_real(Path(label))))
+        own = parent.own_name if parent is not None else None
+        name = own if own is not None else read_spec_file(Path(label)).get("name")
         if isinstance(name, str) and name:
             if name != composed.data.get("name"):
                 composed.data["tracking"] = {**tracking, "experiment": name}
@@ -151,8 +164,10 @@ def _shared_experiment(composed: ComposedSpec) -> None:
             return
 
 
-def _resolve(path: Path, chain: tuple[Path, ...]) -> ComposedSpec:
-    key = path.resolve()
+def _resolve(path: Path, chain: tuple[Path, ...], memo: dict[Path, ComposedSpec]) -> ComposedSpec:
+    key = _real(path)
+    if key in memo:
+        return memo[key]
     if key in chain:
         loop = " -> ".join(str(p) for p in (*chain[chain.index(key) :], key))
         raise GptkitError(
@@ -161,18 +176,25 @@ def _resolve(path: Path, chain: tuple[Path, ...]) -> ComposedSpec:
         )
     if len(chain) >= MAX_DEPTH:
         raise GptkitError(f"{path}: 'extends' goes more than {MAX_DEPTH} files deep")
+    if len(memo) >= MAX_FILES:
+        raise GptkitError(
+            f"{path}: 'extends' brings in more than {MAX_FILES} spec files",
+            "Compose from fewer files.",
+        )
     data = read_spec_file(path)
     parents = _parent_paths(path, data.pop("extends", None))
     label = str(path)
     own = ComposedSpec(
         _normalise_slots(data), _leaf_origins(_normalise_slots(data), label), [label]
     )
-    if not parents:
-        return own
+    own.own_name = data.get("name")
     merged = ComposedSpec({})
     for parent in parents:
-        merged = merge(merged, _resolve(parent, (*chain, key)))
-    return merge(merged, own)
+        merged = merge(merged, _resolve(parent, (*chain, key), memo))
+    result = merge(merged, own) if parents else own
+    result.own_name = own.own_name
+    memo[key] = result
+    return result
 
 
 def _parent_paths(path: Path, extends: Any) -> list[Path]:
@@ -180,6 +202,10 @@ def _parent_paths(path: Path, extends: Any) -> list[Path]:
     if extends is None:
         return []
     names = [extends] if isinstance(extends, str) else extends
+    if isinstance(names, list) and len(names) > MAX_FILES:
+        raise GptkitError(
+            f"{path}: extends lists {len(names):,} files; at most {MAX_FILES} are accepted"
+        )
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
         raise GptkitError(
             f"{path}: extends: give a file name or a list of file names "
@@ -235,7 +261,8 @@ def merge(base: ComposedSpec, child: ComposedSpec) -> ComposedSpec:
     data = _merge_dicts(base.data, child.data, (), replaced)
     origins = {p: o for p, o in base.origins.items() if not any(p[: len(r)] == r for r in replaced)}
     origins.update(child.origins)
-    return ComposedSpec(data, origins, [*base.files, *child.files])
+    files = list(dict.fromkeys([*base.files, *child.files]))  # a parent named twice: once
+    return ComposedSpec(data, origins, files)
 
 
 def _merge_dicts(

@@ -262,7 +262,7 @@ class ExperimentSpec(StrictModel):
 
     @model_validator(mode="after")
     def _sane_size(self) -> ExperimentSpec:
-        problems = size_problems(self)
+        problems = size_problems(self) + seed_problems(self)
         if problems:
             raise PydanticCustomError(
                 "cross_field",
@@ -301,6 +301,19 @@ def estimate_activation_bytes(spec: ExperimentSpec) -> int:
     tokens = t.batch_size * m.max_seq_len
     per_layer = tokens * (34 * m.d_model + 5 * m.n_heads * m.max_seq_len) * 2
     return m.n_layers * per_layer + tokens * (m.vocab_size or ASSUMED_VOCAB) * 4
+
+
+def seed_problems(spec: ExperimentSpec) -> list[tuple[str, str]]:
+    """(field, message) when the seeds seed..seed+repeats-1 do not all fit below 2**32."""
+    last = spec.seed + spec.repeats - 1
+    if last >= 2**32:
+        return [
+            (
+                "repeats",
+                f"seeds {spec.seed}..{last} run past 2**32-1; lower seed or repeats",
+            )
+        ]
+    return []
 
 
 def size_problems(spec: ExperimentSpec) -> list[tuple[str, str]]:

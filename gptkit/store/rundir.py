@@ -21,6 +21,7 @@ A run's newest-ness is its creation time (``run.json``), never its folder name.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from gptkit.errors import RunError
+from gptkit.safeio import read_bytes, read_json
 
 if TYPE_CHECKING:
     from gptkit.spec.models import ExperimentSpec
@@ -38,6 +40,9 @@ if TYPE_CHECKING:
 RUNS_ROOT = Path("runs")
 SPEC_FILE = "spec.yaml"
 RUN_FILE = "run.json"
+MAX_RUN_FILE = 16 << 20  # run.json, plugins.json, mlflow.json: small documents
+MAX_METRICS = 512 << 20  # metrics.jsonl: one line per logged step
+MAX_PID = 1 << 22  # Linux's pid_max ceiling; a larger number in .lock is not a pid
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -51,14 +56,14 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The JSON objects of a JSON-lines file; lines cut short by a crash, or that are not
     objects, are skipped."""
     rows: list[dict[str, Any]] = []
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
+    try:  # a FIFO or /dev/zero in its place is refused, never read
+        text = read_bytes(path, path.name, MAX_METRICS, RunError).decode("utf-8", "replace")
+    except RunError:
         return rows
     for line in text.splitlines():
         try:
             row = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(row, dict):
             rows.append(row)
@@ -91,6 +96,16 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # alive, owned by someone else
         return True
     return True
+
+
+def _is_time(value: Any) -> bool:
+    """A creation time: a finite number of seconds since 1970, before the year 10000."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0 <= value < 253_402_300_800
+    )
 
 
 @dataclass(frozen=True)
@@ -198,9 +213,9 @@ class RunDir:
 
     def created(self) -> float:
         """Creation time (run.json; for older runs, the spec file's modification time)."""
-        info = self.info()
-        if isinstance(info.get("created"), (int, float)):
-            return float(info["created"])
+        created = self.info().get("created")
+        if isinstance(created, (int, float)) and _is_time(created):
+            return float(created)
         try:
             return self.spec_file.stat().st_mtime
         except OSError:
@@ -257,12 +272,26 @@ class RunDir:
     # ------------------------------------------------------------------ files of the run
 
     def info(self) -> dict[str, Any]:
-        """run.json (empty for runs made before it existed)."""
+        """run.json (empty for runs made before it existed, or when it cannot be read)."""
         try:
-            data = json.loads(self.run_file.read_text())
-        except (OSError, ValueError):
+            return self.read_info()
+        except RunError:
             return {}
-        return data if isinstance(data, dict) else {}
+
+    def read_info(self) -> dict[str, Any]:
+        """run.json, checked: a regular file of bounded size holding an object whose ``name``
+        is a string and ``created`` a plausible time. Empty when there is none (older runs);
+        :class:`RunError` naming the problem otherwise."""
+        if not os.path.lexists(self.run_file):
+            return {}
+        data = read_json(self.run_file, "run file", MAX_RUN_FILE, RunError)
+        if not isinstance(data, dict):
+            raise RunError(f"run file {self.run_file} holds {type(data).__name__}, not an object")
+        if "name" in data and not isinstance(data["name"], str):
+            raise RunError(f"run file {self.run_file}: name is not a string")
+        if "created" in data and not _is_time(data["created"]):
+            raise RunError(f"run file {self.run_file}: created is not a time ({data['created']})")
+        return data
 
     def update_info(self, **fields: Any) -> None:
         atomic_write_text(self.run_file, json.dumps({**self.info(), **fields}, indent=2))
@@ -290,9 +319,11 @@ class RunDir:
         dump_yaml(spec.to_dict(), self.spec_file)
 
     def recorded_plugins(self) -> dict[str, Any]:
+        if not os.path.lexists(self.plugins_file):
+            return {}
         try:
-            data = json.loads(self.plugins_file.read_text())
-        except (OSError, ValueError):
+            data = read_json(self.plugins_file, "plugins file", MAX_RUN_FILE, RunError)
+        except RunError:
             return {}
         return data if isinstance(data, dict) else {}
 
@@ -332,7 +363,12 @@ class RunDir:
         (and said so)."""
         import sys
 
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunError(
+                f"cannot make the run folder {self.path}: {exc.strerror or exc}"
+            ) from None
         for _ in range(2):
             try:
                 fd = os.open(self.lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -357,13 +393,31 @@ class RunDir:
         raise RunError(f"could not take the lock {self.lock_file}")
 
     def _lock_owner(self) -> int | None:
-        try:
-            return int(self.lock_file.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
+        """The pid in ``.lock``; None when there is none (or a writer died mid-write). A lock
+        that is not a regular file, or holds no possible pid, is refused (:class:`RunError`):
+        it is not gptkit's, so it is left for the user to look at."""
+        if not os.path.lexists(self.lock_file):
             return None
+        hint = "If no gptkit process is writing this run, remove it."
+        try:
+            text = read_bytes(self.lock_file, "lock file", 64, RunError).decode("ascii")
+        except (RunError, UnicodeDecodeError) as exc:
+            reason = str(exc) if isinstance(exc, RunError) else f"lock file {self.lock_file}"
+            raise RunError(f"{reason} (not a gptkit lock)", hint) from None
+        try:
+            pid = int(text.split()[0])
+        except (ValueError, IndexError):
+            return None
+        if not 0 < pid < MAX_PID:
+            raise RunError(f"lock file {self.lock_file} holds {pid}, which is not a pid", hint)
+        return pid
 
     def unlock(self) -> None:
-        if self._lock_owner() == os.getpid():
+        try:
+            owner = self._lock_owner()
+        except RunError:  # replaced by something else: not ours to remove
+            return
+        if owner == os.getpid():
             self.lock_file.unlink(missing_ok=True)
 
     def writer_pid(self) -> int | None:

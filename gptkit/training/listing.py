@@ -6,16 +6,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gptkit.errors import RunError
 from gptkit.store.rundir import RUNS_ROOT, RunDir
 
 
 def run_row(run: RunDir) -> dict[str, Any]:
-    """One run's headline: name, status, steps, losses, tokens/s, wall time, folder."""
-    info = run.info()
-    summary = info.get("summary") if isinstance(info.get("summary"), dict) else {}
-    status = str(info.get("status") or "UNKNOWN")
-    if status == "RUNNING" and run.writer_pid() is None:
-        status = "STOPPED"  # its process is gone (killed) without saying so
+    """One run's headline: name, status, steps, losses, tokens/s, wall time, folder. A run
+    whose run.json or .lock cannot be read is listed as UNREADABLE with the reason."""
+    try:
+        info = run.read_info()
+        summary = info.get("summary") if isinstance(info.get("summary"), dict) else {}
+        status = str(info.get("status") or "UNKNOWN")
+        if status == "RUNNING" and run.writer_pid() is None:
+            status = "STOPPED"  # its process is gone (killed) without saying so
+    except RunError as exc:
+        return _unreadable_row(run, exc)
     reason = info.get("stop_reason")
     if isinstance(reason, str) and reason not in ("max_steps", "interrupted", "failed"):
         status = f"{status} ({reason})"  # e.g. FINISHED (early_stop)
@@ -33,6 +38,21 @@ def run_row(run: RunDir) -> dict[str, Any]:
         "created": run.created(),
         "folder": str(run.path),
         "stop_reason": reason if isinstance(reason, str) else None,
+    }
+
+
+def _unreadable_row(run: RunDir, exc: RunError) -> dict[str, Any]:
+    return {
+        "name": run.path.name,
+        "status": f"UNREADABLE ({exc.message})",
+        "steps": 0,
+        "best_val_loss": None,
+        "final_val_loss": None,
+        "tokens_per_sec": None,
+        "wall_time_s": None,
+        "created": run.created(),
+        "folder": str(run.path),
+        "stop_reason": None,
     }
 
 

@@ -356,10 +356,17 @@ class Tracker:
     def _read_spool(self) -> list[dict[str, Any]]:
         """Events left by an earlier process; damaged lines are set aside, not fatal."""
         events, bad = [], []
-        try:
-            lines = self.files.spool_file.read_text(errors="replace").splitlines()
-        except OSError:
+        from gptkit.errors import RunError
+        from gptkit.safeio import read_bytes
+        from gptkit.store.rundir import MAX_METRICS
+
+        if not self.files.spool_file.exists():
             return []
+        try:  # bounded, regular files only: a FIFO or /dev/zero is not waited on
+            raw = read_bytes(self.files.spool_file, "MLflow spool", MAX_METRICS, RunError)
+        except RunError:
+            return []
+        lines = raw.decode("utf-8", "replace").splitlines()
         for line in lines:
             try:
                 event = json.loads(line)
@@ -387,9 +394,15 @@ class Tracker:
 def read_mlflow_link(run) -> dict[str, Any]:
     """A run's ``mlflow.json`` (uri, run_id, experiment_id, experiment), or {} if absent or
     damaged."""
-    try:
-        data = json.loads(run.mlflow_file.read_text())
-    except (OSError, ValueError):
+    from gptkit.errors import RunError
+    from gptkit.safeio import read_json
+    from gptkit.store.rundir import MAX_RUN_FILE
+
+    if not run.mlflow_file.exists():
+        return {}
+    try:  # a FIFO or /dev/zero in its place is refused, not read
+        data = read_json(run.mlflow_file, "mlflow link", MAX_RUN_FILE, RunError)
+    except RunError:
         return {}
     if not isinstance(data, dict) or not all(
         isinstance(data.get(k), str) for k in ("uri", "run_id")

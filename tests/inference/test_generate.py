@@ -387,3 +387,9 @@ def test_options_mean_the_same_as_sampler_fields():
     )
     assert (got.kind, got.k, got.temperature, got.stop) == ("top_k", 5, 1.2, ["\n\n", "x"])
     assert resolve_sampler(load_registry(), base, GenerationOptions()) is base
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_outside_0_to_2_32_is_refused(tmp_path, seed):
+    result = run_cli("generate", tmp_path, "--seed", seed, "--prompt", "a")
+    assert_user_error(result, "--seed")

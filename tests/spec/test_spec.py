@@ -216,6 +216,12 @@ def test_committed_spec_reference_is_current():
         assert f"#### `{kind}`" in committed
 
 
+def test_repeats_past_the_last_seed_are_refused_at_validate_time(tmp_path):
+    spec = write(tmp_path, "s.yaml", "seed: 4294967294\nrepeats: 3\n")
+    assert_user_error(run_cli("validate", spec), "repeats:", "4294967294..4294967296")
+    validate_spec({"seed": 4294967294, "repeats": 2})  # the last seed, 2**32-1, still fits
+
+
 def test_an_overrides_problem_names_the_override_not_the_spec_file():
     raw = yaml.safe_load((ROOT / "experiments" / "smoke.yaml").read_text())
     with pytest.raises(SpecError) as caught:
