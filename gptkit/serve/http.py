@@ -7,6 +7,7 @@ import logging
 import socket
 import sys
 import time
+from pathlib import Path
 
 from gptkit.errors import GptkitError
 from gptkit.inference.base import Inference
@@ -98,6 +99,11 @@ def serve(
     started = time.perf_counter()
     sock = bind(host, port)  # before anything is printed: a busy port is a plain error
     # A bundle runs on onnxruntime (no torch in the process); a run folder on torch.
+    if not Path(bundle_dir).exists():
+        raise GptkitError(
+            f"bundle or run not found: {bundle_dir}",
+            "Pass an export bundle (gptkit export) or a training run folder (gptkit runs).",
+        )
     bundle = Inference.load(bundle_dir)
     if bundle.manifest is None and name is None:  # a run: its spec names it
         from gptkit.store.rundir import RunDir

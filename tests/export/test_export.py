@@ -137,8 +137,9 @@ def test_external_data_outside_the_bundle_is_refused(bundle, tmp_path):
 
 
 def test_not_a_bundle_and_missing(tmp_path):
-    assert_user_error(run_cli("serve", tmp_path / "nope"), "bundle not found")
-    assert_user_error(run_cli("serve", tmp_path), "is not an export bundle")
+    assert_user_error(run_cli("serve", tmp_path / "nope"), "bundle or run not found")
+    # serve takes a bundle or a run, as gptkit.load does: a folder that is neither says so
+    assert_user_error(run_cli("serve", tmp_path), "not a gptkit run directory", "export bundle")
 
 
 def test_int8_bundle_reports_quality_and_is_smaller(smoke_run, tmp_path):
