@@ -127,6 +127,10 @@ class CompletionService:
     async def chat(self, req: ChatRequest) -> Any:
         if (refused := _refused(req)) is not None:
             return refused
+        if req.top_logprobs is not None and not req.logprobs:
+            return error_response(
+                400, "top_logprobs needs logprobs: true", param="top_logprobs"
+            )  # fmt: skip
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         given = {t for t in (req.max_tokens, req.max_completion_tokens) if t is not None}
         if len(given) > 1:
@@ -160,10 +164,6 @@ class CompletionService:
         problem = self.check(None, stops, max_tokens, req.n, [prompt])
         if problem is not None:
             return problem
-        if req.top_logprobs is not None and not req.logprobs:
-            return error_response(
-                400, "top_logprobs needs logprobs: true", param="top_logprobs"
-            )  # fmt: skip
         processing = self.processing(req, (req.top_logprobs or 0) if req.logprobs else None)
         if isinstance(processing, JSONResponse):
             return processing

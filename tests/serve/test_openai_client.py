@@ -147,16 +147,19 @@ def test_chat_whole_streamed_content_parts_and_max_completion_tokens(client):
 @pytest.mark.parametrize(
     ("endpoint", "extra", "param"),
     [
-        ("chat", {"frequency_penalty": 0.5}, "frequency_penalty"),
-        ("chat", {"presence_penalty": 1}, "presence_penalty"),
-        ("chat", {"logit_bias": {"3": 5}}, "logit_bias"),
-        ("chat", {"logprobs": True}, "logprobs"),
+        ("chat", {"frequency_penalty": 2.5}, "frequency_penalty"),
+        ("chat", {"presence_penalty": -3}, "presence_penalty"),
+        ("chat", {"logit_bias": {"99999": 5}}, "logit_bias"),
+        ("chat", {"logit_bias": {"3": 500}}, "logit_bias"),
+        ("chat", {"top_logprobs": 2}, "top_logprobs"),
+        ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
         ("chat", {"max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens"),
         ("chat", {"extra_body": {"mystery": 1}}, "mystery"),
         ("completions", {"suffix": "x"}, "suffix"),
-        ("completions", {"logprobs": 1}, "logprobs"),
+        ("completions", {"logprobs": 6}, "logprobs"),
+        ("completions", {"logprobs": 1, "echo": True}, "echo"),
         ("completions", {"best_of": 2}, "best_of"),
         ("completions", {"extra_body": {"mystery": 1}}, "mystery"),
     ],
@@ -205,3 +208,64 @@ def test_serving_a_run_answers_like_load_run_generate(chat_run, bundle_url):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_logprobs_are_the_models_log_softmax_whole_and_streamed(client, chat_run):
+    """The log-probabilities served (bundle, onnxruntime) are the trained model's own
+    (torch, a full forward over the prompt and the generated tokens), top alternatives
+    included; streamed chunks carry the same ones as the whole answer."""
+    import torch
+
+    import gptkit
+
+    whole = client.completions.create(
+        model="chatty", prompt="ROMEO:", max_tokens=10, seed=4, logprobs=3
+    )
+    lp = whole.choices[0].logprobs
+    assert "".join(lp.tokens) == whole.choices[0].text and len(lp.tokens) == 10
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(10)]
+    run = gptkit.load(chat_run["run"])
+    ids = run.tokenizer.encode("ROMEO:" + whole.choices[0].text)
+    with torch.no_grad():
+        logits = run.model(torch.tensor([ids])).logits[0].double()
+    full = torch.log_softmax(logits, -1)[5:-1]  # the distributions the 10 tokens came from
+    for i, (token, value, top) in enumerate(zip(lp.tokens, lp.token_logprobs, lp.top_logprobs)):
+        assert token == run.tokenizer.decode([ids[6 + i]])
+        assert abs(value - full[i, ids[6 + i]].item()) < 1e-3
+        best = torch.topk(full[i], 3).indices.tolist()
+        assert list(top) == [run.tokenizer.decode([j]) for j in best]
+    chat = client.chat.completions.create(
+        model="chatty", messages=[{"role": "user", "content": "A"}], max_tokens=6, seed=1,
+        logprobs=True, top_logprobs=2,
+    )  # fmt: skip
+    entries = chat.choices[0].logprobs.content
+    assert "".join(e.token for e in entries) == chat.choices[0].message.content
+    assert all(len(e.top_logprobs) == 2 and e.bytes == list(e.token.encode()) for e in entries)
+    streamed = client.completions.create(
+        model="chatty", prompt="ROMEO:", max_tokens=10, seed=4, logprobs=3, stream=True
+    )
+    values = [
+        v for c in streamed for ch in c.choices if ch.logprobs for v in ch.logprobs.token_logprobs
+    ]
+    assert values == lp.token_logprobs
+
+
+def test_penalties_and_logit_bias_change_the_answer_as_they_do_in_python(client, chat_run):
+    """The server applies presence/frequency penalties and logit_bias exactly as
+    ``gptkit.load(bundle).complete`` does (checked against OpenAI's formula in
+    tests/inference/test_processing.py); a bias of -100 bans a token."""
+    import gptkit
+
+    local = gptkit.load(chat_run["bundle"])
+    banned = local.tokenizer.encode("e")[0]
+    asked = {"presence_penalty": 1.5, "frequency_penalty": 0.8, "logit_bias": {str(banned): -100}}
+    plain = client.completions.create(model="chatty", prompt="ROMEO:", max_tokens=24, temperature=0)
+    served = client.completions.create(
+        model="chatty", prompt="ROMEO:", max_tokens=24, temperature=0, **asked
+    )
+    want = local.complete(
+        ["ROMEO:"], max_new_tokens=24, temperature=0, presence_penalty=1.5,
+        frequency_penalty=0.8, logit_bias={banned: -100.0},
+    )[0]  # fmt: skip
+    assert served.choices[0].text == want.text != plain.choices[0].text
+    assert "e" not in served.choices[0].text

@@ -157,11 +157,12 @@ def test_streaming_server_sent_events(server):
         ({"prompt": "A", "best_of": 2}, 400, "best_of", "best_of"),
         ({"prompt": "A", "temprature": 0.5}, 400, "unknown parameter", "temprature"),
         ({"prompt": "A", "stream_options": {"x": 1}}, 400, "unknown", "stream_options.x"),
-        ({"prompt": "A", "presence_penalty": 0.5}, 400, "not supported", "presence_penalty"),
-        ({"prompt": "A", "frequency_penalty": -1}, 400, "not supported", "frequency_penalty"),
-        ({"prompt": "A", "logit_bias": {"5": 10}}, 400, "not supported", "logit_bias"),
+        ({"prompt": "A", "presence_penalty": 2.5}, 400, "presence_penalty", "presence_penalty"),
+        ({"prompt": "A", "frequency_penalty": -3}, 400, "frequency_penalty", "frequency_penalty"),
+        ({"prompt": "A", "logit_bias": {"five": 10}}, 400, "token ids", "logit_bias"),
         ({"prompt": "A", "suffix": "end"}, 400, "not supported", "suffix"),
-        ({"prompt": "A", "logprobs": 2}, 400, "not supported", "logprobs"),
+        ({"prompt": "A", "logprobs": 6}, 400, "logprobs", "logprobs"),
+        ({"prompt": "A", "logprobs": 1, "echo": True}, 400, "echo with logprobs", "echo"),
         ({"prompt": "A", "tools": [{"type": "function"}]}, 400, "not supported", "tools"),
         ({"prompt": "A", "tool_choice": "auto"}, 400, "not supported", "tool_choice"),
         ({"prompt": "A", "functions": [{}]}, 400, "not supported", "functions"),
@@ -204,7 +205,10 @@ def test_neutral_values_of_unsupported_fields_and_user_are_accepted(server):
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": "hi", "x": 1}]}, "messages[0].x"),
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
-        ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+            "top_logprobs",
+        ),
         ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": "hi"}], "tools": []}, "tools"),
     ],
@@ -444,8 +448,8 @@ def test_unknown_model_logprobs_and_method_errors_are_openai_shaped(server):
         json={"prompt": "A", "model": "shakespeare", "max_tokens": 2},
     )
     assert ok.status_code == 200
-    r = httpx.post(server["url"] + "/v1/completions", json={"prompt": "A", "logprobs": 2})
-    assert r.status_code == 400 and "logprobs" in r.json()["error"]["message"]
+    r = httpx.post(server["url"] + "/v1/completions", json={"prompt": "A", "logprobs": 9})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
     for method, path, status in (("GET", "/v1/completions", 405), ("GET", "/nope", 404)):
         r = httpx.request(method, server["url"] + path)
         assert r.status_code == status
