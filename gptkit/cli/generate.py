@@ -156,6 +156,14 @@ def serve(
     header_timeout: Annotated[
         float, typer.Option(min=0.1, help="Seconds a client has to send its request headers.")
     ] = 10.0,
+    threads: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            min=1,
+            help="onnxruntime threads for a bundle (default: every core but one, for the HTTP "
+            "side).",
+        ),
+    ] = None,
     template_timeout: Annotated[
         float,
         typer.Option(
@@ -200,4 +208,5 @@ def serve(
         ),
         name=served_model_name,
         access=access_log,
+        threads=threads,
     )

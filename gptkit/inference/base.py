@@ -61,17 +61,19 @@ class Inference:
         checkpoint: str = "latest",
         device: str = "cpu",
         threads: int | None = None,
+        spin: bool = True,
     ) -> Inference:
         """Open a run directory (torch, imported now) or an export bundle (onnxruntime): the
         backend is picked from what the folder holds. ``gptkit.load`` is this function;
-        ``checkpoint`` and ``device`` are for runs, ``threads`` for bundles."""
+        ``checkpoint`` and ``device`` are for runs, ``threads`` and ``spin`` (onnxruntime's
+        threads spin-wait between ops) for bundles."""
         from gptkit.store.bundle import is_bundle
 
         path = Path(path)
         if is_bundle(path):  # a bundle, even a damaged one, says why
             from gptkit.inference.onnx import open_bundle
 
-            return cls(**open_bundle(path, threads=threads))
+            return cls(**open_bundle(path, threads=threads, spin=spin))
         if importlib.util.find_spec("torch") is None:
             raise GptkitError(
                 f"{path} is not an export bundle, and opening a training run needs "

@@ -21,10 +21,15 @@ from gptkit.store.bundle import MANIFEST, MODEL_FILE, verify_bundle
 __all__ = ["OnnxBackend", "OnnxModel", "open_bundle"]
 
 
-def _session_options(threads: int | None = None) -> Any:
+def _session_options(threads: int | None = None, spin: bool = True) -> Any:
+    """``spin``: onnxruntime's worker threads spin-wait between ops (fastest when decoding is
+    all the process does; a server turns it off, so that the spinning does not take the CPU
+    from its HTTP side — measured in ``gptkit bench --serve``)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # One inter-op thread and all cores inside each op: decoding is a chain of small ops.
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -40,12 +45,12 @@ class OnnxModel:
     cache is a ``StaticCache`` for a static-cache graph (see ``gptkit/export/onnx.py``), else a
     list of arrays that the graph concatenates."""
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, spin: bool = True) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
         self.session = ort.InferenceSession(
-            str(self.path), _session_options(threads), providers=["CPUExecutionProvider"]
+            str(self.path), _session_options(threads, spin), providers=["CPUExecutionProvider"]
         )
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
@@ -187,10 +192,12 @@ def _registry_for(
     return registry
 
 
-def _open_model(folder: Path, manifest: dict[str, Any], threads: int | None) -> OnnxModel:
+def _open_model(
+    folder: Path, manifest: dict[str, Any], threads: int | None, spin: bool = True
+) -> OnnxModel:
     """The bundle's graph, checked to be a decoder with the inputs the manifest names."""
     try:
-        model = OnnxModel(folder / MODEL_FILE, threads)
+        model = OnnxModel(folder / MODEL_FILE, threads, spin)
     except GptkitError:
         raise
     except Exception as exc:  # onnxruntime's own errors, or a graph without a cache
@@ -228,7 +235,7 @@ def _check_vocab(folder: Path, manifest: dict[str, Any], tokenizer: Any, model: 
         )
 
 
-def open_bundle(path: str | Path, threads: int | None = None) -> dict[str, Any]:
+def open_bundle(path: str | Path, threads: int | None = None, spin: bool = True) -> dict[str, Any]:
     """The parts of an ``Inference`` over a verified export bundle (see ``gptkit.load``):
     onnxruntime model, tokenizer and default sampler. A bundle runs on onnxruntime's CPU
     provider."""
@@ -264,7 +271,7 @@ def open_bundle(path: str | Path, threads: int | None = None) -> dict[str, Any]:
             f"{folder / MANIFEST}: field '{field}': {err['msg']}",
             "The manifest is damaged; export the bundle again.",
         ) from None
-    model = _open_model(folder, manifest, threads)
+    model = _open_model(folder, manifest, threads, spin)
     _check_vocab(folder, manifest, tokenizer, model)
     return {
         "backend": OnnxBackend(model, int(manifest["max_seq_len"])),

@@ -4,6 +4,7 @@ access, run uvicorn."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import sys
 import time
@@ -92,6 +93,7 @@ def serve(
     limits: Limits | None = None,
     name: str | None = None,
     access: bool = True,
+    threads: int | None = None,
 ) -> None:
     import uvicorn
 
@@ -104,7 +106,10 @@ def serve(
             f"bundle or run not found: {bundle_dir}",
             "Pass an export bundle (gptkit export) or a training run folder (gptkit runs).",
         )
-    bundle = Inference.load(bundle_dir)
+    # onnxruntime's threads neither spin nor take every core: the HTTP side needs a core too
+    # (on 2 cores a spinning 2-thread session left the server at half its runtime's speed).
+    threads = threads or max(1, (os.cpu_count() or 1) - 1)
+    bundle = Inference.load(bundle_dir, threads=threads, spin=False)
     if bundle.manifest is None and name is None:  # a run: its spec names it
         from gptkit.store.rundir import RunDir
 

@@ -830,3 +830,16 @@ def test_serve_with_torch_unimportable_answers_like_the_regular_server(server, t
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_servers_runtime_leaves_the_cpu_to_its_http_side(bundle):
+    """``spin=False`` (what ``gptkit serve`` opens bundles with) turns onnxruntime's
+    spin-waiting off; the default keeps it (fastest when decoding is all a process does)."""
+    import gptkit
+
+    key = "session.intra_op.allow_spinning"
+    served = gptkit.load(bundle, threads=1, spin=False).model.session.get_session_options()
+    assert served.intra_op_num_threads == 1 and served.get_session_config_entry(key) == "0"
+    alone = gptkit.load(bundle).model.session.get_session_options()
+    with pytest.raises(RuntimeError):  # not set: onnxruntime's default, spinning
+        alone.get_session_config_entry(key)
