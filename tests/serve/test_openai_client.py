@@ -191,8 +191,9 @@ def test_chat_roles_and_part_types_outside_text_are_refused(client):
 
 
 def test_serving_a_run_answers_like_load_run_generate(chat_run, bundle_url):
-    """``gptkit serve RUN`` (torch): the spec name is the model id, and a seeded request gets
-    the text ``gptkit.load(run).generate`` gives with the same options."""
+    """``gptkit serve RUN`` (torch): the spec name is the model id, a seeded request gets
+    the text ``gptkit.load(run).generate`` gives with the same options, and the run and its
+    bundle served side by side give the same tokens and log-probabilities."""
     from gptkit import load
 
     proc, url = _serve(chat_run["run"], chat_run["tmp"] / "run-serve.txt")
@@ -205,6 +206,15 @@ def test_serving_a_run_answers_like_load_run_generate(chat_run, bundle_url):
             "ROMEO:", max_new_tokens=12, seed=4, temperature=0.9, top_p=0.9
         )
         assert served.choices[0].text == expected and expected
+        bundle_client = openai.OpenAI(base_url=bundle_url + "/v1", api_key="x", max_retries=0)
+        asked = {**options, "logprobs": 2, "presence_penalty": 0.5}
+        by_run = run_client.completions.create(model="chatty", prompt="ROMEO:", **asked)
+        by_bundle = bundle_client.completions.create(model="chatty", prompt="ROMEO:", **asked)
+        assert by_run.choices[0].text == by_bundle.choices[0].text
+        run_lp, bundle_lp = by_run.choices[0].logprobs, by_bundle.choices[0].logprobs
+        assert run_lp.tokens == bundle_lp.tokens
+        for a, b in zip(run_lp.token_logprobs, bundle_lp.token_logprobs):
+            assert abs(a - b) < 1e-3
     finally:
         proc.terminate()
         proc.wait(timeout=30)
