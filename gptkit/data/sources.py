@@ -222,14 +222,18 @@ def _jsonl_pieces(src: Source, field_name: str) -> Iterator[Piece]:
         )
 
 
-def _record_problem(src: Source, field_name: str, columns: list[str], dtype: Any) -> None:
+def _record_problem(
+    src: Source, field_name: str, columns: list[str], dtype: Any, is_text: bool
+) -> None:
+    """Refuse a missing field, or one whose type ``dtype`` is not text (a list<string> or a
+    struct holding strings is not text either)."""
     if field_name not in columns:
         raise DataError(
             f"{src.name}: no field '{field_name}' in its records (fields: "
             f"{', '.join(columns) or 'none'})",
             "Set data.field to the column that holds the text.",
         )
-    if dtype is not None and "string" not in str(dtype) and "utf8" not in str(dtype):
+    if not is_text:
         raise DataError(
             f"{src.name}: field '{field_name}' holds {dtype}, not text",
             "Set data.field to the column that holds the text.",
@@ -249,18 +253,29 @@ def _parquet_pieces(src: Source, field_name: str) -> Iterator[Piece]:
     except Exception as exc:
         raise DataError(f"{src.name} is not a readable Parquet file: {exc}") from None
     schema = pf.schema_arrow
-    _record_problem(
-        src,
-        field_name,
-        schema.names,
-        schema.field(field_name).type if field_name in schema.names else None,
-    )
+    dtype = schema.field(field_name).type if field_name in schema.names else None
+    _record_problem(src, field_name, schema.names, dtype, _arrow_is_text(dtype))
     rows = pf.metadata.num_rows
     if rows == 0:
         raise DataError(f"{src.name} is empty (a Parquet file with no rows)")
-    for batch in pf.iter_batches(batch_size=RECORD_BATCH, columns=[field_name]):
-        texts = [t for t in batch.column(0).to_pylist() if t]
+    batches = pf.iter_batches(batch_size=RECORD_BATCH, columns=[field_name])
+    while True:
+        try:  # a damaged page shows only when it is read
+            batch = next(batches, None)
+            if batch is None:
+                return
+            texts = [t for t in batch.column(0).to_pylist() if t]
+        except Exception as exc:
+            raise DataError(
+                f"{src.name} is not a readable Parquet file (a damaged page): {exc}"
+            ) from None
         yield Piece(src.name, "docs", texts, max(1, src.size * batch.num_rows // rows))
+
+
+def _arrow_is_text(dtype: Any) -> bool:
+    import pyarrow as pa
+
+    return dtype is None or pa.types.is_string(dtype) or pa.types.is_large_string(dtype)
 
 
 def _hf_pieces(src: Source, field_name: str, split: str) -> Iterator[Piece]:
@@ -290,9 +305,8 @@ def _hf_pieces(src: Source, field_name: str, split: str) -> Iterator[Piece]:
             )
         ds = ds[split]
     features = ds.features
-    _record_problem(
-        src, field_name, list(features), getattr(features.get(field_name), "dtype", "non-text")
-    )
+    dtype = getattr(features.get(field_name), "dtype", type(features.get(field_name)).__name__)
+    _record_problem(src, field_name, list(features), dtype, dtype in ("string", "large_string"))
     if len(ds) == 0:
         raise DataError(f"{src.name} is empty (a dataset with no rows)")
     ds = ds.select_columns([field_name])
@@ -354,6 +368,8 @@ def piece_documents(piece: Piece) -> tuple[list[str], bool]:
             record = json.loads(line)
         except (ValueError, UnicodeDecodeError) as exc:
             raise DataError(f"{where} is not valid JSON (or not UTF-8): {exc}") from None
+        except RecursionError:
+            raise DataError(f"{where} is nested too deeply to parse (not a text record)") from None
         if not isinstance(record, dict) or piece.field not in record:
             keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(
@@ -363,9 +379,21 @@ def piece_documents(piece: Piece) -> tuple[list[str], bool]:
         text = record[piece.field]
         if not isinstance(text, str):
             raise DataError(f"{where}: field '{piece.field}' is {type(text).__name__}, not text")
+        if b"\\u" in line:  # only a \u escape can make a lone surrogate, which is not text
+            _check_encodable(text, where, piece.field)
         if text:
             texts.append(text)
     return texts, True
+
+
+def _check_encodable(text: str, where: str, field_name: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(
+            f"{where}: field '{field_name}' holds a lone surrogate "
+            f"({text[exc.start]!r} at character {exc.start}), which is not text"
+        ) from None
 
 
 def piece_has_text(piece: Piece) -> bool:

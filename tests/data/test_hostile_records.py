@@ -1,0 +1,72 @@
+"""Hostile records inside data files (issue 26): JSON Lines rows nested too deeply or holding
+lone surrogates, Parquet columns that are not text and damaged pages, damaged saved datasets,
+records larger than the fitting sample, and files too small to split: each is an exit-2
+message naming the file and the problem, or it trains."""
+
+import json
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.helpers import assert_user_error, run_cli
+
+SMOKE = ROOT / "experiments" / "smoke.yaml"
+GOOD = '{"text": "a fine record of plain text"}\n'
+
+
+def _prepare(tmp_path, source, *sets, timeout=120):
+    env = {"GPTKIT_CACHE_DIR": str(tmp_path / "cache")}
+    args = ["--set", f"data.source={json.dumps(str(source))}"]
+    for item in sets:
+        args += ["--set", item]
+    return run_cli("prepare", SMOKE, *args, env=env, cwd=tmp_path, timeout=timeout)
+
+
+@pytest.mark.slow  # a subprocess preparing a corpus: ~3 s on 2 shared cores
+def test_a_jsonl_row_nested_100000_deep_names_the_file_and_line(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_text(GOOD * 2 + '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    assert_user_error(_prepare(tmp_path, path), "deep.jsonl line 3", "nested too deeply")
+
+
+@pytest.mark.slow  # a subprocess preparing a corpus: ~3 s on 2 shared cores
+def test_a_jsonl_row_holding_a_lone_surrogate_names_the_file_and_line(tmp_path):
+    path = tmp_path / "sur.jsonl"
+    path.write_text(GOOD + '{"text": "ok \\u00e9 then \\ud800 alone"}\n')
+    assert_user_error(_prepare(tmp_path, path), "sur.jsonl line 2", "lone surrogate")
+
+
+def _parquet(path, column):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": column}), path)
+
+
+@pytest.mark.slow  # two subprocesses preparing a corpus: ~5 s on 2 shared cores
+def test_parquet_list_and_struct_columns_name_the_column_and_its_type(tmp_path):
+    pytest.importorskip("pyarrow")
+    _parquet(tmp_path / "lists.parquet", [["a", "b"], ["c"]])
+    _parquet(tmp_path / "structs.parquet", [{"body": "a"}, {"body": "b"}])
+    assert_user_error(
+        _prepare(tmp_path, tmp_path / "lists.parquet"),
+        "lists.parquet: field 'text' holds list<",
+        "not text",
+    )
+    assert_user_error(
+        _prepare(tmp_path, tmp_path / "structs.parquet"),
+        "structs.parquet: field 'text' holds struct<body: string>",
+        "not text",
+    )
+
+
+@pytest.mark.slow  # a subprocess preparing a corpus: ~3 s on 2 shared cores
+def test_a_parquet_file_with_damaged_pages_is_named(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "d.parquet"
+    _parquet(path, [f"row {i} of some text" for i in range(2000)])
+    assert pq.ParquetFile(path).metadata.num_rows == 2000  # the footer is intact
+    raw = bytearray(path.read_bytes())
+    raw[8:200] = b"\xff" * 192  # the first page's header and data
+    path.write_bytes(bytes(raw))
+    assert_user_error(_prepare(tmp_path, path), "d.parquet is not a readable Parquet file")
