@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gptkit.errors import DataError
-from gptkit.safeio import walk_files
+from gptkit.safeio import read_json, walk_files
 
 EMBEDDED = {
     "tinyshakespeare": (
@@ -28,6 +28,9 @@ PIECE_BYTES = 1 << 20  # text per unit of work: big enough to amortise, small en
 
 
 RECORD_BATCH = 1024  # records per piece for Parquet / datasets sources
+
+
+MAX_STATE = 16 << 20  # bytes of a saved dataset's state.json
 
 
 def load_corpus(name: str) -> str:
@@ -258,18 +261,15 @@ def _parquet_pieces(src: Source, field_name: str) -> Iterator[Piece]:
     rows = pf.metadata.num_rows
     if rows == 0:
         raise DataError(f"{src.name} is empty (a Parquet file with no rows)")
-    batches = pf.iter_batches(batch_size=RECORD_BATCH, columns=[field_name])
-    while True:
-        try:  # a damaged page shows only when it is read
-            batch = next(batches, None)
-            if batch is None:
-                return
-            texts = [t for t in batch.column(0).to_pylist() if t]
-        except Exception as exc:
-            raise DataError(
-                f"{src.name} is not a readable Parquet file (a damaged page): {exc}"
-            ) from None
-        yield Piece(src.name, "docs", texts, max(1, src.size * batch.num_rows // rows))
+    batches = (
+        b.column(0).to_pylist()
+        for b in pf.iter_batches(batch_size=RECORD_BATCH, columns=[field_name])
+    )
+    for column in _read_guarded(
+        batches, f"{src.name} is not a readable Parquet file (a damaged page)"
+    ):
+        texts = [t for t in column if t]
+        yield Piece(src.name, "docs", texts, max(1, src.size * len(column) // rows))
 
 
 def _arrow_is_text(dtype: Any) -> bool:
@@ -288,11 +288,15 @@ def _hf_pieces(src: Source, field_name: str, split: str) -> Iterator[Piece]:
             "Install it: pip install 'gptkit[data]'.",
         ) from None
     state = src.path / "state.json"
-    try:
-        if state.is_file() and not json.loads(state.read_text()).get("_data_files", [1]):
+    if state.is_file():
+        doc = read_json(state, "dataset state", MAX_STATE, DataError)
+        if not isinstance(doc, dict):
+            raise DataError(
+                f"{src.name} is not a dataset saved with save_to_disk: {state} holds a "
+                f"{type(doc).__name__}, not an object"
+            )
+        if not doc.get("_data_files", [1]):
             raise DataError(f"{src.name} is empty (a dataset with no rows)")
-    except ValueError:
-        pass  # not our business: load_from_disk says what is wrong with it
     try:
         ds = datasets.load_from_disk(str(src.path))
     except Exception as exc:
@@ -309,10 +313,27 @@ def _hf_pieces(src: Source, field_name: str, split: str) -> Iterator[Piece]:
     _record_problem(src, field_name, list(features), dtype, dtype in ("string", "large_string"))
     if len(ds) == 0:
         raise DataError(f"{src.name} is empty (a dataset with no rows)")
-    ds = ds.select_columns([field_name])
-    for batch in ds.iter(batch_size=RECORD_BATCH):
-        texts = [t for t in batch[field_name] if t]
-        yield Piece(src.name, "docs", texts, max(1, src.size * len(batch[field_name]) // len(ds)))
+    try:  # a damaged file is read through a memory map: unchecked, it may crash the process
+        ds.data.table.column(field_name).validate(full=True)
+    except Exception as exc:
+        raise DataError(f"{src.name} is not a readable dataset (damaged data): {exc}") from None
+    batches = (b[field_name] for b in ds.select_columns([field_name]).iter(RECORD_BATCH))
+    for column in _read_guarded(batches, f"{src.name} is not a readable dataset (damaged data)"):
+        texts = [t for t in column if t]
+        yield Piece(src.name, "docs", texts, max(1, src.size * len(column) // len(ds)))
+
+
+def _read_guarded(batches: Iterator[Any], problem: str) -> Iterator[Any]:
+    """``batches``, with any error of the library reading them (a damaged page or record
+    shows only when it is read) made a DataError: ``problem: what the library said``."""
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as exc:
+            raise DataError(f"{problem}: {type(exc).__name__}: {exc}") from None
+        if batch is None:
+            return
+        yield batch
 
 
 def iter_pieces(

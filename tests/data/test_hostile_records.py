@@ -70,3 +70,42 @@ def test_a_parquet_file_with_damaged_pages_is_named(tmp_path):
     raw[8:200] = b"\xff" * 192  # the first page's header and data
     path.write_bytes(bytes(raw))
     assert_user_error(_prepare(tmp_path, path), "d.parquet is not a readable Parquet file")
+
+
+def _saved_dataset(path):
+    datasets = pytest.importorskip("datasets")
+    rows = [f"row {i} of a saved dataset" for i in range(3000)]
+    datasets.Dataset.from_dict({"text": rows}).save_to_disk(str(path))
+    return next(path.glob("*.arrow"))
+
+
+@pytest.mark.slow  # a subprocess preparing a corpus: ~4 s on 2 shared cores
+def test_a_saved_dataset_whose_state_json_is_a_list_is_named(tmp_path):
+    _saved_dataset(tmp_path / "ds")
+    (tmp_path / "ds" / "state.json").write_text("[]")
+    assert_user_error(_prepare(tmp_path, tmp_path / "ds"), "ds/state.json holds a list")
+
+
+@pytest.mark.slow  # ~110 in-process prepares: ~4 s
+def test_a_saved_dataset_with_a_byte_flipped_arrow_file_is_named_or_read(tmp_path):
+    """One flipped byte anywhere in the file (every 8th of the first 400: the schema and
+    the first batch's header; then a stride over the data): the dataset is read, or refused
+    with a DataError naming it, never another error (SystemError, a segmentation fault)."""
+    from gptkit.data.prepare import prepare_tokens
+    from gptkit.errors import DataError
+    from gptkit.spec.validate import validate_spec
+
+    arrow = _saved_dataset(tmp_path / "ds")
+    good = arrow.read_bytes()
+    spec = validate_spec({"data": {"source": str(tmp_path / "ds")}, "tokenizer": "byte"})
+    refused = 0
+    for offset in [*range(0, 400, 8), *range(400, len(good), 1499)]:
+        flipped = bytearray(good)
+        flipped[offset] ^= 0xFF
+        arrow.write_bytes(bytes(flipped))
+        try:
+            prepare_tokens(spec.data, spec.tokenizer, cache=tmp_path / f"cache{offset}")
+        except DataError as exc:
+            assert str(tmp_path / "ds") in str(exc), (offset, exc)
+            refused += 1
+    assert refused >= 40  # most flips damage it
