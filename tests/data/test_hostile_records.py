@@ -19,7 +19,7 @@ def _prepare(tmp_path, source, *sets, timeout=120):
     args = ["--set", f"data.source={json.dumps(str(source))}"]
     for item in sets:
         args += ["--set", item]
-    return run_cli("prepare", SMOKE, *args, env=env, cwd=tmp_path, timeout=timeout)
+    return run_cli("prepare", SMOKE, *args, "--json", env=env, cwd=tmp_path, timeout=timeout)
 
 
 @pytest.mark.slow  # a subprocess preparing a corpus: ~3 s on 2 shared cores
@@ -109,3 +109,27 @@ def test_a_saved_dataset_with_a_byte_flipped_arrow_file_is_named_or_read(tmp_pat
             assert str(tmp_path / "ds") in str(exc), (offset, exc)
             refused += 1
     assert refused >= 40  # most flips damage it
+
+
+@pytest.mark.slow  # a subprocess preparing a corpus: ~3 s on 2 shared cores
+def test_one_record_larger_than_the_fitting_sample_is_fitted_on_and_trains(tmp_path):
+    """One JSON Lines record of 3.9 kB with data.fit_sample_bytes=1024 (as a 36 MB record
+    with the default 16 MB): the seeded draw skips the only piece, and fitting used to see
+    nothing, so every character was dropped and the file was called empty."""
+    text = " ".join(f"word{i % 500}" for i in range(500))
+    path = tmp_path / "big.jsonl"
+    path.write_text(json.dumps({"text": text}) + "\n")
+    result = _prepare(tmp_path, path, "data.fit_sample_bytes=1024")
+    assert result.returncode == 0, result.stderr
+    assert "dropped" not in result.stderr  # the sample holds every character of the record
+    out = json.loads(result.stdout.splitlines()[-1])
+    assert out["tokens"] == len(text) and out["documents"] == 1
+
+
+@pytest.mark.slow  # a subprocess preparing a corpus: ~3 s on 2 shared cores
+def test_a_one_byte_file_is_too_small_to_split_not_empty(tmp_path):
+    path = tmp_path / "one.txt"
+    path.write_text("x")
+    result = _prepare(tmp_path, path)
+    assert_user_error(result, "the training part of data.source has 0 tokens")
+    assert "empty" not in result.stderr
