@@ -76,7 +76,16 @@ def _kind_of(path: Path, fmt: str) -> str:
 
 
 def _folder_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    """The bytes of a saved dataset folder's files. A FIFO or device in it is refused: the
+    library reading the folder would hang on it."""
+    from gptkit.safeio import check_regular
+
+    total = 0
+    for p in path.rglob("*"):
+        if p.exists() and not p.is_dir():
+            check_regular(p, "file of saved dataset", None, DataError)
+            total += p.stat().st_size
+    return total
 
 
 def _source(path: Path, fmt: str) -> Source:

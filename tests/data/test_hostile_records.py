@@ -4,6 +4,7 @@ records larger than the fitting sample, and files too small to split: each is an
 message naming the file and the problem, or it trains."""
 
 import json
+import os
 
 import pytest
 
@@ -84,6 +85,15 @@ def test_a_saved_dataset_whose_state_json_is_a_list_is_named(tmp_path):
     _saved_dataset(tmp_path / "ds")
     (tmp_path / "ds" / "state.json").write_text("[]")
     assert_user_error(_prepare(tmp_path, tmp_path / "ds"), "ds/state.json holds a list")
+
+
+@pytest.mark.slow  # a subprocess preparing a corpus: ~3 s on 2 shared cores
+def test_a_saved_dataset_holding_a_fifo_is_refused_not_hung(tmp_path):
+    arrow = _saved_dataset(tmp_path / "ds")
+    arrow.unlink()
+    os.mkfifo(arrow)
+    result = _prepare(tmp_path, tmp_path / "ds", timeout=60)
+    assert_user_error(result, f"{arrow.name} is a FIFO")
 
 
 @pytest.mark.slow  # ~110 in-process prepares: ~4 s
