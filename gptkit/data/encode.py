@@ -127,35 +127,49 @@ def _work(piece: Piece, first_in_stream: bool, dtype: str) -> tuple[bytes, int, 
 
 def fit_sample(sources: list[Source], data_spec) -> str:
     """The text a tokenizer is fitted on: the first ``1 - val_fraction`` of the sources'
-    bytes when that is at most ``fit_sample_bytes``, else a seeded sample of its pieces."""
+    bytes when that is at most ``fit_sample_bytes``, else a seeded sample of its pieces
+    (never none: when the draw skips every piece, as it may when one record is larger than
+    the sample, the first piece is cut to the bound)."""
     total = sum(s.size for s in sources)
-    region = int(total * (1 - data_spec.val_fraction))
+    region = max(1, int(total * (1 - data_spec.val_fraction)))  # a 1-byte file is fitted on
     limit = data_spec.fit_sample_bytes
     keep_p = 1.0 if region <= limit else limit / region
     rng = np.random.default_rng(data_spec.fit_seed)
     texts: list[str] = []
     seen = taken = 0
+    first_skipped = None
     for piece in iter_pieces(sources, data_spec.field, data_spec.split):
         if seen >= region or taken >= limit:
             break
         over = seen + piece.nbytes - region
         seen += piece.nbytes
-        if keep_p < 1.0 and rng.random() >= keep_p:
-            continue
         if piece.kind == "text" and over > 0:  # stop where the training part ends
             cut = _cut_at_char(piece.payload, len(piece.payload) - over)
             piece.payload = piece.payload[:cut]
-        docs, _ = piece_documents(piece)
-        for doc in docs:
-            if taken >= limit:
-                break
-            raw = doc.encode("utf-8", "surrogatepass")
-            if keep_p < 1.0 and len(raw) > limit - taken:  # the sample's size is a hard bound
-                raw = raw[: limit - taken]
-                doc = raw.decode("utf-8", "ignore")
-            texts.append(doc)
-            taken += len(raw)
+        if keep_p < 1.0 and rng.random() >= keep_p:
+            first_skipped = first_skipped or piece
+            continue
+        taken += _sample_docs(piece, texts, limit - taken, bounded=keep_p < 1.0)
+    if not texts and first_skipped is not None:
+        _sample_docs(first_skipped, texts, limit, bounded=True)
     return "\n".join(texts)
+
+
+def _sample_docs(piece: Piece, texts: list[str], limit: int, bounded: bool) -> int:
+    """Append a piece's documents to ``texts`` while they add fewer than ``limit`` bytes
+    (``bounded``: the last one is cut so that they add at most that); the bytes added."""
+    taken = 0
+    docs, _ = piece_documents(piece)
+    for doc in docs:
+        if taken >= limit:
+            break
+        raw = doc.encode("utf-8", "surrogatepass")
+        if bounded and len(raw) > limit - taken:  # the sample's size is a hard bound
+            raw = raw[: limit - taken]
+            doc = raw.decode("utf-8", "ignore")
+        texts.append(doc)
+        taken += len(raw)
+    return taken
 
 
 def fit_tokenizer(data_spec, tokenizer_spec, sources: list[Source] | None = None):

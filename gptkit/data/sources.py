@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gptkit.errors import DataError
-from gptkit.safeio import walk_files
+from gptkit.safeio import read_json, walk_files
 
 EMBEDDED = {
     "tinyshakespeare": (
@@ -28,6 +28,9 @@ PIECE_BYTES = 1 << 20  # text per unit of work: big enough to amortise, small en
 
 
 RECORD_BATCH = 1024  # records per piece for Parquet / datasets sources
+
+
+MAX_STATE = 16 << 20  # bytes of a saved dataset's state.json
 
 
 def load_corpus(name: str) -> str:
@@ -73,7 +76,16 @@ def _kind_of(path: Path, fmt: str) -> str:
 
 
 def _folder_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    """The bytes of a saved dataset folder's files. A FIFO or device in it is refused: the
+    library reading the folder would hang on it."""
+    from gptkit.safeio import check_regular
+
+    total = 0
+    for p in path.rglob("*"):
+        if p.exists() and not p.is_dir():
+            check_regular(p, "file of saved dataset", None, DataError)
+            total += p.stat().st_size
+    return total
 
 
 def _source(path: Path, fmt: str) -> Source:
@@ -222,14 +234,18 @@ def _jsonl_pieces(src: Source, field_name: str) -> Iterator[Piece]:
         )
 
 
-def _record_problem(src: Source, field_name: str, columns: list[str], dtype: Any) -> None:
+def _record_problem(
+    src: Source, field_name: str, columns: list[str], dtype: Any, is_text: bool
+) -> None:
+    """Refuse a missing field, or one whose type ``dtype`` is not text (a list<string> or a
+    struct holding strings is not text either)."""
     if field_name not in columns:
         raise DataError(
             f"{src.name}: no field '{field_name}' in its records (fields: "
             f"{', '.join(columns) or 'none'})",
             "Set data.field to the column that holds the text.",
         )
-    if dtype is not None and "string" not in str(dtype) and "utf8" not in str(dtype):
+    if not is_text:
         raise DataError(
             f"{src.name}: field '{field_name}' holds {dtype}, not text",
             "Set data.field to the column that holds the text.",
@@ -249,18 +265,26 @@ def _parquet_pieces(src: Source, field_name: str) -> Iterator[Piece]:
     except Exception as exc:
         raise DataError(f"{src.name} is not a readable Parquet file: {exc}") from None
     schema = pf.schema_arrow
-    _record_problem(
-        src,
-        field_name,
-        schema.names,
-        schema.field(field_name).type if field_name in schema.names else None,
-    )
+    dtype = schema.field(field_name).type if field_name in schema.names else None
+    _record_problem(src, field_name, schema.names, dtype, _arrow_is_text(dtype))
     rows = pf.metadata.num_rows
     if rows == 0:
         raise DataError(f"{src.name} is empty (a Parquet file with no rows)")
-    for batch in pf.iter_batches(batch_size=RECORD_BATCH, columns=[field_name]):
-        texts = [t for t in batch.column(0).to_pylist() if t]
-        yield Piece(src.name, "docs", texts, max(1, src.size * batch.num_rows // rows))
+    batches = (
+        b.column(0).to_pylist()
+        for b in pf.iter_batches(batch_size=RECORD_BATCH, columns=[field_name])
+    )
+    for column in _read_guarded(
+        batches, f"{src.name} is not a readable Parquet file (a damaged page)"
+    ):
+        texts = [t for t in column if t]
+        yield Piece(src.name, "docs", texts, max(1, src.size * len(column) // rows))
+
+
+def _arrow_is_text(dtype: Any) -> bool:
+    import pyarrow as pa
+
+    return dtype is None or pa.types.is_string(dtype) or pa.types.is_large_string(dtype)
 
 
 def _hf_pieces(src: Source, field_name: str, split: str) -> Iterator[Piece]:
@@ -273,11 +297,15 @@ def _hf_pieces(src: Source, field_name: str, split: str) -> Iterator[Piece]:
             "Install it: pip install 'gptkit[data]'.",
         ) from None
     state = src.path / "state.json"
-    try:
-        if state.is_file() and not json.loads(state.read_text()).get("_data_files", [1]):
+    if state.is_file():
+        doc = read_json(state, "dataset state", MAX_STATE, DataError)
+        if not isinstance(doc, dict):
+            raise DataError(
+                f"{src.name} is not a dataset saved with save_to_disk: {state} holds a "
+                f"{type(doc).__name__}, not an object"
+            )
+        if not doc.get("_data_files", [1]):
             raise DataError(f"{src.name} is empty (a dataset with no rows)")
-    except ValueError:
-        pass  # not our business: load_from_disk says what is wrong with it
     try:
         ds = datasets.load_from_disk(str(src.path))
     except Exception as exc:
@@ -290,15 +318,31 @@ def _hf_pieces(src: Source, field_name: str, split: str) -> Iterator[Piece]:
             )
         ds = ds[split]
     features = ds.features
-    _record_problem(
-        src, field_name, list(features), getattr(features.get(field_name), "dtype", "non-text")
-    )
+    dtype = getattr(features.get(field_name), "dtype", type(features.get(field_name)).__name__)
+    _record_problem(src, field_name, list(features), dtype, dtype in ("string", "large_string"))
     if len(ds) == 0:
         raise DataError(f"{src.name} is empty (a dataset with no rows)")
-    ds = ds.select_columns([field_name])
-    for batch in ds.iter(batch_size=RECORD_BATCH):
-        texts = [t for t in batch[field_name] if t]
-        yield Piece(src.name, "docs", texts, max(1, src.size * len(batch[field_name]) // len(ds)))
+    try:  # a damaged file is read through a memory map: unchecked, it may crash the process
+        ds.data.table.column(field_name).validate(full=True)
+    except Exception as exc:
+        raise DataError(f"{src.name} is not a readable dataset (damaged data): {exc}") from None
+    batches = (b[field_name] for b in ds.select_columns([field_name]).iter(RECORD_BATCH))
+    for column in _read_guarded(batches, f"{src.name} is not a readable dataset (damaged data)"):
+        texts = [t for t in column if t]
+        yield Piece(src.name, "docs", texts, max(1, src.size * len(column) // len(ds)))
+
+
+def _read_guarded(batches: Iterator[Any], problem: str) -> Iterator[Any]:
+    """``batches``, with any error of the library reading them (a damaged page or record
+    shows only when it is read) made a DataError: ``problem: what the library said``."""
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as exc:
+            raise DataError(f"{problem}: {type(exc).__name__}: {exc}") from None
+        if batch is None:
+            return
+        yield batch
 
 
 def iter_pieces(
@@ -354,6 +398,8 @@ def piece_documents(piece: Piece) -> tuple[list[str], bool]:
             record = json.loads(line)
         except (ValueError, UnicodeDecodeError) as exc:
             raise DataError(f"{where} is not valid JSON (or not UTF-8): {exc}") from None
+        except RecursionError:
+            raise DataError(f"{where} is nested too deeply to parse (not a text record)") from None
         if not isinstance(record, dict) or piece.field not in record:
             keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(
@@ -363,9 +409,21 @@ def piece_documents(piece: Piece) -> tuple[list[str], bool]:
         text = record[piece.field]
         if not isinstance(text, str):
             raise DataError(f"{where}: field '{piece.field}' is {type(text).__name__}, not text")
+        if b"\\u" in line:  # only a \u escape can make a lone surrogate, which is not text
+            _check_encodable(text, where, piece.field)
         if text:
             texts.append(text)
     return texts, True
+
+
+def _check_encodable(text: str, where: str, field_name: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(
+            f"{where}: field '{field_name}' holds a lone surrogate "
+            f"({text[exc.start]!r} at character {exc.start}), which is not text"
+        ) from None
 
 
 def piece_has_text(piece: Piece) -> bool:

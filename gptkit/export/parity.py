@@ -34,9 +34,9 @@ def parity_check(
     ort_model = OnnxModel(onnx_path)
     gen = torch.Generator().manual_seed(seed)
     V, T = model.spec.vocab_size, min(16, model.spec.max_seq_len - decode_steps - 1)
-    if T < 1:
+    if T < 1:  # a short context: a prefill of half of it, decode steps to its end
         T = max(1, model.spec.max_seq_len // 2)
-        decode_steps = max(1, model.spec.max_seq_len - T - 1)
+        decode_steps = model.spec.max_seq_len - T  # positions T .. max_seq_len - 1 (none at 1)
     ids = torch.randint(0, V, (2, T), generator=gen)
     mask = np.ones((2, T), dtype=bool)
     pos = np.arange(T)[None].repeat(2, 0)

@@ -309,3 +309,25 @@ def test_int8_keeps_a_matmul_whose_input_has_outliers_in_fp32(tmp_path):
     nodes = onnx.load(str(tmp_path / "int8.onnx")).graph.node
     assert keep[0] in {n.name for n in nodes if n.op_type == "MatMul"}
     assert len([n for n in nodes if n.op_type == "MatMulInteger"]) == len(peaks) - 1
+
+
+@pytest.mark.slow  # trains, then exports through the CLI
+def test_a_run_with_a_one_token_context_exports(tmp_path):
+    """model.max_seq_len=1: the parity check decoded past the context (IndexError); it now
+    checks a prefill of the one position and no decode step, and says what was checked."""
+    from tests.conftest import ROOT
+
+    run = tmp_path / "run"
+    sets = ["model.max_seq_len=1", "train.max_steps=2", "train.eval_every=2"]
+    sets += ["tracking.enabled=false"]
+    args = [x for s in sets for x in ("--set", s)]
+    smoke = ROOT / "experiments" / "smoke.yaml"
+    result = run_cli("train", smoke, "--no-progress", "--run-dir", run, *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    result = run_cli("export", run, "--out", tmp_path / "b", cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "contract checks on 1 tokens: none (one position)" in result.stdout
+    parity = json.loads((tmp_path / "b" / "gptkit.json").read_text())["parity"]
+    assert parity["passed"] and parity["decode_steps"] == 0
+    text = gptkit.load(tmp_path / "b").generate("R", max_new_tokens=3, seed=1)
+    assert isinstance(text, str)
