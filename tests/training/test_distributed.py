@@ -188,7 +188,7 @@ def test_sweep_makes_child_runs_and_compare_shows_what_differs(tmp_path):
 
 def test_compare_unknown_experiment_is_a_clear_error(tmp_path):
     result = run_cli("compare", "nope", cwd=tmp_path)
-    assert result.returncode == 2 and "no MLflow experiment named 'nope'" in result.stderr
+    assert result.returncode == 2 and "no MLflow experiment or spec named 'nope'" in result.stderr
 
 
 def test_fsdp_two_processes_train_checkpoint_and_resume(tmp_path):
