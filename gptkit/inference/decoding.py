@@ -34,6 +34,14 @@ from gptkit.errors import GptkitError
 REPLACEMENT = "\ufffd"
 
 
+def prompt_logprobs(backend: Any, ids: list[int], top: int) -> list[TokenLogprob]:
+    """Each prompt token's log-probability after the ones before it (the first has none, so
+    the list is one shorter than ``ids``), with the ``top`` alternatives; needs a backend
+    with ``prompt_logits``."""
+    logits = backend.prompt_logits(list(ids))
+    return [token_logprob(logits[i - 1], ids[i], top) for i in range(1, len(ids))]
+
+
 class Backend(Protocol):
     max_seq_len: int
 

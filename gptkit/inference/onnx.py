@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from gptkit.errors import GptkitError, RunError
 from gptkit.inference.cache import StaticCache, join_rows, keep_rows
+from gptkit.inference.decoding import positions_from_mask
 from gptkit.store.bundle import MANIFEST, MODEL_FILE, verify_bundle
 
 __all__ = ["OnnxBackend", "OnnxModel", "open_bundle"]
@@ -143,6 +144,14 @@ class OnnxBackend:
         self, ids: np.ndarray, positions: np.ndarray, key_mask: np.ndarray, past: Any
     ) -> tuple[np.ndarray, Any]:
         return self.model.run(ids, positions, key_mask, past)
+
+    def prompt_logits(self, ids: list[int]) -> np.ndarray:
+        """The logits (T, V) at every position of one prompt (no cache kept)."""
+        row = np.array([ids], dtype=np.int64)
+        mask = np.ones_like(row, dtype=bool)
+        logits, _ = self.model.run(row, positions_from_mask(mask), mask, None, all_logits=True)
+        first: np.ndarray = np.asarray(logits)[0]
+        return first
 
     keep_rows = staticmethod(keep_rows)
     join_rows = staticmethod(join_rows)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from gptkit.components.attention import StaticKV
@@ -46,6 +47,12 @@ class TorchBackend:
         )
         past.write(_flat(out.past_key_values))
         return out.logits[:, -1].float().cpu().numpy(), past
+
+    @torch.inference_mode()
+    def prompt_logits(self, ids: list[int]) -> np.ndarray:
+        """The logits (T, V) at every position of one prompt (no cache kept)."""
+        idx = torch.tensor([ids], device=self.device)
+        return self.model(idx).logits[0].float().cpu().numpy()
 
     keep_rows = staticmethod(keep_rows)
     join_rows = staticmethod(join_rows)

@@ -46,18 +46,27 @@ class TextRender:
         self.echo = echo_prompts
         self.decode = decode or (lambda ids: "")  # token text, for log-probabilities
         self.offsets: dict[int, int] = {}  # a streamed choice's text so far (text_offset)
+        # With echo and logprobs: each choice's prompt ids and their log-probabilities.
+        self.prompt_logprobs: list[tuple[list[int], list[TokenLogprob]]] | None = None
 
     def logprobs(self, index: int, tokens: list[TokenLogprob]) -> dict[str, Any]:
         """OpenAI's completions ``logprobs``: token texts, their log-probabilities, the top
         alternatives and each token's offset in the choice's text."""
-        texts = [self.decode([t.token]) for t in tokens]
         start = self.offsets.get(index, len(self.echo[index]) if self.echo else 0)
+        entries: list[tuple[int, TokenLogprob | None]] = [(t.token, t) for t in tokens]
+        if self.prompt_logprobs is not None:  # echo: the prompt's tokens first
+            ids, known = self.prompt_logprobs[index]
+            entries = [(ids[0], None), *((t.token, t) for t in known), *entries]
+            start = 0
+        texts = [self.decode([token]) for token, _ in entries]
         offsets = list(itertools.accumulate((len(t) for t in texts), initial=start))
         self.offsets[index] = offsets[-1]
         return {
             "tokens": texts,
-            "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{self.decode([j]): lp for j, lp in t.top} for t in tokens],
+            "token_logprobs": [None if t is None else t.logprob for _, t in entries],
+            "top_logprobs": [
+                None if t is None else {self.decode([j]): lp for j, lp in t.top} for _, t in entries
+            ],
             "text_offset": offsets[:-1],
         }
 

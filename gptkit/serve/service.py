@@ -20,7 +20,9 @@ from gptkit.inference.decoding import (
     DecodeBatch,
     GenerationOptions,
     Processing,
+    TokenLogprob,
     max_new_for,
+    prompt_logprobs,
 )
 from gptkit.serve.render import ChatRender, TextRender, finish_reason, sse
 from gptkit.serve.scheduler import Job, Scheduler
@@ -100,11 +102,6 @@ class CompletionService:
             return problem
         if req.echo and req.stream:
             return error_response(400, "echo is supported without stream only", param="echo")
-        if req.echo and req.logprobs is not None:
-            return error_response(
-                400, "echo with logprobs (the prompt's log-probabilities) is not supported",
-                param="echo",
-            )  # fmt: skip
         processing = self.processing(req, req.logprobs)
         if isinstance(processing, JSONResponse):
             return processing
@@ -122,6 +119,11 @@ class CompletionService:
         echo = [t for t in texts for _ in range(req.n)] if req.echo else None
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         render = TextRender(self.model_name, echo, decode)
+        if req.echo and req.logprobs is not None:  # the prompt's own log-probabilities too
+            scored = await self._prompt_logprobs(prompts, req.logprobs)
+            if isinstance(scored, JSONResponse):
+                return scored
+            render.prompt_logprobs = [s for s in scored for _ in range(req.n)]
         return await self.run(prompts, req.n, options, req.stream, include_usage, render)
 
     async def chat(self, req: ChatRequest) -> Any:
@@ -199,6 +201,26 @@ class CompletionService:
             "logit_bias": bias,
             "logprobs": logprobs,
         }
+
+    async def _prompt_logprobs(
+        self, prompts: Sequence[str | list[int]], top: int
+    ) -> list[tuple[list[int], list[TokenLogprob]]] | JSONResponse:
+        """Each prompt's ids and their log-probabilities (one forward each, off the event
+        loop)."""
+        backend, tokenizer = self.bundle.backend, self.bundle.tokenizer
+        out = []
+        for i, p in enumerate(prompts):
+            try:
+                ids = (
+                    DecodeBatch(backend, tokenizer).encode(p, i) if isinstance(p, str) else list(p)
+                )
+            except GptkitError as exc:
+                return error_response(400, exc.message, param="prompt")
+            scored = await asyncio.get_running_loop().run_in_executor(
+                None, prompt_logprobs, backend, ids, top
+            )
+            out.append((ids, scored))
+        return out
 
     def check(
         self,

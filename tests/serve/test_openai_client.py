@@ -159,7 +159,6 @@ def test_chat_whole_streamed_content_parts_and_max_completion_tokens(client):
         ("chat", {"extra_body": {"mystery": 1}}, "mystery"),
         ("completions", {"suffix": "x"}, "suffix"),
         ("completions", {"logprobs": 6}, "logprobs"),
-        ("completions", {"logprobs": 1, "echo": True}, "echo"),
         ("completions", {"best_of": 2}, "best_of"),
         ("completions", {"extra_body": {"mystery": 1}}, "mystery"),
     ],
@@ -279,3 +278,25 @@ def test_penalties_and_logit_bias_change_the_answer_as_they_do_in_python(client,
     )[0]  # fmt: skip
     assert served.choices[0].text == want.text != plain.choices[0].text
     assert "e" not in served.choices[0].text
+
+
+def test_echo_with_logprobs_scores_the_prompt_too(client, chat_run):
+    """``echo`` with ``logprobs``: the prompt's tokens come first, the first with null (nothing
+    before it), the others with the trained model's log-probabilities (torch, full forward)."""
+    import torch
+
+    import gptkit
+
+    r = client.completions.create(
+        model="chatty", prompt="ROMEO:", max_tokens=5, seed=2, logprobs=1, echo=True
+    )
+    lp, text = r.choices[0].logprobs, r.choices[0].text
+    assert text.startswith("ROMEO:") and "".join(lp.tokens) == text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    run = gptkit.load(chat_run["run"])
+    ids = run.tokenizer.encode(text)
+    with torch.no_grad():
+        full = torch.log_softmax(run.model(torch.tensor([ids])).logits[0].double(), -1)
+    for i in range(1, len(ids)):
+        assert abs(lp.token_logprobs[i] - full[i - 1, ids[i]].item()) < 1e-3

@@ -162,7 +162,6 @@ def test_streaming_server_sent_events(server):
         ({"prompt": "A", "logit_bias": {"five": 10}}, 400, "token ids", "logit_bias"),
         ({"prompt": "A", "suffix": "end"}, 400, "not supported", "suffix"),
         ({"prompt": "A", "logprobs": 6}, 400, "logprobs", "logprobs"),
-        ({"prompt": "A", "logprobs": 1, "echo": True}, 400, "echo with logprobs", "echo"),
         ({"prompt": "A", "tools": [{"type": "function"}]}, 400, "not supported", "tools"),
         ({"prompt": "A", "tool_choice": "auto"}, 400, "not supported", "tool_choice"),
         ({"prompt": "A", "functions": [{}]}, 400, "not supported", "functions"),
