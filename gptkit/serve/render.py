@@ -126,13 +126,8 @@ class ChatRender(TextRender):
     whole_object, chunk_object = "chat.completion", "chat.completion.chunk"
     id_prefix = "chatcmpl"
 
-    def __init__(
-        self,
-        model_name: str,
-        echo_prompts: list[str] | None = None,
-        decode: Callable[[list[int]], str] | None = None,
-    ) -> None:
-        super().__init__(model_name, echo_prompts, decode)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.opened: set[int] = set()  # choices whose role has been sent
 
     def answer(self, i: int, completion: Completion) -> dict[str, Any]:

@@ -105,7 +105,3 @@ class TemplateRenderer:
         if kind == "error":
             raise TemplateError(value)
         return value
-
-    def close(self) -> None:
-        with self._lock:
-            self._stop()
