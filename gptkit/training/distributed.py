@@ -3,6 +3,7 @@ uses (every one a no-op when training alone)."""
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Any
 
@@ -22,6 +23,9 @@ class Dist:
         if self.enabled and not dist.is_initialized():
             # gloo on CPU, NCCL on GPU: PyTorch's own engine, set up by torchrun's env vars.
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            # Left to interpreter teardown, gloo's threads can abort the process ("terminate
+            # called without an active exception") after training finished: close it first.
+            atexit.register(_close_process_group)
 
     @property
     def main(self) -> bool:
@@ -59,3 +63,10 @@ class Dist:
         out: list[Any] = [None] * self.world
         torch.distributed.all_gather_object(out, obj)
         return out
+
+
+def _close_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
