@@ -248,6 +248,33 @@ class DrawsUntruncatedSpec(TopKSpec):
         return np.array([rng.choice(len(row), p=row) for row in p])
 
 
+class TopKPlusOneSpec(TopKSpec):
+    """Overrides only ``truncate``, keeping k + 1 tokens: its draws follow its own probs()."""
+
+    kind: Literal["top_k_plus_one"] = "top_k_plus_one"  # type: ignore[assignment]
+
+    def truncate(self, logits):
+        return TopKSpec(k=self.k + 1).truncate(logits)
+
+
+class RescalingSpec(SamplerSpec):
+    """A new kind whose ``truncate`` keeps the upper half of the tokens but also sharpens
+    them (doubles their logits): a truncation may only remove tokens."""
+
+    kind: Literal["rescaling"] = "rescaling"
+
+    def truncate(self, logits):
+        median = np.median(logits, axis=-1, keepdims=True)
+        return np.where(logits >= median, 2 * logits, -np.inf)
+
+
+class WideTopKSpec(TopKSpec):
+    """Its example k is wider than the contract's vocabulary: truncation would go untested."""
+
+    kind: Literal["wide_top_k"] = "wide_top_k"  # type: ignore[assignment]
+    k: int = Field(100, gt=0, examples=[100])
+
+
 class LossyTokenizer(CharTokenizer):
     """Lower-cases what it decodes: decode(encode(x)) != x."""
 
@@ -406,6 +433,9 @@ def gptkit_register_sampler(register):
     register(DrawsUntruncatedSpec)
     register(OwnRngSpec)
     register(SharedStateSpec)
+    register(TopKPlusOneSpec)
+    register(RescalingSpec)
+    register(WideTopKSpec)
 
 
 @hookimpl
