@@ -1,7 +1,10 @@
 """Every Python block in the README runs as written (against a small trained run)."""
 
+import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -59,13 +62,11 @@ def _guarantee_rows():
     return [line for line in text.splitlines() if line.startswith("| ") and "`" in line]
 
 
-def test_every_guarantee_names_tests_that_exist():
-    """Each ``file.py::test`` (and ``::test``, of the file before it) in the Guarantees table
-    is a test function in that file, and each named file exists."""
-    rows = _guarantee_rows()
-    assert len(rows) >= 10, rows
-    missing = []
-    for row in rows:
+def _guarantee_refs():
+    """(reference, test file, test name or None for the whole file) for each test the
+    Guarantees table names: ``file.py::test``, ``::test`` (of the file before it), ``file.py``."""
+    refs = []
+    for row in _guarantee_rows():
         tests_cell = row.rstrip(" |").rsplit(" | ", 1)[1]
         current = None
         for ref in re.findall(r"`([^`]+)`", tests_cell):
@@ -74,10 +75,91 @@ def test_every_guarantee_names_tests_that_exist():
                 if not path.endswith(".py"):
                     continue  # a command or a field name, not a test
                 current = ROOT / "tests" / path.removeprefix("tests/")
-                if not current.is_file():
-                    missing.append(ref)
-                    continue
-            name = name.split("[")[0]
-            if name and (current is None or f"def {name}(" not in current.read_text()):
-                missing.append(ref)
+            refs.append((ref, current, name.split("[")[0] or None))
+    return refs
+
+
+def test_every_guarantee_names_tests_that_exist():
+    """Each ``file.py::test`` (and ``::test``, of the file before it) in the Guarantees table
+    is a test function in that file, and each named file exists."""
+    assert len(_guarantee_rows()) >= 10
+    missing = []
+    for ref, path, name in _guarantee_refs():
+        if path is None or not path.is_file():
+            missing.append(ref)
+        elif name and f"def {name}(" not in path.read_text():
+            missing.append(ref)
     assert not missing, f"the Guarantees table names tests that do not exist: {missing}"
+
+
+def probe(*paths, cwd=ROOT):
+    """{test id: why it would always skip here, or None} for the tests pytest collects from
+    ``paths`` (tests/collection_probe.py)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:randomly"]
+        + ["-p", "no:cacheprovider", "-p", "tests.collection_probe", *map(str, paths)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    lines = [line[6:] for line in result.stdout.splitlines() if line.startswith("PROBE ")]
+    assert lines or result.returncode == 5, result.stdout[-3000:] + result.stderr[-3000:]
+    return dict(json.loads(line) for line in lines)
+
+
+def test_every_guarantee_test_is_collected_and_does_not_always_skip():
+    """The tests each row names are collected by pytest (a module-level skip or a failed
+    import collects none) and none of them skips every time here: no skip mark that holds,
+    no unguarded pytest.skip, no importorskip of a module that is missing."""
+    refs = _guarantee_refs()
+    collected = probe(*sorted({path.relative_to(ROOT) for _, path, _ in refs}))
+    problems = []
+    for ref, path, name in refs:
+        prefix = f"{path.relative_to(ROOT).as_posix()}::"
+        ids = [i for i in collected if i.startswith(prefix)]
+        if name:
+            ids = [i for i in ids if i[len(prefix) :].split("[")[0] == name]
+        if not ids:
+            problems.append(f"{ref}: not collected")
+        problems += [f"{i}: {collected[i]}" for i in ids if collected[i]]
+    problems = list(dict.fromkeys(problems))  # a file named whole and by test
+    assert not problems, "Guarantees tests that do not run:\n" + "\n".join(problems)
+
+
+def test_the_probe_finds_tests_that_always_skip(tmp_path):
+    (tmp_path / "test_skips.py").write_text(
+        "import sys\n"
+        "import pytest\n\n"
+        "@pytest.mark.skip(reason='later')\n"
+        "def test_marked(): pass\n\n"
+        "@pytest.mark.skipif(sys.version_info > (3,), reason='py3')\n"
+        "def test_skipif_true(): pass\n\n"
+        "def test_body_skip():\n"
+        "    pytest.skip('not yet')\n\n"
+        "def test_missing_module():\n"
+        "    pytest.importorskip('no_such_module_for_gptkit')\n\n"
+        "@pytest.mark.parametrize('x', [1, 2])\n"
+        "def test_conditional(x):\n"
+        "    if x == 2:\n"
+        "        pytest.skip('two')\n\n"
+        "def test_installed():\n"
+        "    pytest.importorskip('numpy')\n"
+    )
+    found = probe(tmp_path / "test_skips.py", cwd=tmp_path)
+    reasons = {i.split("::")[1]: r for i, r in found.items()}
+    assert reasons == {
+        "test_marked": "skip mark: later",
+        "test_skipif_true": "skip mark: py3",
+        "test_body_skip": "calls pytest.skip unconditionally",
+        "test_missing_module": "needs no_such_module_for_gptkit, not installed here",
+        "test_conditional[1]": None,
+        "test_conditional[2]": None,
+        "test_installed": None,
+    }
+    (tmp_path / "test_skipped_module.py").write_text(
+        "import pytest\npytest.importorskip('no_such_module_for_gptkit')\n"
+        "def test_never_collected(): pass\n"
+    )
+    assert probe(tmp_path / "test_skipped_module.py", cwd=tmp_path) == {}

@@ -104,7 +104,8 @@ def _partners(registry: Any, slot: str, pairs: bool) -> list[str | None]:
 
 def run_contract(case: Case, tmp_path: Any = None) -> None:
     """Run one contract case (``tmp_path``: a scratch folder, for ONNX and save/load). A
-    component whose example cannot be built fails, naming what to add."""
+    failure is an ``AssertionError`` naming the component and the property; a component whose
+    example cannot be built fails, naming what to add."""
     registry = load_registry(case.plugins)
     cls = registry.get(case.slot, case.kind)
     if case.slot in PARTNERS and case.partner is None:
@@ -120,11 +121,24 @@ def run_contract(case: Case, tmp_path: Any = None) -> None:
         )
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(tmp_path) if tmp_path is not None else Path(scratch)
-        if case.slot in ("attention", "positional"):
-            run_model_case(case, example, folder)
-        elif case.slot == "tokenizer":
-            run_tokenizer_case(case, example, registry, folder)
-        elif case.slot == "sampler":
-            run_sampler_case(case, example, registry, folder)
-        else:
-            run_optimizer_case(case, example, registry, folder)
+        try:
+            if case.slot in ("attention", "positional"):
+                run_model_case(case, example, folder)
+            elif case.slot == "tokenizer":
+                run_tokenizer_case(case, example, registry, folder)
+            elif case.slot == "sampler":
+                run_sampler_case(case, example, registry, folder)
+            else:
+                run_optimizer_case(case, example, registry, folder)
+        except AssertionError as exc:
+            raise AssertionError(
+                f"{_who(case)} fails the contract's {case.prop} property: {exc}"
+            ) from exc
+
+
+def _who(case: Case) -> str:
+    """The component a case holds to the contract, and the part it is paired with."""
+    who = f"{case.slot} '{case.kind}'"
+    if case.partner is not None:
+        who += f" (with {PARTNERS[case.slot][0]} '{case.partner}')"
+    return who

@@ -59,12 +59,18 @@ def check_shapes(model: GPT) -> None:
     """Logits are (B, T, V); the cache holds (B, H_kv, T, hd) per layer; loss is a scalar."""
     idx = _tokens(3, 11)
     out = model(idx)
-    assert out.logits.shape == (3, 11, model.spec.vocab_size), out.logits.shape
-    assert len(out.past_key_values) == model.spec.n_layers
+    want = (3, 11, model.spec.vocab_size)
+    assert out.logits.shape == want, f"logits for (3, 11) tokens are {out.logits.shape}, not {want}"
+    assert len(out.past_key_values) == model.spec.n_layers, "the cache needs one entry per layer"
     k, v = out.past_key_values[0]
-    assert k.shape[0] == 3 and k.shape[2] == 11 and k.shape == v.shape, k.shape
+    assert k.shape[0] == 3 and k.shape[2] == 11 and k.shape == v.shape, (
+        f"the cache of (3, 11) tokens holds keys {tuple(k.shape)} and values {tuple(v.shape)}: "
+        "each must be (B, H_kv, T, head_dim), here (3, H_kv, 11, head_dim)"
+    )
     loss = model(idx, idx).loss
-    assert loss is not None and loss.dim() == 0 and torch.isfinite(loss)
+    assert loss is not None and loss.dim() == 0 and torch.isfinite(loss), (
+        f"the loss must be a finite scalar, got {loss}"
+    )
 
 
 def _property(name: str, what: str) -> Any:
@@ -352,7 +358,7 @@ def run_model_case(case: Any, example: Any, folder: Path) -> None:
         import pytest
 
         # Not a pass: without static support both sides would be the concatenating cache.
-        pytest.skip(f"not applicable: {case.slot} '{case.kind}' declares no static cache")
+        pytest.skip(f"not applicable: {without_static_cache(model)} no static cache")
     if case.prop == "gradients":
         check_gradients(model)
     elif case.prop == "onnx":
@@ -371,6 +377,20 @@ def run_model_case(case: Any, example: Any, folder: Path) -> None:
         }[case.prop]
         with torch.no_grad():
             check(model)
+
+
+def without_static_cache(model: GPT) -> str:
+    """Which of the model's parts declare no static-cache support ("positional 't5_bias'
+    declares"): the attention (:func:`supports_static_cache`), the positional scheme (its
+    ``static_cache``), or both."""
+    from gptkit.components.attention import supports_static_cache
+
+    parts = []
+    if not all(supports_static_cache(block.attn) for block in model.blocks):
+        parts.append(f"attention '{model.spec.attention.kind}'")
+    if not getattr(model.positional, "static_cache", False):
+        parts.append(f"positional '{model.spec.positional.kind}'")
+    return " and ".join(parts) + (" declare" if len(parts) > 1 else " declares")
 
 
 def _component_params(model: GPT, slot: str) -> list[torch.Tensor]:

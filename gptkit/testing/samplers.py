@@ -15,7 +15,7 @@ def chi2_critical(dof: int, z: float = 3.09) -> float:
     return dof * (1.0 - c + z * c**0.5) ** 3
 
 
-def check_sampler(sampler: Any, vocab: int = 12, draws: int = 40_000, seed: int = 0) -> None:
+def check_sampler(sampler: Any, vocab: int = 64, draws: int = 40_000, seed: int = 0) -> None:
     """Every sampler property at once (see :func:`sampler_distribution` and the others)."""
     sampler_distribution(sampler, vocab, draws, seed)
     sampler_seeded(sampler)
@@ -33,24 +33,167 @@ def _draw(sampler: Any, logits: Any, rng: Any, states: list[Any]) -> Any:
     return sample_next(sampler, logits, rng, contexts, states)
 
 
-def sampler_distribution(sampler: Any, vocab: int = 12, draws: int = 40_000, seed: int = 0) -> None:
-    """A proper distribution, draws only from its support, and an empirical distribution that
-    matches ``probs`` (chi-square, 0.1% level). Each draw is the first step of a fresh
-    generation (its own new state), so stateful samplers are judged fairly."""
+def sampler_distribution(sampler: Any, vocab: int = 64, draws: int = 40_000, seed: int = 0) -> None:
+    """A proper distribution, checked against an independent reference, and draws that follow
+    it (chi-square, 0.1% level), on every one of 4 rows of ``vocab`` logits.
+
+    The reference (:func:`reference_probs`): for a built-in kind, or a subclass of one (which
+    keeps its kind's meaning), that kind's definition computed plainly; so a wrong
+    ``truncate`` is caught even though ``probs`` and ``sample`` both use it. The vocabulary
+    is large enough that the example values truncate (top_k's k < vocab). For a new kind that
+    uses the base ``probs``, its ``truncate`` may only remove tokens: on what it keeps,
+    ``probs`` is the softmax of the adjusted logits. A sampler that replaces ``probs`` is held
+    to its own ``probs``. Each draw is the first step of a fresh generation (its own new
+    state), so stateful samplers are judged fairly."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     logits = rng.normal(0, 2, size=(4, vocab))
-    p = sampler.probs(logits, None, _fresh(sampler, 4))
+    previous = np.zeros((4, 1), dtype=np.int64)  # the one token _draw's contexts hold
+    p = sampler.probs(logits, previous, _fresh(sampler, 4))
     assert p.shape == logits.shape and (p >= 0).all(), "probs must be (B, V) and >= 0"
     np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-9, err_msg="probs rows must sum to 1")
+    want = reference_probs(sampler, logits, previous)
+    if want is not None:
+        _check_against_reference(sampler, p, want)
+    else:
+        want = p
+        if type(sampler).probs is _base_probs():
+            _check_truncation_only_removes(sampler, logits, previous, p)
     gen = np.random.default_rng(2)
     for row in range(len(logits)):  # every row: a sampler that mixes rows up is caught
-        _check_draws(sampler, logits[row], p[row], gen, draws // len(logits))
+        _check_draws(sampler, logits[row], want[row], gen, draws // len(logits))
+
+
+def _base_probs() -> Any:
+    from gptkit.components.base import SamplerSpec
+
+    return SamplerSpec.probs
+
+
+def _check_against_reference(sampler: Any, p: Any, want: Any) -> None:
+    import numpy as np
+
+    kind = _reference_kind(sampler)
+    if kind not in ("temperature", "greedy"):
+        assert (want == 0).any(), (
+            f"the {kind} sampler's values truncate nothing on a {want.shape[-1]}-token "
+            "vocabulary, so truncation is not tested: give its fields examples=[...] that do"
+        )
+    for row, (got, ref) in enumerate(zip(p, want)):
+        if not np.allclose(got, ref, rtol=0, atol=1e-9):
+            raise AssertionError(
+                f"row {row}: probs() is not the {kind} distribution (an independent reference "
+                f"of the kind): it keeps tokens {np.flatnonzero(got).tolist()} where the "
+                f"reference keeps {np.flatnonzero(ref).tolist()} (largest difference "
+                f"{float(abs(got - ref).max()):.3g})"
+            )
+
+
+def _check_truncation_only_removes(sampler: Any, logits: Any, previous: Any, p: Any) -> None:
+    import numpy as np
+
+    full = _softmax(_reference_adjust(sampler, logits, previous))
+    for row, (got, q) in enumerate(zip(p, full)):
+        kept = got > 0
+        want = np.where(kept, q, 0.0) / q[kept].sum()
+        assert np.allclose(got, want, rtol=0, atol=1e-9), (
+            f"row {row}: on the tokens it keeps, probs() is not the softmax of the adjusted "
+            "logits: truncate() must only set excluded tokens to -inf, leaving the rest as "
+            "they are"
+        )
+
+
+def _softmax(x: Any) -> Any:
+    import numpy as np
+
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _reference_adjust(sampler: Any, logits: Any, previous: Any) -> Any:
+    """Repetition penalty (CTRL: a seen token's logit divided by the penalty if positive,
+    multiplied if not), then temperature; the sampler's own ``adjust`` if it replaces it."""
+    import numpy as np
+
+    from gptkit.components.base import SamplerSpec
+
+    if type(sampler).adjust is not SamplerSpec.adjust:
+        return sampler.adjust(logits, previous)
+    x = np.array(logits, dtype=np.float64)
+    for row, seen in enumerate(previous):
+        for token in set(seen.tolist()):
+            v = x[row, token]
+            x[row, token] = (
+                v / sampler.repetition_penalty if v > 0 else v * sampler.repetition_penalty
+            )
+    return x / sampler.temperature
+
+
+def _reference_kind(sampler: Any) -> str | None:
+    """The built-in kind whose definition ``sampler`` must follow: its own or its nearest
+    built-in ancestor's; "temperature" for a sampler that changes neither ``truncate`` nor
+    ``probs``; None for a new kind."""
+    from gptkit.components import samplers as builtin
+    from gptkit.components.base import SamplerSpec
+
+    for cls in type(sampler).__mro__:
+        if cls.__module__ == builtin.__name__ and issubclass(cls, SamplerSpec):
+            return str(cls.model_fields["kind"].default)
+    cls = type(sampler)
+    if cls.truncate is SamplerSpec.truncate and cls.probs is SamplerSpec.probs:
+        return "temperature"
+    return None
+
+
+def _keep(kind: str, p: list[float], sampler: Any) -> set[int]:
+    """The tokens ``kind`` keeps from one row's probabilities ``p``, as its paper defines
+    them: sorting and adding up, one token at a time."""
+    import math
+
+    ranked = sorted(range(len(p)), key=lambda i: -p[i])
+    if kind == "greedy":
+        return {ranked[0]}
+    if kind == "top_k":
+        return set(ranked[: sampler.k])
+    if kind == "min_p":
+        return {i for i in ranked if p[i] >= sampler.p * p[ranked[0]]}
+    if kind in ("top_p", "typical"):
+        if kind == "typical":
+            entropy = -sum(q * math.log(q) for q in p if q > 0)
+            ranked = sorted(range(len(p)), key=lambda i: abs(-math.log(p[i]) - entropy))
+        keep, total = set(), 0.0
+        for i in ranked:  # until the kept mass reaches p (at least one token)
+            if total >= sampler.p:
+                break
+            keep.add(i)
+            total += p[i]
+        return keep
+    return set(range(len(p)))  # temperature
+
+
+def reference_probs(sampler: Any, logits: Any, previous: Any = None) -> Any:
+    """The distribution ``sampler``'s kind defines for (B, V) ``logits``, computed plainly
+    (sorting and adding up, not the sampler's vectorised code): the softmax of the adjusted
+    logits over the tokens the kind keeps. None for a kind gptkit does not define."""
+    import numpy as np
+
+    kind = _reference_kind(sampler)
+    if kind is None:
+        return None
+    if previous is None:
+        previous = np.zeros((len(logits), 0), dtype=np.int64)
+    full = _softmax(_reference_adjust(sampler, logits, previous))
+    out = np.zeros_like(full)
+    for row, q in enumerate(full):
+        kept = sorted(_keep(kind, q.tolist(), sampler))
+        out[row, kept] = q[kept] / q[kept].sum()
+    return out
 
 
 def _check_draws(sampler: Any, logits: Any, p: Any, gen: Any, draws: int) -> None:
-    """Draws from one row's ``logits`` follow ``p`` (chi-square, 0.1% level)."""
+    """Draws from one row's ``logits`` follow ``p`` (chi-square, 0.1% level; the tokens
+    expected fewer than 5 times pooled into one cell)."""
     import numpy as np
 
     batch = np.repeat(logits[None], 1000, axis=0)
@@ -66,19 +209,25 @@ def _check_draws(sampler: Any, logits: Any, p: Any, gen: Any, draws: int) -> Non
     want = p * counts.sum()
     vocab = len(logits)
     support = want > 0
-    dof = int(support.sum()) - 1
-    chi2 = float((((counts[support] - want[support]) ** 2) / want[support]).sum())
+    rare = support & (want < 5)
+    cells = [(counts[support & ~rare], want[support & ~rare])]
+    if rare.any():
+        cells.append((counts[rare].sum(keepdims=True), want[rare].sum(keepdims=True)))
+    got, expected = (np.concatenate(c) for c in zip(*cells))
+    dof = len(expected) - 1
+    chi2 = float((((got - expected) ** 2) / expected).sum())
     if counts[~support].sum() or (dof > 0 and chi2 >= chi2_critical(dof)):
         # Name the cause when it is state carried from one generation into the next.
         assert not _state_leaks(sampler, vocab), (
             "sampler state leaks between generations: the first draw of a fresh generation "
             "depends on earlier generations (keep per-generation state in new_state() objects)"
         )
-    assert counts[~support].sum() == 0, "drew a token outside the sampler's support"
+    outside = np.flatnonzero(counts * ~support).tolist()
+    assert not outside, f"drew a token outside the sampler's support: tokens {outside}"
     if dof > 0:
         assert chi2 < chi2_critical(dof), (
-            f"draws do not follow probs (chi2 {chi2:.1f}): {counts.tolist()} vs "
-            f"{want.round(1).tolist()}"
+            f"draws do not follow the distribution (chi2 {chi2:.1f}, {dof} dof): "
+            f"{counts.tolist()} vs {want.round(1).tolist()}"
         )
 
 

@@ -120,45 +120,32 @@ LOGITS = np.array([[2.0, 1.5, 1.0, 0.2, -0.5, -1.0, -3.0]])
 CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46}
 
 
-def softmax(x):
-    e = np.exp(x - x.max())
-    return e / e.sum()
-
-
-def truncated(keep, temperature=1.0):
-    p = softmax(LOGITS[0] / temperature)
-    p = np.where(keep, p, 0.0)
-    return p / p.sum()
-
-
 def expected(kind, **f):
-    p = softmax(LOGITS[0] / f.get("temperature", 1.0))
-    order = np.argsort(-p)
-    if kind == "temperature":
-        return p
-    if kind == "top_k":
-        keep = np.zeros(7, bool)
-        keep[order[: f["k"]]] = True
-        return truncated(keep, f.get("temperature", 1.0))
-    if kind == "top_p":
-        keep, total = np.zeros(7, bool), 0.0
-        for i in order:
-            if total >= f["p"]:
-                break
-            keep[i], total = True, total + p[i]
-        return truncated(keep, f.get("temperature", 1.0))
-    if kind == "min_p":
-        return truncated(p >= f["p"] * p.max(), f.get("temperature", 1.0))
-    if kind == "typical":
-        surprise = -np.log(p)
-        entropy = (p * surprise).sum()
-        keep, total = np.zeros(7, bool), 0.0
-        for i in np.argsort(np.abs(surprise - entropy), kind="stable"):
-            if total >= f["p"]:
-                break
-            keep[i], total = True, total + p[i]
-        return truncated(keep, f.get("temperature", 1.0))
-    raise AssertionError(kind)
+    """The kind's distribution over LOGITS, from gptkit.testing's plain reference (sorting
+    and adding up), not the samplers' vectorised code."""
+    return testing.samplers.reference_probs(sampler(kind, **f), LOGITS)[0]
+
+
+def test_the_reference_matches_hand_worked_values():
+    # softmax(LOGITS) = 0.439 0.266 0.162 0.073 0.036 0.022 0.003; entropy 1.419 nats, so the
+    # surprise -log p is closest to it for tokens 1 (0.10 away), 2 (0.40), 0 (0.60), 3, ...
+    p = np.exp(LOGITS[0]) / np.exp(LOGITS[0]).sum()
+
+    def kept(*tokens, temperature=1.0):
+        q = np.exp(LOGITS[0] / temperature)
+        q = np.where(np.isin(np.arange(7), tokens), q, 0.0)
+        return q / q.sum()
+
+    np.testing.assert_allclose(expected("temperature"), p, atol=1e-12)
+    np.testing.assert_allclose(
+        expected("temperature", temperature=0.5), kept(*range(7), temperature=0.5), atol=1e-12
+    )
+    np.testing.assert_allclose(expected("greedy"), kept(0), atol=1e-12)
+    np.testing.assert_allclose(expected("top_k", k=3), kept(0, 1, 2), atol=1e-12)
+    np.testing.assert_allclose(expected("top_p", p=0.5), kept(0, 1), atol=1e-12)  # 0.439 < 0.5
+    np.testing.assert_allclose(expected("min_p", p=0.5), kept(0, 1), atol=1e-12)  # 0.266/0.439
+    np.testing.assert_allclose(expected("typical", p=0.4), kept(1, 2), atol=1e-12)  # 0.428 > 0.4
+    np.testing.assert_allclose(expected("typical", p=0.6), kept(0, 1, 2), atol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -191,7 +178,7 @@ def test_sampler_distribution_matches_its_analytic_truncation(kind, fields):
         assert chi2 < CHI2_999[dof], (chi2, counts, n * want)
 
 
-def test_the_analytic_reference_rejects_a_wrong_truncation():
+def test_the_distribution_check_rejects_a_wrong_truncation():
     from gptkit.components.samplers import TopKSpec
 
     class OffByOneTopK(TopKSpec):  # overrides only truncate: keeps k + 1 tokens
@@ -199,14 +186,10 @@ def test_the_analytic_reference_rejects_a_wrong_truncation():
             return TopKSpec(k=self.k + 1).truncate(logits)
 
     wrong = OffByOneTopK(k=3)
-    # Its draws follow its own probs (so a check against probs() passes it) ...
-    testing.samplers.sampler_distribution(wrong)
-    # ... but not the independent reference, on every row.
-    rows = np.stack([LOGITS[0], LOGITS[0][::-1]])
-    assert not np.allclose(wrong.probs(rows)[0], expected("top_k", k=3))
-    right = sampler("top_k", k=3).probs(rows)
-    np.testing.assert_allclose(right[0], expected("top_k", k=3), atol=1e-12)
-    np.testing.assert_allclose(right[1], expected("top_k", k=3)[::-1], atol=1e-12)
+    # Its draws follow its own probs, but not the top_k reference, which the check uses.
+    with pytest.raises(AssertionError, match="probs\\(\\) is not the top_k distribution"):
+        testing.samplers.sampler_distribution(wrong)
+    testing.samplers.sampler_distribution(sampler("top_k", k=3))
 
 
 def test_greedy_and_repetition_penalty():

@@ -7,6 +7,7 @@ Each looks plausible and trains; ``gptkit.testing`` must fail it
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Literal
 
 import numpy as np
@@ -15,9 +16,10 @@ from pydantic import Field
 
 from gptkit.components.attention import CausalSelfAttention, StaticKV
 from gptkit.components.optimizers import AdamWSpec
+from gptkit.components.positional import RoPESpec, RotaryEmbedding
 from gptkit.components.samplers import TopKSpec
 from gptkit.components.tokenizers import CharTokenizer, CharTokenizerSpec
-from gptkit.plugin import AttentionSpec, SamplerSpec, hookimpl
+from gptkit.plugin import AttentionSpec, SamplerSpec, hookimpl, inverse_cdf
 
 __version__ = "0.0.1"
 
@@ -143,6 +145,55 @@ class FixedInitSpec(AttentionSpec):
         return _mha(FixedInitAttention, model, positional)
 
 
+class TransposedCacheAttention(CausalSelfAttention):
+    """Keeps its cache as (B, T, H, hd) instead of (B, H_kv, T, hd). Self-consistent (it
+    transposes back before use), but gptkit's decoding loop joins and pads caches on dim 2."""
+
+    def forward(self, x, positions, past=None, key_mask=None):
+        if past is not None:
+            past = (past[0].transpose(1, 2), past[1].transpose(1, 2))
+        y, (k, v) = super().forward(x, positions, past, key_mask)
+        return y, (k.transpose(1, 2), v.transpose(1, 2))
+
+
+class TransposedCacheSpec(AttentionSpec):
+    kind: Literal["transposed_cache"] = "transposed_cache"
+
+    def build(self, model, *, positional):
+        return _mha(TransposedCacheAttention, model, positional)
+
+
+class UnusedGateAttention(CausalSelfAttention):
+    """Registers a per-head gate that forward never applies: training never updates it."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.gate = torch.nn.Parameter(torch.ones(self.n_heads))
+
+
+class UnusedGateSpec(AttentionSpec):
+    kind: Literal["unused_gate"] = "unused_gate"
+
+    def build(self, model, *, positional):
+        return _mha(UnusedGateAttention, model, positional)
+
+
+class RestartingRotary(RotaryEmbedding):
+    """Rotates by each token's index in the current call (0, 1, ...) instead of its position:
+    right for a full forward, wrong for every token decoded through the cache."""
+
+    def rotate(self, q, k, positions):
+        restarted = torch.arange(q.size(2), device=q.device).expand(q.size(0), -1)
+        return super().rotate(q, k, restarted)
+
+
+class RestartingRoPESpec(RoPESpec):
+    kind: Literal["restarting_rope"] = "restarting_rope"  # type: ignore[assignment]
+
+    def build(self, model):
+        return RestartingRotary(model.head_dim, self.theta)
+
+
 class NoExampleSpec(AttentionSpec):
     """A required field without ``examples``: the contract cannot build it."""
 
@@ -163,6 +214,28 @@ class GlobalRngSpec(SamplerSpec):
         return np.array([np.random.choice(p.shape[-1], p=row) for row in p], dtype=np.int64)
 
 
+class OwnRngSpec(SamplerSpec):
+    """Draws from a generator of its own, made afresh each step: deterministic, but the
+    caller's seed changes nothing."""
+
+    kind: Literal["own_rng"] = "own_rng"
+
+    def sample(self, logits, rng, previous=None, states=None):
+        return inverse_cdf(self.probs(logits, previous, states), np.random.default_rng(0))
+
+
+_SHARED_STATE: dict = {"steps": 0}
+
+
+class SharedStateSpec(SamplerSpec):
+    """Hands every row (and every generation) the same state object."""
+
+    kind: Literal["shared_state"] = "shared_state"
+
+    def new_state(self):
+        return _SHARED_STATE
+
+
 class DrawsUntruncatedSpec(TopKSpec):
     """Reports top-k probabilities but draws from the whole softmax."""
 
@@ -173,6 +246,33 @@ class DrawsUntruncatedSpec(TopKSpec):
         p = np.exp(x - x.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
         return np.array([rng.choice(len(row), p=row) for row in p])
+
+
+class TopKPlusOneSpec(TopKSpec):
+    """Overrides only ``truncate``, keeping k + 1 tokens: its draws follow its own probs()."""
+
+    kind: Literal["top_k_plus_one"] = "top_k_plus_one"  # type: ignore[assignment]
+
+    def truncate(self, logits):
+        return TopKSpec(k=self.k + 1).truncate(logits)
+
+
+class RescalingSpec(SamplerSpec):
+    """A new kind whose ``truncate`` keeps the upper half of the tokens but also sharpens
+    them (doubles their logits): a truncation may only remove tokens."""
+
+    kind: Literal["rescaling"] = "rescaling"
+
+    def truncate(self, logits):
+        median = np.median(logits, axis=-1, keepdims=True)
+        return np.where(logits >= median, 2 * logits, -np.inf)
+
+
+class WideTopKSpec(TopKSpec):
+    """Its example k is wider than the contract's vocabulary: truncation would go untested."""
+
+    kind: Literal["wide_top_k"] = "wide_top_k"  # type: ignore[assignment]
+    k: int = Field(100, gt=0, examples=[100])
 
 
 class LossyTokenizer(CharTokenizer):
@@ -189,16 +289,38 @@ class LossySpec(CharTokenizerSpec):
         return LossyTokenizer(self)
 
 
-class FixedLrAdamW(torch.optim.Optimizer):
-    """Plain Adam that keeps the lr it was built with: ignores the trainer's schedule."""
+class ReorderingTokenizer(CharTokenizer):
+    """Numbers its characters by frequency when fitted, but saves them as a sorted set: a
+    reloaded tokenizer has the same vocabulary and gives other ids."""
 
-    def __init__(self, params, lr):
+    def fit(self, text):
+        counts = Counter(text)
+        self._set_chars(sorted(counts, key=lambda c: (-counts[c], c)))
+
+    def state(self):
+        return {"chars": "".join(sorted(self.chars))}
+
+
+class ReorderingSpec(CharTokenizerSpec):
+    kind: Literal["reordering"] = "reordering"  # type: ignore[assignment]
+
+    def build(self):
+        return ReorderingTokenizer(self)
+
+
+class FixedLrAdamW(torch.optim.Optimizer):
+    """Plain Adam that keeps the lr it was built with: ignores the trainer's schedule
+    (``gated``: except that an lr of 0 skips the step, so only the step size is wrong)."""
+
+    def __init__(self, params, lr, gated=False):
         super().__init__(params, {"lr": lr})
-        self.fixed_lr = lr
+        self.fixed_lr, self.gated = lr, gated
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
+            if self.gated and group["lr"] == 0:
+                continue
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -218,6 +340,75 @@ class FixedLrSpec(AdamWSpec):
         return FixedLrAdamW([p for p in model.parameters() if p.requires_grad], lr)
 
 
+class LrGatedSpec(AdamWSpec):
+    kind: Literal["lr_gated"] = "lr_gated"  # type: ignore[assignment]
+
+    def build(self, model, *, lr):
+        return FixedLrAdamW([p for p in model.parameters() if p.requires_grad], lr, gated=True)
+
+
+class AscendingSpec(AdamWSpec):
+    """A sign error: AdamW that climbs the gradient (follows the lr, and never descends)."""
+
+    kind: Literal["ascending"] = "ascending"  # type: ignore[assignment]
+
+    def build(self, model, *, lr):
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=lr, maximize=True)
+
+
+class Moments:
+    """An optimizer's per-parameter state kept as a Python object (pickled, not tensors)."""
+
+    def __init__(self, p):
+        self.m, self.v = torch.zeros_like(p), torch.zeros_like(p)
+
+
+class StepCountingAdam(torch.optim.Optimizer):
+    """Adam with bias correction. ``objects``: keeps each parameter's moments in a
+    :class:`Moments` object (a checkpoint needs pickle to load it); otherwise keeps the step
+    count on the optimizer, outside ``state_dict()`` (a resumed one restarts its bias
+    correction)."""
+
+    def __init__(self, params, lr, objects):
+        super().__init__(params, {"lr": lr})
+        self.objects, self.t = objects, 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.t += 1
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if self.objects:
+                    moments = self.state[p].setdefault("moments", Moments(p))
+                    m, v = moments.m, moments.v
+                else:
+                    state = self.state[p]
+                    if not state:
+                        state["m"], state["v"] = torch.zeros_like(p), torch.zeros_like(p)
+                    m, v = state["m"], state["v"]
+                m.mul_(0.9).add_(p.grad, alpha=0.1)
+                v.mul_(0.99).addcmul_(p.grad, p.grad, value=0.01)
+                m_hat, v_hat = m / (1 - 0.9**self.t), v / (1 - 0.99**self.t)
+                p.sub_(group["lr"] * m_hat / (v_hat.sqrt() + 1e-8))
+
+
+class ObjectStateSpec(AdamWSpec):
+    kind: Literal["object_state"] = "object_state"  # type: ignore[assignment]
+
+    def build(self, model, *, lr):
+        return StepCountingAdam(list(model.parameters()), lr, objects=True)
+
+
+class UnsavedStepSpec(AdamWSpec):
+    kind: Literal["unsaved_step"] = "unsaved_step"  # type: ignore[assignment]
+
+    def build(self, model, *, lr):
+        return StepCountingAdam(list(model.parameters()), lr, objects=False)
+
+
 @hookimpl
 def gptkit_register_attention(register):
     register(PeekingSpec)
@@ -227,19 +418,36 @@ def gptkit_register_attention(register):
     register(NoExampleSpec)
     register(DecodeMaskDroppingSpec)
     register(FixedInitSpec)
+    register(TransposedCacheSpec)
+    register(UnusedGateSpec)
+
+
+@hookimpl
+def gptkit_register_positional(register):
+    register(RestartingRoPESpec)
 
 
 @hookimpl
 def gptkit_register_sampler(register):
     register(GlobalRngSpec)
     register(DrawsUntruncatedSpec)
+    register(OwnRngSpec)
+    register(SharedStateSpec)
+    register(TopKPlusOneSpec)
+    register(RescalingSpec)
+    register(WideTopKSpec)
 
 
 @hookimpl
 def gptkit_register_tokenizer(register):
     register(LossySpec)
+    register(ReorderingSpec)
 
 
 @hookimpl
 def gptkit_register_optimizer(register):
     register(FixedLrSpec)
+    register(LrGatedSpec)
+    register(AscendingSpec)
+    register(ObjectStateSpec)
+    register(UnsavedStepSpec)

@@ -141,6 +141,19 @@ def test_a_subclass_that_only_changes_qk_keeps_the_static_cache():
     assert model.static_cache and testing.models.check_static_cache(model)
 
 
+def test_a_static_cache_case_not_applicable_names_the_part_without_static_support():
+    """qk_norm keeps the static cache (above); paired with labkit's t5_bias, whose score_bias
+    has no score_bias_at, the model falls back, and the skip says it is t5_bias."""
+    pytest.importorskip("gptkit_qknorm")
+    pytest.importorskip("gptkit_labkit")
+    plugins = ("gptkit_qknorm", "gptkit_labkit")
+    case = testing.Case("attention", "qk_norm", "static_cache", plugins, "t5_bias")
+    with pytest.raises(pytest.skip.Exception) as info:
+        run_contract(case)
+    assert str(info.value) == "not applicable: positional 't5_bias' declares no static cache"
+    run_contract(case._replace(partner="alibi"))  # runs: qk_norm itself has static support
+
+
 def test_a_positional_plugin_with_only_score_bias_falls_back():
     from gptkit.components.positional import ALiBi
 

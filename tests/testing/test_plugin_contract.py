@@ -45,34 +45,106 @@ def test_every_slot_has_cases_with_one_id_per_property():
     assert "attention-sliding_window-kv_cache" in ids and "optimizer-adamw-zero_lr" in ids
 
 
+# One deliberately broken component per property of gptkit.testing (the ONNX one is below,
+# in the slow lane): (slot, kind, property, plugin module, what the failure says).
 BROKEN = [
-    ("attention", "peeking", "causal", "Tensor-likes are not close"),
-    ("attention", "forgetful", "kv_cache", "Tensor-likes are not close"),
-    ("attention", "mask_ignoring", "padding", "Tensor-likes are not close"),
-    ("attention", "shifted_static", "static_cache", "differs from the concatenating cache"),
-    ("attention", "decode_mask_dropping", "joining", "joined"),
-    ("attention", "fixed_init", "determinism", "its init ignores the seed"),
-    ("sampler", "draws_untruncated", "distribution", "outside the sampler's support"),
-    ("sampler", "global_rng", "seeded", "numpy's global RNG"),
-    ("tokenizer", "lossy", "roundtrip", "decode(encode(x)) != x"),
-    ("optimizer", "fixed_lr", "zero_lr", "ignores the schedule"),
-    ("optimizer", "fixed_lr", "follows_lr", "does not follow the schedule"),
+    ("attention", "transposed_cache", "shapes", "broken_components", "(B, H_kv, T, head_dim)"),
+    ("attention", "peeking", "causal", "broken_components", "Tensor-likes are not close"),
+    ("attention", "forgetful", "kv_cache", "broken_components", "Tensor-likes are not close"),
+    ("positional", "restarting_rope", "kv_cache", "broken_components", "cached decode differs"),
+    (
+        "attention",
+        "shifted_static",
+        "static_cache",
+        "broken_components",
+        "differs from the concatenating cache",
+    ),
+    ("attention", "decode_mask_dropping", "joining", "broken_components", "joined"),
+    ("attention", "mask_ignoring", "padding", "broken_components", "Tensor-likes are not close"),
+    ("attention", "unused_gate", "gradients", "broken_components", "no gradient reaches"),
+    ("attention", "fixed_init", "determinism", "broken_components", "its init ignores the seed"),
+    ("tokenizer", "torch_char", "torch_free", "torch_importing", "must import without torch"),
+    ("tokenizer", "lossy", "roundtrip", "broken_components", "decode(encode(x)) != x"),
+    ("tokenizer", "reordering", "save_load", "broken_components", "encodes differently"),
+    ("sampler", "torch_softmax", "torch_free", "torch_importing", "must import without torch"),
+    ("sampler", "draws_untruncated", "distribution", "broken_components", "outside the sampler"),
+    (
+        "sampler",
+        "top_k_plus_one",
+        "distribution",
+        "broken_components",
+        "probs() is not the top_k distribution",
+    ),
+    ("sampler", "rescaling", "distribution", "broken_components", "must only set excluded"),
+    ("sampler", "wide_top_k", "distribution", "broken_components", "truncate nothing"),
+    ("sampler", "global_rng", "seeded", "broken_components", "numpy's global RNG"),
+    ("sampler", "own_rng", "seeded", "broken_components", "the rng is ignored"),
+    ("sampler", "leaky", "state", "leaky_sampler", "leaks between generations"),
+    ("sampler", "shared_state", "state", "broken_components", "a new object per row"),
+    ("optimizer", "ascending", "descends", "broken_components", "loss did not go down"),
+    ("optimizer", "fixed_lr", "zero_lr", "broken_components", "ignores the schedule"),
+    ("optimizer", "fixed_lr", "follows_lr", "broken_components", "does not follow the schedule"),
+    ("optimizer", "lr_gated", "follows_lr", "broken_components", "does not follow the schedule"),
+    (
+        "optimizer",
+        "object_state",
+        "state_weights_only",
+        "broken_components",
+        "does not load with weights_only=True",
+    ),
+    (
+        "optimizer",
+        "unsaved_step",
+        "state_weights_only",
+        "broken_components",
+        "resumed optimizer stepped differently",
+    ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("slot", "kind", "prop", "needle"), BROKEN, ids=[f"{s}-{k}-{p}" for s, k, p, _ in BROKEN]
+    ("slot", "kind", "prop", "module", "needle"),
+    BROKEN,
+    ids=[f"{s}-{k}-{p}" for s, k, p, _, _ in BROKEN],
 )
-def test_broken_components_are_caught(slot, kind, prop, needle, tmp_path):
-    with pytest.raises(AssertionError, match=needle.replace("(", r"\(").replace(")", r"\)")):
-        run_contract(Case(slot, kind, prop, ("broken_components",)), tmp_path)
+def test_broken_components_are_caught(slot, kind, prop, module, needle, tmp_path):
+    with pytest.raises(AssertionError) as info:
+        run_contract(Case(slot, kind, prop, (module,)), tmp_path)
+    message = str(info.value)
+    assert f"{slot} '{kind}'" in message and f"fails the contract's {prop} property" in message
+    assert needle in message, message
+
+
+def test_every_property_has_a_broken_component_it_rejects():
+    """A property no broken component fails could be a check that cannot fail."""
+    caught = {(slot, prop) for slot, _, prop, _, _ in BROKEN} | {("attention", "onnx")}
+    for slot, props in testing.PROPERTIES.items():
+        for prop in props:
+            # attention and positional components run the same model checks
+            assert (slot, prop) in caught or (
+                slot == "positional" and ("attention", prop) in caught
+            ), f"{slot} {prop}"
+
+
+def test_the_broken_components_pass_the_properties_they_do_not_break(tmp_path):
+    """Each fixture breaks one thing: the checks it passes are not failing by accident."""
+    for slot, kind, prop, module in [
+        ("attention", "transposed_cache", "causal", "broken_components"),
+        ("optimizer", "ascending", "follows_lr", "broken_components"),
+        ("optimizer", "lr_gated", "zero_lr", "broken_components"),
+        ("optimizer", "unsaved_step", "descends", "broken_components"),
+        ("tokenizer", "reordering", "roundtrip", "broken_components"),
+        ("tokenizer", "torch_char", "save_load", "torch_importing"),
+    ]:
+        run_contract(Case(slot, kind, prop, (module,)), tmp_path / kind)
 
 
 @pytest.mark.slow  # an ONNX export
 def test_an_onnx_graph_ignoring_attention_mask_is_caught(tmp_path):
     case = Case("attention", "mask_ignoring", "onnx", ("broken_components",))
-    with pytest.raises(AssertionError, match="padded row differs from the row alone"):
+    with pytest.raises(AssertionError, match="padded row differs from the row alone") as info:
         run_contract(case, tmp_path)
+    assert "fails the contract's onnx property" in str(info.value)
 
 
 def test_a_component_whose_example_cannot_be_built_fails_not_skips(tmp_path):
@@ -82,8 +154,9 @@ def test_a_component_whose_example_cannot_be_built_fails_not_skips(tmp_path):
 
 def test_static_cache_without_static_support_is_not_applicable_not_passed(tmp_path):
     case = Case("attention", "naive", "static_cache", ("inline_attention",))
-    with pytest.raises(pytest.skip.Exception, match="not applicable"):
+    with pytest.raises(pytest.skip.Exception) as info:
         run_contract(case, tmp_path)
+    assert str(info.value) == "not applicable: attention 'naive' declares no static cache"
 
 
 def test_the_cache_that_forgets_after_20_tokens_passed_the_old_16_token_check():
