@@ -481,6 +481,11 @@ class SpecTrainer:
                 signal.signal(sig, h)
             self.progress.close()
             spooled = self._finish(status)
+        # Every rank waits here for the others' last collectives (the checkpoint's state-dict
+        # gathers are asynchronous under FSDP): a rank that exited with one still in flight
+        # let gloo's worker thread free its tensors during interpreter teardown, which aborts
+        # the process ("terminate called without an active exception").
+        self.dist.barrier()
         return self._result(spooled)
 
     def _fit(self) -> None:
