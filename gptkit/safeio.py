@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from gptkit.errors import GptkitError
 
@@ -65,6 +65,12 @@ def open_regular(path: str | Path, what: str, error: type[GptkitError] = GptkitE
         raise error(f"{what} {path} is {_describe(mode)}; expected a regular file")
     os.set_blocking(fd, True)
     return fd
+
+
+def open_stream(path: str | Path, what: str, error: type[GptkitError] = GptkitError) -> BinaryIO:
+    """A binary file object for a regular file, for reads too large to hold at once (data files,
+    hashing): :func:`open_regular`'s checks, then an ordinary buffered reader."""
+    return os.fdopen(open_regular(path, what, error), "rb")
 
 
 def check_regular(

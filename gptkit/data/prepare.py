@@ -48,7 +48,7 @@ from gptkit.data.encode import POOL_MIN_BYTES, _init_worker, _work, _workers_for
 from gptkit.data.shards import CACHE_FORMAT, ShardWriter, TokenArray, open_shard, token_dtype
 from gptkit.data.sources import EMBEDDED, Source, iter_pieces, piece_has_text, resolve_sources
 from gptkit.errors import DataError
-from gptkit.safeio import read_json
+from gptkit.safeio import open_stream, read_json
 
 MAX_META = 64 << 20  # a cache entry's meta.json
 
@@ -179,7 +179,7 @@ def _content_digest(sources: list[Source]) -> str:
         for path in files:
             h.update(f"{path.relative_to(src.path) if src.path.is_dir() else ''}\0".encode())
             try:
-                with open(path, "rb") as f:
+                with open_stream(path, "data file", DataError) as f:
                     while block := f.read(8 << 20):
                         h.update(block)
             except OSError as exc:  # e.g. /proc/self/mem: a "regular" file that cannot be read

@@ -9,6 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from gptkit.errors import DataError
+from gptkit.safeio import check_regular
+
 HEADER_INTS = 256  # llm.c's .bin header: 256 int32
 
 
@@ -39,6 +42,7 @@ def write_shard_header(f, dtype, n_tokens: int) -> None:
 
 def open_shard(path: Path, expected: int | None = None) -> np.memmap:
     """Memory-map a shard after checking its header (and its length against ``expected``)."""
+    check_regular(path, "token shard", error=DataError)  # a FIFO would block np.fromfile
     header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
     if len(header) < HEADER_INTS or header[0] != MAGIC or header[1] not in (1, 2):
         raise ValueError(f"{path} is not a gptkit/llm.c token shard")

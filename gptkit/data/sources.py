@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gptkit.errors import DataError
-from gptkit.safeio import read_json, walk_files
+from gptkit.safeio import open_stream, read_json, walk_files
 
 EMBEDDED = {
     "tinyshakespeare": (
@@ -187,7 +187,7 @@ def _text_pieces(src: Source, data: bytes | None = None) -> Iterator[Piece]:
     lines), else at a UTF-8 character boundary."""
     if src.size == 0:
         raise DataError(f"data file {src.name} is empty", "Remove it from data.source.")
-    stream = open(src.path, "rb") if data is None else None  # noqa: SIM115 - closed below
+    stream = open_stream(src.path, "data file", DataError) if data is None else None
     try:
         carry, offset, first = b"", 0, True
         pos = 0
@@ -216,7 +216,7 @@ def _text_pieces(src: Source, data: bytes | None = None) -> Iterator[Piece]:
 
 def _jsonl_pieces(src: Source, field_name: str) -> Iterator[Piece]:
     """Blocks of whole lines (~1 MB); the worker parses them."""
-    with open(src.path, "rb") as f:
+    with open_stream(src.path, "data file", DataError) as f:
         line_no, lines, size = 1, [], 0
         for line in f:
             lines.append(line)

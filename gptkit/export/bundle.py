@@ -21,6 +21,7 @@ from gptkit.export.parity import PARITY_RTOL, parity_check
 from gptkit.export.quantize import _quantize_bundle
 from gptkit.model import GPT
 from gptkit.registry.registry import spec_provenance
+from gptkit.safeio import open_stream
 from gptkit.store.bundle import MANIFEST, MODEL_FILE, folder_files, removable_bundle
 
 _CHECKED = (("causal", "causal"), ("cache_equals_full", "cache equals full forward"))
@@ -58,7 +59,7 @@ def bundle_manifest(
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_stream(path, "bundle file", GptkitError) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()

@@ -26,10 +26,12 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from gptkit.errors import RunError
+from gptkit.safeio import check_regular, read_bytes, read_json
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+MAX_META_BYTES = 1 << 20  # a checkpoint's meta.json: a few hundred bytes in practice
 
 
 def _fsync_dir(path: Path) -> None:
@@ -57,9 +59,10 @@ def read_pointer(path: Path) -> str | None:
     """The checkpoint name a pointer file holds; ``None`` if missing, empty, or anything but
     a plain ``step-N`` name (a pointer never leads out of its folder)."""
     try:
-        name = path.read_text(errors="replace").strip()
-    except OSError:
+        name = read_bytes(path, "checkpoint pointer", 64, RunError).decode("ascii", "replace")
+    except RunError:  # missing, not a regular file, or too long for a step name
         return None
+    name = name.strip()
     return name if _NAME.fullmatch(name) else None
 
 
@@ -121,9 +124,10 @@ def save_checkpoint(
 
 def _meta(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((path / META_FILE).read_text())
-    except (OSError, ValueError):
+        meta = read_json(path / META_FILE, "checkpoint meta", MAX_META_BYTES, RunError)
+    except RunError:
         return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def set_aside_after(ckpt_dir: Path, chosen: Path) -> Path | None:
@@ -168,8 +172,10 @@ def _prune(ckpt_dir: Path, keep_last: int, keep: set[str | None]) -> None:
 def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load weights into ``model``; return (training state, meta). Never unpickles code."""
     for f in (WEIGHTS_FILE, STATE_FILE, META_FILE):
-        if not (path / f).is_file():
+        if not (path / f).exists():
             raise RunError(f"checkpoint {path} is incomplete: {f} is missing")
+        # torch.load and safetensors open the files themselves: a FIFO would block them.
+        check_regular(path / f, f"checkpoint file {f}", error=RunError)
     _check_shapes(path / WEIGHTS_FILE, model)
     try:
         missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False)

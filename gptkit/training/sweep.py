@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from gptkit.errors import GptkitError, RunError, SpecError
+from gptkit.safeio import read_json
 from gptkit.spec.models import ExperimentSpec
 from gptkit.spec.validate import validate_spec
-from gptkit.store.rundir import RunDir, default_run_name, short_override
+from gptkit.store.rundir import MAX_RUN_FILE, RunDir, default_run_name, short_override
 
 MAX_POINTS = 1000
 SWEEP_SPEC = "sweep-spec.yaml"  # the composed spec a sweep runs (kept for its resume)
@@ -132,8 +133,8 @@ def resume_sweep(root: Path, progress: bool = True, command: str | None = None) 
 def read_sweep_state(root: Path) -> dict[str, Any]:
     """A sweep folder's ``sweep.json`` (made by this version: it names its spec and overrides)."""
     try:
-        state = json.loads(RunDir.sweep_file(root).read_text())
-    except (OSError, ValueError) as exc:
+        state = read_json(RunDir.sweep_file(root), "sweep.json", MAX_RUN_FILE, RunError)
+    except RunError as exc:
         raise RunError(f"{root} is not a sweep folder (no readable sweep.json: {exc})") from None
     if not isinstance(state, dict) or not (root / SWEEP_SPEC).is_file() or "source" not in state:
         raise RunError(
@@ -145,7 +146,9 @@ def read_sweep_state(root: Path) -> dict[str, Any]:
 
 
 def is_sweep_folder(path: Path) -> bool:
-    return RunDir.sweep_file(path).is_file() and (path / SWEEP_SPEC).is_file()
+    # exists(), not is_file(): a sweep.json that is a FIFO or a folder is a damaged sweep,
+    # which read_sweep_state names, not "not a run".
+    return RunDir.sweep_file(path).exists() and (path / SWEEP_SPEC).is_file()
 
 
 def newest_sweep(spec_name: str) -> Path | None:

@@ -15,6 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+from gptkit.errors import RunError
+from gptkit.safeio import read_json
+from gptkit.store.rundir import MAX_RUN_FILE
+
 POLL_SECONDS = 0.3
 
 
@@ -57,8 +61,8 @@ def mark_killed(uri: str, run_id: str) -> list[str]:
 def mark_state(sweep_dir: Path) -> None:
     path = sweep_dir / "sweep.json"
     try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
+        state = read_json(path, "sweep.json", MAX_RUN_FILE, RunError)
+    except RunError:
         return
     if isinstance(state, dict) and state.get("status") == "running":
         state["status"] = "killed"

@@ -59,6 +59,12 @@ def test_a_damaged_cache_entry_is_rebuilt_never_read_blindly(tmp_path):
         shard = meta_file.parent / good["shards"][0]["file"]
         ids = np.memmap(shard, dtype=np.dtype(good["dtype"]), mode="r", offset=256 * 4)
         assert int(ids.max()) < good["vocab_size"]
+    shard = meta_file.parent / good["shards"][0]["file"]
+    shard.unlink()
+    os.mkfifo(shard)  # np.fromfile would wait on it forever
+    again = _prepare(cache, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert shard.is_file() and json.loads(again.stdout)["tokens"] == good["tokens"]  # rebuilt
 
 
 @pytest.mark.slow  # a subprocess importing the spec layer: ~3 s on 2 shared cores

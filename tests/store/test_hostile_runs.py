@@ -108,3 +108,48 @@ def test_a_fifo_as_the_mlflow_link_is_not_waited_on(tmp_path):
         [sys.executable, "-c", code, str(run)], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
+
+
+def _resume(run, cwd):
+    return run_cli(
+        "train",
+        "--resume",
+        "--run-dir",
+        run,
+        "--no-progress",
+        "--set",
+        "tracking.enabled=false",
+        "--set",
+        "train.max_steps=30",
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+def test_resume_over_a_fifo_latest_pointer_uses_the_checkpoints_themselves(smoke_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    newest = sorted((run / "checkpoints").glob("step-*"))[-1].name
+    (run / "checkpoints" / "latest").unlink()
+    os.mkfifo(run / "checkpoints" / "latest")
+    result = _resume(run, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"from {newest} (step" in result.stdout, result.stdout
+
+
+def test_resume_over_a_checkpoint_file_that_is_a_fifo_exits_2(smoke_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    for ckpt in (run / "checkpoints").glob("step-*"):
+        (ckpt / "state.pt").unlink()
+        os.mkfifo(ckpt / "state.pt")  # torch.load would wait on it forever
+    assert_user_error(_resume(run, tmp_path), "is a FIFO")
+
+
+def test_resume_over_a_fifo_sweep_record_exits_2(tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "sweep-spec.yaml").write_text(SMOKE.read_text())
+    os.mkfifo(sweep / "sweep.json")
+    result = run_cli("train", "--resume", "--run-dir", sweep, cwd=tmp_path, timeout=60)
+    assert_user_error(result, "sweep.json", "is a FIFO")
