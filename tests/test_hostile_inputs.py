@@ -349,3 +349,30 @@ def test_import_hf_of_truncated_weights_at_the_cli(gpt2_folder, tmp_path):
         "not a readable safetensors file",
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_no_usable_temporary_folder_exits_2_and_a_bad_tmpdir_alone_warns(tmp_path):
+    import subprocess
+    import sys
+
+    # What Python sees on a full disk: every candidate folder refuses a test file. /proc
+    # refuses it for real; the candidate list is narrowed to it so the rest of the machine's
+    # (writable) folders are not tried.
+    code = (
+        "import sys, tempfile\n"
+        "tempfile.tempdir = None\n"
+        "tempfile._candidate_tempdir_list = lambda: ['/proc']\n"
+        "from gptkit.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    full = subprocess.run(
+        [sys.executable, "-c", code, "validate", str(SMOKE)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert_user_error(full, "no usable temporary folder", "is the disk full?", "TMPDIR")
+    bad = run_cli("runs", cwd=tmp_path, env={"TMPDIR": str(tmp_path / "missing")}, timeout=120)
+    assert bad.returncode == 0, bad.stderr
+    assert f"TMPDIR={tmp_path / 'missing'} is not usable" in bad.stderr
