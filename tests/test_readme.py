@@ -48,7 +48,9 @@ def test_readme_python_blocks_run_as_written(smoke_run, tmp_path, monkeypatch, c
     # (ONNX export included).
     ns = next(ns for ns in namespaces if "test_my_attention" in ns)
     cases = [c for c in ns["contract_cases"](["my_attention"], kinds=("mqa",), pairs=True)]
+    # every property with rope, and positional_weights (paired with learned by design)
     rope = [c.values[0] for c in cases if c.values[0].partner == "rope"]
+    rope += [c.values[0] for c in cases if c.values[0].prop == "positional_weights"]
     assert {c.prop for c in rope} == set(
         ns["contract_cases"].__globals__["PROPERTIES"]["attention"]
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from gptkit.registry.registry import load_registry
-from gptkit.testing.models import PARTNERS, run_model_case
+from gptkit.testing.models import PARTNERS, WEIGHTED_POSITIONAL, run_model_case
 from gptkit.testing.optimizers import run_optimizer_case
 from gptkit.testing.samplers import run_sampler_case
 from gptkit.testing.tokenizers import run_tokenizer_case
@@ -25,7 +25,9 @@ MODEL_PROPERTIES = (
     "onnx",
 )
 PROPERTIES: dict[str, tuple[str, ...]] = {
-    "attention": MODEL_PROPERTIES,
+    # positional_weights: an attention leaves the positional scheme's weights alone (checked
+    # with the built-in positional that has weights, whatever the case's partner).
+    "attention": (*MODEL_PROPERTIES, "positional_weights"),
     "positional": MODEL_PROPERTIES,
     "tokenizer": ("torch_free", "roundtrip", "save_load"),
     "sampler": ("torch_free", "distribution", "seeded", "state"),
@@ -76,15 +78,23 @@ def contract_cases(
                 continue
             if provider is not None and provider not in _provider_names(registry, reg):
                 continue
-            for partner in _partners(registry, slot, pairs):
-                for prop in PROPERTIES[slot]:
-                    if props is not None and prop not in props:
-                        continue
+            for partner, prop in _pairings(registry, slot, pairs):
+                if props is None or prop in props:
                     case = Case(slot, kind, prop, tuple(plugins), partner)
                     # ONNX export takes tens of seconds on a CPU: outside the fast lane.
                     marks = [pytest.mark.slow] if prop == "onnx" else []
                     cases.append(pytest.param(case, id=str(case), marks=marks))
     return cases
+
+
+def _pairings(registry: Any, slot: str, pairs: bool) -> list[tuple[str | None, str]]:
+    """(partner, property) for each case of a component in ``slot``. ``positional_weights``
+    is one case whatever ``pairs`` says: it pairs with the weighted positional itself."""
+    partners = _partners(registry, slot, pairs)
+    out = [(p, prop) for p in partners for prop in PROPERTIES[slot] if prop != "positional_weights"]
+    if "positional_weights" in PROPERTIES[slot]:
+        out.append((WEIGHTED_POSITIONAL, "positional_weights"))
+    return out
 
 
 def _provider_names(registry: Any, reg: Any) -> set[str]:
@@ -108,7 +118,9 @@ def run_contract(case: Case, tmp_path: Any = None) -> None:
     example cannot be built fails, naming what to add."""
     registry = load_registry(case.plugins)
     cls = registry.get(case.slot, case.kind)
-    if case.slot in PARTNERS and case.partner is None:
+    if case.prop == "positional_weights":
+        case = case._replace(partner=WEIGHTED_POSITIONAL)
+    elif case.slot in PARTNERS and case.partner is None:
         case = case._replace(partner=PARTNERS[case.slot][1])
     try:
         example = cls.example()

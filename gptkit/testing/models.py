@@ -353,6 +353,9 @@ def run_model_case(case: Any, example: Any, folder: Path) -> None:
             f"another seed gave the {case.slot}'s weights unchanged: its init ignores the seed"
         )
         return
+    if case.prop == "positional_weights":
+        check_positional_weights(case, example)
+        return
     model = contract_model(case, example)
     if case.prop == "static_cache" and not model.static_cache:
         import pytest
@@ -377,6 +380,45 @@ def run_model_case(case: Any, example: Any, folder: Path) -> None:
         }[case.prop]
         with torch.no_grad():
             check(model)
+
+
+# The built-in positional scheme with trained weights: an attention is checked against it.
+WEIGHTED_POSITIONAL = "learned"
+
+
+def check_positional_weights(case: Any, example: Any) -> None:
+    """An attention component leaves the positional scheme's weights as that scheme made them.
+
+    The GPT builds the positional module first and hands it to every attention; an attention
+    that re-initialises it (or marks it for the GPT's residual init) changes the model's
+    weights while being built, and one that writes to it in ``forward`` corrupts it while
+    training. Compared with the same seed's model whose attention is ``mha``: the positional
+    module is built before any attention, so its weights must be identical; then a training
+    forward and backward, an eval forward and a cached decode must leave them unchanged.
+    """
+    fields = _contract_fields(case._replace(partner=WEIGHTED_POSITIONAL), example)
+    model = _build(fields, case.plugins, seed=0)
+    reference = _build({**fields, "attention": {"kind": "mha"}}, case.plugins, seed=0)
+    where = f"positional '{WEIGHTED_POSITIONAL}'"
+    built = dict(reference.positional.named_parameters())
+    for name, p in model.positional.named_parameters():
+        assert torch.equal(p, built[name]), (
+            f"building the attention changed {where}'s weight '{name}': an attention must not "
+            "re-initialise the positional scheme it is given"
+        )
+    before = {n: p.detach().clone() for n, p in model.positional.named_parameters()}
+    idx = _tokens(2, 12)
+    model.train()
+    model(idx, idx).loss.backward()
+    model.eval()
+    with torch.no_grad():
+        out = model(idx[:, :6])
+        model(idx[:, 6:7], past_key_values=out.past_key_values)
+    for name, p in model.positional.named_parameters():
+        assert torch.equal(p.detach(), before[name]), (
+            f"a forward pass changed {where}'s weight '{name}' in place: an attention may read "
+            "the positional scheme, never write to it"
+        )
 
 
 def without_static_cache(model: GPT) -> str:
@@ -420,11 +462,19 @@ def cache_steps(example: Any) -> int:
 def contract_model(case: Any, example: Any, seed: int = 0) -> GPT:
     """The tiny GPT a model-component case runs on (fp32, eval mode): the component with its
     example values, paired with ``case.partner`` in the other model slot."""
+    return _build(_contract_fields(case, example), case.plugins, seed)
+
+
+def _contract_fields(case: Any, example: Any) -> dict[str, Any]:
     model: dict[str, Any] = dict(CONTRACT_MODEL)
     model["max_seq_len"] = max(model["max_seq_len"], CACHE_PREFILL + cache_steps(example) + 1)
     other, default = PARTNERS[case.slot]
     model[case.slot] = example.model_dump()
     model[other] = case.partner or default
-    spec = validate_spec({"name": "contract", "model": model, "plugins": list(case.plugins)})
+    return model
+
+
+def _build(model: dict[str, Any], plugins: tuple[str, ...], seed: int) -> GPT:
+    spec = validate_spec({"name": "contract", "model": model, "plugins": list(plugins)})
     torch.manual_seed(seed)
     return GPT(spec.model).eval()

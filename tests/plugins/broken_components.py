@@ -76,6 +76,34 @@ class ForgetfulSpec(AttentionSpec):
         )
 
 
+class ReinitsPositionalSpec(AttentionSpec):
+    """Re-draws the positional scheme's weights it is handed (a "helpful" init)."""
+
+    kind: Literal["reinits_positional"] = "reinits_positional"
+
+    def build(self, model, *, positional):
+        for p in positional.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        return _mha(CausalSelfAttention, model, positional)
+
+
+class PositionalVandalAttention(CausalSelfAttention):
+    """Correct attention that nudges the positional scheme's weights on every forward."""
+
+    def forward(self, x, positions, past=None, key_mask=None):
+        with torch.no_grad():
+            for p in self.positional.parameters():
+                p.mul_(0.999)
+        return super().forward(x, positions, past, key_mask)
+
+
+class PositionalVandalSpec(AttentionSpec):
+    kind: Literal["positional_vandal"] = "positional_vandal"
+
+    def build(self, model, *, positional):
+        return _mha(PositionalVandalAttention, model, positional)
+
+
 def _mha(cls, model, positional):
     return cls(model.d_model, model.n_heads, model.n_heads, model.dropout, model.bias, positional)
 
@@ -420,6 +448,8 @@ def gptkit_register_attention(register):
     register(FixedInitSpec)
     register(TransposedCacheSpec)
     register(UnusedGateSpec)
+    register(ReinitsPositionalSpec)
+    register(PositionalVandalSpec)
 
 
 @hookimpl

@@ -25,7 +25,13 @@ BUILTIN = sorted({(c.values[0].kind, c.values[0].partner) for c in BUILTIN_CASES
 
 def test_every_builtin_combination_is_covered():
     assert len(BUILTIN) == 15  # 3 attention x 5 positional kinds
-    assert len(BUILTIN_CASES) == 15 * len(MODEL_PROPS)
+    # every model property on every pair; positional_weights once per attention kind (it pairs
+    # with the weighted positional itself)
+    pair_props = [p for p in MODEL_PROPS if p != "positional_weights"]
+    assert len(BUILTIN_CASES) == 15 * len(pair_props) + 3
+    weights = [c.values[0] for c in BUILTIN_CASES if c.values[0].prop == "positional_weights"]
+    assert sorted(c.kind for c in weights) == ["gqa", "mha", "sliding_window"]
+    assert {c.partner for c in weights} == {"learned"}
 
 
 @pytest.mark.parametrize("case", BUILTIN_CASES)
