@@ -28,6 +28,10 @@ class Tokenizer:
     spec: TokenizerSpec
     vocab_size: int
     eot_id: int
+    #: The id standing for text the vocabulary leaves out (a vocabulary cut by frequency), or
+    #: None when every text encodes exactly (or is refused). With it set, the contract's round
+    #: trip holds on fitted text without the characters that encode to it.
+    unk_id: int | None = None
 
     def __init__(self, spec: TokenizerSpec) -> None:
         self.spec = spec

@@ -1,5 +1,6 @@
 """The properties every tokenizer must have: torch-free, decode(encode(x)) == x on text it was
-fitted on, and the same ids after save and load."""
+fitted on (without the rare characters a frequency-cut vocabulary sends to ``unk_id``), and the
+same ids after save and load."""
 
 from __future__ import annotations
 
@@ -64,13 +65,7 @@ def run_tokenizer_case(case: Any, example: Any, registry: Any, folder: Path) -> 
     pieces = ["".join(lines[:40]), "".join(lines[200:230]), "".join(lines[-20:]), lines[3]]
     if case.prop == "roundtrip":
         for piece in pieces:
-            ids = tok.encode(piece)
-            assert all(0 <= i < tok.vocab_size for i in ids), "encode gave ids outside the vocab"
-            back = tok.decode(ids)
-            assert back == piece, (
-                f"decode(encode(x)) != x for text the tokenizer was fitted "
-                f"on: {piece[:60]!r} came back as {back[:60]!r}"
-            )
+            check_roundtrip(tok, piece)
     elif case.prop == "save_load":
         from gptkit.components.tokenizers import load_tokenizer
 
@@ -81,3 +76,38 @@ def run_tokenizer_case(case: Any, example: Any, registry: Any, folder: Path) -> 
             assert again.encode(piece) == tok.encode(piece), (
                 "a reloaded tokenizer encodes differently"
             )
+
+
+MAX_UNKNOWN = 0.1  # the share of fitted text a vocabulary may leave to unk_id
+
+
+def check_roundtrip(tok: Any, piece: str) -> None:
+    """decode(encode(x)) == x on fitted text. A tokenizer with an ``unk_id`` (a vocabulary cut
+    by frequency) is held to it on the text without the characters it encodes as unknown, which
+    must be rare and must encode to ``unk_id``, not vanish."""
+    ids = tok.encode(piece)
+    assert all(0 <= i < tok.vocab_size for i in ids), "encode gave ids outside the vocab"
+    unk = getattr(tok, "unk_id", None)
+    kept = piece
+    if unk is not None:
+        assert isinstance(unk, int) and 0 <= unk < tok.vocab_size, (
+            f"unk_id {unk!r} outside the vocabulary"
+        )
+        # The characters it cannot give back on their own: these must be the unknown ones.
+        unknown = {c for c in set(piece) if tok.decode(tok.encode(c)) != c}
+        kept = "".join(c for c in piece if c not in unknown)
+        share = 1 - len(kept) / max(1, len(piece))
+        assert share <= MAX_UNKNOWN, (
+            f"{share:.0%} of the text it was fitted on encodes to unk_id (at most "
+            f"{MAX_UNKNOWN:.0%}): the vocabulary leaves out common characters"
+        )
+        lost = sorted(c for c in unknown if unk not in tok.encode(c))
+        assert not lost, (
+            f"characters outside the vocabulary ({lost[:5]}) must encode to unk_id, not vanish "
+            "or turn into other text"
+        )
+    back = tok.decode(tok.encode(kept))
+    assert back == kept, (
+        f"decode(encode(x)) != x for text the tokenizer was fitted "
+        f"on: {kept[:60]!r} came back as {back[:60]!r}"
+    )

@@ -13,6 +13,7 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import Field
+from rare_chars import ThresholdCharSpec, ThresholdCharTokenizer
 
 from gptkit.components.attention import CausalSelfAttention, StaticKV
 from gptkit.components.optimizers import AdamWSpec
@@ -317,6 +318,35 @@ class LossySpec(CharTokenizerSpec):
         return LossyTokenizer(self)
 
 
+class MostlyUnknownTokenizer(ThresholdCharTokenizer):
+    """Keeps only characters seen 2,000 times: most of the text it was fitted on is unknown."""
+
+    def fit(self, text):
+        counts = Counter(text)
+        self._set_chars(sorted(c for c, n in counts.items() if n >= 2000))
+
+
+class MostlyUnknownSpec(ThresholdCharSpec):
+    kind: Literal["mostly_unknown"] = "mostly_unknown"  # type: ignore[assignment]
+
+    def build(self):
+        return MostlyUnknownTokenizer(self)
+
+
+class VanishingUnknownTokenizer(ThresholdCharTokenizer):
+    """Declares unk_id but drops the characters it does not know instead of encoding them."""
+
+    def encode(self, text):
+        return [self._ids[c] for c in text if c in self._ids]
+
+
+class VanishingUnknownSpec(ThresholdCharSpec):
+    kind: Literal["vanishing_unknown"] = "vanishing_unknown"  # type: ignore[assignment]
+
+    def build(self):
+        return VanishingUnknownTokenizer(self)
+
+
 class ReorderingTokenizer(CharTokenizer):
     """Numbers its characters by frequency when fitted, but saves them as a sorted set: a
     reloaded tokenizer has the same vocabulary and gives other ids."""
@@ -472,6 +502,8 @@ def gptkit_register_sampler(register):
 def gptkit_register_tokenizer(register):
     register(LossySpec)
     register(ReorderingSpec)
+    register(MostlyUnknownSpec)
+    register(VanishingUnknownSpec)
 
 
 @hookimpl

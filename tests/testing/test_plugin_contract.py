@@ -80,6 +80,8 @@ BROKEN = [
     ("tokenizer", "torch_char", "torch_free", "torch_importing", "must import without torch"),
     ("tokenizer", "lossy", "roundtrip", "broken_components", "decode(encode(x)) != x"),
     ("tokenizer", "reordering", "save_load", "broken_components", "encodes differently"),
+    ("tokenizer", "mostly_unknown", "roundtrip", "broken_components", "encodes to unk_id (at most"),
+    ("tokenizer", "vanishing_unknown", "roundtrip", "broken_components", "not vanish"),
     ("sampler", "torch_softmax", "torch_free", "torch_importing", "must import without torch"),
     ("sampler", "draws_untruncated", "distribution", "broken_components", "outside the sampler"),
     (
@@ -138,6 +140,17 @@ def test_every_property_has_a_broken_component_it_rejects():
             assert (slot, prop) in caught or (
                 slot == "positional" and ("attention", prop) in caught
             ), f"{slot} {prop}"
+
+
+@pytest.mark.parametrize("prop", testing.PROPERTIES["tokenizer"])
+def test_a_vocabulary_cut_by_frequency_keeps_the_tokenizer_contract(prop, tmp_path):
+    """Rare characters encoding to unk_id are no round-trip failure (they were, before unk_id)."""
+    from rare_chars import ThresholdCharSpec
+
+    tok = ThresholdCharSpec().build()
+    tok.fit(testing.tokenizers.sample_text())
+    assert tok.unk_id in tok.encode("Q\u00e9!")  # the fixture really leaves characters out
+    run_contract(Case("tokenizer", "threshold_char", prop, ("rare_chars",)), tmp_path)
 
 
 def test_the_broken_components_pass_the_properties_they_do_not_break(tmp_path):
