@@ -18,19 +18,13 @@ import torch
 
 from gptkit.bench.generate import _step_time
 from gptkit.model import GPT
+from gptkit.training.device import describe, pick_device, synchronize, tune, use_bf16
+from gptkit.training.device import matmul_rate as device_matmul_rate
 
 
 def matmul_rate(n: int = 1024, repeats: int = 10) -> float:
-    """Best fp32 matrix-multiply rate on the CPU, FLOP/s (2 n^3 per n x n product)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    """Best fp32 matrix-multiply rate on the CPU, FLOP/s (see :func:`device.matmul_rate`)."""
+    return device_matmul_rate(torch.device("cpu"), torch.float32, n, repeats)
 
 
 def flops_per_token(model: GPT) -> float:
@@ -44,23 +38,40 @@ def flops_per_token(model: GPT) -> float:
 
 
 def train_speed(
-    spec, vocab: int, batch: int, steps: int, warmup: int, baseline: bool, compile: bool
+    spec,
+    vocab: int,
+    batch: int,
+    steps: int,
+    warmup: int,
+    baseline: bool,
+    compile: bool,
+    device: torch.device | None = None,
+    bf16: bool = False,
 ) -> dict[str, Any]:
     """Median seconds per optimizer step for gptkit's GPT (and the plain baseline), alternating
-    so that both see the same machine state."""
+    so that both see the same machine state; on ``device``, under bf16 autocast if ``bf16``
+    (as the trainer runs the spec)."""
+    from contextlib import nullcontext
+
     from gptkit.bench.plain_gpt import PlainGPT
 
+    device = device or torch.device("cpu")
     torch.manual_seed(0)
     m = spec.model.model_copy(update={"vocab_size": vocab})
     T = m.max_seq_len
-    x = torch.randint(0, vocab, (batch, T))
-    y = torch.randint(0, vocab, (batch, T))
-    model = GPT(m).train()
+    x = torch.randint(0, vocab, (batch, T)).to(device)
+    y = torch.randint(0, vocab, (batch, T)).to(device)
+    model = GPT(m).to(device).train()
     opt = spec.train.optimizer.build(model, lr=1e-4)
     fwd = torch.compile(model) if compile else model
 
+    def autocast() -> Any:
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
     def gptkit_step():
-        fwd(x, y).loss.backward()
+        with autocast():
+            loss = fwd(x, y).loss
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -73,12 +84,14 @@ def train_speed(
     runs = {"gptkit": gptkit_step}
     if baseline:
         plain = PlainGPT(vocab, m.d_model, m.n_heads, m.n_layers, m.hidden_dim, T, m.dropout)
-        plain.train()
-        popt = torch.optim.AdamW(plain.parameters(), lr=1e-4)
+        plain.to(device).train()
+        popt = torch.optim.AdamW(plain.parameters(), lr=1e-4, fused=device.type == "cuda")
         pfwd = torch.compile(plain) if compile else plain
 
         def baseline_step():
-            pfwd(x, y).backward()
+            with autocast():
+                loss = pfwd(x, y)
+            loss.backward()
             popt.step()
             popt.zero_grad(set_to_none=True)
 
@@ -88,10 +101,12 @@ def train_speed(
     for fn in runs.values():
         for _ in range(warmup):
             fn()
+    synchronize(device)
     for _ in range(steps):
         for k, fn in runs.items():
             t = time.perf_counter()
             fn()
+            synchronize(device)
             per[k].append(time.perf_counter() - t)
     for k, ts in per.items():
         sec = statistics.median(ts)
@@ -101,16 +116,25 @@ def train_speed(
 
 
 def generation_speed(
-    model: GPT, tokenizer_like, sampler, tokens: int, batches: list[int], onnx_dir: Path | None
+    model: GPT,
+    tokenizer_like,
+    sampler,
+    tokens: int,
+    batches: list[int],
+    onnx_dir: Path | None,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """Tokens/s for torch (no cache / cache) and onnxruntime (fp32 / int8), greedy."""
+    """Tokens/s for torch (no cache / cache, on ``device``) and onnxruntime (fp32 / int8, on
+    the CPU), greedy."""
     from gptkit.inference.decoding import decode_loop
     from gptkit.inference.torch import TorchBackend
 
+    device = device or torch.device("cpu")
+    model = model.to(device)
     out: dict[str, Any] = {}
     backends: dict[str, Any] = {
-        "torch_no_cache": (TorchBackend(model), False),
-        "torch_cache": (TorchBackend(model), True),
+        "torch_no_cache": (TorchBackend(model, device), False),
+        "torch_cache": (TorchBackend(model, device), True),
     }
     if onnx_dir is not None:
         from gptkit.inference.onnx import OnnxBackend, OnnxModel
@@ -142,13 +166,19 @@ def generation_speed(
 
 
 def decode_growth(
-    model: GPT, onnx_path: Path | None, contexts=(64, 1024), repeats: int = 20
+    model: GPT,
+    onnx_path: Path | None,
+    contexts=(64, 1024),
+    repeats: int = 20,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """Seconds for one cached decode step at each past length, torch and onnxruntime (each
-    with the cache it decodes with: static where every component supports it)."""
+    """Seconds for one cached decode step at each past length, torch (on ``device``) and
+    onnxruntime (each with the cache it decodes with: static where every component supports
+    it)."""
     from gptkit.inference.torch import TorchBackend
 
-    backends: dict[str, Any] = {"torch": TorchBackend(model)}
+    device = device or torch.device("cpu")
+    backends: dict[str, Any] = {"torch": TorchBackend(model.to(device), device)}
     if onnx_path is not None:
         from gptkit.inference.onnx import OnnxBackend, OnnxModel
 
@@ -188,17 +218,24 @@ def run_bench(
 
     if spec.train.threads:
         torch.set_num_threads(spec.train.threads)
+    device = pick_device(spec.train.device)  # the spec's device, as training would use it
+    bf16 = use_bf16(spec.train.precision, device)
+    tune(device)
     data = prepare_tokens(spec.data, spec.tokenizer)
     vocab = spec.model.vocab_size or data.tokenizer.vocab_size
     report: dict[str, Any] = {
         "spec": spec.name,
+        "device": describe(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "precision": "bf16" if bf16 else "fp32",
     }
-    log("measuring the fp32 matrix-multiply rate ...")
-    report["matmul_flops"] = matmul_rate()
+    log(f"measuring the {report['precision']} matrix-multiply rate on {report['device']} ...")
+    report["matmul_flops"] = device_matmul_rate(device, torch.bfloat16 if bf16 else torch.float32)
     log(f"timing training steps (batch {batch or spec.train.batch_size}) ...")
-    tr = train_speed(spec, vocab, batch or spec.train.batch_size, steps, warmup, baseline, compile)
+    tr = train_speed(
+        spec, vocab, batch or spec.train.batch_size, steps, warmup, baseline, compile, device, bf16
+    )
     report["train"] = tr
     _training_ratios(tr, report["matmul_flops"], baseline)
     report["peak_rss_mb_after_training"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -216,7 +253,9 @@ def run_bench(
         log(f"timing generation of {gen_tokens} tokens at batch {', '.join(map(str, batches))} ...")
         report["generate"] = {
             "new_tokens": gen_tokens,
-            **generation_speed(model, data.tokenizer, greedy, gen_tokens, list(batches), onnx_dir),
+            **generation_speed(
+                model, data.tokenizer, greedy, gen_tokens, list(batches), onnx_dir, device
+            ),
         }
         _generation_ratios(report["generate"])
         if context_growth:
@@ -230,7 +269,7 @@ def run_bench(
             if onnx:
                 path = Path(tmp) / "long.onnx"
                 export_onnx(long_model, path)
-            report["decode_growth"] = decode_growth(long_model, path)
+            report["decode_growth"] = decode_growth(long_model, path, device=device)
     return report
 
 
@@ -262,8 +301,9 @@ def _generation_ratios(g: dict[str, Any]) -> None:
 def format_report(r: dict[str, Any]) -> str:
     t, g = r["train"], r["generate"]
     lines = [
-        f"gptkit bench: {r['spec']} | torch {r['torch']} | {r['threads']} threads",
-        f"  fp32 matmul rate            {r['matmul_flops'] / 1e9:8.1f} GFLOP/s (measured now)",
+        f"gptkit bench: {r['spec']} | torch {r['torch']} | {r.get('device', 'cpu')}",
+        f"  {r.get('precision', 'fp32')} matmul rate            "
+        f"{r['matmul_flops'] / 1e9:8.1f} GFLOP/s (measured now on that device: MFU's peak)",
         f"  training, batch {t['batch']} x {t['context']}  "
         f"{t['gptkit_tokens_per_s']:8,.0f} tokens/s   "
         f"MFU {t['mfu']:.0%}   ({t['params'] / 1e6:.2f}M params)",

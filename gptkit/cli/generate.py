@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -40,6 +40,9 @@ def generate(
         typer.Option("--stop", help="Stop at this string (repeatable; \\n and \\t work)."),
     ] = None,
     checkpoint: Annotated[str, typer.Option(help="For runs: latest, best, or step-N.")] = "latest",
+    device: Annotated[
+        str, typer.Option(help="For runs: cpu, cuda or auto (bundles run on onnxruntime's CPU).")
+    ] = "cpu",
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Recompute the whole context for every token.")
     ] = False,
@@ -55,7 +58,6 @@ def generate(
     """Generate text from a training run (torch) or an export bundle (onnxruntime, no torch)."""
     if max_new_tokens is not None and max_new_tokens < 0:
         raise GptkitError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-    from gptkit.inference.base import Inference
     from gptkit.inference.decoding import GenerationOptions
     from gptkit.spec.validate import parse_sampler_overrides
 
@@ -69,11 +71,7 @@ def generate(
         stop=[codecs_unescape(s) for s in (stop or [])],
         sampler=parse_sampler_overrides(list(overrides or [])),
     )
-    from gptkit.store.bundle import is_bundle
-
-    if not is_bundle(run):  # a bundle, even a damaged one, says why
-        require_torch("generate")
-    gen = Inference.load(run, checkpoint=checkpoint)
+    gen = _open(run, checkpoint, device)
     prompts = [prompt] * num_samples
     if stream and num_samples == 1:
         typer.echo(prompt, nl=False)
@@ -210,3 +208,31 @@ def serve(
         access=access_log,
         threads=threads,
     )
+
+
+def _open(path: Path, checkpoint: str, device: str) -> Any:
+    """The generation object for a bundle (onnxruntime, CPU) or a run (torch, on ``device``)."""
+    from gptkit.inference.base import Inference
+    from gptkit.store.bundle import is_bundle
+
+    if is_bundle(path):  # a bundle, even a damaged one, says why
+        if device != "cpu":
+            raise GptkitError(
+                f"--device {device}: a bundle runs on onnxruntime's CPU provider",
+                "Leave --device out, or generate from the run folder on the GPU.",
+            )
+        return Inference.load(path, checkpoint=checkpoint)
+    require_torch("generate")
+    return Inference.load(path, checkpoint=checkpoint, device=str(_run_device(device)))
+
+
+def _run_device(name: str) -> Any:
+    """The torch device ``--device`` names, checked as ``train.device`` is."""
+    if name not in ("cpu", "cuda", "auto", "mps"):
+        raise GptkitError(f"--device {name!r}: use cpu, cuda, mps or auto")
+    from gptkit.training.device import pick_device
+
+    try:
+        return pick_device(name)
+    except GptkitError as exc:
+        raise GptkitError(str(exc).replace("train.device", "--device")) from None

@@ -35,11 +35,16 @@ class AdamWSpec(OptimizerSpec):
     def build(self, model, *, lr: float):
         import torch
 
+        # On CUDA, one fused kernel for the whole update instead of a few per tensor (sharded
+        # FSDP parameters keep the default implementation).
+        params = list(model.parameters())
+        fused = bool(params) and all(p.is_cuda and not hasattr(p, "device_mesh") for p in params)
         return torch.optim.AdamW(
             decay_groups(model, self.weight_decay),
             lr=lr,
             betas=(self.beta1, self.beta2),
             eps=self.eps,
+            **({"fused": True} if fused else {}),
         )
 
 

@@ -191,7 +191,13 @@ class TrainSpec(StrictModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast where the device supports it."
     )
-    compile: bool = Field(False, description="torch.compile the model.")
+    compile: Literal[False, True, "default", "reduce-overhead", "max-autotune"] = Field(
+        False,
+        description=(
+            "torch.compile the model (true: its default mode; reduce-overhead: CUDA graphs "
+            "for the step, fewer kernel launches on a GPU)."
+        ),
+    )
     threads: int | None = Field(None, gt=0, description="torch CPU threads; default: torch's.")
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp", description="Under torchrun: replicate (DDP) or shard (FSDP2) the model."

@@ -1,6 +1,7 @@
 """Training: the loop, its state, resume, tracking, sweeps.
 
 - ``SpecTrainer`` (loop.py): set up → step → log → evaluate → checkpoint, until max_steps.
+- device.py: which device a spec trains on, bf16 autocast, TF32; shared with ``gptkit bench``.
 - ``TrainState`` (state.py): everything a resume needs besides the weights.
 - resume.py (which run ``--resume`` continues, with which spec), plan.py (what a spec would
   train: ``gptkit validate``), distributed.py (torchrun), tracking.py (MLflow that never

@@ -20,9 +20,15 @@ class Dist:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.enabled = self.world > 1
+        nccl = self.enabled and torch.cuda.is_available()
+        # NCCL's collectives take tensors on this process's own GPU (cuda:LOCAL_RANK, which
+        # train.device "cuda" then means); gloo's take CPU tensors.
+        self.device = torch.device("cuda", self.local_rank) if nccl else torch.device("cpu")
+        if nccl:
+            torch.cuda.set_device(self.local_rank)
         if self.enabled and not dist.is_initialized():
             # gloo on CPU, NCCL on GPU: PyTorch's own engine, set up by torchrun's env vars.
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group("nccl" if nccl else "gloo")
             # Left to interpreter teardown, gloo's threads can abort the process ("terminate
             # called without an active exception") after training finished: close it first.
             atexit.register(_close_process_group)
@@ -46,14 +52,14 @@ class Dist:
     def mean(self, value: float) -> float:
         if not self.enabled:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(t)
         return float(t.item()) / self.world
 
     def any(self, flag: bool) -> bool:
         if not self.enabled:
             return flag
-        t = torch.tensor([1 if flag else 0])
+        t = torch.tensor([1 if flag else 0], device=self.device)
         torch.distributed.all_reduce(t)
         return bool(t.item())
 

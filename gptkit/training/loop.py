@@ -38,6 +38,7 @@ from gptkit.store.checkpoint import (
 from gptkit.store.checkpoint import load_checkpoint as load_checkpoint_files
 from gptkit.store.checkpoint import save_checkpoint as save_checkpoint_files
 from gptkit.store.rundir import RunDir
+from gptkit.training.device import pick_device, tune, use_bf16
 from gptkit.training.distributed import Dist
 from gptkit.training.progress import Progress, one_line, progress_sample
 from gptkit.training.resume import fingerprint, run_to_resume, spec_diff
@@ -95,37 +96,6 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float, peak: float) -> None:
     the base lr keeps half of the scheduled lr (the group's ``initial_lr`` is its peak)."""
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lr / peak
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise GptkitError(
-            "train.device is 'cuda' but no CUDA device is available",
-            "Use train.device=auto or cpu.",
-        )
-    if name == "mps" and not (
-        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-    ):
-        raise GptkitError("train.device is 'mps' but MPS is not available", "Use auto or cpu.")
-    return torch.device(name)
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    if precision == "fp32":
-        return False
-    supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if precision == "bf16" and not supported:
-        raise GptkitError(
-            f"train.precision is bf16 but {device.type} has no bf16 autocast here",
-            "Use train.precision=auto or fp32.",
-        )
-    return supported
 
 
 @torch.no_grad()
@@ -223,6 +193,7 @@ class SpecTrainer:
             torch.set_num_threads(spec.train.threads)
         self.device = pick_device(spec.train.device)
         self.bf16 = use_bf16(spec.train.precision, self.device)
+        tune(self.device)
         self._prepare_data()
         if self.dist.main:
             self.rundir.lock()  # one writer per run, from here on
@@ -369,7 +340,10 @@ class SpecTrainer:
             group.setdefault("initial_lr", group["lr"])
 
     def _wrap_for_speed(self) -> torch.nn.Module:
-        forward = torch.compile(self.model) if self.spec.train.compile else self.model
+        mode = self.spec.train.compile
+        forward = (
+            torch.compile(self.model, mode=None if mode is True else mode) if mode else self.model
+        )
         if self.dist.enabled and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 

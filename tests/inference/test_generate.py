@@ -310,10 +310,27 @@ def test_cli_generate_stream_samples_seed_and_sampler(smoke_run):
         (["--prompt", "x" * 40], "the model's context is 32"),
         (["--prompt", "ROMEO: ☃"], "never saw"),
         (["--set", "sampler.kind=mni_p"], "did you mean 'min_p'"),
+        (["--device", "tpu"], "use cpu, cuda, mps or auto"),
     ],
 )
 def test_cli_generate_bad_arguments(smoke_run, args, needle):
     assert_user_error(run_cli("generate", smoke_run, *args), needle)
+
+
+@pytest.mark.slow
+def test_generate_device_auto_matches_cpu_and_a_bundle_refuses_cuda(smoke_run, smoke_bundle):
+    args = ["--prompt", "ROMEO:", "-n", "20", "--seed", "3"]
+    cpu = run_cli("generate", smoke_run, *args)
+    auto = run_cli("generate", smoke_run, *args, "--device", "auto")
+    assert cpu.returncode == 0 and auto.returncode == 0, auto.stderr
+    if not torch.cuda.is_available():  # auto is the CPU here: the very same text
+        assert auto.stdout == cpu.stdout
+        assert_user_error(
+            run_cli("generate", smoke_run, *args, "--device", "cuda"), "no CUDA device"
+        )
+    assert_user_error(
+        run_cli("generate", smoke_bundle, *args, "--device", "cuda"), "onnxruntime's CPU"
+    )
 
 
 @pytest.mark.parametrize("kind", ["temperature", "top_k", "top_p", "min_p", "typical", "greedy"])
