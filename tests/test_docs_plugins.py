@@ -1,6 +1,8 @@
 """Every code block in docs/plugins.md runs: each plugin example passes gptkit's contract."""
 
+import atexit
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +30,7 @@ def _marker(code):
 
 # The plugin examples become importable modules (collection time: cases are built from them).
 MODULES = Path(tempfile.mkdtemp(prefix="gptkit-docs-plugins-"))
+atexit.register(shutil.rmtree, MODULES, True)  # made at collection time: gone when pytest ends
 PLUGINS = []
 for lang, code in BLOCKS:
     tag, args = _marker(code)
