@@ -18,13 +18,14 @@ import torch
 
 from gptkit.bench.generate import _step_time
 from gptkit.model import GPT
-from gptkit.training.device import describe, pick_device, synchronize, tune, use_bf16
-from gptkit.training.device import matmul_rate as device_matmul_rate
-
-
-def matmul_rate(n: int = 1024, repeats: int = 10) -> float:
-    """Best fp32 matrix-multiply rate on the CPU, FLOP/s (see :func:`device.matmul_rate`)."""
-    return device_matmul_rate(torch.device("cpu"), torch.float32, n, repeats)
+from gptkit.training.device import (
+    describe,
+    matmul_rate,
+    pick_device,
+    synchronize,
+    tune,
+    use_bf16,
+)
 
 
 def flops_per_token(model: GPT) -> float:
@@ -231,7 +232,7 @@ def run_bench(
         "precision": "bf16" if bf16 else "fp32",
     }
     log(f"measuring the {report['precision']} matrix-multiply rate on {report['device']} ...")
-    report["matmul_flops"] = device_matmul_rate(device, torch.bfloat16 if bf16 else torch.float32)
+    report["matmul_flops"] = matmul_rate(device, torch.bfloat16 if bf16 else torch.float32)
     log(f"timing training steps (batch {batch or spec.train.batch_size}) ...")
     tr = train_speed(
         spec, vocab, batch or spec.train.batch_size, steps, warmup, baseline, compile, device, bf16

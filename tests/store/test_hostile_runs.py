@@ -60,6 +60,22 @@ def test_runs_lists_the_good_runs_and_shows_each_bad_one_as_unreadable(tmp_path)
     assert table.returncode == 0 and "good one" in table.stdout, table.stderr
 
 
+def _resume(run, cwd):
+    return run_cli(
+        "train",
+        "--resume",
+        "--run-dir",
+        run,
+        "--no-progress",
+        "--set",
+        "tracking.enabled=false",
+        "--set",
+        "train.max_steps=30",
+        cwd=cwd,
+        timeout=120,
+    )
+
+
 @pytest.mark.parametrize(
     "damage,needle",
     [
@@ -73,20 +89,7 @@ def test_resume_over_a_lock_that_is_not_gptkits_exits_2(smoke_run, tmp_path, dam
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run)
     damage(run / ".lock")
-    result = run_cli(
-        "train",
-        "--resume",
-        "--run-dir",
-        run,
-        "--no-progress",
-        "--set",
-        "tracking.enabled=false",
-        "--set",
-        "train.max_steps=30",
-        cwd=tmp_path,
-        timeout=60,
-    )
-    assert_user_error(result, needle, "remove it")
+    assert_user_error(_resume(run, tmp_path), needle, "remove it")
     assert (run / ".lock").exists() or (run / ".lock").is_symlink()  # the user's, left alone
 
 
@@ -108,22 +111,6 @@ def test_a_fifo_as_the_mlflow_link_is_not_waited_on(tmp_path):
         [sys.executable, "-c", code, str(run)], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
-
-
-def _resume(run, cwd):
-    return run_cli(
-        "train",
-        "--resume",
-        "--run-dir",
-        run,
-        "--no-progress",
-        "--set",
-        "tracking.enabled=false",
-        "--set",
-        "train.max_steps=30",
-        cwd=cwd,
-        timeout=120,
-    )
 
 
 def test_resume_over_a_fifo_latest_pointer_uses_the_checkpoints_themselves(smoke_run, tmp_path):
