@@ -37,6 +37,8 @@ def _worker(conn: Connection, memory_bytes: int, max_chars: int) -> None:
     from gptkit.serve.render import render_chat
 
     _limit_memory(memory_bytes)
+    render_chat("{{ messages[0]['content'] }}", [{"role": "user", "content": ""}])  # imports
+    conn.send(("ready", ""))  # the render deadline starts after this: not the start-up's
     while True:
         try:
             template, messages = conn.recv()
@@ -60,14 +62,21 @@ class TemplateRenderer:
     """Renders chat templates in a worker process (started on first use); thread-safe."""
 
     def __init__(
-        self, timeout_s: float = 2.0, max_chars: int = 64 * 1024, memory_bytes: int = 1 << 30
+        self,
+        timeout_s: float = 2.0,
+        max_chars: int = 64 * 1024,
+        memory_bytes: int = 1 << 30,
+        start_timeout_s: float = 60.0,
     ) -> None:
         self.timeout_s, self.max_chars, self.memory_bytes = timeout_s, max_chars, memory_bytes
+        self.start_timeout_s = start_timeout_s
         self._lock = threading.Lock()
         self._proc: Any = None
         self._conn: Connection | None = None
 
     def _start(self) -> Connection:
+        """A new worker, once it is ready to render (a busy machine may take seconds to start
+        a Python process; that time is not taken from the first render's deadline)."""
         ctx = mp.get_context("spawn")  # nothing of the server (threads, sockets) is inherited
         ours, theirs = ctx.Pipe()
         self._proc = ctx.Process(
@@ -79,6 +88,11 @@ class TemplateRenderer:
         self._proc.start()
         theirs.close()
         self._conn = ours
+        if not ours.poll(self.start_timeout_s) or ours.recv() != ("ready", ""):
+            self._stop()
+            raise TemplateError(
+                f"the chat template worker did not start in {self.start_timeout_s:g} s"
+            )
         return ours
 
     def _stop(self) -> None:
@@ -92,8 +106,8 @@ class TemplateRenderer:
     def render(self, template: str, messages: list[dict[str, Any]]) -> str:
         """The prompt, or TemplateError; blocks (call it from a thread, not the event loop)."""
         with self._lock:
-            conn = self._conn or self._start()
             try:
+                conn = self._conn or self._start()
                 conn.send((template, messages))
                 if not conn.poll(self.timeout_s):
                     self._stop()  # a runaway template: the worker goes, a new one comes

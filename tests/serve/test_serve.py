@@ -842,3 +842,19 @@ def test_the_servers_runtime_leaves_the_cpu_to_its_http_side(bundle):
     alone = gptkit.load(bundle).model.session.get_session_options()
     with pytest.raises(RuntimeError):  # not set: onnxruntime's default, spinning
         alone.get_session_config_entry(key)
+
+
+def test_a_template_worker_start_up_is_not_taken_from_the_render_deadline():
+    """The worker (a new Python process) is started before the deadline runs: on a busy
+    machine its start-up alone can pass the deadline, and a plain template got a 400 for it
+    (the request after a runaway template, whose worker was killed, always starts one)."""
+    from gptkit.serve.templates import TemplateRenderer
+
+    renderer = TemplateRenderer(timeout_s=0.05)  # far less than starting Python and Jinja
+    messages = [{"role": "user", "content": "hi"}]
+    try:
+        assert renderer.render("{{ messages[0]['content'] }}!", messages) == "hi!"
+        renderer._stop()  # as after a runaway template: the next render starts a new worker
+        assert renderer.render("{{ messages[0]['content'] }}?", messages) == "hi?"
+    finally:
+        renderer._stop()
