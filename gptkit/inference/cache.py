@@ -3,8 +3,8 @@
 A cache is either the **static** one, ``StaticCache`` (preallocated buffers written in place,
 for components that support it), or the **concatenating** one: a list of per-layer arrays
 (numpy, the ONNX graph's inputs) or ``(keys, values)`` pairs (torch, the model's
-``past_key_values``) that the model returns grown by the new tokens. ``keep_rows`` and
-``join_rows`` serve the decoding loop's continuous batching for either kind.
+``past_key_values``) that the model returns grown by the new tokens. ``keep_rows``,
+``join_rows`` and ``drop_slots`` serve the decoding loop's continuous batching for either kind.
 
 Every buffer is (B, H_kv, S, hd); nothing here imports torch.
 """
@@ -105,6 +105,17 @@ class StaticCache:
         self.bound = None
         return self
 
+    def drop_slots(self, k: int) -> StaticCache:
+        """Without the first ``k`` slots (padding for every row): the rest moves left."""
+        kept = self.length - k
+        moved = []
+        for buf in self.buffers:
+            new = _zeros(buf, tuple(buf.shape))
+            new[:, :, :kept] = buf[:, :, k : self.length]
+            moved.append(new)
+        self.buffers, self.length, self.bound = moved, kept, None
+        return self
+
     def join(self, other: StaticCache, shift: int, shift_other: int, width: int) -> StaticCache:
         """This cache's rows, then ``other``'s, each moved right by its shift (``width`` slots
         in use after)."""
@@ -126,6 +137,19 @@ def keep_rows(past: Any, rows: list[int]) -> Any:
         tuple(_take_rows(x, rows) for x in layer) if _is_pair(layer) else _take_rows(layer, rows)
         for layer in past
     ]
+
+
+def drop_slots(past: Any, k: int) -> Any:
+    """The cache without its first ``k`` slots, for either kind of cache: when the rows that
+    needed them have left, the others no longer pay for attending over their padding."""
+    if isinstance(past, StaticCache):
+        return past.drop_slots(k)
+
+    def drop(x: Any) -> Any:
+        rest = x[:, :, k:]
+        return np.ascontiguousarray(rest) if isinstance(rest, np.ndarray) else rest.contiguous()
+
+    return [tuple(drop(x) for x in layer) if _is_pair(layer) else drop(layer) for layer in past]
 
 
 def join_rows(past: Any, new: Any, shift: int, shift_new: int, width: int) -> Any:

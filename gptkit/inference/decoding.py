@@ -4,9 +4,11 @@ A *backend* runs the model: ``backend(ids, positions, key_mask, past) -> (logits
 numpy arrays ``ids``/``positions`` (B, T) int64, ``key_mask`` (B, T_past + T) bool, and returns
 the next-token logits (B, V) plus its opaque cache. ``past=None`` means a fresh prefill.
 A backend may offer ``keep_rows(past, rows) -> past`` to drop finished rows from its cache,
-and ``join_rows(past, past_new, shift, shift_new, width) -> past`` to put the cache of rows
+``join_rows(past, past_new, shift, shift_new, width) -> past`` to put the cache of rows
 prefilled on their own below the running rows' (each part moved right by its shift, so both
-end at ``width`` slots), so rows that join a running batch are prefilled alone.
+end at ``width`` slots), so rows that join a running batch are prefilled alone, and
+``drop_slots(past, k) -> past`` to drop the first ``k`` slots once they are padding for every
+row left.
 
 Policies (documented in the README):
 
@@ -15,7 +17,8 @@ Policies (documented in the README):
 - each row has its own sampler and random generator (row i of a call seeded s draws from
   (s, i)), so a row gets the same tokens alone or batched with others;
 - when a row's context passes ``max_seq_len``, that row is cropped to its last
-  ``max_seq_len * 3 // 4`` tokens and the batch is re-prefilled (positions restart at 0);
+  ``max_seq_len * 3 // 4`` tokens and prefilled again, positions from 0 (alone, joining the
+  others' cache, when the backend can join rows; else with the whole batch);
 - stop strings are matched on decoded text, across token boundaries; streamed text holds back
   anything that could still turn out to be the start of a stop string (or a partial UTF-8
   character), so a stop string is never printed half-way.
@@ -29,6 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from gptkit.components.samplers import ROW_WISE, GreedySpec
 from gptkit.errors import GptkitError
 
 REPLACEMENT = "\ufffd"
@@ -283,6 +287,13 @@ def new_states(sampler: Any, rows: int) -> list[Any]:
     return [sampler.new_state() for _ in range(rows)]
 
 
+def _previous(contexts: Sequence[Sequence[int]]) -> np.ndarray:
+    """The rows' tokens so far, (B, t), for the repetition penalty; a shorter row is padded
+    with its own first token (repeating a token it has already seen changes nothing)."""
+    width = max(len(c) for c in contexts)
+    return np.array([[c[0]] * (width - len(c)) + list(c) for c in contexts], dtype=np.int64)
+
+
 def sample_next(
     sampler: Any,
     logits: np.ndarray,
@@ -296,14 +307,35 @@ def sample_next(
     rows' sampler states, which the sampler updates in place and which live as long as the
     generation (context crops and re-prefills included).
     """
-    previous = None
-    if sampler.repetition_penalty != 1.0:  # padding repeats a row's own first token
-        width = max(len(c) for c in contexts)
-        previous = np.array([[c[0]] * (width - len(c)) + list(c) for c in contexts], dtype=np.int64)
+    previous = _previous(contexts) if sampler.repetition_penalty != 1.0 else None
     if all(s is None for s in states):
         # Stateless: the three-argument call, so samplers written before states still work.
         return sampler.sample(logits, rng, previous)
     return sampler.sample(logits, rng, previous, states)
+
+
+def sample_each(
+    sampler: Any,
+    logits: np.ndarray,
+    rngs: Sequence[np.random.Generator],
+    contexts: Sequence[Sequence[int]],
+    states: list[Any],
+) -> list[int]:
+    """Row i's next token from its own generator ``rngs[i]``: the token ``sample_next`` gives
+    that row alone. A built-in sampler (``ROW_WISE``) draws every row in one call, its
+    distribution computed once for all of them and inverted with one number from each row's
+    generator (``SamplerSpec.sample``'s way); any other sampler is called row by row."""
+    if type(sampler) not in ROW_WISE or any(s is not None for s in states):
+        return [
+            int(sample_next(sampler, logits[i : i + 1], rng, [contexts[i]], [states[i]])[0])
+            for i, rng in enumerate(rngs)
+        ]
+    previous = _previous(contexts) if sampler.repetition_penalty != 1.0 else None
+    if isinstance(sampler, GreedySpec):
+        return sampler.sample(logits, rngs[0], previous).tolist()
+    cdf = np.cumsum(sampler.probs(logits, previous), axis=-1)
+    u = np.array([rng.random() for rng in rngs])[:, None] * cdf[:, -1:]
+    return np.minimum((cdf <= u).sum(axis=-1), logits.shape[-1] - 1).tolist()
 
 
 def row_rngs(seed: int | None, n: int) -> list[np.random.Generator]:
@@ -341,19 +373,45 @@ class Row:
 
 def sample_rows(rows: Sequence[Row], logits: np.ndarray) -> list[int]:
     """Each row's next token: its own sampler, random generator, tokens so far and sampler
-    state, through ``sample_next`` (the one place a sampler is called), after the row's
+    state (``sample_each``; rows with equal samplers are drawn together), after the row's
     ``Processing`` (penalties, bias), whose log-probabilities it records."""
-    out = []
-    for i, row in enumerate(rows):
-        p, raw = row.processing, logits[i : i + 1]
-        seen = raw if p is None else p.adjust(raw, row.counts)
-        token = int(sample_next(row.sampler, seen, row.rng, [row.context], [row.state])[0])
+    seen = [
+        logits[i : i + 1]
+        if r.processing is None
+        else r.processing.adjust(logits[i : i + 1], r.counts)
+        for i, r in enumerate(rows)
+    ]
+    out = [0] * len(rows)
+    for group in _same_sampler(rows):
+        tokens = sample_each(
+            rows[group[0]].sampler,
+            np.concatenate([seen[i] for i in group]) if len(group) > 1 else seen[group[0]],
+            [rows[i].rng for i in group],
+            [rows[i].context for i in group],
+            [rows[i].state for i in group],
+        )
+        for i, token in zip(group, tokens):
+            out[i] = token
+    for i, (row, token) in enumerate(zip(rows, out)):
+        p = row.processing
         if p is not None:
             row.counts[token] = row.counts.get(token, 0) + 1
             if p.logprobs is not None:
-                row.logprobs.append(token_logprob(raw[0], token, p.logprobs))
-        out.append(token)
+                row.logprobs.append(token_logprob(logits[i], token, p.logprobs))
     return out
+
+
+def _same_sampler(rows: Sequence[Row]) -> list[list[int]]:
+    """The rows' indices, grouped by equal samplers (in order of first appearance)."""
+    groups: list[tuple[Any, list[int]]] = []
+    for i, row in enumerate(rows):
+        for sampler, members in groups:
+            if row.sampler is sampler or row.sampler == sampler:
+                members.append(i)
+                break
+        else:
+            groups.append((row.sampler, [i]))
+    return [members for _, members in groups]
 
 
 class DecodeBatch:
@@ -441,17 +499,29 @@ class DecodeBatch:
         finished = self.remove_done()
         if not self.use_cache:
             self.past = None
-        if any(len(r.context) > self.limit for r in self.rows):
-            # A row's context is full: it keeps its most recent tokens (the other rows keep
-            # theirs), and the batch starts a fresh prefill, positions from 0.
-            for r in self.rows:
-                if len(r.context) > self.limit:
-                    r.context = r.context[-self.keep :]
-            self.past = None
-        elif self.past is not None and self.key_mask.shape[1] >= self.limit:
-            # Rows that left can leave the cache wider than any row still needs.
-            self.past = None
+        self._crop_full_rows()
         return finished
+
+    def _crop_full_rows(self) -> None:
+        """A row whose context is full keeps its most recent tokens (the other rows keep
+        theirs) and is prefilled again, positions from 0: on its own, joining the others'
+        cache as a new row does, when the backend can join rows; else the whole batch is."""
+        full = [r for r in self.rows if len(r.context) > self.limit]
+        for r in full:
+            r.context = r.context[-self.keep :]
+        if full and self.past is not None and self._joins() and len(full) < len(self.rows):
+            self._leave(full)
+            self.joining = full + self.joining
+        elif full or (self.past is not None and self.key_mask.shape[1] >= self.limit):
+            self.past = None
+
+    def _joins(self) -> bool:
+        """Can rows join (and leave) the running batch's cache?"""
+        return (
+            self.use_cache
+            and hasattr(self.backend, "join_rows")
+            and hasattr(self.backend, "keep_rows")
+        )
 
     def _decode_step(self) -> None:
         """The next token of every running row (a prefill of all of them if there is no cache)."""
@@ -487,20 +557,31 @@ class DecodeBatch:
 
     def remove_done(self) -> list[Row]:
         """Take the rows marked done out of the batch (and its cache); returns them."""
-        rows = self.rows
         finished = [r for r in self.joining if r.done]  # e.g. cancelled before their prefill
         self.joining = [r for r in self.joining if not r.done]
-        if any(r.done for r in rows):
-            finished += [r for r in rows if r.done]
-            kept = [i for i, r in enumerate(rows) if not r.done]
-            self.rows = [rows[i] for i in kept]
-            keep_rows = getattr(self.backend, "keep_rows", None)
-            if self.past is not None and kept and keep_rows is not None:
-                self.past = keep_rows(self.past, kept)
-                self.key_mask = self.key_mask[kept]
-            else:
-                self.past = None
+        done = [r for r in self.rows if r.done]
+        if done:
+            finished += done
+            self._leave(done)
         return finished
+
+    def _leave(self, leaving: list[Row]) -> None:
+        """Take ``leaving`` out of the running rows and the cache, and the cache slots that
+        were padding for every row still in it (so the batch does not stay as wide as the
+        longest row that ever ran)."""
+        kept = [i for i, r in enumerate(self.rows) if r not in leaving]
+        self.rows = [self.rows[i] for i in kept]
+        keep_rows = getattr(self.backend, "keep_rows", None)
+        if self.past is None or not kept or keep_rows is None:
+            self.past = None
+            return
+        self.past = keep_rows(self.past, kept)
+        self.key_mask = self.key_mask[kept]
+        unused = int(self.key_mask.any(axis=0).argmax())  # the first slot some row uses
+        drop_slots = getattr(self.backend, "drop_slots", None)
+        if unused and drop_slots is not None:
+            self.past = drop_slots(self.past, unused)
+            self.key_mask = self.key_mask[:, unused:]
 
     def _advance(self, row: Row, token: int) -> None:
         row.context.append(token)

@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from gptkit.errors import GptkitError, RunError
-from gptkit.inference.cache import StaticCache, join_rows, keep_rows
+from gptkit.inference.cache import StaticCache, drop_slots, join_rows, keep_rows
 from gptkit.inference.decoding import positions_from_mask
 from gptkit.store.bundle import MANIFEST, MODEL_FILE, verify_bundle
 
@@ -155,6 +155,7 @@ class OnnxBackend:
 
     keep_rows = staticmethod(keep_rows)
     join_rows = staticmethod(join_rows)
+    drop_slots = staticmethod(drop_slots)
 
 
 def _runtime_registry(autoload: bool = False, modules: tuple[str, ...] = ()) -> Any:

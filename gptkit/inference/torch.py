@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from gptkit.components.attention import StaticKV
-from gptkit.inference.cache import StaticCache, join_rows, keep_rows
+from gptkit.inference.cache import StaticCache, drop_slots, join_rows, keep_rows
 from gptkit.model import GPT
 
 
@@ -56,6 +56,7 @@ class TorchBackend:
 
     keep_rows = staticmethod(keep_rows)
     join_rows = staticmethod(join_rows)
+    drop_slots = staticmethod(drop_slots)
 
 
 def _flat(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:

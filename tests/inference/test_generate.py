@@ -90,6 +90,54 @@ def test_rows_joining_under_onnxruntime_get_their_tokens_alone(static, tmp_path)
     testing.models.check_joining(OnnxBackend(onnx, model.spec.max_seq_len))
 
 
+class Counting:
+    """A backend that counts the rows it prefills and records the cache's width."""
+
+    def __init__(self, backend):
+        self.backend, self.prefilled, self.widths = backend, 0, []
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def __call__(self, ids, positions, key_mask, past):
+        if past is None:
+            self.prefilled += ids.shape[0]
+        self.widths.append(key_mask.shape[1])
+        return self.backend(ids, positions, key_mask, past)
+
+
+def check_cropping(make_backend):
+    """Rows that joined at different steps pass the context limit (16) at different steps:
+    each cropped row is prefilled again on its own (the others keep their cache: no row is
+    prefilled more often than alone) and gets the tokens it gets alone."""
+    prompts, join_at = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13]], [0, 1, 3, 3]
+    together, alone = Counting(make_backend()), Counting(make_backend())
+    got = testing.models._greedy_ids(together, prompts, 40, join_at)
+    for prompt, tokens in zip(prompts, got):
+        assert len(tokens) == 40
+        assert tokens == testing.models._greedy_ids(alone, [prompt], 40)[0], prompt
+    assert together.prefilled == alone.prefilled  # 4 first prefills and every row's crops
+    assert max(together.widths) <= 16  # rows that left do not keep the cache wide
+
+
+@pytest.mark.parametrize("static", [True, False], ids=["static", "concat"])
+@pytest.mark.parametrize("positional", ["learned", "rope"])
+def test_rows_cropped_at_different_steps_get_their_tokens_alone(positional, static):
+    model = testing.tiny_model("mha", positional, max_seq_len=16)
+    check_cropping(lambda: TorchBackend(model, static=static))
+
+
+@pytest.mark.slow  # an ONNX export each
+@pytest.mark.parametrize("static", [True, False], ids=["static", "concat"])
+def test_rows_cropped_under_onnxruntime_get_their_tokens_alone(static, tmp_path):
+    from gptkit.export.onnx import export_onnx
+    from gptkit.inference.onnx import OnnxBackend, OnnxModel
+
+    model = testing.tiny_model("mha", "learned", max_seq_len=16)
+    export_onnx(model, tmp_path / "model.onnx", static=static)
+    check_cropping(lambda: OnnxBackend(OnnxModel(tmp_path / "model.onnx"), 16))
+
+
 def test_context_full_policy_crops_and_continues():
     model = testing.tiny_model("mha", "learned", max_seq_len=16)
     backend, tok = TorchBackend(model), char_tokenizer()
