@@ -248,23 +248,50 @@ def positions_from_mask(mask: np.ndarray) -> np.ndarray:
 
 
 class _TextStream:
-    """Tracks one row's decoded text: stop strings, and what is safe to stream."""
+    """Tracks one row's decoded text: stop strings, and what is safe to stream.
+
+    The text is decoded incrementally: tokens whose text is *settled* are not decoded again,
+    so a step costs the same at token 10 and at token 10,000. Text settles at a cut where
+    decoding the two sides apart gives what decoding them together gives (so a cut inside a
+    multi-byte character, or before a token whose leading space a tokenizer drops at the start
+    of a text, does not settle), with at least ``SETTLE`` tokens after it."""
+
+    SETTLE = 8
 
     def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str]) -> None:
         self.decode = decode
         self.stops = [s for s in stops if s]
+        self.longest_stop = max((len(s) for s in self.stops), default=0)
         self.tokens: list[int] = []
+        self.settled, self.settled_text = 0, ""  # tokens (and their text) not decoded again
+        self.next_try = 2 * self.SETTLE  # tail length at which to try settling
         self.text = ""
         self.emitted = 0
         self.stopped = False
 
     def add(self, token: int) -> None:
         self.tokens.append(token)
-        self.text = self.decode(self.tokens)
-        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        tail = self.decode(self.tokens[self.settled :])
+        if len(self.tokens) - self.settled >= self.next_try:
+            tail = self._settle(tail)
+        self.text = self.settled_text + tail
+        start = max(0, len(self.settled_text) - self.longest_stop)  # earlier text was searched
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
         if hits:
             self.text = self.text[: min(hits)]
             self.stopped = True
+
+    def _settle(self, tail: str) -> str:
+        """Settle the tail's tokens but the last ``SETTLE`` if the cut is clean; returns the
+        tail left."""
+        cut = len(self.tokens) - self.SETTLE
+        head, rest = self.decode(self.tokens[self.settled : cut]), self.decode(self.tokens[cut:])
+        if head + rest != tail or head.endswith(REPLACEMENT):
+            self.next_try += self.SETTLE  # not a clean cut: try again a few tokens on
+            return tail
+        self.settled, self.settled_text = cut, self.settled_text + head
+        self.next_try = 2 * self.SETTLE
+        return rest
 
     def safe_text(self, final: bool) -> str:
         """New text that can be shown now."""

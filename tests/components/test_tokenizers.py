@@ -157,3 +157,27 @@ def test_each_tokenizer_trains_generates_and_exports(tokenizer, hf_tokenizer_jso
         gen = run_cli("generate", source, "-p", "ROMEO:", "-n", "12", "--seed", "1")
         assert gen.returncode == 0, gen.stderr
         assert gen.stdout.startswith("ROMEO:")
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "bpe", "sentencepiece", "pretrained"])
+def test_streamed_text_decoded_incrementally_equals_decoding_all_tokens(kind, fitted):
+    """Generation decodes a row's text incrementally (settled tokens are not decoded again):
+    after every token the text equals decoding all of them, for every kind, on real text
+    (leading spaces, multi-byte characters) and on random tokens (byte-level ones cut
+    characters in half)."""
+    import random
+
+    from gptkit.inference.decoding import _TextStream
+
+    tok = fitted[kind]
+    text = "ROMEO: Ça va? «Ô» naïve café — déjà vu.\n  And thou, what say'st thou? 日本語 ok " * 4
+    rng = random.Random(0)
+    if kind == "char":  # it knows the corpus's characters only
+        text = "".join(c for c in text if c in CORPUS)
+    sequences = [tok.encode(text), [rng.randrange(tok.vocab_size) for _ in range(300)]]
+    for ids in sequences:
+        stream = _TextStream(tok.decode, [])
+        for i, token in enumerate(ids):
+            stream.add(token)
+            assert stream.text == tok.decode(ids[: i + 1]), (kind, i)
+        assert stream.settled > len(ids) // 2  # the text did settle as it went
