@@ -45,14 +45,16 @@ class StaticCache:
     use. The capacity doubles when needed (a step at a short context does not pay for the
     longest one), never past the limit given to ``reserve``.
 
-    ``bound`` is free for a backend to memoise its own view of the buffers (onnxruntime
-    values over the same memory); it is cleared whenever the buffers are replaced.
+    ``bound`` and ``binding`` are free for a backend to memoise its own view of the buffers
+    (onnxruntime values over the same memory, and the IO binding holding them); both are
+    cleared whenever the buffers are replaced.
     """
 
     def __init__(self, buffers: list[Any], length: int = 0) -> None:
         self.buffers = buffers
         self.length = length
         self.bound: Any = None
+        self.binding: Any = None
 
     @classmethod
     def empty(
@@ -89,7 +91,7 @@ class StaticCache:
             new = _zeros(buf, (buf.shape[0], buf.shape[1], capacity, buf.shape[3]))
             new[:, :, : self.length] = buf[:, :, : self.length]
             grown.append(new)
-        self.buffers, self.bound = grown, None
+        self.buffers, self.bound, self.binding = grown, None, None
 
     def write(self, new: list[Any]) -> None:
         """Put the new tokens' keys and values (one array per buffer) in the next slots (the
@@ -102,7 +104,7 @@ class StaticCache:
     def keep_rows(self, rows: list[int]) -> StaticCache:
         """Only the given rows (finished rows leave the batch)."""
         self.buffers = [_take_rows(buf, rows) for buf in self.buffers]
-        self.bound = None
+        self.bound = self.binding = None
         return self
 
     def drop_slots(self, k: int) -> StaticCache:
@@ -113,7 +115,8 @@ class StaticCache:
             new = _zeros(buf, tuple(buf.shape))
             new[:, :, :kept] = buf[:, :, k : self.length]
             moved.append(new)
-        self.buffers, self.length, self.bound = moved, kept, None
+        self.buffers, self.length = moved, kept
+        self.bound = self.binding = None
         return self
 
     def join(self, other: StaticCache, shift: int, shift_other: int, width: int) -> StaticCache:
