@@ -110,9 +110,10 @@ def evaluate(
     for _ in range(spec.train.eval_batches):
         x, y = get_batch(data, spec.train.batch_size, spec.model.max_seq_len, gen, device)
         with autocast():
-            losses.append(model(x, y).loss.item())
+            losses.append(model(x, y).loss.detach().float())
     model.train(was_training)
-    return float(np.mean(losses))
+    # One copy to the host at the end: on a GPU, a .item() per batch waited for each one.
+    return float(np.mean(torch.stack(losses).tolist()))
 
 
 class SpecTrainer:
@@ -548,7 +549,7 @@ class SpecTrainer:
         """Forward/backward over ``grad_accum_steps`` micro-batches, clip, step."""
         t, d = self.spec.train, self.dist
         set_lr(self.optimizer, lr, t.lr)
-        loss_sum = 0.0
+        losses = []
         for micro in range(t.grad_accum_steps):
             x, y = get_batch(
                 self.data.train,
@@ -565,10 +566,13 @@ class SpecTrainer:
                 loss = self.forward(x, y).loss / t.grad_accum_steps
             with sync:
                 loss.backward()
-            loss_sum += loss.item()
-        loss_sum = d.mean(loss_sum)
+            losses.append(loss.detach().float())
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or float("inf"))
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        # One copy to the host per step (the micro-batches' losses and the norm together): on
+        # a GPU each .item() waits for the work queued before it.
+        *micro_losses, grad_norm = torch.stack([*losses, norm.float().reshape(())]).tolist()
+        loss_sum = d.mean(sum(micro_losses, 0.0))
         if math.isfinite(loss_sum) and math.isfinite(grad_norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -516,3 +516,52 @@ def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
     assert_user_error(
         run_cli("train", SMOKE, "--checkpoint", "best", cwd=tmp_path), "--checkpoint goes with"
     )
+
+
+def test_a_training_step_copies_to_the_host_once(tmp_path, monkeypatch):
+    """A step's micro-batch losses and gradient norm come to the host in one copy (on a GPU
+    each ``.item()`` waits for all the work queued before it), and the loss it reports is the
+    sum of the micro-batches' losses as before."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from gptkit.spec.files import load_spec
+    from gptkit.training.loop import SpecTrainer
+
+    spec = load_spec(
+        SMOKE,
+        [
+            "train.max_steps=3",
+            "train.grad_accum_steps=3",
+            "train.eval_every=100",
+            "train.sample_tokens=0",
+            "tracking.enabled=false",
+        ],
+    )
+    copies, inside, reported = [], [False], []
+    for name in ("item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            # gptkit's own copies (torch's CPU AdamW reads its step counters with .item())
+            if inside[0] and "gptkit" in Path(sys._getframe(1).f_code.co_filename).parts:
+                copies.append(self.numel())
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    step = SpecTrainer._train_step
+
+    def watched(self, lr):
+        inside[0] = True
+        try:
+            reported.append(step(self, lr))
+        finally:
+            inside[0] = False
+        return reported[-1]
+
+    monkeypatch.setattr(SpecTrainer, "_train_step", watched)
+    SpecTrainer(spec, run_dir=tmp_path / "run", progress=False).run()
+    assert copies == [4, 4, 4]  # three steps: 3 losses and the norm, together
+    assert all(loss > 0 and norm > 0 for loss, norm in reported)
