@@ -441,3 +441,31 @@ def test_options_mean_the_same_as_sampler_fields():
 def test_a_seed_outside_0_to_2_32_is_refused(tmp_path, seed):
     result = run_cli("generate", tmp_path, "--seed", seed, "--prompt", "a")
     assert_user_error(result, "--seed")
+
+
+def test_stop_strings_are_found_across_the_settled_text():
+    """Streams long enough that their text settles as it goes (``_TextStream``) stop exactly
+    where a plain search of the whole decoded text would, also for stop strings that begin
+    in settled text and end in new tokens, and stream the same text."""
+    import random
+
+    from gptkit.inference.decoding import _TextStream
+
+    rng = random.Random(0)
+    decode = "".join  # tokens are characters
+    for trial in range(300):
+        tokens = [rng.choice("ab") for _ in range(rng.randrange(20, 200))]
+        # up to 14 characters: longer than the 8 tokens a settled cut leaves after it
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randrange(2, 15)))]
+        stream, streamed, want = _TextStream(decode, stops), "", None
+        for i, token in enumerate(tokens):
+            stream.add(token)
+            streamed += stream.safe_text(final=stream.stopped)
+            text = decode(tokens[: i + 1])
+            if stops[0] in text:
+                want = text[: text.index(stops[0])]
+                break
+        assert stream.stopped is (want is not None), (trial, tokens, stops)
+        assert stream.text == (want if want is not None else decode(tokens)), (trial, stops)
+        streamed += stream.safe_text(final=True)
+        assert streamed == stream.text, trial  # streamed pieces add up to the text
