@@ -8,6 +8,7 @@ describes components; ``build`` imports what it needs. Plugin authors import the
 from __future__ import annotations
 
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -234,9 +235,21 @@ class SamplerSpec(ComponentSpec):
 
 def inverse_cdf(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One draw per row of the (B, V) distribution ``p``, from one ``rng.random`` per row."""
+    return _invert(p, rng.random(p.shape[0]))
+
+
+def inverse_cdf_rows(p: np.ndarray, rngs: Sequence[np.random.Generator]) -> np.ndarray:
+    """One draw per row of ``p``, row i from one number of its own generator ``rngs[i]``: row
+    i gets what ``inverse_cdf(p[i:i+1], rngs[i])`` gives it."""
+    return _invert(p, np.array([rng.random() for rng in rngs]))
+
+
+def _invert(p: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Each row's token where its cumulative probability passes ``u`` (B,) in [0, 1)."""
     cdf = np.cumsum(p, axis=-1)
-    u = rng.random(p.shape[0])[:, None] * cdf[:, -1:]
-    return np.minimum((cdf <= u).sum(axis=-1), p.shape[-1] - 1).astype(np.int64)
+    return np.minimum((cdf <= u[:, None] * cdf[:, -1:]).sum(axis=-1), p.shape[-1] - 1).astype(
+        np.int64
+    )
 
 
 class OptimizerSpec(ComponentSpec):

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from gptkit.components.base import inverse_cdf_rows
 from gptkit.components.samplers import ROW_WISE, GreedySpec
 from gptkit.errors import GptkitError
 
@@ -360,9 +361,7 @@ def sample_each(
     previous = _previous(contexts) if sampler.repetition_penalty != 1.0 else None
     if isinstance(sampler, GreedySpec):
         return sampler.sample(logits, rngs[0], previous).tolist()
-    cdf = np.cumsum(sampler.probs(logits, previous), axis=-1)
-    u = np.array([rng.random() for rng in rngs])[:, None] * cdf[:, -1:]
-    return np.minimum((cdf <= u).sum(axis=-1), logits.shape[-1] - 1).tolist()
+    return inverse_cdf_rows(sampler.probs(logits, previous), rngs).tolist()
 
 
 def row_rngs(seed: int | None, n: int) -> list[np.random.Generator]:

@@ -170,6 +170,12 @@ class SpecTrainer:
     def run_dir(self) -> Path:
         return self.rundir.path
 
+    @property
+    def stop_signal(self) -> str | None:
+        """The signal (SIGINT, SIGTERM) asked to stop this run, if one did; after ``run()``
+        returns normally, it came as the run was ending (the run finished anyway)."""
+        return self._stop_signal
+
     def _choose_run_dir(self, path: Path | None) -> RunDir:
         if self.resume:
             return run_to_resume(self.spec.name, path)

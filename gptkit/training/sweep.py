@@ -350,7 +350,7 @@ def _point(
     resume = folder.is_run() and bool(resume_candidates(folder.checkpoints))
     if not resume and folder.path.exists():
         _discard(folder)
-    SpecTrainer(
+    trainer = SpecTrainer(
         spec,
         run_dir=folder.path,
         resume=resume,
@@ -360,7 +360,12 @@ def _point(
         overrides=overrides,
         command=command,
         on_eval=on_eval,
-    ).run()
+    )
+    trainer.run()
+    if trainer.stop_signal is not None:
+        # The signal came as the run was ending (after its last check): the run is finished
+        # and kept, and the sweep stops here rather than go on to the next run.
+        raise KeyboardInterrupt
     return _point_result(spec, folder, name)
 
 

@@ -191,3 +191,39 @@ def test_a_point_killed_before_its_first_checkpoint_starts_again_and_leaves_no_s
     runs = live_runs(tmp_path)  # deleted runs are not listed: one run per point, and the parent
     assert sorted(r.data.tags.get("gptkit.kind", "run") for r in runs) == ["run", "run", "sweep"]
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_a_signal_as_a_point_ends_stops_the_sweep_before_the_next(tmp_path, monkeypatch):
+    """A signal that arrives as a point's run is ending (after the run's last check) finishes
+    that run, and the sweep stops before the next point instead of losing the signal (a search
+    interrupted this way went on to its last trial and exited 0); the printed command then
+    keeps the finished point and trains the rest."""
+    from gptkit.spec.files import compose_spec_file, validate_composed
+    from gptkit.training.loop import Interrupted, SpecTrainer
+    from gptkit.training.sweep import read_sweep_state, resume_sweep, run_sweep
+
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "late.yaml"
+    spec.write_text(
+        f"extends: {SMOKE}\nname: late\ntracking: {{enabled: false}}\n"
+        "train: {max_steps: 4, eval_every: 2, eval_batches: 1, sample_tokens: 0, threads: 1}\n"
+        "sweep: {train.lr: [0.003, 0.001]}\n"
+    )
+    fit, runs = SpecTrainer._fit, []
+
+    def fit_then_late_signal(self):
+        fit(self)
+        runs.append(self.run_dir.name)
+        if len(runs) == 1:
+            self._stop_signal = "SIGINT"  # after the loop's last look at it
+
+    monkeypatch.setattr(SpecTrainer, "_fit", fit_then_late_signal)
+    composed = compose_spec_file(spec)
+    resolved = validate_composed(composed, str(spec), [])
+    with pytest.raises(Interrupted):
+        run_sweep(composed.data, str(spec), [], resolved, tmp_path / "s", progress=False)
+    assert len(runs) == 1
+    assert read_sweep_state(tmp_path / "s")["status"] == "killed"
+    resume_sweep(tmp_path / "s", progress=False)
+    assert len(runs) == 2  # the first point was kept, not trained again
+    assert read_sweep_state(tmp_path / "s")["status"] == "finished"
