@@ -109,9 +109,9 @@ class TypicalSpec(SamplerSpec):
         return _keep_prefix(logits, np.argsort(score, axis=-1, kind="stable"), self.p)
 
 
-# The built-in samplers compute each row on its own (no state, nothing shared between rows), so
-# rows that each have their own random generator can be drawn in one call (``sample_each``):
-# a row gets the same token as it would alone.
+# The built-in samplers. Each computes every row on its own (no state, nothing shared between
+# rows), so rows that each have their own random generator can be drawn in one call
+# (``sample_each``): a row gets the same token as it would alone.
 ROW_WISE: tuple[type[SamplerSpec], ...] = (
     GreedySpec,
     TemperatureSpec,
@@ -124,5 +124,5 @@ ROW_WISE: tuple[type[SamplerSpec], ...] = (
 
 @hookimpl
 def gptkit_register_sampler(register):
-    for spec in (GreedySpec, TemperatureSpec, TopKSpec, TopPSpec, MinPSpec, TypicalSpec):
+    for spec in ROW_WISE:
         register(spec)

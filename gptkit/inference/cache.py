@@ -45,15 +45,14 @@ class StaticCache:
     use. The capacity doubles when needed (a step at a short context does not pay for the
     longest one), never past the limit given to ``reserve``.
 
-    ``bound`` and ``binding`` are free for a backend to memoise its own view of the buffers
-    (onnxruntime values over the same memory, and the IO binding holding them); both are
-    cleared whenever the buffers are replaced.
+    ``binding`` is free for a backend to memoise its own view of the buffers (onnxruntime's
+    IO binding and values over the same memory); it is cleared whenever the buffers are
+    replaced.
     """
 
     def __init__(self, buffers: list[Any], length: int = 0) -> None:
         self.buffers = buffers
         self.length = length
-        self.bound: Any = None
         self.binding: Any = None
 
     @classmethod
@@ -91,7 +90,7 @@ class StaticCache:
             new = _zeros(buf, (buf.shape[0], buf.shape[1], capacity, buf.shape[3]))
             new[:, :, : self.length] = buf[:, :, : self.length]
             grown.append(new)
-        self.buffers, self.bound, self.binding = grown, None, None
+        self.buffers, self.binding = grown, None
 
     def write(self, new: list[Any]) -> None:
         """Put the new tokens' keys and values (one array per buffer) in the next slots (the
@@ -104,7 +103,7 @@ class StaticCache:
     def keep_rows(self, rows: list[int]) -> StaticCache:
         """Only the given rows (finished rows leave the batch)."""
         self.buffers = [_take_rows(buf, rows) for buf in self.buffers]
-        self.bound = self.binding = None
+        self.binding = None
         return self
 
     def drop_slots(self, k: int) -> StaticCache:
@@ -116,7 +115,7 @@ class StaticCache:
             new[:, :, :kept] = buf[:, :, k : self.length]
             moved.append(new)
         self.buffers, self.length = moved, kept
-        self.bound = self.binding = None
+        self.binding = None
         return self
 
     def join(self, other: StaticCache, shift: int, shift_other: int, width: int) -> StaticCache:

@@ -119,31 +119,24 @@ class OnnxModel:
     def _binding(self, past: StaticCache, B: int, T: int, S: int) -> Any:
         """The IO binding for a step of ``B`` rows, ``T`` new tokens over ``S`` slots, kept with
         the cache (one per batch, so one per thread) and made again only when the shapes
-        change: the cache buffers stay bound, and the outputs onnxruntime allocated at the
-        first such step are reused at the next ones (binding everything anew each step took
-        a fifth of a batch-1 step)."""
+        change: the cache buffers stay bound (onnxruntime values over the same memory; a
+        prefill, ``S`` 0, binds empty ones), and the outputs onnxruntime allocated at the first
+        such step are reused at the next ones (binding everything anew each step took a fifth
+        of a batch-1 step)."""
+        from onnxruntime import OrtValue
+
         key = (B, T, S)
         if past.binding is not None and past.binding[0] == key:
             return past.binding[1]
         binding = self.session.io_binding()
-        for name, value in zip(self.past_names, _bound(past, S)):
+        buffers = past.buffers if S else [b[:, :, :0].copy() for b in past.buffers]
+        values = [OrtValue.ortvalue_from_numpy(b) for b in buffers]  # kept: they hold memory
+        for name, value in zip(self.past_names, values):
             binding.bind_ortvalue_input(name, value)
         for name in self.outputs:
             binding.bind_output(name, "cpu")
-        past.binding = (key, binding)
+        past.binding = (key, binding, values)
         return binding
-
-
-def _bound(cache: StaticCache, slots: int) -> list[Any]:
-    """The cache's buffers as onnxruntime values over the same memory (made once per buffer
-    set), or, for ``slots`` 0, empty ones (a prefill reads no slot)."""
-    from onnxruntime import OrtValue
-
-    if cache.bound is None or cache.bound[0] != slots:
-        buffers = cache.buffers if slots else [b[:, :, :0].copy() for b in cache.buffers]
-        cache.bound = (slots, [OrtValue.ortvalue_from_numpy(b) for b in buffers])
-    values: list[Any] = cache.bound[1]
-    return values
 
 
 class OnnxBackend:
