@@ -16,12 +16,16 @@ from gptkit.serve.app import access_log, create_app
 from gptkit.serve.schemas import Limits
 
 
-def _header_timeout_protocol(seconds: float):
+def _header_timeout_protocol(seconds: float, http: str = "auto"):
     """uvicorn's HTTP/1.1 protocol, with a deadline for a request's headers: a client that
-    opens a connection (or keeps one alive) and never finishes its headers is dropped."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+    opens a connection (or keeps one alive) and never finishes its headers is dropped.
 
-    class HeaderTimeoutProtocol(H11Protocol):
+    ``auto`` is uvicorn's httptools protocol (a C parser: ~0.1 ms less server CPU per request,
+    and less per streamed chunk, than h11; on a small machine that is a share of every first
+    token), or its pure-Python h11 protocol where httptools is not installed."""
+    base = _protocol_base(http)
+
+    class HeaderTimeoutProtocol(base):  # type: ignore[valid-type,misc]
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._header_timer = None
@@ -42,11 +46,15 @@ def _header_timeout_protocol(seconds: float):
             if waiting and not self.transport.is_closing():
                 self.transport.close()
 
-        def handle_events(self) -> None:
+        def handle_events(self) -> None:  # h11: the parser's events are read here
             before = self.cycle
             super().handle_events()
             if self.cycle is not None and self.cycle is not before:
                 self._disarm()  # the headers are in; the body has its own deadline
+
+        def on_headers_complete(self) -> None:  # httptools: the parser calls this
+            super().on_headers_complete()
+            self._disarm()  # the headers are in; the body has its own deadline
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -58,6 +66,23 @@ def _header_timeout_protocol(seconds: float):
             super().connection_lost(exc)
 
     return HeaderTimeoutProtocol
+
+
+def _protocol_base(http: str) -> type:
+    """uvicorn's protocol class for ``http`` (``auto``: httptools if installed, else h11)."""
+    if http in ("auto", "httptools"):
+        try:
+            from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+            return HttpToolsProtocol
+        except ImportError:  # httptools is not installed
+            if http == "httptools":
+                raise GptkitError(
+                    "httptools is not installed", "pip install 'gptkit[serve]'"
+                ) from None
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    return H11Protocol
 
 
 def bind(host: str, port: int) -> socket.socket:

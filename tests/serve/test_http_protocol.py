@@ -1,0 +1,112 @@
+"""The server's HTTP protocol (uvicorn's httptools parser, or h11 where httptools is missing),
+with gptkit's header deadline, run by a real uvicorn on a real socket with a tiny ASGI app."""
+
+import http.client
+import socket
+import sys
+import threading
+import time
+
+import pytest
+import uvicorn
+
+from gptkit.errors import GptkitError
+from gptkit.serve.http import _header_timeout_protocol, _protocol_base, bind
+
+DEADLINE = 0.5
+
+
+async def _app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"got " + body})
+
+
+@pytest.fixture(params=["httptools", "h11"])
+def port(request):
+    sock = bind("127.0.0.1", 0)
+    config = uvicorn.Config(
+        _app,
+        log_level="warning",
+        timeout_keep_alive=30,
+        http=_header_timeout_protocol(DEADLINE, request.param),
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    yield sock.getsockname()[1]
+    server.should_exit = True
+    thread.join(10)
+
+
+def _dropped_within(s: socket.socket, seconds: float) -> bool:
+    """Whether the server closes ``s`` within ``seconds`` (reading only)."""
+    s.settimeout(seconds)
+    try:
+        return s.recv(4096) == b""
+    except TimeoutError:
+        return False
+
+
+def test_auto_is_httptools_when_installed():
+    pytest.importorskip("httptools")
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    assert issubclass(_header_timeout_protocol(1.0), HttpToolsProtocol)
+    assert _protocol_base("h11").__name__ == "H11Protocol"
+
+
+def test_httptools_asked_for_but_missing_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvicorn.protocols.http.httptools_impl", None)
+    with pytest.raises(GptkitError, match="httptools is not installed"):
+        _protocol_base("httptools")
+    assert _protocol_base("auto").__name__ == "H11Protocol"  # auto falls back
+
+
+def test_kept_alive_requests_are_answered_and_unfinished_headers_dropped(port):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    for i in range(3):  # one connection, several requests
+        conn.request("POST", "/", body=f"request {i}".encode())
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, f"got request {i}".encode())
+        time.sleep(DEADLINE * 0.3)
+    conn.close()
+
+    with socket.create_connection(("127.0.0.1", port)) as s:  # headers begun, never finished
+        s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\n")
+        assert _dropped_within(s, DEADLINE * 10)
+
+    with socket.create_connection(("127.0.0.1", port)) as s:  # a second request's, ditto
+        s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+        s.settimeout(10)
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\n")
+        assert _dropped_within(s, DEADLINE * 10)
+
+
+def test_a_slow_body_is_not_cut_by_the_header_deadline(port):
+    """The deadline is for headers only: a body may take longer (it has its own limit)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.putrequest("POST", "/")
+    conn.putheader("Content-Length", "4")
+    conn.endheaders(b"ab")
+    time.sleep(DEADLINE * 2)
+    conn.send(b"cd")
+    response = conn.getresponse()
+    assert (response.status, response.read()) == (200, b"got abcd")
+    conn.close()
+
+
+def test_idle_connections_are_not_answered_before_their_headers(port):
+    """No response is made up for a connection that sent nothing (it is closed, not 400)."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        assert _dropped_within(s, DEADLINE * 10)
