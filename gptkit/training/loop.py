@@ -36,8 +36,8 @@ from gptkit.store.checkpoint import (
     set_aside_after,
 )
 from gptkit.store.checkpoint import load_checkpoint as load_checkpoint_files
-from gptkit.store.checkpoint import save_checkpoint as save_checkpoint_files
 from gptkit.store.rundir import RunDir
+from gptkit.store.writer import CheckpointWriter
 from gptkit.training.device import pick_device, tune, use_bf16
 from gptkit.training.distributed import Dist
 from gptkit.training.progress import Progress, one_line, progress_sample
@@ -163,6 +163,7 @@ class SpecTrainer:
         self.rundir = RunDir(Path(self.dist.broadcast(str(chosen.path) if chosen else None) or "."))
         self.run_name = run_name or self.rundir.info().get("name") or self.rundir.path.name
         self._stop_signal: str | None = None
+        self.writer = CheckpointWriter(self._write_failed)  # checkpoints beside training
         self.idle = False
         self.changes: list[tuple[str, Any, Any]] = []
 
@@ -460,6 +461,7 @@ class SpecTrainer:
         finally:
             for sig, h in previous_handlers.items():
                 signal.signal(sig, h)
+            self._settle_checkpoint()
             self.progress.close()
             spooled = self._finish(status)
         # Every rank waits here for the others' last collectives (the checkpoint's state-dict
@@ -479,6 +481,7 @@ class SpecTrainer:
             lr = lr_at(state.step, t)
             loss, grad_norm = self._train_step(lr)
             state.step += 1
+            self.writer.check()  # a background checkpoint write that failed stops the run
             if self._step_was_bad(loss, grad_norm):
                 continue
             state.tokens_seen += self.tokens_per_step
@@ -491,7 +494,8 @@ class SpecTrainer:
                 or self.patience_spent()
                 or self.pruned
             ):
-                self._checkpoint()
+                self._checkpoint(wait=False)
+        self.writer.wait()  # the last checkpoint is on disk before the run is recorded
         if state.bad_in_a_row:
             self._checkpoint()  # the weights are the last good ones; keep the step counters
             raise TrainingError(
@@ -657,8 +661,10 @@ class SpecTrainer:
             if self.dist.main:
                 self.rundir.append_sample(state.step, text)
 
-    def _checkpoint(self) -> Path | None:
-        """Save weights + state atomically (rank 0 writes; every rank's RNG is kept)."""
+    def _checkpoint(self, wait: bool = True) -> Path | None:
+        """Save weights + state atomically (rank 0 writes; every rank's RNG is kept). With
+        ``wait=False`` the files are written in the background (``self.writer``) while
+        training goes on; the path is then not returned."""
         state, d = self.state, self.dist
         state.torch_rng_per_rank = d.gather(torch.get_rng_state())  # each rank's dropout stream
         state.data_rng = self.data_gen.get_state()
@@ -677,22 +683,32 @@ class SpecTrainer:
                 json.dumps(fingerprint(self.spec), sort_keys=True).encode()
             ).hexdigest()[:16],
         }
+        self.writer.submit(
+            self.rundir.checkpoints,
+            state.step,
+            weights,
+            state.to_checkpoint(opt_state, "full" if self.fsdp else "local"),
+            meta,
+            self.spec.train.keep_last,
+        )
+        return self.writer.wait() if wait else None
+
+    def _settle_checkpoint(self) -> None:
+        """A checkpoint write still in flight when the loop ended by an error completes first;
+        its own failure is only reported (the error that ended the loop is the one raised)."""
         try:
-            return save_checkpoint_files(
-                self.rundir.checkpoints,
-                state.step,
-                weights,
-                state.to_checkpoint(opt_state, "full" if self.fsdp else "local"),
-                meta,
-                self.spec.train.keep_last,
-            )
-        except OSError as exc:  # disk full, read-only, quota: say so, keep what exists
-            raise RunError(
-                f"could not write checkpoint {checkpoint_name(state.step)} in "
-                f"{self.rundir.checkpoints}: {exc.strerror or exc}; the last good checkpoint "
-                f"({read_pointer(self.rundir.checkpoints / 'latest') or 'none yet'}) is intact",
-                "Free space or fix permissions, then continue with --resume.",
-            ) from None
+            self.writer.wait()
+        except Exception as exc:
+            print(f"gptkit: warning: {exc}", file=sys.stderr)
+
+    def _write_failed(self, exc: OSError, step: int) -> RunError:
+        """A checkpoint write that failed (disk full, read-only, quota): what to say."""
+        return RunError(
+            f"could not write checkpoint {checkpoint_name(step)} in "
+            f"{self.rundir.checkpoints}: {exc.strerror or exc}; the last good checkpoint "
+            f"({read_pointer(self.rundir.checkpoints / 'latest') or 'none yet'}) is intact",
+            "Free space or fix permissions, then continue with --resume.",
+        )
 
     def _gather_full_state(self) -> tuple[torch.nn.Module, Any]:
         """Full (unsharded) weights and optimizer state on rank 0: one checkpoint format."""
