@@ -45,10 +45,13 @@ def _new_logprobs(job: Job, i: int) -> list[TokenLogprob]:
     return row.logprobs[start:end]
 
 
-def _deliver(items: list[tuple[Job, tuple]]) -> None:
-    """In the event loop: hand each event to its request's queue."""
+def _deliver(items: list[tuple[Job, tuple]], sent: threading.Event | None = None) -> None:
+    """In the event loop: hand each event to its request's queue (and, with ``sent``, set it
+    once the handlers woken by them have run)."""
     for job, event in items:
         job.events.put_nowait(event)
+    if sent is not None:
+        asyncio.get_running_loop().call_soon(sent.set)
 
 
 class Scheduler:
@@ -59,7 +62,15 @@ class Scheduler:
     seconds. Each hand-over wakes the event loop, and while it runs the handlers the decoding
     thread waits for the interpreter lock; handing over every step cost a third of the decoding
     thread's time on a small model. A streamed choice's text since the last hand-over goes out
-    as one chunk (OpenAI's clients join chunks; nothing is lost or reordered)."""
+    as one chunk (OpenAI's clients join chunks; nothing is lost or reordered).
+
+    A hand-over that carries a streamed request's first text waits (at most
+    ``first_text_wait`` seconds) until the event loop has run the handlers it woke, before the
+    next step: otherwise the next step's Python work holds the interpreter lock while the
+    first chunks wait to be written (on 2 cores, median first token over 6 bench runs 3.04 ->
+    2.69 ms with 1 client, 8.77 -> 8.04 ms with 8; throughput unchanged)."""
+
+    first_text_wait = 0.005
 
     def __init__(self, bundle: Inference, max_rows: int, stream_interval: float = 0.01) -> None:
         self.bundle, self.max_rows, self.stream_interval = bundle, max_rows, stream_interval
@@ -69,6 +80,7 @@ class Scheduler:
         self.peak_rows = 0  # most rows ever decoded in one step (shown by /health)
         self.outbox: list[tuple[Job, tuple]] = []  # events not yet handed to the event loop
         self.urgent = False  # the outbox holds a first text, an end or an error
+        self.first_text = False  # the outbox holds a streamed request's first text
         self.flushed_at = 0.0
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._loop, name="gptkit-decode", daemon=True)
@@ -114,6 +126,7 @@ class Scheduler:
     def _emit(self, job: Job, *event: Any) -> None:
         if event[0] != "text" or not job.streamed:
             self.urgent = True
+            self.first_text = self.first_text or (event[0] == "text" and job.stream)
             job.streamed = True
         self.outbox.append((job, event))
 
@@ -124,6 +137,7 @@ class Scheduler:
 
     def _flush(self) -> None:
         """Hand the collected events over: one call per event loop."""
+        first, self.first_text = self.first_text, False
         self.urgent, self.flushed_at = False, time.perf_counter()
         if not self.outbox:
             return
@@ -131,11 +145,17 @@ class Scheduler:
         for job, event in self.outbox:
             by_loop.setdefault(job.loop, []).append((job, event))
         self.outbox = []
+        waits = []
         for loop, items in by_loop.items():
+            sent = threading.Event() if first else None
             try:
-                loop.call_soon_threadsafe(_deliver, items)
+                loop.call_soon_threadsafe(_deliver, items, sent)
             except RuntimeError:  # the event loop is gone (shutting down)
-                pass
+                continue
+            if sent is not None:
+                waits.append(sent)
+        for sent in waits:  # a first text goes out before the next step (bounded wait)
+            sent.wait(self.first_text_wait)
 
     def _loop(self) -> None:
         while True:

@@ -858,3 +858,67 @@ def test_a_template_worker_start_up_is_not_taken_from_the_render_deadline():
         assert renderer.render("{{ messages[0]['content'] }}?", messages) == "hi?"
     finally:
         renderer._stop()
+
+
+def test_a_first_text_hand_over_is_marked_sent_after_the_handlers_it_woke_have_run():
+    """``_deliver`` sets its ``sent`` event only once the handler waiting on the queue has
+    taken its event: the decoding thread waits for that before its next step."""
+    import threading
+
+    from gptkit.serve.scheduler import _deliver
+
+    async def main():
+        queue, got = asyncio.Queue(), []
+
+        class JobLike:
+            events = queue
+
+        async def handler():
+            got.append(await queue.get())
+
+        task = asyncio.create_task(handler())
+        await asyncio.sleep(0)  # the handler waits on its queue
+        sent = threading.Event()
+        _deliver([(JobLike, ("text", 0, "a", []))], sent)
+        assert not sent.is_set()
+        seen_when_set = None
+        for _ in range(10):
+            await asyncio.sleep(0)
+            if sent.is_set():
+                seen_when_set = list(got)
+                break
+        await task
+        return seen_when_set
+
+    assert asyncio.run(main()) == [("text", 0, "a", [])]
+
+
+def test_a_stalled_event_loop_does_not_stall_decoding(bundle):
+    """The wait after a first text is bounded: with an event loop that runs nothing, the
+    decoding thread still finishes the request, and its events are all there afterwards."""
+    import gptkit
+    from gptkit.serve.scheduler import Job, Scheduler
+
+    loaded = gptkit.load(bundle)
+    loop = asyncio.new_event_loop()  # never running while the request decodes
+    sampler = loaded.sampler_for(GenerationOptions(temperature=0))
+    scheduler = Scheduler(loaded, max_rows=8)
+    job = Job([loaded.tokenizer.encode("ROMEO:")], sampler, None, 30, True, loop)
+    started = time.perf_counter()
+    try:
+        scheduler.submit(job)
+        while not (job.rows and all(r.done for r in job.rows)):
+            assert time.perf_counter() - started < 60, "decoding stalled"
+            time.sleep(0.01)
+
+        async def collect():
+            events = [await job.events.get()]
+            while events[-1][0] == "text":
+                events.append(await job.events.get())
+            return events
+
+        events = loop.run_until_complete(asyncio.wait_for(collect(), 30))
+    finally:
+        loop.close()
+    assert events[-1][0] == "done"
+    assert "".join(e[2] for e in events[:-1]) == events[-1][1][0].text
