@@ -1,6 +1,8 @@
 """The serving overhead (``gptkit bench --serve PATH``): what the runtime does on its own, batch 1
 and batch N, next to what ``gptkit serve`` delivers to 1 and N concurrent streaming clients, in
 one run, so the ratio is the cost of the serving path (HTTP, scheduling, server-sent events).
+The two sides are measured in alternation, round by round, so a machine whose speed drifts
+moves both sides of a ratio alike.
 
 Each client runs in its own process (client threads of one Python process would share its GIL
 and be what is measured); tokens are counted from the server's own usage figures.
@@ -103,33 +105,54 @@ def running_server(path: Path, *args: str) -> Iterator[str]:
         errors.close()
 
 
+@contextmanager
+def client_pool(url: str, k: int) -> Iterator[Any]:
+    """``k`` client processes, each with its connection open and one untimed request made."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(
+        k, mp_context=mp.get_context("spawn"), initializer=_connect, initargs=(url,)
+    ) as pool:
+        yield pool
+
+
+def client_round(pool: Any, url: str, body: dict[str, Any], n: int, r: int) -> tuple[list, float]:
+    """Round ``r``: ``n`` clients started together (seeds ``r * n + i``); (results, seconds)."""
+    bodies = [{**body, "seed": r * n + i} for i in range(n)]
+    t = time.perf_counter()
+    results = list(pool.map(stream_one, [url] * n, bodies))
+    return results, time.perf_counter() - t
+
+
+def client_figures(n: int, results: list, wall: float, server_cpu_s: float) -> dict[str, Any]:
+    """Aggregate tokens/s, median first token, server and client CPU per token of n clients."""
+    tokens = sum(x[2] for x in results)
+    return {
+        f"clients_{n}_tokens_per_s": tokens / wall,
+        f"clients_{n}_first_token_s": statistics.median(x[0] or x[1] for x in results),
+        f"clients_{n}_server_cpu_us_per_token": server_cpu_s / tokens * 1e6,
+        f"clients_{n}_client_cpu_us_per_token": sum(x[3] for x in results) / tokens * 1e6,
+    }
+
+
 def concurrent_clients(
     url: str, body: dict[str, Any], clients: tuple[int, ...], rounds: int
 ) -> dict[str, Any]:
     """Aggregate streamed tokens/s and median time to first token of N clients started
     together (``rounds`` rounds each, an untimed warm-up first), each in its own process."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
     out: dict[str, Any] = {}
     k = max(clients)
-    with ProcessPoolExecutor(
-        k, mp_context=mp.get_context("spawn"), initializer=_connect, initargs=(url,)
-    ) as pool:
+    with client_pool(url, k) as pool:
         list(pool.map(stream_one, [url] * k, [body] * k))  # warm up every client process
         for n in clients:
             wall, results = 0.0, []
             cpu = server_cpu(url)
             for r in range(rounds):
-                bodies = [{**body, "seed": r * n + i} for i in range(n)]
-                t = time.perf_counter()
-                results += pool.map(stream_one, [url] * n, bodies)
-                wall += time.perf_counter() - t
-            tokens = sum(x[2] for x in results)
-            out[f"clients_{n}_tokens_per_s"] = tokens / wall
-            out[f"clients_{n}_first_token_s"] = statistics.median(x[0] or x[1] for x in results)
-            out[f"clients_{n}_server_cpu_us_per_token"] = (server_cpu(url) - cpu) / tokens * 1e6
-            out[f"clients_{n}_client_cpu_us_per_token"] = sum(x[3] for x in results) / tokens * 1e6
+                got, seconds = client_round(pool, url, body, n, r)
+                results += got
+                wall += seconds
+            out.update(client_figures(n, results, wall, server_cpu(url) - cpu))
     return out
 
 
@@ -139,32 +162,20 @@ def server_cpu(url: str) -> float:
         return float(json.loads(r.read())["cpu_seconds"])
 
 
-def runtime_alone(
-    path: Path,
-    prompt: str,
-    max_tokens: int,
-    temperature: float,
-    batches: tuple[int, ...],
-    rounds: int,
-) -> dict[str, Any]:
-    """The runtime's own tokens/s, no server: ``complete([prompt] * b)`` for each batch b."""
-    from gptkit.inference import load
+# Each side is woken before its timed round, the same way: the runtime by an untimed short
+# completion, the server and the client processes (idle during the runtime's round) by one
+# untimed 1-token request per client; and after a runtime round, onnxruntime's worker threads,
+# which spin on for a while, go quiet first. Measured without these: one client's first token
+# 3.1-4.6 ms instead of 2.2-3.0, and the runtime after an idle pause 10-25% slower at batch 1.
+SETTLE_S = 0.2
 
-    gen = load(path)
-    out: dict[str, Any] = {}
-    for b in batches:
-        gen.complete([prompt] * b, max_new_tokens=max_tokens, temperature=temperature, seed=0)
-        tokens, wall, cpu = 0, 0.0, time.process_time()
-        for r in range(rounds):
-            t = time.perf_counter()
-            done = gen.complete(
-                [prompt] * b, max_new_tokens=max_tokens, temperature=temperature, seed=r + 1
-            )
-            wall += time.perf_counter() - t
-            tokens += sum(len(c.tokens) for c in done)
-        out[f"batch_{b}_tokens_per_s"] = tokens / wall
-        out[f"batch_{b}_cpu_us_per_token"] = (time.process_time() - cpu) / tokens * 1e6
-    return out
+
+def runtime_round(gen: Any, prompt: str, b: int, options: dict[str, Any], seed: int) -> tuple:
+    """One ``complete([prompt] * b)``: (tokens, seconds, CPU seconds)."""
+    t, cpu = time.perf_counter(), time.process_time()
+    done = gen.complete([prompt] * b, seed=seed, **options)
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+    return sum(len(c.tokens) for c in done), wall, cpu
 
 
 def serving_overhead(
@@ -178,22 +189,55 @@ def serving_overhead(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """The runtime alone (batch 1 and ``clients``) against the server (1 and ``clients``
-    streaming clients), same prompt, budget and temperature; ratios are server / runtime."""
-    path = Path(path)
-    sizes = (1, clients)
-    log(f"runtime alone: batch {sizes[0]} and {sizes[1]}, {max_tokens} tokens ...")
+    streaming clients), same prompt, budget and temperature; ratios are server / runtime.
+
+    The two are measured in alternation, round by round (runtime batch 1, server 1 client,
+    runtime batch N, server N clients, and again), so that a machine whose speed drifts during
+    the run (a shared one) moves both sides of each ratio alike. The runtime runs in this
+    process while the server, idle, waits; the clients are separate processes."""
+    from gptkit.inference import load
+
+    path, sizes = Path(path), (1, clients)
+    options = {"max_new_tokens": max_tokens, "temperature": temperature}
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature}
+    ping = {**body, "max_tokens": 1}
+    log(
+        f"runtime alone (batch 1 and {clients}) and gptkit serve (1 and {clients} streaming "
+        f"clients), {rounds} rounds each, in alternation, {max_tokens} tokens ..."
+    )
+    gen = load(path)
+    runtime = {n: [0, 0.0, 0.0] for n in sizes}  # tokens, seconds, CPU seconds
+    served: dict[int, tuple[list, float, float]] = {n: ([], 0.0, 0.0) for n in sizes}
+    with (
+        running_server(path, "--max-tokens", str(max_tokens)) as url,
+        client_pool(url, clients) as pool,
+    ):
+        for n in sizes:  # untimed warm-ups: each batch shape, every client process
+            runtime_round(gen, prompt, n, options, seed=0)
+        list(pool.map(stream_one, [url] * clients, [body] * clients))
+        for r in range(rounds):
+            for n in sizes:
+                gen.complete([prompt] * n, max_new_tokens=8, seed=0)  # untimed, as the ping
+                tokens, wall, cpu = runtime_round(gen, prompt, n, options, seed=r + 1)
+                runtime[n] = [runtime[n][0] + tokens, runtime[n][1] + wall, runtime[n][2] + cpu]
+                time.sleep(SETTLE_S)  # the runtime's spinning threads go quiet first
+                list(pool.map(stream_one, [url] * n, [ping] * n))  # untimed: wake every part
+                before = server_cpu(url)
+                results, wall = client_round(pool, url, body, n, r)
+                old = served[n]
+                served[n] = (old[0] + results, old[1] + wall, old[2] + server_cpu(url) - before)
     report: dict[str, Any] = {
         "path": str(path),
         "max_tokens": max_tokens,
         "temperature": temperature,
         "clients": clients,
-        **runtime_alone(path, prompt, max_tokens, temperature, sizes, rounds),
+        "rounds": rounds,
     }
-    log(f"gptkit serve: 1 and {clients} concurrent streaming clients ...")
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature}
-    with running_server(path, "--max-tokens", str(max_tokens)) as url:
-        report.update(concurrent_clients(url, body, sizes, rounds))
     for n in sizes:
+        tokens, wall, cpu = runtime[n]
+        report[f"batch_{n}_tokens_per_s"] = tokens / wall
+        report[f"batch_{n}_cpu_us_per_token"] = cpu / tokens * 1e6
+        report.update(client_figures(n, *served[n]))
         report[f"server_over_runtime_{n}"] = (
             report[f"clients_{n}_tokens_per_s"] / report[f"batch_{n}_tokens_per_s"]
         )
