@@ -43,7 +43,10 @@ class Client:
             return cls._send(url, method, path, data)
         except (ConnectionError, http.client.HTTPException):  # a kept-alive one the server closed
             cls.conn = None
+        try:
             return cls._send(url, method, path, data)
+        except (OSError, http.client.HTTPException) as exc:
+            raise GptkitError(f"the server at {url} does not answer: {exc}") from None
 
     @classmethod
     def _send(

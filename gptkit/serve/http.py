@@ -9,63 +9,93 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from gptkit.errors import GptkitError
 from gptkit.inference.base import Inference
 from gptkit.serve.app import access_log, create_app
 from gptkit.serve.schemas import Limits
 
+# The most bytes of request line and headers a request may send: h11's own limit (16 KiB),
+# enforced for httptools too (which has none: 4 MB of headers were read and answered).
+MAX_HEADER_BYTES = 16 * 1024
 
-def _header_timeout_protocol(seconds: float, http: str = "auto"):
+
+def _header_timeout_protocol(seconds: float, http: str = "auto") -> type:
     """uvicorn's HTTP/1.1 protocol, with a deadline for a request's headers: a client that
-    opens a connection (or keeps one alive) and never finishes its headers is dropped.
+    opens a connection (or keeps one alive) and never finishes its headers is dropped, and one
+    whose request line and headers pass ``MAX_HEADER_BYTES`` gets a 400.
 
     ``auto`` is uvicorn's httptools protocol (a C parser: ~0.1 ms less server CPU per request,
     and less per streamed chunk, than h11; on a small machine that is a share of every first
     token), or its pure-Python h11 protocol where httptools is not installed."""
     base = _protocol_base(http)
+    return type("HeaderTimeoutProtocol", (_HeaderLimits, base), {"header_timeout": seconds})
 
-    class HeaderTimeoutProtocol(base):  # type: ignore[valid-type,misc]
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
+
+class _HeaderLimits:
+    """The header deadline and size limit, mixed into uvicorn's protocol class (``super()`` is
+    the protocol's own method)."""
+
+    header_timeout = 10.0
+    _header_timer: Any = None
+    _header_bytes = 0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)  # type: ignore[attr-defined]
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
             self._header_timer = None
-            self._arm()
 
-        def _arm(self) -> None:
-            self._disarm()
-            self._header_timer = self.loop.call_later(seconds, self._headers_too_slow)
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        cycle = self.cycle  # type: ignore[attr-defined]
+        waiting = cycle is None or cycle.response_complete
+        if waiting and not self.transport.is_closing():  # type: ignore[attr-defined]
+            self.transport.close()  # type: ignore[attr-defined]
 
-        def _disarm(self) -> None:
-            if getattr(self, "_header_timer", None) is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _headers_too_slow(self) -> None:
-            self._header_timer = None
-            waiting = self.cycle is None or self.cycle.response_complete
-            if waiting and not self.transport.is_closing():
-                self.transport.close()
-
-        def handle_events(self) -> None:  # h11: the parser's events are read here
-            before = self.cycle
-            super().handle_events()
-            if self.cycle is not None and self.cycle is not before:
-                self._disarm()  # the headers are in; the body has its own deadline
-
-        def on_headers_complete(self) -> None:  # httptools: the parser calls this
-            super().on_headers_complete()
+    def handle_events(self) -> None:  # h11: the parser's events are read here
+        before = self.cycle  # type: ignore[attr-defined]
+        super().handle_events()  # type: ignore[misc]
+        if self.cycle is not None and self.cycle is not before:  # type: ignore[attr-defined]
             self._disarm()  # the headers are in; the body has its own deadline
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm()  # a kept-alive connection: the next request's headers
+    def on_message_begin(self) -> None:  # httptools: a request's first byte
+        super().on_message_begin()  # type: ignore[misc]
+        self._header_bytes = 0
 
-        def connection_lost(self, exc) -> None:
-            self._disarm()
-            super().connection_lost(exc)
+    def on_url(self, url: bytes) -> None:  # httptools (h11 keeps its own count)
+        self._count_header_bytes(len(url))
+        super().on_url(url)  # type: ignore[misc]
 
-    return HeaderTimeoutProtocol
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_header_bytes(len(name) + len(value) + 4)
+        super().on_header(name, value)  # type: ignore[misc]
+
+    def _count_header_bytes(self, n: int) -> None:
+        self._header_bytes += n
+        if self._header_bytes > MAX_HEADER_BYTES:  # raised in the parser: uvicorn's 400
+            raise ValueError(f"request headers over {MAX_HEADER_BYTES} bytes")
+
+    def on_headers_complete(self) -> None:  # httptools: the parser calls this
+        super().on_headers_complete()  # type: ignore[misc]
+        self._disarm()  # the headers are in; the body has its own deadline
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        if not self.transport.is_closing():  # type: ignore[attr-defined]
+            self._arm()  # a kept-alive connection: the next request's headers
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)  # type: ignore[misc]
 
 
 def _protocol_base(http: str) -> type:

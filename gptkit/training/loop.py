@@ -163,7 +163,8 @@ class SpecTrainer:
         self.rundir = RunDir(Path(self.dist.broadcast(str(chosen.path) if chosen else None) or "."))
         self.run_name = run_name or self.rundir.info().get("name") or self.rundir.path.name
         self._stop_signal: str | None = None
-        self.writer = CheckpointWriter(self._write_failed)  # checkpoints beside training
+        # Checkpoints beside training; the host copy of the weights is built on the CPU.
+        self.writer = CheckpointWriter(self._write_failed, lambda m: GPT(m.spec))
         self.idle = False
         self.changes: list[tuple[str, Any, Any]] = []
 
@@ -461,9 +462,11 @@ class SpecTrainer:
         finally:
             for sig, h in previous_handlers.items():
                 signal.signal(sig, h)
-            self._settle_checkpoint()
-            self.progress.close()
-            spooled = self._finish(status)
+            try:
+                self._settle_checkpoint()
+            finally:  # a second Ctrl-C while a write completes: the run is still recorded
+                self.progress.close()
+                spooled = self._finish(status)
         # Every rank waits here for the others' last collectives (the checkpoint's state-dict
         # gathers are asynchronous under FSDP): a rank that exited with one still in flight
         # let gloo's worker thread free its tensors during interpreter teardown, which aborts
@@ -608,6 +611,7 @@ class SpecTrainer:
         return True
 
     def _latest_checkpoint(self) -> str:
+        self._settle_checkpoint()  # a write in flight may be about to move the pointer
         last = read_pointer(self.rundir.checkpoints / "latest")
         return str(self.rundir.checkpoints / last) if last else "none yet"
 
@@ -690,6 +694,7 @@ class SpecTrainer:
             state.to_checkpoint(opt_state, "full" if self.fsdp else "local"),
             meta,
             self.spec.train.keep_last,
+            copied=self.fsdp,  # gathered to fresh host copies already
         )
         return self.writer.wait() if wait else None
 

@@ -11,7 +11,7 @@ import pytest
 import uvicorn
 
 from gptkit.errors import GptkitError
-from gptkit.serve.http import _header_timeout_protocol, _protocol_base, bind
+from gptkit.serve.http import MAX_HEADER_BYTES, _header_timeout_protocol, _protocol_base, bind
 
 DEADLINE = 0.5
 
@@ -41,7 +41,9 @@ def port(request):
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
+    deadline = time.monotonic() + 30
     while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.01)
     yield sock.getsockname()[1]
     server.should_exit = True
@@ -110,3 +112,38 @@ def test_idle_connections_are_not_answered_before_their_headers(port):
     """No response is made up for a connection that sent nothing (it is closed, not 400)."""
     with socket.create_connection(("127.0.0.1", port)) as s:
         assert _dropped_within(s, DEADLINE * 10)
+
+
+def _reply(port: int, head: bytes) -> bytes:
+    """What the server sends back to ``head`` (a request's line and headers, sent 4 KB at a
+    time as a slow client would), until it closes the connection or goes quiet."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        try:
+            for i in range(0, len(head), 4096):
+                s.sendall(head[i : i + 4096])
+                time.sleep(0.005)
+        except OSError:  # the server closed the connection while we sent
+            pass
+        s.settimeout(10)
+        out = b""
+        try:
+            while part := s.recv(65536):
+                out += part
+                if b"\r\n\r\n" in out and out.startswith(b"HTTP/1.1 200"):
+                    break
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return out
+
+
+def test_headers_past_the_limit_get_a_400_under_both_parsers(port):
+    """h11 caps a request's head at 16 KiB; httptools has no cap of its own: gptkit's is the
+    same (a client could otherwise make the server hold megabytes per connection)."""
+    filler = b"".join(b"X-Fill-%d: %s\r\n" % (i, b"a" * 1000) for i in range(64))  # ~66 KB
+    big = _reply(port, b"POST / HTTP/1.1\r\nHost: x\r\n" + filler + b"Content-Length: 0\r\n\r\n")
+    assert not big.startswith(b"HTTP/1.1 200")
+    assert big == b"" or big.startswith(b"HTTP/1.1 400")
+    fits = b"".join(b"X-Fill-%d: %s\r\n" % (i, b"a" * 1000) for i in range(8))  # ~8 KB
+    assert MAX_HEADER_BYTES > len(fits) + 100
+    ok = _reply(port, b"POST / HTTP/1.1\r\nHost: x\r\n" + fits + b"Content-Length: 0\r\n\r\n")
+    assert ok.startswith(b"HTTP/1.1 200")

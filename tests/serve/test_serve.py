@@ -894,8 +894,9 @@ def test_a_first_text_hand_over_is_marked_sent_after_the_handlers_it_woke_have_r
 
 
 def test_a_stalled_event_loop_does_not_stall_decoding(bundle):
-    """The wait after a first text is bounded: with an event loop that runs nothing, the
-    decoding thread still finishes the request, and its events are all there afterwards."""
+    """After a hand-over with a first text the decoding thread waits for the event loop, and
+    the wait is bounded: with an event loop that runs nothing, the request still finishes
+    after one ``first_text_wait`` (its only first text), and its events are all there."""
     import gptkit
     from gptkit.serve.scheduler import Job, Scheduler
 
@@ -903,6 +904,7 @@ def test_a_stalled_event_loop_does_not_stall_decoding(bundle):
     loop = asyncio.new_event_loop()  # never running while the request decodes
     sampler = loaded.sampler_for(GenerationOptions(temperature=0))
     scheduler = Scheduler(loaded, max_rows=8)
+    scheduler.first_text_wait = 0.5
     job = Job([loaded.tokenizer.encode("ROMEO:")], sampler, None, 30, True, loop)
     started = time.perf_counter()
     try:
@@ -910,6 +912,7 @@ def test_a_stalled_event_loop_does_not_stall_decoding(bundle):
         while not (job.rows and all(r.done for r in job.rows)):
             assert time.perf_counter() - started < 60, "decoding stalled"
             time.sleep(0.01)
+        decoded_in = time.perf_counter() - started
 
         async def collect():
             events = [await job.events.get()]
@@ -922,3 +925,4 @@ def test_a_stalled_event_loop_does_not_stall_decoding(bundle):
         loop.close()
     assert events[-1][0] == "done"
     assert "".join(e[2] for e in events[:-1]) == events[-1][1][0].text
+    assert 0.5 <= decoded_in < 30  # it waited for the first text's hand-over, once, bounded

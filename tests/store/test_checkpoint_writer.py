@@ -139,3 +139,21 @@ def test_a_run_whose_checkpoint_write_fails_stops_at_the_next_step(tmp_path):
     assert trainer.state.step <= 12  # stopped by the next checkpoint at the latest, not at 40
     assert read_pointer(run / "moved" / "latest") == "step-000004"
     assert load_file(run / "moved" / "step-000004" / "model.safetensors")
+
+
+def test_a_shadow_built_by_a_factory_leaves_the_random_stream_alone(tmp_path):
+    """The host copy built at the first checkpoint (a new module, randomly initialised) must
+    not draw from torch's random stream: training's dropout after it, and an exact resume,
+    depend on that stream."""
+    model, _ = _model_and_optimizer()
+    writer = CheckpointWriter(
+        _never_fail, lambda m: torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    )
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    writer.submit(tmp_path, 1, model, {"step": 1}, {"val_loss": 1.0}, keep_last=2)
+    assert torch.equal(torch.rand(3), expected)
+    path = writer.wait()
+    saved = load_file(path / "model.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
