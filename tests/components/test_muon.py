@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -198,9 +199,15 @@ def test_muon_trains_the_smoke_spec_and_resumes_bit_identically(tmp_path):
     for line in proc.stdout:
         if line.startswith("step") and "     8/" in line:
             break
+    # Step 6's checkpoint is written beside training: killed once it is on disk.
+    latest = tmp_path / "half" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 60
+    while read_pointer(latest) is None and time.monotonic() < deadline:
+        time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    assert read_pointer(tmp_path / "half" / "checkpoints" / "latest") == "step-000006"
+    assert proc.returncode == -signal.SIGKILL  # killed mid-run, not after it
+    assert read_pointer(latest) == "step-000006"
     resumed = run_cli(
         "train", SMOKE, "--run-dir", tmp_path / "half", "--resume", *MUON, cwd=tmp_path
     )

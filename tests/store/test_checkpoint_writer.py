@@ -129,6 +129,7 @@ def test_a_run_whose_checkpoint_write_fails_stops_at_the_next_step(tmp_path):
 
     def break_the_folder(step, val):
         if step == 8:  # called after step 8's evaluation, before its checkpoint
+            trainer.writer.wait()  # step 4's write, still in flight on a busy machine, done
             (run / "checkpoints").rename(run / "moved")
             (run / "checkpoints").write_text("not a folder")
 
