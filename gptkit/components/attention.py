@@ -36,6 +36,10 @@ class StaticKV(NamedTuple):
     keys: torch.Tensor
     values: torch.Tensor
     position: torch.Tensor  # () int64
+    # Shared by every layer's view in one forward (or None): the score mask, made by the first
+    # layer that needs it, is taken from here by the others (one decode step of the baby GPT
+    # built it six times: ~70 of its ~390 small ops, each a kernel launch on a GPU).
+    shared: dict | None = None
 
 
 def supports_static_cache(module: nn.Module) -> bool:
@@ -169,7 +173,25 @@ class CausalSelfAttention(nn.Module):
         s_cache = (qg @ past.keys.transpose(-2, -1)).view(B, H, T, S)
         s_new = (qg @ k.transpose(-2, -1)).view(B, H, T, T)
         scores = torch.cat([s_cache, s_new], dim=-1) / math.sqrt(hd)  # (B, H, T, S + T)
-        device = q.device
+        q_idx, k_idx, bias = self._static_mask(past, T, S, key_mask, scores.dtype)
+        position_bias = self.positional.score_bias_at(q_idx, k_idx)  # (1, H, T, S + T) or None
+        if position_bias is not None:
+            bias = bias + position_bias
+        att = (scores + bias).softmax(dim=-1)
+        p_cache = att[..., :S].reshape(B, H_kv, G * T, S)
+        p_new = att[..., S:].reshape(B, H_kv, G * T, T)
+        y = p_cache @ past.values + p_new @ v  # (B, H_kv, G * T, hd)
+        return y.view(B, H, T, hd)
+
+    def _static_mask(
+        self, past: StaticKV, T: int, S: int, key_mask: torch.Tensor | None, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The new queries' and all keys' batch indices, and the mask as an additive bias (0 or
+        -inf, (B or 1, 1, T, S + T)): made once per forward when ``past.shared`` is given."""
+        key = ("static_mask", T, S, self.window, dtype)
+        if past.shared is not None and key in past.shared:
+            return past.shared[key]
+        device = past.keys.device
         q_idx = past.position + torch.arange(T, device=device)  # (T,) index in the batch
         slots = torch.arange(S, device=device)
         k_idx = torch.cat([slots, q_idx])  # (S + T,)
@@ -190,16 +212,11 @@ class CausalSelfAttention(nn.Module):
         # The mask as an additive bias (0 or -inf), made once for every head (and, exported,
         # for every layer): onnxruntime adds it to a long prompt's scores far faster than it
         # masks them with a broadcast Where (a 700-token prefill: ~210-230 -> ~170 ms).
-        bias = torch.zeros(allowed.shape, dtype=scores.dtype, device=device)
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
         bias = bias.masked_fill(~allowed, float("-inf"))
-        position_bias = self.positional.score_bias_at(q_idx, k_idx)  # (1, H, T, S + T) or None
-        if position_bias is not None:
-            bias = bias + position_bias
-        att = (scores + bias).softmax(dim=-1)
-        p_cache = att[..., :S].reshape(B, H_kv, G * T, S)
-        p_new = att[..., S:].reshape(B, H_kv, G * T, T)
-        y = p_cache @ past.values + p_new @ v  # (B, H_kv, G * T, hd)
-        return y.view(B, H, T, hd)
+        if past.shared is not None:
+            past.shared[key] = (q_idx, k_idx, bias)
+        return q_idx, k_idx, bias
 
     def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hook for variants that transform queries and keys per head before positions are

@@ -68,8 +68,10 @@ def _views(cache: StaticCache) -> list[StaticKV]:
     """Each layer's slots in use, as views of the cache's buffers (no copy)."""
     L, buffers = cache.length, cache.buffers
     position = torch.tensor(L, device=buffers[0].device)
+    shared: dict = {}  # one score mask for every layer of this step (see StaticKV.shared)
     return [
-        StaticKV(k[:, :, :L], v[:, :, :L], position) for k, v in zip(buffers[0::2], buffers[1::2])
+        StaticKV(k[:, :, :L], v[:, :, :L], position, shared)
+        for k, v in zip(buffers[0::2], buffers[1::2])
     ]
 
 

@@ -469,3 +469,51 @@ def test_stop_strings_are_found_across_the_settled_text():
         assert stream.text == (want if want is not None else decode(tokens)), (trial, stops)
         streamed += stream.safe_text(final=True)
         assert streamed == stream.text, trial  # streamed pieces add up to the text
+
+
+@pytest.mark.parametrize(("attention", "positional"), BUILTIN)
+def test_the_static_cache_mask_is_built_once_per_step_and_changes_nothing(attention, positional):
+    """Every layer of a torch decode step over the static cache takes the score mask the first
+    layer built (``StaticKV.shared``): the same logits, bit for bit, as each layer building
+    its own, over padded rows, and one mask per step."""
+    from gptkit.inference import torch as torch_backend
+
+    model = testing.tiny_model(attention, positional, max_seq_len=64)
+    backend, tok = TorchBackend(model, static=True), char_tokenizer()
+    if not backend.static:
+        pytest.skip(f"{attention}+{positional} declares no static cache")
+    ids = [tok.encode("abcab"), tok.encode("dc")]
+    mask = np.array([[True] * 5, [False] * 3 + [True] * 2])
+    padded = np.array([ids[0], [0, 0, 0, *ids[1]]], dtype=np.int64)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    views_made = []
+    real_views = torch_backend._views
+
+    def private_masks(cache):  # each layer its own mask, as before the sharing
+        return [v._replace(shared=None) for v in real_views(cache)]
+
+    def recorded(cache):
+        views = real_views(cache)
+        views_made.append(views)
+        return views
+
+    outputs = {}
+    for name, views in (("shared", recorded), ("private", private_masks)):
+        torch_backend._views = views
+        try:
+            logits, past = backend(padded, positions, mask, None)
+            steps = [logits]
+            for i in range(3):
+                step_mask = np.concatenate([mask, np.ones((2, i + 1), bool)], axis=1)
+                last = np.array([[3 + i], [5 + i]], dtype=np.int64)
+                pos = np.array([[5 + i], [2 + i]], dtype=np.int64)
+                logits, past = backend(last, pos, step_mask, past)
+                steps.append(logits)
+        finally:
+            torch_backend._views = real_views
+        outputs[name] = steps
+    for a, b in zip(outputs["shared"], outputs["private"]):
+        assert np.array_equal(a, b)
+    assert len(views_made) == 3  # the three decode steps (the prefill has no cache to view)
+    for views in views_made:
+        assert len(views[0].shared) == 1 and all(v.shared is views[0].shared for v in views)
