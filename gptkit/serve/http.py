@@ -40,6 +40,7 @@ class _HeaderLimits:
     header_timeout = 10.0
     _header_timer: Any = None
     _header_bytes = 0
+    _host_headers = 0
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -70,6 +71,7 @@ class _HeaderLimits:
     def on_message_begin(self) -> None:  # httptools: a request's first byte
         super().on_message_begin()  # type: ignore[misc]
         self._header_bytes = 0
+        self._host_headers = 0
 
     def on_url(self, url: bytes) -> None:  # httptools (h11 keeps its own count)
         self._count_header_bytes(len(url))
@@ -77,6 +79,7 @@ class _HeaderLimits:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count_header_bytes(len(name) + len(value) + 4)
+        self._host_headers += name.lower() == b"host"
         super().on_header(name, value)  # type: ignore[misc]
 
     def _count_header_bytes(self, n: int) -> None:
@@ -85,6 +88,11 @@ class _HeaderLimits:
             raise ValueError(f"request headers over {MAX_HEADER_BYTES} bytes")
 
     def on_headers_complete(self) -> None:  # httptools: the parser calls this
+        # RFC 9112 3.2: an HTTP/1.1 request without a Host header, or any request with two, is
+        # a 400 (h11 refuses both itself; httptools accepts them).
+        version = self.parser.get_http_version()  # type: ignore[attr-defined]
+        if self._host_headers > 1 or (self._host_headers == 0 and version == "1.1"):
+            raise ValueError("an HTTP/1.1 request needs exactly one Host header")
         super().on_headers_complete()  # type: ignore[misc]
         self._disarm()  # the headers are in; the body has its own deadline
 

@@ -98,6 +98,22 @@ def test_kept_alive_requests_are_answered_and_unfinished_headers_dropped(port):
         assert _dropped_within(s, DEADLINE * 10)
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST / HTTP/1.1\r\nContent-Length: 2\r\n",  # HTTP/1.1 without Host
+        b"POST / HTTP/1.1\r\nHost: a\r\nHost: b\r\nContent-Length: 2\r\n",  # two
+    ],
+)
+def test_a_request_without_exactly_one_host_is_a_400(port, head):
+    """RFC 9112 3.2, under either parser (httptools accepted both); HTTP/1.0 needs none."""
+    for request, status in ((head, b"400"), (b"POST / HTTP/1.0\r\nContent-Length: 2\r\n", b"200")):
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(request + b"\r\nhi")
+            s.settimeout(10)
+            assert s.recv(4096).startswith(b"HTTP/1.1 " + status)
+
+
 def test_a_slow_body_is_not_cut_by_the_header_deadline(port):
     """The deadline is for headers only: a body may take longer (it has its own limit)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
