@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from gptkit.errors import GptkitError
 from gptkit.inference.base import Inference
@@ -315,7 +316,7 @@ class CompletionService:
         done = _Once(lambda: (job.cancelled.set(), self.release()))
         if not stream:
             return await self._whole(job, answer, done)
-        return _Stream(self._events(job, answer, done), done, media_type="text/event-stream")
+        return _Stream(self._events(job, answer, done), done)
 
     async def _whole(self, job: Job, answer: _Answer, done: _Once) -> Any:
         try:
@@ -328,7 +329,10 @@ class CompletionService:
             return error_response(500, rest[0], "server_error")
         return answer.render.whole(answer.cid, answer.created, rest[0], answer.usage(rest[0]))
 
-    async def _events(self, job: Job, answer: _Answer, done: _Once) -> AsyncIterator[str]:
+    async def _events(
+        self, job: Job, answer: _Answer, done: _Once
+    ) -> AsyncIterator[tuple[str, bool]]:
+        """The stream's server-sent events, and whether they are the last."""
         try:
             while True:
                 # Everything already queued goes out in one write (same events, fewer sends).
@@ -336,7 +340,7 @@ class CompletionService:
                 while not job.events.empty():
                     batch.append(job.events.get_nowait())
                 text, end = answer.events(batch)
-                yield text
+                yield text, end
                 if end:
                     return
         finally:
@@ -360,18 +364,62 @@ class _Once:
 
 
 class _Stream(StreamingResponse):
-    """A streamed answer whose clean-up runs however the response ends, also when the client
-    leaves before the body's first byte (then the event generator never starts, and its own
-    ``finally`` never runs)."""
+    """A streamed answer (server-sent events) whose clean-up runs however the response ends,
+    also when the client leaves before the body's first byte (then the event generator never
+    starts, and its own ``finally`` never runs).
 
-    def __init__(self, content: AsyncIterator[str], done: _Once, **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
+    Leaner than Starlette's own on the path every streamed token takes: the headers go out with
+    the first events and the end of the body with the last ones (two writes fewer per request,
+    and on a small machine one wake-up fewer of a client waiting for its first token), and the
+    client going away is watched by one task that cancels the stream, not by a task group."""
+
+    def __init__(self, content: AsyncIterator[tuple[str, bool]], done: _Once) -> None:
+        super().__init__(content, media_type="text/event-stream")
         self.done = done
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        streaming = asyncio.current_task()
+        left = asyncio.Event()
+
+        async def watch() -> None:  # the client going away cancels the stream
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            left.set()
+            if streaming is not None:
+                streaming.cancel()
+
+        # An ASGI 2.4 server raises OSError from a send to a client that left; an older one
+        # (uvicorn says 2.3) drops the send, so the client's leaving is watched for.
+        spec = tuple(map(int, scope.get("asgi", {}).get("spec_version", "2.0").split(".")))
+        watcher = asyncio.ensure_future(watch()) if spec < (2, 4) else None
+        start: dict[str, Any] | None = {
+            "type": "http.response.start",
+            "status": self.status_code,
+            "headers": self.raw_headers,
+        }
         try:
-            await super().__call__(scope, receive, send)
+            end = False
+            async for text, end in self.body_iterator:  # type: ignore[misc]
+                if start is not None:
+                    await send(start)
+                    start = None
+                await send(
+                    {"type": "http.response.body", "body": text.encode(), "more_body": not end}
+                )
+                if end:
+                    break
+            if not end:  # the events stopped without an end: the body ends anyway
+                if start is not None:
+                    await send(start)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not left.is_set():
+                raise  # cancelled by the server (shutting down), not by the client leaving
+        except OSError:
+            raise ClientDisconnect() from None
         finally:
+            if watcher is not None:
+                watcher.cancel()
             self.done()
 
 

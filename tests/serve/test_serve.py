@@ -389,6 +389,68 @@ def test_a_stream_whose_first_send_fails_releases_its_admission_and_cancels(bund
     assert service.scheduler.thread.is_alive()
 
 
+def test_a_stream_sends_its_headers_with_the_first_events_and_ends_with_the_last(bundle):
+    """The response start goes out only with the first events (not before the prefill: one
+    write and one client wake-up fewer), and the last events carry the end of the body (no
+    separate empty one); a client that leaves mid-stream (ASGI 2.3: told by ``receive``) ends
+    the response without an error, its rows cancelled and its admission released."""
+    import gptkit
+    from gptkit.serve.schemas import CompletionRequest
+    from gptkit.serve.service import CompletionService
+
+    service = CompletionService(gptkit.load(bundle), Limits(max_concurrent=1, max_queued=0))
+    scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
+
+    async def whole_stream():
+        sent = []
+        left = asyncio.Event()
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            await left.wait()
+            return {"type": "http.disconnect"}
+
+        req = CompletionRequest(prompt="KING", max_tokens=20, stream=True, seed=1)
+        await (await service.completions(req))(scope, receive, send)
+        return sent
+
+    sent = asyncio.run(whole_stream())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    bodies = sent[1:]
+    assert bodies and all(m["type"] == "http.response.body" for m in bodies)
+    assert all(m["body"] for m in bodies)  # no empty write
+    assert [m["more_body"] for m in bodies] == [True] * (len(bodies) - 1) + [False]
+    assert bodies[0]["body"].startswith(b"data: {")  # events, not just the headers
+    assert bodies[-1]["body"].endswith(b"data: [DONE]\n\n")
+    assert service.active == 0
+
+    async def leaving():
+        sent = []
+        left = asyncio.Event()
+
+        async def send(message):
+            sent.append(message)
+            if message["type"] == "http.response.body":
+                left.set()  # the client reads the first events, then goes away
+
+        async def receive():
+            await left.wait()
+            return {"type": "http.disconnect"}
+
+        req = CompletionRequest(prompt="KING", max_tokens=1000, stream=True)
+        response = await service.completions(req)
+        await asyncio.wait_for(response(scope, receive, send), 30)  # returns, no error
+        return sent, response
+
+    for _ in range(3):  # more than max_concurrent + max_queued: each slot came back
+        sent, response = asyncio.run(leaving())
+        assert response.done.ran and service.active == 0
+        assert not any(m.get("more_body") is False for m in sent)  # it never finished
+    assert service.scheduler.thread.is_alive()
+
+
 def test_concurrent_clients_share_decode_steps_and_get_the_tokens_they_get_alone(server):
     from concurrent.futures import ThreadPoolExecutor
 
