@@ -294,6 +294,21 @@ class _TextStream:
         self.next_try = 2 * self.SETTLE
         return rest
 
+    def text_tokens(self) -> int:
+        """How many tokens begin inside the text: all of them, but for a stop string's tokens
+        cut from its end (the ones a stream never shows either)."""
+        tokens, n = self.tokens, len(self.text)
+        if not self.stopped:
+            return len(tokens)
+        lo, hi = 0, len(tokens)  # the first j whose tokens[:j] decode to all of the text
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self.decode(tokens[:mid])) >= n:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
     def safe_text(self, final: bool) -> str:
         """New text that can be shown now."""
         end = len(self.text)
@@ -393,7 +408,7 @@ class Row:
 
     def completion(self) -> Completion:
         asked = self.processing is not None and self.processing.logprobs is not None
-        kept = self.logprobs[: len(self.stream.tokens)] if asked else None
+        kept = self.logprobs[: self.stream.text_tokens()] if asked else None
         return Completion(self.stream.text, self.stream.tokens, self.finish, kept)
 
 

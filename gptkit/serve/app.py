@@ -116,6 +116,9 @@ class AccessLogMiddleware:
 
         try:
             await self.app(scope, receive, send_logged)
+        except Exception:
+            status[0] = status[0] or 500  # answered (OpenAI's shape) by _server_error, outside
+            raise
         finally:
             client = scope.get("client") or ("-", 0)
             access_log.info(
@@ -161,6 +164,7 @@ def create_app(bundle: Inference, limits: Limits | None = None, name: str | None
     )
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _server_error)
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
@@ -177,14 +181,14 @@ def create_app(bundle: Inference, limits: Limits | None = None, name: str | None
         return service.models()
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         """Continue a prompt (or several); ``stream: true`` sends server-sent events."""
-        return await service.completions(req)
+        return await service.completions(req, request.receive)
 
     @app.post("/v1/chat/completions", response_model=ChatResponse, responses=ERRORS)
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, request: Request):
         """Chat, for a bundle whose tokenizer has a chat template (else 400: a base model)."""
-        return await service.chat(req)
+        return await service.chat(req, request.receive)
 
     app.add_middleware(BodyLimitMiddleware, limits=service.limits)
     app.add_middleware(AccessLogMiddleware)
@@ -223,6 +227,11 @@ async def _invalid(request: Request, exc: Exception) -> JSONResponse:
     if first["type"] == "extra_forbidden":
         return error_response(400, f"{param}: unknown parameter", param=param)
     return error_response(400, f"{param or 'body'}: {first['msg']}", param=param)
+
+
+async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    """A bug, not the request: a 500 in OpenAI's error shape (the traceback is logged)."""
+    return error_response(500, f"internal server error ({type(exc).__name__})", "server_error")
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -25,9 +25,11 @@ class Limits:
 
 
 class Strict(BaseModel):
-    """A request part: a field gptkit does not know is a 400 naming it, never ignored."""
+    """A request part: a field gptkit does not know is a 400 naming it, never ignored; a value
+    of the wrong JSON type too (``"stream": "yes"`` or a token id ``true`` is not taken as
+    true or 1; an integer is a number)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(Strict):
@@ -79,7 +81,7 @@ class CompletionRequest(SharedFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         ..., description="A prompt, a list of prompts, token ids, or a list of token-id lists."
     )
-    max_tokens: int = Field(16, ge=0)
+    max_tokens: int | None = Field(16, ge=0, description="16 when unset or null.")
     temperature: float | None = Field(None, ge=0, le=10, description="0 means greedy.")
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=1, le=100_000)
@@ -112,7 +114,7 @@ class ChatMessage(Strict):
 
 class ChatRequest(SharedFields):
     model: str | None = None
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=0)
     max_completion_tokens: int | None = Field(None, ge=0, description="max_tokens' new name.")
     temperature: float | None = Field(None, ge=0, le=10)

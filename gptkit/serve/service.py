@@ -5,6 +5,7 @@ scheduler sends back into a JSON answer or a stream of server-sent events."""
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 import uuid
@@ -13,6 +14,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
+from starlette.types import Receive
 
 from gptkit.errors import GptkitError
 from gptkit.inference.base import Inference
@@ -35,6 +37,8 @@ from gptkit.serve.schemas import (
     error_response,
 )
 from gptkit.serve.templates import TemplateError, TemplateRenderer
+
+_TOKEN_ID = re.compile(r"[0-9]{1,9}")  # a logit_bias key
 
 
 class CompletionService:
@@ -86,7 +90,9 @@ class CompletionService:
 
     # ----------------------------------------------------------------- requests
 
-    async def completions(self, req: CompletionRequest) -> Any:
+    async def completions(self, req: CompletionRequest, receive: Receive | None = None) -> Any:
+        """A completions answer (``receive``: the request's ASGI channel, watched for the
+        client going away)."""
         if (refused := _refused(req)) is not None:
             return refused
         prompts = _prompts(req.prompt)
@@ -98,7 +104,8 @@ class CompletionService:
                 param="prompt",
             )
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        problem = self.check(req.model, stops, req.max_tokens, len(prompts) * req.n, prompts)
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        problem = self.check(req.model, stops, max_tokens, len(prompts) * req.n, prompts)
         if problem is not None:
             return problem
         if req.echo and req.stream:
@@ -107,7 +114,7 @@ class CompletionService:
         if isinstance(processing, JSONResponse):
             return processing
         options = GenerationOptions(
-            max_new_tokens=req.max_tokens,
+            max_new_tokens=max_tokens,
             temperature=req.temperature,
             top_k=req.top_k,
             top_p=req.top_p,
@@ -125,9 +132,11 @@ class CompletionService:
             if isinstance(scored, JSONResponse):
                 return scored
             render.prompt_logprobs = [s for s in scored for _ in range(req.n)]
-        return await self.run(prompts, req.n, options, req.stream, include_usage, render)
+        return await self.run(
+            prompts, req.n, options, req.stream, include_usage, render, "prompt", receive
+        )
 
-    async def chat(self, req: ChatRequest) -> Any:
+    async def chat(self, req: ChatRequest, receive: Receive | None = None) -> Any:
         if (refused := _refused(req)) is not None:
             return refused
         if req.top_logprobs is not None and not req.logprobs:
@@ -164,7 +173,8 @@ class CompletionService:
             return error_response(
                 400, f"messages: the chat template failed: {exc}", param="messages"
             )
-        problem = self.check(None, stops, max_tokens, req.n, [prompt])
+        named = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
+        problem = self.check(None, stops, max_tokens, req.n, [prompt], named)
         if problem is not None:
             return problem
         processing = self.processing(req, (req.top_logprobs or 0) if req.logprobs else None)
@@ -180,14 +190,16 @@ class CompletionService:
         )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         render = ChatRender(self.model_name, None, self.bundle.tokenizer.decode)
-        return await self.run([prompt], req.n, options, req.stream, include_usage, render)
+        return await self.run(
+            [prompt], req.n, options, req.stream, include_usage, render, "messages", receive
+        )
 
     def processing(self, req: SharedFields, logprobs: int | None) -> dict[str, Any] | JSONResponse:
         """The request's penalties, bias and log-probabilities as generation options (token
         ids checked against the vocabulary), or a 400."""
         bias: dict[int, float] = {}
         for key, value in (req.logit_bias or {}).items():
-            token = int(key) if key.strip().isdigit() else -1
+            token = int(key) if _TOKEN_ID.fullmatch(key) else -1  # ASCII digits only
             if not 0 <= token < self.vocab or not -100 <= value <= 100:
                 return error_response(
                     400,
@@ -212,9 +224,8 @@ class CompletionService:
         out = []
         for i, p in enumerate(prompts):
             try:
-                ids = (
-                    DecodeBatch(backend, tokenizer).encode(p, i) if isinstance(p, str) else list(p)
-                )
+                encoder = DecodeBatch(backend, tokenizer)
+                ids = encoder.encode(p, i) if isinstance(p, str) else encoder.checked(p, i)
             except GptkitError as exc:
                 return error_response(400, exc.message, param="prompt")
             scored = await asyncio.get_running_loop().run_in_executor(
@@ -230,8 +241,10 @@ class CompletionService:
         max_tokens: int,
         choices: int,
         prompts: Sequence[str | list[int]],
+        tokens_param: str = "max_tokens",
     ) -> JSONResponse | None:
-        """The first limit the request breaks, as an error answer, or None."""
+        """The first limit the request breaks, as an error answer, or None (``tokens_param``:
+        the field ``max_tokens`` came from)."""
         limits = self.limits
         if model is not None and model != self.model_name:
             return error_response(
@@ -250,8 +263,8 @@ class CompletionService:
             ),
             (
                 max_tokens > limits.max_tokens,
-                f"max_tokens: at most {limits.max_tokens}, got {max_tokens}",
-                "max_tokens",
+                f"{tokens_param}: at most {limits.max_tokens}, got {max_tokens}",
+                tokens_param,
             ),
             (
                 any(isinstance(p, str) and len(p) > limits.max_prompt_chars for p in prompts),
@@ -288,19 +301,25 @@ class CompletionService:
         stream: bool,
         include_usage: bool,
         render: TextRender,
+        prompt_param: str = "prompt",
+        receive: Receive | None = None,
     ) -> Any:
-        """Admit, queue into the running batch, and answer (JSON or server-sent events)."""
+        """Admit, queue into the running batch, and answer (JSON or server-sent events).
+        ``prompt_param``: the request field a prompt that does not fit is blamed on."""
         bundle = self.bundle
         try:
             sampler = bundle.sampler_for(options)
             max_new = max_new_for(sampler, options.max_new_tokens)
-            encoder = DecodeBatch(bundle.backend, bundle.tokenizer)
+        except GptkitError as exc:
+            return error_response(400, exc.message)
+        encoder = DecodeBatch(bundle.backend, bundle.tokenizer)
+        try:
             ids = [
                 encoder.encode(p, i) if isinstance(p, str) else encoder.checked(p, i)
                 for i, p in enumerate(prompts)
             ]
-        except GptkitError as exc:
-            return error_response(400, exc.message)
+        except GptkitError as exc:  # too long for the context, or characters it never saw
+            return error_response(400, exc.message, param=prompt_param)
         rows = [r for r in ids for _ in range(n)]
         if not self.admit():
             return error_response(
@@ -315,15 +334,26 @@ class CompletionService:
         answer = _Answer(render, sum(len(r) for r in ids), include_usage, merge)
         done = _Once(lambda: (job.cancelled.set(), self.release()))
         if not stream:
-            return await self._whole(job, answer, done)
+            return await self._whole(job, answer, done, receive)
         return _Stream(self._events(job, answer, done), done)
 
-    async def _whole(self, job: Job, answer: _Answer, done: _Once) -> Any:
+    async def _whole(
+        self, job: Job, answer: _Answer, done: _Once, receive: Receive | None = None
+    ) -> Any:
+        """The whole answer, once the rows are done; with ``receive`` (the request's ASGI
+        channel), a client that goes away meanwhile cancels its rows at once."""
+        leaving = _Leaving(receive) if receive is not None else None
         try:
             kind, *rest = await job.events.get()
             while kind == "text":
                 kind, *rest = await job.events.get()
+        except asyncio.CancelledError:
+            if leaving is None or not leaving.left:
+                raise  # cancelled by the server (shutting down), not by the client leaving
+            return error_response(499, "the client closed the request", "client_closed")
         finally:
+            if leaving is not None:
+                leaving.stop()
             done()
         if kind == "error":
             return error_response(500, rest[0], "server_error")
@@ -378,20 +408,10 @@ class _Stream(StreamingResponse):
         self.done = done
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        streaming = asyncio.current_task()
-        left = asyncio.Event()
-
-        async def watch() -> None:  # the client going away cancels the stream
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            left.set()
-            if streaming is not None:
-                streaming.cancel()
-
         # An ASGI 2.4 server raises OSError from a send to a client that left; an older one
         # (uvicorn says 2.3) drops the send, so the client's leaving is watched for.
         spec = tuple(map(int, scope.get("asgi", {}).get("spec_version", "2.0").split(".")))
-        watcher = asyncio.ensure_future(watch()) if spec < (2, 4) else None
+        leaving = _Leaving(receive) if spec < (2, 4) else None
         start: dict[str, Any] | None = {
             "type": "http.response.start",
             "status": self.status_code,
@@ -413,14 +433,35 @@ class _Stream(StreamingResponse):
                     await send(start)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            if not left.is_set():
+            if leaving is None or not leaving.left:
                 raise  # cancelled by the server (shutting down), not by the client leaving
         except OSError:
             raise ClientDisconnect() from None
         finally:
-            if watcher is not None:
-                watcher.cancel()
+            if leaving is not None:
+                leaving.stop()
             self.done()
+
+
+class _Leaving:
+    """Watches the request's ASGI channel for the client going away and then cancels the task
+    answering it (``left`` tells that cancellation from the server's own); ``stop`` when the
+    answer is done."""
+
+    def __init__(self, receive: Receive) -> None:
+        self.left = False
+        self._answering = asyncio.current_task()
+        self._watcher = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.left = True
+        if self._answering is not None:
+            self._answering.cancel()
+
+    def stop(self) -> None:
+        self._watcher.cancel()
 
 
 def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -440,14 +481,20 @@ def _chat_messages(req: ChatRequest) -> list[dict[str, str]] | JSONResponse:
         content = message.content
         if not isinstance(content, str):
             for j, part in enumerate(content):
-                if part.type != "text" or part.text is None or part.model_extra:
-                    param = f"messages[{i}].content[{j}]"
-                    return error_response(
-                        400,
-                        f"{param}: content part of type {part.type!r} is not supported "
-                        '(only {"type": "text", "text": ...})',
-                        param=param + ".type",
-                    )
+                where = f"messages[{i}].content[{j}]"
+                if part.type != "text":
+                    problem, param = f"content part of type {part.type!r} is not supported", "type"
+                elif part.model_extra:
+                    problem, param = "unknown parameter", next(iter(part.model_extra))
+                elif not isinstance(part.text, str):
+                    problem, param = "a text part needs its text (a string)", "text"
+                else:
+                    continue
+                return error_response(
+                    400,
+                    f'{where}.{param}: {problem} (only {{"type": "text", "text": ...}})',
+                    param=f"{where}.{param}",
+                )
             content = "".join(part.text or "" for part in content)
         out.append({"role": message.role, "content": content})
     return out
@@ -455,6 +502,10 @@ def _chat_messages(req: ChatRequest) -> list[dict[str, str]] | JSONResponse:
 
 def _refused(req: SharedFields) -> JSONResponse | None:
     """A 400 naming the first field set that gptkit does not implement (never ignored)."""
+    if getattr(req, "stream_options", None) is not None and not getattr(req, "stream", False):
+        return error_response(
+            400, "stream_options: only allowed with stream: true", param="stream_options"
+        )
     name = req.refused()
     if name is None:
         return None

@@ -161,6 +161,17 @@ def test_chat_whole_streamed_content_parts_and_max_completion_tokens(client):
         ("completions", {"logprobs": 6}, "logprobs"),
         ("completions", {"best_of": 2}, "best_of"),
         ("completions", {"extra_body": {"mystery": 1}}, "mystery"),
+        ("chat", {"logit_bias": {"\u00b2": 5}}, "logit_bias"),  # a digit, not an ASCII one
+        ("completions", {"logit_bias": {"\u0663": 5}}, "logit_bias"),  # Arabic-Indic three
+        ("completions", {"logit_bias": {" 3 ": 5}}, "logit_bias"),
+        (
+            "completions",
+            {"extra_body": {"stream_options": {"include_usage": True}}},
+            "stream_options",
+        ),
+        ("chat", {"extra_body": {"stream": "yes"}}, "stream"),  # not coerced to true
+        ("completions", {"extra_body": {"echo": 1}}, "echo"),
+        ("chat", {"max_completion_tokens": 100_000}, "max_completion_tokens"),
     ],
 )
 def test_unsupported_fields_are_bad_requests_naming_them(client, endpoint, extra, param):
@@ -300,3 +311,57 @@ def test_echo_with_logprobs_scores_the_prompt_too(client, chat_run):
         full = torch.log_softmax(run.model(torch.tensor([ids])).logits[0].double(), -1)
     for i in range(1, len(ids)):
         assert abs(lp.token_logprobs[i] - full[i - 1, ids[i]].item()) < 1e-3
+
+
+def test_bad_prompts_and_parts_are_400s_naming_the_field(client, bundle_url):
+    """Each an answer in OpenAI's shape naming the field at fault, never a 500."""
+    cases = [
+        ("completions", {"prompt": list(range(40)), "echo": True, "logprobs": 0}, "prompt"),
+        ("completions", {"prompt": list(range(40))}, "prompt"),  # past the context (32)
+        ("completions", {"prompt": [True, 1]}, "prompt"),  # not token ids
+        ("completions", {"prompt": [1.0]}, "prompt"),
+        ("chat", {"messages": []}, "messages"),
+        ("chat", {"messages": [{"role": "user", "content": "A" * 60}]}, "messages"),
+        ("chat", {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+         "messages[0].content[0].text"),
+        ("chat", {"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "A", "cache_control": {"type": "ephemeral"}}]}]},
+         "messages[0].content[0].cache_control"),
+    ]  # fmt: skip
+    for endpoint, body, param in cases:
+        path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+        r = httpx.post(bundle_url + path, json={"max_tokens": 2, **body}, timeout=30)
+        assert r.status_code == 400, (body, r.text)
+        error = r.json()["error"]
+        assert error["param"] == param, (body, error)
+        assert error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_max_tokens_null_is_the_default_of_16(client):
+    base = {"model": "chatty", "prompt": "ROMEO:", "seed": 4}
+    given = client.completions.create(max_tokens=16, **base)
+    unset = client.completions.create(**base)
+    null = client.completions.create(extra_body={"max_tokens": None}, **base)
+    assert given.choices[0].text == unset.choices[0].text == null.choices[0].text
+    assert null.usage.completion_tokens == given.usage.completion_tokens
+
+
+def test_logprobs_cover_the_text_returned_when_a_stop_string_cuts_it(client):
+    """The stop string's tokens are generated (and counted in usage) but not returned: nor are
+    their log-probabilities, whole or streamed alike."""
+    seen = 0
+    for seed in range(12):
+        base = {"model": "chatty", "prompt": "ab", "max_tokens": 30, "seed": seed, "logprobs": 1}
+        free = client.completions.create(**base).choices[0].text
+        stop = next((c for c in free[2:] if c.strip()), None)  # a character it will write
+        if stop is None:
+            continue
+        whole = client.completions.create(stop=stop, **base).choices[0]
+        assert whole.finish_reason == "stop"
+        assert "".join(whole.logprobs.tokens) == whole.text
+        chunks = list(client.completions.create(stop=stop, stream=True, **base))
+        streamed = [t for c in chunks if c.choices and c.choices[0].logprobs
+                    for t in c.choices[0].logprobs.tokens]  # fmt: skip
+        assert streamed == whole.logprobs.tokens
+        seen += 1
+    assert seen >= 3

@@ -3,6 +3,7 @@ scheduler, driven directly with a real bundle and asyncio loop."""
 
 import asyncio
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -149,8 +150,8 @@ def test_streaming_server_sent_events(server):
         ({"prompt": "A", "top_p": 1.5}, 400, "top_p", "top_p"),
         ({"prompt": "A", "max_tokens": -1}, 400, "max_tokens", "max_tokens"),
         ({"max_tokens": 3}, 400, "prompt", "prompt"),
-        ({"prompt": "x" * 40}, 400, "the model's context is 32", None),
-        ({"prompt": "snow ☃"}, 400, "never saw", None),
+        ({"prompt": "x" * 40}, 400, "the model's context is 32", "prompt"),
+        ({"prompt": "snow ☃"}, 400, "never saw", "prompt"),
         ({"prompt": [], "max_tokens": 3}, 400, "non-empty list", "prompt"),
         ({"prompt": "A", "n": 99}, 400, "n", "n"),
         ({"prompt": "A", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "stop"),
@@ -449,6 +450,65 @@ def test_a_stream_sends_its_headers_with_the_first_events_and_ends_with_the_last
         assert response.done.ran and service.active == 0
         assert not any(m.get("more_body") is False for m in sent)  # it never finished
     assert service.scheduler.thread.is_alive()
+
+
+def test_a_whole_answers_client_that_leaves_has_its_rows_cancelled(bundle, tmp_path):
+    """Not streamed: a client that closes its connection while its request waits or decodes
+    has its rows cancelled (logged 499), not decoded to the end for nobody."""
+    port, log = free_port(), tmp_path / "stderr.txt"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptkit", "serve", str(bundle), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"),
+    )
+    try:
+        url = _wait_for(proc, port, log)
+        body = json.dumps({"prompt": "ROMEO:", "max_tokens": 1024, "n": 16}).encode()
+        request = (
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+        for s in socks:  # 4 x 16 rows x 1024 tokens, 16 rows at a time: seconds of work
+            s.sendall(request)
+        time.sleep(0.3)
+        for s in socks:
+            s.close()
+        deadline = time.monotonic() + 30
+        while httpx.get(url + "/health").json()["active"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(url + "/health").json()["active"] == 0
+        again = httpx.post(url + "/v1/completions", json={"prompt": "A", "max_tokens": 3})
+        assert again.status_code == 200
+        lines = [x for x in log.read_text().splitlines() if '"POST /v1/completions"' in x]
+        # The first may finish on a fast machine; the others were waiting or decoding.
+        assert sum('" 499 ' in x for x in lines) >= 3, lines
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_bug_is_a_500_in_openais_shape_and_logged_as_one(bundle, monkeypatch, caplog):
+    """An exception no handler expected: OpenAI's error body (not Starlette's plain text), and
+    the access log says 500 (it said 0)."""
+    from starlette.testclient import TestClient
+
+    import gptkit
+    from gptkit.serve.app import create_app
+    from gptkit.serve.service import CompletionService
+
+    async def broken(self, req, receive=None):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(CompletionService, "completions", broken)
+    app = create_app(gptkit.load(bundle))
+    with caplog.at_level(logging.INFO, logger="gptkit.access"):
+        with TestClient(app, raise_server_exceptions=False) as client:
+            r = client.post("/v1/completions", json={"prompt": "A"})
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "server_error"
+    assert "RuntimeError" in r.json()["error"]["message"]
+    assert any('"POST /v1/completions" 500' in m for m in caplog.messages)
 
 
 def test_concurrent_clients_share_decode_steps_and_get_the_tokens_they_get_alone(server):
