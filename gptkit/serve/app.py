@@ -223,6 +223,13 @@ async def _invalid(request: Request, exc: Exception) -> JSONResponse:
         return error_response(
             400, f"the request body is not valid JSON ({detail} at character {where})"
         )
+    content_type = request.headers.get("content-type", "")
+    if tuple(first["loc"]) == ("body",) and "json" not in content_type.lower():
+        return error_response(  # e.g. curl -d, which says form-urlencoded
+            400,
+            f"the request body must be JSON sent as Content-Type: application/json (this one "
+            f"says {content_type!r})",
+        )
     param = _param(tuple(first["loc"]))
     if first["type"] == "extra_forbidden":
         return error_response(400, f"{param}: unknown parameter", param=param)

@@ -3,6 +3,7 @@ access, run uvicorn."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -104,6 +105,26 @@ class _HeaderLimits:
     def connection_lost(self, exc) -> None:
         self._disarm()
         super().connection_lost(exc)  # type: ignore[misc]
+
+    def send_400_response(self, msg: str) -> None:
+        """A request the parser refuses (malformed, headers too long, Host missing): a 400 in
+        OpenAI's error shape, as every other error (uvicorn's own is plain text)."""
+        body = json.dumps(
+            {
+                "error": {
+                    "message": f"malformed HTTP request ({msg.rstrip('.')})",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": None,
+                }
+            }
+        ).encode()
+        head = (
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+        )
+        self.transport.write(head + body)  # type: ignore[attr-defined]
+        self.transport.close()  # type: ignore[attr-defined]
 
 
 def _protocol_base(http: str) -> type:

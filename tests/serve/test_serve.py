@@ -488,6 +488,24 @@ def test_a_whole_answers_client_that_leaves_has_its_rows_cancelled(bundle, tmp_p
         proc.wait(timeout=30)
 
 
+def test_a_json_body_sent_as_a_form_is_told_its_content_type(server):
+    """``curl -d '{...}'`` says form-urlencoded: the 400 says what to send, not that the body is
+    not an object."""
+    r = httpx.post(
+        server["url"] + "/v1/completions",
+        content=json.dumps({"prompt": "A", "max_tokens": 2}),
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert r.status_code == 400
+    assert "Content-Type: application/json" in r.json()["error"]["message"]
+    ok = httpx.post(
+        server["url"] + "/v1/completions",
+        content=json.dumps({"prompt": "A", "max_tokens": 2}),
+        headers={"content-type": "application/json; charset=utf-8"},
+    )
+    assert ok.status_code == 200
+
+
 def test_a_bug_is_a_500_in_openais_shape_and_logged_as_one(bundle, monkeypatch, caplog):
     """An exception no handler expected: OpenAI's error body (not Starlette's plain text), and
     the access log says 500 (it said 0)."""
