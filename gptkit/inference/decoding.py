@@ -297,17 +297,12 @@ class _TextStream:
     def text_tokens(self) -> int:
         """How many tokens begin inside the text: all of them, but for a stop string's tokens
         cut from its end (the ones a stream never shows either)."""
-        tokens, n = self.tokens, len(self.text)
-        if not self.stopped:
-            return len(tokens)
-        lo, hi = 0, len(tokens)  # the first j whose tokens[:j] decode to all of the text
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if len(self.decode(tokens[:mid])) >= n:
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
+        tokens, text = self.tokens, self.text
+        j = len(tokens)
+        if self.stopped:  # a few tokens back at most: a stop string is short
+            while j > 0 and self.decode(tokens[: j - 1]).startswith(text):
+                j -= 1
+        return j
 
     def safe_text(self, final: bool) -> str:
         """New text that can be shown now."""

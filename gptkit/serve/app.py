@@ -223,13 +223,19 @@ async def _invalid(request: Request, exc: Exception) -> JSONResponse:
         return error_response(
             400, f"the request body is not valid JSON ({detail} at character {where})"
         )
-    content_type = request.headers.get("content-type", "")
-    if tuple(first["loc"]) == ("body",) and "json" not in content_type.lower():
-        return error_response(  # e.g. curl -d, which says form-urlencoded
-            400,
-            f"the request body must be JSON sent as Content-Type: application/json (this one "
-            f"says {content_type!r})",
-        )
+    if tuple(first["loc"]) == ("body",):
+        content_type = request.headers.get("content-type", "")
+        kind = content_type.split(";")[0].strip().lower()
+        if first["type"] == "missing":
+            return error_response(400, "the request has no body: send a JSON object")
+        if kind != "application/json" and not (
+            kind.startswith("application/") and kind.endswith("+json")
+        ):  # e.g. curl -d, which says form-urlencoded: the body was not read as JSON
+            return error_response(
+                400,
+                "the request body must be JSON sent as Content-Type: application/json "
+                f"(this one says {content_type!r})",
+            )
     param = _param(tuple(first["loc"]))
     if first["type"] == "extra_forbidden":
         return error_response(400, f"{param}: unknown parameter", param=param)
@@ -238,7 +244,11 @@ async def _invalid(request: Request, exc: Exception) -> JSONResponse:
 
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     """A bug, not the request: a 500 in OpenAI's error shape (the traceback is logged)."""
-    return error_response(500, f"internal server error ({type(exc).__name__})", "server_error")
+    return error_response(
+        500,
+        f"internal server error ({type(exc).__name__}); the traceback is in the server's log",
+        "server_error",
+    )
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -42,6 +42,7 @@ class _HeaderLimits:
     _header_timer: Any = None
     _header_bytes = 0
     _host_headers = 0
+    _refusal = ""  # why this protocol refused the request (uvicorn's 400 does not say)
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -86,14 +87,14 @@ class _HeaderLimits:
     def _count_header_bytes(self, n: int) -> None:
         self._header_bytes += n
         if self._header_bytes > MAX_HEADER_BYTES:  # raised in the parser: uvicorn's 400
-            raise ValueError(f"request headers over {MAX_HEADER_BYTES} bytes")
+            self._refuse(f"request line and headers over {MAX_HEADER_BYTES} bytes")
 
     def on_headers_complete(self) -> None:  # httptools: the parser calls this
         # RFC 9112 3.2: an HTTP/1.1 request without a Host header, or any request with two, is
         # a 400 (h11 refuses both itself; httptools accepts them).
         version = self.parser.get_http_version()  # type: ignore[attr-defined]
         if self._host_headers > 1 or (self._host_headers == 0 and version == "1.1"):
-            raise ValueError("an HTTP/1.1 request needs exactly one Host header")
+            self._refuse("an HTTP/1.1 request needs exactly one Host header")
         super().on_headers_complete()  # type: ignore[misc]
         self._disarm()  # the headers are in; the body has its own deadline
 
@@ -106,24 +107,34 @@ class _HeaderLimits:
         self._disarm()
         super().connection_lost(exc)  # type: ignore[misc]
 
+    def _refuse(self, why: str) -> None:
+        """Refuse the request being parsed (raised in the parser: a 400 saying ``why``)."""
+        self._refusal = why
+        raise ValueError(why)
+
     def send_400_response(self, msg: str) -> None:
         """A request the parser refuses (malformed, headers too long, Host missing): a 400 in
-        OpenAI's error shape, as every other error (uvicorn's own is plain text)."""
+        OpenAI's error shape, as every other error (uvicorn's own is plain text), saying why
+        where gptkit refused it."""
+        why = self._refusal or "not a well-formed HTTP/1.1 request line and headers"
         body = json.dumps(
             {
                 "error": {
-                    "message": f"malformed HTTP request ({msg.rstrip('.')})",
+                    "message": f"malformed HTTP request: {why}",
                     "type": "invalid_request_error",
                     "param": None,
                     "code": None,
                 }
             }
         ).encode()
-        head = (
-            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+        head = [b"HTTP/1.1 400 Bad Request\r\n"]
+        for name, value in self.server_state.default_headers:  # type: ignore[attr-defined]
+            head.append(b"%s: %s\r\n" % (name, value))  # server, date
+        head.append(
+            b"content-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n" % len(body)
         )
-        self.transport.write(head + body)  # type: ignore[attr-defined]
+        self.transport.write(b"".join(head) + body)  # type: ignore[attr-defined]
         self.transport.close()  # type: ignore[attr-defined]
 
 

@@ -4,10 +4,10 @@ them), its limits, and its error envelope."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 
 @dataclass
@@ -24,10 +24,21 @@ class Limits:
     stream_interval_s: float = 0.01  # streamed text is handed over at most this often
 
 
+def _integral(value: Any) -> Any:
+    """A number with no fraction (``16.0``, as float arithmetic makes it) as the int it is;
+    anything else as given (a bool stays a bool, and is refused)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]  # an int field of a request
+
+
 class Strict(BaseModel):
     """A request part: a field gptkit does not know is a 400 naming it, never ignored; a value
     of the wrong JSON type too (``"stream": "yes"`` or a token id ``true`` is not taken as
-    true or 1; an integer is a number)."""
+    true or 1; an integer is a number, and ``16.0`` an integer)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -81,20 +92,20 @@ class CompletionRequest(SharedFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         ..., description="A prompt, a list of prompts, token ids, or a list of token-id lists."
     )
-    max_tokens: int | None = Field(16, ge=0, description="16 when unset or null.")
+    max_tokens: Int | None = Field(16, ge=0, description="16 when unset or null.")
     temperature: float | None = Field(None, ge=0, le=10, description="0 means greedy.")
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1, le=100_000)
+    top_k: Int | None = Field(None, ge=1, le=100_000)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    n: int = Field(1, ge=1, le=16)
+    seed: Int | None = Field(None, ge=0, le=2**63 - 1)
+    n: Int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: bool = Field(False, description="Return the prompt before the completion.")
-    logprobs: int | None = Field(
+    logprobs: Int | None = Field(
         None, ge=0, le=5, description="Log-probabilities of the tokens and this many alternatives."
     )
-    best_of: int | None = Field(None, ge=1, description="Only 1 (or unset) is supported.")
+    best_of: Int | None = Field(None, ge=1, description="Only 1 (or unset) is supported.")
     suffix: str | None = Field(None, description="Not supported.")
 
 
@@ -115,17 +126,17 @@ class ChatMessage(Strict):
 class ChatRequest(SharedFields):
     model: str | None = None
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0, description="max_tokens' new name.")
+    max_tokens: Int | None = Field(None, ge=0)
+    max_completion_tokens: Int | None = Field(None, ge=0, description="max_tokens' new name.")
     temperature: float | None = Field(None, ge=0, le=10)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    n: int = Field(1, ge=1, le=16)
+    seed: Int | None = Field(None, ge=0, le=2**63 - 1)
+    n: Int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool | None = Field(None, description="Log-probabilities of the tokens.")
-    top_logprobs: int | None = Field(
+    top_logprobs: Int | None = Field(
         None, ge=0, le=20, description="Alternatives per token (with logprobs: true)."
     )
 

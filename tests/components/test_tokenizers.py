@@ -181,3 +181,30 @@ def test_streamed_text_decoded_incrementally_equals_decoding_all_tokens(kind, fi
             stream.add(token)
             assert stream.text == tok.decode(ids[: i + 1]), (kind, i)
         assert stream.settled > len(ids) // 2  # the text did settle as it went
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "bpe", "sentencepiece", "pretrained"])
+def test_the_tokens_of_a_stop_cut_text_are_those_that_begin_inside_it(kind, fitted):
+    """A stop string cuts the text; its tokens are generated but not returned, nor are their
+    log-probabilities (``text_tokens``): every kind, with a multi-byte character just before
+    the stop (a byte-level tokenizer's half character decodes to a replacement character of
+    the same length, so counting characters would drop its second half)."""
+    from gptkit.inference.decoding import _TextStream
+
+    tok = fitted[kind]
+    for text, stop in (("déjà vu, sir", ","), ("café and tea", " and"), ("ROMEO: hi", "hi")):
+        if kind == "char":
+            text = "".join(c for c in text if c in CORPUS)
+        ids = tok.encode(text)
+        stream = _TextStream(tok.decode, [stop])
+        for token in ids:
+            stream.add(token)
+            if stream.stopped:
+                break
+        assert stream.stopped, (kind, text)
+        k = stream.text_tokens()
+        assert tok.decode(stream.tokens[:k]).startswith(stream.text), (kind, text)
+        assert k == len(stream.tokens) or not tok.decode(stream.tokens[: k - 1]).startswith(
+            stream.text
+        )  # none fewer would do
+        assert k < len(stream.tokens)  # the stop string's tokens are left out

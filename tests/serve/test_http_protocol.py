@@ -106,11 +106,11 @@ def test_kept_alive_requests_are_answered_and_unfinished_headers_dropped(port):
         b"POST / HTTP/1.1\r\nHost: a\r\nHost: b\r\nContent-Length: 2\r\n",  # two
     ],
 )
-def test_a_request_without_exactly_one_host_is_a_400(port, head):
+def test_a_request_without_exactly_one_host_is_a_400(port, head, request):
     """RFC 9112 3.2, under either parser (httptools accepted both); HTTP/1.0 needs none."""
-    for request, status in ((head, b"400"), (b"POST / HTTP/1.0\r\nContent-Length: 2\r\n", b"200")):
+    for message, status in ((head, b"400"), (b"POST / HTTP/1.0\r\nContent-Length: 2\r\n", b"200")):
         with socket.create_connection(("127.0.0.1", port)) as s:
-            s.sendall(request + b"\r\nhi")
+            s.sendall(message + b"\r\nhi")
             s.settimeout(10)
             answer = b""
             while chunk := s.recv(4096):  # the server closes after a 400; read until then
@@ -121,6 +121,8 @@ def test_a_request_without_exactly_one_host_is_a_400(port, head):
             if status == b"400":  # in OpenAI's error shape, as every other error
                 error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
                 assert error["type"] == "invalid_request_error" and error["message"]
+                if request.node.callspec.params["port"] == "httptools":  # gptkit says why
+                    assert "exactly one Host header" in error["message"]
 
 
 def test_a_slow_body_is_not_cut_by_the_header_deadline(port):

@@ -365,3 +365,15 @@ def test_logprobs_cover_the_text_returned_when_a_stop_string_cuts_it(client):
         assert streamed == whole.logprobs.tokens
         seen += 1
     assert seen >= 3
+
+
+def test_integer_fields_take_whole_floats_and_refuse_fractions(bundle_url):
+    """``16.0`` (float arithmetic) is 16, as vLLM takes it; ``2.5`` or ``true`` is a 400."""
+    url = bundle_url + "/v1/completions"
+    base = {"prompt": "ROMEO:", "seed": 3}
+    as_ints = httpx.post(url, json={**base, "max_tokens": 4, "n": 2}, timeout=30).json()
+    as_floats = httpx.post(url, json={**base, "max_tokens": 4.0, "n": 2.0}, timeout=30).json()
+    assert [c["text"] for c in as_floats["choices"]] == [c["text"] for c in as_ints["choices"]]
+    for field, value in (("max_tokens", 2.5), ("n", True), ("seed", float("1e300"))):
+        r = httpx.post(url, json={**base, field: value}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)

@@ -449,7 +449,24 @@ def test_a_stream_sends_its_headers_with_the_first_events_and_ends_with_the_last
         sent, response = asyncio.run(leaving())
         assert response.done.ran and service.active == 0
         assert not any(m.get("more_body") is False for m in sent)  # it never finished
-    assert service.scheduler.thread.is_alive()
+
+    async def gone_at_once():  # before the first event: the access log is told 499
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.disconnect"}
+
+        req = CompletionRequest(prompt="KING", max_tokens=1000, stream=True)
+        response = await service.completions(req)
+        await asyncio.wait_for(response(scope, receive, send), 30)
+        return sent, response
+
+    sent, response = asyncio.run(gone_at_once())
+    assert [m.get("status") for m in sent] == [499] and response.done.ran
+    assert service.active == 0 and service.scheduler.thread.is_alive()
 
 
 def test_a_whole_answers_client_that_leaves_has_its_rows_cancelled(bundle, tmp_path):
@@ -498,6 +515,8 @@ def test_a_json_body_sent_as_a_form_is_told_its_content_type(server):
     )
     assert r.status_code == 400
     assert "Content-Type: application/json" in r.json()["error"]["message"]
+    empty = httpx.post(server["url"] + "/v1/completions")  # curl -X POST: no body at all
+    assert empty.status_code == 400 and "no body" in empty.json()["error"]["message"]
     ok = httpx.post(
         server["url"] + "/v1/completions",
         content=json.dumps({"prompt": "A", "max_tokens": 2}),
