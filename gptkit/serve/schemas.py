@@ -33,6 +33,7 @@ def _integral(value: Any) -> Any:
 
 
 Int = Annotated[int, BeforeValidator(_integral)]  # an int field of a request
+DEFAULT_MAX_TOKENS = 16  # OpenAI's, when a request gives none (or null)
 
 
 class Strict(BaseModel):
@@ -92,7 +93,9 @@ class CompletionRequest(SharedFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         ..., description="A prompt, a list of prompts, token ids, or a list of token-id lists."
     )
-    max_tokens: Int | None = Field(16, ge=0, description="16 when unset or null.")
+    max_tokens: Int | None = Field(
+        DEFAULT_MAX_TOKENS, ge=0, description=f"{DEFAULT_MAX_TOKENS} when unset or null."
+    )
     temperature: float | None = Field(None, ge=0, le=10, description="0 means greedy.")
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: Int | None = Field(None, ge=1, le=100_000)

@@ -30,6 +30,7 @@ from gptkit.inference.decoding import (
 from gptkit.serve.render import ChatRender, TextRender, finish_reason, sse
 from gptkit.serve.scheduler import Job, Scheduler
 from gptkit.serve.schemas import (
+    DEFAULT_MAX_TOKENS,
     ChatRequest,
     CompletionRequest,
     Limits,
@@ -104,7 +105,7 @@ class CompletionService:
                 param="prompt",
             )
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
         problem = self.check(req.model, stops, max_tokens, len(prompts) * req.n, prompts)
         if problem is not None:
             return problem
@@ -151,7 +152,7 @@ class CompletionService:
                 "max_tokens and max_completion_tokens differ; give one",
                 param="max_completion_tokens",
             )
-        max_tokens = given.pop() if given else 16
+        max_tokens = given.pop() if given else DEFAULT_MAX_TOKENS
         messages = _chat_messages(req)
         if isinstance(messages, JSONResponse):
             return messages
@@ -221,10 +222,9 @@ class CompletionService:
         """Each prompt's ids and their log-probabilities (one forward each, off the event
         loop)."""
         backend, tokenizer = self.bundle.backend, self.bundle.tokenizer
-        out = []
+        out, encoder = [], DecodeBatch(backend, tokenizer)
         for i, p in enumerate(prompts):
             try:
-                encoder = DecodeBatch(backend, tokenizer)
                 ids = encoder.encode(p, i) if isinstance(p, str) else encoder.checked(p, i)
             except GptkitError as exc:
                 return error_response(400, exc.message, param="prompt")
@@ -424,8 +424,7 @@ class _Stream(StreamingResponse):
             "status": self.status_code,
             "headers": self.raw_headers,
         }
-        try:
-            end = False
+        try:  # the events end with one marked last (_events): it ends the body
             async for text, end in self.body_iterator:  # type: ignore[misc]
                 if start is not None:
                     await deliver(start)
@@ -433,10 +432,6 @@ class _Stream(StreamingResponse):
                 await deliver(
                     {"type": "http.response.body", "body": text.encode(), "more_body": not end}
                 )
-            if not end:  # the events stopped without an end: the body ends anyway
-                if start is not None:
-                    await deliver(start)
-                await deliver({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if leaving is None or not leaving.caused():
                 raise  # cancelled by the server (shutting down), not by the client leaving
