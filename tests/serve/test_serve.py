@@ -4,6 +4,7 @@ scheduler, driven directly with a real bundle and asyncio loop."""
 import asyncio
 import json
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -128,7 +129,7 @@ def test_stop_string(server):
 
 def test_streaming_server_sent_events(server):
     body = {"prompt": "ROMEO:", "max_tokens": 30, "seed": 3, "stream": True, "temperature": 0}
-    pieces, done = [], False
+    pieces, ids, done = [], set(), False
     with httpx.stream("POST", server["url"] + "/v1/completions", json=body) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():
@@ -138,9 +139,17 @@ def test_streaming_server_sent_events(server):
                 done = True
                 break
             pieces.append(json.loads(line[6:])["choices"][0]["text"])
+            ids.add(json.loads(line[6:])["id"])
     assert done and len(pieces) > 2
     whole = httpx.post(server["url"] + "/v1/completions", json={**body, "stream": False}).json()
     assert "".join(pieces) == whole["choices"][0]["text"]
+    # One id for every chunk of a stream, OpenAI's shape, and another for each answer.
+    others = [
+        httpx.post(server["url"] + "/v1/completions", json={**body, "stream": False}).json()["id"]
+        for _ in range(5)
+    ]
+    assert len(ids) == 1 and re.fullmatch(r"cmpl-[0-9a-f]{24}", ids.pop())
+    assert len({whole["id"], *others}) == 6
 
 
 @pytest.mark.parametrize(
@@ -759,6 +768,21 @@ def test_a_failing_step_is_reported_to_every_request_and_the_scheduler_goes_on(b
     for events in failed:
         assert events[-1] == ("error", "RuntimeError: the accelerator fell over")
     assert after[0][-1][0] == "done" and len(after[0][-1][1][0].tokens) == 20
+
+
+def test_requests_with_equal_options_share_one_sampler(bundle):
+    """The service builds a sampler once per distinct options (rows with the same sampler
+    object are drawn together), and different options get their own."""
+    import gptkit
+    from gptkit.serve.service import CompletionService
+
+    service = CompletionService(gptkit.load(bundle), Limits())
+    first = service.sampler_for(GenerationOptions(temperature=0.7, stop=["\n"]))
+    again = service.sampler_for(GenerationOptions(temperature=0.7, stop=["\n"]))
+    other = service.sampler_for(GenerationOptions(temperature=0.7, stop=["x"]))
+    assert first is again and other is not first
+    assert (first.temperature, first.stop, other.stop) == (0.7, ["\n"], ["x"])
+    assert service.sampler_for(GenerationOptions(temperature=0)).kind == "greedy"
 
 
 def test_the_scheduler_wakes_the_event_loop_once_per_step_for_every_request(bundle):
