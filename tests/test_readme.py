@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from gptkit.bench.serve import running_server
 from tests.conftest import ROOT
 from tests.helpers import run_cli
 
@@ -31,15 +32,24 @@ def test_readme_python_blocks_run_as_written(smoke_run, tmp_path, monkeypatch, c
     monkeypatch.syspath_prepend(str(tmp_path))
     blocks = python_blocks()
     assert len(blocks) >= 5
-    namespaces = []
+    namespaces, clients = [], 0
     for block in blocks:
         first = block.splitlines()[0]
         if re.fullmatch(r"# [\w]+\.py", first):  # a file the reader is meant to create
             (tmp_path / first[2:]).write_text(block)
             continue
         ns: dict = {"__name__": "readme"}
+        if "http://127.0.0.1:8000" in block:  # a client of the `gptkit serve` the README starts
+            with running_server(
+                tmp_path / "bundles" / "shakespeare", "--served-model-name", "shakespeare-char"
+            ) as url:
+                served = block.replace("http://127.0.0.1:8000", url)
+                exec(compile(served, "README.md", "exec"), ns)  # noqa: S102
+            clients += 1
+            continue
         exec(compile(block, "README.md", "exec"), ns)  # noqa: S102
         namespaces.append(ns)
+    assert clients == 1  # the OpenAI client's example ran against a real server
     out = capsys.readouterr().out
     assert (tmp_path / "checkpoints" / "quickstart" / "checkpoints" / "latest").exists()
     batch = [line for line in out.splitlines() if re.fullmatch(r"\[['\"].*['\"]\]", line)]

@@ -223,7 +223,8 @@ def serving_overhead(
     ping = {**body, "max_tokens": 1}
     log(
         f"runtime alone (batch 1 and {clients}) and gptkit serve (1 and {clients} streaming "
-        f"clients), {rounds} rounds each, in alternation, {max_tokens} tokens ..."
+        f"clients), {rounds} round{'s' * (rounds != 1)} each, in alternation, "
+        f"{max_tokens} tokens ..."
     )
     gen = load(path)
     runtime = {n: [0, 0.0, 0.0] for n in sizes}  # tokens, seconds, CPU seconds
