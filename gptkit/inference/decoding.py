@@ -195,15 +195,46 @@ class GenerationOptions:
             return {**changes, "kind": "greedy"}
         if self.temperature is not None:
             changes["temperature"] = self.temperature
-        for kind, name, value in (
-            ("top_k", "k", self.top_k),
-            ("top_p", "p", self.top_p),
-            ("min_p", "p", self.min_p),
-        ):
-            if value is not None:
-                changes.update({"kind": kind, name: value})
-                break
+        truncation = self.truncation()
+        if truncation is not None:
+            kind, name, value = truncation
+            changes.update({"kind": kind, name: value})
         return changes
+
+    def truncation(self) -> tuple[str, str, Any] | None:
+        """The one truncating sampler asked for, (kind, field, value), or None. Each of
+        ``top_k``, ``top_p`` and ``min_p`` is a sampler of its own, so two that truncate are
+        an error, never one of them silently dropped; ``top_p=1`` and ``min_p=0`` truncate
+        nothing and go with either other one (clients send ``top_p: 1`` by default)."""
+        given = [
+            (kind, name, value, neutral)
+            for kind, name, value, neutral in (
+                ("top_k", "k", self.top_k, None),
+                ("top_p", "p", self.top_p, 1.0),
+                ("min_p", "p", self.min_p, 0.0),
+            )
+            if value is not None
+        ]
+        truncating = [g for g in given if g[2] != g[3]]
+        if len(truncating) > 1:
+            first, second = truncating[0][0], truncating[1][0]
+            raise OptionsError(
+                f"{second}: {first} and {second} both truncate, and gptkit samples with one "
+                f"of top_k, top_p, min_p; give one (or {second} at its neutral value)",
+                param=second,
+            )
+        if not given:
+            return None
+        kind, name, value, _ = (truncating or given)[0]
+        return kind, name, value
+
+
+class OptionsError(GptkitError):
+    """Generation options that contradict each other; ``param`` names the one at fault."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 def resolve_sampler(registry: Any, base: Any, options: GenerationOptions) -> Any:

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gptkit.inference.base import Inference
 from gptkit.serve.schemas import (
     ERRORS,
+    STREAMED,
     ChatRequest,
     ChatResponse,
     CompletionRequest,
@@ -193,16 +194,33 @@ def create_app(bundle: Inference, limits: Limits | None = None, name: str | None
         """The one model this server serves."""
         return service.models()
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
+    @app.post(
+        "/v1/completions", response_model=CompletionResponse, responses={**STREAMED, **ERRORS}
+    )
     async def completions(req: CompletionRequest, request: Request):
         """Continue a prompt (or several); ``stream: true`` sends server-sent events."""
         return await service.completions(req, request.receive)
 
-    @app.post("/v1/chat/completions", response_model=ChatResponse, responses=ERRORS)
+    @app.post("/v1/chat/completions", response_model=ChatResponse, responses={**STREAMED, **ERRORS})
     async def chat_completions(req: ChatRequest, request: Request):
         """Chat, for a bundle whose tokenizer has a chat template (else 400: a base model)."""
         return await service.chat(req, request.receive)
 
+    schema = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema without its 422 (every invalid body is a 400 here)."""
+        first = app.openapi_schema is None
+        described = schema()  # made once, then FastAPI's cached copy
+        if first:
+            for methods in described.get("paths", {}).values():
+                for op in methods.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                described.get("components", {}).get("schemas", {}).pop(name, None)
+        return described
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(BodyLimitMiddleware, limits=service.limits)
     app.add_middleware(AccessLogMiddleware)
     return app
@@ -273,4 +291,10 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         404: f"no such endpoint: {request.url.path}",
         405: f"{request.method} is not allowed on {request.url.path}",
     }.get(exc.status_code, str(exc.detail))
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):  # FastAPI says only "error parsing the body"
+        message = (
+            f"the request body is not valid JSON: not UTF-8 text ({cause.reason} at byte "
+            f"{cause.start})"
+        )
     return error_response(exc.status_code, message, kind, headers=getattr(exc, "headers", None))

@@ -72,8 +72,15 @@ class Scheduler:
 
     first_text_wait = 0.005
 
-    def __init__(self, bundle: Inference, max_rows: int, stream_interval: float = 0.01) -> None:
+    def __init__(
+        self,
+        bundle: Inference,
+        max_rows: int,
+        stream_interval: float = 0.01,
+        max_requests: int | None = None,
+    ) -> None:
         self.bundle, self.max_rows, self.stream_interval = bundle, max_rows, stream_interval
+        self.max_requests = max_requests or max_rows  # requests decoding together
         self.batch = DecodeBatch(bundle.backend, bundle.tokenizer)
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: list[Job] = []
@@ -92,7 +99,8 @@ class Scheduler:
             self.cond.notify()
 
     def _admit(self) -> None:
-        """Move waiting requests into the batch while their rows fit (one always fits)."""
+        """Move waiting requests into the batch while they and their rows fit (one always
+        fits)."""
         with self.cond:
             if not self.waiting and not self.running:
                 self._flush()  # nothing left to decode: nothing may wait in the outbox
@@ -100,7 +108,11 @@ class Scheduler:
                 self.cond.wait()
             rows = sum(len(j.rows) for j in self.running)
             while self.waiting and (
-                not self.running or rows + len(self.waiting[0].ids) <= self.max_rows
+                not self.running
+                or (
+                    rows + len(self.waiting[0].ids) <= self.max_rows
+                    and len(self.running) < self.max_requests
+                )
             ):
                 job = self.waiting.popleft()
                 self._start(job)

@@ -41,7 +41,7 @@ class Strict(BaseModel):
     of the wrong JSON type too (``"stream": "yes"`` or a token id ``true`` is not taken as
     true or 1; an integer is a number, and ``16.0`` an integer)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(Strict):
@@ -124,6 +124,9 @@ class ContentPart(BaseModel):
 class ChatMessage(Strict):
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[ContentPart]
+    name: str | None = Field(
+        None, max_length=64, description="The author's name, given to the chat template."
+    )
 
 
 class ChatRequest(SharedFields):
@@ -201,10 +204,20 @@ class ErrorResponse(BaseModel):
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in (
-        (400, "Bad request"),
+        (400, "Bad request: the message says why, `param` names the field"),
         (404, "Unknown model"),
+        (408, "Request body not received in time"),
+        (413, "Request body too large"),
         (429, "Busy: retry later"),
+        (500, "Server error (the traceback is in the server's log)"),
     )
+}
+STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": 'The answer; with `"stream": true`, server-sent events: one '
+        "`data: {chunk}` line per event, then `data: [DONE]`.",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
 }
 
 

@@ -59,6 +59,7 @@ class CompletionService:
             bundle,
             max_rows=max(limits.max_concurrent, limits.max_choices),
             stream_interval=limits.stream_interval_s,
+            max_requests=limits.max_concurrent,
         )
         self.chat_template = getattr(bundle.tokenizer, "chat_template", None)
         self.templates = TemplateRenderer(limits.template_timeout_s, limits.max_prompt_chars)
@@ -329,7 +330,7 @@ class CompletionService:
             sampler = self.sampler_for(options)
             max_new = max_new_for(sampler, options.max_new_tokens)
         except GptkitError as exc:
-            return error_response(400, exc.message)
+            return error_response(400, exc.message, param=getattr(exc, "param", None))
         encoder = DecodeBatch(bundle.backend, bundle.tokenizer)
         try:
             ids = [
@@ -501,7 +502,8 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str 
 
 def _chat_messages(req: ChatRequest) -> list[dict[str, str]] | JSONResponse:
     """The messages for the chat template, a list of content parts joined into one string
-    (text parts only: another part type is a 400 naming it)."""
+    (text parts only: another part type is a 400 naming it), with a message's ``name`` when
+    it has one (the template decides what it shows)."""
     out = []
     for i, message in enumerate(req.messages):
         content = message.content
@@ -522,7 +524,8 @@ def _chat_messages(req: ChatRequest) -> list[dict[str, str]] | JSONResponse:
                     param=f"{where}.{param}",
                 )
             content = "".join(part.text or "" for part in content)
-        out.append({"role": message.role, "content": content})
+        named = {"name": message.name} if message.name is not None else {}
+        out.append({"role": message.role, "content": content, **named})
     return out
 
 

@@ -437,6 +437,35 @@ def test_options_mean_the_same_as_sampler_fields():
     assert resolve_sampler(load_registry(), base, GenerationOptions()) is base
 
 
+def test_two_truncations_are_an_error_never_one_dropped():
+    """top_k, top_p and min_p each pick a sampler: two that truncate are refused naming the
+    second, while top_p=1 and min_p=0 (no truncation, what clients send by default) go with
+    the other one."""
+    from gptkit.errors import GptkitError
+    from gptkit.inference.decoding import GenerationOptions, OptionsError, resolve_sampler
+    from gptkit.registry.registry import load_registry
+
+    base = sampler("top_p", p=0.9, temperature=0.8)
+    for given, param in (
+        ({"top_k": 40, "top_p": 0.5}, "top_p"),
+        ({"top_p": 0.5, "min_p": 0.1}, "min_p"),
+    ):
+        with pytest.raises(OptionsError, match=f"^{param}: .* both truncate") as caught:
+            resolve_sampler(load_registry(), base, GenerationOptions.from_kwargs(**given))
+        assert isinstance(caught.value, GptkitError) and caught.value.param == param
+    got = resolve_sampler(load_registry(), base, GenerationOptions(top_k=40, top_p=1.0))
+    assert (got.kind, got.k) == ("top_k", 40)
+    got = resolve_sampler(load_registry(), base, GenerationOptions(min_p=0.05, top_p=1.0))
+    assert (got.kind, got.p) == ("min_p", 0.05)
+    got = resolve_sampler(load_registry(), base, GenerationOptions(top_p=1.0, min_p=0.0))
+    assert (got.kind, got.p) == ("top_p", 1.0)  # no truncation asked: none done
+
+
+def test_generate_with_two_truncations_is_a_clear_error(smoke_run):
+    result = run_cli("generate", smoke_run, "-p", "A", "--top-k", "5", "--top-p", "0.5")
+    assert_user_error(result, "top_p: top_k and top_p both truncate")
+
+
 @pytest.mark.parametrize("seed", ["-1", str(2**32)])
 def test_a_seed_outside_0_to_2_32_is_refused(tmp_path, seed):
     result = run_cli("generate", tmp_path, "--seed", seed, "--prompt", "a")

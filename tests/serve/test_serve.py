@@ -157,6 +157,7 @@ def test_streaming_server_sent_events(server):
     [
         ({"prompt": "A", "max_tokens": 1000}, 400, "max_tokens: at most 64", "max_tokens"),
         ({"prompt": "A", "top_p": 1.5}, 400, "top_p", "top_p"),
+        ({"prompt": "A", "top_k": 40, "top_p": 0.5}, 400, "both truncate", "top_p"),
         ({"prompt": "A", "max_tokens": -1}, 400, "max_tokens", "max_tokens"),
         ({"max_tokens": 3}, 400, "prompt", "prompt"),
         ({"prompt": "x" * 40}, 400, "the model's context is 32", "prompt"),
@@ -220,6 +221,7 @@ def test_neutral_values_of_unsupported_fields_and_user_are_accepted(server):
         ),
         ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": "hi"}], "tools": []}, "tools"),
+        ({"messages": [{"role": "user", "content": "hi", "name": 7}]}, "messages[0].name"),
     ],
 )
 def test_chat_field_errors_are_400_naming_the_param(server, body, param):
@@ -243,6 +245,20 @@ def test_malformed_json_and_oversized_body(server):
         headers={"content-type": "application/json"},
     )
     assert big.status_code == 413
+
+
+def test_bodies_that_are_not_utf8_or_hold_nan_say_so(server):
+    url = server["url"] + "/v1/completions"
+    headers = {"content-type": "application/json"}
+    r = httpx.post(url, content=b'{"prompt": "RO\xff\xfeMEO:"}', headers=headers)
+    assert r.status_code == 400
+    assert r.json()["error"]["message"].startswith("the request body is not valid JSON: not UTF-8")
+    for field in ("temperature", "top_p", "presence_penalty"):  # JSON has no NaN: Python's does
+        for value in ("NaN", "Infinity"):
+            body = f'{{"prompt": "A", "{field}": {value}}}'.encode()
+            r = httpx.post(url, content=body, headers=headers)
+            assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+            assert "finite" in r.json()["error"]["message"], r.text
 
 
 def test_slow_body_is_cut_off(server):
@@ -671,6 +687,10 @@ def test_openapi_schema_describes_what_is_returned(server):
     assert op["responses"]["404"]["content"]["application/json"]["schema"]["$ref"].endswith(
         "/ErrorResponse"
     )
+    # Every invalid body is a 400 (never FastAPI's 422); streams are server-sent events.
+    assert "422" not in op["responses"] and {"400", "408", "413", "429"} <= set(op["responses"])
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    assert "text/event-stream" in op["responses"]["200"]["content"]
     fields = schema["components"]["schemas"]["CompletionResponse"]["properties"]
     body = httpx.post(
         server["url"] + "/v1/completions", json={"prompt": "A", "max_tokens": 2}
@@ -785,6 +805,29 @@ def test_requests_with_equal_options_share_one_sampler(bundle):
     assert service.sampler_for(GenerationOptions(temperature=0)).kind == "greedy"
 
 
+def test_the_scheduler_decodes_at_most_max_requests_together(bundle):
+    """``--max-concurrent`` counts requests, not rows: with one, three requests are decoded
+    one after another (each still whole and as it is alone), while one request's n rows
+    always go together."""
+    import gptkit
+    from gptkit.serve.scheduler import Job, Scheduler
+
+    loaded = gptkit.load(bundle)
+    loop = asyncio.new_event_loop()
+    sampler = loaded.sampler_for(GenerationOptions(temperature=0))
+    ids = loaded.tokenizer.encode("ROMEO:")
+    jobs = [Job([ids], sampler, None, 12, False, loop) for _ in range(3)]
+    jobs.append(Job([ids] * 4, sampler, None, 12, False, loop))  # n=4: one request
+    scheduler = Scheduler(loaded, max_rows=16, max_requests=1)
+    try:
+        results = _drive(scheduler, jobs, loop)
+    finally:
+        loop.close()
+    alone = loaded.complete(["ROMEO:"], max_new_tokens=12, temperature=0)[0].text
+    assert [[c.text for c in events[-1][1]] for events in results] == [[alone]] * 3 + [[alone] * 4]
+    assert scheduler.peak_rows == 4  # never two requests together; the n=4 one's rows at once
+
+
 def test_the_scheduler_wakes_the_event_loop_once_per_step_for_every_request(bundle):
     """Events reach the handlers' queues in one hand-over per decode step, whatever the
     number of rows; each request still gets all of its text, in order, then "done"."""
@@ -867,7 +910,8 @@ def test_streamed_text_is_handed_over_at_most_every_stream_interval(bundle):
 
 
 CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% for m in messages %}{{ m['role'] }}{% if m.name %} {{ m.name }}{% endif %}: "
+    "{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 
@@ -955,6 +999,17 @@ def test_chat_with_a_template_answers_what_the_rendered_prompt_would(chat_server
                 pieces += [c["delta"] for c in chunk["choices"]]
     assert pieces[0]["role"] == "assistant"  # the first chunk names the role
     assert "".join(p.get("content", "") for p in pieces) == message["content"]
+    # A message's name (OpenAI's field) is given to the template, which shows it here.
+    named = [{"role": "user", "content": "ROMEO", "name": "ANN"}]
+    chat = httpx.post(
+        url + "/v1/chat/completions", json={"messages": named, "max_tokens": 8, "temperature": 0}
+    ).json()
+    prompt = "user ANN: ROMEO\nassistant:"
+    plain = httpx.post(
+        url + "/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0}
+    ).json()
+    assert chat["usage"]["prompt_tokens"] == len(prompt), chat
+    assert chat["choices"][0]["message"]["content"] == plain["choices"][0]["text"]
 
 
 def test_a_hostile_chat_template_gets_a_400_while_others_are_answered(chat_server):
