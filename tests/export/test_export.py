@@ -311,6 +311,45 @@ def test_int8_keeps_a_matmul_whose_input_has_outliers_in_fp32(tmp_path):
     assert len([n for n in nodes if n.op_type == "MatMulInteger"]) == len(peaks) - 1
 
 
+@pytest.mark.slow  # a few seconds: the whole suite runs it
+def test_int8_weights_are_uint8_per_output_column_and_track_fp32(tmp_path):
+    """quantize_int8 stores each weight matrix as uint8 with a scale and zero point per
+    output column (an all-zero column included), and the quantized graph's logits stay close
+    to fp32's and pick the same token almost everywhere."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from gptkit.export.onnx import export_onnx
+    from gptkit.export.quantize import quantize_int8
+    from gptkit.inference.onnx import OnnxModel
+    from gptkit.testing import VOCAB, tiny_model
+
+    model = tiny_model()
+    with torch.no_grad():
+        model.blocks[0].mlp.in_proj.weight[3] = 0.0  # one output column all zeros
+    export_onnx(model, tmp_path / "fp32.onnx")
+    quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx")
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    products = [n for n in graph.node if n.op_type == "MatMulInteger"]
+    assert products
+    for n in products:
+        weight, zero = inits[n.input[1]], inits[n.input[3]]
+        assert weight.dtype == np.uint8 and zero.dtype == np.uint8
+        assert zero.shape == (weight.shape[1],)
+    # no float copy of a quantized weight is left in the file
+    assert not any(n.op_type == "MatMul" and n.input[1] in inits for n in graph.node)
+
+    ids = np.random.default_rng(1).integers(0, VOCAB, (1, 24))
+    pos, mask = np.arange(24)[None], np.ones((1, 24), bool)
+    a, _ = OnnxModel(tmp_path / "fp32.onnx").run(ids, pos, mask, None, all_logits=True)
+    b, _ = OnnxModel(tmp_path / "int8.onnx").run(ids, pos, mask, None, all_logits=True)
+    assert np.isfinite(b).all()
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
+
+
 @pytest.mark.slow  # trains, then exports through the CLI
 def test_a_run_with_a_one_token_context_exports(tmp_path):
     """model.max_seq_len=1: the parity check decoded past the context (IndexError); it now
