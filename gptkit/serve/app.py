@@ -194,6 +194,11 @@ def create_app(bundle: Inference, limits: Limits | None = None, name: str | None
         """The one model this server serves."""
         return service.models()
 
+    @app.get("/v1/models/{model_id:path}", responses=ERRORS)
+    async def model(model_id: str) -> Any:
+        """The model's card (OpenAI's ``models.retrieve``), or 404 for another name."""
+        return service.model(model_id)
+
     @app.post(
         "/v1/completions", response_model=CompletionResponse, responses={**STREAMED, **ERRORS}
     )

@@ -64,11 +64,16 @@ class TextRender:
         return {
             "tokens": texts,
             "token_logprobs": [None if t is None else t.logprob for _, t in entries],
-            "top_logprobs": [
-                None if t is None else {self.decode([j]): lp for j, lp in t.top} for _, t in entries
-            ],
+            "top_logprobs": [None if t is None else self.alternatives(t) for _, t in entries],
             "text_offset": offsets[:-1],
         }
+
+    def alternatives(self, t: TokenLogprob) -> dict[str, float]:
+        """A token's top alternatives by text, the sampled token always among them (as OpenAI's
+        completions do: up to ``logprobs`` + 1 entries)."""
+        top = {self.decode([j]): lp for j, lp in t.top}
+        top.setdefault(self.decode([t.token]), t.logprob)
+        return top
 
     def envelope(
         self, cid: str, created: int, obj: str, choices: list[dict[str, Any]], **extra: Any

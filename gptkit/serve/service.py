@@ -55,6 +55,7 @@ class CompletionService:
         manifest = bundle.manifest or {}
         self.model_name = name or manifest.get("spec", {}).get("name", "gptkit")
         self.version = manifest.get("gptkit_version", "0")
+        self.started = int(time.time())  # the model card's ``created``
         self.scheduler = Scheduler(
             bundle,
             max_rows=max(limits.max_concurrent, limits.max_choices),
@@ -81,20 +82,33 @@ class CompletionService:
         }
 
     def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self.model_card()]}
+
+    def model_card(self) -> dict[str, Any]:
+        """OpenAI's model object for the one model served (``created``: when serving began),
+        with its context length, vocabulary and precision."""
         manifest = self.bundle.manifest or {}
         return {
-            "object": "list",
-            "data": [
-                {
-                    "id": self.model_name,
-                    "object": "model",
-                    "owned_by": "gptkit",
-                    "max_seq_len": self.bundle.max_seq_len,
-                    "vocab_size": manifest.get("vocab_size", self.bundle.tokenizer.vocab_size),
-                    "precision": manifest.get("precision", "fp32"),
-                }
-            ],
+            "id": self.model_name,
+            "object": "model",
+            "created": self.started,
+            "owned_by": "gptkit",
+            "max_seq_len": self.bundle.max_seq_len,
+            "vocab_size": manifest.get("vocab_size", self.bundle.tokenizer.vocab_size),
+            "precision": manifest.get("precision", "fp32"),
         }
+
+    def model(self, model_id: str) -> dict[str, Any] | JSONResponse:
+        """``GET /v1/models/{model_id}``: the model card, or OpenAI's 404."""
+        return self.model_card() if model_id == self.model_name else self._unknown(model_id)
+
+    def _unknown(self, model: str) -> JSONResponse:
+        return error_response(
+            404,
+            f"model {model!r} not found; this server serves {self.model_name!r} (GET /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
 
     # ----------------------------------------------------------------- requests
 
@@ -254,13 +268,7 @@ class CompletionService:
         the field ``max_tokens`` came from)."""
         limits = self.limits
         if model is not None and model != self.model_name:
-            return error_response(
-                404,
-                f"model {model!r} not found; this server serves {self.model_name!r} "
-                "(GET /v1/models)",
-                param="model",
-                code="model_not_found",
-            )
+            return self._unknown(model)
         problems = [
             (not prompts, "prompt: give a string or a non-empty list of strings", "prompt"),
             (

@@ -253,7 +253,9 @@ def test_logprobs_are_the_models_log_softmax_whole_and_streamed(client, chat_run
         assert token == run.tokenizer.decode([ids[6 + i]])
         assert abs(value - full[i, ids[6 + i]].item()) < 1e-3
         best = torch.topk(full[i], 3).indices.tolist()
-        assert list(top) == [run.tokenizer.decode([j]) for j in best]
+        assert list(top)[:3] == [run.tokenizer.decode([j]) for j in best]
+        # OpenAI's completions: the sampled token is always listed (up to logprobs + 1)
+        assert top[token] == value and len(top) == 3 + (ids[6 + i] not in best)
     chat = client.chat.completions.create(
         model="chatty", messages=[{"role": "user", "content": "A"}], max_tokens=6, seed=1,
         logprobs=True, top_logprobs=2,
@@ -377,3 +379,18 @@ def test_integer_fields_take_whole_floats_and_refuse_fractions(bundle_url):
     for field, value in (("max_tokens", 2.5), ("n", True), ("seed", float("1e300"))):
         r = httpx.post(url, json={**base, field: value}, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
+
+
+def test_models_list_and_retrieve(client):
+    """client.models.list() and .retrieve(): OpenAI's model object (id, created, owned_by);
+    another name is OpenAI's 404, which the client raises as NotFoundError."""
+    import time
+
+    listed = client.models.list()
+    assert [m.id for m in listed.data] == ["chatty"]
+    card = client.models.retrieve("chatty")
+    assert card.id == "chatty" and card.object == "model" and card.owned_by == "gptkit"
+    assert 0 < card.created <= time.time() and card.created == listed.data[0].created
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("org/other-model")
+    assert caught.value.body["param"] == "model" and caught.value.body["code"] == "model_not_found"
