@@ -18,9 +18,10 @@ from gptkit.store.bundle import MODEL_FILE
 # the 256 levels for its typical values. A matrix multiplication whose input peaks above this
 # many times its RMS on validation windows stays fp32 (its uint8 step would be 8-16% of the
 # RMS, for a one-sided or a two-sided range). On three trained speedrun runs (squared ReLU) the
-# four MLP down-projections' inputs peak at 28-76x their RMS and every other input at 3-9x;
-# keeping those four in fp32 lifted greedy agreement from 98.5-99.2% to 99.0-99.4% (with the
-# per-matrix int8 weights of the time; per-column uint8 weights give 99.2-99.3% on four runs).
+# four MLP down-projections' inputs peak at 28-76x their RMS (28-109x on four later runs) and
+# every other input at 3-9x; keeping those four in fp32 lifted greedy agreement from 98.5-99.2%
+# to 99.0-99.4% (with the per-matrix int8 weights of the time; per-column uint8 weights give
+# 99.2-99.3% on four runs).
 INT8_PEAK_OVER_RMS = 20.0
 
 
@@ -51,12 +52,50 @@ def _names_read(graph: Any) -> set[str]:
     return names
 
 
+def _quantizable_weights(graph: Any) -> set[str]:
+    """The 2-D fp32 weight matrices of a graph: initializers that are not also graph inputs
+    (which a caller could replace at run time)."""
+    from onnx import TensorProto
+
+    inputs = {i.name for i in graph.input}
+    return {
+        i.name
+        for i in graph.initializer
+        if len(i.dims) == 2 and i.data_type == TensorProto.FLOAT and i.name not in inputs
+    }
+
+
+def _weight_matmuls(graph: Any) -> list[Any]:
+    """The MatMul nodes of a graph's top level that multiply by such a weight matrix: what
+    int8 quantizes and what ``activation_peaks`` measures. Gemm and other products stay fp32."""
+    weights = _quantizable_weights(graph)
+    return [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+
+
+class _Names:
+    """Fresh value and node names for a rewritten graph: ``base`` with a suffix, never one the
+    graph (or an earlier call) already uses."""
+
+    def __init__(self, graph: Any) -> None:
+        self.taken = _names_read(graph) | {i.name for i in graph.initializer}
+        self.taken |= {o for n in graph.node for o in n.output} | {n.name for n in graph.node}
+        self.taken |= {i.name for i in graph.input} | {o.name for o in graph.output}
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.taken:
+            name, k = f"{base}_{k}", k + 1
+        self.taken.add(name)
+        return name
+
+
 def quantize_int8(src: Path, dst: Path, keep: Sequence[str] = ()) -> None:
     """Dynamic 8-bit quantization of the matrix multiplications by a weight matrix, written with
-    standard ONNX operators (onnxruntime fuses them into one kernel): each weight matrix stored
-    as uint8 with a scale and zero point per output column, each input quantized to uint8 at
-    run time with one scale per tensor (``DynamicQuantizeLinear``), the product accumulated in
-    int32 and scaled back. The MatMul nodes named in ``keep`` stay fp32.
+    standard ONNX operators that onnxruntime fuses (``DynamicQuantizeMatMul``, or
+    ``MatMulIntegerToFloat`` where several products share an input): each weight matrix stored
+    as uint8 with a scale and zero point per output column; each input quantized to uint8 at
+    run time with one scale and zero point per tensor (``DynamicQuantizeLinear``); the product
+    accumulated in int32 and scaled back. The MatMul nodes named in ``keep`` stay fp32.
 
     Why not onnxruntime's ``quantize_dynamic``: with int8 weights its product runs, on x86 CPUs
     without VNNI, through a 16-bit intermediate that saturates on large weight-activation
@@ -66,39 +105,49 @@ def quantize_int8(src: Path, dst: Path, keep: Sequence[str] = ()) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    from gptkit.export.onnx import graph_opset
+
+    if (opset := graph_opset(src)) < 11:
+        raise GptkitError(
+            f"{src}: int8 needs ONNX operator set 11 or later (DynamicQuantizeLinear); this "
+            f"graph is for {opset}",
+            "Export at a later opset.",
+        )
     model = onnx.load(str(src))
     graph = model.graph
+    fresh = _Names(graph)
     weights = {i.name: i for i in graph.initializer}
-    skip = set(keep)
+    quantizable, skip = _quantizable_weights(graph), set(keep)
     nodes: list[Any] = []
     quantized_inputs: dict[str, list[str]] = {}
     quantized_weights: dict[str, list[str]] = {}
     for node in graph.node:
-        w = weights.get(node.input[1]) if node.op_type == "MatMul" else None
-        if w is None or node.name in skip or len(w.dims) != 2:
+        if node.op_type != "MatMul" or node.input[1] not in quantizable or node.name in skip:
             nodes.append(node)
             continue
-        x, y = node.input[0], node.output[0]
+        x, w, y = node.input[0], weights[node.input[1]], node.output[0]
         if x not in quantized_inputs:  # q, k and v projections may share one input
-            quantized_inputs[x] = [f"{x}_quantized", f"{x}_scale", f"{x}_zero_point"]
+            quantized_inputs[x] = [fresh(f"{x}_{part}") for part in ("q", "scale", "zero")]
             nodes.append(
-                helper.make_node("DynamicQuantizeLinear", [x], quantized_inputs[x], f"{x}_quantize")
+                helper.make_node(
+                    "DynamicQuantizeLinear", [x], quantized_inputs[x], fresh(f"{x}_quantize")
+                )
             )
         if w.name not in quantized_weights:
-            arrays = _per_column_uint8(numpy_helper.to_array(w).astype(np.float32))
-            names = [f"{w.name}_quantized", f"{w.name}_scale", f"{w.name}_zero_point"]
+            arrays = _per_column_uint8(numpy_helper.to_array(w))
+            names = [fresh(f"{w.name}_{part}") for part in ("q", "scale", "zero")]
             graph.initializer.extend(numpy_helper.from_array(a, n) for a, n in zip(arrays, names))
             quantized_weights[w.name] = names
         (xq, xs, xz), (wq, ws, wz) = quantized_inputs[x], quantized_weights[w.name]
+        base = node.name or y
+        product, as_float, scale = fresh(f"{y}_int32"), fresh(f"{y}_float"), fresh(f"{y}_scale")
         nodes += [
+            helper.make_node("MatMulInteger", [xq, wq, xz, wz], [product], fresh(f"{base}_int8")),
+            helper.make_node("Mul", [xs, ws], [scale], fresh(f"{base}_scale")),
             helper.make_node(
-                "MatMulInteger", [xq, wq, xz, wz], [f"{y}_int32"], f"{node.name}_int8"
+                "Cast", [product], [as_float], fresh(f"{base}_cast"), to=TensorProto.FLOAT
             ),
-            helper.make_node("Mul", [xs, ws], [f"{y}_scale"], f"{node.name}_scale"),
-            helper.make_node(
-                "Cast", [f"{y}_int32"], [f"{y}_float"], f"{node.name}_cast", to=TensorProto.FLOAT
-            ),
-            helper.make_node("Mul", [f"{y}_float", f"{y}_scale"], [y], f"{node.name}_dequantize"),
+            helper.make_node("Mul", [as_float, scale], [y], fresh(f"{base}_dequantize")),
         ]
     graph.ClearField("node")
     graph.node.extend(nodes)
@@ -149,15 +198,15 @@ def _module_of(node: Any) -> str:
 def activation_peaks(
     fp32: Path, val_ids: np.ndarray, window: int, max_tokens: int = 2048
 ) -> dict[str, dict[str, Any]]:
-    """For every MatMul (or Gemm) with a weight matrix, by node name: the largest |input| over
-    the input's RMS on validation windows (a prefill each), and the module it belongs to."""
+    """For every MatMul by a weight matrix (those ``quantize_int8`` quantizes), by node name:
+    the largest |input| over the input's RMS on validation windows (a prefill each), and the
+    module it belongs to."""
     import onnx
     import onnxruntime as ort
 
     graph_model = onnx.load(str(fp32))
     graph = graph_model.graph
-    weights = {i.name for i in graph.initializer}
-    matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+    matmuls = _weight_matmuls(graph)
     inputs = sorted({n.input[0] for n in matmuls})
     known = {o.name for o in graph.output}
     graph.output.extend(

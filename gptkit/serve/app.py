@@ -27,12 +27,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gptkit.inference.base import Inference
 from gptkit.serve.schemas import (
     ERRORS,
+    LOOKUP_ERRORS,
     STREAMED,
     ChatRequest,
     ChatResponse,
     CompletionRequest,
     CompletionResponse,
     Limits,
+    ModelCard,
+    ModelList,
     error_response,
 )
 from gptkit.serve.service import CompletionService
@@ -189,12 +192,12 @@ def create_app(bundle: Inference, limits: Limits | None = None, name: str | None
         """Liveness, and how many requests are admitted (decoding or waiting)."""
         return service.health()
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList)
     async def models() -> dict[str, Any]:
         """The one model this server serves."""
         return service.models()
 
-    @app.get("/v1/models/{model_id:path}", responses=ERRORS)
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=LOOKUP_ERRORS)
     async def model(model_id: str) -> Any:
         """The model's card (OpenAI's ``models.retrieve``), or 404 for another name."""
         return service.model(model_id)

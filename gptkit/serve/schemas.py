@@ -190,6 +190,23 @@ class ChatResponse(BaseModel):
     usage: Usage
 
 
+class ModelCard(BaseModel):
+    """OpenAI's model object, with what a client needs to fit its requests to the model."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int  # when this server began serving it
+    owned_by: str
+    max_seq_len: int
+    vocab_size: int
+    precision: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -212,6 +229,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (500, "Server error (the traceback is in the server's log)"),
     )
 }
+LOOKUP_ERRORS = {code: ERRORS[code] for code in (404, 500)}  # a GET: no body to refuse
 STREAMED: dict[int | str, dict[str, Any]] = {
     200: {
         "description": 'The answer; with `"stream": true`, server-sent events: one '

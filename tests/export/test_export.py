@@ -332,14 +332,31 @@ def test_int8_weights_are_uint8_per_output_column_and_track_fp32(tmp_path):
     quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx")
     graph = onnx.load(str(tmp_path / "int8.onnx")).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    fp32 = onnx.load(str(tmp_path / "fp32.onnx")).graph
+    originals = {i.name for i in fp32.initializer}
+    matmuls = [n for n in fp32.node if n.op_type == "MatMul" and n.input[1] in originals]
     products = [n for n in graph.node if n.op_type == "MatMulInteger"]
-    assert products
+    assert len(products) == len(matmuls)
+    scales = {n.input[0]: n.input[1] for n in graph.node if n.op_type == "Mul"}
     for n in products:
         weight, zero = inits[n.input[1]], inits[n.input[3]]
         assert weight.dtype == np.uint8 and zero.dtype == np.uint8
         assert zero.shape == (weight.shape[1],)
-    # no float copy of a quantized weight is left in the file
+        assert inits[scales[n.input[2].replace("zero", "scale")]].shape == (weight.shape[1],)
+    # no float copy of a quantized weight is left in the file, unless another node reads it
+    read = {name for n in graph.node for name in n.input}
+    assert {n.input[1] for n in matmuls} & set(inits) <= read
     assert not any(n.op_type == "MatMul" and n.input[1] in inits for n in graph.node)
+    # the all-zero column: every value at its zero point, scale 1, so it stays exactly zero
+    zeroed = [
+        (n, c)
+        for n in products
+        for c in range(inits[n.input[1]].shape[1])
+        if (inits[n.input[1]][:, c] == inits[n.input[3]][c]).all()
+    ]
+    assert len(zeroed) == 1 and zeroed[0][1] == 3
+    scale = inits[scales[zeroed[0][0].input[2].replace("zero", "scale")]]
+    assert scale[3] == 1.0
 
     ids = np.random.default_rng(1).integers(0, VOCAB, (1, 24))
     pos, mask = np.arange(24)[None], np.ones((1, 24), bool)
@@ -370,3 +387,59 @@ def test_a_run_with_a_one_token_context_exports(tmp_path):
     assert parity["passed"] and parity["decode_steps"] == 0
     text = gptkit.load(tmp_path / "b").generate("R", max_new_tokens=3, seed=1)
     assert isinstance(text, str)
+
+
+def test_int8_rewrites_any_graph_it_is_given_soundly(tmp_path):
+    """quantize_int8 on a hand-made graph: two products in a row with unnamed nodes (fresh
+    names never collide), a weight that is also a graph input and an fp16 weight (both stay
+    as they are), and the result runs and tracks the float one; an opset-10 graph is refused."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from gptkit.export.quantize import quantize_int8
+
+    rng = np.random.default_rng(0)
+    w = [rng.normal(size=(8, 8)).astype(np.float32) for _ in range(3)]
+    half = rng.normal(size=(8, 8)).astype(np.float16)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["h"]),
+        helper.make_node("MatMul", ["h", "w1"], ["h_scale"]),  # a name the rewrite would pick
+        helper.make_node("MatMul", ["h_scale", "w2"], ["y"]),
+        helper.make_node("Cast", ["y"], ["y16"], to=TensorProto.FLOAT16),
+        helper.make_node("MatMul", ["y16", "w16"], ["z"]),
+    ]
+    inits = [numpy_helper.from_array(a, f"w{i}") for i, a in enumerate(w)]
+    inits.append(numpy_helper.from_array(half, "w16"))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8]),
+            helper.make_tensor_value_info("w2", TensorProto.FLOAT, [8, 8]),  # replaceable
+        ],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT16, [None, 8])],
+        inits,
+    )
+    for opset, ok in ((17, True), (10, False)):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        model.ir_version = 8
+        onnx.save(model, str(tmp_path / f"f{opset}.onnx"))
+        if not ok:
+            with pytest.raises(GptkitError, match="operator set 11"):
+                quantize_int8(tmp_path / f"f{opset}.onnx", tmp_path / "q10.onnx")
+            continue
+        quantize_int8(tmp_path / "f17.onnx", tmp_path / "q.onnx")
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    onnx.checker.check_model(q, full_check=True)
+    assert [n.input[1] for n in q.graph.node if n.op_type == "MatMul"] == ["w2", "w16"]
+    assert len([n for n in q.graph.node if n.op_type == "MatMulInteger"]) == 2
+    x = rng.normal(size=(4, 8)).astype(np.float32)
+    run = {
+        k: ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x, "w2": w[2]}
+        )[0]
+        for k, f in (("float", "f17.onnx"), ("int8", "q.onnx"))
+    }
+    a, b = run["float"].astype(np.float32), run["int8"].astype(np.float32)
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()

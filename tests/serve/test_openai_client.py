@@ -249,13 +249,20 @@ def test_logprobs_are_the_models_log_softmax_whole_and_streamed(client, chat_run
     with torch.no_grad():
         logits = run.model(torch.tensor([ids])).logits[0].double()
     full = torch.log_softmax(logits, -1)[5:-1]  # the distributions the 10 tokens came from
-    for i, (token, value, top) in enumerate(zip(lp.tokens, lp.token_logprobs, lp.top_logprobs)):
+    keys = ("tokens", "token_logprobs", "top_logprobs")
+    for i, (token, value, top) in enumerate(zip(*(getattr(lp, k) for k in keys))):
         assert token == run.tokenizer.decode([ids[6 + i]])
         assert abs(value - full[i, ids[6 + i]].item()) < 1e-3
         best = torch.topk(full[i], 3).indices.tolist()
         assert list(top)[:3] == [run.tokenizer.decode([j]) for j in best]
         # OpenAI's completions: the sampled token is always listed (up to logprobs + 1)
         assert top[token] == value and len(top) == 3 + (ids[6 + i] not in best)
+    bare = client.completions.create(
+        model="chatty", prompt="ROMEO:", max_tokens=10, seed=4, logprobs=0
+    )  # no alternatives asked for: each entry is the sampled token alone, as OpenAI's
+    assert bare.choices[0].text == whole.choices[0].text
+    for token, value, top in zip(*(getattr(bare.choices[0].logprobs, k) for k in keys)):
+        assert top == {token: value}
     chat = client.chat.completions.create(
         model="chatty", messages=[{"role": "user", "content": "A"}], max_tokens=6, seed=1,
         logprobs=True, top_logprobs=2,

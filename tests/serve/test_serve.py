@@ -95,6 +95,33 @@ def test_health_models_and_no_torch_in_the_process(server):
     assert "libtorch" not in maps and "onnxruntime" in maps
 
 
+def test_a_served_name_with_a_slash_is_retrieved_and_described_in_the_schema(bundle):
+    """GET /v1/models/{id} takes an id with '/' (as Hugging Face names are), whole or
+    percent-encoded as the openai client sends it; /openapi.json gives the model card's schema
+    and, for this GET, only the errors it can answer."""
+    from starlette.testclient import TestClient
+
+    import gptkit
+    from gptkit.serve.app import create_app
+
+    app = create_app(gptkit.load(bundle), name="org/tiny-shakespeare")
+    with TestClient(app) as client:
+        for path in ("org/tiny-shakespeare", "org%2Ftiny-shakespeare"):
+            card = client.get(f"/v1/models/{path}")
+            assert card.status_code == 200 and card.json()["id"] == "org/tiny-shakespeare"
+        assert set(card.json()) == {
+            "id", "object", "created", "owned_by", "max_seq_len", "vocab_size", "precision"
+        }  # fmt: skip
+        other = client.get("/v1/models/org/other")
+        assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
+        schema = client.get("/openapi.json").json()
+    get = schema["paths"]["/v1/models/{model_id}"]["get"]
+    assert sorted(get["responses"]) == ["200", "404", "500"]
+    assert get["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ModelCard"
+    }
+
+
 def test_completion_seeded_and_repeatable(server):
     body = {"prompt": "ROMEO:", "max_tokens": 20, "seed": 7, "temperature": 0.8, "top_k": 10}
     a = httpx.post(server["url"] + "/v1/completions", json=body).json()
