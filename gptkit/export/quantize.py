@@ -65,11 +65,10 @@ def _quantizable_weights(graph: Any) -> set[str]:
     }
 
 
-def _weight_matmuls(graph: Any) -> list[Any]:
-    """The MatMul nodes of a graph's top level that multiply by such a weight matrix: what
-    int8 quantizes and what ``activation_peaks`` measures. Gemm and other products stay fp32."""
-    weights = _quantizable_weights(graph)
-    return [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+def _by_weight(node: Any, weights: set[str]) -> bool:
+    """Whether a node is a MatMul by one of ``weights``: what int8 quantizes and what
+    ``activation_peaks`` measures (Gemm and other products stay fp32)."""
+    return node.op_type == "MatMul" and node.input[1] in weights
 
 
 class _Names:
@@ -122,7 +121,7 @@ def quantize_int8(src: Path, dst: Path, keep: Sequence[str] = ()) -> None:
     quantized_inputs: dict[str, list[str]] = {}
     quantized_weights: dict[str, list[str]] = {}
     for node in graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in quantizable or node.name in skip:
+        if not _by_weight(node, quantizable) or node.name in skip:
             nodes.append(node)
             continue
         x, w, y = node.input[0], weights[node.input[1]], node.output[0]
@@ -206,7 +205,8 @@ def activation_peaks(
 
     graph_model = onnx.load(str(fp32))
     graph = graph_model.graph
-    matmuls = _weight_matmuls(graph)
+    weights = _quantizable_weights(graph)
+    matmuls = [n for n in graph.node if _by_weight(n, weights)]
     inputs = sorted({n.input[0] for n in matmuls})
     known = {o.name for o in graph.output}
     graph.output.extend(
