@@ -55,6 +55,7 @@ def train(
     """Validate SPEC, prepare data, train with progress, checkpoint, and track in MLflow."""
     require_torch("train")
     from gptkit.store.rundir import default_run_name
+    from gptkit.training.distributed import close_process_group
     from gptkit.training.loop import SpecTrainer
 
     sets = list(overrides or [])
@@ -80,12 +81,15 @@ def train(
         checkpoint=checkpoint,
     )
     result = trainer.run()
+    bundle = trainer.rundir.default_bundle
+    del trainer  # with its DDP/FSDP wrapper, before the process group closes
+    close_process_group()
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports
     if resolved.export.onnx:  # export: {onnx: true} in the spec: a bundle inside the run
         from gptkit.export.bundle import export_run
 
-        export_run(result.run_dir, trainer.rundir.default_bundle, quantize=resolved.export.quantize)
+        export_run(result.run_dir, bundle, quantize=resolved.export.quantize)
     echo(_train_report(result))
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from gptkit.errors import GptkitError
 from gptkit.export.checks import model_checks
-from gptkit.export.mlflow import _log_to_mlflow
+from gptkit.export.mlflow import _log_to_mlflow, mlflow_link
 from gptkit.export.onnx import OPSET, _os_error, cache_shape, export_onnx, graph_opset, io_names
 from gptkit.export.parity import PARITY_RTOL, parity_check
 from gptkit.export.quantize import _quantize_bundle
@@ -82,6 +82,7 @@ def export_run(
     _check_replaceable(out)
     loaded = load_run(run, checkpoint=checkpoint)
     model, spec = loaded.model, loaded.spec
+    mlflow_link(loaded.run_dir, register)  # --register without a record: refused before work
     tmp = _make_staging(out)
     try:
         checks = model_checks(model, spec, spec.model.vocab_size)
@@ -162,12 +163,23 @@ def _make_staging(out: Path) -> Path:
         )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        # mkdtemp makes it 0700; the bundle gets a plain folder's mode (0777 less the umask),
+        # so a service running as another account can read what the exporter wrote.
+        os.chmod(tmp, 0o777 & ~_umask())
+        return tmp
     except OSError as exc:
         raise GptkitError(
             f"cannot write the bundle {out}: {exc.strerror or exc}",
             "Choose a folder you can write to for --out.",
         ) from None
+
+
+def _umask() -> int:
+    """This process's umask (read by setting it, then putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _swap_in(tmp: Path, out: Path) -> None:

@@ -21,16 +21,10 @@ def _log_to_mlflow(
     """Attach the bundle and an ONNX-flavour model to the run's MLflow run, under a name of
     its own (``onnx-fp32``, ``onnx-int8``, then ``-2``, ``-3`` ...), without moving the
     training run's times or status. Never fatal unless ``--register`` was asked for."""
-    from gptkit.store.rundir import RunDir
-    from gptkit.training.tracking import quick_timeouts, read_mlflow_link
+    from gptkit.training.tracking import quick_timeouts
 
-    info = read_mlflow_link(RunDir(run_dir))
+    info = mlflow_link(run_dir, register)
     if not info:
-        if register:
-            raise RunError(
-                f"--register needs the run's MLflow record "
-                f"({RunDir(run_dir).mlflow_file} is missing or damaged)"
-            )
         return
     try:
         quick_timeouts()
@@ -43,6 +37,22 @@ def _log_to_mlflow(
         if register:
             raise GptkitError(f"could not register the model in MLflow: {exc}") from None
         log(f"gptkit: warning: bundle not logged to MLflow ({type(exc).__name__}: {exc})")
+
+
+def mlflow_link(run_dir: Path, register: str | None) -> dict[str, Any] | None:
+    """The run's link to its MLflow run (None if it has none); with ``register`` a missing
+    link is an error, raised before anything is exported."""
+    from gptkit.store.rundir import RunDir
+    from gptkit.training.tracking import read_mlflow_link
+
+    info = read_mlflow_link(RunDir(run_dir))
+    if not info and register:
+        raise RunError(
+            f"--register needs the run's MLflow record "
+            f"({RunDir(run_dir).mlflow_file} is missing or damaged)",
+            "Train with tracking on to register its model, or export without --register.",
+        )
+    return info
 
 
 def _attach_bundle(

@@ -282,8 +282,11 @@ def _quantize_bundle(tmp: Path, spec: Any, log) -> dict[str, Any]:
     peaks = activation_peaks(fp32, data.val, window)
     keep = [n for n, p in peaks.items() if p["peak_over_rms"] > INT8_PEAK_OVER_RMS]
     kept = [peaks[n]["module"] for n in keep]
-    why = f" (fp32: {', '.join(kept)}; input peak over {INT8_PEAK_OVER_RMS:g}x its RMS)"
-    log(f"  quantizing matrix multiplications to int8{why if kept else ''} ...")
+    why = f"{', '.join(kept)} kept in fp32" if kept else f"none kept in fp32; {len(peaks)} checked"
+    log(
+        f"  quantizing matrix multiplications to int8 ({why}: input peak over "
+        f"{INT8_PEAK_OVER_RMS:g}x its RMS stays fp32) ..."
+    )
     quantize_int8(fp32, int8, keep)
     quant = quality_report(fp32, int8, data.val, window)
     quant["fp32_matmuls"] = kept
@@ -294,7 +297,8 @@ def _quantize_bundle(tmp: Path, spec: Any, log) -> dict[str, Any]:
     os.replace(int8, fp32)
     log(
         f"  int8: top-1 agreement {quant['top1_agreement']:.2%}, val perplexity "
-        f"{quant['val_ppl_fp32']:.3f} -> {quant['val_ppl_int8']:.3f}, size "
+        f"{quant['val_ppl_fp32']:.3f} -> {quant['val_ppl_int8']:.3f} "
+        f"({quant['val_ppl_change']:+.2g}), size "
         f"{quant['size_fp32'] / 1e6:.1f} MB -> {quant['size_int8'] / 1e6:.1f} MB"
     )
     return quant

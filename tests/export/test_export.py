@@ -1,6 +1,9 @@
 """Export bundles: manifest, torch-free runtime, parity with torch, tampering, int8, MLflow."""
 
 import json
+import os
+import re
+import stat
 import subprocess
 import sys
 
@@ -155,6 +158,32 @@ def test_int8_bundle_reports_quality_and_is_smaller(smoke_run, tmp_path):
     assert json.loads((out / "gptkit.json").read_text())["precision"] == "int8"
     gen = run_cli("generate", out, "-p", "ROMEO:", "-n", "20", "--seed", "1")
     assert gen.returncode == 0, gen.stderr
+    # The log says what stayed fp32 (or that nothing did) and the perplexity change, signed.
+    kept = ", ".join(q["fp32_matmuls"]) or f"none kept in fp32; {len(q['input_peak_over_rms'])}"
+    assert f"({kept}" in result.stdout, result.stdout
+    change = re.search(r"perplexity [\d.]+ -> [\d.]+ \(([-+][\d.e-]+)\)", result.stdout)
+    assert change and float(change[1]) == pytest.approx(q["val_ppl_change"], rel=0.06, abs=1e-6)
+
+
+def test_bundle_folder_gets_a_plain_folders_mode(bundle):
+    # Staged in a private temporary folder, the bundle still ends with the umask's mode, so a
+    # service running as another account can read it.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(bundle.stat().st_mode) == 0o777 & ~mask
+
+
+def test_register_without_an_mlflow_record_is_refused_before_exporting(smoke_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "untracked"
+    shutil.copytree(smoke_run, run)
+    (run / "mlflow.json").unlink()
+    out = tmp_path / "b"
+    result = run_cli("export", run, "--out", out, "--register", "m", cwd=tmp_path)
+    assert_user_error(result, "--register needs the run's MLflow record", "mlflow.json")
+    assert "exporting" not in result.stdout  # refused before any work
+    assert not out.exists() and list(tmp_path.iterdir()) == [run]
 
 
 def test_bundle_and_model_are_logged_to_mlflow_and_registered(smoke_run, tmp_path):
