@@ -15,6 +15,7 @@ size and time, header time, prompt length, ``max_tokens``, number of choices, an
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
@@ -99,6 +100,55 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+class StreamedRoutes:
+    """Streamed completions and chat, straight to the service: a valid ``stream: true`` body
+    is parsed and validated here, and FastAPI's routing, dependency solving and body
+    handling are skipped (0.1-0.2 ms of the event loop per request, which, on a small
+    machine, 8 requests arriving together wait for one after another before their first
+    token). Everything else, an invalid body included, goes on to the FastAPI app, which
+    answers it as before; the same schema models and the same service answer both ways."""
+
+    def __init__(self, app, service: CompletionService) -> None:
+        self.app = app
+        self.routes = {
+            "/v1/completions": (CompletionRequest, service.completions),
+            "/v1/chat/completions": (ChatRequest, service.chat),
+        }
+
+    async def __call__(self, scope, receive, send):
+        route = self.routes.get(scope["path"]) if scope["type"] == "http" else None
+        if route is None or scope["method"] != "POST" or not _json_body(scope):
+            return await self.app(scope, receive, send)
+        message = await receive()  # the whole body: BodyLimitMiddleware read it
+        body = message.get("body", b"")
+        model, handler = route
+        try:
+            req = model.model_validate(json.loads(body))
+        except Exception:  # not JSON, or not valid: FastAPI says what is wrong, as always
+            req = None
+        if req is None or req.stream is not True:
+            sent = False
+
+            async def replay():
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return message
+                return await receive()
+
+            return await self.app(scope, replay, send)
+        response = await handler(req, receive)
+        await response(scope, receive, send)
+
+
+def _json_body(scope) -> bool:
+    """Does the request say its body is JSON (``application/json``, parameters allowed)?"""
+    for name, value in scope.get("headers") or ():
+        if name == b"content-type":
+            return value.split(b";")[0].strip().lower() == b"application/json"
+    return False
 
 
 async def _receive_by(receive: Any, deadline: float) -> Any:
@@ -229,6 +279,7 @@ def create_app(bundle: Inference, limits: Limits | None = None, name: str | None
         return described
 
     app.openapi = openapi  # type: ignore[method-assign]
+    app.add_middleware(StreamedRoutes, service=service)
     app.add_middleware(BodyLimitMiddleware, limits=service.limits)
     app.add_middleware(AccessLogMiddleware)
     return app

@@ -577,6 +577,131 @@ def test_a_json_body_sent_as_a_form_is_told_its_content_type(server):
     assert ok.status_code == 200
 
 
+def _without_streamed_routes(app):
+    """The same app with every request going through FastAPI's own routes."""
+    from gptkit.serve.app import StreamedRoutes
+
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not StreamedRoutes]
+    app.middleware_stack = None
+    return app
+
+
+def _same_answer(text: str) -> str:
+    """An answer without what differs between two identical requests (ids, times)."""
+    text = re.sub(r'"id": ?"(cmpl|chatcmpl)-[^"]*"', '"id": "-"', text)
+    return re.sub(r'"created": ?\d+', '"created": 0', text)
+
+
+def test_streamed_requests_skip_fastapis_routing_and_answer_exactly_as_it_does(bundle):
+    """``StreamedRoutes`` answers a valid ``stream: true`` body itself; the answers (events,
+    errors, statuses) are the ones FastAPI's own routes give, for valid and invalid bodies."""
+    from starlette.testclient import TestClient
+
+    import gptkit
+    from gptkit.serve.app import create_app
+
+    model = gptkit.load(bundle)
+    json_type = {"content-type": "application/json"}
+    cases = [
+        ("/v1/completions", {"prompt": "ROMEO:", "max_tokens": 12, "seed": 3, "stream": True}),
+        (
+            "/v1/completions",
+            {
+                "prompt": [[1, 2, 3], "KING"],
+                "max_tokens": 6,
+                "seed": 4,
+                "n": 2,
+                "logprobs": 2,
+                "stop": ["\n"],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        ),
+        ("/v1/completions", {"prompt": "A", "max_tokens": 5, "seed": 1}),  # not streamed
+        ("/v1/completions", {"prompt": "A", "stream": True, "frequency": 1}),  # unknown field
+        ("/v1/completions", {"prompt": "A", "stream": "yes"}),
+        ("/v1/completions", {"prompt": "A", "stream": True, "top_k": 5, "top_p": 0.5}),
+        ("/v1/completions", {"prompt": [99999], "stream": True}),
+        ("/v1/completions", {"prompt": "A", "stream": True, "max_tokens": 10**6}),
+        ("/v1/completions", '{"prompt": "A", "stream": true'),  # not JSON
+        ("/v1/completions", "[1, 2]"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True}),
+        ("/v1/chat/completions", {"messages": [], "stream": True}),
+    ]
+    answers = []
+    for app in (create_app(model), _without_streamed_routes(create_app(model))):
+        with TestClient(app) as client:
+            got = []
+            for path, body in cases:
+                content = body if isinstance(body, str) else json.dumps(body)
+                r = client.post(path, content=content, headers=json_type)
+                got.append((r.status_code, r.headers["content-type"], _same_answer(r.text)))
+            form = client.post("/v1/completions", data={"prompt": "A", "stream": "true"})
+            got.append((form.status_code, _same_answer(form.text)))
+        answers.append(got)
+    direct, routed = answers
+    assert direct == routed
+    assert direct[0][0] == 200 and direct[0][1].startswith("text/event-stream")
+    assert direct[0][2].count("data: ") > 2 and direct[0][2].endswith("data: [DONE]\n\n")
+    assert [a[0] for a in direct[3:10]] == [400] * 7
+
+
+def test_streamed_routes_replay_what_they_do_not_answer(bundle):
+    """What ``StreamedRoutes`` hands on reaches the app with its body whole; a valid streamed
+    completion never does."""
+    import asyncio
+
+    import gptkit
+    from gptkit.serve.app import StreamedRoutes
+    from gptkit.serve.schemas import Limits
+    from gptkit.serve.service import CompletionService
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append((scope["path"], (await receive())["body"]))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    routes = StreamedRoutes(app, CompletionService(gptkit.load(bundle), Limits()))
+
+    async def post(path, body, content_type=b"application/json"):
+        sent, incoming = [], [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            if incoming:
+                return incoming.pop()
+            await asyncio.sleep(3600)  # the client stays
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": path,
+            "headers": [(b"content-type", content_type)],
+        }
+        await routes(scope, receive, send)
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+    async def main():
+        streamed = json.dumps({"prompt": "A", "max_tokens": 3, "stream": True}).encode()
+        status, body = await post("/v1/completions", streamed)
+        assert status == 200 and body.endswith(b"data: [DONE]\n\n") and not seen
+        for path, body, kind in [
+            ("/v1/completions", b'{"prompt": "A"}', b"application/json"),
+            ("/v1/completions", b'{"prompt": "A", "stream": 1}', b"application/json"),
+            ("/v1/completions", b"{oops", b"application/json"),
+            ("/v1/completions", streamed, b"text/plain"),
+            ("/v1/models", streamed, b"application/json"),
+        ]:
+            assert await post(path, body, kind) == (204, b"")
+            assert seen.pop() == (path, body)
+
+    asyncio.run(main())
+
+
 def test_a_bug_is_a_500_in_openais_shape_and_logged_as_one(bundle, monkeypatch, caplog):
     """An exception no handler expected: OpenAI's error body (not Starlette's plain text), and
     the access log says 500 (it said 0)."""
@@ -593,11 +718,13 @@ def test_a_bug_is_a_500_in_openais_shape_and_logged_as_one(bundle, monkeypatch, 
     app = create_app(gptkit.load(bundle))
     with caplog.at_level(logging.INFO, logger="gptkit.access"):
         with TestClient(app, raise_server_exceptions=False) as client:
-            r = client.post("/v1/completions", json={"prompt": "A"})
-    assert r.status_code == 500
-    assert r.json()["error"]["type"] == "server_error"
-    assert "RuntimeError" in r.json()["error"]["message"]
-    assert any('"POST /v1/completions" 500' in m for m in caplog.messages)
+            for streamed in (False, True):  # FastAPI's route, and StreamedRoutes
+                caplog.clear()
+                r = client.post("/v1/completions", json={"prompt": "A", "stream": streamed})
+                assert r.status_code == 500
+                assert r.json()["error"]["type"] == "server_error"
+                assert "RuntimeError" in r.json()["error"]["message"]
+                assert any('"POST /v1/completions" 500' in m for m in caplog.messages)
 
 
 def test_concurrent_clients_share_decode_steps_and_get_the_tokens_they_get_alone(server):
