@@ -277,11 +277,11 @@ def format_serving(r: dict[str, Any]) -> str:
             f"    runtime alone, batch 1:       {r['batch_1_tokens_per_s']:9.1f} tok/s",
             f"    server, 1 streaming client:   {r['clients_1_tokens_per_s']:9.1f} tok/s "
             f"({r['server_over_runtime_1']:.0%} of the runtime), first token "
-            f"{r['clients_1_first_token_s'] * 1e3:.0f} ms",
+            f"{r['clients_1_first_token_s'] * 1e3:.1f} ms",
             f"    runtime alone, batch {n}:       {r[f'batch_{n}_tokens_per_s']:9.1f} tok/s",
             f"    server, {n} streaming clients:  {r[f'clients_{n}_tokens_per_s']:9.1f} tok/s "
             f"({r[f'server_over_runtime_{n}']:.0%} of the runtime), first token "
-            f"{r[f'clients_{n}_first_token_s'] * 1e3:.0f} ms "
+            f"{r[f'clients_{n}_first_token_s'] * 1e3:.1f} ms "
             f"({r['first_token_n_over_1']:.2f}x one client's)",
         ]
     )
