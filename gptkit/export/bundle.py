@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -153,8 +154,6 @@ def _check_replaceable(out: Path) -> None:
 
 def _make_staging(out: Path) -> Path:
     """A fresh hidden folder beside ``out``, on the same file system (for an atomic rename)."""
-    import tempfile
-
     blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise GptkitError(
@@ -163,23 +162,16 @@ def _make_staging(out: Path) -> Path:
         )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        # mkdtemp makes it 0700; the bundle gets a plain folder's mode (0777 less the umask),
-        # so a service running as another account can read what the exporter wrote.
-        os.chmod(tmp, 0o777 & ~_umask())
+        # A plain folder's mode (0777 less the umask; mkdtemp's would be 0700), so that a
+        # service running as another account can read the bundle.
+        tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(8)}"
+        tmp.mkdir()
         return tmp
     except OSError as exc:
         raise GptkitError(
             f"cannot write the bundle {out}: {exc.strerror or exc}",
             "Choose a folder you can write to for --out.",
         ) from None
-
-
-def _umask() -> int:
-    """This process's umask (read by setting it, then putting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _swap_in(tmp: Path, out: Path) -> None:

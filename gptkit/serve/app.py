@@ -118,16 +118,18 @@ class StreamedRoutes:
         }
 
     async def __call__(self, scope, receive, send):
-        route = self.routes.get(scope["path"]) if scope["type"] == "http" else None
+        route = self.routes.get(_route_path(scope)) if scope["type"] == "http" else None
         if route is None or scope["method"] != "POST" or not _json_body(scope):
             return await self.app(scope, receive, send)
         message = await receive()  # the whole body: BodyLimitMiddleware read it
         body = message.get("body", b"")
         model, handler = route
-        try:
-            req = model.model_validate(json.loads(body))
-        except Exception:  # not JSON, or not valid: FastAPI says what is wrong, as always
-            req = None
+        req = None
+        if b'"stream"' in body:  # else not streamed (or spelt oddly): not parsed twice
+            try:
+                req = model.model_validate(json.loads(body))
+            except Exception:  # not JSON, or not valid: FastAPI says what is wrong, as always
+                pass
         if req is None or req.stream is not True:
             sent = False
 
@@ -141,6 +143,12 @@ class StreamedRoutes:
             return await self.app(scope, replay, send)
         response = await handler(req, receive)
         await response(scope, receive, send)
+
+
+def _route_path(scope) -> str:
+    """The request's path below the app's mount point (``root_path``), as routes match it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 def _json_body(scope) -> bool:

@@ -165,12 +165,22 @@ def test_int8_bundle_reports_quality_and_is_smaller(smoke_run, tmp_path):
     assert change and float(change[1]) == pytest.approx(q["val_ppl_change"], rel=0.06, abs=1e-6)
 
 
-def test_bundle_folder_gets_a_plain_folders_mode(bundle):
-    # Staged in a private temporary folder, the bundle still ends with the umask's mode, so a
-    # service running as another account can read it.
+def test_bundle_folder_gets_a_plain_folders_mode(bundle, tmp_path):
+    # Staged in a hidden folder beside it, the bundle still ends with the umask's mode, so a
+    # service running as another account can read it (a temporary folder's would be 0700).
+    from gptkit.export.bundle import _make_staging
+
     mask = os.umask(0o022)
     os.umask(mask)
     assert stat.S_IMODE(bundle.stat().st_mode) == 0o777 & ~mask
+    for umask, mode in ((0o027, 0o750), (0o022, 0o755), (0o077, 0o700)):
+        old = os.umask(umask)
+        try:
+            staged = _make_staging(tmp_path / f"b{umask:o}")
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE(staged.stat().st_mode) == mode
+        assert staged.parent == tmp_path and staged.name.startswith(f".b{umask:o}.tmp-")
 
 
 def test_register_without_an_mlflow_record_is_refused_before_exporting(smoke_run, tmp_path):
