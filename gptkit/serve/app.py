@@ -4,6 +4,11 @@ Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` (an Ope
 subset, with server-sent events for ``stream: true``), ``POST /v1/chat/completions`` (for a
 tokenizer with a chat template; a base model answers 400), ``GET /docs`` (offline).
 
+Middleware, outermost first: ``AccessLogMiddleware`` (one line per request),
+``BodyLimitMiddleware`` (the body read whole, against a size limit and a deadline),
+``StreamedRoutes`` (a valid streamed completion or chat request straight to the service), then
+FastAPI's routes for everything else.
+
 Continuous batching: one decoding thread runs every admitted request in one batch. A request
 joins the running batch between two decode steps and leaves it when its rows are done (or
 its client goes away); each row keeps its own sampler, seed, stop strings and stream, so it
