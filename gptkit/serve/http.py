@@ -14,7 +14,8 @@ from typing import Any
 
 from gptkit.errors import GptkitError
 from gptkit.inference.base import Inference
-from gptkit.serve.app import access_log, create_app
+from gptkit.serve.app import create_app
+from gptkit.serve.middleware import access_log
 from gptkit.serve.schemas import Limits
 
 # The most bytes of request line and headers a request may send: h11's own limit (16 KiB),

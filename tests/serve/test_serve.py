@@ -580,7 +580,7 @@ def test_a_json_body_sent_as_a_form_is_told_its_content_type(server):
 
 def _without_streamed_routes(app):
     """The same app with every request going through FastAPI's own routes."""
-    from gptkit.serve.app import StreamedRoutes
+    from gptkit.serve.middleware import StreamedRoutes
 
     kept = [m for m in app.user_middleware if m.cls is not StreamedRoutes]
     assert len(kept) == len(app.user_middleware) - 1  # create_app installs it
@@ -674,7 +674,7 @@ def test_streamed_routes_replay_what_they_do_not_answer(bundle):
     import asyncio
 
     import gptkit
-    from gptkit.serve.app import StreamedRoutes
+    from gptkit.serve.middleware import StreamedRoutes
     from gptkit.serve.schemas import Limits
     from gptkit.serve.service import CompletionService
 
