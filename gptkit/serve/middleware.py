@@ -11,7 +11,13 @@ import logging
 import time
 from typing import Any
 
-from gptkit.serve.schemas import ChatRequest, CompletionRequest, Limits, error_response
+from gptkit.serve.schemas import (
+    CLIENT_LEFT,
+    ChatRequest,
+    CompletionRequest,
+    Limits,
+    error_response,
+)
 from gptkit.serve.service import CompletionService
 
 access_log = logging.getLogger("gptkit.access")
@@ -174,6 +180,6 @@ class AccessLogMiddleware:
                 client[0],
                 scope["method"],
                 scope["path"],
-                status[0],
+                499 if scope.get(CLIENT_LEFT) else status[0],
                 time.perf_counter() - started,
             )

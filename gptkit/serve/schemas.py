@@ -239,6 +239,11 @@ STREAMED: dict[int | str, dict[str, Any]] = {
 }
 
 
+# The ASGI scope key a streamed answer sets when its client went away after the headers were
+# sent: the access log then says 499 (the status line the client got said 200).
+CLIENT_LEFT = "gptkit.client_left"
+
+
 def error_response(
     status: int,
     message: str,

@@ -30,6 +30,7 @@ from gptkit.inference.decoding import (
 from gptkit.serve.render import ChatRender, TextRender, finish_reason, sse
 from gptkit.serve.scheduler import Job, Scheduler
 from gptkit.serve.schemas import (
+    CLIENT_LEFT,
     DEFAULT_MAX_TOKENS,
     ChatRequest,
     CompletionRequest,
@@ -437,6 +438,8 @@ class _Stream(StreamingResponse):
         # (uvicorn says 2.3) drops the send, so the client's leaving is watched for.
         spec = tuple(map(int, scope.get("asgi", {}).get("spec_version", "2.0").split(".")))
         leaving = _Leaving(receive) if spec < (2, 4) else None
+        if scope.get("http_version") == "1.0":
+            send = _WholeBody(send)
 
         async def deliver(message: dict[str, Any]) -> None:
             try:
@@ -444,6 +447,7 @@ class _Stream(StreamingResponse):
             except OSError:
                 if leaving is not None:
                     raise
+                scope[CLIENT_LEFT] = True
                 raise ClientDisconnect() from None
 
         start: dict[str, Any] | None = {
@@ -462,12 +466,38 @@ class _Stream(StreamingResponse):
         except asyncio.CancelledError:
             if leaving is None or not leaving.caused():
                 raise  # cancelled by the server (shutting down), not by the client leaving
+            scope[CLIENT_LEFT] = True  # the access log says 499, also after the headers went
             if start is not None:  # never answered: the access log says so (the send is dropped)
                 await send({"type": "http.response.start", "status": 499, "headers": []})
         finally:
             if leaving is not None:
                 leaving.stop()
             self.done()
+
+
+class _WholeBody:
+    """An ASGI ``send`` that holds a response back and sends it whole, with its length: HTTP/1.0
+    has no chunked transfer encoding, which uvicorn's httptools protocol would use for a
+    streamed body whatever the request's version (an HTTP/1.0 client would read the chunk
+    sizes as text)."""
+
+    def __init__(self, send: Any) -> None:
+        self.send = send
+        self.start: dict[str, Any] | None = None
+        self.body: list[bytes] = []
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.start = message
+            return
+        self.body.append(message.get("body", b""))
+        if message.get("more_body", False) or self.start is None:
+            return
+        body = b"".join(self.body)
+        headers = [(k, v) for k, v in self.start.get("headers", []) if k != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await self.send({**self.start, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 class _Leaving:

@@ -449,7 +449,7 @@ def test_a_stream_sends_its_headers_with_the_first_events_and_ends_with_the_last
     separate empty one); a client that leaves mid-stream (ASGI 2.3: told by ``receive``) ends
     the response without an error, its rows cancelled and its admission released."""
     import gptkit
-    from gptkit.serve.schemas import CompletionRequest
+    from gptkit.serve.schemas import CLIENT_LEFT, CompletionRequest
     from gptkit.serve.service import CompletionService
 
     service = CompletionService(gptkit.load(bundle), Limits(max_concurrent=1, max_queued=0))
@@ -471,6 +471,7 @@ def test_a_stream_sends_its_headers_with_the_first_events_and_ends_with_the_last
         return sent
 
     sent = asyncio.run(whole_stream())
+    assert CLIENT_LEFT not in scope  # answered to the end
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
     bodies = sent[1:]
     assert bodies and all(m["type"] == "http.response.body" for m in bodies)
@@ -499,9 +500,12 @@ def test_a_stream_sends_its_headers_with_the_first_events_and_ends_with_the_last
         return sent, response
 
     for _ in range(3):  # more than max_concurrent + max_queued: each slot came back
+        scope.pop(CLIENT_LEFT, None)
         sent, response = asyncio.run(leaving())
         assert response.done.ran and service.active == 0
         assert not any(m.get("more_body") is False for m in sent)  # it never finished
+        # The status line said 200; the access log is told the client left (499).
+        assert sent[0]["status"] == 200 and scope[CLIENT_LEFT] is True
 
     async def gone_at_once():  # before the first event: the access log is told 499
         sent = []
@@ -520,6 +524,72 @@ def test_a_stream_sends_its_headers_with_the_first_events_and_ends_with_the_last
     sent, response = asyncio.run(gone_at_once())
     assert [m.get("status") for m in sent] == [499] and response.done.ran
     assert service.active == 0 and service.scheduler.thread.is_alive()
+
+
+def test_an_http_1_0_client_gets_a_stream_whole_with_its_length(server):
+    """HTTP/1.0 has no chunked encoding: the events come in one body with Content-Length
+    (uvicorn's httptools protocol would chunk them whatever the request's version)."""
+    port = int(server["url"].rsplit(":", 1)[1])
+    body = json.dumps({"prompt": "ROMEO:", "max_tokens": 8, "seed": 2, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(
+            b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        raw = b""
+        while chunk := s.recv(65536):  # HTTP/1.0: the server closes after the answer
+            raw += chunk
+    head, _, events = raw.partition(b"\r\n\r\n")
+    headers = dict(
+        line.split(b": ", 1) for line in head.lower().split(b"\r\n")[1:] if b": " in line
+    )
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in headers
+    assert int(headers[b"content-length"]) == len(events)
+    assert events.startswith(b"data: {") and events.endswith(b"data: [DONE]\n\n")
+    texts = [
+        json.loads(e[6:])["choices"][0]["text"]
+        for e in events.split(b"\n\n")
+        if e.startswith(b"data: {")
+    ]
+    whole = httpx.post(
+        server["url"] + "/v1/completions", json={**json.loads(body), "stream": False}
+    )
+    assert "".join(texts) == whole.json()["choices"][0]["text"]
+
+
+def test_a_streamed_client_that_leaves_mid_stream_is_logged_499(bundle, tmp_path):
+    """Its headers (200) and first events went out; the access log still says it left."""
+    port, log = free_port(), tmp_path / "stderr.txt"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptkit", "serve", str(bundle), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"),
+    )
+    try:
+        url = _wait_for(proc, port, log)
+        body = json.dumps({"prompt": "a", "max_tokens": 1024, "n": 16, "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            got = b""
+            while b"data: {" not in got:  # the status line, headers and first events
+                got += s.recv(4096)
+        assert got.startswith(b"HTTP/1.1 200")
+        deadline = time.monotonic() + 30
+        while httpx.get(url + "/health").json()["active"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(url + "/health").json()["active"] == 0  # its rows left
+        for _ in range(100):  # the line is written as the request's handling ends
+            lines = [x for x in log.read_text().splitlines() if '"POST /v1/completions"' in x]
+            if lines:
+                break
+            time.sleep(0.05)
+        assert len(lines) == 1 and '" 499 ' in lines[0], lines
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_a_whole_answers_client_that_leaves_has_its_rows_cancelled(bundle, tmp_path):
