@@ -279,7 +279,7 @@ class CompletionService:
             ),
             (
                 max_tokens > limits.max_tokens,
-                f"{tokens_param}: at most {limits.max_tokens}, got {max_tokens}",
+                f"{tokens_param}: at most {limits.max_tokens}, got {_short(max_tokens)}",
                 tokens_param,
             ),
             (
@@ -527,6 +527,14 @@ class _Leaving:
 
     def stop(self) -> None:
         self._watcher.cancel()
+
+
+def _short(number: int) -> str:
+    """A number as written, or in scientific notation when it is long (``1e300`` arrives as a
+    301-digit integer)."""
+    text = str(abs(number))
+    sign = "-" if number < 0 else ""
+    return f"{sign}{text}" if len(text) <= 20 else f"{sign}{text[0]}.{text[1:4]}e+{len(text) - 1}"
 
 
 def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:

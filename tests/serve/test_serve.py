@@ -184,6 +184,8 @@ def test_streaming_server_sent_events(server):
     ("body", "status", "needle", "param"),
     [
         ({"prompt": "A", "max_tokens": 1000}, 400, "max_tokens: at most 64", "max_tokens"),
+        ({"prompt": "A", "max_tokens": 1e300}, 400, "at most 64, got 1.000e+300", "max_tokens"),
+        ({"prompt": "A", "max_tokens": 10**500}, 400, "got 1.000e+500", "max_tokens"),
         ({"prompt": "A", "top_p": 1.5}, 400, "top_p", "top_p"),
         ({"prompt": "A", "top_k": 40, "top_p": 0.5}, 400, "both truncate", "top_p"),
         ({"prompt": "A", "max_tokens": -1}, 400, "max_tokens", "max_tokens"),
