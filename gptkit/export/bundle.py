@@ -83,7 +83,7 @@ def export_run(
     _check_replaceable(out)
     loaded = load_run(run, checkpoint=checkpoint)
     model, spec = loaded.model, loaded.spec
-    mlflow_link(loaded.run_dir, register)  # --register without a record: refused before work
+    link = mlflow_link(loaded.run_dir, register)  # --register without one: refused before work
     tmp = _make_staging(out)
     try:
         checks = model_checks(model, spec, spec.model.vocab_size)
@@ -137,7 +137,7 @@ def export_run(
             ) from None
         raise
     log(f"bundle written: {out}")
-    _log_to_mlflow(loaded.run_dir, out, manifest, register, log)
+    _log_to_mlflow(link, out, manifest, register, log)
     return manifest
 
 

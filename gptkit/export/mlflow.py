@@ -16,14 +16,18 @@ from gptkit.store.bundle import MODEL_FILE
 
 
 def _log_to_mlflow(
-    run_dir: Path, bundle: Path, manifest: dict[str, Any], register: str | None, log
+    info: dict[str, Any] | None,
+    bundle: Path,
+    manifest: dict[str, Any],
+    register: str | None,
+    log,
 ) -> None:
-    """Attach the bundle and an ONNX-flavour model to the run's MLflow run, under a name of
-    its own (``onnx-fp32``, ``onnx-int8``, then ``-2``, ``-3`` ...), without moving the
-    training run's times or status. Never fatal unless ``--register`` was asked for."""
+    """Attach the bundle and an ONNX-flavour model to the MLflow run ``info`` links to (the
+    run's ``mlflow_link``), under a name of its own (``onnx-fp32``, ``onnx-int8``, then
+    ``-2``, ``-3`` ...), without moving the training run's times or status. Never fatal unless
+    ``--register`` was asked for."""
     from gptkit.training.tracking import quick_timeouts
 
-    info = mlflow_link(run_dir, register)
     if not info:
         return
     try:

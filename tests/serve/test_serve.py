@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -532,12 +533,9 @@ def test_an_http_1_0_client_gets_a_stream_whole_with_its_length(server):
     """HTTP/1.0 has no chunked encoding: the events come in one body with Content-Length
     (uvicorn's httptools protocol would chunk them whatever the request's version)."""
     port = int(server["url"].rsplit(":", 1)[1])
-    body = json.dumps({"prompt": "ROMEO:", "max_tokens": 8, "seed": 2, "stream": True}).encode()
+    body = {"prompt": "ROMEO:", "max_tokens": 8, "seed": 2, "stream": True}
     with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(
-            b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-        )
+        s.sendall(_raw_post(body, b"1.0"))
         raw = b""
         while chunk := s.recv(65536):  # HTTP/1.0: the server closes after the answer
             raw += chunk
@@ -553,81 +551,81 @@ def test_an_http_1_0_client_gets_a_stream_whole_with_its_length(server):
         for e in events.split(b"\n\n")
         if e.startswith(b"data: {")
     ]
-    whole = httpx.post(
-        server["url"] + "/v1/completions", json={**json.loads(body), "stream": False}
-    )
+    whole = httpx.post(server["url"] + "/v1/completions", json={**body, "stream": False})
     assert "".join(texts) == whole.json()["choices"][0]["text"]
 
 
-def test_a_streamed_client_that_leaves_mid_stream_is_logged_499(bundle, tmp_path):
-    """Its headers (200) and first events went out; the access log still says it left."""
-    port, log = free_port(), tmp_path / "stderr.txt"
+@contextmanager
+def _served_with_a_log(bundle: Path, log: Path):
+    """A ``gptkit serve`` subprocess of its own, its access log in ``log``; yields (url, port)."""
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gptkit", "serve", str(bundle), "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=open(log, "w"),
     )
     try:
-        url = _wait_for(proc, port, log)
-        body = json.dumps({"prompt": "a", "max_tokens": 1024, "n": 16, "stream": True}).encode()
+        yield _wait_for(proc, port, log), port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _raw_post(body: dict[str, Any], version: bytes = b"1.1") -> bytes:
+    """A POST /v1/completions request as bytes, for a raw socket."""
+    data = json.dumps(body).encode()
+    return (
+        b"POST /v1/completions HTTP/%s\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (version, len(data), data)
+    )
+
+
+def _until_idle(url: str) -> None:
+    """Wait (30 s at most) until the server decodes nothing and nothing waits."""
+    deadline = time.monotonic() + 30
+    while httpx.get(url + "/health").json()["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(url + "/health").json()["active"] == 0
+
+
+def test_a_streamed_client_that_leaves_mid_stream_is_logged_499(bundle, tmp_path):
+    """Its headers (200) and first events went out; the access log still says it left."""
+    log = tmp_path / "stderr.txt"
+    with _served_with_a_log(bundle, log) as (url, port):
+        body = {"prompt": "a", "max_tokens": 1024, "n": 16, "stream": True}
         with socket.create_connection(("127.0.0.1", port)) as s:
-            s.sendall(
-                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-            )
+            s.sendall(_raw_post(body))
             got = b""
             while b"data: {" not in got:  # the status line, headers and first events
                 got += s.recv(4096)
         assert got.startswith(b"HTTP/1.1 200")
-        deadline = time.monotonic() + 30
-        while httpx.get(url + "/health").json()["active"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert httpx.get(url + "/health").json()["active"] == 0  # its rows left
+        _until_idle(url)  # its rows left
         for _ in range(100):  # the line is written as the request's handling ends
             lines = [x for x in log.read_text().splitlines() if '"POST /v1/completions"' in x]
             if lines:
                 break
             time.sleep(0.05)
         assert len(lines) == 1 and '" 499 ' in lines[0], lines
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_a_whole_answers_client_that_leaves_has_its_rows_cancelled(bundle, tmp_path):
     """Not streamed: a client that closes its connection while its request waits or decodes
     has its rows cancelled (logged 499), not decoded to the end for nobody."""
-    port, log = free_port(), tmp_path / "stderr.txt"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gptkit", "serve", str(bundle), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=open(log, "w"),
-    )
-    try:
-        url = _wait_for(proc, port, log)
-        body = json.dumps({"prompt": "ROMEO:", "max_tokens": 1024, "n": 16}).encode()
-        request = (
-            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-        )
+    log = tmp_path / "stderr.txt"
+    with _served_with_a_log(bundle, log) as (url, port):
+        request = _raw_post({"prompt": "ROMEO:", "max_tokens": 1024, "n": 16})
         socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
         for s in socks:  # 4 x 16 rows x 1024 tokens, 16 rows at a time: seconds of work
             s.sendall(request)
         time.sleep(0.3)
         for s in socks:
             s.close()
-        deadline = time.monotonic() + 30
-        while httpx.get(url + "/health").json()["active"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert httpx.get(url + "/health").json()["active"] == 0
+        _until_idle(url)
         again = httpx.post(url + "/v1/completions", json={"prompt": "A", "max_tokens": 3})
         assert again.status_code == 200
         lines = [x for x in log.read_text().splitlines() if '"POST /v1/completions"' in x]
         # The first may finish on a fast machine; the others were waiting or decoding.
         assert sum('" 499 ' in x for x in lines) >= 3, lines
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_a_json_body_sent_as_a_form_is_told_its_content_type(server):
