@@ -31,14 +31,21 @@ class AdamWSpec(OptimizerSpec):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     eps: float = Field(1e-8, gt=0)
+    fused: bool | None = Field(
+        None,
+        description="One fused kernel for the whole update (torch's fused AdamW). Default: on "
+        "CUDA. A fused optimizer skips a non-finite step on the device, so the trainer reads "
+        "the loss only at log steps. Sharded (FSDP) parameters keep the default implementation.",
+    )
 
     def build(self, model, *, lr: float):
         import torch
 
-        # On CUDA, one fused kernel for the whole update instead of a few per tensor (sharded
-        # FSDP parameters keep the default implementation).
         params = list(model.parameters())
-        fused = bool(params) and all(p.is_cuda and not hasattr(p, "device_mesh") for p in params)
+        sharded = any(hasattr(p, "device_mesh") for p in params)
+        fused = (
+            bool(params) and all(p.is_cuda for p in params) if self.fused is None else self.fused
+        ) and not sharded
         return torch.optim.AdamW(
             decay_groups(model, self.weight_decay),
             lr=lr,

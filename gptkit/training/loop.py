@@ -98,6 +98,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float, peak: float) -> None:
         group["lr"] = group["initial_lr"] * lr / peak
 
 
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Can ``optimizer`` skip a step on the device, given a ``found_inf`` flag there (torch's
+    fused Adam, AdamW and SGD can: their kernel leaves the weights, moments and step count as
+    they were)? Then nothing has to be read back before the step is taken."""
+    fused = bool(getattr(optimizer, "defaults", {}).get("fused"))
+    return fused and isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD))
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, data: np.ndarray, spec: ExperimentSpec, device, autocast
@@ -220,6 +228,12 @@ class SpecTrainer:
         if saved is not None and saved.get("optimizer") is not None:
             self._load_optimizer(saved)
         self.forward = self._wrap_for_speed()
+        # With an optimizer that skips non-finite steps itself (fused, one process), the loss
+        # and gradient norm stay on the device until a step that logs, evaluates or writes a
+        # checkpoint: on a GPU, reading them every step made the host wait for each one.
+        self.defer_reads = not self.dist.enabled and skips_on_device(self.optimizer)
+        self.pending: list[tuple[int, float, Any]] = []  # (step, lr, loss and norm) not read
+        self.window_start = time.perf_counter()
         # A resume with nothing to train (at max_steps, or patience spent) changes nothing:
         # not the run's files, not its MLflow record (end time, tags) - unless events wait.
         self.idle = (
@@ -480,15 +494,14 @@ class SpecTrainer:
         self.model.train()
         while state.step < t.max_steps and not self.patience_spent() and not self.pruned:
             self._stop_if_asked()
-            t0 = time.perf_counter()
+            if not self.pending:
+                self.window_start = time.perf_counter()
             lr = lr_at(state.step, t)
-            loss, grad_norm = self._train_step(lr)
+            self.pending.append((state.step + 1, lr, self._train_step(lr)))
             state.step += 1
             self.writer.check()  # a background checkpoint write that failed stops the run
-            if self._step_was_bad(loss, grad_norm):
-                continue
-            state.tokens_seen += self.tokens_per_step
-            self._log(loss, lr, grad_norm, time.perf_counter() - t0)
+            if not self._read_due() or self._read_pending():
+                continue  # nothing read yet, or the step just taken was skipped
             if state.step % t.eval_every == 0 or state.step == t.max_steps:
                 self._evaluate()
             if (
@@ -543,6 +556,7 @@ class SpecTrainer:
     def _stop_if_asked(self) -> None:
         if self.dist.any(self._stop_signal is not None):  # every rank stops at the same step
             self._stop_signal = self._stop_signal or "a signal to another process"
+            self._read_pending()  # the checkpoint counts every step taken
             path = self._checkpoint()
             raise Interrupted(
                 f"stopped by {self._stop_signal} at step {self.state.step}; checkpoint {path}",
@@ -558,8 +572,10 @@ class SpecTrainer:
             )
         return f"gptkit train --resume --run-dir {self.run_dir}"
 
-    def _train_step(self, lr: float) -> tuple[float, float]:
-        """Forward/backward over ``grad_accum_steps`` micro-batches, clip, step."""
+    def _train_step(self, lr: float) -> Any:
+        """Forward/backward over ``grad_accum_steps`` micro-batches, clip, step. Returns the
+        loss and the gradient norm: read (floats), or, with ``defer_reads``, a tensor on the
+        device (the micro-batches' losses, then the norm) for ``_read_pending``."""
         t, d = self.spec.train, self.dist
         set_lr(self.optimizer, lr, t.lr)
         losses = []
@@ -582,16 +598,54 @@ class SpecTrainer:
             losses.append(loss.detach().float())
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        values = torch.stack([*losses, norm.float().reshape(())])
+        if self.defer_reads:  # the optimizer skips a non-finite step itself, on the device
+            self.optimizer.found_inf = (~values.isfinite().all()).float()  # type: ignore[attr-defined]
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf  # type: ignore[attr-defined]
+            self.optimizer.zero_grad(set_to_none=True)
+            return values
         # One copy to the host per step (the micro-batches' losses and the norm together): on
         # a GPU each .item() waits for the work queued before it.
-        *micro_losses, grad_norm = torch.stack([*losses, norm.float().reshape(())]).tolist()
+        *micro_losses, grad_norm = values.tolist()
         loss_sum = d.mean(sum(micro_losses, 0.0))
         if math.isfinite(loss_sum) and math.isfinite(grad_norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, grad_norm
 
-    def _step_was_bad(self, loss: float, grad_norm: float) -> bool:
+    def _read_due(self) -> bool:
+        """Are the steps taken read now: every step, or, with ``defer_reads``, at a step that
+        logs, evaluates or writes a checkpoint (and the last)?"""
+        t, step = self.spec.train, self.state.step
+        return (
+            not self.defer_reads
+            or step == t.max_steps
+            or any(step % every == 0 for every in (t.log_every, t.eval_every))
+            or step % (t.checkpoint_every or t.eval_every) == 0
+        )
+
+    def _read_pending(self) -> bool:
+        """Count, report and log the steps taken since the last read (one copy from the device
+        for all of them; each is given the window's mean time); True if the last was skipped."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return False
+        seconds = (time.perf_counter() - self.window_start) / len(pending)
+        values = [v for _, _, v in pending]
+        if self.defer_reads:  # one process: the micro-batches' losses add up to the step's
+            values = [(sum(row[:-1], 0.0), row[-1]) for row in torch.stack(values).tolist()]
+        bad = False
+        for (step, lr, _), (loss, grad_norm) in zip(pending, values):
+            bad = self._step_was_bad(step, loss, grad_norm)
+            if not bad:
+                self.state.tokens_seen += self.tokens_per_step
+                self._log(step, loss, lr, grad_norm, seconds)
+        return bad
+
+    def _step_was_bad(self, step: int, loss: float, grad_norm: float) -> bool:
         """Count a non-finite step (it was not applied); stop after too many in a row."""
         state = self.state
         if math.isfinite(loss) and math.isfinite(grad_norm):
@@ -600,11 +654,11 @@ class SpecTrainer:
         state.skipped += 1
         state.bad_in_a_row += 1
         self.progress.print(
-            f"step {state.step}: non-finite loss or gradient ({loss}, {grad_norm}); step skipped"
+            f"step {step}: non-finite loss or gradient ({loss}, {grad_norm}); step skipped"
         )
         if state.bad_in_a_row >= self.spec.train.max_bad_steps:
             raise TrainingError(
-                f"training stopped at step {state.step}: {state.bad_in_a_row} non-finite steps "
+                f"training stopped at step {step}: {state.bad_in_a_row} non-finite steps "
                 f"in a row; last good checkpoint: {self._latest_checkpoint()}",
                 "Lower train.lr, set train.grad_clip, or check the data.",
             )
@@ -615,8 +669,8 @@ class SpecTrainer:
         last = read_pointer(self.rundir.checkpoints / "latest")
         return str(self.rundir.checkpoints / last) if last else "none yet"
 
-    def _log(self, loss: float, lr: float, grad_norm: float, seconds: float) -> None:
-        t, step = self.spec.train, self.state.step
+    def _log(self, step: int, loss: float, lr: float, grad_norm: float, seconds: float) -> None:
+        t = self.spec.train
         due = step % t.log_every == 0 or step == t.max_steps
         self.progress.step(step, loss, lr, self.tokens_per_step, seconds, plain_line=due)
         if due and self.record is not None:
