@@ -42,10 +42,11 @@ class AdamWSpec(OptimizerSpec):
         import torch
 
         params = list(model.parameters())
-        sharded = any(hasattr(p, "device_mesh") for p in params)
-        fused = (
-            bool(params) and all(p.is_cuda for p in params) if self.fused is None else self.fused
-        ) and not sharded
+        fused = self.fused
+        if fused is None:  # the default: on CUDA
+            fused = bool(params) and all(p.is_cuda for p in params)
+        if any(hasattr(p, "device_mesh") for p in params):
+            fused = False  # sharded (FSDP) parameters: the default implementation
         return torch.optim.AdamW(
             decay_groups(model, self.weight_decay),
             lr=lr,

@@ -19,7 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -99,11 +99,13 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float, peak: float) -> None:
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
-    """Can ``optimizer`` skip a step on the device, given a ``found_inf`` flag there (torch's
-    fused Adam, AdamW and SGD can: their kernel leaves the weights, moments and step count as
-    they were)? Then nothing has to be read back before the step is taken."""
-    fused = bool(getattr(optimizer, "defaults", {}).get("fused"))
-    return fused and isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD))
+    """Can ``optimizer`` skip a step on the device, given a ``found_inf`` flag there? torch's
+    fused Adam and AdamW can: their kernel leaves the weights, moments and step count as they
+    were. Then nothing has to be read back before the step is taken. (Fused SGD cannot:
+    skipping its first step leaves the momentum buffer uninitialised.)"""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and all(
+        group.get("fused") for group in optimizer.param_groups
+    )
 
 
 @torch.no_grad()
@@ -354,6 +356,12 @@ class SpecTrainer:
                 )
             else:
                 self.optimizer.load_state_dict(saved["optimizer"])
+                # The implementation is this session's choice (the device, the spec), not the
+                # checkpoint's: a run started on the CPU and resumed on CUDA gets fused AdamW.
+                for group in self.optimizer.param_groups:
+                    for key in ("fused", "foreach"):
+                        if key in self.optimizer.defaults:
+                            group[key] = self.optimizer.defaults[key]
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise RunError(
                 f"cannot resume {self.run_dir}: the checkpoint's optimizer state "
@@ -489,9 +497,27 @@ class SpecTrainer:
         return self._result(spooled)
 
     def _fit(self) -> None:
-        """The loop: step → log → evaluate → checkpoint, until max_steps."""
-        t, state = self.spec.train, self.state
+        """The steps, then the end: the last checkpoint on disk, and a run that ended on
+        non-finite steps reported as failed."""
+        state = self.state
         self.model.train()
+        try:
+            self._steps()
+        except BaseException:
+            self._read_what_is_left()
+            raise
+        self.writer.wait()  # the last checkpoint is on disk before the run is recorded
+        if state.bad_in_a_row:
+            self._checkpoint()  # the weights are the last good ones; keep the step counters
+            raise TrainingError(
+                f"training ended on {state.bad_in_a_row} non-finite step(s) (loss or gradient); "
+                f"the weights are those of the last good step, in {self._latest_checkpoint()}",
+                "Lower train.lr, set train.grad_clip, or check the data.",
+            )
+
+    def _steps(self) -> None:
+        """The loop: step → log → evaluate → checkpoint, until max_steps (or a stop)."""
+        t, state = self.spec.train, self.state
         while state.step < t.max_steps and not self.patience_spent() and not self.pruned:
             self._stop_if_asked()
             if not self.pending:
@@ -500,8 +526,11 @@ class SpecTrainer:
             self.pending.append((state.step + 1, lr, self._train_step(lr)))
             state.step += 1
             self.writer.check()  # a background checkpoint write that failed stops the run
-            if not self._read_due() or self._read_pending():
-                continue  # nothing read yet, or the step just taken was skipped
+            if not self._read_due():
+                self.progress.advance(state.step)
+                continue
+            if self._read_pending() == "skipped":
+                continue  # the step just taken was not applied
             if state.step % t.eval_every == 0 or state.step == t.max_steps:
                 self._evaluate()
             if (
@@ -511,14 +540,6 @@ class SpecTrainer:
                 or self.pruned
             ):
                 self._checkpoint(wait=False)
-        self.writer.wait()  # the last checkpoint is on disk before the run is recorded
-        if state.bad_in_a_row:
-            self._checkpoint()  # the weights are the last good ones; keep the step counters
-            raise TrainingError(
-                f"training ended on {state.bad_in_a_row} non-finite step(s) (loss or gradient); "
-                f"the weights are those of the last good step, in {self._latest_checkpoint()}",
-                "Lower train.lr, set train.grad_clip, or check the data.",
-            )
 
     def patience_spent(self) -> bool:
         """``train.early_stop``: the val loss has not improved for ``patience`` evaluations."""
@@ -572,10 +593,22 @@ class SpecTrainer:
             )
         return f"gptkit train --resume --run-dir {self.run_dir}"
 
-    def _train_step(self, lr: float) -> Any:
+    def _train_step(self, lr: float) -> tuple[float, float] | torch.Tensor:
         """Forward/backward over ``grad_accum_steps`` micro-batches, clip, step. Returns the
-        loss and the gradient norm: read (floats), or, with ``defer_reads``, a tensor on the
-        device (the micro-batches' losses, then the norm) for ``_read_pending``."""
+        step's loss and gradient norm: read (floats), or, with ``defer_reads``, still on the
+        device (the micro-batches' losses, then the norm) until ``_read_pending``."""
+        values = self._gradients(lr)
+        read: tuple[float, float] | torch.Tensor = values
+        if self.defer_reads:
+            self._step_on_device(values)
+        else:
+            read = self._step_on_host(values)
+        self.optimizer.zero_grad(set_to_none=True)
+        return read
+
+    def _gradients(self, lr: float) -> torch.Tensor:
+        """The step's gradients, clipped; returns its micro-batches' losses and the gradient
+        norm, on the device."""
         t, d = self.spec.train, self.dist
         set_lr(self.optimizer, lr, t.lr)
         losses = []
@@ -598,23 +631,26 @@ class SpecTrainer:
             losses.append(loss.detach().float())
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        values = torch.stack([*losses, norm.float().reshape(())])
-        if self.defer_reads:  # the optimizer skips a non-finite step itself, on the device
-            self.optimizer.found_inf = (~values.isfinite().all()).float()  # type: ignore[attr-defined]
-            try:
-                self.optimizer.step()
-            finally:
-                del self.optimizer.found_inf  # type: ignore[attr-defined]
-            self.optimizer.zero_grad(set_to_none=True)
-            return values
-        # One copy to the host per step (the micro-batches' losses and the norm together): on
-        # a GPU each .item() waits for the work queued before it.
-        *micro_losses, grad_norm = values.tolist()
-        loss_sum = d.mean(sum(micro_losses, 0.0))
-        if math.isfinite(loss_sum) and math.isfinite(grad_norm):
+        return torch.stack([*losses, norm.float().reshape(())])
+
+    def _step_on_device(self, values: torch.Tensor) -> None:
+        """The optimizer step, which the fused kernel skips itself if ``values`` are not all
+        finite: nothing is read back."""
+        self.optimizer.found_inf = (~values.isfinite().all()).float()  # type: ignore[attr-defined]
+        try:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, grad_norm
+        finally:
+            del self.optimizer.found_inf  # type: ignore[attr-defined]
+
+    def _step_on_host(self, values: torch.Tensor) -> tuple[float, float]:
+        """Read the loss (averaged over processes) and the norm, and step if both are finite.
+        One copy to the host per step (the micro-batches' losses and the norm together): on a
+        GPU each .item() waits for the work queued before it."""
+        *micro_losses, grad_norm = values.tolist()
+        loss = self.dist.mean(sum(micro_losses, 0.0))
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+        return loss, grad_norm
 
     def _read_due(self) -> bool:
         """Are the steps taken read now: every step, or, with ``defer_reads``, at a step that
@@ -627,23 +663,33 @@ class SpecTrainer:
             or step % (t.checkpoint_every or t.eval_every) == 0
         )
 
-    def _read_pending(self) -> bool:
+    def _read_pending(self) -> Literal["applied", "skipped", "nothing"]:
         """Count, report and log the steps taken since the last read (one copy from the device
-        for all of them; each is given the window's mean time); True if the last was skipped."""
+        for all of them; each is given the window's mean time). Returns what became of the
+        last one."""
         pending, self.pending = self.pending, []
         if not pending:
-            return False
+            return "nothing"
         seconds = (time.perf_counter() - self.window_start) / len(pending)
         values = [v for _, _, v in pending]
         if self.defer_reads:  # one process: the micro-batches' losses add up to the step's
             values = [(sum(row[:-1], 0.0), row[-1]) for row in torch.stack(values).tolist()]
-        bad = False
+        outcome: Literal["applied", "skipped"] = "applied"
         for (step, lr, _), (loss, grad_norm) in zip(pending, values):
-            bad = self._step_was_bad(step, loss, grad_norm)
-            if not bad:
+            outcome = "skipped" if self._step_was_bad(step, loss, grad_norm) else "applied"
+            if outcome == "applied":
                 self.state.tokens_seen += self.tokens_per_step
                 self._log(step, loss, lr, grad_norm, seconds)
-        return bad
+        return outcome
+
+    def _read_what_is_left(self) -> None:
+        """After a failure (or Ctrl-C) between two reads: count the steps taken but not read
+        yet, quietly - the failure is what the user has to see."""
+        if self.pending:
+            try:
+                self._read_pending()
+            except Exception:
+                self.pending = []
 
     def _step_was_bad(self, step: int, loss: float, grad_norm: float) -> bool:
         """Count a non-finite step (it was not applied); stop after too many in a row."""
@@ -657,6 +703,7 @@ class SpecTrainer:
             f"step {step}: non-finite loss or gradient ({loss}, {grad_norm}); step skipped"
         )
         if state.bad_in_a_row >= self.spec.train.max_bad_steps:
+            state.step = step  # read later than taken: the steps after it were not applied
             raise TrainingError(
                 f"training stopped at step {step}: {state.bad_in_a_row} non-finite steps "
                 f"in a row; last good checkpoint: {self._latest_checkpoint()}",

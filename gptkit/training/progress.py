@@ -1,8 +1,10 @@
 """What the trainer shows while it runs.
 
 On a terminal: one live bar that always carries step, loss, learning rate, tokens/s and one
-ETA, updated every step; evaluation lines and samples are printed above it and stay in the
-scrollback (nanoGPT style). Elsewhere (a log file, CI): a plain line every ``log_every`` steps.
+ETA, updated every step (where the loss is read only at log steps, on a GPU with fused AdamW,
+the step count moves every step and the rest at each read); evaluation lines and samples are
+printed above it and stay in the scrollback (nanoGPT style). Elsewhere (a log file, CI): a
+plain line every ``log_every`` steps.
 """
 
 from __future__ import annotations
@@ -67,6 +69,15 @@ class Progress:
             self._bar.update(self._task, completed=step, info=info, refresh=redraw)
         elif plain_line and not self.quiet:
             print(f"step {step:>6}/{self.total} | {info}", flush=True)
+
+    def advance(self, step: int) -> None:
+        """A step taken whose loss is not read yet (on a GPU, until a log step): the bar's
+        count moves on; loss, rate and ETA are shown when it is read."""
+        if self._bar is not None:
+            now = time.monotonic()
+            redraw = now - self._drawn >= 0.1
+            self._drawn = now if redraw else self._drawn
+            self._bar.update(self._task, completed=step, refresh=redraw)
 
     def print(self, text: str) -> None:
         """A line for the scrollback, above the bar."""
