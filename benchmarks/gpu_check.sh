@@ -2,7 +2,7 @@
 # The GPU figures issue 28 asks for, in one script for a machine with one CUDA GPU and gptkit
 # installed (pip install -e ".[train,dev]" with a CUDA build of torch; tracking is off here).
 #   bash benchmarks/gpu_check.sh [tests|bench|recipe|all]     (default: all)
-# tests:  the CUDA tests (tests/cuda, tests/bench) - they skip on a CPU-only machine
+# tests:  the CUDA tests (tests/cuda, tests/bench, deferred loss reads) - they skip without a GPU
 # bench:  gptkit bench on the GPU, with the plain-GPT baseline and Hugging Face generate
 # recipe: nanoGPT's shakespeare-char recipe through the CLI, eager and with CUDA graphs
 set -euo pipefail
@@ -13,7 +13,7 @@ export GPTKIT_DISABLE_PLUGIN_AUTOLOAD=${GPTKIT_DISABLE_PLUGIN_AUTOLOAD:-0}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 if [[ $what == tests || $what == all ]]; then
-  python -m pytest -q -p no:cacheprovider tests/cuda tests/bench -x
+  python -m pytest -q -p no:cacheprovider tests/cuda tests/bench tests/training/test_deferred_reads.py -x
 fi
 if [[ $what == bench || $what == all ]]; then
   $GPTKIT bench experiments/baby_gpt.yaml --set train.batch_size=64 --set train.device=cuda \

@@ -1,8 +1,10 @@
 """The torch backend of the decoding loop: a GPT in this process, with the static cache when
-every component supports it; and ``open_run``, the parts of an ``Inference`` over a run."""
+every component supports it (and, on CUDA, each decode step replayed from a CUDA graph); and
+``open_run``, the parts of an ``Inference`` over a run."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,15 +19,25 @@ from gptkit.model import GPT
 
 class TorchBackend:
     """Runs a GPT for the decoding loop. The cache is a ``StaticCache`` (preallocated, updated
-    in place) when every component supports it, else the model's concatenated (keys, values)."""
+    in place) when every component supports it, else the model's concatenated (keys, values).
+
+    With the static cache, ``graphs`` (default: on CUDA) runs each decode step as a
+    ``GraphedStep``: on a GPU a small model's step is a few hundred kernel launches, each
+    costing more than its work; a replayed CUDA graph is one."""
 
     def __init__(
-        self, model: GPT, device: str | torch.device = "cpu", static: bool | None = None
+        self,
+        model: GPT,
+        device: str | torch.device = "cpu",
+        static: bool | None = None,
+        graphs: bool | None = None,
     ) -> None:
         self.model = model.eval()
         self.device = torch.device(device)
         self.max_seq_len = model.spec.max_seq_len
         self.static = model.static_cache if static is None else static and model.static_cache
+        self.graphs = self.static and (self.device.type == "cuda" if graphs is None else graphs)
+        self.step: GraphedStep | None = None  # the decode step for the current cache buffers
 
     @torch.inference_mode()
     def __call__(self, ids, positions, key_mask, past):
@@ -42,11 +54,31 @@ class TorchBackend:
                     _flat(out.past_key_values), self.max_seq_len
                 )
             return out.logits[:, -1].float().cpu().numpy(), out.past_key_values
+        if self.graphs and ids.shape[1] == 1:
+            return self._graphed(ids, positions, key_mask, past), past
         out = self.model(
             idx, positions=pos, past_key_values=_views(past), key_mask=mask, last_only=True
         )
         past.write(_flat(out.past_key_values))
         return out.logits[:, -1].float().cpu().numpy(), past
+
+    def _graphed(
+        self, ids: np.ndarray, positions: np.ndarray, key_mask: np.ndarray, past: StaticCache
+    ) -> np.ndarray:
+        """One decode step by the ``GraphedStep`` for ``past``'s buffers (made anew when the
+        buffers were replaced: rows left or joined). A step that cannot be captured, or whose
+        replay disagrees with the model run directly, turns graphs off for this backend."""
+        if self.step is None or not self.step.serves(past):
+            self.step = None  # its graph and memory go before a new one is captured
+            try:
+                self.step = GraphedStep(self.model, past, capture=self.device.type == "cuda")
+                logits = self.step.checked(ids, positions, key_mask, past)
+            except (RuntimeError, GraphMismatch) as exc:
+                warnings.warn(f"decoding without CUDA graphs: {exc}", stacklevel=2)
+                self.graphs, self.step = False, None
+                return self(ids, positions, key_mask, past)[0]
+            return logits
+        return self.step(ids, positions, key_mask, past)
 
     @torch.inference_mode()
     def prompt_logits(self, ids: list[int]) -> np.ndarray:
@@ -57,6 +89,117 @@ class TorchBackend:
     keep_rows = staticmethod(keep_rows)
     join_rows = staticmethod(join_rows)
     drop_slots = staticmethod(drop_slots)
+
+
+class GraphMismatch(Exception):
+    """A replayed step's logits differ from the model's own (see ``GraphedStep.checked``)."""
+
+
+class GraphedStep:
+    """One decode step (one new token per row) over a static cache's whole buffers, with
+    fixed shapes, so that it can be captured as a CUDA graph and replayed.
+
+    Its inputs are tensors of its own, written before each replay: the new tokens, their
+    positions, the key mask laid out over every slot (B, capacity + 1) and the first free slot
+    (a tensor, so the graph does not bake it in). The model attends over all slots, those not
+    in use masked (``StaticKV``'s contract), and the new keys and values are written into the
+    cache's own buffers at that slot inside the step: nothing is copied per step but the
+    inputs and the logits. A step serves while the cache keeps its buffers; they are replaced
+    when rows leave or join (``serves``).
+
+    ``capture=False`` runs the same step directly (the CPU, and tests of its inputs' layout).
+    """
+
+    def __init__(self, model: GPT, cache: StaticCache, capture: bool = True) -> None:
+        self.model, self.cache_buffers = model, list(cache.buffers)
+        B, S = int(cache.buffers[0].shape[0]), cache.capacity
+        device = cache.buffers[0].device
+        self.ids = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.key_mask = torch.ones(B, S + 1, dtype=torch.bool, device=device)
+        self.slot = torch.tensor(cache.length, device=device)
+        self.graph: Any = None
+        self.logits: torch.Tensor | None = None  # the graph's output, when captured
+        if capture:
+            self._capture()
+
+    def serves(self, cache: StaticCache) -> bool:
+        return len(cache.buffers) == len(self.cache_buffers) and all(
+            a is b for a, b in zip(cache.buffers, self.cache_buffers)
+        )
+
+    def run(self) -> torch.Tensor:
+        """The step itself: the model over every slot, the new keys and values written in."""
+        views = [
+            StaticKV(k, v, self.slot, {})
+            for k, v in zip(self.cache_buffers[0::2], self.cache_buffers[1::2])
+        ]
+        out = self.model(
+            self.ids,
+            positions=self.positions,
+            past_key_values=views,
+            key_mask=self.key_mask,
+            last_only=True,
+        )
+        for buf, new in zip(self.cache_buffers, _flat(out.past_key_values)):
+            buf.index_copy_(2, self.slot.view(1), new)
+        return out.logits[:, -1]
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (as CUDA graph capture asks), then capture. The first
+        free slot is written by these runs too, with whatever they compute: the real step
+        writes it again before anything reads it."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.run()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        # Thread-local: another thread's CUDA work meanwhile (a server's other requests) is
+        # not captured and does not break the capture.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.logits = self.run()
+
+    def _set_inputs(
+        self, ids: np.ndarray, positions: np.ndarray, key_mask: np.ndarray, cache: StaticCache
+    ) -> None:
+        L = cache.length
+        self.ids.copy_(torch.from_numpy(ids))
+        self.positions.copy_(torch.from_numpy(positions))
+        mask = np.zeros(tuple(self.key_mask.shape), dtype=bool)
+        mask[:, :L] = key_mask[:, :L]  # the slots in use; the rest stay masked
+        mask[:, -1] = key_mask[:, L]  # the new token
+        self.key_mask.copy_(torch.from_numpy(mask))
+        self.slot.fill_(L)
+
+    def __call__(
+        self, ids: np.ndarray, positions: np.ndarray, key_mask: np.ndarray, cache: StaticCache
+    ) -> np.ndarray:
+        """The next-token logits (B, V) of one decode step; the cache grows by it."""
+        self._set_inputs(ids, positions, key_mask, cache)
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits
+        else:
+            logits = self.run()
+        cache.length += 1
+        assert logits is not None
+        return logits.float().cpu().numpy()
+
+    def checked(
+        self, ids: np.ndarray, positions: np.ndarray, key_mask: np.ndarray, cache: StaticCache
+    ) -> np.ndarray:
+        """A step, checked against the model run directly on the same inputs (both write the
+        same keys and values into the same slot): a captured graph that replays something
+        else raises ``GraphMismatch`` instead of decoding wrong tokens."""
+        self._set_inputs(ids, positions, key_mask, cache)
+        direct = self.run().float().cpu().numpy()
+        logits = self(ids, positions, key_mask, cache)
+        err = float(np.abs(logits - direct).max())
+        if not err <= 1e-3 * max(1.0, float(np.abs(direct).max())):
+            raise GraphMismatch(f"the replayed step's logits differ by {err:.3g}")
+        return logits
 
 
 def _flat(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
@@ -98,4 +241,4 @@ def open_run(
     }
 
 
-__all__ = ["TorchBackend", "open_run"]
+__all__ = ["GraphedStep", "TorchBackend", "open_run"]

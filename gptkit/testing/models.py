@@ -128,19 +128,72 @@ def check_static_cache(model: GPT, new_tokens: int = 40) -> bool:
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [12]]
     limit = model.spec.max_seq_len
     steps = max(new_tokens, limit + 8)  # long enough to pass the context limit
-    static = _Recording(TorchBackend(model, static=True))
+    static = _Recording(TorchBackend(model, static=True, graphs=False))
     concat = _Recording(TorchBackend(model, static=False))
     a = _greedy_ids(static, prompts, steps)
     b = _greedy_ids(concat, prompts, steps)
     assert a == b, "static-cache decoding differs from the concatenating cache"
-    # The tokens alone are a weak check (an untrained model's attention is nearly uniform, so
-    # a wrong cache slot rarely flips an argmax): the logits of every step must agree too.
-    for step, (x, y) in enumerate(zip(static.logits, concat.logits)):
-        err = float(abs(x - y).max())
-        assert err < 1e-4, (
-            f"static-cache decoding differs from the concatenating cache at call {step}: {err}"
-        )
+    _same_logits(static, concat, "static-cache decoding")
+    if static.backend.static:
+        check_graphed_steps(model, prompts, steps, concat)
     return bool(static.backend.static)
+
+
+def _same_logits(backend: _Recording, reference: _Recording, what: str) -> None:
+    """The tokens alone are a weak check (an untrained model's attention is nearly uniform, so
+    a wrong cache slot rarely flips an argmax): the logits of every step must agree too."""
+    for step, (x, y) in enumerate(zip(backend.logits, reference.logits)):
+        err = float(abs(x - y).max())
+        assert err < 1e-4, f"{what} differs from the concatenating cache at call {step}: {err}"
+
+
+# What reads a tensor's value on the host (``.item()``, ``bool(t)``, a data-dependent shape):
+# on a GPU each waits for the device, and none may run in a step captured as a CUDA graph.
+HOST_READS = (
+    "aten::item",
+    "aten::_local_scalar_dense",
+    "aten::is_nonzero",
+    "aten::equal",
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::_unique2",
+)
+
+
+def check_graphed_steps(
+    model: GPT, prompts: list[list[int]], steps: int, reference: _Recording
+) -> None:
+    """Decode steps at fixed shapes, as a CUDA graph replays them (``GraphedStep``: the whole
+    cache buffers with the slots not in use masked, the first free slot a tensor, the new
+    keys and values written in place), give the concatenating cache's tokens and logits, and
+    read nothing on the host. On the CPU the step runs directly, not captured."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from gptkit.inference.torch import TorchBackend
+
+    graphed = _Recording(TorchBackend(model, static=True, graphs=True))
+    assert _greedy_ids(graphed, prompts, steps) == _greedy_ids(reference.backend, prompts, steps)
+    assert graphed.backend.graphs, "the fixed-shape decode step was turned off"
+    _same_logits(graphed, reference, "decoding by fixed-shape (graphed) steps")
+    step = graphed.backend.step
+    assert step is not None
+
+    class Reads(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.found: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name in HOST_READS:
+                self.found.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    with torch.inference_mode(), Reads() as reads:
+        step.run()
+    assert not reads.found, (
+        f"a decode step reads {sorted(set(reads.found))} on the host: it cannot be captured "
+        "as a CUDA graph (use tensor operations on the step's tensors instead)"
+    )
 
 
 class _Recording:

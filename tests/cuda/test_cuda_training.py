@@ -74,4 +74,3 @@ def test_export_of_a_cuda_trained_run_generates_what_the_run_does(tmp_path):
     bundle = run_cli("generate", tmp_path / "b", *greedy, cwd=tmp_path)
     assert on_gpu.returncode == 0 and bundle.returncode == 0, on_gpu.stderr + bundle.stderr
     assert on_gpu.stdout == bundle.stdout
-

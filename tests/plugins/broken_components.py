@@ -140,6 +140,25 @@ class ShiftedStaticSpec(AttentionSpec):
         return _mha(ShiftedStaticAttention, model, positional)
 
 
+class HostSlicingAttention(CausalSelfAttention):
+    """Correct, but reads the cache's first free slot on the host to slice the slots in use
+    (``int(past.position)``): a decode step that cannot be captured as a CUDA graph."""
+
+    def attend_static(self, q, k, v, past: StaticKV, key_mask):
+        used = int(past.position)
+        if key_mask is not None:
+            key_mask = torch.cat([key_mask[:, :used], key_mask[:, past.keys.size(2) :]], dim=1)
+        sliced = past._replace(keys=past.keys[:, :, :used], values=past.values[:, :, :used])
+        return super().attend_static(q, k, v, sliced, key_mask)
+
+
+class HostSlicingSpec(AttentionSpec):
+    kind: Literal["host_slicing"] = "host_slicing"
+
+    def build(self, model, *, positional):
+        return _mha(HostSlicingAttention, model, positional)
+
+
 class DecodeMaskDroppingAttention(CausalSelfAttention):
     """Honours ``key_mask`` on a prefill only: decoding through a cache ignores it, so a row
     that joined a running batch (its cache left-padded) attends to the padding."""
@@ -473,6 +492,7 @@ def gptkit_register_attention(register):
     register(ForgetfulSpec)
     register(MaskIgnoringSpec)
     register(ShiftedStaticSpec)
+    register(HostSlicingSpec)
     register(NoExampleSpec)
     register(DecodeMaskDroppingSpec)
     register(FixedInitSpec)

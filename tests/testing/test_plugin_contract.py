@@ -59,6 +59,13 @@ BROKEN = [
         "broken_components",
         "differs from the concatenating cache",
     ),
+    (
+        "attention",
+        "host_slicing",
+        "static_cache",
+        "broken_components",
+        "reads ['aten::item'] on the host",
+    ),
     ("attention", "decode_mask_dropping", "joining", "broken_components", "joined"),
     ("attention", "mask_ignoring", "padding", "broken_components", "Tensor-likes are not close"),
     ("attention", "unused_gate", "gradients", "broken_components", "no gradient reaches"),
