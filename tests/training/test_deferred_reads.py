@@ -230,3 +230,26 @@ def test_a_run_resumed_with_another_adamw_implementation_uses_the_new_one(tmp_pa
     back.run()
     assert not back.defer_reads and back.state.step == 12
     assert not any(g["fused"] for g in back.optimizer.param_groups)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_step_between_reads_does_not_wait_for_the_gpu(tmp_path, monkeypatch):
+    """torch's sync debug mode raises on any operation that makes the host wait for the GPU:
+    none may happen in a step that is not read (the first, which creates the optimizer's
+    state, aside)."""
+    step = SpecTrainer._train_step
+
+    def strict(self, lr):
+        if self.state.step == 0:
+            return step(self, lr)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return step(self, lr)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(SpecTrainer, "_train_step", strict)
+    spec = load_spec(SMOKE, [*BASE, "train.device=cuda"])
+    trainer = SpecTrainer(spec, run_dir=tmp_path / "run", progress=False)
+    trainer.run()
+    assert trainer.defer_reads and trainer.state.step == 12
