@@ -5,12 +5,15 @@ every component supports it (and, on CUDA, each decode step replayed from a CUDA
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gptkit.components.attention import StaticKV
 from gptkit.inference.cache import StaticCache, drop_slots, join_rows, keep_rows
@@ -25,6 +28,8 @@ class TorchBackend:
     ``GraphedStep``: on a GPU a small model's step is a few hundred kernel launches, each
     costing more than its work; a replayed CUDA graph is one."""
 
+    capture_after = 3  # steps a cache's buffers serve, run directly, before a graph is made
+
     def __init__(
         self,
         model: GPT,
@@ -38,6 +43,7 @@ class TorchBackend:
         self.static = model.static_cache if static is None else static and model.static_cache
         self.graphs = self.static and (self.device.type == "cuda" if graphs is None else graphs)
         self.step: GraphedStep | None = None  # the decode step for the current cache buffers
+        self._seen: tuple[list[weakref.ref], int] = ([], 0)  # buffers, steps they served
 
     @torch.inference_mode()
     def __call__(self, ids, positions, key_mask, past):
@@ -55,7 +61,9 @@ class TorchBackend:
                 )
             return out.logits[:, -1].float().cpu().numpy(), out.past_key_values
         if self.graphs and ids.shape[1] == 1:
-            return self._graphed(ids, positions, key_mask, past), past
+            logits = self._graphed(ids, positions, key_mask, past)
+            if logits is not None:
+                return logits, past
         out = self.model(
             idx, positions=pos, past_key_values=_views(past), key_mask=mask, last_only=True
         )
@@ -64,21 +72,41 @@ class TorchBackend:
 
     def _graphed(
         self, ids: np.ndarray, positions: np.ndarray, key_mask: np.ndarray, past: StaticCache
-    ) -> np.ndarray:
-        """One decode step by the ``GraphedStep`` for ``past``'s buffers (made anew when the
-        buffers were replaced: rows left or joined). A step that cannot be captured, or whose
-        replay disagrees with the model run directly, turns graphs off for this backend."""
-        if self.step is None or not self.step.serves(past):
-            self.step = None  # its graph and memory go before a new one is captured
+    ) -> np.ndarray | None:
+        """One decode step by the ``GraphedStep`` for ``past``'s buffers, captured once they
+        have served ``capture_after`` steps; None: this step runs directly. A step that
+        cannot be captured, or whose replay disagrees with the model run directly, turns
+        graphs off for this backend (with a warning saying why)."""
+        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
+        with on_device:
+            if self.step is not None and self.step.serves(past):
+                return self.step(ids, positions, key_mask, past)
+            self.step = None  # its graph and memory go before another is captured
+            if not self._capture_due(past):
+                return None
+            length = past.length
             try:
-                self.step = GraphedStep(self.model, past, capture=self.device.type == "cuda")
-                logits = self.step.checked(ids, positions, key_mask, past)
-            except (RuntimeError, GraphMismatch) as exc:
-                warnings.warn(f"decoding without CUDA graphs: {exc}", stacklevel=2)
-                self.graphs, self.step = False, None
-                return self(ids, positions, key_mask, past)[0]
-            return logits
-        return self.step(ids, positions, key_mask, past)
+                step = GraphedStep(self.model, past, capture=self.device.type == "cuda")
+                logits = step.checked(ids, positions, key_mask, past)
+            except (RuntimeError, GraphError) as exc:
+                past.length = length  # the step is taken again, directly
+                cause = exc.__context__ or exc  # a capture that failed to end: its cause
+                warnings.warn(f"decoding without CUDA graphs: {cause}", stacklevel=3)
+                self.graphs = False
+                return None
+        self.step = step
+        return logits
+
+    def _capture_due(self, past: StaticCache) -> bool:
+        """Have ``past``'s buffers served ``capture_after`` steps (run directly)? Rows join
+        and leave often in a server, each time with new buffers, and a capture costs a
+        synchronisation, warm-up steps and the capture itself."""
+        seen, count = self._seen
+        same = len(seen) == len(past.buffers) and all(r() is b for r, b in zip(seen, past.buffers))
+        if not same:
+            seen, count = [weakref.ref(b) for b in past.buffers], 0
+        self._seen = (seen, count + 1)
+        return count + 1 > self.capture_after
 
     @torch.inference_mode()
     def prompt_logits(self, ids: list[int]) -> np.ndarray:
@@ -91,8 +119,39 @@ class TorchBackend:
     drop_slots = staticmethod(drop_slots)
 
 
-class GraphMismatch(Exception):
-    """A replayed step's logits differ from the model's own (see ``GraphedStep.checked``)."""
+# What reads a tensor's value on the host (``.item()``, ``bool(t)``, a data-dependent shape):
+# on a GPU each waits for the device, and none may run in a step captured as a CUDA graph.
+# (Seen from the dispatcher on any device; ``.tolist()`` and ``.cpu()`` are not.)
+HOST_READS = (
+    "aten::item",
+    "aten::_local_scalar_dense",
+    "aten::is_nonzero",
+    "aten::equal",
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::_unique2",
+    "aten::repeat_interleave.self_Tensor",
+    "aten::repeat_interleave.Tensor",
+)
+
+
+class HostReads(TorchDispatchMode):
+    """Records the host reads (``HOST_READS``) of the torch operations run in this thread
+    while it is active: ``with HostReads() as reads: ...; reads.found``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in HOST_READS or f"{name}.{func._schema.overload_name}" in HOST_READS:
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+class GraphError(Exception):
+    """A decode step that cannot be replayed from a CUDA graph (see ``GraphedStep``)."""
 
 
 class GraphedStep:
@@ -130,8 +189,9 @@ class GraphedStep:
 
     def run(self) -> torch.Tensor:
         """The step itself: the model over every slot, the new keys and values written in."""
+        shared: dict = {}  # one score mask for every layer (see StaticKV.shared)
         views = [
-            StaticKV(k, v, self.slot, {})
+            StaticKV(k, v, self.slot, shared)
             for k, v in zip(self.cache_buffers[0::2], self.cache_buffers[1::2])
         ]
         out = self.model(
@@ -146,20 +206,32 @@ class GraphedStep:
         return out.logits[:, -1]
 
     def _capture(self) -> None:
-        """Warm up on a side stream (as CUDA graph capture asks), then capture. The first
-        free slot is written by these runs too, with whatever they compute: the real step
-        writes it again before anything reads it."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
+        """Warm up on a side stream (as CUDA graph capture asks), then capture. A step that
+        reads on the host is refused before any capture (a failed capture can leave the
+        allocator and the thread's stream in a state nothing should run in). The first free
+        slot is written by these runs too, with whatever they compute: the real step writes
+        it again before anything reads it."""
+        current = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            with HostReads() as reads:
                 self.run()
-        torch.cuda.current_stream().wait_stream(stream)
+            if reads.found:
+                raise GraphError(
+                    f"the decode step reads {sorted(set(reads.found))} on the host (a "
+                    "component's attention or positional scheme)"
+                )
+            self.run()
+        current.wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        # Thread-local: another thread's CUDA work meanwhile (a server's other requests) is
-        # not captured and does not break the capture.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.logits = self.run()
+        try:
+            # Thread-local: another thread's CUDA work meanwhile (a server's other requests)
+            # is not captured and does not break the capture.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.logits = self.run()
+        finally:
+            torch.cuda.set_stream(current)  # also when ending the capture failed
 
     def _set_inputs(
         self, ids: np.ndarray, positions: np.ndarray, key_mask: np.ndarray, cache: StaticCache
@@ -173,32 +245,38 @@ class GraphedStep:
         self.key_mask.copy_(torch.from_numpy(mask))
         self.slot.fill_(L)
 
-    def __call__(
-        self, ids: np.ndarray, positions: np.ndarray, key_mask: np.ndarray, cache: StaticCache
-    ) -> np.ndarray:
-        """The next-token logits (B, V) of one decode step; the cache grows by it."""
-        self._set_inputs(ids, positions, key_mask, cache)
+    def _replay(self) -> np.ndarray:
+        """The step on the inputs set: replayed (or, not captured, run)."""
         if self.graph is not None:
             self.graph.replay()
             logits = self.logits
         else:
             logits = self.run()
-        cache.length += 1
         assert logits is not None
         return logits.float().cpu().numpy()
+
+    def __call__(
+        self, ids: np.ndarray, positions: np.ndarray, key_mask: np.ndarray, cache: StaticCache
+    ) -> np.ndarray:
+        """The next-token logits (B, V) of one decode step; the cache grows by it."""
+        self._set_inputs(ids, positions, key_mask, cache)
+        logits = self._replay()
+        cache.length += 1
+        return logits
 
     def checked(
         self, ids: np.ndarray, positions: np.ndarray, key_mask: np.ndarray, cache: StaticCache
     ) -> np.ndarray:
         """A step, checked against the model run directly on the same inputs (both write the
         same keys and values into the same slot): a captured graph that replays something
-        else raises ``GraphMismatch`` instead of decoding wrong tokens."""
+        else raises ``GraphError`` instead of decoding wrong tokens (the cache unchanged)."""
         self._set_inputs(ids, positions, key_mask, cache)
         direct = self.run().float().cpu().numpy()
-        logits = self(ids, positions, key_mask, cache)
+        logits = self._replay()
         err = float(np.abs(logits - direct).max())
         if not err <= 1e-3 * max(1.0, float(np.abs(direct).max())):
-            raise GraphMismatch(f"the replayed step's logits differ by {err:.3g}")
+            raise GraphError(f"the replayed step's logits differ from the model's by {err:.3g}")
+        cache.length += 1
         return logits
 
 
@@ -241,4 +319,4 @@ def open_run(
     }
 
 
-__all__ = ["GraphedStep", "TorchBackend", "open_run"]
+__all__ = ["GraphedStep", "HostReads", "TorchBackend", "open_run"]

@@ -147,19 +147,6 @@ def _same_logits(backend: _Recording, reference: _Recording, what: str) -> None:
         assert err < 1e-4, f"{what} differs from the concatenating cache at call {step}: {err}"
 
 
-# What reads a tensor's value on the host (``.item()``, ``bool(t)``, a data-dependent shape):
-# on a GPU each waits for the device, and none may run in a step captured as a CUDA graph.
-HOST_READS = (
-    "aten::item",
-    "aten::_local_scalar_dense",
-    "aten::is_nonzero",
-    "aten::equal",
-    "aten::nonzero",
-    "aten::masked_select",
-    "aten::_unique2",
-)
-
-
 def check_graphed_steps(
     model: GPT, prompts: list[list[int]], steps: int, reference: _Recording
 ) -> None:
@@ -167,28 +154,17 @@ def check_graphed_steps(
     cache buffers with the slots not in use masked, the first free slot a tensor, the new
     keys and values written in place), give the concatenating cache's tokens and logits, and
     read nothing on the host. On the CPU the step runs directly, not captured."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from gptkit.inference.torch import TorchBackend
+    from gptkit.inference.torch import HostReads, TorchBackend
 
     graphed = _Recording(TorchBackend(model, static=True, graphs=True))
+    graphed.backend.capture_after = 0  # every decode step by a GraphedStep
     assert _greedy_ids(graphed, prompts, steps) == _greedy_ids(reference.backend, prompts, steps)
     assert graphed.backend.graphs, "the fixed-shape decode step was turned off"
     _same_logits(graphed, reference, "decoding by fixed-shape (graphed) steps")
     step = graphed.backend.step
     assert step is not None
 
-    class Reads(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.found: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func._schema.name in HOST_READS:
-                self.found.append(func._schema.name)
-            return func(*args, **(kwargs or {}))
-
-    with torch.inference_mode(), Reads() as reads:
+    with torch.inference_mode(), HostReads() as reads:
         step.run()
     assert not reads.found, (
         f"a decode step reads {sorted(set(reads.found))} on the host: it cannot be captured "

@@ -106,8 +106,10 @@ def progress_sample(
             prompt_ids_ok = bool(tokenizer.encode(prompt))
         except Exception:
             prompt_ids_ok = False
+        # No CUDA graphs mid-training: each capture synchronises and empties torch's cached
+        # memory, and under FSDP it would record the parameter gathers.
         out = decode_loop(
-            TorchBackend(model, next(model.parameters()).device),
+            TorchBackend(model, next(model.parameters()).device, graphs=False),
             tokenizer,
             [prompt if prompt_ids_ok else ""],
             sampler,

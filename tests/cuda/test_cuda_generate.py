@@ -17,6 +17,7 @@ def test_graphed_decode_steps_match_the_model_run_step_by_step(attention, positi
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [12]]
     steps = 40  # past the context (24): rows are cropped and prefilled again, new buffers
     graphed = _Recording(TorchBackend(model, "cuda"))
+    graphed.backend.capture_after = 0  # every set of cache buffers gets its graph at once
     eager = _Recording(TorchBackend(model, "cuda", graphs=False))
     assert graphed.backend.graphs and not eager.backend.graphs
     # Rows joining a running batch (new cache buffers): a new graph each time.
