@@ -135,7 +135,7 @@ def check_static_cache(model: GPT, new_tokens: int = 40) -> bool:
     assert a == b, "static-cache decoding differs from the concatenating cache"
     _same_logits(static, concat, "static-cache decoding")
     if static.backend.static:
-        check_graphed_steps(model, prompts, steps, concat)
+        check_graphed_steps(model, prompts, steps, b, concat)
     return bool(static.backend.static)
 
 
@@ -148,7 +148,11 @@ def _same_logits(backend: _Recording, reference: _Recording, what: str) -> None:
 
 
 def check_graphed_steps(
-    model: GPT, prompts: list[list[int]], steps: int, reference: _Recording
+    model: GPT,
+    prompts: list[list[int]],
+    steps: int,
+    reference_ids: list[list[int]],
+    reference: _Recording,
 ) -> None:
     """Decode steps at fixed shapes, as a CUDA graph replays them (``GraphedStep``: the whole
     cache buffers with the slots not in use masked, the first free slot a tensor, the new
@@ -158,7 +162,7 @@ def check_graphed_steps(
 
     graphed = _Recording(TorchBackend(model, static=True, graphs=True))
     graphed.backend.capture_after = 0  # every decode step by a GraphedStep
-    assert _greedy_ids(graphed, prompts, steps) == _greedy_ids(reference.backend, prompts, steps)
+    assert _greedy_ids(graphed, prompts, steps) == reference_ids
     assert graphed.backend.graphs, "the fixed-shape decode step was turned off"
     _same_logits(graphed, reference, "decoding by fixed-shape (graphed) steps")
     step = graphed.backend.step

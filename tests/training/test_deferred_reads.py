@@ -150,6 +150,7 @@ def test_reading_at_log_steps_trains_logs_and_checkpoints_what_reading_every_ste
         assert written == _checkpoints(every)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     ("bad", "extra", "expected"),
@@ -194,6 +195,7 @@ def test_non_finite_steps_are_skipped_on_the_device_as_the_host_skipped_them(
         assert _checkpoints(deferred) == _checkpoints(every)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_failure_between_reads_still_counts_the_steps_taken(tmp_path, capsys, device):
     # Step 11 fails in its forward pass; step 10 was taken but not read yet (reads: 9, 12).
@@ -208,6 +210,7 @@ def test_a_failure_between_reads_still_counts_the_steps_taken(tmp_path, capsys, 
     assert summaries[0]["summary"]["total_tokens"] == summaries[1]["summary"]["total_tokens"]
 
 
+@pytest.mark.slow
 def test_a_run_resumed_with_another_adamw_implementation_uses_the_new_one(tmp_path):
     """The implementation (fused or not) is the session's, not the checkpoint's: a run begun
     unfused (as on the CPU) and resumed fused (as on CUDA) reads at log steps, and the other
