@@ -100,6 +100,7 @@ def test_tokenizers_load_without_torch(fitted, tmp_path):
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
+@pytest.mark.slow  # CLI subprocesses: 2-5 s on 2 cores
 def test_pretrained_missing_file_is_a_clear_error(tmp_path):
     result = run_cli(
         "train",

@@ -139,6 +139,7 @@ def test_external_data_outside_the_bundle_is_refused(bundle, tmp_path):
     assert_user_error(run_cli("generate", copy, "-p", "a"), "outside the bundle", "../secret.bin")
 
 
+@pytest.mark.slow  # CLI subprocesses: 2-5 s on 2 cores
 def test_not_a_bundle_and_missing(tmp_path):
     assert_user_error(run_cli("serve", tmp_path / "nope"), "bundle or run not found")
     # serve takes a bundle or a run, as gptkit.load does: a folder that is neither says so

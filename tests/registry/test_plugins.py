@@ -83,6 +83,7 @@ def _fake_distribution(tmp_path, name, module_source, module_name):
     return site
 
 
+@pytest.mark.slow  # CLI subprocesses: 2-5 s on 2 cores
 def test_entry_points_load_and_a_broken_one_is_reported_not_fatal(tmp_path):
     good = """
         from typing import Literal
@@ -112,6 +113,7 @@ def test_entry_points_load_and_a_broken_one_is_reported_not_fatal(tmp_path):
     assert "eta_test" not in json.loads(off.stdout)["components"]["sampler"]
 
 
+@pytest.mark.slow  # CLI subprocesses: 2-5 s on 2 cores
 def test_plugins_command_lists_every_builtin_with_provider():
     result = run_cli("plugins")
     assert result.returncode == 0, result.stderr
@@ -120,6 +122,7 @@ def test_plugins_command_lists_every_builtin_with_provider():
     assert "gptkit.components.attention" in result.stdout
 
 
+@pytest.mark.slow  # CLI subprocesses: 2-5 s on 2 cores
 def test_spec_naming_a_missing_plugin_exits_2(tmp_path):
     spec = tmp_path / "s.yaml"
     spec.write_text("plugins: [not_a_module_anywhere]\n")

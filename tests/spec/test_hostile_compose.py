@@ -27,6 +27,7 @@ def test_a_parent_named_many_times_is_composed_once(tmp_path):
     assert result.stdout.count("f13.yaml") >= 1
 
 
+@pytest.mark.slow  # CLI subprocesses: 2-5 s on 2 cores
 def test_oversized_compositions_are_refused_clearly(tmp_path):
     (tmp_path / "p.yaml").write_text("name: p\n")
     (tmp_path / "wide.yaml").write_text("extends: [" + ", ".join(["p.yaml"] * 30_000) + "]\n")

@@ -19,6 +19,7 @@ def write(tmp_path, name, text):
     return path
 
 
+@pytest.mark.slow  # CLI subprocesses: 2-5 s on 2 cores
 def test_done_when_rpoe_and_dropout_both_reported(tmp_path):
     spec = write(tmp_path, "s.yaml", "model:\n  positional: {kind: rpoe}\n  dropout: 2\n")
     result = run_cli("validate", spec)
@@ -180,6 +181,7 @@ def test_oversized_and_missing_spec_files(tmp_path):
     assert_user_error(run_cli("validate", tmp_path / "nope.yaml"), "spec file not found")
 
 
+@pytest.mark.slow  # CLI subprocesses: 2-5 s on 2 cores
 def test_schema_lists_every_component_and_validates_a_spec():
     result = run_cli("schema")
     assert result.returncode == 0, result.stderr
@@ -191,6 +193,7 @@ def test_schema_lists_every_component_and_validates_a_spec():
     assert schema == spec_class().model_json_schema()
 
 
+@pytest.mark.slow  # CLI subprocesses: 2-5 s on 2 cores
 def test_schema_includes_plugin_components():
     result = run_cli("schema", "--plugin", "inline_attention")
     assert "score_scale" in result.stdout
@@ -216,6 +219,7 @@ def test_committed_spec_reference_is_current():
         assert f"#### `{kind}`" in committed
 
 
+@pytest.mark.slow  # CLI subprocesses: 2-5 s on 2 cores
 def test_repeats_past_the_last_seed_are_refused_at_validate_time(tmp_path):
     spec = write(tmp_path, "s.yaml", "seed: 4294967294\nrepeats: 3\n")
     assert_user_error(run_cli("validate", spec), "repeats:", "4294967294..4294967296")

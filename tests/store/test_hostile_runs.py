@@ -133,6 +133,7 @@ def test_resume_over_a_checkpoint_file_that_is_a_fifo_exits_2(smoke_run, tmp_pat
     assert_user_error(_resume(run, tmp_path), "is a FIFO")
 
 
+@pytest.mark.slow  # CLI subprocesses: 2-5 s on 2 cores
 def test_resume_over_a_fifo_sweep_record_exits_2(tmp_path):
     sweep = tmp_path / "sweep"
     sweep.mkdir()
