@@ -170,7 +170,9 @@ class GraphedStep:
     """
 
     def __init__(self, model: GPT, cache: StaticCache, capture: bool = True) -> None:
-        self.model, self.cache_buffers = model, list(cache.buffers)
+        # Weak references: a step kept after its batch has ended does not keep that batch's
+        # cache (and it replays only for a cache whose buffers are these, alive: ``serves``).
+        self.model, self.cache_refs = model, [weakref.ref(b) for b in cache.buffers]
         B, S = int(cache.buffers[0].shape[0]), cache.capacity
         device = cache.buffers[0].device
         self.ids = torch.zeros(B, 1, dtype=torch.long, device=device)
@@ -183,17 +185,16 @@ class GraphedStep:
             self._capture()
 
     def serves(self, cache: StaticCache) -> bool:
-        return len(cache.buffers) == len(self.cache_buffers) and all(
-            a is b for a, b in zip(cache.buffers, self.cache_buffers)
+        return len(cache.buffers) == len(self.cache_refs) and all(
+            a is r() for a, r in zip(cache.buffers, self.cache_refs)
         )
 
     def run(self) -> torch.Tensor:
         """The step itself: the model over every slot, the new keys and values written in."""
+        buffers = [r() for r in self.cache_refs]  # alive: run only while the cache is
+        assert all(b is not None for b in buffers), "the cache this step served is gone"
         shared: dict = {}  # one score mask for every layer (see StaticKV.shared)
-        views = [
-            StaticKV(k, v, self.slot, shared)
-            for k, v in zip(self.cache_buffers[0::2], self.cache_buffers[1::2])
-        ]
+        views = [StaticKV(k, v, self.slot, shared) for k, v in zip(buffers[0::2], buffers[1::2])]
         out = self.model(
             self.ids,
             positions=self.positions,
@@ -201,7 +202,7 @@ class GraphedStep:
             key_mask=self.key_mask,
             last_only=True,
         )
-        for buf, new in zip(self.cache_buffers, _flat(out.past_key_values)):
+        for buf, new in zip(buffers, _flat(out.past_key_values)):
             buf.index_copy_(2, self.slot.view(1), new)
         return out.logits[:, -1]
 

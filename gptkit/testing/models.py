@@ -158,16 +158,21 @@ def check_graphed_steps(
     cache buffers with the slots not in use masked, the first free slot a tensor, the new
     keys and values written in place), give the concatenating cache's tokens and logits, and
     read nothing on the host. On the CPU the step runs directly, not captured."""
-    from gptkit.inference.torch import HostReads, TorchBackend
+    import numpy as np
+
+    from gptkit.inference.decoding import positions_from_mask
+    from gptkit.inference.torch import GraphedStep, HostReads, TorchBackend
 
     graphed = _Recording(TorchBackend(model, static=True, graphs=True))
     graphed.backend.capture_after = 0  # every decode step by a GraphedStep
     assert _greedy_ids(graphed, prompts, steps) == reference_ids
     assert graphed.backend.graphs, "the fixed-shape decode step was turned off"
     _same_logits(graphed, reference, "decoding by fixed-shape (graphed) steps")
-    step = graphed.backend.step
-    assert step is not None
-
+    # One step after a prefill, watched for host reads.
+    ids = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int64)
+    mask = np.ones(ids.shape, dtype=bool)
+    _, cache = graphed.backend(ids, positions_from_mask(mask), mask, None)
+    step = GraphedStep(model, cache, capture=False)
     with torch.inference_mode(), HostReads() as reads:
         step.run()
     assert not reads.found, (

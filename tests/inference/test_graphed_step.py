@@ -2,6 +2,7 @@
 logits as the eager static path, captured only for cache buffers that have served a few steps,
 and a step whose replay disagrees with the model turns graphs off without losing a token."""
 
+import gc
 import warnings
 
 import numpy as np
@@ -72,3 +73,13 @@ def test_a_replay_that_disagrees_turns_graphs_off_and_no_token_is_lost():
     assert not backend.graphs and backend.step is None
     assert any("decoding without CUDA graphs" in str(w.message) for w in caught)
     assert any("differ from the model's" in str(w.message) for w in caught)
+
+
+def test_a_step_kept_after_its_batch_does_not_keep_the_batch_s_cache():
+    model = testing.tiny_model("mha", "rope", max_seq_len=24)
+    backend = TorchBackend(model, graphs=True)
+    backend.capture_after = 0
+    _decode(backend)  # the batch and its cache are gone when it returns
+    gc.collect()
+    assert backend.step is not None
+    assert all(ref() is None for ref in backend.step.cache_refs)
