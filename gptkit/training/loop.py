@@ -703,7 +703,9 @@ class SpecTrainer:
             f"step {step}: non-finite loss or gradient ({loss}, {grad_norm}); step skipped"
         )
         if state.bad_in_a_row >= self.spec.train.max_bad_steps:
-            state.step = step  # read later than taken: the steps after it were not applied
+            # Read after later steps were taken: the run stops, as recorded, where the limit
+            # was reached (nothing after it is written; its last checkpoint is older still).
+            state.step = step
             raise TrainingError(
                 f"training stopped at step {step}: {state.bad_in_a_row} non-finite steps "
                 f"in a row; last good checkpoint: {self._latest_checkpoint()}",
