@@ -18,6 +18,9 @@ fi
 if [[ $what == bench || $what == all ]]; then
   $GPTKIT bench experiments/baby_gpt.yaml --set train.batch_size=64 --set train.device=cuda \
     --baseline --steps 20 --gen-tokens 256 --no-growth
+  echo "generation without CUDA graphs (GPTKIT_CUDA_GRAPHS=0):"
+  GPTKIT_CUDA_GRAPHS=0 $GPTKIT bench experiments/baby_gpt.yaml --set train.device=cuda \
+    --baseline --steps 3 --gen-tokens 256 --no-growth | grep -i -E "generat|tokens/s" || true
 fi
 if [[ $what == recipe || $what == all ]]; then
   recipe=(experiments/baby_gpt.yaml --set train.batch_size=64 --set model.dropout=0.2

@@ -4,6 +4,7 @@ every component supports it (and, on CUDA, each decode step replayed from a CUDA
 
 from __future__ import annotations
 
+import os
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -41,7 +42,9 @@ class TorchBackend:
         self.device = torch.device(device)
         self.max_seq_len = model.spec.max_seq_len
         self.static = model.static_cache if static is None else static and model.static_cache
-        self.graphs = self.static and (self.device.type == "cuda" if graphs is None else graphs)
+        if graphs is None:  # on CUDA, unless GPTKIT_CUDA_GRAPHS=0 turns them off
+            graphs = self.device.type == "cuda" and os.environ.get("GPTKIT_CUDA_GRAPHS") != "0"
+        self.graphs = self.static and graphs
         self.step: GraphedStep | None = None  # the decode step for the current cache buffers
         self._seen: tuple[list[weakref.ref], int] = ([], 0)  # buffers, steps they served
 

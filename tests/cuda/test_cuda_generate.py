@@ -29,3 +29,11 @@ def test_graphed_decode_steps_match_the_model_run_step_by_step(attention, positi
     assert graphed.backend.step is not None and graphed.backend.step.graph is not None
     for x, y in zip(graphed.logits, eager.logits):
         assert abs(x - y).max() < 1e-3
+
+
+def test_gptkit_cuda_graphs_0_turns_graphs_off(monkeypatch):
+    model = testing.tiny_model("mha", "learned", max_seq_len=24).cuda()
+    assert TorchBackend(model, "cuda").graphs
+    monkeypatch.setenv("GPTKIT_CUDA_GRAPHS", "0")
+    assert not TorchBackend(model, "cuda").graphs
+    assert TorchBackend(model, "cuda", graphs=True).graphs  # asked for by name
