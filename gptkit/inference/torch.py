@@ -105,8 +105,7 @@ class TorchBackend:
         and leave often in a server, each time with new buffers, and a capture costs a
         synchronisation, warm-up steps and the capture itself."""
         seen, count = self._seen
-        same = len(seen) == len(past.buffers) and all(r() is b for r, b in zip(seen, past.buffers))
-        if not same:
+        if not _same_buffers(seen, past):
             seen, count = [weakref.ref(b) for b in past.buffers], 0
         self._seen = (seen, count + 1)
         return count + 1 > self.capture_after
@@ -188,9 +187,7 @@ class GraphedStep:
             self._capture()
 
     def serves(self, cache: StaticCache) -> bool:
-        return len(cache.buffers) == len(self.cache_refs) and all(
-            a is r() for a, r in zip(cache.buffers, self.cache_refs)
-        )
+        return _same_buffers(self.cache_refs, cache)
 
     def run(self) -> torch.Tensor:
         """The step itself: the model over every slot, the new keys and values written in."""
@@ -282,6 +279,11 @@ class GraphedStep:
             raise GraphError(f"the replayed step's logits differ from the model's by {err:.3g}")
         cache.length += 1
         return logits
+
+
+def _same_buffers(refs: list[weakref.ref], cache: StaticCache) -> bool:
+    """Are ``cache``'s buffers the (live) tensors ``refs`` point to?"""
+    return len(refs) == len(cache.buffers) and all(r() is b for r, b in zip(refs, cache.buffers))
 
 
 def _flat(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:

@@ -61,12 +61,7 @@ class Progress:
         eta = (self.total - step) * tokens / max(self._tps, 1e-9)
         info = f"loss {loss:.4f} | lr {lr:.2e} | {self._tps:,.0f} tok/s | eta {format_eta(eta)}"
         if self._bar is not None:
-            # Drawn at least every 0.1 s of training from here, not only by rich's refresh
-            # thread, which a busy machine can starve for a whole logging interval.
-            now = time.monotonic()
-            redraw = now - self._drawn >= 0.1
-            self._drawn = now if redraw else self._drawn
-            self._bar.update(self._task, completed=step, info=info, refresh=redraw)
+            self._bar.update(self._task, completed=step, info=info, refresh=self._redraw_due())
         elif plain_line and not self.quiet:
             print(f"step {step:>6}/{self.total} | {info}", flush=True)
 
@@ -74,10 +69,15 @@ class Progress:
         """A step taken whose loss is not read yet (on a GPU, until a log step): the bar's
         count moves on; loss, rate and ETA are shown when it is read."""
         if self._bar is not None:
-            now = time.monotonic()
-            redraw = now - self._drawn >= 0.1
-            self._drawn = now if redraw else self._drawn
-            self._bar.update(self._task, completed=step, refresh=redraw)
+            self._bar.update(self._task, completed=step, refresh=self._redraw_due())
+
+    def _redraw_due(self) -> bool:
+        """Draw at least every 0.1 s of training from here, not only by rich's refresh
+        thread, which a busy machine can starve for a whole logging interval."""
+        now = time.monotonic()
+        due = now - self._drawn >= 0.1
+        self._drawn = now if due else self._drawn
+        return due
 
     def print(self, text: str) -> None:
         """A line for the scrollback, above the bar."""
