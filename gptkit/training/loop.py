@@ -16,8 +16,9 @@ import math
 import signal
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +46,8 @@ from gptkit.training.resume import fingerprint, run_to_resume, spec_diff
 from gptkit.training.state import TrainState
 
 EVAL_SEED_OFFSET = 1_000_003
+# Where a run's wall time goes besides its training steps (the "done" line's breakdown).
+PHASES = ("evaluation", "samples", "checkpoints")
 
 
 class TrainingError(GptkitError):
@@ -74,6 +77,9 @@ class TrainResult:
     spooled_events: int
     mlflow_url: str | None = None
     stop_reason: str = "max_steps"  # max_steps | early_stop | interrupted | failed
+    # Seconds of ``elapsed`` spent outside the training steps: "evaluation", "samples" and
+    # "checkpoints" (the part the loop waited for; a background write is not counted).
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def lr_at(step: int, train: Any) -> float:
@@ -176,6 +182,8 @@ class SpecTrainer:
         # Checkpoints beside training; the host copy of the weights is built on the CPU.
         self.writer = CheckpointWriter(self._write_failed, lambda m: GPT(m.spec))
         self.idle = False
+        self.phase_seconds = dict.fromkeys(PHASES, 0.0)
+        self._timing = False  # inside a block counted by _timed
         self.changes: list[tuple[str, Any, Any]] = []
 
     @property
@@ -465,6 +473,7 @@ class SpecTrainer:
             t.max_steps, self.state.step, self.show_progress, quiet=not self.dist.main
         )
         self.record = RunRecord.start(self) if self.dist.main and not self.idle else None
+        self.phase_seconds = dict.fromkeys(PHASES, 0.0)
         self._started = time.time()  # training time counts from here
         self._announce()
         previous_handlers = self._install_signals()
@@ -506,7 +515,8 @@ class SpecTrainer:
         except BaseException:
             self._read_what_is_left()
             raise
-        self.writer.wait()  # the last checkpoint is on disk before the run is recorded
+        with self._timed("checkpoints"):
+            self.writer.wait()  # the last checkpoint is on disk before the run is recorded
         if state.bad_in_a_row:
             self._checkpoint()  # the weights are the last good ones; keep the step counters
             raise TrainingError(
@@ -735,7 +745,8 @@ class SpecTrainer:
 
     def _evaluate(self) -> None:
         state, spec = self.state, self.spec
-        state.last_val = evaluate(self.model, self.data.val, spec, self.device, self._autocast)
+        with self._timed("evaluation"):
+            state.last_val = evaluate(self.model, self.data.val, spec, self.device, self._autocast)
         self._count_patience(state.last_val)
         state.best_val = (
             state.last_val if state.best_val is None else min(state.best_val, state.last_val)
@@ -757,21 +768,45 @@ class SpecTrainer:
                 self.progress.print(f"step {state.step}: pruned by the search (not promising)")
         # A sharded model runs only with every rank taking part.
         if spec.train.sample_tokens and (self.dist.main or self.fsdp):
-            text = progress_sample(
-                self.model,
-                self.data.tokenizer,
-                spec.sampler,
-                spec.train.sample_tokens,
-                seed=spec.seed + state.step,
-            )
-            self.progress.print(f"  sample: {one_line(text)}")
-            if self.dist.main:
-                self.rundir.append_sample(state.step, text)
+            with self._timed("samples"):
+                self._sample()
+
+    def _sample(self) -> None:
+        """The in-run sample after an evaluation: printed and kept in the run folder."""
+        spec, step = self.spec, self.state.step
+        text = progress_sample(
+            self.model,
+            self.data.tokenizer,
+            spec.sampler,
+            spec.train.sample_tokens,
+            spec.seed + step,
+        )
+        self.progress.print(f"  sample: {one_line(text)}")
+        if self.dist.main:
+            self.rundir.append_sample(step, text)
+
+    @contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        """Count the wall time of the block as ``phase`` (for the run's "done" line); a
+        block inside another counted block is not counted twice."""
+        if self._timing:
+            yield
+            return
+        self._timing, start = True, time.perf_counter()
+        try:
+            yield
+        finally:
+            self._timing = False
+            self.phase_seconds[phase] += time.perf_counter() - start
 
     def _checkpoint(self, wait: bool = True) -> Path | None:
         """Save weights + state atomically (rank 0 writes; every rank's RNG is kept). With
         ``wait=False`` the files are written in the background (``self.writer``) while
         training goes on; the path is then not returned."""
+        with self._timed("checkpoints"):
+            return self._save_checkpoint(wait)
+
+    def _save_checkpoint(self, wait: bool) -> Path | None:
         state, d = self.state, self.dist
         state.torch_rng_per_rank = d.gather(torch.get_rng_state())  # each rank's dropout stream
         state.data_rng = self.data_gen.get_state()
@@ -808,7 +843,8 @@ class SpecTrainer:
         """A checkpoint write still in flight when the loop ended by an error completes first;
         its own failure is only reported (the error that ended the loop is the one raised)."""
         try:
-            self.writer.wait()
+            with self._timed("checkpoints"):
+                self.writer.wait()
         except Exception as exc:
             print(f"gptkit: warning: {exc}", file=sys.stderr)
 
@@ -903,4 +939,5 @@ class SpecTrainer:
             spooled,
             self.record.url if self.record is not None else None,
             self.stop_reason("FINISHED"),
+            dict(self.phase_seconds),
         )

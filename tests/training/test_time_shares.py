@@ -1,0 +1,52 @@
+"""A run's "done" line says where its time went besides the training steps: evaluation, the
+in-run samples, and the checkpoint writes the loop waited for."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from gptkit.cli.train import _train_report
+from gptkit.spec.files import load_spec
+from gptkit.training import loop
+from gptkit.training.loop import SpecTrainer
+from tests.conftest import ROOT
+
+SMOKE = ROOT / "experiments" / "smoke.yaml"
+BASE = ["train.max_steps=6", "train.eval_every=3", "tracking.enabled=false"]
+
+
+def _run(tmp_path, *overrides):
+    spec = load_spec(SMOKE, [*BASE, *overrides])
+    return SpecTrainer(spec, run_dir=tmp_path / "run", progress=False).run()
+
+
+def test_each_phase_is_counted_where_it_happens(tmp_path, monkeypatch):
+    real = loop.progress_sample
+
+    def slow_sample(*args, **kwargs):
+        time.sleep(0.2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "progress_sample", slow_sample)
+    result = _run(tmp_path, "train.sample_tokens=4")
+    phases = result.phases
+    assert set(phases) == {"evaluation", "samples", "checkpoints"}
+    assert phases["samples"] >= 0.4  # two evaluations, each followed by a sample
+    assert phases["evaluation"] > 0 and phases["checkpoints"] > 0
+    assert phases["evaluation"] < 0.4  # the samples' sleep is not counted as evaluation
+    assert sum(phases.values()) < result.elapsed
+
+    line = _train_report(result).splitlines()[0]
+    shares = re.search(r"in ([\d.]+)s \(steps ([\d.]+)s, (.*)\), val loss", line)
+    assert shares, line
+    assert "samples " in shares[3]
+    named = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+)s", shares[3])}
+    # The parts add up to the whole (each is rounded to a tenth).
+    assert abs(float(shares[2]) + sum(named.values()) - float(shares[1])) <= 0.05 * (len(named) + 2)
+
+
+def test_no_samples_no_sample_time(tmp_path):
+    result = _run(tmp_path, "train.sample_tokens=0")
+    assert result.phases["samples"] == 0.0
+    assert "samples" not in _train_report(result).splitlines()[0]
