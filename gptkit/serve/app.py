@@ -20,6 +20,7 @@ size and time, header time, prompt length, ``max_tokens``, number of choices, an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -89,6 +90,10 @@ def create_app(bundle: Inference, limits: Limits | None = None, name: str | None
         """Liveness, and how many requests are admitted (decoding or waiting)."""
         return service.health()
 
+    @app.head("/health", include_in_schema=False)
+    async def health_head() -> dict[str, Any]:  # a load balancer's check (no body is sent)
+        return service.health()
+
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> dict[str, Any]:
         """The one model this server serves."""
@@ -147,13 +152,22 @@ def _param(loc: tuple[Any, ...]) -> str | None:
     return out or None
 
 
+def _most_specific(errors: Sequence[Any]) -> Any:
+    """The error to report: the first field at fault, and of the errors pydantic gives for
+    it (one per branch of a union) the one that went deepest: for chat content
+    ``[{"type": "text", "text": 5}]`` the text part's, not "content should be a string"."""
+    field = tuple(errors[0]["loc"][:2])
+    same = [e for e in errors if tuple(e["loc"][:2]) == field]
+    return max(same, key=lambda e: len(e["loc"]))
+
+
 async def _invalid(request: Request, exc: Exception) -> JSONResponse:
     """A body that does not parse or fit the schema: 400 naming the first parameter at fault."""
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     if not errors:
         return error_response(400, "invalid request")
-    first = errors[0]
+    first = _most_specific(errors)
     if first["type"] == "json_invalid":
         where = first["loc"][1] if len(first["loc"]) > 1 else "?"
         detail = (first.get("ctx") or {}).get("error", "")

@@ -46,6 +46,8 @@ class TextRender:
         self.echo = echo_prompts
         self.decode = decode or (lambda ids: "")  # token text, for log-probabilities
         self.offsets: dict[int, int] = {}  # a streamed choice's text so far (text_offset)
+        # stream_options.include_usage: every chunk but the last says "usage": null (OpenAI's).
+        self.null_usage = False
         # With echo and logprobs: each choice's prompt ids and their log-probabilities.
         self.prompt_logprobs: list[tuple[list[int], list[TokenLogprob]]] | None = None
 
@@ -119,7 +121,8 @@ class TextRender:
         choice = {"index": index, **self.delta(index, text)}
         rendered = None if not logprobs else self.logprobs(index, logprobs)
         choice.update(logprobs=rendered, finish_reason=finish)
-        return sse(self.envelope(cid, created, self.chunk_object, [choice]))
+        extra = {"usage": None} if self.null_usage else {}
+        return sse(self.envelope(cid, created, self.chunk_object, [choice], **extra))
 
     def usage_chunk(self, cid: str, created: int, usage: dict[str, int]) -> str:
         return sse(self.envelope(cid, created, self.chunk_object, [], usage=usage))

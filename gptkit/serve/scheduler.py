@@ -19,7 +19,8 @@ from gptkit.inference.decoding import DecodeBatch, Processing, Row, TokenLogprob
 @dataclass
 class Job:
     """One request's rows, and the way back to its handler (an asyncio queue of events:
-    ("text", row, piece), ("done", completions), ("error", message))."""
+    ("text", row, piece, logprobs), ("finish", row, reason) when a streamed row ends before the
+    request's others, ("done", completions), ("error", message))."""
 
     ids: list[list[int]]
     sampler: Any
@@ -33,6 +34,7 @@ class Job:
     processing: Processing | None = None  # penalties, bias, log-probabilities
     sent: dict[int, int] = field(default_factory=dict)  # row -> log-probabilities streamed
     streamed: bool = False  # has any of its text been handed over yet
+    finished: set[int] = field(default_factory=set)  # rows whose "finish" was sent
 
 
 def _new_logprobs(job: Job, i: int) -> list[TokenLogprob]:
@@ -136,7 +138,7 @@ class Scheduler:
             )
 
     def _emit(self, job: Job, *event: Any) -> None:
-        if event[0] != "text" or not job.streamed:
+        if event[0] not in ("text", "finish") or not job.streamed:
             self.urgent = True
             self.first_text = self.first_text or (event[0] == "text" and job.stream)
             job.streamed = True
@@ -196,5 +198,15 @@ class Scheduler:
                 if not job.cancelled.is_set():
                     self._emit(job, "done", [r.completion() for r in job.rows])
             else:
+                if job.stream and len(job.rows) > 1:
+                    self._finished_rows(job)
                 still.append(job)
         self.running = still
+
+    def _finished_rows(self, job: Job) -> None:
+        """A streamed request's rows that ended while others go on: each one's end is sent
+        now (with its stream's next hand-over), not when the last ends."""
+        for i, row in enumerate(job.rows):
+            if row.done and i not in job.finished:
+                job.finished.add(i)
+                self._emit(job, "finish", i, row.finish)

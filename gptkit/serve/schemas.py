@@ -7,7 +7,16 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 
 @dataclass
@@ -33,6 +42,37 @@ def _integral(value: Any) -> Any:
 
 
 Int = Annotated[int, BeforeValidator(_integral)]  # an int field of a request
+# A seed: any 64-bit integer, as OpenAI's and vLLM's; a negative one is taken modulo 2**64 (the
+# random generators take non-negative seeds; -1 and 2**64 - 1 are the same seed).
+Seed = Annotated[
+    int,
+    BeforeValidator(_integral),
+    Field(ge=-(2**63), le=2**64 - 1),
+    AfterValidator(lambda seed: seed % 2**64),
+]
+
+
+def _prompt_shape(value: Any) -> Any:
+    """A completions prompt of one of OpenAI's four shapes, or one clear error (pydantic's
+    own names only the first shape it tried: ``[5, true]`` was "should be a valid string")."""
+    if isinstance(value, str) or value == []:  # an empty list: refused later, by name
+        return value
+    if isinstance(value, list):
+        if all(isinstance(v, str) for v in value) or all(_token_ids(v) for v in value):
+            return value
+        if _token_ids(value):
+            return value
+    raise PydanticCustomError(
+        "prompt_shape",
+        "give a string, a list of strings, a list of token ids (integers) or a list of "
+        "token-id lists",
+    )
+
+
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(type(t) is int for t in value)
+
+
 DEFAULT_MAX_TOKENS = 16  # OpenAI's, when a request gives none (or null)
 
 
@@ -70,6 +110,17 @@ class SharedFields(Strict):
         None, description='Only {"type": "text"} is supported.'
     )
     user: str | None = Field(None, description="Accepted as metadata; not used.")
+    top_k: Int | None = Field(
+        None, ge=1, le=100_000, description="Sample from the k likeliest tokens (vLLM's field)."
+    )
+
+    @field_validator("n", "stream", "echo", mode="before", check_fields=False)
+    @classmethod
+    def _null_is_unset(cls, value: Any, info: ValidationInfo) -> Any:
+        """``null`` for a field with a default is that default, as OpenAI takes it."""
+        if value is None and info.field_name is not None:
+            return cls.model_fields[info.field_name].default
+        return value
 
     def refused(self) -> str | None:
         """The first field set that gptkit would have to ignore, or None."""
@@ -90,7 +141,9 @@ class CompletionRequest(SharedFields):
     change the answer are refused with 400, never silently ignored)."""
 
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: Annotated[
+        str | list[str] | list[int] | list[list[int]], BeforeValidator(_prompt_shape)
+    ] = Field(
         ..., description="A prompt, a list of prompts, token ids, or a list of token-id lists."
     )
     max_tokens: Int | None = Field(
@@ -98,9 +151,8 @@ class CompletionRequest(SharedFields):
     )
     temperature: float | None = Field(None, ge=0, le=10, description="0 means greedy.")
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: Int | None = Field(None, ge=1, le=100_000)
     stop: str | list[str] | None = None
-    seed: Int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: Seed | None = None
     n: Int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -122,11 +174,31 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(Strict):
+    """A message. The fields of an assistant message that OpenAI's client sends back as it
+    received them (``message.model_dump()``) are taken at their neutral values; any other
+    value is refused by name (``refused``)."""
+
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[ContentPart]
+    content: str | Annotated[list[ContentPart], Field(min_length=1)] | None = Field(
+        ..., description="Text, or text parts; null only in an assistant message."
+    )
     name: str | None = Field(
         None, max_length=64, description="The author's name, given to the chat template."
     )
+    refusal: str | None = Field(None, description="Not supported (null only).")
+    annotations: list[Any] | None = Field(None, description="Not supported (null or []).")
+    audio: Any = Field(None, description="Not supported (null only).")
+    function_call: Any = Field(None, description="Not supported (null only).")
+    tool_calls: list[Any] | None = Field(None, description="Not supported (null or []).")
+
+    def refused(self) -> str | None:
+        """The first field set to what gptkit would have to ignore, or None."""
+        if self.content is None and self.role != "assistant":
+            return "content"
+        for name in ("refusal", "annotations", "audio", "function_call", "tool_calls"):
+            if getattr(self, name) not in (None, []):
+                return name
+        return None
 
 
 class ChatRequest(SharedFields):
@@ -137,7 +209,7 @@ class ChatRequest(SharedFields):
     temperature: float | None = Field(None, ge=0, le=10)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: Int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: Seed | None = None
     n: Int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -173,7 +173,7 @@ class CompletionService:
                 "max_tokens and max_completion_tokens differ; give one",
                 param="max_completion_tokens",
             )
-        max_tokens = given.pop() if given else DEFAULT_MAX_TOKENS
+        max_tokens = given.pop() if given else None  # None: to the end of the context
         messages = _chat_messages(req)
         if isinstance(messages, JSONResponse):
             return messages
@@ -196,7 +196,7 @@ class CompletionService:
                 400, f"messages: the chat template failed: {exc}", param="messages"
             )
         named = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
-        problem = self.check(None, stops, max_tokens, req.n, [prompt], named)
+        problem = self.check(None, stops, max_tokens or 0, req.n, [prompt], named)
         if problem is not None:
             return problem
         processing = self.processing(req, (req.top_logprobs or 0) if req.logprobs else None)
@@ -205,6 +205,7 @@ class CompletionService:
         options = GenerationOptions(
             max_new_tokens=max_tokens,
             temperature=req.temperature,
+            top_k=req.top_k,
             top_p=req.top_p,
             stop=stops,
             seed=req.seed,
@@ -336,7 +337,7 @@ class CompletionService:
         bundle = self.bundle
         try:
             sampler = self.sampler_for(options)
-            max_new = max_new_for(sampler, options.max_new_tokens)
+            max_new = max_new_for(sampler, options.max_new_tokens or 0)
         except GptkitError as exc:
             return error_response(400, exc.message, param=getattr(exc, "param", None))
         encoder = DecodeBatch(bundle.backend, bundle.tokenizer)
@@ -347,6 +348,9 @@ class CompletionService:
             ]
         except GptkitError as exc:  # too long for the context, or characters it never saw
             return error_response(400, exc.message, param=prompt_param)
+        if options.max_new_tokens is None:  # chat with no limit: the rest of the context
+            room = encoder.limit - max(len(r) for r in ids)
+            max_new = min(self.limits.max_tokens, max(1, room))
         rows = [r for r in ids for _ in range(n)]
         if not self.admit():
             return error_response(
@@ -358,6 +362,7 @@ class CompletionService:
         self.scheduler.submit(job)
         merge = self.limits.stream_interval_s > 0
         # Each prompt's tokens count once, however many choices (n) continue it.
+        render.null_usage = include_usage
         answer = _Answer(render, sum(len(r) for r in ids), include_usage, merge)
         done = Once(lambda: (job.cancelled.set(), self.release()))
         if not stream:
@@ -427,7 +432,15 @@ def _chat_messages(req: ChatRequest) -> list[dict[str, str]] | JSONResponse:
     it has one (the template decides what it shows)."""
     out = []
     for i, message in enumerate(req.messages):
-        content = message.content
+        if (field := message.refused()) is not None:
+            where = f"messages[{i}].{field}"
+            problem = (
+                "a message needs its content"
+                if field == "content"
+                else "not supported by gptkit's server (null only; refused, not ignored)"
+            )
+            return error_response(400, f"{where}: {problem}", param=where)
+        content = message.content if message.content is not None else ""
         if not isinstance(content, str):
             for j, part in enumerate(content):
                 where = f"messages[{i}].content[{j}]"
@@ -472,6 +485,7 @@ class _Answer:
     ) -> None:
         self.render, self.prompt_tokens, self.include_usage = render, prompt_tokens, include_usage
         self.merge = merge  # one chunk per choice per hand-over (else one per decoded piece)
+        self.finished: set[int] = set()  # streamed choices whose finish chunk went out
         self.created, self.cid = int(time.time()), f"{render.id_prefix}-{_IDS.getrandbits(96):024x}"
 
     def usage(self, out: list[Completion]) -> dict[str, int]:
@@ -498,9 +512,15 @@ class _Answer:
                 continue
             out += self._merged(texts, logprobs)
             texts, logprobs = {}, {}
+            if kind == "finish":  # one choice is done before the others: it says so now
+                out.append(render.chunk(cid, created, rest[0], "", finish_reason(rest[1])))
+                self.finished.add(rest[0])
+                continue
             if kind == "done":
                 for i, c in enumerate(rest[0]):
-                    out.append(render.chunk(cid, created, i, "", finish_reason(c.finish_reason)))
+                    if i not in self.finished:
+                        reason = finish_reason(c.finish_reason)
+                        out.append(render.chunk(cid, created, i, "", reason))
                 if self.include_usage:
                     out.append(render.usage_chunk(cid, created, self.usage(rest[0])))
                 out.append("data: [DONE]\n\n")

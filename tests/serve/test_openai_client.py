@@ -401,3 +401,94 @@ def test_models_list_and_retrieve(client):
     with pytest.raises(openai.NotFoundError) as caught:
         client.models.retrieve("org/other-model")
     assert caught.value.body["param"] == "model" and caught.value.body["code"] == "model_not_found"
+
+
+def test_what_openai_clients_send_back_is_taken(client, bundle_url, chat_run):
+    """Nulls for fields with defaults, an assistant message as the client returned it
+    (``model_dump()``), any 64-bit seed, ``top_k`` in chat, and chat with no token limit going
+    on to the end of the context (OpenAI's chat has no 16-token default)."""
+    from gptkit import load
+
+    url = bundle_url + "/v1/completions"
+    base = {"prompt": "ROMEO:", "seed": 3, "max_tokens": 4}
+    plain = httpx.post(url, json=base, timeout=30).json()
+    nulls = httpx.post(url, json={**base, "n": None, "stream": None, "echo": None}, timeout=30)
+    assert nulls.status_code == 200 and nulls.json()["choices"] == plain["choices"]
+
+    user = {"role": "user", "content": "R"}  # the context is 32 characters, template included
+    first = client.chat.completions.create(model="chatty", messages=[user], max_tokens=1, seed=1)
+    again = [user, first.choices[0].message.model_dump()]  # refusal, tool_calls... None
+    assert client.chat.completions.create(model="chatty", messages=again, max_tokens=2).choices
+    silent = [user, {"role": "assistant", "content": None}]
+    assert client.chat.completions.create(model="chatty", messages=silent, max_tokens=2).choices
+    for messages, param in (
+        ([user, {"role": "assistant", "content": None, "refusal": "no"}], "messages[1].refusal"),
+        ([{"role": "user", "content": None}], "messages[0].content"),
+        ([{"role": "user", "content": []}], "messages[0].content"),
+        ([{"role": "user", "content": [{"type": "text", "text": 5}]}],
+         "messages[0].content[0].text"),
+    ):  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="chatty", messages=messages, max_tokens=2)
+        assert info.value.body["param"] == param, messages
+
+    def text(seed):
+        return (
+            client.completions.create(model="chatty", prompt="KING", max_tokens=6, seed=seed)
+            .choices[0]
+            .text
+        )
+
+    assert text(-1) == text(2**64 - 1) == text(-1)
+    assert text(-(2**63)) == text(2**63)
+    with pytest.raises(openai.BadRequestError) as info:
+        text(-(2**63) - 1)
+    assert info.value.body["param"] == "seed"
+
+    def chat(**extra):
+        return client.chat.completions.create(model="chatty", messages=[user], **extra)
+
+    greedy = chat(max_tokens=5, temperature=0).choices[0].message.content
+    for seed in (1, 2):
+        top1 = chat(max_tokens=5, seed=seed, extra_body={"top_k": 1})
+        assert top1.choices[0].message.content == greedy
+
+    eot = load(chat_run["bundle"]).tokenizer.eot_id
+    open_ended = chat(seed=2, logit_bias={str(eot): -100})  # the context is 32 tokens
+    assert open_ended.choices[0].finish_reason == "length"
+    assert open_ended.usage.completion_tokens == 32 - open_ended.usage.prompt_tokens  # not 16
+
+    r = httpx.post(url, json={"prompt": [5, True]}, timeout=30).json()["error"]
+    assert r["param"] == "prompt" and "list of token ids" in r["message"]
+    assert httpx.head(bundle_url + "/health", timeout=30).status_code == 200
+
+
+def test_a_streamed_choice_that_ends_first_says_so_when_it_ends(client):
+    """With n > 1, each choice's finish chunk comes when that choice ends, before the text the
+    others write afterwards (it came after all of it); with include_usage every chunk but the
+    last says ``"usage": null``."""
+    base = {"model": "chatty", "prompt": "ab", "max_tokens": 30, "n": 2}
+    checked = 0
+    for seed in range(30):
+        free = client.completions.create(seed=seed, **base).choices
+        early, late = free[1].text, free[0].text
+        stop = next((c for c in early[1:4] if c.strip() and c not in late[:12]), None)
+        if stop is None or len(late) < 12:
+            continue
+        chunks = list(
+            client.completions.create(
+                seed=seed, stop=stop, stream=True, stream_options={"include_usage": True}, **base
+            )
+        )
+        ends = [i for i, c in enumerate(chunks) if c.choices and c.choices[0].finish_reason]
+        by_index = {chunks[i].choices[0].index: i for i in ends}
+        assert sorted(by_index) == [0, 1] and len(ends) == 2
+        assert chunks[by_index[1]].choices[0].finish_reason == "stop"
+        later = [c.choices[0].text for c in chunks[by_index[1] + 1 :] if c.choices]
+        assert "".join(later), "choice 0's later text comes after choice 1's end"
+        assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].usage is not None
+        assert all("usage" in c.model_extra or "usage" in c.model_fields_set for c in chunks)
+        checked += 1
+        if checked == 3:
+            break
+    assert checked >= 1
