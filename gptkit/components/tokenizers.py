@@ -6,6 +6,7 @@ A tokenizer is fitted on the training text, then saved in a folder as ``tokenize
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -58,6 +59,12 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
+
+    def token_bytes(self, token: int) -> bytes:
+        """The UTF-8 bytes one token stands for: a byte-level token's own bytes, which may be
+        part of a character (OpenAI's log-probabilities show them). By default the token's
+        decoded text, encoded."""
+        return self.decode([token]).encode("utf-8")
 
     def state(self) -> dict[str, Any]:
         """JSON-able fitted state (the vocabulary)."""
@@ -238,6 +245,9 @@ class ByteTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
+    def token_bytes(self, token: int) -> bytes:
+        return bytes([token]) if 0 <= token < 256 else b""
+
 
 class ByteTokenizerSpec(TokenizerSpec):
     """UTF-8 bytes: a fixed vocabulary of 257 that never meets an unknown character."""
@@ -265,6 +275,18 @@ def _require(module: str, kind: str):
         ) from None
 
 
+@functools.cache
+def _unicode_to_byte() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, read backwards: the printable character that stands for
+    each byte in a byte-level BPE vocabulary -> that byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars, extra = {b: b for b in printable}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b], extra = 256 + extra, extra + 1
+    return {chr(c): b for b, c in chars.items()}
+
+
 class HFTokenizer(Tokenizer):
     """A Hugging Face ``tokenizers`` tokenizer kept in ``tokenizer.json``."""
 
@@ -290,6 +312,18 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=True)
+
+    def token_bytes(self, token: int) -> bytes:
+        """A byte-level (GPT-2 style) token's bytes, from its characters (each stands for
+        one byte); another kind's decoded text."""
+        piece = self.hf.id_to_token(token)
+        byte_level = type(self.hf.decoder).__name__ == "ByteLevel"
+        if token == self.eot_id or piece is None or not byte_level:
+            return super().token_bytes(token)
+        table = _unicode_to_byte()
+        if not all(c in table for c in piece):  # an added token, written as itself
+            return super().token_bytes(token)
+        return bytes(table[c] for c in piece)
 
     def state(self) -> dict[str, Any]:
         return {"file": self.FILE, "eot": self.hf.id_to_token(self.eot_id)}
@@ -399,6 +433,11 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([i for i in ids if i != self.eot_id])
+
+    def token_bytes(self, token: int) -> bytes:
+        if 0 <= token < self.vocab_size and self.sp.is_byte(token):  # byte fallback: <0xC3>
+            return bytes([int(self.sp.id_to_piece(token)[3:5], 16)])
+        return super().token_bytes(token)
 
     def state(self) -> dict[str, Any]:
         return {"file": self.FILE}

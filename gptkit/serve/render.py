@@ -4,7 +4,7 @@ server-sent event chunks, and chat prompts rendered from messages by the tokeniz
 
 from __future__ import annotations
 
-import itertools
+import codecs
 import json
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +20,15 @@ def sse(doc: dict[str, Any]) -> str:
 def finish_reason(reason: str) -> str:
     """gptkit's finish reason in OpenAI's words (an end-of-text token is a stop)."""
     return "stop" if reason in ("stop", "eot") else "length"
+
+
+def token_text(piece: bytes) -> str:
+    """A token's text in log-probabilities: its bytes as text, or, for bytes that are part of
+    a character, OpenAI's ``bytes:\\xe2\\x82`` (the ``bytes`` fields hold them exactly)."""
+    try:
+        return piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in piece)
 
 
 def render_chat(template: str, messages: list[dict[str, str]]) -> str:
@@ -40,12 +49,14 @@ class TextRender:
         self,
         model_name: str,
         echo_prompts: list[str] | None = None,
-        decode: Callable[[list[int]], str] | None = None,
+        token_bytes: Callable[[int], bytes] | None = None,
     ) -> None:
         self.model_name = model_name
         self.echo = echo_prompts
-        self.decode = decode or (lambda ids: "")  # token text, for log-probabilities
+        self.token_bytes = token_bytes or (lambda token: b"")  # for log-probabilities
         self.offsets: dict[int, int] = {}  # a streamed choice's text so far (text_offset)
+        # Each choice's bytes so far, as characters: a character split over tokens counts once.
+        self.decoders: dict[int, codecs.IncrementalDecoder] = {}
         # stream_options.include_usage: every chunk but the last says "usage": null (OpenAI's).
         self.null_usage = False
         # With echo and logprobs: each choice's prompt ids and their log-probabilities.
@@ -54,27 +65,32 @@ class TextRender:
     def logprobs(self, index: int, tokens: list[TokenLogprob]) -> dict[str, Any]:
         """OpenAI's completions ``logprobs``: token texts, their log-probabilities, the top
         alternatives and each token's offset in the choice's text."""
-        start = self.offsets.get(index, len(self.echo[index]) if self.echo else 0)
+        at = self.offsets.get(index, len(self.echo[index]) if self.echo else 0)
         entries: list[tuple[int, TokenLogprob | None]] = [(t.token, t) for t in tokens]
-        if self.prompt_logprobs is not None:  # echo: the prompt's tokens first
+        if self.prompt_logprobs is not None and index not in self.offsets:  # echo: prompt first
             ids, known = self.prompt_logprobs[index]
             entries = [(ids[0], None), *((t.token, t) for t in known), *entries]
-            start = 0
-        texts = [self.decode([token]) for token, _ in entries]
-        offsets = list(itertools.accumulate((len(t) for t in texts), initial=start))
-        self.offsets[index] = offsets[-1]
+            at = 0
+        decoder = self.decoders.setdefault(index, codecs.getincrementaldecoder("utf-8")("replace"))
+        texts, offsets = [], []
+        for token, _ in entries:
+            piece = self.token_bytes(token)
+            texts.append(token_text(piece))
+            offsets.append(at)  # where the token's first whole character is in the text
+            at += len(decoder.decode(piece))
+        self.offsets[index] = at
         return {
             "tokens": texts,
             "token_logprobs": [None if t is None else t.logprob for _, t in entries],
             "top_logprobs": [None if t is None else self.alternatives(t) for _, t in entries],
-            "text_offset": offsets[:-1],
+            "text_offset": offsets,
         }
 
     def alternatives(self, t: TokenLogprob) -> dict[str, float]:
         """A token's top alternatives by text, the sampled token always among them (as OpenAI's
         completions do: up to ``logprobs`` + 1 entries)."""
-        top = {self.decode([j]): lp for j, lp in t.top}
-        top.setdefault(self.decode([t.token]), t.logprob)
+        top = {token_text(self.token_bytes(j)): lp for j, lp in t.top}
+        top.setdefault(token_text(self.token_bytes(t.token)), t.logprob)
         return top
 
     def envelope(
@@ -146,8 +162,8 @@ class ChatRender(TextRender):
         alternatives."""
 
         def entry(token: int, logprob: float) -> dict[str, Any]:
-            text = self.decode([token])
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+            piece = self.token_bytes(token)
+            return {"token": token_text(piece), "logprob": logprob, "bytes": list(piece)}
 
         return {
             "content": [

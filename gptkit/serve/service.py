@@ -65,6 +65,12 @@ class CompletionService:
         self.chat_template = getattr(bundle.tokenizer, "chat_template", None)
         self.templates = TemplateRenderer(limits.template_timeout_s, limits.max_prompt_chars)
         self.vocab = bundle.tokenizer.vocab_size  # a token-id prompt's ids are below this
+        # A token's bytes, for log-probabilities (a tokenizer plugin without the method: its
+        # decoded text).
+        tokenizer = bundle.tokenizer
+        self.token_bytes: Any = getattr(tokenizer, "token_bytes", None) or (
+            lambda token: tokenizer.decode([token]).encode("utf-8")
+        )
         self.active = 0  # admitted requests, decoding or waiting
         self._samplers: dict[str, Any] = {}  # sampler_for's, by the options' changes
         self._lock = threading.Lock()
@@ -148,7 +154,7 @@ class CompletionService:
         texts = [p if isinstance(p, str) else decode(list(p)) for p in prompts]
         echo = [t for t in texts for _ in range(req.n)] if req.echo else None
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        render = TextRender(self.model_name, echo, decode)
+        render = TextRender(self.model_name, echo, self.token_bytes)
         if req.echo and req.logprobs is not None:  # the prompt's own log-probabilities too
             scored = await self._prompt_logprobs(prompts, req.logprobs)
             if isinstance(scored, JSONResponse):
@@ -212,7 +218,7 @@ class CompletionService:
             **processing,
         )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        render = ChatRender(self.model_name, None, self.bundle.tokenizer.decode)
+        render = ChatRender(self.model_name, None, self.token_bytes)
         return await self.run(
             [prompt], req.n, options, req.stream, include_usage, render, "messages", receive
         )
