@@ -110,6 +110,9 @@ class SharedFields(Strict):
         None, description='Only {"type": "text"} is supported.'
     )
     user: str | None = Field(None, description="Accepted as metadata; not used.")
+    metadata: dict[str, str] | None = Field(None, description="Accepted; not used.")
+    store: bool | None = Field(None, description="Nothing is stored: only false (or unset).")
+    parallel_tool_calls: bool | None = Field(None, description="Not supported (tools are not).")
     top_k: Int | None = Field(
         None, ge=1, le=100_000, description="Sample from the k likeliest tokens (vLLM's field)."
     )
@@ -128,8 +131,12 @@ class SharedFields(Strict):
             "response_format": (None, {"type": "text"}),
             "suffix": (None, ""),
             "best_of": (None, 1),
+            "store": (None, False),
         }
-        unsupported = (*neutral, "tools", "tool_choice", "functions", "function_call")
+        unsupported = (
+            *neutral,
+            *("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls"),
+        )
         for name in unsupported:
             if getattr(self, name, None) not in neutral.get(name, (None,)):
                 return name

@@ -360,7 +360,11 @@ class CompletionService:
         rows = [r for r in ids for _ in range(n)]
         if not self.admit():
             return error_response(
-                429, "server busy; retry later", "rate_limit", headers={"Retry-After": "1"}
+                429,
+                "server busy; retry later",
+                "rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
             )
         loop = asyncio.get_running_loop()
         processing = Processing.from_options(options)

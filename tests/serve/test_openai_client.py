@@ -172,6 +172,8 @@ def test_chat_whole_streamed_content_parts_and_max_completion_tokens(client):
         ("chat", {"extra_body": {"stream": "yes"}}, "stream"),  # not coerced to true
         ("completions", {"extra_body": {"echo": 1}}, "echo"),
         ("chat", {"max_completion_tokens": 100_000}, "max_completion_tokens"),
+        ("chat", {"extra_body": {"store": True}}, "store"),  # nothing is stored
+        ("completions", {"extra_body": {"parallel_tool_calls": True}}, "parallel_tool_calls"),
     ],
 )
 def test_unsupported_fields_are_bad_requests_naming_them(client, endpoint, extra, param):
@@ -414,6 +416,8 @@ def test_what_openai_clients_send_back_is_taken(client, bundle_url, chat_run):
     plain = httpx.post(url, json=base, timeout=30).json()
     nulls = httpx.post(url, json={**base, "n": None, "stream": None, "echo": None}, timeout=30)
     assert nulls.status_code == 200 and nulls.json()["choices"] == plain["choices"]
+    neutral = {**base, "store": False, "metadata": {"team": "a"}, "parallel_tool_calls": None}
+    assert httpx.post(url, json=neutral, timeout=30).json()["choices"] == plain["choices"]
 
     user = {"role": "user", "content": "R"}  # the context is 32 characters, template included
     first = client.chat.completions.create(model="chatty", messages=[user], max_tokens=1, seed=1)

@@ -1410,3 +1410,21 @@ def test_a_stalled_event_loop_does_not_stall_decoding(bundle):
     assert events[-1][0] == "done"
     assert "".join(e[2] for e in events[:-1]) == events[-1][1][0].text
     assert 0.5 <= decoded_in < 30  # it waited for the first text's hand-over, once, bounded
+
+
+def test_a_full_server_answers_429_in_openais_shape(bundle):
+    """Beyond ``max_concurrent + max_queued`` a request is refused at once: 429 with
+    ``Retry-After``, type ``rate_limit_error`` and code ``rate_limit_exceeded``."""
+    import gptkit
+    from gptkit.serve.schemas import CompletionRequest
+    from gptkit.serve.service import CompletionService
+
+    service = CompletionService(gptkit.load(bundle), Limits(max_concurrent=1, max_queued=0))
+    assert service.admit()  # the one slot is taken
+    refused = asyncio.run(service.completions(CompletionRequest(prompt="KING", max_tokens=2)))
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    error = json.loads(refused.body)["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+    service.release()
+    answered = asyncio.run(service.completions(CompletionRequest(prompt="KING", max_tokens=2)))
+    assert answered["usage"]["completion_tokens"] == 2
