@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from gptkit.components.attention import KVCache, supports_static_cache
 from gptkit.components.base import mark_residual
-from gptkit.spec.models import ModelSpec
+from gptkit.memory import check_fits
+from gptkit.spec.models import ModelSpec, estimate_parameters
 
 
 def make_norm(kind: str, dim: int, bias: bool) -> nn.Module:
@@ -79,6 +80,19 @@ class GPTOutput(NamedTuple):
     past_key_values: list[KVCache] | None  # per layer, (B, H_kv, T_past + T, hd) each
 
 
+def check_fits_memory(spec: ModelSpec) -> None:
+    """Refuse a model whose fp32 weights alone would not fit in this machine's memory: a run's
+    ``spec.yaml`` edited to ``vocab_size: 1000000000`` passes the spec's sanity bound but
+    would end in an allocator's traceback here."""
+    params = estimate_parameters(spec)
+    check_fits(
+        params * 4,
+        f"the weights of this model (about {params:.3g} parameters: model.vocab_size "
+        f"{spec.vocab_size:,}, d_model {spec.d_model:,}, n_layers {spec.n_layers})",
+        "Check the spec's model sizes (a run's spec.yaml is the one it was trained with).",
+    )
+
+
 class GPT(nn.Module):
     """A decoder-only transformer assembled from a resolved ``ModelSpec``.
 
@@ -89,6 +103,7 @@ class GPT(nn.Module):
         super().__init__()
         if spec.vocab_size is None:
             raise ValueError("ModelSpec.vocab_size must be set before building the model")
+        check_fits_memory(spec)
         self.spec = spec
         C, V = spec.d_model, spec.vocab_size
         self.tok_emb = nn.Embedding(V, C)

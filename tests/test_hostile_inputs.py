@@ -87,7 +87,30 @@ HOSTILE_SPECS = {
         ["model", "parameters", "at most"],
     ),
     "seq-len-1e9": (".yaml", smoke_with(**{"model.max_seq_len": 10**9}), ["train.batch_size"]),
+    # PyYAML keeps the last of two equal keys: the first section's fields were lost silently.
+    "duplicate-key": (
+        ".yaml",
+        "name: x\ntrain: {lr: 0.5}\ntrain: {max_steps: 5}\n",
+        ["found the key 'train' twice", "line 3"],
+    ),
+    "duplicate-nested-key": (
+        ".yaml",
+        "name: x\ntrain:\n  lr: 0.5\n  lr: 0.1\n",
+        ["found the key 'lr' twice"],
+    ),
+    "data-source-empty": (".yaml", smoke_with(**{"data.source": " "}), ["data.source", "empty"]),
 }
+
+
+def test_a_key_set_again_after_a_yaml_merge_is_an_override_not_a_duplicate(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text(
+        f"extends: {SMOKE}\nbase: &b {{lr: 0.5, max_steps: 3}}\n"
+        "train:\n  <<: *b\n  lr: 0.1\n".replace("base:", "x_base:")
+    )
+    with pytest.raises(GptkitError) as info:  # x_base is not a spec field: refused by name
+        load_spec(path)
+    assert "x_base" in str(info.value) and "twice" not in str(info.value)
 
 
 @pytest.mark.parametrize("name", list(HOSTILE_SPECS))

@@ -72,6 +72,7 @@ def generate(
         sampler=parse_sampler_overrides(list(overrides or [])),
     )
     gen = _open(run, checkpoint, device)
+    gen.check_rows_fit(num_samples)  # before a list of a billion prompts is made
     prompts = [prompt] * num_samples
     if stream and num_samples == 1:
         typer.echo(prompt, nl=False)

@@ -138,6 +138,7 @@ def export_onnx(model: GPT, path: Path, opset: int = OPSET, static: bool | None 
                 verbose=False,
                 optimize=True,
             )
+        program.model.metadata_props.update(graph_facts(model, static))
         program.save(str(path))
         import onnx
 
@@ -152,6 +153,27 @@ def export_onnx(model: GPT, path: Path, opset: int = OPSET, static: bool | None 
     finally:
         for p in trainable:
             p.requires_grad_(True)
+
+
+# What the runtime takes from the manifest about the graph, also written into the graph
+# itself (``metadata_props``, covered by the graph's hash): a manifest edited to say otherwise
+# is refused when the bundle is opened (``gptkit.store.bundle.check_graph_facts``).
+GRAPH_FACTS = ("max_seq_len", "vocab_size", "n_layers", "n_kv_heads", "head_dim", "cache")
+
+
+def graph_facts(model: GPT, static: bool) -> dict[str, str]:
+    """The graph's shape facts as ONNX metadata (``gptkit.max_seq_len``: "256", ...)."""
+    h_kv, hd = cache_shape(model)
+    spec = model.spec
+    facts = {
+        "max_seq_len": spec.max_seq_len,
+        "vocab_size": spec.vocab_size,
+        "n_layers": spec.n_layers,
+        "n_kv_heads": h_kv,
+        "head_dim": hd,
+        "cache": "static" if static else "concat",
+    }
+    return {f"gptkit.{k}": str(facts[k]) for k in GRAPH_FACTS}
 
 
 def graph_opset(path: Path) -> int:

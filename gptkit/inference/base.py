@@ -17,6 +17,7 @@ from gptkit.inference.decoding import (
     resolve_sampler,
     start_batch,
 )
+from gptkit.memory import check_fits
 
 
 class Inference:
@@ -148,10 +149,12 @@ class Inference:
         chosen = sampler if sampler is not None else self.sampler_for(options)
         if sampler is not None and options.sampler_changes(sampler):
             chosen = resolve_sampler(self.registry(sampler.kind), sampler, options)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        self.check_rows_fit(len(prompts))
         return decode_loop(
             self.backend,
             self.tokenizer,
-            [prompts] if isinstance(prompts, str) else list(prompts),
+            prompts,
             chosen,
             max_new_tokens=options.max_new_tokens,
             seed=options.seed,
@@ -159,6 +162,29 @@ class Inference:
             on_text=on_text,
             processing=Processing.from_options(options),
         )
+
+    def check_rows_fit(self, rows: int) -> None:
+        """Refuse (a clear error) ``rows`` continuations at once whose KV cache at the full
+        context would not fit in this machine's memory."""
+        check_fits(
+            # Twice: a cache that grows is copied into its larger buffers.
+            2 * rows * self.max_seq_len * self.cache_bytes_per_token(),
+            f"{rows:,} continuations at once (their cache at the full context of "
+            f"{self.max_seq_len:,} tokens, and its copy as it grows)",
+            "Ask for fewer at once (--num-samples), or make them in several calls.",
+        )
+
+    def cache_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token of one row takes: a bundle's exact figure; for a run,
+        the keys and values of every layer at the model's width (a bound: grouped heads take
+        less)."""
+        m = self.manifest
+        if m is not None:
+            return 2 * int(m["n_layers"]) * int(m["n_kv_heads"]) * int(m["head_dim"]) * 4
+        spec = getattr(self.model, "spec", None)
+        if spec is None:
+            return 0
+        return int(2 * spec.n_layers * spec.d_model * 4)
 
     def generate(
         self,

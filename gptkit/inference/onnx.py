@@ -99,7 +99,13 @@ class OnnxModel:
         its attention spans the prompt only, not the empty capacity after it."""
         B, T = ids.shape
         if past is None:
-            past = StaticCache.empty(len(self.past_names), B, self.n_kv_heads, self.head_dim)
+            past = StaticCache.empty(
+                len(self.past_names),
+                B,
+                self.n_kv_heads,
+                self.head_dim,
+                min(64, self.max_cache or 64),
+            )
         L = past.length
         past.reserve(L + T, self.max_cache)
         S = past.capacity if L else 0

@@ -155,6 +155,17 @@ class DataSpec(StrictModel):
         100_000_000, ge=1024, description="Token ids per shard file of the token cache."
     )
 
+    @field_validator("source")
+    @classmethod
+    def _named(cls, source: str | list[str]) -> str | list[str]:
+        """An empty name would be read as the current folder."""
+        names = [source] if isinstance(source, str) else source
+        if not names or any(not name.strip() for name in names):
+            raise PydanticCustomError(
+                "empty_source", "name a file, folder, glob or 'tinyshakespeare' (it is empty)"
+            )
+        return source
+
 
 class EarlyStopSpec(StrictModel):
     """Stop when the validation loss has not improved for a while (checked at each evaluation)."""

@@ -189,8 +189,24 @@ def verify_bundle(folder: Path) -> dict[str, Any]:
                 "(modified or damaged)",
                 "Export the bundle again.",
             )
-    check_external_data(folder / MODEL_FILE, listed)
+    proto = check_external_data(folder / MODEL_FILE, listed)
+    check_graph_facts(proto, manifest, folder)
     return manifest
+
+
+def check_graph_facts(proto: Any, manifest: dict[str, Any], folder: Path) -> None:
+    """The manifest's shape fields must be what the graph says of itself (its
+    ``gptkit.*`` metadata, written at export; a graph without it, from an older gptkit, is
+    taken on the manifest's word): a manifest edited to a longer context would send the graph
+    positions past its table."""
+    facts = {p.key[len("gptkit.") :]: p.value for p in proto.metadata_props}
+    for key, value in sorted(facts.items()):
+        if key in manifest and str(manifest[key]) != value:
+            raise RunError(
+                f"bundle {folder}: {MANIFEST} says {key} {manifest[key]!r}, but its graph was "
+                f"exported with {value} (the manifest was edited or belongs to another graph)",
+                "Export the bundle again.",
+            )
 
 
 # --------------------------------------------------------------------------- ONNX external data
@@ -220,8 +236,9 @@ def graph_tensors(graph) -> Iterator[Any]:
     yield from _node_tensors(graph.node)
 
 
-def check_external_data(model_path: Path, listed: set[str]) -> None:
-    """Refuse a model whose tensors keep data anywhere but in a file the manifest lists."""
+def check_external_data(model_path: Path, listed: set[str]) -> Any:
+    """Refuse a model whose tensors keep data anywhere but in a file the manifest lists;
+    returns the graph (its tensors' external data not loaded)."""
     import onnx
 
     try:
@@ -248,6 +265,7 @@ def check_external_data(model_path: Path, listed: set[str]) -> None:
                     f"'{location}', outside the bundle's listed files; refusing to "
                     "load it"
                 )
+    return proto
 
 
 # --------------------------------------------------------------------------- export side

@@ -73,6 +73,15 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
+def _space_left(folder: Path) -> str:
+    """`` (N MiB free on its disk)`` for an error message, or nothing if that is unknown."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    return f" ({free / 2**20:,.1f} MiB free on its disk)"
+
+
 def save_checkpoint(
     ckpt_dir: Path,
     step: int,
@@ -108,8 +117,9 @@ def save_checkpoint(
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, Exception) and not isinstance(exc, OSError):
-            # safetensors reports I/O failures (disk full, file too large) as its own error.
-            raise OSError(str(exc)) from exc
+            # safetensors and torch.save report I/O failures (disk full, file too large) as
+            # their own errors ("unexpected pos 95424 vs 95316"): say what the disk has left.
+            raise OSError(f"{exc}{_space_left(ckpt_dir)}".strip()) from exc
         raise
     write_pointer(ckpt_dir / "latest", name)
     val = meta.get("val_loss")
@@ -191,8 +201,21 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[dict[str, Any],
         # object (code) is refused here instead of being run.
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise RunError(f"checkpoint {path}: refusing {STATE_FILE}: {exc}") from None
+        raise RunError(f"checkpoint {path}: refusing {STATE_FILE}: {_why_refused(exc)}") from None
     return state, _meta(path)
+
+
+def _why_refused(exc: Exception) -> str:
+    """torch.load's refusal in a line: what it found, without its advice to load the file
+    with ``weights_only=False`` (which would run whatever code the file carries)."""
+    text = str(exc)
+    code = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if code:
+        return f"it would import {code[1]} (code, not tensors); not run, not loaded"
+    if "Weights only load failed" in text:
+        found = [line.strip() for line in text.splitlines() if "Unsupported" in line]
+        return f"not a file of tensors ({(found or ['unreadable'])[0][:120]})"
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def _check_shapes(file: Path, model: torch.nn.Module) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -86,6 +87,15 @@ def short_override(text: str) -> str:
 def default_run_name(spec_name: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
     """A readable run name: the spec's name and what the command line changed."""
     return " ".join([spec_name, *(short_override(o) for o in overrides)])[:250]
+
+
+def _is_dir(path: Path) -> bool:
+    """A folder we can look into; False for anything unreadable (``/proc/1/cwd`` to a user
+    without the right: ``is_dir`` raises PermissionError there)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def _pid_alive(pid: int) -> bool:
@@ -209,7 +219,10 @@ class RunDir:
         return sweep_root / "sweep.json"
 
     def is_run(self) -> bool:
-        return self.spec_file.is_file()
+        try:
+            return self.spec_file.is_file()
+        except OSError:  # a folder this user may not look into
+            return False
 
     def created(self) -> float:
         """Creation time (run.json; for older runs, the spec file's modification time)."""
@@ -228,10 +241,14 @@ class RunDir:
         if run.is_run():
             yield run
             return
-        if depth <= 0 or not folder.is_dir():
+        if depth <= 0 or not _is_dir(folder):
             return
-        for child in sorted(folder.iterdir()):
-            if child.is_dir() and not child.name.startswith("."):
+        try:
+            children = sorted(folder.iterdir())
+        except OSError:  # a folder this user may not list: it holds no run of theirs
+            return
+        for child in children:
+            if not child.name.startswith(".") and _is_dir(child):
                 yield from cls.find(child, depth - 1)
 
     @classmethod
@@ -260,8 +277,6 @@ class RunDir:
                 "newest run, or an export bundle. List runs with: gptkit runs",
             )
         if announce:
-            import sys
-
             print(
                 f"gptkit: using {newest.path} (newest run in {path}: "
                 f"{newest.info().get('name') or newest.path.name})",
@@ -361,8 +376,6 @@ class RunDir:
     def lock(self) -> None:
         """Become the run's one writer, or refuse. A lock left by a dead process is taken over
         (and said so)."""
-        import sys
-
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -373,24 +386,45 @@ class RunDir:
             try:
                 fd = os.open(self.lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                owner = self._lock_owner()
-                if owner is not None and _pid_alive(owner) and owner != os.getpid():
-                    raise RunError(
-                        f"{self.path} is being written by another gptkit process (pid {owner})",
-                        f"Wait for it to finish, or stop it; if pid {owner} is not gptkit, "
-                        f"remove {self.lock_file}.",
-                    ) from None
-                print(
-                    f"gptkit: note: {self.lock_file} was left by a process that is gone "
-                    f"(pid {owner}); taking over",
-                    file=sys.stderr,
-                )
-                self.lock_file.unlink(missing_ok=True)
+                self._take_over_dead_lock()
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()}\n")
+            except OSError as exc:  # a read-only or full disk, no permission
+                raise self._cannot_lock(exc) from None
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(f"{os.getpid()}\n")
+            except OSError as exc:
+                self.lock_file.unlink(missing_ok=True)  # no empty lock left behind
+                raise self._cannot_lock(exc) from None
             return
         raise RunError(f"could not take the lock {self.lock_file}")
+
+    def _take_over_dead_lock(self) -> None:
+        """Refuse a lock held by a live process; remove one left by a dead one (and say so)."""
+        owner = self._lock_owner()
+        if owner is not None and _pid_alive(owner) and owner != os.getpid():
+            raise RunError(
+                f"{self.path} is being written by another gptkit process (pid {owner})",
+                f"Wait for it to finish, or stop it; if pid {owner} is not gptkit, "
+                f"remove {self.lock_file}.",
+            )
+        print(
+            f"gptkit: note: {self.lock_file} was left by a process that is gone "
+            f"(pid {owner}); taking over",
+            file=sys.stderr,
+        )
+        try:
+            self.lock_file.unlink(missing_ok=True)
+        except OSError as exc:
+            raise self._cannot_lock(exc) from None
+
+    def _cannot_lock(self, exc: OSError) -> RunError:
+        return RunError(
+            f"cannot write in the run folder {self.path} (taking its lock {self.lock_file.name}): "
+            f"{exc.strerror or exc}",
+            "Free space on its disk, or make the folder writable (a read-only copy of a run "
+            "can still be used by generate, eval and export).",
+        )
 
     def _lock_owner(self) -> int | None:
         """The pid in ``.lock``; None when there is none (or a writer died mid-write). A lock
@@ -453,9 +487,14 @@ class RunDir:
         for path in candidates:
             try:
                 load_checkpoint(path, model)
-                return LoadedRun(self, spec, model.to(device).eval(), tokenizer, path)
             except RunError as exc:
                 errors.append(str(exc))
+                continue
+            for error in errors:  # as a resume says it: these weights are not the ones asked for
+                print(f"gptkit: warning: skipping unusable checkpoint: {error}", file=sys.stderr)
+            if errors:
+                print(f"gptkit: using {path.name} instead", file=sys.stderr)
+            return LoadedRun(self, spec, model.to(device).eval(), tokenizer, path)
         more = f" (and {len(errors) - 1} older checkpoint(s) failed too)" if len(errors) > 1 else ""
         raise RunError(f"no usable checkpoint in {self.checkpoints}: {errors[0]}{more}")
 

@@ -240,6 +240,13 @@ def test_manifest_fields_missing_or_of_any_wrong_type(bundle, tmp_path, field):
         (lambda m: m["special_tokens"].update(eot=10**6), "end-of-text"),
         (lambda m: m["special_tokens"].update(pad="x"), "special_tokens.pad"),
         (lambda m: m.update(vocab_size=10), "vocab_size"),
+        # The graph says its own shape (metadata written at export): a longer context sent
+        # positions past a learned table (a traceback from onnxruntime), other edits garbage.
+        (lambda m: m.update(max_seq_len=100_000), "max_seq_len 100000"),
+        (lambda m: m.update(max_seq_len=m["max_seq_len"] - 1), "max_seq_len"),
+        (lambda m: m.update(head_dim=m["head_dim"] * 2), "head_dim"),
+        (lambda m: m.update(n_kv_heads=1), "n_kv_heads"),
+        (lambda m: m.update(cache="concat" if m["cache"] == "static" else "static"), "cache"),
         (lambda m: m.update(inputs=["input_ids"]), "inputs/outputs"),
         (lambda m: m["files"].update({"../secret": "0" * 64}), "'../secret'"),
         (lambda m: m["files"].update({"/etc/passwd": "0" * 64}), "'/etc/passwd'"),
