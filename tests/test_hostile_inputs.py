@@ -188,6 +188,9 @@ def test_a_set_value_is_bounded_like_a_spec():
         load_spec(SMOKE, ["plugins=" + "[" * 100 + "]" * 100])
     one_paragraph(info.value, "--set plugins", "nests too deeply")
     assert load_spec(SMOKE, ["train.lr=0.002"]).train.lr == 0.002
+    with pytest.raises(GptkitError) as info:  # as in a spec file: not the last one silently
+        load_spec(SMOKE, ["train={lr: 0.1, lr: 0.2}"])
+    one_paragraph(info.value, "--set train", "found the key 'lr' twice")
 
 
 @pytest.mark.slow

@@ -36,8 +36,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not _PATH_RE.match(key):
         raise GptkitError(f"--set {text!r}: {key!r} is not a dotted field path like train.lr")
+    from gptkit.spec.files import DuplicateKey, UniqueKeyLoader
+
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else ""  # noqa: S506
+    except DuplicateKey as exc:
+        raise GptkitError(f"--set {key}: {str(exc).split(': ', 1)[-1]}") from None
     except yaml.YAMLError:
         value = raw
     except RecursionError:
