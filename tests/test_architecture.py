@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gptkit"
 # Lowest first. A module may import from its own layer (without a circle) or from a lower one.
 # docs/architecture.md draws the same table.
 LAYERS: list[set[str]] = [
-    {"errors", "safeio"},
+    {"errors", "safeio", "memory"},
     {"components", "registry", "spec"},
     {"model", "data"},
     {"inference", "store", "evaluate"},

@@ -22,6 +22,7 @@ from gptkit.components.base import (
 from gptkit.errors import GptkitError, SpecError, did_you_mean
 from gptkit.registry.registry import Registry, load_registry
 from gptkit.spec.models import SLOT_DEFAULTS, SLOT_PATHS, ExperimentSpec, spec_class
+from gptkit.spec.yaml_loader import DuplicateKey, UniqueKeyLoader
 
 _PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -36,8 +37,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not _PATH_RE.match(key):
         raise GptkitError(f"--set {text!r}: {key!r} is not a dotted field path like train.lr")
-    from gptkit.spec.files import DuplicateKey, UniqueKeyLoader
-
     try:
         value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else ""  # noqa: S506
     except DuplicateKey as exc:

@@ -207,7 +207,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[dict[str, Any],
 
 def _why_refused(exc: Exception) -> str:
     """torch.load's refusal in a line: what it found, without its advice to load the file
-    with ``weights_only=False`` (which would run whatever code the file carries)."""
+    unsafely (which would run whatever code the file carries)."""
     text = str(exc)
     code = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if code:
