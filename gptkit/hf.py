@@ -142,16 +142,81 @@ def _model_fields(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_chat_template(src: Path) -> str | None:
-    """The chat template in ``src/tokenizer_config.json``, if any (a string, or the entry
-    named "default" of a list of named templates)."""
-    from gptkit.safeio import read_json
+    """The folder's chat template, if any: ``chat_template.jinja`` (where transformers writes
+    it since 4.47), else ``tokenizer_config.json``'s (a string, or the entry named "default"
+    of a list of named templates). The tokenizer's ``bos_token`` and ``eos_token`` are set at
+    its head, so that the template renders them as Hugging Face's ``apply_chat_template``
+    does (gptkit renders a template with ``messages`` and ``add_generation_prompt`` only)."""
+    from gptkit.safeio import read_json, read_text
 
     path = src / "tokenizer_config.json"
-    if not path.is_file():
+    config: Any = {}
+    if path.is_file():
+        config = read_json(path, "tokenizer_config.json", MAX_CONFIG_BYTES, RunError)
+        if not isinstance(config, dict):
+            raise RunError(f"{path} holds {type(config).__name__}, not an object")
+    jinja = src / "chat_template.jinja"
+    if jinja.is_file():
+        template = read_text(jinja, "chat_template.jinja", MAX_CONFIG_BYTES, RunError)
+    else:
+        template = _config_template(config, path)
+    if template is None:
         return None
-    config = read_json(path, "tokenizer_config.json", MAX_CONFIG_BYTES, RunError)
-    if not isinstance(config, dict):
-        raise RunError(f"{path} holds {type(config).__name__}, not an object")
+    tokens = {**_special_tokens(src / "special_tokens_map.json"), **_special_tokens(config)}
+    head = "".join(
+        f"{{% set {name} = {json.dumps(tokens[name])} %}}"
+        for name in ("bos_token", "eos_token")
+        if name in tokens
+    )
+    return head + template
+
+
+def read_stop_tokens(src: Path, tokenizer: Any) -> list[str]:
+    """The tokens besides end-of-text that end a generation: ``generation_config.json``'s
+    ``eos_token_id`` (an id or a list; a chat fine-tune lists its end of turn there, which
+    ``generate`` stops at), as token strings of the tokenizer."""
+    from gptkit.safeio import read_json
+
+    path = src / "generation_config.json"
+    if not path.is_file():
+        return []
+    config = read_json(path, "generation_config.json", MAX_CONFIG_BYTES, RunError)
+    ids = config.get("eos_token_id") if isinstance(config, dict) else None
+    ids = ids if isinstance(ids, list) else [ids]
+    stops = []
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int) or i == tokenizer.eot_id:
+            continue
+        token = tokenizer.hf.id_to_token(i)
+        if token is None:
+            raise RunError(f"{path}: eos_token_id {i} is not in tokenizer.json's vocabulary")
+        stops.append(token)
+    return stops
+
+
+def _special_tokens(source: Path | dict[str, Any]) -> dict[str, str]:
+    """``bos_token`` / ``eos_token`` of a tokenizer config (a string, or an added-token object
+    with its ``content``)."""
+    if isinstance(source, Path):
+        from gptkit.safeio import read_json
+
+        if not source.is_file():
+            return {}
+        source = read_json(source, source.name, MAX_CONFIG_BYTES, RunError)
+        if not isinstance(source, dict):
+            return {}
+    out = {}
+    for name in ("bos_token", "eos_token"):
+        value = source.get(name)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            out[name] = value
+    return out
+
+
+def _config_template(config: dict[str, Any], path: Path) -> str | None:
+    """``tokenizer_config.json``'s ``chat_template``."""
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
         named = {
@@ -248,6 +313,7 @@ def import_hf(src: str | Path, out: str | Path | None = None, name: str | None =
     )
     tok = spec.tokenizer.build()
     tok.fit("")
+    stops = {"stop_tokens": s} if (s := read_stop_tokens(src, tok)) else {}
     model = _model_with_weights(spec.model, src)
     run.tokenizer_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src / "tokenizer.json", run.tokenizer_dir / "tokenizer.json")
@@ -258,6 +324,7 @@ def import_hf(src: str | Path, out: str | Path | None = None, name: str | None =
                 "kind": "pretrained",
                 "path": str((run.tokenizer_dir / "tokenizer.json").resolve()),
                 **chat,
+                **stops,
             },
         },
         str(src / "config.json"),

@@ -139,6 +139,69 @@ def test_import_keeps_the_chat_template_of_tokenizer_config(hf_gpt2, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_import_renders_chat_as_transformers_and_stops_where_generate_does(hf_gpt2, tmp_path):
+    """What transformers writes today: the template in ``chat_template.jinja``, using the
+    tokenizer's ``bos_token`` / ``eos_token`` and ``raise_exception``; an end of turn in
+    ``generation_config.json``'s ``eos_token_id`` list, where ``generate`` stops."""
+    import shutil
+
+    from gptkit.serve.render import render_chat
+
+    folder, hf = hf_gpt2
+    src = tmp_path / "chat-model"
+    shutil.copytree(folder, src)
+    template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'wizard' %}"
+        "{{ raise_exception('no wizards here') }}{% endif %}"
+        "<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    (src / "chat_template.jinja").write_text(template)
+    eot = "<|endoftext|>"
+    config = {"bos_token": {"content": eot, "special": True}, "eos_token": eot}
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = gptkit.load(import_hf(folder, tmp_path / "plain")).tokenizer
+
+    def greedy_of(text):
+        ids = tok.encode(text)
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
+        return text, ids, out[0, len(ids) :].tolist()
+
+    def fresh(tokens):  # the first position whose token is new: generation can stop there
+        new = [i for i in range(len(tokens)) if tokens[i] not in tokens[:i]]
+        return next((i for i in new if i > 0 and tokens[i] != tok.eot_id), 0)
+
+    # A random model repeats itself: a prompt whose greedy text changes token at some point.
+    text, prompt, greedy = max(
+        (greedy_of(t) for t in ("ROMEO:", "First Citizen:", "\n", "KING", "O, what")),
+        key=lambda g: fresh(g[2]) > 0,
+    )
+    k = fresh(greedy)
+    (src / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [tok.eot_id, greedy[k]]})
+    )
+
+    run = gptkit.load(import_hf(src, tmp_path / "run"))
+    theirs = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(src / "tokenizer.json"), bos_token=eot, eos_token=eot
+    )
+    theirs.chat_template = template
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi é"}]
+    expected = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert render_chat(run.tokenizer.chat_template, messages) == expected
+    assert expected.startswith(eot)
+    with pytest.raises(Exception, match="no wizards here"):
+        render_chat(run.tokenizer.chat_template, [{"role": "wizard", "content": "x"}])
+
+    done = run.complete(text, max_new_tokens=12, temperature=0)[0]
+    assert done.finish_reason == "eot" and done.tokens == greedy[:k]
+    stopped = hf.generate(
+        torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+        generation_config=transformers.GenerationConfig.from_pretrained(src),
+    )[0, len(prompt) :].tolist()  # fmt: skip
+    assert stopped == greedy[: k + 1]  # generate keeps the end token; the text leaves it out
+
+
 def test_import_refuses_what_it_cannot_read(tmp_path, smoke_run):
     assert_user_error(run_cli("import-hf", tmp_path), "has no config.json")
     assert_user_error(

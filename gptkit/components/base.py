@@ -103,7 +103,17 @@ def chat_environment() -> Any:
     Hugging Face's settings (``trim_blocks``, ``lstrip_blocks``). Needs jinja2."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise_exception  # as Hugging Face's templates call it
+    return env
+
+
+class TemplateRaised(Exception):
+    """A chat template's own refusal: ``{{ raise_exception("...") }}``."""
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateRaised(message)
 
 
 class TokenizerSpec(ComponentSpec):

@@ -60,6 +60,12 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """Tokens that end a generation (a sampler's ``stop_at_eot``): end-of-text, and for a
+        tokenizer that has them, others (a chat model's end of turn)."""
+        return frozenset((self.eot_id,))
+
     def token_bytes(self, token: int) -> bytes:
         """The UTF-8 bytes one token stands for: a byte-level token's own bytes, which may be
         part of a character (OpenAI's log-probabilities show them). By default the token's
@@ -320,6 +326,8 @@ class HFTokenizer(Tokenizer):
         byte_level = type(self.hf.decoder).__name__ == "ByteLevel"
         if token == self.eot_id or piece is None or not byte_level:
             return super().token_bytes(token)
+        if self.hf.decode([token], skip_special_tokens=True) == "":  # a special token: the
+            return b""  # text leaves it out, as decode does
         table = _unicode_to_byte()
         if not all(c in table for c in piece):  # an added token, written as itself
             return super().token_bytes(token)
@@ -483,6 +491,23 @@ class PretrainedTokenizer(HFTokenizer):
             raise DataError(f"tokenizer.path {path} is not a tokenizer.json: {exc}") from None
         self._attach(hf, self.spec.eot_token)
 
+    def _attach(self, hf, eot: str | None) -> None:
+        super()._attach(hf, eot)
+        ids = {self.eot_id}
+        for token in self.spec.stop_tokens:
+            found = hf.token_to_id(token)
+            if found is None:
+                raise DataError(
+                    f"tokenizer.stop_tokens: {token!r} is not in the tokenizer's vocabulary",
+                    "List tokens of its tokenizer.json.",
+                )
+            ids.add(found)
+        self._stop_ids = frozenset(ids)
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        return getattr(self, "_stop_ids", None) or super().stop_ids
+
 
 class PretrainedSpec(TokenizerSpec):
     """A local Hugging Face ``tokenizer.json`` (e.g. GPT-2's), used as it is."""
@@ -490,6 +515,11 @@ class PretrainedSpec(TokenizerSpec):
     kind: Literal["pretrained"] = "pretrained"
     path: str = Field(..., description="Path to a tokenizer.json file.")
     eot_token: str = Field(EOT, description="The end-of-text token in its vocabulary.")
+    stop_tokens: list[str] = Field(
+        default_factory=list,
+        description="Other tokens that end a generation as end-of-text does (a chat model's "
+        "end of turn, <|im_end|>); import-hf takes them from generation_config.json.",
+    )
 
     def fingerprint(self) -> str:
         from gptkit.safeio import read_bytes

@@ -497,6 +497,9 @@ class DecodeBatch:
 
     def __init__(self, backend: Backend, tokenizer: Any, use_cache: bool = True) -> None:
         self.backend, self.tokenizer, self.use_cache = backend, tokenizer, use_cache
+        # What ends a row (with its sampler's stop_at_eot): end-of-text, and a tokenizer's
+        # other stop tokens (a plugin tokenizer without the property: end-of-text).
+        self.stop_ids = getattr(tokenizer, "stop_ids", None) or frozenset((tokenizer.eot_id,))
         self.limit = backend.max_seq_len
         self.keep = max(1, self.limit * 3 // 4)
         self.rows: list[Row] = []
@@ -653,7 +656,7 @@ class DecodeBatch:
     def _advance(self, row: Row, token: int) -> None:
         row.context.append(token)
         row.generated += 1
-        if row.sampler.stop_at_eot and token == self.tokenizer.eot_id:
+        if row.sampler.stop_at_eot and token in self.stop_ids:
             row.done, row.finish = True, "eot"
         else:
             row.stream.add(token)
