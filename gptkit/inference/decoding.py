@@ -507,18 +507,19 @@ class DecodeBatch:
         self.past: Any = None
         self.key_mask = np.zeros((0, 0), dtype=bool)
 
-    def encode(self, prompt: str, index: int = 0) -> list[int]:
-        """Prompt ids (the end-of-text token for an empty prompt), checked against the context."""
-        return self.checked(self.tokenizer.encode(prompt) if prompt else [], index)
+    def encode(self, prompt: str, index: int = 0, what: str | None = None) -> list[int]:
+        """Prompt ids (the end-of-text token for an empty prompt), checked against the context
+        (``what``: the prompt's name in the error, "prompt {index}" by default)."""
+        return self.checked(self.tokenizer.encode(prompt) if prompt else [], index, what)
 
-    def checked(self, ids: Sequence[int], index: int = 0) -> list[int]:
+    def checked(self, ids: Sequence[int], index: int = 0, what: str | None = None) -> list[int]:
         """Prompt ids given as such (the end-of-text token for none), checked against the
         context."""
         ids = list(ids) or [self.tokenizer.eot_id]
         if len(ids) > self.limit:
             raise GptkitError(
-                f"prompt {index} is {len(ids)} tokens; the model's context is {self.limit} "
-                "(model.max_seq_len)",
+                f"{what or f'prompt {index}'} is {len(ids)} tokens; the model's context is "
+                f"{self.limit} (model.max_seq_len)",
                 "Shorten the prompt.",
             )
         return list(ids)

@@ -347,9 +347,11 @@ class CompletionService:
         except GptkitError as exc:
             return error_response(400, exc.message, param=getattr(exc, "param", None))
         encoder = DecodeBatch(bundle.backend, bundle.tokenizer)
+        what = "the chat prompt (the messages as the template renders them)"
+        named = what if prompt_param == "messages" else None
         try:
             ids = [
-                encoder.encode(p, i) if isinstance(p, str) else encoder.checked(p, i)
+                encoder.encode(p, i, named) if isinstance(p, str) else encoder.checked(p, i)
                 for i, p in enumerate(prompts)
             ]
         except GptkitError as exc:  # too long for the context, or characters it never saw
@@ -499,7 +501,9 @@ class _Answer:
         self.created, self.cid = int(time.time()), f"{render.id_prefix}-{_IDS.getrandbits(96):024x}"
 
     def usage(self, out: list[Completion]) -> dict[str, int]:
-        completion_tokens = sum(len(c.tokens) for c in out)
+        # Every token generated: a stop string's (not returned) and the end-of-text token that
+        # ended a choice too, as OpenAI and vLLM count them.
+        completion_tokens = sum(len(c.tokens) + (c.finish_reason == "eot") for c in out)
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion_tokens,

@@ -496,3 +496,22 @@ def test_a_streamed_choice_that_ends_first_says_so_when_it_ends(client):
         if checked == 3:
             break
     assert checked >= 1
+
+
+def test_the_end_of_text_token_counts_in_usage_and_a_long_chat_is_named(client, chat_run):
+    """The token that ended a choice was generated: usage counts it (OpenAI's and vLLM's way),
+    though the text leaves it out; a chat whose rendered prompt is too long says so."""
+    from gptkit import load
+
+    eot = load(chat_run["bundle"]).tokenizer.eot_id
+    ended = client.completions.create(
+        model="chatty", prompt="KING", max_tokens=5, logit_bias={str(eot): 100}
+    )
+    assert ended.choices[0].text == "" and ended.choices[0].finish_reason == "stop"
+    assert ended.usage.completion_tokens == 1
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model="chatty", messages=[{"role": "user", "content": "A" * 40}], max_tokens=2
+        )
+    assert info.value.body["param"] == "messages"
+    assert info.value.body["message"].startswith("the chat prompt (the messages as the template")
