@@ -76,7 +76,11 @@ class TextRender:
         for token, _ in entries:
             piece = self.token_bytes(token)
             texts.append(token_text(piece))
-            offsets.append(at)  # where the token's first whole character is in the text
+            # Where the token's first character is in the text: bytes still held from before
+            # that this token does not continue were invalid, and their U+FFFD comes first.
+            held = decoder.getstate()[0]
+            starts = bool(piece) and not 0x80 <= piece[0] <= 0xBF
+            offsets.append(at + (1 if held and starts else 0))
             at += len(decoder.decode(piece))
         self.offsets[index] = at
         return {

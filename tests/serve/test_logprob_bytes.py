@@ -75,3 +75,15 @@ def test_a_char_tokenizer_is_unchanged():
     chat = ChatRender("m", None, tok.token_bytes).logprobs(0, tokens)["content"]
     assert [e["token"] for e in chat] == list(TEXT)
     assert [bytes(e["bytes"]).decode() for e in chat] == list(TEXT)
+
+
+def test_offsets_after_bytes_that_are_not_utf8_point_at_the_text_returned():
+    """A model may write bytes that are no character (a lead byte, then no continuation):
+    the text shows U+FFFD for them, and the next token's offset counts it."""
+    tok = _byte()
+    ids = [0xDE, 0xED, 0xED, ord("9"), 0xC3, 0xA9, ord("x")]
+    text = bytes(ids).decode("utf-8", errors="replace")
+    assert text == "\ufffd\ufffd\ufffd9éx"
+    got = TextRender("m", None, tok.token_bytes).logprobs(0, [TokenLogprob(i, -1.0) for i in ids])
+    assert got["text_offset"] == [0, 1, 2, 3, 4, 4, 5]
+    assert all(text[o] == "9" for o, i in zip(got["text_offset"], ids) if i == ord("9"))
