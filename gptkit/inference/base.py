@@ -180,7 +180,10 @@ class Inference:
         less)."""
         m = self.manifest
         if m is not None:
-            return 2 * int(m["n_layers"]) * int(m["n_kv_heads"]) * int(m["head_dim"]) * 4
+            layers, heads, width = (m.get(k) for k in ("n_layers", "n_kv_heads", "head_dim"))
+            if isinstance(layers, int) and isinstance(heads, int) and isinstance(width, int):
+                return 2 * layers * heads * width * 4
+            return 0  # a bundle older than these fields: no check
         spec = getattr(self.model, "spec", None)
         if spec is None:
             return 0

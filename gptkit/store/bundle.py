@@ -23,7 +23,7 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
@@ -69,6 +69,11 @@ class Manifest(BaseModel):
     inputs: list[str]
     outputs: list[str]
     special_tokens: _SpecialTokens
+    # Written by every export since the cache layout was recorded; typed when present.
+    n_layers: int | None = Field(None, gt=0)
+    n_kv_heads: int | None = Field(None, gt=0)
+    head_dim: int | None = Field(None, gt=0)
+    cache: Literal["static", "concat"] | None = None
 
 
 def is_bundle(folder: Path) -> bool:

@@ -212,6 +212,19 @@ FIELDS = [
 ]
 
 
+@pytest.mark.parametrize("field", ["n_layers", "n_kv_heads", "head_dim", "cache"])
+def test_cache_layout_fields_of_a_wrong_type_are_refused(bundle, tmp_path, field):
+    """Optional for bundles older than them, typed when present (``cache: "weird"`` was
+    accepted)."""
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    m = read_manifest(copy)
+    for value in ["weird", 0, -1, 1.5, True, [], {}]:
+        m[field] = value
+        write_manifest(copy, m)
+        assert field in refused(copy, "gptkit.json")
+
+
 @pytest.mark.parametrize("field", FIELDS)
 def test_manifest_fields_missing_or_of_any_wrong_type(bundle, tmp_path, field):
     copy = tmp_path / "b"
