@@ -137,6 +137,8 @@ def read_json(
     try:
         doc = json.loads(text)
     except ValueError as exc:
+        if "int_max_str_digits" in str(exc) or "integer string conversion" in str(exc):
+            raise error(f"{what} {path} holds an integer of thousands of digits") from None
         raise error(f"{what} {path} is not valid JSON: {exc}") from None
     except RecursionError:
         raise error(f"{what} {path} nests too deeply (at most {MAX_DEPTH} levels)") from None

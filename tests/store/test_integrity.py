@@ -212,6 +212,15 @@ FIELDS = [
 ]
 
 
+def test_a_manifest_integer_of_thousands_of_digits_is_named(bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    text = (copy / MANIFEST).read_text()
+    (copy / MANIFEST).write_text(text.replace('"format": 1', '"format": ' + "9" * 5000, 1))
+    text = refused(copy, "integer of thousands of digits")
+    assert "set_int_max_str_digits" not in text
+
+
 @pytest.mark.parametrize("field", ["n_layers", "n_kv_heads", "head_dim", "cache"])
 def test_cache_layout_fields_of_a_wrong_type_are_refused(bundle, tmp_path, field):
     """Optional for bundles older than them, typed when present (``cache: "weird"`` was
