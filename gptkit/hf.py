@@ -147,14 +147,12 @@ def read_chat_template(src: Path) -> str | None:
     of a list of named templates). The tokenizer's ``bos_token`` and ``eos_token`` are set at
     its head, so that the template renders them as Hugging Face's ``apply_chat_template``
     does (gptkit renders a template with ``messages`` and ``add_generation_prompt`` only)."""
-    from gptkit.safeio import read_json, read_text
+    from gptkit.safeio import read_text
 
     path = src / "tokenizer_config.json"
-    config: Any = {}
-    if path.is_file():
-        config = read_json(path, "tokenizer_config.json", MAX_CONFIG_BYTES, RunError)
-        if not isinstance(config, dict):
-            raise RunError(f"{path} holds {type(config).__name__}, not an object")
+    config = _optional_json(path)
+    if not isinstance(config, dict):
+        raise RunError(f"{path} holds {type(config).__name__}, not an object")
     jinja = src / "chat_template.jinja"
     if jinja.is_file():
         template = read_text(jinja, "chat_template.jinja", MAX_CONFIG_BYTES, RunError)
@@ -162,7 +160,10 @@ def read_chat_template(src: Path) -> str | None:
         template = _config_template(config, path)
     if template is None:
         return None
-    tokens = {**_special_tokens(src / "special_tokens_map.json"), **_special_tokens(config)}
+    tokens = {
+        **_special_tokens(_optional_json(src / "special_tokens_map.json")),
+        **_special_tokens(config),
+    }
     head = "".join(
         f"{{% set {name} = {json.dumps(tokens[name])} %}}"
         for name in ("bos_token", "eos_token")
@@ -175,12 +176,7 @@ def read_stop_tokens(src: Path, tokenizer: Any) -> list[str]:
     """The tokens besides end-of-text that end a generation: ``generation_config.json``'s
     ``eos_token_id`` (an id or a list; a chat fine-tune lists its end of turn there, which
     ``generate`` stops at), as token strings of the tokenizer."""
-    from gptkit.safeio import read_json
-
-    path = src / "generation_config.json"
-    if not path.is_file():
-        return []
-    config = read_json(path, "generation_config.json", MAX_CONFIG_BYTES, RunError)
+    config = _optional_json(src / "generation_config.json")
     ids = config.get("eos_token_id") if isinstance(config, dict) else None
     ids = ids if isinstance(ids, list) else [ids]
     stops = []
@@ -189,25 +185,29 @@ def read_stop_tokens(src: Path, tokenizer: Any) -> list[str]:
             continue
         token = tokenizer.hf.id_to_token(i)
         if token is None:
-            raise RunError(f"{path}: eos_token_id {i} is not in tokenizer.json's vocabulary")
+            raise RunError(
+                f"{src / 'generation_config.json'}: eos_token_id {i} is not in tokenizer.json's "
+                "vocabulary"
+            )
         stops.append(token)
     return stops
 
 
-def _special_tokens(source: Path | dict[str, Any]) -> dict[str, str]:
+def _optional_json(path: Path) -> Any:
+    """A JSON file of the folder, or an empty object when it is not there."""
+    from gptkit.safeio import read_json
+
+    return read_json(path, path.name, MAX_CONFIG_BYTES, RunError) if path.is_file() else {}
+
+
+def _special_tokens(config: Any) -> dict[str, str]:
     """``bos_token`` / ``eos_token`` of a tokenizer config (a string, or an added-token object
     with its ``content``)."""
-    if isinstance(source, Path):
-        from gptkit.safeio import read_json
-
-        if not source.is_file():
-            return {}
-        source = read_json(source, source.name, MAX_CONFIG_BYTES, RunError)
-        if not isinstance(source, dict):
-            return {}
+    if not isinstance(config, dict):
+        return {}
     out = {}
     for name in ("bos_token", "eos_token"):
-        value = source.get(name)
+        value = config.get(name)
         if isinstance(value, dict):
             value = value.get("content")
         if isinstance(value, str):

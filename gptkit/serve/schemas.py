@@ -57,11 +57,12 @@ def _prompt_shape(value: Any) -> Any:
     own names only the first shape it tried: ``[5, true]`` was "should be a valid string")."""
     if isinstance(value, str) or value == []:  # an empty list: refused later, by name
         return value
-    if isinstance(value, list):
-        if all(isinstance(v, str) for v in value) or all(_token_ids(v) for v in value):
-            return value
-        if _token_ids(value):
-            return value
+    if isinstance(value, list) and (
+        all(isinstance(v, str) for v in value)
+        or _token_ids(value)
+        or all(_token_ids(v) for v in value)
+    ):
+        return value
     raise PydanticCustomError(
         "prompt_shape",
         "give a string, a list of strings, a list of token ids (integers) or a list of "

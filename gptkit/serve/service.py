@@ -347,8 +347,11 @@ class CompletionService:
         except GptkitError as exc:
             return error_response(400, exc.message, param=getattr(exc, "param", None))
         encoder = DecodeBatch(bundle.backend, bundle.tokenizer)
-        what = "the chat prompt (the messages as the template renders them)"
-        named = what if prompt_param == "messages" else None
+        named = (
+            "the chat prompt (the messages as the template renders them)"
+            if prompt_param == "messages"
+            else None
+        )
         try:
             ids = [
                 encoder.encode(p, i, named) if isinstance(p, str) else encoder.checked(p, i)

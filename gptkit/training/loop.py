@@ -473,7 +473,6 @@ class SpecTrainer:
             t.max_steps, self.state.step, self.show_progress, quiet=not self.dist.main
         )
         self.record = RunRecord.start(self) if self.dist.main and not self.idle else None
-        self.phase_seconds = dict.fromkeys(PHASES, 0.0)
         self._started = time.time()  # training time counts from here
         self._announce()
         previous_handlers = self._install_signals()
