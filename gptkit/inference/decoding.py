@@ -39,12 +39,22 @@ from gptkit.errors import GptkitError
 REPLACEMENT = "\ufffd"
 
 
-def prompt_logprobs(backend: Any, ids: list[int], top: int) -> list[TokenLogprob]:
+def prompt_logprobs(
+    backend: Any, ids: list[int], top: int, vocab: int | None = None
+) -> list[TokenLogprob]:
     """Each prompt token's log-probability after the ones before it (the first has none, so
     the list is one shorter than ``ids``), with the ``top`` alternatives; needs a backend
-    with ``prompt_logits``."""
-    logits = backend.prompt_logits(list(ids))
+    with ``prompt_logits``. ``vocab``: the tokenizer's size (``tokens_only``)."""
+    logits = tokens_only(backend.prompt_logits(list(ids)), vocab)
     return [token_logprob(logits[i - 1], ids[i], top) for i in range(1, len(ids))]
+
+
+def tokens_only(logits: np.ndarray, vocab: int | None) -> np.ndarray:
+    """The logits of the tokenizer's ``vocab`` tokens only. A model's vocabulary may be
+    padded past the tokenizer's (``model.vocab_size: 50304`` for GPT-2's 50,257, as nanoGPT
+    does for speed); the padding ids are no text, so they are never sampled or listed among
+    the log-probabilities: the softmax is over the tokens the tokenizer has."""
+    return logits if vocab is None or logits.shape[-1] <= vocab else logits[..., :vocab]
 
 
 class Backend(Protocol):
@@ -500,6 +510,7 @@ class DecodeBatch:
         # What ends a row (with its sampler's stop_at_eot): end-of-text, and a tokenizer's
         # other stop tokens (a plugin tokenizer without the property: end-of-text).
         self.stop_ids = getattr(tokenizer, "stop_ids", None) or frozenset((tokenizer.eot_id,))
+        self.vocab: int | None = getattr(tokenizer, "vocab_size", None)  # sampled ids below it
         self.limit = backend.max_seq_len
         self.keep = max(1, self.limit * 3 // 4)
         self.rows: list[Row] = []
@@ -607,7 +618,7 @@ class DecodeBatch:
             positions = np.array([[len(r.context) - 1] for r in rows], dtype=np.int64)
             self.key_mask = np.concatenate([self.key_mask, np.ones((len(rows), 1), bool)], axis=1)
             logits, self.past = self.backend(last, positions, self.key_mask, self.past)
-        for row, token in zip(rows, sample_rows(rows, logits)):
+        for row, token in zip(rows, sample_rows(rows, tokens_only(logits, self.vocab))):
             self._advance(row, token)
 
     def _prefill_joiners(self) -> None:
@@ -616,7 +627,7 @@ class DecodeBatch:
         joining, self.joining = self.joining, []
         ids, mask = left_pad([r.context for r in joining], self.tokenizer.pad_id)
         logits, past = self.backend(ids, positions_from_mask(mask), mask, None)
-        for row, token in zip(joining, sample_rows(joining, logits)):
+        for row, token in zip(joining, sample_rows(joining, tokens_only(logits, self.vocab))):
             self._advance(row, token)
         width = max(self.key_mask.shape[1], mask.shape[1])
         shift, shift_new = width - self.key_mask.shape[1], width - mask.shape[1]

@@ -257,7 +257,7 @@ class CompletionService:
             except GptkitError as exc:
                 return error_response(400, exc.message, param="prompt")
             scored = await asyncio.get_running_loop().run_in_executor(
-                None, prompt_logprobs, backend, ids, top
+                None, prompt_logprobs, backend, ids, top, tokenizer.vocab_size
             )
             out.append((ids, scored))
         return out

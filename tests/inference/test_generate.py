@@ -546,3 +546,27 @@ def test_the_static_cache_mask_is_built_once_per_step_and_changes_nothing(attent
     assert len(views_made) == 3  # the three decode steps (the prefill has no cache to view)
     for views in views_made:
         assert len(views[0].shared) == 1 and all(v.shared is views[0].shared for v in views)
+
+
+def test_a_padded_vocabulary_never_samples_or_lists_a_padding_id():
+    """A model's vocabulary padded past its tokenizer's (nanoGPT's 50304 for GPT-2's 50,257):
+    the padding ids are no text, so sampling and log-probabilities leave them out. An
+    untrained model four times the tokenizer's size puts ~3/4 of its mass on them."""
+    from gptkit.inference.decoding import GenerationOptions, Processing, prompt_logprobs
+
+    tok = char_tokenizer()
+    model = testing.tiny_model(vocab_size=4 * testing.VOCAB, max_seq_len=128)
+    backend = TorchBackend(model)
+    hot = sampler("temperature", temperature=2.0, stop_at_eot=False)
+    outs = decode_loop(backend, tok, ["abc"] * 4, hot, max_new_tokens=60, seed=3)
+    tokens = [t for o in outs for t in o.tokens]
+    assert len(tokens) == 240 and max(tokens) < tok.vocab_size
+    text = [t for t in tokens if t != tok.eot_id]  # every other token is a character
+    assert sum(len(o.text) for o in outs) == len(text) > 200
+    listed = Processing.from_options(GenerationOptions(logprobs=5))
+    out = decode_loop(backend, tok, ["abc"], hot, max_new_tokens=20, seed=3, processing=listed)
+    alternatives = [t for lp in out[0].logprobs for t, _ in lp.top]
+    assert alternatives and max(alternatives) < tok.vocab_size
+    # The log-probabilities are a distribution over the tokenizer's tokens.
+    scored = prompt_logprobs(backend, tok.encode("abcabc"), 5, tok.vocab_size)
+    assert all(t < tok.vocab_size for lp in scored for t, _ in lp.top)
