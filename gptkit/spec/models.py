@@ -60,7 +60,10 @@ class ModelSpec(StrictModel):
         None, description="Start from a named configuration; fields set here override it."
     )
     vocab_size: int | None = Field(
-        None, gt=0, description="Vocabulary size; default: the fitted tokenizer's."
+        None,
+        gt=0,
+        description="Vocabulary size; default: the fitted tokenizer's. A larger one pads it "
+        "(e.g. 50304 for GPT-2's 50,257, a multiple of 64); padding ids are never generated.",
     )
     d_model: int = Field(384, gt=0, description="Width of the residual stream.")
     n_heads: int = Field(6, gt=0, description="Attention (query) heads per layer.")
