@@ -192,6 +192,7 @@ class RunRecord:
             tracker.log_artifact(path)
         if run.tokenizer_dir.is_dir():
             tracker.log_artifact(run.tokenizer_dir, "tokenizer")
+        tracker.on_created = lambda url: None  # the URL is printed below, once
         spooled = tracker.close(status)
         if spooled:
             print(
