@@ -609,10 +609,7 @@ class DecodeBatch:
         """The next token of every running row (a prefill of all of them if there is no cache)."""
         rows = self.rows
         if self.past is None:
-            ids, self.key_mask = left_pad([r.context for r in rows], self.tokenizer.pad_id)
-            logits, self.past = self.backend(
-                ids, positions_from_mask(self.key_mask), self.key_mask, None
-            )
+            logits, self.past, self.key_mask = self._prefill([r.context for r in rows])
         else:
             last = np.array([[r.context[-1]] for r in rows], dtype=np.int64)
             positions = np.array([[len(r.context) - 1] for r in rows], dtype=np.int64)
@@ -625,8 +622,7 @@ class DecodeBatch:
         """Prefill the rows that joined, alone, sample their first token, and join their
         cache to the running rows' (right-aligned: the narrower part is moved right)."""
         joining, self.joining = self.joining, []
-        ids, mask = left_pad([r.context for r in joining], self.tokenizer.pad_id)
-        logits, past = self.backend(ids, positions_from_mask(mask), mask, None)
+        logits, past, mask = self._prefill([r.context for r in joining])
         for row, token in zip(joining, sample_rows(joining, tokens_only(logits, self.vocab))):
             self._advance(row, token)
         width = max(self.key_mask.shape[1], mask.shape[1])
@@ -636,6 +632,25 @@ class DecodeBatch:
             [np.pad(self.key_mask, ((0, 0), (shift, 0))), np.pad(mask, ((0, 0), (shift_new, 0)))]
         )
         self.rows = self.rows + joining
+
+    def _prefill(self, contexts: list[list[int]]) -> tuple[np.ndarray, Any, np.ndarray]:
+        """(last logits, cache, key mask) of the left-padded ``contexts``. A context given
+        more than once (``n`` choices of one prompt, ``generate -k``, clients sending the same
+        prompt) is run once and its cache copied to each of its rows, when the backend can
+        copy cache rows (``keep_rows``): a prefill costs the distinct prompts' tokens."""
+        ids, mask = left_pad(contexts, self.tokenizer.pad_id)
+        positions = positions_from_mask(mask)
+        distinct: dict[tuple[int, ...], int] = {}
+        index = [distinct.setdefault(tuple(c), i) for i, c in enumerate(contexts)]
+        keep_rows = getattr(self.backend, "keep_rows", None)
+        if len(distinct) == len(contexts) or keep_rows is None:
+            logits, past = self.backend(ids, positions, mask, None)
+            return logits, past, mask
+        first = list(distinct.values())  # each distinct context's first row
+        logits, past = self.backend(ids[first], positions[first], mask[first], None)
+        where = {row: i for i, row in enumerate(first)}
+        copies = [where[row] for row in index]  # row r's context is run as copies[r]
+        return logits[copies], keep_rows(past, copies), mask
 
     def remove_done(self) -> list[Row]:
         """Take the rows marked done out of the batch (and its cache); returns them."""

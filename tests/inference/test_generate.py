@@ -6,7 +6,7 @@ import torch
 
 from gptkit import testing
 from gptkit.components.tokenizers import ByteTokenizerSpec, CharTokenizerSpec
-from gptkit.inference.decoding import decode_loop
+from gptkit.inference.decoding import DecodeBatch, decode_loop, row_rngs
 from gptkit.inference.torch import TorchBackend
 from gptkit.registry.registry import load_registry
 from tests.helpers import assert_user_error, run_cli
@@ -570,3 +570,45 @@ def test_a_padded_vocabulary_never_samples_or_lists_a_padding_id():
     # The log-probabilities are a distribution over the tokenizer's tokens.
     scored = prompt_logprobs(backend, tok.encode("abcabc"), 5, tok.vocab_size)
     assert all(t < tok.vocab_size for lp in scored for t, _ in lp.top)
+
+
+class Unshared(Counting):
+    """A backend that cannot copy cache rows: every row of a prefill is run."""
+
+    def __getattr__(self, name):
+        if name == "keep_rows":
+            raise AttributeError(name)
+        return getattr(self.backend, name)
+
+
+@pytest.mark.parametrize("static", [True, False], ids=["static", "concat"])
+def test_a_prompt_given_several_times_is_prefilled_once(static):
+    """n choices of one prompt (and clients sending the same one) share its prefill: the
+    backend runs each distinct prompt once, and every row still samples its own tokens,
+    the ones it gets when each row is prefilled."""
+    model = testing.tiny_model("mha", "rope", max_seq_len=128)
+    tok = char_tokenizer()
+    s = sampler("temperature", temperature=1.5, stop_at_eot=False)
+    prompts = ["abc", "abc", "uv", "abc"]
+    shared, each = Counting(TorchBackend(model, static=static)), Unshared(TorchBackend(model))
+    got = decode_loop(shared, tok, prompts, s, max_new_tokens=30, seed=7)
+    want = decode_loop(each, tok, prompts, s, max_new_tokens=30, seed=7)
+    assert shared.prefilled == 2 and each.prefilled == 4
+    assert [o.tokens for o in got] == [o.tokens for o in want]
+    assert len({tuple(o.tokens) for o in got}) == 4  # each row drew its own
+
+    # Joining a running batch: three rows of one prompt join with one prefill row.
+    def join_three(backend):
+        batch, rngs = DecodeBatch(backend, tok), row_rngs(9, 4)
+        batch.add(tok.encode("uv"), s, rngs[0], 20)
+        batch.step()
+        backend.prefilled = 0
+        joined = [batch.add(tok.encode("abc"), s, rng, 20) for rng in rngs[1:]]
+        while len(batch):
+            batch.step()
+        return [r.context for r in joined]
+
+    got_joined = join_three(shared)
+    assert shared.prefilled == 1
+    assert got_joined == join_three(Unshared(TorchBackend(model, static=static)))
+    assert len({tuple(c) for c in got_joined}) == 3
