@@ -67,14 +67,20 @@ def server_concurrency(
     max_tokens: int = 64,
     prompt: str = "ROMEO:",
     rounds: int = 5,
+    tokenizer: Any = None,
 ) -> dict[str, Any]:
     """Aggregate streamed tokens/s and time to first token of N concurrent greedy clients
-    against a real ``gptkit serve`` subprocess (``gptkit.bench.serve`` does the measuring)."""
-    from gptkit.bench.serve import concurrent_clients, running_server
+    against a real ``gptkit serve`` subprocess (``gptkit.bench.serve`` does the measuring);
+    with the bundle's ``tokenizer``, each client sends a prompt of its own."""
+    from gptkit.bench.serve import concurrent_clients, distinct_prompts, running_server
 
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    prompts = distinct_prompts(tokenizer, prompt, max(clients)) if tokenizer else None
     with running_server(bundle, "--max-tokens", str(max_tokens)) as url:
-        return {"max_tokens": max_tokens, **concurrent_clients(url, body, clients, rounds)}
+        return {
+            "max_tokens": max_tokens,
+            **concurrent_clients(url, body, clients, rounds, prompts),
+        }
 
 
 def _gpt2_pair(tok: Any, ctx: int) -> tuple[Any, Any, GPT]:
@@ -212,7 +218,7 @@ def inference_baseline(
         report["decode_growth"] = _context_growth(backends, tok, contexts)
         log("serving the fp32 bundle to 1 and 8 concurrent streaming clients ...")
         _write_bundle(Path(tmp) / "bundle", fp32, spec, model, tok)
-        report["server"] = server_concurrency(Path(tmp) / "bundle")
+        report["server"] = server_concurrency(Path(tmp) / "bundle", tokenizer=tok)
     s = report["server"]
     s["clients_8_over_1_tokens_per_s"] = s["clients_8_tokens_per_s"] / s["clients_1_tokens_per_s"]
     s["clients_8_over_1_first_token"] = s["clients_8_first_token_s"] / s["clients_1_first_token_s"]

@@ -131,15 +131,19 @@ def client_pool(url: str, k: int) -> Iterator[Any]:
 START_AHEAD_S = 0.05
 
 
-def client_round(pool: Any, url: str, body: dict[str, Any], n: int, r: int) -> tuple[list, float]:
-    """Round ``r``: ``n`` clients send at the same instant (seeds ``r * n + i``); (results,
-    seconds from that instant to the last one's end).
+def client_round(
+    pool: Any, url: str, body: dict[str, Any], n: int, r: int, prompts: list[str] | None = None
+) -> tuple[list, float]:
+    """Round ``r``: ``n`` clients send at the same instant (seeds ``r * n + i``; client i
+    sends ``prompts[i]`` if given); (results, seconds from that instant to the last one's end).
 
     The instant is set a little ahead and every client waits for it, so that handing out the
     work (one process after another, on the cores the server runs on) is neither timed nor
     spread over the requests: started as the pool handed them out, 8 requests reached the
     server over 6 ms, while the pool's own work took CPU from it."""
     bodies = [{**body, "seed": r * n + i} for i in range(n)]
+    for i, prompt in enumerate((prompts or [])[:n]):
+        bodies[i]["prompt"] = prompt
     start = time.monotonic() + START_AHEAD_S
     results = list(pool.map(stream_one, [url] * n, bodies, [start] * n))
     return results, max(x[4] for x in results) - start
@@ -157,7 +161,11 @@ def client_figures(n: int, results: list, wall: float, server_cpu_s: float) -> d
 
 
 def concurrent_clients(
-    url: str, body: dict[str, Any], clients: tuple[int, ...], rounds: int
+    url: str,
+    body: dict[str, Any],
+    clients: tuple[int, ...],
+    rounds: int,
+    prompts: list[str] | None = None,
 ) -> dict[str, Any]:
     """Aggregate streamed tokens/s and median time to first token of N clients started
     together (``rounds`` rounds each, an untimed warm-up first), each in its own process."""
@@ -169,7 +177,7 @@ def concurrent_clients(
             wall, results = 0.0, []
             cpu = server_cpu(url)
             for r in range(rounds):
-                got, seconds = client_round(pool, url, body, n, r)
+                got, seconds = client_round(pool, url, body, n, r, prompts)
                 results += got
                 wall += seconds
             out.update(client_figures(n, results, wall, server_cpu(url) - cpu))
@@ -190,10 +198,29 @@ def server_cpu(url: str) -> float:
 SETTLE_S = 0.2
 
 
-def runtime_round(gen: Any, prompt: str, b: int, options: dict[str, Any], seed: int) -> tuple:
-    """One ``complete([prompt] * b)``: (tokens, seconds, CPU seconds)."""
+def distinct_prompts(tokenizer: Any, prompt: str, n: int) -> list[str]:
+    """``prompt`` and ``n - 1`` others of as many tokens, its last token changed: clients
+    sending one prompt would share one prefill (``DecodeBatch._prefill``), which users with
+    prompts of their own do not. A variant must come back as the same tokens when encoded;
+    where fewer than ``n`` do, prompts repeat."""
+    ids = tokenizer.encode(prompt)
+    out = [prompt]
+    for token in range(min(tokenizer.vocab_size, 4096)):
+        if len(out) == n or not ids:
+            break
+        variant = [*ids[:-1], token]
+        text = tokenizer.decode(variant)
+        if token != ids[-1] and text not in out and tokenizer.encode(text) == variant:
+            out.append(text)
+    return [out[i % len(out)] for i in range(n)]
+
+
+def runtime_round(
+    gen: Any, prompts: list[str], b: int, options: dict[str, Any], seed: int
+) -> tuple:
+    """One ``complete(prompts[:b])``: (tokens, seconds, CPU seconds)."""
     t, cpu = time.perf_counter(), time.process_time()
-    done = gen.complete([prompt] * b, seed=seed, **options)
+    done = gen.complete(prompts[:b], seed=seed, **options)
     wall, cpu = time.perf_counter() - t, time.process_time() - cpu
     return sum(len(c.tokens) for c in done), wall, cpu
 
@@ -209,7 +236,8 @@ def serving_overhead(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """The runtime alone (batch 1 and ``clients``) against the server (1 and ``clients``
-    streaming clients), same prompt, budget and temperature; ratios are server / runtime.
+    streaming clients), same prompts, budget and temperature; ratios are server / runtime.
+    Each row (and client) has a prompt of its own, as long as ``prompt`` (``distinct_prompts``).
 
     The two are measured in alternation, round by round (runtime batch 1, server 1 client,
     runtime batch N, server N clients, and again), so that a machine whose speed drifts during
@@ -227,6 +255,7 @@ def serving_overhead(
         f"{max_tokens} tokens ..."
     )
     gen = load(path)
+    prompts = distinct_prompts(gen.tokenizer, prompt, clients)
     runtime = {n: [0, 0.0, 0.0] for n in sizes}  # tokens, seconds, CPU seconds
     served: dict[int, tuple[list, float, float]] = {n: ([], 0.0, 0.0) for n in sizes}
     with (
@@ -234,17 +263,17 @@ def serving_overhead(
         client_pool(url, clients) as pool,
     ):
         for n in sizes:  # untimed warm-ups: each batch shape, every client process
-            runtime_round(gen, prompt, n, options, seed=0)
+            runtime_round(gen, prompts, n, options, seed=0)
         list(pool.map(stream_one, [url] * clients, [body] * clients))
         for r in range(rounds):
             for n in sizes:
-                gen.complete([prompt] * n, max_new_tokens=8, seed=0)  # untimed, as the ping
-                tokens, wall, cpu = runtime_round(gen, prompt, n, options, seed=r + 1)
+                gen.complete(prompts[:n], max_new_tokens=8, seed=0)  # untimed, as the ping
+                tokens, wall, cpu = runtime_round(gen, prompts, n, options, seed=r + 1)
                 runtime[n] = [runtime[n][0] + tokens, runtime[n][1] + wall, runtime[n][2] + cpu]
                 time.sleep(SETTLE_S)  # the runtime's spinning threads go quiet first
                 list(pool.map(stream_one, [url] * n, [ping] * n))  # untimed: wake every part
                 before = server_cpu(url)
-                results, wall = client_round(pool, url, body, n, r)
+                results, wall = client_round(pool, url, body, n, r, prompts)
                 old = served[n]
                 served[n] = (old[0] + results, old[1] + wall, old[2] + server_cpu(url) - before)
     report: dict[str, Any] = {
