@@ -204,9 +204,7 @@ async def _server_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    kind = {404: "not_found", 405: "method_not_allowed"}.get(
-        exc.status_code, "invalid_request_error"
-    )
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     message = {
         404: f"no such endpoint: {request.url.path}",
         405: f"{request.method} is not allowed on {request.url.path}",
@@ -217,4 +215,6 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
             f"the request body is not valid JSON: not UTF-8 text ({cause.reason} at byte "
             f"{cause.start})"
         )
-    return error_response(exc.status_code, message, kind, headers=getattr(exc, "headers", None))
+    return error_response(
+        exc.status_code, message, code=code, headers=getattr(exc, "headers", None)
+    )

@@ -43,7 +43,7 @@ class BodyLimitMiddleware:
                 return await error_response(
                     413,
                     f"request body over {self.limits.max_body_bytes} bytes",
-                    "request_too_large",
+                    code="request_too_large",
                 )(scope, receive, send)
         # Read the whole (small) body here, against a size limit and a deadline, then hand it
         # to the app: a slow or endless upload never reaches a handler.
@@ -55,7 +55,7 @@ class BodyLimitMiddleware:
                 message = await _receive_by(receive, deadline)
             except asyncio.TimeoutError:
                 return await error_response(
-                    408, "request body not received in time", "request_timeout"
+                    408, "request body not received in time", code="request_timeout"
                 )(scope, receive, send)
             if message["type"] == "http.disconnect":
                 return None
@@ -65,7 +65,7 @@ class BodyLimitMiddleware:
                 return await error_response(
                     413,
                     f"request body over {self.limits.max_body_bytes} bytes",
-                    "request_too_large",
+                    code="request_too_large",
                 )(scope, receive, send)
             chunks.append(body)
             more = message.get("more_body", False)

@@ -42,14 +42,17 @@ def _integral(value: Any) -> Any:
 
 
 Int = Annotated[int, BeforeValidator(_integral)]  # an int field of a request
+
+
 # A seed: any 64-bit integer, as OpenAI's and vLLM's; a negative one is taken modulo 2**64 (the
 # random generators take non-negative seeds; -1 and 2**64 - 1 are the same seed).
-Seed = Annotated[
-    int,
-    BeforeValidator(_integral),
-    Field(ge=-(2**63), le=2**64 - 1),
-    AfterValidator(lambda seed: seed % 2**64),
-]
+def _seed(value: int) -> int:
+    if not -(2**63) <= value <= 2**64 - 1:  # pydantic's own bound prints 2**64 - 1 as a float
+        raise ValueError(f"must be a 64-bit integer, from {-(2**63)} to {2**64 - 1}")
+    return value % 2**64
+
+
+Seed = Annotated[int, BeforeValidator(_integral), AfterValidator(_seed)]
 
 
 def _prompt_shape(value: Any) -> Any:

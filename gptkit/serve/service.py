@@ -397,7 +397,7 @@ class CompletionService:
         except asyncio.CancelledError:
             if leaving is None or not leaving.caused():
                 raise  # cancelled by the server (shutting down), not by the client leaving
-            return error_response(499, "the client closed the request", "client_closed")
+            return error_response(499, "the client closed the request", code="client_closed")
         finally:
             if leaving is not None:
                 leaving.stop()

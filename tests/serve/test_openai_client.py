@@ -445,9 +445,11 @@ def test_what_openai_clients_send_back_is_taken(client, bundle_url, chat_run):
 
     assert text(-1) == text(2**64 - 1) == text(-1)
     assert text(-(2**63)) == text(2**63)
-    with pytest.raises(openai.BadRequestError) as info:
-        text(-(2**63) - 1)
-    assert info.value.body["param"] == "seed"
+    for outside in (-(2**63) - 1, 2**64):
+        with pytest.raises(openai.BadRequestError) as info:
+            text(outside)
+        assert info.value.body["param"] == "seed"
+        assert "from -9223372036854775808 to 18446744073709551615" in info.value.body["message"]
 
     def chat(**extra):
         return client.chat.completions.create(model="chatty", messages=[user], **extra)

@@ -276,6 +276,8 @@ def test_malformed_json_and_oversized_body(server):
         headers={"content-type": "application/json"},
     )
     assert big.status_code == 413
+    error = big.json()["error"]  # OpenAI's type for every refused request
+    assert error["type"] == "invalid_request_error" and error["code"] == "request_too_large"
 
 
 def test_bodies_that_are_not_utf8_or_hold_nan_say_so(server):
@@ -883,6 +885,8 @@ def test_unknown_model_logprobs_and_method_errors_are_openai_shaped(server):
         r = httpx.request(method, server["url"] + path)
         assert r.status_code == status
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert r.json()["error"]["type"] == "invalid_request_error"  # as OpenAI's "Invalid URL"
+        assert r.json()["error"]["code"] == {404: "not_found", 405: "method_not_allowed"}[status]
     r = httpx.post(server["url"] + "/v1/completions", json={"prompt": 3})
     assert r.json()["error"]["param"] == "prompt"
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
