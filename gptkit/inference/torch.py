@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gptkit.components.attention import StaticKV
@@ -123,7 +124,9 @@ class TorchBackend:
 
 # What reads a tensor's value on the host (``.item()``, ``bool(t)``, a data-dependent shape):
 # on a GPU each waits for the device, and none may run in a step captured as a CUDA graph.
-# (Seen from the dispatcher on any device; ``.tolist()`` and ``.cpu()`` are not.)
+# Seen from the dispatcher on any device; the copies to the host below it are seen as the
+# tensor methods called (on the CPU ``.cpu()`` copies nothing, so the dispatcher never sees it).
+HOST_COPIES = ("Tensor.tolist", "Tensor.numpy", "Tensor.cpu", "Tensor.__array__")
 HOST_READS = (
     "aten::item",
     "aten::_local_scalar_dense",
@@ -138,16 +141,42 @@ HOST_READS = (
 
 
 class HostReads(TorchDispatchMode):
-    """Records the host reads (``HOST_READS``) of the torch operations run in this thread
-    while it is active: ``with HostReads() as reads: ...; reads.found``."""
+    """Records the host reads (``HOST_READS``, and the copies to the host ``HOST_COPIES``) of
+    the torch operations run in this thread while it is active:
+    ``with HostReads() as reads: ...; reads.found``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.found: list[str] = []
+        self._copies = _HostCopies(self.found)
+
+    def __enter__(self) -> HostReads:
+        self._copies.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self._copies.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name
         if name in HOST_READS or f"{name}.{func._schema.overload_name}" in HOST_READS:
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+class _HostCopies(TorchFunctionMode):
+    """``HostReads``' watch on the tensor methods that copy to the host (``HOST_COPIES``)."""
+
+    def __init__(self, found: list[str]) -> None:
+        super().__init__()
+        self.found = found
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = f"Tensor.{getattr(func, '__name__', '')}"
+        if name in HOST_COPIES:
             self.found.append(name)
         return func(*args, **(kwargs or {}))
 

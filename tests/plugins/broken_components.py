@@ -159,6 +159,25 @@ class HostSlicingSpec(AttentionSpec):
         return _mha(HostSlicingAttention, model, positional)
 
 
+class HostListingAttention(CausalSelfAttention):
+    """As ``HostSlicingAttention``, but reads the first free slot by copying it to the host
+    (``past.position.tolist()``), which the dispatcher does not see on the CPU."""
+
+    def attend_static(self, q, k, v, past: StaticKV, key_mask):
+        used = past.position.reshape(1).tolist()[0]
+        if key_mask is not None:
+            key_mask = torch.cat([key_mask[:, :used], key_mask[:, past.keys.size(2) :]], dim=1)
+        sliced = past._replace(keys=past.keys[:, :, :used], values=past.values[:, :, :used])
+        return super().attend_static(q, k, v, sliced, key_mask)
+
+
+class HostListingSpec(AttentionSpec):
+    kind: Literal["host_listing"] = "host_listing"
+
+    def build(self, model, *, positional):
+        return _mha(HostListingAttention, model, positional)
+
+
 class DecodeMaskDroppingAttention(CausalSelfAttention):
     """Honours ``key_mask`` on a prefill only: decoding through a cache ignores it, so a row
     that joined a running batch (its cache left-padded) attends to the padding."""
@@ -493,6 +512,7 @@ def gptkit_register_attention(register):
     register(MaskIgnoringSpec)
     register(ShiftedStaticSpec)
     register(HostSlicingSpec)
+    register(HostListingSpec)
     register(NoExampleSpec)
     register(DecodeMaskDroppingSpec)
     register(FixedInitSpec)

@@ -66,6 +66,13 @@ BROKEN = [
         "broken_components",
         "reads ['aten::item'] on the host",
     ),
+    (
+        "attention",
+        "host_listing",
+        "static_cache",
+        "broken_components",
+        "reads ['Tensor.tolist'] on the host",
+    ),
     ("attention", "decode_mask_dropping", "joining", "broken_components", "joined"),
     ("attention", "mask_ignoring", "padding", "broken_components", "Tensor-likes are not close"),
     ("attention", "unused_gate", "gradients", "broken_components", "no gradient reaches"),
