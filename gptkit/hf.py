@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,60 @@ def read_stop_tokens(src: Path, tokenizer: Any) -> list[str]:
     return stops
 
 
+# generation_config.json's truncations, in the order one is chosen when several are set (a
+# gptkit sampler truncates one way; transformers applies each of them in turn), and the value
+# that turns each off.
+_TRUNCATIONS = (("top_p", "top_p", "p", 1.0), ("min_p", "min_p", "p", None),
+                ("typical_p", "typical", "p", 1.0), ("top_k", "top_k", "k", 0))  # fmt: skip
+
+
+def read_sampler(src: Path) -> tuple[dict[str, Any], str | None]:
+    """The sampler ``generation_config.json`` asks for, as spec fields (empty when it does not
+    set ``do_sample``: gptkit's default sampler then), and a line saying what it left out.
+
+    ``do_sample: false`` is greedy; ``do_sample: true`` takes ``temperature``,
+    ``repetition_penalty`` (the same CTRL penalty) and one truncation: ``top_p``, else
+    ``min_p``, else ``typical_p``, else ``top_k`` (transformers' default 50 when unset)."""
+    path = src / "generation_config.json"
+    config = _optional_json(path)
+    if not isinstance(config, dict) or not isinstance(config.get("do_sample"), bool):
+        return {}, None
+
+    def number(key: str, default: float | None, low: float, high: float | None = None) -> Any:
+        value = config.get(key, default)
+        if value is None:
+            return None
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or value < low or (high is not None and value > high):
+            bounds = f">= {low}" + (f" and <= {high}" if high is not None else "")
+            raise RunError(f"{path}: {key} must be a number {bounds}, not {value!r}")
+        return value
+
+    penalty = number("repetition_penalty", 1.0, 1e-6)
+    shared = {"repetition_penalty": float(penalty)} if penalty != 1.0 else {}
+    temperature = number("temperature", 1.0, 0.0)
+    if not config["do_sample"] or temperature == 0:
+        return {"kind": "greedy", **shared}, None
+    chosen: dict[str, Any] = {}
+    left_out = []
+    for key, kind, field, off in _TRUNCATIONS:
+        value = number(key, 50 if key == "top_k" else None, 0.0, None if key == "top_k" else 1.0)
+        if value is None or value == off or (key == "min_p" and value == 0):
+            continue
+        if chosen:
+            left_out.append(f"{key} {value}" + (" (transformers' default)" * (key not in config)))
+        else:
+            chosen = {"kind": kind, field: int(value) if field == "k" else float(value)}
+    sampler = {**(chosen or {"kind": "temperature"}), "temperature": float(temperature), **shared}
+    note = None
+    if left_out:
+        note = (
+            f"{path.name}: sampler {sampler['kind']}; left out {', '.join(left_out)} (a gptkit "
+            "sampler truncates one way; set sampler.kind to choose another)"
+        )
+    return sampler, note
+
+
 def _optional_json(path: Path) -> Any:
     """A JSON file of the folder, or an empty object when it is not there."""
     from gptkit.safeio import read_json
@@ -280,8 +335,14 @@ def _model_with_weights(model_spec: Any, src: Path) -> Any:
     return model
 
 
-def import_hf(src: str | Path, out: str | Path | None = None, name: str | None = None) -> Path:
-    """Make a run directory (spec, tokenizer, checkpoint step 0) from a local GPT-2 folder."""
+def import_hf(
+    src: str | Path,
+    out: str | Path | None = None,
+    name: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Make a run directory (spec, tokenizer, checkpoint step 0) from a local GPT-2 folder
+    (``log``: told what of ``generation_config.json``'s sampling is left out)."""
     from gptkit.spec.validate import validate_spec
     from gptkit.store.checkpoint import save_checkpoint
     from gptkit.store.rundir import RunDir
@@ -298,9 +359,11 @@ def import_hf(src: str | Path, out: str | Path | None = None, name: str | None =
     # nothing behind.
     model_fields = _model_fields(config)
     chat = {"chat_template": t} if (t := read_chat_template(src)) is not None else {}
+    sampler, note = read_sampler(src)
     spec = validate_spec(
         {
             "name": name,
+            **({"sampler": sampler} if sampler else {}),
             "tokenizer": {
                 "kind": "pretrained",
                 "path": str((src / "tokenizer.json").resolve()),
@@ -347,6 +410,8 @@ def import_hf(src: str | Path, out: str | Path | None = None, name: str | None =
         status="IMPORTED",
     )
     run.write_spec(spec)  # last: a folder with spec.yaml is a complete run
+    if note and log is not None:
+        log(note)
     return run.path
 
 

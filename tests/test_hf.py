@@ -202,6 +202,54 @@ def test_import_renders_chat_as_transformers_and_stops_where_generate_does(hf_gp
     assert stopped == greedy[: k + 1]  # generate keeps the end token; the text leaves it out
 
 
+def test_import_samples_as_generation_config_asks(hf_gpt2, tmp_path):
+    """``generation_config.json``'s sampling (``do_sample``, temperature, repetition penalty,
+    top_p) becomes the run's sampler: its distribution is the one transformers' own logits
+    processors give; a second truncation it cannot apply too is named at import; no
+    ``do_sample`` keeps gptkit's default; a value of the wrong type is exit 2."""
+    import shutil
+
+    import numpy as np
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    folder, hf = hf_gpt2
+    src = tmp_path / "src"
+    shutil.copytree(folder, src)
+    asked = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 0}
+    (src / "generation_config.json").write_text(json.dumps({**asked, "repetition_penalty": 1.3}))
+    run = gptkit.load(import_hf(src, tmp_path / "a"))
+    assert run.sampler.kind == "top_p" and run.sampler.p == 0.8
+    ids = torch.tensor([run.tokenizer.encode("ROMEO: the the")])
+    with torch.no_grad():
+        logits = hf(ids).logits[:, -1].double()
+    theirs = LogitsProcessorList(
+        [RepetitionPenaltyLogitsProcessor(1.3), TemperatureLogitsWarper(0.7), TopPLogitsWarper(0.8)]
+    )(ids, logits.clone())
+    expected = torch.softmax(theirs, dim=-1).numpy()
+    ours = run.sampler.probs(logits.numpy(), previous=ids.numpy())
+    assert 1 < (expected > 0).sum() < expected.shape[-1]  # top_p truncated something
+    np.testing.assert_allclose(ours, expected, atol=1e-9)
+
+    (src / "generation_config.json").write_text(json.dumps({**asked, "top_k": 20}))
+    result = run_cli("import-hf", src, "--out", tmp_path / "b")
+    assert result.returncode == 0, result.stderr
+    assert "sampler top_p; left out top_k 20" in result.stdout
+    (src / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    assert gptkit.load(import_hf(src, tmp_path / "c")).sampler.kind == "greedy"
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": 5}))
+    default = gptkit.load(import_hf(folder, tmp_path / "d")).sampler
+    assert gptkit.load(import_hf(src, tmp_path / "e")).sampler == default
+    (src / "generation_config.json").write_text(json.dumps({**asked, "temperature": "hot"}))
+    hot = run_cli("import-hf", src, "--out", tmp_path / "f")
+    assert_user_error(hot, "generation_config.json: temperature must be a number")
+    assert not (tmp_path / "f").exists()
+
+
 def test_import_refuses_what_it_cannot_read(tmp_path, smoke_run):
     assert_user_error(run_cli("import-hf", tmp_path), "has no config.json")
     assert_user_error(

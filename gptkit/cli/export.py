@@ -57,7 +57,7 @@ def import_hf_cmd(
     require_torch("import-hf")
     from gptkit.hf import import_hf
 
-    run = import_hf(src, out, name)
+    run = import_hf(src, out, name, log=echo)
     echo(
         f"imported {src} -> {run}\n"
         f"  generate:  gptkit generate {run} --prompt ...\n"

@@ -144,8 +144,11 @@ class HostSlicingAttention(CausalSelfAttention):
     """Correct, but reads the cache's first free slot on the host to slice the slots in use
     (``int(past.position)``): a decode step that cannot be captured as a CUDA graph."""
 
+    def used(self, past: StaticKV) -> int:
+        return int(past.position)
+
     def attend_static(self, q, k, v, past: StaticKV, key_mask):
-        used = int(past.position)
+        used = self.used(past)
         if key_mask is not None:
             key_mask = torch.cat([key_mask[:, :used], key_mask[:, past.keys.size(2) :]], dim=1)
         sliced = past._replace(keys=past.keys[:, :, :used], values=past.values[:, :, :used])
@@ -159,16 +162,12 @@ class HostSlicingSpec(AttentionSpec):
         return _mha(HostSlicingAttention, model, positional)
 
 
-class HostListingAttention(CausalSelfAttention):
+class HostListingAttention(HostSlicingAttention):
     """As ``HostSlicingAttention``, but reads the first free slot by copying it to the host
     (``past.position.tolist()``), which the dispatcher does not see on the CPU."""
 
-    def attend_static(self, q, k, v, past: StaticKV, key_mask):
-        used = past.position.reshape(1).tolist()[0]
-        if key_mask is not None:
-            key_mask = torch.cat([key_mask[:, :used], key_mask[:, past.keys.size(2) :]], dim=1)
-        sliced = past._replace(keys=past.keys[:, :, :used], values=past.values[:, :, :used])
-        return super().attend_static(q, k, v, sliced, key_mask)
+    def used(self, past: StaticKV) -> int:
+        return past.position.reshape(1).tolist()[0]
 
 
 class HostListingSpec(AttentionSpec):
