@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gptkit.errors import GptkitError
+from gptkit.training.tracking import params_of
 
 SKIP_PARAMS = ("n_params",)
 HIDDEN_KINDS = ("sweep", "group", "compare")  # parents and comparisons are not runs to rank
@@ -51,7 +52,7 @@ def rows_of(client: Any, runs: list[Any]) -> list[dict[str, Any]]:
             {
                 "run_id": run.info.run_id,
                 "name": run.info.run_name,
-                "params": run.data.params,
+                "params": params_of(run),
                 "val_loss": metrics.get("summary.final_val_loss", metrics["val_loss"]),
                 "best_val_loss": min(m.value for m in history),
                 # The whole run's rate (summary), not the last logging window's.

@@ -184,7 +184,8 @@ class SpecTrainer:
         self.idle = False
         self.phase_seconds = dict.fromkeys(PHASES, 0.0)
         self._timing = False  # inside a block counted by _timed
-        self.changes: list[tuple[str, Any, Any]] = []
+        self.changes: list[tuple[str, Any, Any]] = []  # (field, before, now) on a resume
+        self.spec_before: Any = None  # the run's spec before this resume changed it
 
     @property
     def run_dir(self) -> Path:
@@ -298,6 +299,7 @@ class SpecTrainer:
                 "Resume on the same data.source, or start a new run.",
             )
         self.changes = [c for c in spec_diff(old.to_dict(), self.spec.to_dict())]
+        self.spec_before = old
 
     def _build_model(self) -> GPT:
         spec = self.spec

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gptkit.registry.registry import spec_provenance
-from gptkit.training.tracking import Tracker, flatten, resolve_uri
+from gptkit.training.tracking import PARAM_TAG, Tracker, flatten, resolve_uri
 
 
 def params_in_force(spec: Any, facts: dict[str, Any]) -> dict[str, str]:
@@ -39,6 +39,16 @@ def params_in_force(spec: Any, facts: dict[str, Any]) -> dict[str, str]:
     params = {k: v for k, v in flatten(data).items() if v != "null"}
     params["n_params"] = str(facts["n_params"])
     return params
+
+
+def changed_params(before: Any, now: Any, facts: dict[str, Any]) -> dict[str, str]:
+    """``PARAM_TAG`` tags for the params that differ between two specs of one run."""
+    old, new = params_in_force(before, facts), params_in_force(now, facts)
+    return {
+        PARAM_TAG + key: new.get(key, "null")[:5000]
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
+    }
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
@@ -118,16 +128,17 @@ class RunRecord:
         record = cls(trainer, tracker)
         if trainer.resume and tracker.run_id:
             tracker.reopen()
-            record._tag_resume()
+            record._tag_resume(record._facts(uri, experiment))
         else:
             record._describe(uri, experiment)
         return record
 
-    def _describe(self, uri: str, experiment: str) -> None:
+    def _facts(self, uri: str, experiment: str) -> dict[str, Any]:
+        """What the params record besides the spec: how the run really ran."""
         import torch
 
-        trainer, tracker = self.trainer, self.tracker
-        facts = {
+        trainer = self.trainer
+        return {
             "device": trainer.device.type,
             "precision": "bf16" if trainer.bf16 else "fp32",
             "threads": torch.get_num_threads(),
@@ -136,7 +147,10 @@ class RunRecord:
             "experiment": experiment,
             "n_params": trainer.model.num_params(non_embedding=False),
         }
-        tracker.log_params(params_in_force(trainer.spec, facts))
+
+    def _describe(self, uri: str, experiment: str) -> None:
+        trainer, tracker = self.trainer, self.tracker
+        tracker.log_params(params_in_force(trainer.spec, self._facts(uri, experiment)))
         tags = {
             "mlflow.note.content": f"`{trainer.command or 'gptkit (Python API)'}`\n\n"
             f"run folder: {Path(trainer.run_dir).resolve()}",
@@ -153,7 +167,10 @@ class RunRecord:
         tracker.set_tags(tags)
         tracker.log_dataset(dataset_input(trainer))
 
-    def _tag_resume(self) -> None:
+    def _tag_resume(self, facts: dict[str, Any]) -> None:
+        """Tag the resume, and what it changed. An MLflow param cannot change, so a param the
+        resume changed is the tag ``gptkit.param.<key>`` from then on (``null``: no longer
+        set), which ``gptkit compare`` reads over the params."""
         trainer = self.trainer
         step = trainer.state.step
         tags = {f"gptkit.resumed_at.{step}": trainer.command or "resume"}
@@ -161,6 +178,8 @@ class RunRecord:
             tags[f"gptkit.resume_changes.{step}"] = "; ".join(
                 f"{k}: {a!r} -> {b!r}" for k, a, b in trainer.changes
             )[:5000]
+        if trainer.changes and trainer.spec_before is not None:
+            tags.update(changed_params(trainer.spec_before, trainer.spec, facts))
         self.tracker.set_tags(tags)
 
     def metrics(self, row: dict[str, Any]) -> None:

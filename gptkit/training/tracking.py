@@ -102,6 +102,20 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
+# A param a resume changed (MLflow params cannot change): the tag PARAM_TAG + key.
+PARAM_TAG = "gptkit.param."
+
+
+def params_of(run: Any) -> dict[str, str]:
+    """An MLflow run's params in force at its end: its params, with the ``PARAM_TAG`` tags
+    of its resumes over them (``null``: no longer set)."""
+    params = dict(run.data.params)
+    for tag, value in run.data.tags.items():
+        if tag.startswith(PARAM_TAG):
+            params[tag[len(PARAM_TAG) :]] = value
+    return {k: v for k, v in params.items() if v != "null"}
+
+
 class Tracker:
     """Queue-backed MLflow logging for one run (created, or reopened by id on resume)."""
 

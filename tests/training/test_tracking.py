@@ -180,3 +180,37 @@ def test_server_away_and_back_during_the_run_gets_everything_without_resume(tmp_
         srv.kill()
         if srv2:
             srv2.kill()
+
+
+def test_a_resume_that_changes_the_spec_is_what_mlflow_and_compare_say(tmp_path):
+    """An MLflow param cannot change: a resume's new values are ``gptkit.param.*`` tags, which
+    ``params_of`` (and so ``gptkit compare``) reads over the params. A run trained 10 steps
+    with early stopping, then resumed to 20 without it, compares as the same spec as a run
+    trained 20 steps straight (no differing column), not as max_steps 10 with patience 5."""
+    from gptkit.training.compare import compare, rows_of
+    from gptkit.training.tracking import params_of
+
+    common = ["--no-progress", "--set", "train.sample_tokens=0", "--set", "train.eval_every=5"]
+    first = ["--set", "train.max_steps=10", "--set", "train.early_stop={patience: 5}"]
+    for args in (
+        [SMOKE, *common, *first, "--run-dir", "resumed"],
+        ["--resume", *common, "--set", "train.max_steps=20", "--set", "train.early_stop=null"]
+        + ["--run-dir", "resumed"],
+        [SMOKE, *common, "--run-dir", "straight"],
+    ):
+        result = run_cli("train", *args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    run_id = json.loads((tmp_path / "resumed" / "mlflow.json").read_text())["run_id"]
+    resumed = client.get_run(run_id)
+    assert resumed.data.params["train.max_steps"] == "10"  # as logged at the start
+    now = params_of(resumed)
+    assert now["train.max_steps"] == "20"
+    assert not any(k.startswith("train.early_stop") for k in now), now
+    rows = rows_of(client, runs)
+    assert len(rows) == 2 and rows[0]["params"] == rows[1]["params"]
+    shown = compare([str(tmp_path / "resumed"), str(tmp_path / "straight")], uri, tmp_path)
+    header = shown.grid[0]
+    assert "train.max_steps" not in header and not any("early_stop" in h for h in header)
