@@ -439,6 +439,10 @@ class SpecTrainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
+    def _output_lost(self) -> None:
+        """Standard output went away: stop at the next step, with a checkpoint."""
+        self._stop_signal = self._stop_signal or "its output closing"
+
     def _install_signals(self) -> dict[int, Any]:
         previous = {}
 
@@ -448,7 +452,9 @@ class SpecTrainer:
                 raise KeyboardInterrupt
             self._stop_signal = signal.Signals(signum).name
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP: the terminal (or ssh session) running it closed.
+        hangup = [signal.SIGHUP] if hasattr(signal, "SIGHUP") else []
+        for sig in (signal.SIGINT, signal.SIGTERM, *hangup):
             try:
                 previous[sig] = signal.signal(sig, handler)
             except ValueError:  # not in the main thread
@@ -472,7 +478,11 @@ class SpecTrainer:
         self.tokens_per_step = t.batch_size * self.spec.model.max_seq_len * t.grad_accum_steps
         self.first_step = self.state.step
         self.progress = Progress(
-            t.max_steps, self.state.step, self.show_progress, quiet=not self.dist.main
+            t.max_steps,
+            self.state.step,
+            self.show_progress,
+            quiet=not self.dist.main,
+            on_lost=self._output_lost,
         )
         self.record = RunRecord.start(self) if self.dist.main and not self.idle else None
         self._started = time.time()  # training time counts from here

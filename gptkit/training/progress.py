@@ -9,8 +9,10 @@ plain line every ``log_every`` steps.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -26,11 +28,35 @@ def one_line(text: str, width: int = 200) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-class Progress:
-    """A live bar on a terminal; plain lines every ``log_every`` steps otherwise."""
+def silence_stdout() -> None:
+    """Send whatever is still printed to standard output nowhere: it was closed (``| head``,
+    a terminal gone), and each later write, the interpreter's last flush included, would
+    fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor behind sys.stdout (a notebook)
+        pass
 
-    def __init__(self, total: int, start: int, enabled: bool = True, quiet: bool = False) -> None:
+
+class Progress:
+    """A live bar on a terminal; plain lines every ``log_every`` steps otherwise.
+
+    If standard output goes away (a pipe whose reader ended, a closed terminal), nothing more
+    is printed and ``on_lost`` is called once: the trainer stops at the next step with a
+    checkpoint, as on Ctrl-C."""
+
+    def __init__(
+        self,
+        total: int,
+        start: int,
+        enabled: bool = True,
+        quiet: bool = False,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
         self.total, self.start = total, start
+        self.on_lost = on_lost
         self.quiet = quiet  # other ranks under torchrun: one voice, rank 0's
         self.live = enabled and not quiet and sys.stderr.isatty()
         self._tps: float | None = None
@@ -63,7 +89,7 @@ class Progress:
         if self._bar is not None:
             self._bar.update(self._task, completed=step, info=info, refresh=self._redraw_due())
         elif plain_line and not self.quiet:
-            print(f"step {step:>6}/{self.total} | {info}", flush=True)
+            self._say(f"step {step:>6}/{self.total} | {info}")
 
     def advance(self, step: int) -> None:
         """A step taken whose loss is not read yet (on a GPU, until a log step): the bar's
@@ -86,7 +112,18 @@ class Progress:
         if self._bar is not None:
             self._bar.console.print(text, markup=False, highlight=False)
         else:
-            print(text, flush=True)
+            self._say(text)
+
+    def _say(self, line: str) -> None:
+        if self.quiet:
+            return
+        try:
+            print(line, flush=True)
+        except OSError:  # BrokenPipeError, EIO: no one reads standard output any more
+            self.quiet = True
+            silence_stdout()
+            if self.on_lost is not None:
+                self.on_lost()
 
     def close(self) -> None:
         if self._bar is not None:

@@ -167,6 +167,37 @@ def test_sigint_writes_a_checkpoint_and_exits_cleanly(tmp_path, reference_run):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGHUP", "output closed"])
+def test_a_closed_terminal_or_output_stops_with_a_checkpoint(tmp_path, reference_run, how):
+    """A closed terminal (SIGHUP) or a reader of its output that went away (``| head``)
+    stops the run as Ctrl-C does: a checkpoint at the step reached, the reason on stderr,
+    exit 130, and a resume bit-identical to a run never stopped (it died at once, FAILED,
+    with no checkpoint)."""
+    proc = _train(tmp_path / "run", cwd=tmp_path)
+    _wait_for_step(proc, 7)
+    if how == "SIGHUP":
+        proc.send_signal(signal.SIGHUP)
+    else:
+        proc.stdout.close()
+    err = proc.stderr.read()
+    proc.wait(timeout=120)
+    reason = "SIGHUP" if how == "SIGHUP" else "its output closing"
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and f"stopped by {reason} at step" in err, err
+    step = int(err.split(f"stopped by {reason} at step ")[1].split(";")[0])
+    assert step < 40
+    assert (tmp_path / "run" / "checkpoints" / f"step-{step:06d}" / "model.safetensors").exists()
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["status"] == "KILLED" and info["summary"]["steps"] == step
+    resumed = run_cli(
+        "train", SMOKE, "--run-dir", tmp_path / "run", "--resume", *EXACT, cwd=tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = final_weights(reference_run), final_weights(tmp_path / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
 def test_resume_falls_back_when_the_latest_checkpoint_is_corrupt(tmp_path, reference_run):
     import shutil
 
