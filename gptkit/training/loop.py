@@ -47,7 +47,7 @@ from gptkit.training.state import TrainState
 
 EVAL_SEED_OFFSET = 1_000_003
 # Where a run's wall time goes besides its training steps (the "done" line's breakdown).
-PHASES = ("evaluation", "samples", "checkpoints")
+PHASES = ("evaluation", "samples", "checkpoints", "tracking")
 
 
 class TrainingError(GptkitError):
@@ -77,8 +77,9 @@ class TrainResult:
     spooled_events: int
     mlflow_url: str | None = None
     stop_reason: str = "max_steps"  # max_steps | early_stop | interrupted | failed
-    # Seconds of ``elapsed`` spent outside the training steps: "evaluation", "samples" and
-    # "checkpoints" (the part the loop waited for; a background write is not counted).
+    # Seconds of ``elapsed`` spent outside the training steps: "evaluation", "samples",
+    # "checkpoints" (the part the loop waited for; a background write is not counted) and
+    # "tracking" (the run's record closed: plot, MLflow artifacts and end).
     phases: dict[str, float] = field(default_factory=dict)
 
 
@@ -508,7 +509,8 @@ class SpecTrainer:
                 self._settle_checkpoint()
             finally:  # a second Ctrl-C while a write completes: the run is still recorded
                 self.progress.close()
-                spooled = self._finish(status)
+                with self._timed("tracking"):
+                    spooled = self._finish(status)
         # Every rank waits here for the others' last collectives (the checkpoint's state-dict
         # gathers are asynchronous under FSDP): a rank that exited with one still in flight
         # let gloo's worker thread free its tensors during interpreter teardown, which aborts
@@ -945,7 +947,8 @@ class SpecTrainer:
             state.last_val,
             state.best_val,
             elapsed,
-            tokens / max(elapsed, 1e-9) if trained else 0.0,
+            # Over the training, as run.json's summary: the record's closing is not in it.
+            tokens / max(elapsed - self.phase_seconds["tracking"], 1e-9) if trained else 0.0,
             state.skipped,
             spooled,
             self.record.url if self.record is not None else None,

@@ -1,8 +1,9 @@
 """A run's "done" line says where its time went besides the training steps: evaluation, the
-in-run samples, and the checkpoint writes the loop waited for."""
+in-run samples, the checkpoint writes the loop waited for, and the MLflow record's closing."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -31,7 +32,7 @@ def test_each_phase_is_counted_where_it_happens(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "progress_sample", slow_sample)
     result = _run(tmp_path, "train.sample_tokens=4")
     phases = result.phases
-    assert set(phases) == {"evaluation", "samples", "checkpoints"}
+    assert set(phases) == {"evaluation", "samples", "checkpoints", "tracking"}
     assert phases["samples"] >= 0.4  # two evaluations, each followed by a sample
     assert phases["evaluation"] > 0 and phases["checkpoints"] > 0
     assert phases["evaluation"] < 0.4  # the samples' sleep is not counted as evaluation
@@ -50,3 +51,26 @@ def test_no_samples_no_sample_time(tmp_path):
     result = _run(tmp_path, "train.sample_tokens=0")
     assert result.phases["samples"] == 0.0
     assert "samples" not in _train_report(result).splitlines()[0]
+
+
+def test_the_records_closing_is_its_own_part_and_not_in_the_rate(tmp_path, monkeypatch):
+    """Closing the MLflow run (plot, artifacts) was counted as training steps, and in the
+    tokens/s, which then disagreed with run.json's summary."""
+    from gptkit.training.record import RunRecord
+
+    real = RunRecord.close
+
+    def slow_close(self, *args, **kwargs):
+        time.sleep(0.5)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(RunRecord, "close", slow_close)
+    spec = load_spec(
+        SMOKE,
+        [*BASE[:2], "train.sample_tokens=0", f"tracking.uri=sqlite:///{tmp_path / 'ml.db'}"],
+    )
+    result = SpecTrainer(spec, run_dir=tmp_path / "run", progress=False).run()
+    assert result.phases["tracking"] >= 0.5
+    assert re.search(r"tracking 0\.[5-9]s|tracking [1-9]", _train_report(result)), result
+    summary = json.loads((tmp_path / "run" / "run.json").read_text())["summary"]
+    assert abs(result.tokens_per_sec / summary["tokens_per_sec"] - 1) < 0.1, summary
