@@ -191,6 +191,12 @@ def _report_sweep(results) -> None:
 
 
 def _train_report(result) -> str:
+    if result.steps_trained == 0 and result.stop_reason == "early_stop":
+        return (
+            f"nothing to train: the run stopped early at step {result.step} (train.early_stop: "
+            "its validation loss stopped improving); go on with --set train.early_stop=null "
+            f"or a larger patience\nrun: {result.run_dir}"
+        )
     if result.steps_trained == 0:
         return (
             f"nothing to train: the run is already at step {result.step} "

@@ -205,6 +205,11 @@ def test_early_stop_ends_the_run_and_records_why(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "step-000006").is_dir()  # the stop is kept
     run_id = json.loads((tmp_path / "run" / "mlflow.json").read_text())["run_id"]
     assert MlflowClient(db).get_run(run_id).data.tags["gptkit.stop_reason"] == "early_stop"
+    # Resumed as it is, it has nothing to train, and says why: the early stop, not max_steps.
+    again = run_cli("train", "--resume", "--run-dir", tmp_path / "run", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "stopped early at step 6" in again.stdout and "train.early_stop=null" in again.stdout
+    assert "raise it with --set train.max_steps" not in again.stdout
     # Without the rule the same run goes to max_steps, and says so.
     full = run_cli(
         "train",
