@@ -193,6 +193,27 @@ def test_a_set_value_is_bounded_like_a_spec():
     one_paragraph(info.value, "--set train", "found the key 'lr' twice")
 
 
+def test_a_number_field_refuses_true_and_false(tmp_path):
+    """pydantic's lax mode read true/false as 1/0: ``--set train.max_steps=true`` trained one
+    step and ``dropout: yes`` was "less than 1 (got true)". Now each is named as written, in
+    a spec file, a ``--set`` and a component; a bool field still takes them."""
+    for override, field, kind in [
+        ("train.max_steps=true", "train.max_steps", "integer"),
+        ("model.dropout=no", "model.dropout", "number"),
+        ("sampler.temperature=yes", "sampler.temperature", "number"),
+        ("model.attention={kind: gqa, n_kv_heads: true}", "model.attention.n_kv_heads", "integer"),
+    ]:
+        with pytest.raises(GptkitError) as info:
+            load_spec(SMOKE, [override])
+        one_paragraph(info.value, field, f"Input should be a valid {kind}")
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: flags\nmodel: {dropout: yes}\n")
+    with pytest.raises(GptkitError) as info:
+        load_spec(spec)
+    one_paragraph(info.value, "model.dropout", '(got "true")')
+    assert load_spec(SMOKE, ["train.compile=true", "sampler.stop_at_eot=no"]).train.compile
+
+
 @pytest.mark.slow
 def test_hostile_specs_at_the_cli(tmp_path):
     laughs = tmp_path / "laughs.yaml"

@@ -13,12 +13,52 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
-class ComponentSpec(BaseModel):
-    """Base of every component spec: strict (unknown keys are errors), immutable, and its
-    floats finite (``inf``/``nan`` are refused at validation, naming the field)."""
+def _a_number(annotation: Any) -> bool:
+    """Is ``annotation`` a number (``int``, ``float``, optional or in a union) and not also
+    a ``bool``?"""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _a_number(args[0])
+    kinds = set(args) if args else {annotation}
+    return bool(kinds & {int, float}) and bool not in kinds
+
+
+class _Flag:
+    """A ``true``/``false`` where a number is due: no number type takes it, so pydantic's
+    error names the field and shows it as written (its lax mode read them as 1 and 0)."""
+
+    def __init__(self, value: bool) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return str(self.value).lower()
+
+
+class NumbersNotBools(BaseModel):
+    """A number field refuses ``true``/``false``: ``--set train.max_steps=true`` trained one
+    step, ``model.dropout: no`` meant 0.0."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools_for_numbers(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        flags = {
+            k: _Flag(v)
+            for k, v in data.items()
+            if isinstance(v, bool) and k in fields and _a_number(fields[k].annotation)
+        }
+        return {**data, **flags} if flags else data
+
+
+class ComponentSpec(NumbersNotBools):
+    """Base of every component spec: strict (unknown keys are errors), immutable, its floats
+    finite (``inf``/``nan`` are refused at validation, naming the field) and its numbers not
+    ``true``/``false``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
-    BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
@@ -27,6 +26,7 @@ from gptkit.components.base import (
     SLOTS,
     AttentionSpec,
     ComponentSpec,
+    NumbersNotBools,
     OptimizerSpec,
     PositionalSpec,
     SamplerSpec,
@@ -48,8 +48,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class StrictModel(BaseModel):
-    # Unknown keys are errors; floats must be finite (`lr: .inf` is refused, naming the field).
+class StrictModel(NumbersNotBools):
+    # Unknown keys are errors; floats must be finite (`lr: .inf` is refused, naming the field);
+    # numbers are not true/false.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
