@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gptkit.errors import PluginError
+
 
 def _a_number(annotation: Any) -> bool:
     """Is ``annotation`` a number (``int``, ``float``, optional or in a union) and not also
@@ -261,10 +263,24 @@ class SamplerSpec(ComponentSpec):
         states: list[Any] | None = None,
     ) -> np.ndarray:
         """The distribution this sampler draws from (given each row's state): (B, V)."""
-        x = self.truncate(self.adjust(logits, previous))
-        x = x - x.max(axis=-1, keepdims=True)
+        adjusted = self.adjust(logits, previous)
+        x = self.truncate(adjusted)
+        top = x.max(axis=-1, keepdims=True)
+        if (np.isneginf(top[:, 0]) & np.isfinite(adjusted).any(axis=-1)).any():
+            raise PluginError(
+                f"sampler '{self.kind}' ({self._own_settings()}) left no token to draw from: "
+                "its truncate removed every token",
+                "A sampler keeps at least the most likely token; choose a setting that keeps "
+                "some (or fix the sampler's truncate).",
+            )
+        x = x - top
         p = np.exp(x)
         return p / p.sum(axis=-1, keepdims=True)
+
+    def _own_settings(self) -> str:
+        """This kind's own fields, as ``name=value`` (not the options every sampler has)."""
+        shared = SamplerSpec.model_fields
+        return ", ".join(f"{k}={v}" for k, v in self.model_dump().items() if k not in shared)
 
     def sample(
         self,

@@ -97,3 +97,29 @@ def test_rows_with_different_samplers_and_processing_are_drawn_each_as_alone():
             )
             assert got[i] == int(want[0]), (step, i)
         assert [len(r.logprobs) for r in rows] == [0, 1, 0, 1, 0, 1]
+
+
+class _Epsilon(SamplerSpec):
+    """Keeps the tokens at least ``epsilon`` likely: at 0.5 over a flat distribution, none."""
+
+    kind: Literal["test_epsilon"] = "test_epsilon"
+    epsilon: float = 0.02
+
+    def truncate(self, logits):
+        p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)
+        return np.where(p < self.epsilon, -np.inf, logits)
+
+
+def test_a_sampler_that_keeps_no_token_is_named_not_drawn_from():
+    """Its truncate removed every token: the draw was token 0 every time (20 newlines, exit 0,
+    a numpy warning); now an error naming the sampler and its setting."""
+    from gptkit.errors import PluginError
+
+    flat = np.zeros((2, 12))
+    with pytest.raises(PluginError, match=r"sampler 'test_epsilon' \(epsilon=0.5\) left no token"):
+        _Epsilon(epsilon=0.5).sample(flat, np.random.default_rng(0))
+    peaked = np.array([[4.0] + [0.0] * 11])
+    assert int(_Epsilon(epsilon=0.5).sample(peaked, np.random.default_rng(0))[0]) == 0
+    rows = [_Epsilon(epsilon=0.02).sample(flat, np.random.default_rng(s)) for s in range(5)]
+    assert len({int(r[0]) for r in rows}) > 1  # a setting that keeps tokens draws as before
