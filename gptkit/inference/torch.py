@@ -46,6 +46,7 @@ class TorchBackend:
         if graphs is None:  # on CUDA, unless GPTKIT_CUDA_GRAPHS=0 turns them off
             graphs = self.device.type == "cuda" and os.environ.get("GPTKIT_CUDA_GRAPHS") != "0"
         self.graphs = self.static and graphs
+        self.graphs_off = ""  # why the graphed steps were turned off, if they were
         self.step: GraphedStep | None = None  # the decode step for the current cache buffers
         self._seen: tuple[list[weakref.ref], int] = ([], 0)  # buffers, steps they served
 
@@ -96,7 +97,7 @@ class TorchBackend:
                 past.length = length  # the step is taken again, directly
                 cause = exc.__context__ or exc  # a capture that failed to end: its cause
                 warnings.warn(f"decoding without CUDA graphs: {cause}", stacklevel=3)
-                self.graphs = False
+                self.graphs, self.graphs_off = False, str(cause)
                 return None
         self.step = step
         return logits

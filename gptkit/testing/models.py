@@ -166,7 +166,10 @@ def check_graphed_steps(
     graphed = _Recording(TorchBackend(model, static=True, graphs=True))
     graphed.backend.capture_after = 0  # every decode step by a GraphedStep
     assert _greedy_ids(graphed, prompts, steps) == reference_ids
-    assert graphed.backend.graphs, "the fixed-shape decode step was turned off"
+    assert graphed.backend.graphs, (
+        f"the fixed-shape decode step (the whole cache buffers, the free slot at `position` "
+        f"masked by key_mask) was turned off: {graphed.backend.graphs_off}"
+    )
     _same_logits(graphed, reference, "decoding by fixed-shape (graphed) steps")
     # One step after a prefill, watched for host reads.
     ids = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int64)
@@ -321,7 +324,12 @@ def check_onnx(model: GPT, folder) -> dict:
         assert dims["present.0.key"][2] == dims["input_ids"][1], dims["present.0.key"]
         past = {n for n in inputs if n.startswith("past_key_values.")}
         for node in proto.graph.node:
-            assert not (node.op_type == "Concat" and past & set(node.input)), node.name
+            assert not (node.op_type == "Concat" and past & set(node.input)), (
+                f"the exported graph joins the static cache to the new keys or values "
+                f"(Concat node {node.name} reads {sorted(past & set(node.input))}): a static "
+                "attention attends over the cache buffers and the new keys as they are, and "
+                "returns only the new tokens' keys and values"
+            )
         from gptkit.inference.onnx import OnnxBackend, OnnxModel
         from gptkit.inference.torch import TorchBackend
 

@@ -52,7 +52,8 @@ def sampler_distribution(sampler: Any, vocab: int = 64, draws: int = 40_000, see
     previous = np.zeros((4, 1), dtype=np.int64)  # the one token _draw's contexts hold
     p = sampler.probs(logits, previous, _fresh(sampler, 4))
     assert p.shape == logits.shape and (p >= 0).all(), "probs must be (B, V) and >= 0"
-    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-9, err_msg="probs rows must sum to 1")
+    sums = p.sum(-1)
+    assert np.allclose(sums, 1.0, atol=1e-9), f"probs rows must sum to 1 (they sum to {sums})"
     want = reference_probs(sampler, logits, previous)
     if want is not None:
         _check_against_reference(sampler, p, want)

@@ -69,9 +69,15 @@ def run_tokenizer_case(case: Any, example: Any, registry: Any, folder: Path) -> 
     elif case.prop == "save_load":
         from gptkit.components.tokenizers import load_tokenizer
 
-        tok.save(folder / "tokenizer")
+        try:
+            tok.save(folder / "tokenizer")
+        except TypeError as exc:  # json.dumps of a state that is not JSON
+            raise AssertionError(f"save() failed: state() must be plain JSON data ({exc})") from exc
         again = load_tokenizer(folder / "tokenizer", registry)
-        assert again.vocab_size == tok.vocab_size and again.eot_id == tok.eot_id
+        assert (again.vocab_size, again.eot_id) == (tok.vocab_size, tok.eot_id), (
+            f"a reloaded tokenizer has vocab_size {again.vocab_size} and eot_id {again.eot_id}, "
+            f"the saved one {tok.vocab_size} and {tok.eot_id} (load_state restores the state)"
+        )
         for piece in pieces:
             assert again.encode(piece) == tok.encode(piece), (
                 "a reloaded tokenizer encodes differently"

@@ -334,6 +334,15 @@ class RescalingSpec(SamplerSpec):
         return np.where(logits >= median, 2 * logits, -np.inf)
 
 
+class HalfMassSpec(SamplerSpec):
+    """Its own ``probs`` forgets to normalise: each row sums to one half."""
+
+    kind: Literal["half_mass"] = "half_mass"
+
+    def probs(self, logits, previous=None, states=None):
+        return 0.5 * super().probs(logits, previous, states)
+
+
 class WideTopKSpec(TopKSpec):
     """Its example k is wider than the contract's vocabulary: truncation would go untested."""
 
@@ -394,6 +403,20 @@ class ReorderingTokenizer(CharTokenizer):
 
     def state(self):
         return {"chars": "".join(sorted(self.chars))}
+
+
+class SetStateTokenizer(CharTokenizer):
+    """Keeps its characters as a set in ``state()``: not JSON, so it cannot be saved."""
+
+    def state(self):
+        return {"chars": set(self.chars)}
+
+
+class SetStateSpec(CharTokenizerSpec):
+    kind: Literal["set_state"] = "set_state"  # type: ignore[assignment]
+
+    def build(self):
+        return SetStateTokenizer(self)
 
 
 class ReorderingSpec(CharTokenizerSpec):
@@ -535,6 +558,7 @@ def gptkit_register_sampler(register):
     register(TopKPlusOneSpec)
     register(RescalingSpec)
     register(WideTopKSpec)
+    register(HalfMassSpec)
 
 
 @hookimpl
@@ -543,6 +567,7 @@ def gptkit_register_tokenizer(register):
     register(ReorderingSpec)
     register(MostlyUnknownSpec)
     register(VanishingUnknownSpec)
+    register(SetStateSpec)
 
 
 @hookimpl

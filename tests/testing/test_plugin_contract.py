@@ -107,6 +107,8 @@ BROKEN = [
     ),
     ("sampler", "rescaling", "distribution", "broken_components", "must only set excluded"),
     ("sampler", "wide_top_k", "distribution", "broken_components", "truncate nothing"),
+    ("sampler", "half_mass", "distribution", "broken_components", "must sum to 1 (they sum to"),
+    ("tokenizer", "set_state", "save_load", "broken_components", "must be plain JSON data"),
     ("sampler", "global_rng", "seeded", "broken_components", "numpy's global RNG"),
     ("sampler", "own_rng", "seeded", "broken_components", "the rng is ignored"),
     ("sampler", "leaky", "state", "leaky_sampler", "leaks between generations"),
