@@ -141,6 +141,24 @@ def test_export_refuses_a_model_that_breaks_the_contract(tmp_path, attention, pr
     assert not (tmp_path / "bundle").exists()
 
 
+def test_export_checks_also_decode_through_the_static_cache():
+    """An attention whose static-cache path is wrong (and the concatenating one right) was
+    exported: the check skipped static models, and parity compares the graph with torch's
+    static decode, which shares the bug. A correct static attention passes both caches."""
+    from types import SimpleNamespace
+
+    from gptkit.export.checks import model_checks
+    from gptkit.testing.models import VOCAB, tiny_model
+
+    broken = tiny_model("shifted_static", plugins=["broken_components"])
+    assert broken.static_cache
+    with pytest.raises(GptkitError, match=r"preallocated \(static\) KV cache gives logits"):
+        model_checks(broken, SimpleNamespace(model=broken.spec), VOCAB)
+    good = tiny_model("mha")
+    report = model_checks(good, SimpleNamespace(model=good.spec), VOCAB)
+    assert good.static_cache and report["cache_equals_full"]
+
+
 def test_a_sampler_whose_state_leaks_is_reported_as_leaking_state():
     from gptkit.testing.samplers import sampler_distribution
 
