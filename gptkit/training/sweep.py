@@ -185,7 +185,10 @@ def check_runs(
             )
         except SpecError as exc:  # every distinct problem, not only the first run's
             for where, message in exc.problems:
-                problems.setdefault(f"{where}: {message}", (where, message))
+                # Once per problem, named by its first entry: an unknown key is the same
+                # problem for each of its values (a bad value names itself in the message).
+                problem = message.split(f" (from {entry} ")[0]
+                problems.setdefault(f"{where}: {problem}", (where, message))
         except GptkitError as exc:
             problems.setdefault(exc.message, ("sweep", exc.message))
     if problems:

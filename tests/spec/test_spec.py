@@ -244,7 +244,7 @@ def test_validate_checks_every_sweep_point_and_names_the_sweep_entry(tmp_path):
     spec.write_text(
         f"extends: {ROOT / 'experiments' / 'smoke.yaml'}\nname: bad\n"
         "sweep:\n  model.positional.kind: [rope, rpoe]\n  train.lr: [0.001, fast]\n"
-        "  model.n_layer: [2]\nrepeats: 3\n"
+        "  model.n_layer: [2, 3]\nrepeats: 3\n"
     )
     result = run_cli("validate", spec)
     assert_user_error(
@@ -257,6 +257,7 @@ def test_validate_checks_every_sweep_point_and_names_the_sweep_entry(tmp_path):
         "unknown positional kind 'rpoe'",
     )
     assert "--set" not in result.stderr  # the user typed no override
+    assert result.stderr.count("unknown key 'n_layer'") == 1  # once, not once per value
 
 
 def test_validate_warns_of_settings_that_make_little_sense_and_shows_sampler_fields():
