@@ -116,6 +116,6 @@ def check_roundtrip(tok: Any, piece: str) -> None:
     )
     share = sum(len(g) for g in match.groups()) / max(1, len(piece))
     assert share <= MAX_UNKNOWN, (
-        f"{share:.0%} of the text it was fitted on encodes to unk_id (at most "
+        f"{share:.1%} of the text it was fitted on encodes to unk_id (at most "
         f"{MAX_UNKNOWN:.0%}): the vocabulary leaves out common text"
     )
