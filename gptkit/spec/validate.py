@@ -48,7 +48,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     from gptkit.safeio import check_tree
 
     check_tree(value, f"--set {key}")
-    return key.split("."), value
+    return _sweep_path(key.split(".")), value
+
+
+def _sweep_path(path: list[str]) -> list[str]:
+    """A sweep's (or search space's) keys are dotted field paths themselves:
+    ``sweep.train.lr`` is the sweep's ``train.lr``, ``sweep.space.train.lr`` the space's."""
+    from gptkit.spec.models import SEARCH_KEYS
+
+    if path[0] != "sweep" or len(path) < 3:
+        return path
+    if path[1] == "space":
+        return [*path[:2], ".".join(path[2:])]
+    if path[1] in SEARCH_KEYS:
+        return path
+    return [path[0], ".".join(path[1:])]
 
 
 def parse_sampler_overrides(sets: list[str]) -> dict[str, Any]:

@@ -51,7 +51,9 @@ def rows_of(client: Any, runs: list[Any]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "run_id": run.info.run_id,
-                "name": run.info.run_name,
+                # A pruned trial's loss is from the step it stopped at: said in its name.
+                "name": (run.info.run_name or "")
+                + (" (pruned)" if run.data.tags.get("gptkit.stop_reason") == "pruned" else ""),
                 "params": params_of(run),
                 "val_loss": metrics.get("summary.final_val_loss", metrics["val_loss"]),
                 "best_val_loss": min(m.value for m in history),

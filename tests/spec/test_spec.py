@@ -226,6 +226,22 @@ def test_repeats_past_the_last_seed_are_refused_at_validate_time(tmp_path):
     validate_spec({"seed": 4294967294, "repeats": 2})  # the last seed, 2**32-1, still fits
 
 
+def test_a_sweep_entry_can_be_set_by_its_dotted_path():
+    """A sweep's keys are field paths: ``--set sweep.train.lr=[...]`` is the sweep's
+    ``train.lr`` (it was split into sweep.train.lr: "sweep.train: give a list of values")."""
+    from gptkit.spec.validate import parse_override
+
+    assert parse_override("sweep.train.lr=[0.001]")[0] == ["sweep", "train.lr"]
+    assert parse_override("sweep.space.train.lr={low: 1}")[0] == ["sweep", "space", "train.lr"]
+    assert parse_override("sweep.trials=3")[0] == ["sweep", "trials"]
+    assert parse_override("train.lr=0.1")[0] == ["train", "lr"]
+    raw = yaml.safe_load((ROOT / "experiments" / "smoke.yaml").read_text())
+    spec = validate_spec(
+        raw, "smoke.yaml", ["sweep.train.lr=[0.001, 0.002]", "sweep.model.n_layers=[1, 2]"]
+    )
+    assert spec.sweep == {"train.lr": [0.001, 0.002], "model.n_layers": [1, 2]}
+
+
 def test_an_overrides_problem_names_the_override_not_the_spec_file():
     raw = yaml.safe_load((ROOT / "experiments" / "smoke.yaml").read_text())
     with pytest.raises(SpecError) as caught:

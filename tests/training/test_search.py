@@ -78,8 +78,11 @@ def test_a_tpe_search_prunes_resumes_after_ctrl_c_and_its_best_trial_is_compared
     assert parent.data.metrics["val_loss"] == pytest.approx(study.best_value)
     compared = run_cli("compare", "smoke", "--json", "--plot", tmp_path / "c.png", cwd=tmp_path)
     assert compared.returncode == 0, compared.stderr
-    top = json.loads(compared.stdout)["groups"][0]
+    groups = json.loads(compared.stdout)["groups"]
+    top = groups[0]
     assert top["name"].startswith(f"trial {study.best_trial.number}: ")
+    marked = [g["name"] for g in groups if g["name"].endswith(" (pruned)")]
+    assert len(marked) == len(pruned), (marked, pruned)
     assert top["val_loss"] == pytest.approx(study.best_value)
 
 
