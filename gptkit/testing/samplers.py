@@ -285,7 +285,21 @@ def sampler_state(sampler: Any, rows: int = 3, steps: int = 40, vocab: int = 12)
             for _ in range(steps)
         ]
 
-    assert generation() == generation(), (
+    if generation() == generation():
+        return
+    saved = np.random.get_state()  # the same again, numpy's global RNG seeded alike each time
+    try:
+        np.random.seed(0)
+        first = generation()
+        np.random.seed(0)
+        global_rng = generation() == first
+    finally:
+        np.random.set_state(saved)
+    assert not global_rng, (
+        "a seeded generation did not repeat: the sampler draws from numpy's global RNG, not "
+        "the rng it is given"
+    )
+    raise AssertionError(
         "sampler state leaks between generations: a seeded generation with fresh states did "
         "not repeat"
     )
