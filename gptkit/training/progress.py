@@ -87,7 +87,8 @@ class Progress:
         eta = (self.total - step) * tokens / max(self._tps, 1e-9)
         info = f"loss {loss:.4f} | lr {lr:.2e} | {self._tps:,.0f} tok/s | eta {format_eta(eta)}"
         if self._bar is not None:
-            self._bar.update(self._task, completed=step, info=info, refresh=self._redraw_due())
+            bar, task, due = self._bar, self._task, self._redraw_due()
+            self._guard(lambda: bar.update(task, completed=step, info=info, refresh=due))
         elif plain_line and not self.quiet:
             self._say(f"step {step:>6}/{self.total} | {info}")
 
@@ -95,7 +96,8 @@ class Progress:
         """A step taken whose loss is not read yet (on a GPU, until a log step): the bar's
         count moves on; loss, rate and ETA are shown when it is read."""
         if self._bar is not None:
-            self._bar.update(self._task, completed=step, refresh=self._redraw_due())
+            bar, task, due = self._bar, self._task, self._redraw_due()
+            self._guard(lambda: bar.update(task, completed=step, refresh=due))
 
     def _redraw_due(self) -> bool:
         """Draw at least every 0.1 s of training from here, not only by rich's refresh
@@ -110,24 +112,34 @@ class Progress:
         if self.quiet:
             return
         if self._bar is not None:
-            self._bar.console.print(text, markup=False, highlight=False)
+            bar = self._bar
+            self._guard(lambda: bar.console.print(text, markup=False, highlight=False))
         else:
             self._say(text)
 
     def _say(self, line: str) -> None:
-        if self.quiet:
-            return
+        if not self.quiet:
+            self._guard(lambda: print(line, flush=True))
+
+    def _guard(self, write: Callable[[], None]) -> None:
+        """Run ``write``; if standard output has gone away (BrokenPipeError, EIO), print
+        nothing more and tell ``on_lost``, once."""
         try:
-            print(line, flush=True)
-        except OSError:  # BrokenPipeError, EIO: no one reads standard output any more
-            self.quiet = True
+            write()
+        except (OSError, SystemExit):  # rich turns a broken pipe into SystemExit(1)
+            bar, self._bar, self.quiet = self._bar, None, True
             silence_stdout()
+            if bar is not None:
+                try:
+                    bar.stop()  # its last drawing goes nowhere now
+                except (OSError, SystemExit):
+                    pass
             if self.on_lost is not None:
                 self.on_lost()
 
     def close(self) -> None:
         if self._bar is not None:
-            self._bar.stop()
+            self._guard(self._bar.stop)
 
 
 def progress_sample(

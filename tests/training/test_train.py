@@ -198,6 +198,45 @@ def test_a_closed_terminal_or_output_stops_with_a_checkpoint(tmp_path, reference
 
 
 @pytest.mark.slow
+def test_a_closed_output_under_the_live_bar_stops_with_a_checkpoint(tmp_path):
+    """On a terminal (stderr a tty: the live bar), ``gptkit train ... | head -1``: rich turns
+    the broken pipe into SystemExit(1), which ended the run FAILED with no checkpoint."""
+    import pty
+
+    leader, follower = pty.openpty()
+    args = [a for a in EXACT if a != "--no-progress"]
+    args[args.index("train.max_steps=40")] = "train.max_steps=400"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptkit", "train", str(SMOKE), "--run-dir", "run", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        text=True,
+    )
+    os.close(follower)
+    proc.stdout.readline()  # the run's first line, then the reader goes away
+    proc.stdout.close()
+    err = b""
+    while True:  # the terminal's side: read until the process closes it
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        err += chunk
+    proc.wait(timeout=120)
+    os.close(leader)
+    text = err.decode(errors="replace")
+    assert proc.returncode == 130, text
+    assert "stopped by its output closing at step" in text, text
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["status"] == "KILLED"
+    step = info["summary"]["steps"]
+    assert (tmp_path / "run" / "checkpoints" / f"step-{step:06d}" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
 def test_resume_falls_back_when_the_latest_checkpoint_is_corrupt(tmp_path, reference_run):
     import shutil
 
