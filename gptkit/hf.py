@@ -195,10 +195,15 @@ def read_stop_tokens(src: Path, tokenizer: Any) -> list[str]:
 
 
 # generation_config.json's truncations, in the order one is chosen when several are set (a
-# gptkit sampler truncates one way; transformers applies each of them in turn), and the value
-# that turns each off.
-_TRUNCATIONS = (("top_p", "top_p", "p", 1.0), ("min_p", "min_p", "p", None),
-                ("typical_p", "typical", "p", 1.0), ("top_k", "top_k", "k", 0))  # fmt: skip
+# gptkit sampler truncates one way; transformers applies each of them in turn): the key, the
+# sampler kind and field it becomes, the value that turns it off, transformers' default, and
+# the largest value it takes.
+_TRUNCATIONS = (
+    ("top_p", "top_p", "p", 1.0, None, 1.0),
+    ("min_p", "min_p", "p", 0.0, None, 1.0),
+    ("typical_p", "typical", "p", 1.0, None, 1.0),
+    ("top_k", "top_k", "k", 0, 50, None),
+)
 
 
 def read_sampler(src: Path) -> tuple[dict[str, Any], str | None]:
@@ -230,9 +235,9 @@ def read_sampler(src: Path) -> tuple[dict[str, Any], str | None]:
         return {"kind": "greedy", **shared}, None
     chosen: dict[str, Any] = {}
     left_out = []
-    for key, kind, field, off in _TRUNCATIONS:
-        value = number(key, 50 if key == "top_k" else None, 0.0, None if key == "top_k" else 1.0)
-        if value is None or value == off or (key == "min_p" and value == 0):
+    for key, kind, field, off, default, high in _TRUNCATIONS:
+        value = number(key, default, 0.0, high)
+        if value is None or value == off:
             continue
         if chosen:
             left_out.append(f"{key} {value}" + (" (transformers' default)" * (key not in config)))

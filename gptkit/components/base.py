@@ -266,7 +266,8 @@ class SamplerSpec(ComponentSpec):
         adjusted = self.adjust(logits, previous)
         x = self.truncate(adjusted)
         top = x.max(axis=-1, keepdims=True)
-        if (np.isneginf(top[:, 0]) & np.isfinite(adjusted).any(axis=-1)).any():
+        empty = np.isneginf(top[:, 0])  # rows left without a token (looked into only then)
+        if empty.any() and np.isfinite(adjusted[empty]).any(axis=-1).any():
             raise PluginError(
                 f"sampler '{self.kind}' ({self._own_settings()}) left no token to draw from: "
                 "its truncate removed every token",

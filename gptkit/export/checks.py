@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from gptkit.errors import GptkitError
@@ -32,8 +33,6 @@ def _refuse(spec: Any, prop: str, detail: str) -> GptkitError:
 def _decoded(model: Any, idx: torch.Tensor, static: bool) -> list[torch.Tensor]:
     """The logits of each position of ``idx`` (1, T), decoded one token at a time through the
     model's concatenating cache or (``static``) its preallocated one."""
-    import numpy as np
-
     from gptkit.inference.torch import TorchBackend
 
     backend = TorchBackend(model, next(model.parameters()).device, static=static, graphs=False)
@@ -73,10 +72,10 @@ def model_checks(model: Any, spec: Any, vocab_size: int) -> dict[str, Any]:
                     f"positions by {diff:.2e} (tolerance {tol:.1e})",
                 )
         report["causal"] = T > 1
-        # Both caches: the exported graph decodes over the preallocated one where the
-        # components support it, and parity compares it with torch's, which shares its code.
         if T < 2:  # one position: nothing is decoded from a cache
             return report
+        # Both caches: the exported graph decodes over the preallocated one where the
+        # components support it, and parity compares it with torch's, which shares its code.
         for static in (False, True) if model.static_cache else (False,):
             for t, logits in enumerate(_decoded(model, idx, static)):
                 diff = float((logits - full[:, t]).abs().max())

@@ -28,7 +28,7 @@ def one_line(text: str, width: int = 200) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-def silence_stdout() -> None:
+def _silence_stdout() -> None:
     """Send whatever is still printed to standard output nowhere: it was closed (``| head``,
     a terminal gone), and each later write, the interpreter's last flush included, would
     fail."""
@@ -128,7 +128,7 @@ class Progress:
             write()
         except (OSError, SystemExit):  # rich turns a broken pipe into SystemExit(1)
             bar, self._bar, self.quiet = self._bar, None, True
-            silence_stdout()
+            _silence_stdout()
             if bar is not None:
                 try:
                     bar.stop()  # its last drawing goes nowhere now

@@ -148,6 +148,21 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, referen
     assert steps == list(range(1, 41))
 
 
+def _checkpointed_and_resumes_exactly(tmp_path, err, reason, reference_run):
+    """The step the run said it stopped at (``stopped by REASON at step N``) has a
+    checkpoint, and resuming from it ends with the reference run's weights, bit for bit.
+    Returns the step."""
+    step = int(err.split(f"stopped by {reason} at step ")[1].split(";")[0])
+    assert (tmp_path / "run" / "checkpoints" / f"step-{step:06d}" / "model.safetensors").exists()
+    resumed = run_cli(
+        "train", SMOKE, "--run-dir", tmp_path / "run", "--resume", *EXACT, cwd=tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = final_weights(reference_run), final_weights(tmp_path / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    return step
+
+
 @pytest.mark.slow
 def test_sigint_writes_a_checkpoint_and_exits_cleanly(tmp_path, reference_run):
     proc = _train(tmp_path / "run", cwd=tmp_path)
@@ -156,14 +171,7 @@ def test_sigint_writes_a_checkpoint_and_exits_cleanly(tmp_path, reference_run):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "stopped by SIGINT at step" in err
-    step = int(err.split("stopped by SIGINT at step ")[1].split(";")[0])
-    assert (tmp_path / "run" / "checkpoints" / f"step-{step:06d}" / "model.safetensors").exists()
-    resumed = run_cli(
-        "train", SMOKE, "--run-dir", tmp_path / "run", "--resume", *EXACT, cwd=tmp_path
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    a, b = final_weights(reference_run), final_weights(tmp_path / "run")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    _checkpointed_and_resumes_exactly(tmp_path, err, "SIGINT", reference_run)
 
 
 @pytest.mark.slow
@@ -184,17 +192,10 @@ def test_a_closed_terminal_or_output_stops_with_a_checkpoint(tmp_path, reference
     reason = "SIGHUP" if how == "SIGHUP" else "its output closing"
     assert proc.returncode == 130, err
     assert "Traceback" not in err and f"stopped by {reason} at step" in err, err
-    step = int(err.split(f"stopped by {reason} at step ")[1].split(";")[0])
+    info = json.loads((tmp_path / "run" / "run.json").read_text())  # before the resume
+    step = _checkpointed_and_resumes_exactly(tmp_path, err, reason, reference_run)
     assert step < 40
-    assert (tmp_path / "run" / "checkpoints" / f"step-{step:06d}" / "model.safetensors").exists()
-    info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["status"] == "KILLED" and info["summary"]["steps"] == step
-    resumed = run_cli(
-        "train", SMOKE, "--run-dir", tmp_path / "run", "--resume", *EXACT, cwd=tmp_path
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    a, b = final_weights(reference_run), final_weights(tmp_path / "run")
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
