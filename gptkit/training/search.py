@@ -24,6 +24,7 @@ from gptkit.training.sweep import (
     _point,
     check_runs,
     point_name,
+    run_overrides,
 )
 
 
@@ -225,7 +226,7 @@ def _trial(
         )
         report = _reporter(trial) if i == 0 else None
         target = group.run_id if group else parent.run_id
-        over = [*state["overrides"], *run]
+        over = [*run_overrides(state["overrides"]), *run]
         result = _point(
             specs[point_name(run)], where, name, over, target, progress, command, report
         )

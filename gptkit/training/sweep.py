@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 from gptkit.errors import GptkitError, RunError, SpecError
 from gptkit.safeio import read_json
 from gptkit.spec.models import ExperimentSpec
-from gptkit.spec.validate import validate_spec
+from gptkit.spec.validate import parse_override, validate_spec
 from gptkit.store.rundir import MAX_RUN_FILE, RunDir, default_run_name, short_override
 
 MAX_POINTS = 1000
@@ -170,12 +170,19 @@ def check_sweep(
     return plan, check_runs(raw, source, overrides, runs, "sweep entry")
 
 
+def run_overrides(overrides: list[str]) -> list[str]:
+    """The sweep's ``--set`` overrides that each of its runs takes: not those that shaped the
+    sweep itself (``--set sweep.trials=3``, ``--set repeats=2``), which a run has none of."""
+    return [o for o in overrides if parse_override(o)[0][0] not in ("sweep", "repeats")]
+
+
 def check_runs(
     raw: dict[str, Any], source: str, overrides: list[str], runs: list[list[str]], entry: str
 ) -> dict[str, ExperimentSpec]:
     """Each run's spec (the spec without its sweep, with the run's overrides), by run name;
     every distinct problem over all runs in one error, each named by its ``entry``."""
     base = {k: v for k, v in raw.items() if k not in ("sweep", "repeats")}
+    overrides = run_overrides(overrides)
     specs, problems = {}, {}
     for run in runs:
         labels = {o: f"{entry} {o} in {source}" for o in run}
@@ -223,7 +230,7 @@ def _run_plan(
                 print(f"=== sweep point {index}/{total}: {name}", flush=True)
                 folder = RunDir.sweep_point(root, index, name)
                 target = group.run_id if group else parent.run_id
-                over = [*state["overrides"], *run]
+                over = [*run_overrides(state["overrides"]), *run]
                 result = _point(specs[name], folder, name, over, target, progress, command)
                 done.append({**result, "group": group_name})
                 sweep.results.append(done[-1])

@@ -242,6 +242,29 @@ def test_a_sweep_entry_can_be_set_by_its_dotted_path():
     assert spec.sweep == {"train.lr": [0.001, 0.002], "model.n_layers": [1, 2]}
 
 
+def test_an_override_of_the_sweep_itself_shapes_the_sweep_not_its_runs():
+    """``--set sweep.trials=3`` on a search spec was applied again to each trial's spec (which
+    has no sweep), where it made a grid of one bad axis: "sweep.trials: give a list of values"."""
+    from gptkit.spec.files import compose_spec_file
+    from gptkit.training.search import check_search
+    from gptkit.training.sweep import check_sweep
+
+    composed = compose_spec_file(ROOT / "experiments" / "smoke_search.yaml")
+    sets = ["sweep.trials=3", "repeats=2", "train.lr=0.002"]
+    spec = validate_spec(composed.data, "smoke_search.yaml", sets)
+    assert (spec.sweep["method"], spec.sweep["trials"], spec.repeats) == ("tpe", 3, 2)
+    trials = check_search(composed.data, "smoke_search.yaml", sets, spec)
+    assert trials and all(not t.sweep and t.repeats == 1 for t in trials.values())
+    raw = yaml.safe_load((ROOT / "experiments" / "smoke.yaml").read_text())
+    grid = ["sweep.train.lr=[0.001, 0.002]", "repeats=2", "model.n_layers=1"]
+    spec = validate_spec(raw, "smoke.yaml", grid)
+    plan, runs = check_sweep(raw, "smoke.yaml", grid, spec)
+    assert len(runs) == 4 and {r.model.n_layers for r in runs.values()} == {1}
+    assert {(r.train.lr, r.seed) for r in runs.values()} == {
+        (lr, spec.seed + i) for lr in (0.001, 0.002) for i in (0, 1)
+    }
+
+
 def test_an_overrides_problem_names_the_override_not_the_spec_file():
     raw = yaml.safe_load((ROOT / "experiments" / "smoke.yaml").read_text())
     with pytest.raises(SpecError) as caught:
