@@ -310,8 +310,13 @@ class _TextStream:
         self.text = ""
         self.emitted = 0
         self.stopped = False
+        # Where each token's text begins (a character still arriving counted from its start),
+        # and how many tokens begin inside the text streamed so far.
+        self.starts: list[int] = []
+        self.shown = 0
 
     def add(self, token: int) -> None:
+        self.starts.append(len(self.text.rstrip(REPLACEMENT)))
         self.tokens.append(token)
         tail = self.decode(self.tokens[self.settled :])
         if len(self.tokens) - self.settled >= self.next_try:
@@ -344,6 +349,13 @@ class _TextStream:
             while j > 0 and self.decode(tokens[: j - 1]).startswith(text):
                 j -= 1
         return j
+
+    def shown_tokens(self) -> int:
+        """How many tokens begin inside the text streamed so far: their log-probabilities go
+        with it (not those of text held back, which a stop string may still cut)."""
+        while self.shown < len(self.starts) and self.starts[self.shown] < self.emitted:
+            self.shown += 1
+        return self.shown
 
     def safe_text(self, final: bool) -> str:
         """New text that can be shown now."""

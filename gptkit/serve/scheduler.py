@@ -38,11 +38,14 @@ class Job:
 
 
 def _new_logprobs(job: Job, i: int) -> list[TokenLogprob]:
-    """Row ``i``'s log-probabilities not streamed yet (its text tokens only)."""
+    """Row ``i``'s log-probabilities not streamed yet: those of the tokens that begin inside
+    its text streamed so far (all of its text's once it is done, as the whole answer's)."""
     row = job.rows[i]
     if job.processing is None or job.processing.logprobs is None:
         return []
-    start, end = job.sent.get(i, 0), len(row.stream.tokens)
+    stream = row.stream
+    start = job.sent.get(i, 0)
+    end = max(start, stream.text_tokens() if row.done else stream.shown_tokens())
     job.sent[i] = end
     return row.logprobs[start:end]
 

@@ -500,6 +500,38 @@ def test_stop_strings_are_found_across_the_settled_text():
         assert streamed == stream.text, trial  # streamed pieces add up to the text
 
 
+def test_streamed_log_probabilities_go_with_the_text_they_begin_in():
+    """``shown_tokens``: the tokens that begin inside the text streamed so far, never one
+    whose text is held back (a stop string's possible start, half a UTF-8 character), which a
+    stop may still cut; at the end, the tokens the whole answer keeps (``text_tokens``)."""
+    import random
+
+    from gptkit.inference.decoding import REPLACEMENT, _TextStream
+
+    rng = random.Random(1)
+
+    def decode(ids):  # tokens are bytes, so a character may be split over tokens
+        return bytes(ids).decode("utf-8", "replace")
+
+    for trial in range(300):
+        text = "".join(rng.choice("ab\u00e9\u20ac") for _ in range(rng.randrange(5, 60)))
+        tokens = list(text.encode())
+        stops = ["".join(rng.choice("ab\u00e9") for _ in range(rng.randrange(2, 4)))
+                 for _ in range(2)]  # fmt: skip
+        stream = _TextStream(decode, stops)
+        for token in tokens:
+            stream.add(token)
+            if stream.stopped:
+                break
+            stream.safe_text(final=False)
+            shown = stream.shown_tokens()
+            assert len(decode(stream.tokens[:shown])) >= stream.emitted, (trial, stops)
+            before_last = decode(stream.tokens[: max(shown - 1, 0)]).rstrip(REPLACEMENT)
+            assert not shown or len(before_last) < stream.emitted, (trial, stops)
+        stream.safe_text(final=True)
+        assert stream.shown_tokens() == stream.text_tokens(), (trial, stops, text)
+
+
 @pytest.mark.parametrize(("attention", "positional"), BUILTIN)
 def test_the_static_cache_mask_is_built_once_per_step_and_changes_nothing(attention, positional):
     """Every layer of a torch decode step over the static cache takes the score mask the first

@@ -367,13 +367,24 @@ def test_logprobs_cover_the_text_returned_when_a_stop_string_cuts_it(client):
         stop = next((c for c in free[2:] if c.strip()), None)  # a character it will write
         if stop is None:
             continue
-        whole = client.completions.create(stop=stop, **base).choices[0]
-        assert whole.finish_reason == "stop"
-        assert "".join(whole.logprobs.tokens) == whole.text
-        chunks = list(client.completions.create(stop=stop, stream=True, **base))
-        streamed = [t for c in chunks if c.choices and c.choices[0].logprobs
-                    for t in c.choices[0].logprobs.tokens]  # fmt: skip
-        assert streamed == whole.logprobs.tokens
+        # One character; two (its first is held back, then cut); the same with the character
+        # before held back by a stop that never completes, released as the next is held (its
+        # log-probability went out early then, with the text before it); a stop that never
+        # completes (each of its first character held back, then released with the next).
+        at = free.index(stop, 2)
+        two, never = free[at : at + 2], free[at - 1] + "\x01"
+        for stops in ([stop], [two], [two, never], [stop + "\x01"]):
+            whole = client.completions.create(stop=stops, **base).choices[0]
+            assert whole.finish_reason == ("length" if "\x01" in stops[0] else "stop")
+            assert "".join(whole.logprobs.tokens) == whole.text
+            chunks = [c.choices[0] for c in client.completions.create(
+                stop=stops, stream=True, **base) if c.choices]  # fmt: skip
+            for c in chunks:  # each chunk's log-probabilities are its own text's (char tokens)
+                assert "".join(c.logprobs.tokens if c.logprobs else []) == c.text, (stops, c)
+            streamed = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
+            assert streamed == whole.logprobs.tokens, (seed, stops)
+            offsets = [o for c in chunks if c.logprobs for o in c.logprobs.text_offset]
+            assert offsets == whole.logprobs.text_offset
         seen += 1
     assert seen >= 3
 
