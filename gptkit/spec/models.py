@@ -273,6 +273,11 @@ class ExperimentSpec(StrictModel):
     @field_validator("sweep")
     @classmethod
     def _sweep_shape(cls, sweep: dict[str, Any]) -> dict[str, Any]:
+        axes = sweep.get("space", {}) if "method" in sweep else sweep
+        if isinstance(axes, dict) and any(str(k).split(".")[0] == "plugins" for k in axes):
+            # What a run may import is the spec's to say, once (and checked when a sweep
+            # folder is continued): not a value a sweep point sets.
+            raise ValueError("plugins cannot be swept: list every module under plugins:")
         if "method" in sweep:
             check_search(sweep)
         else:

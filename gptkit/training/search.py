@@ -23,6 +23,7 @@ from gptkit.training.sweep import (
     SweepRun,
     _point,
     check_runs,
+    opened_sweep_spec,
     point_name,
     run_overrides,
 )
@@ -112,10 +113,9 @@ def run_search(
 def resume_search(root: Path, state: dict[str, Any], progress: bool, command: str | None) -> list:
     """Continue a stopped search: the trial that was running resumes from its checkpoint."""
     from gptkit.spec.files import read_spec_file
-    from gptkit.spec.validate import validate_spec
 
     raw = read_spec_file(root / SWEEP_SPEC)
-    spec = validate_spec(raw, state["source"], state["overrides"])
+    spec = opened_sweep_spec(root, raw, state)
     parent = SweepParent.reopen(spec, state.get("parent_run_id"))
     print(f"resuming search {root}", flush=True)
     return _run(root, state, raw, spec, parent, progress, command)

@@ -123,11 +123,17 @@ def resume_sweep(root: Path, progress: bool = True, command: str | None = None) 
         return list(state.get("points") or [])
     raw = read_spec_file(root / SWEEP_SPEC)
     source, overrides = state["source"], state["overrides"]
-    spec = validate_spec(raw, source, overrides)
+    spec = opened_sweep_spec(root, raw, state)
     plan, specs = check_sweep(raw, source, overrides, spec)
     parent = SweepParent.reopen(spec, state.get("parent_run_id"))
     print(f"resuming sweep {root}", flush=True)
     return _run_plan(root, state, spec, specs, plan, parent, progress, command)
+
+
+def opened_sweep_spec(root: Path, raw: dict[str, Any], state: dict[str, Any]) -> ExperimentSpec:
+    """The spec of a sweep folder being continued, read as any run's: its ``plugins:`` (and
+    any its recorded overrides add) are imported only if installed or allowed by the user."""
+    return validate_spec(raw, str(root / SWEEP_SPEC), state["overrides"], opened=True)
 
 
 def read_sweep_state(root: Path) -> dict[str, Any]:
@@ -142,7 +148,16 @@ def read_sweep_state(root: Path) -> dict[str, Any]:
             "gptkit, or damaged)",
             "Start the sweep again: gptkit train SPEC",
         )
-    return state
+    overrides = state.get("overrides", [])
+    if not isinstance(state["source"], str) or not (
+        isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)
+    ):
+        raise RunError(
+            f"cannot resume the sweep in {root}: its sweep.json is damaged (source must be a "
+            "path, overrides a list of PATH=VALUE strings)",
+            "Start the sweep again: gptkit train SPEC",
+        )
+    return {**state, "overrides": overrides}
 
 
 def is_sweep_folder(path: Path) -> bool:

@@ -227,3 +227,39 @@ def test_a_signal_as_a_point_ends_stops_the_sweep_before_the_next(tmp_path, monk
     resume_sweep(tmp_path / "s", progress=False)
     assert len(runs) == 2  # the first point was kept, not trained again
     assert read_sweep_state(tmp_path / "s")["status"] == "finished"
+
+
+@pytest.mark.slow  # a two-point sweep of two steps, then three resumes: ~15 s
+def test_a_sweep_folder_continued_imports_only_trusted_plugins(tmp_path):
+    """A sweep folder is opened as any run is: a module its spec (or the overrides its
+    sweep.json records) names under plugins: is not imported unless installed or allowed; a
+    damaged sweep.json is named; a sweep cannot set plugins: point by point."""
+    (tmp_path / "evil.py").write_text("open('IMPORTED', 'w').close()\n")  # on sys.path (cwd)
+    spec = tmp_path / "sw.yaml"
+    spec.write_text(
+        f"extends: {SMOKE}\nname: sw\ntracking: {{enabled: false}}\n"
+        "train: {max_steps: 2, eval_every: 2, sample_tokens: 0, warmup_steps: 0}\n"
+        "sweep: {seed: [1, 2]}\n"
+    )
+    trained = run_cli("train", spec, "--no-progress", "--run-dir", "sw", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    sweep, state = tmp_path / "sw", json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    original = (sweep / "sweep-spec.yaml").read_text()
+    for spec_text, overrides in (
+        (original + "plugins: [evil]\n", state["overrides"]),
+        (original, [*state["overrides"], "plugins=[evil]"]),
+    ):
+        (sweep / "sweep-spec.yaml").write_text(spec_text)
+        (sweep / "sweep.json").write_text(
+            json.dumps({**state, "status": "running", "overrides": overrides})
+        )
+        resumed = run_cli("train", "--resume", "--run-dir", sweep, cwd=tmp_path)
+        assert_user_error(resumed, "names plugin module(s) 'evil'", "GPTKIT_PLUGINS=evil")
+        assert not (tmp_path / "IMPORTED").exists()
+    (sweep / "sweep-spec.yaml").write_text(original)
+    (sweep / "sweep.json").write_text(json.dumps({**state, "status": "running", "overrides": 5}))
+    damaged = run_cli("train", "--resume", "--run-dir", sweep, cwd=tmp_path)
+    assert_user_error(damaged, "its sweep.json is damaged")
+    spec.write_text(f"extends: {SMOKE}\nsweep: {{plugins: [[evil]]}}\n")
+    assert_user_error(run_cli("validate", spec, cwd=tmp_path), "plugins cannot be swept")
+    assert not (tmp_path / "IMPORTED").exists()
