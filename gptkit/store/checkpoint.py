@@ -16,6 +16,7 @@ previous checkpoint valid.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -124,12 +125,20 @@ def save_checkpoint(
     write_pointer(ckpt_dir / "latest", name)
     val = meta.get("val_loss")
     best_name = read_pointer(ckpt_dir / "best")
-    best_val = _meta(ckpt_dir / best_name).get("val_loss") if best_name else None
+    best_val = _val_loss(_meta(ckpt_dir / best_name)) if best_name else None
     if val is not None and (best_val is None or val < best_val):
         write_pointer(ckpt_dir / "best", name)
         best_name = name
     _prune(ckpt_dir, keep_last, keep={name, best_name})
     return final
+
+
+def _val_loss(meta: dict[str, Any]) -> float | None:
+    """A checkpoint's recorded validation loss; None when it has none, or one edited into
+    something that is not a number (that checkpoint then cannot stay the best)."""
+    val = meta.get("val_loss")
+    number = isinstance(val, (int, float)) and not isinstance(val, bool)
+    return float(val) if number and math.isfinite(val) else None
 
 
 def _meta(path: Path) -> dict[str, Any]:
@@ -154,9 +163,10 @@ def set_aside_after(ckpt_dir: Path, chosen: Path) -> Path | None:
     for path in newer:
         os.replace(path, aside / path.name)
     write_pointer(ckpt_dir / "latest", chosen.name)
-    left = [p for p in list_checkpoints(ckpt_dir) if _meta(p).get("val_loss") is not None]
+    scored = {p: _val_loss(_meta(p)) for p in list_checkpoints(ckpt_dir)}
+    left = {p: v for p, v in scored.items() if v is not None}
     if left:
-        write_pointer(ckpt_dir / "best", min(left, key=lambda p: _meta(p)["val_loss"]).name)
+        write_pointer(ckpt_dir / "best", min(left, key=left.__getitem__).name)
     _fsync_dir(ckpt_dir)
     return aside
 

@@ -44,6 +44,7 @@ RUN_FILE = "run.json"
 MAX_RUN_FILE = 16 << 20  # run.json, plugins.json, mlflow.json: small documents
 MAX_METRICS = 512 << 20  # metrics.jsonl: one line per logged step
 MAX_PID = 1 << 22  # Linux's pid_max ceiling; a larger number in .lock is not a pid
+MAX_WALK_FOLDERS = 100_000  # folders a run (or sweep) folder is searched through for links
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -343,7 +344,10 @@ class RunDir:
         return data if isinstance(data, dict) else {}
 
     def metrics(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.metrics_file)
+        """The logged rows; a row whose step is not a whole number (edited by hand) is
+        skipped, as a line cut short is."""
+        rows = read_jsonl(self.metrics_file)
+        return [r for r in rows if type(r.get("step", 0)) is int]
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         with open(self.metrics_file, "a", encoding="utf-8") as f:
@@ -396,6 +400,11 @@ class RunDir:
             except OSError as exc:
                 self.lock_file.unlink(missing_ok=True)  # no empty lock left behind
                 raise self._cannot_lock(exc) from None
+            try:
+                self._refuse_links()
+            except RunError:
+                self.unlock()
+                raise
             return
         raise RunError(f"could not take the lock {self.lock_file}")
 
@@ -417,6 +426,28 @@ class RunDir:
             self.lock_file.unlink(missing_ok=True)
         except OSError as exc:
             raise self._cannot_lock(exc) from None
+
+    def _refuse_links(self) -> None:
+        """Refuse a folder holding symbolic links: training appends to, rewrites and prunes
+        the run's files, and through a link it would do so to files elsewhere (a
+        ``loss_curve.png`` linked to ``~/.bashrc``, a ``checkpoints`` linked to another run's)."""
+        links: list[str] = []
+        for n, (folder, dirs, files) in enumerate(os.walk(self.path)):  # links not followed
+            if n > MAX_WALK_FOLDERS:
+                break
+            for name in [*dirs, *files]:
+                if os.path.islink(os.path.join(folder, name)):
+                    links.append(os.path.relpath(os.path.join(folder, name), self.path))
+        if links:
+            shown = ", ".join(
+                f"{link} -> {os.readlink(self.path / link)}" for link in sorted(links)[:3]
+            )
+            more = f" (and {len(links) - 3} more)" if len(links) > 3 else ""
+            raise RunError(
+                f"{self.path} holds symbolic links: {shown}{more}; gptkit writes and prunes a "
+                "run's own files only, never through a link",
+                "Replace each link by the file itself, or train into a new --run-dir.",
+            )
 
     def _cannot_lock(self, exc: OSError) -> RunError:
         return RunError(

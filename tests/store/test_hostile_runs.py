@@ -60,3 +60,54 @@ def test_a_model_larger_than_memory_is_refused_before_anything_is_allocated():
 def test_more_samples_at_once_than_memory_holds_is_a_clear_error(smoke_bundle, tmp_path):
     result = run_cli("generate", smoke_bundle, "-p", "A", "-k", str(10**12), cwd=tmp_path)
     assert_user_error(result, "continuations at once", "--num-samples")
+
+
+def test_a_run_folder_with_links_is_not_written_through_them(smoke_run, tmp_path):
+    """Resuming a run whose files are links (a hostile or careless copy) would append samples
+    to, overwrite the plot at and prune checkpoints in the links' targets: refused, exit 2,
+    every target as it was."""
+    victim = tmp_path / "victim"
+    shutil.copytree(smoke_run, victim)
+    before = {p: p.read_bytes() for p in victim.rglob("*") if p.is_file()}
+    for name, target in (
+        ("loss_curve.png", victim / "spec.yaml"),
+        ("samples.txt", victim / "run.json"),
+        ("checkpoints", victim / "checkpoints"),
+    ):
+        run = tmp_path / name
+        shutil.copytree(smoke_run, run)
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+        (run / name).symlink_to(target)
+        with pytest.raises(RunError) as caught:
+            RunDir(run).lock()
+        assert f"holds symbolic links: {name} -> {target}" in str(caught.value)
+        assert not (run / ".lock").exists()
+    result = run_cli(
+        "train", "--resume", "--run-dir", tmp_path / "checkpoints",
+        "--set", "train.max_steps=200", "--set", "tracking.enabled=false", cwd=tmp_path,
+    )  # fmt: skip
+    assert_user_error(result, "holds symbolic links: checkpoints ->", "new --run-dir")
+    assert {p: p.read_bytes() for p in victim.rglob("*") if p.is_file()} == before
+
+
+def test_hand_edited_records_are_passed_over_on_resume(smoke_run, tmp_path):
+    """A checkpoint's meta.json whose val_loss is not a number, metrics.jsonl lines whose step
+    is not one: resume trains on (they were a TypeError traceback, exit 1, the run FAILED)."""
+    from gptkit.store.checkpoint import list_checkpoints
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    best = read_pointer(run / "checkpoints" / "best")
+    (run / "checkpoints" / best / "meta.json").write_text('{"val_loss": "x", "step": "y"}')
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": "x"}\n{"step": null, "loss": 1}\n{"step": true}\n')
+    result = run_cli(
+        "train", "--resume", "--run-dir", run, "--no-progress",
+        "--set", "train.max_steps=30", "--set", "tracking.enabled=false", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert read_pointer(run / "checkpoints" / "latest") == "step-000030"
+    assert read_pointer(run / "checkpoints" / "best") != best  # its val_loss is unknown now
+    assert list_checkpoints(run / "checkpoints")[-1].name == "step-000030"
+    steps = [r["step"] for r in RunDir(run).metrics()]
+    assert steps == sorted(steps) and steps[-1] == 30
