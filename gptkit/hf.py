@@ -9,15 +9,19 @@ GPT-2's tanh-approximated GELU and tied embeddings. Its ``Conv1D`` layers store 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import load_file, save_file
 
 from gptkit.errors import GptkitError, RunError
+
+if TYPE_CHECKING:
+    import torch
 
 ACTIVATIONS = {
     "gelu_new": "gelu_tanh",
@@ -91,7 +95,7 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def _load_weights(path: Path):
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, or a RunError naming the file and the problem."""
     from gptkit.safeio import check_regular
 
@@ -103,6 +107,15 @@ def _load_weights(path: Path):
             f"{path} is not a readable safetensors file ({type(exc).__name__}: {str(exc)[:200]})",
             "It may be truncated; copy or download it again.",
         ) from None
+
+
+# GPT2Config flags that, when true, make a model gptkit does not build: importing it anyway
+# would give a different model under the same weights. (``reorder_and_upcast_attn`` is not one:
+# it computes the same scores in fp32 in another order, a difference of rounding only.)
+_UNIMPLEMENTED_FLAGS = {
+    "scale_attn_by_inverse_layer_idx": "attention scores divided by the layer number",
+    "add_cross_attention": "blocks that attend to an encoder's output",
+}
 
 
 def _model_fields(config: dict[str, Any]) -> dict[str, Any]:
@@ -119,9 +132,9 @@ def _model_fields(config: dict[str, Any]) -> dict[str, Any]:
         )
     if not abs(config.get("layer_norm_epsilon", 1e-5) - 1e-5) <= 1e-12:  # NaN fails too
         raise GptkitError("config.json layer_norm_epsilon must be 1e-5 (gptkit's LayerNorm)")
-    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+    for flag, what in _UNIMPLEMENTED_FLAGS.items():
         if config.get(flag):
-            raise GptkitError(f"config.json sets {flag}, which gptkit does not implement")
+            raise GptkitError(f"config.json sets {flag} ({what}), which gptkit does not implement")
     if config.get("scale_attn_weights") is False:
         raise GptkitError("config.json sets scale_attn_weights false; gptkit always scales")
     d = config["n_embd"]
@@ -155,6 +168,7 @@ def read_chat_template(src: Path) -> str | None:
     if not isinstance(config, dict):
         raise RunError(f"{path} holds {type(config).__name__}, not an object")
     jinja = src / "chat_template.jinja"
+    template: str | None
     if jinja.is_file():
         template = read_text(jinja, "chat_template.jinja", MAX_CONFIG_BYTES, RunError)
     else:
@@ -305,6 +319,69 @@ def _check_hf_folder(src: Path) -> None:
         )
 
 
+# Per-block buffers a GPT-2 checkpoint may hold that are not weights: the causal mask
+# (``attn.bias``) and the masking constant (``attn.masked_bias``) of older transformers, which
+# transformers ignores on load (GPT2LMHeadModel._keys_to_ignore_on_load_unexpected) and
+# gptkit's causal attention does not need.
+_BUFFER = re.compile(r"h\.(\d+)\.attn\.(bias|masked_bias)")
+
+
+def _is_buffer(key: str, prefix: str, n_layers: int) -> bool:
+    """A causal-mask buffer of one of the config's blocks (one of a block the config does not
+    have is reported with that block's weights)."""
+    m = _BUFFER.fullmatch(key[len(prefix) :]) if key.startswith(prefix) else None
+    return m is not None and int(m.group(1)) < n_layers
+
+
+def _check_tied_head(weights: dict[str, torch.Tensor], prefix: str, path: Path) -> None:
+    """A tied model's file may repeat the embedding as ``lm_head.weight``; one that differs
+    from it is an untied head (transformers then keeps both), which a tied import would drop."""
+    import torch
+
+    head, emb = weights["lm_head.weight"], weights.get(prefix + "wte.weight")
+    if emb is None or head.shape != emb.shape or not torch.equal(head, emb):
+        raise RunError(
+            f"{path} holds an lm_head.weight that differs from {prefix}wte.weight, but "
+            "config.json's tie_word_embeddings is true (its default): the import would "
+            "drop the output layer",
+            "Set tie_word_embeddings to false in config.json if the head is its own.",
+        )
+
+
+def _unused_reason(unused: list[str], prefix: str, n_layers: int) -> str:
+    """Which config.json field disagrees with the weights the import leaves unused."""
+    layers = [
+        int(m.group(1))
+        for k in unused
+        if k.startswith(prefix) and (m := re.match(r"h\.(\d+)\.", k[len(prefix) :]))
+    ]
+    if any(i >= n_layers for i in layers):
+        return (
+            f"config.json says n_layer {n_layers}, but the weights have blocks up to "
+            f"h.{max(layers)} (n_layer {max(layers) + 1})"
+        )
+    if any(".crossattention." in k or ".ln_cross_attn." in k for k in unused):
+        return "config.json does not set add_cross_attention, but the weights have cross-attention"
+    return "they are not part of a GPT-2 language model (GPT2LMHeadModel) of this config.json"
+
+
+def _check_every_tensor_used(
+    weights: dict[str, torch.Tensor], used: set[str], prefix: str, n_layers: int, path: Path
+) -> None:
+    """Every tensor of the file is imported or a known buffer: a tensor left over means
+    config.json describes another model than the weights hold (fewer layers, no
+    cross-attention, another head), and importing it would quietly make that other model."""
+    unused = sorted(k for k in weights if k not in used and not _is_buffer(k, prefix, n_layers))
+    if not unused:
+        return
+    shown = ", ".join(unused[:3]) + (", ..." if len(unused) > 3 else "")
+    n = len(unused)
+    raise RunError(
+        f"{path} holds {n} tensor{'s' if n != 1 else ''} the import does not use ({shown}): "
+        f"{_unused_reason(unused, prefix, n_layers)}"
+    )
+
+
 def _model_with_weights(model_spec: Any, src: Path) -> Any:
     """A GPT of ``model_spec`` holding the folder's GPT-2 weights, every one accounted for."""
     from gptkit.model import GPT
@@ -313,13 +390,16 @@ def _model_with_weights(model_spec: Any, src: Path) -> Any:
     weights = _load_weights(weights_path)
     prefix = "transformer." if any(k.startswith("transformer.") for k in weights) else ""
     model = GPT(model_spec)
+    n_layers = model_spec.n_layers
     state = {}
-    for ours, theirs, transpose in name_map(model_spec.n_layers):
+    for ours, theirs, transpose in name_map(n_layers):
         key = prefix + theirs
         if key not in weights:
-            raise RunError(f"{weights_path} lacks {key}")
+            said = f" (config.json says n_layer {n_layers})" if theirs.startswith("h.") else ""
+            raise RunError(f"{weights_path} lacks {key}{said}")
         t = weights[key]
         state[ours] = t.t().contiguous() if transpose else t
+    used = {prefix + theirs for _, theirs, _ in name_map(n_layers)}
     if not model_spec.tie_embeddings:
         if "lm_head.weight" not in weights:
             raise RunError(
@@ -327,6 +407,11 @@ def _model_with_weights(model_spec: Any, src: Path) -> Any:
                 "embeddings are not tied)"
             )
         state["lm_head.weight"] = weights["lm_head.weight"]
+        used.add("lm_head.weight")
+    elif "lm_head.weight" in weights:
+        _check_tied_head(weights, prefix, weights_path)
+        used.add("lm_head.weight")
+    _check_every_tensor_used(weights, used, prefix, n_layers, weights_path)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shapes that disagree with config.json

@@ -314,3 +314,114 @@ def test_import_refuses_hostile_config_files(hf_gpt2, tmp_path):
     (src / "config.json").write_text(json.dumps({**config, "layer_norm_epsilon": float("nan")}))
     assert_user_error(run_cli("import-hf", src, "--out", tmp_path / "c"), "layer_norm_epsilon")
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def _altered_copy(folder, dst, config=None, weights=None):
+    """A copy of a GPT-2 folder with ``config`` merged into its config.json and ``weights``
+    (a function of the tensors dict) applied to its model.safetensors."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, dst)
+    path = dst / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **(config or {})}))
+    if weights is not None:
+        tensors = weights(load_file(dst / "model.safetensors"))
+        save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_import_refuses_a_config_with_fewer_or_more_layers_than_the_weights(hf_gpt2, tmp_path):
+    """A config.json that says 1 layer over 2 layers of weights is another model: exit 2
+    naming the unused block and n_layer, never a quiet import of the first layer."""
+    from gptkit.errors import RunError
+
+    folder, _ = hf_gpt2
+    fewer = _altered_copy(folder, tmp_path / "fewer", {"n_layer": 1})
+    result = run_cli("import-hf", fewer, "--out", tmp_path / "a")
+    assert_user_error(
+        result, "12 tensors the import does not use", "transformer.h.1.", "n_layer 1", "h.1"
+    )
+    assert not (tmp_path / "a").exists()
+    more = _altered_copy(folder, tmp_path / "more", {"n_layer": 3})
+    with pytest.raises(RunError, match=r"lacks transformer\.h\.2\..*n_layer 3"):
+        import_hf(more, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+def test_import_takes_known_buffers_and_refuses_a_stray_tensor(hf_gpt2, tmp_path):
+    """Older checkpoints hold each block's causal-mask buffers (``attn.bias``,
+    ``attn.masked_bias``) and a tied ``lm_head.weight`` equal to the embedding: imported as
+    before. A tensor the import does not use, or a head that is not the embedding under
+    ``tie_word_embeddings``, is refused by name."""
+    from gptkit.errors import RunError
+
+    folder, hf = hf_gpt2
+
+    def old_style(w):
+        for i in range(2):
+            w[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
+            w[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+        return {**w, "lm_head.weight": w["transformer.wte.weight"].clone()}
+
+    src = _altered_copy(folder, tmp_path / "old", weights=old_style)
+    gen = gptkit.load(import_hf(src, tmp_path / "a"))
+    ids = torch.randint(
+        0, hf.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(3)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(gen.model(ids).logits, hf(ids).logits, rtol=0, atol=1e-4)
+
+    def stray(w):
+        return {**old_style(w), "score.weight": torch.zeros(2, hf.config.n_embd)}
+
+    src = _altered_copy(folder, tmp_path / "stray", weights=stray)
+    with pytest.raises(RunError, match=r"holds 1 tensor the import does not use \(score\.weight\)"):
+        import_hf(src, tmp_path / "b")
+
+    def untied(w):
+        return {**w, "lm_head.weight": torch.randn_like(w["transformer.wte.weight"])}
+
+    src = _altered_copy(folder, tmp_path / "untied", weights=untied)
+    with pytest.raises(RunError, match="lm_head.weight that differs.*tie_word_embeddings"):
+        import_hf(src, tmp_path / "c")
+    assert not any((tmp_path / d).exists() for d in "bc")
+
+
+def test_import_refuses_cross_attention(hf_gpt2, tmp_path):
+    """A GPT-2 with ``add_cross_attention`` attends to an encoder's output, which gptkit's
+    blocks do not: refused by the config flag, and by its weights when the flag is gone."""
+    import copy
+
+    from gptkit.errors import GptkitError, RunError
+
+    folder, hf = hf_gpt2
+    config = copy.deepcopy(hf.config)
+    config.add_cross_attention = True
+    src = tmp_path / "cross"
+    transformers.GPT2LMHeadModel(config).save_pretrained(src, safe_serialization=True)
+    for f in folder.iterdir():  # the tokenizer files
+        if f.is_file() and not (src / f.name).exists():
+            (src / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(GptkitError, match="config.json sets add_cross_attention"):
+        import_hf(src, tmp_path / "a")
+    flag_gone = _altered_copy(src, tmp_path / "flag-gone", {"add_cross_attention": False})
+    with pytest.raises(RunError, match=r"holds 16 tensors .*crossattention.*add_cross_attention"):
+        import_hf(flag_gone, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_import_takes_reorder_and_upcast_attn_which_is_rounding_only(hf_gpt2, tmp_path):
+    """``reorder_and_upcast_attn`` scales before the product and computes the scores in fp32:
+    the same model, as transformers' own logits with the flag show."""
+    folder, hf = hf_gpt2
+    src = _altered_copy(folder, tmp_path / "src", {"reorder_and_upcast_attn": True})
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(src, attn_implementation="eager").eval()
+    assert theirs.transformer.h[0].attn.reorder_and_upcast_attn
+    gen = gptkit.load(import_hf(src, tmp_path / "run"))
+    ids = torch.randint(
+        0, hf.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(4)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(gen.model(ids).logits, theirs(ids).logits, rtol=0, atol=1e-4)
