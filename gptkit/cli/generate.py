@@ -155,6 +155,14 @@ def serve(
     header_timeout: Annotated[
         float, typer.Option(min=0.1, help="Seconds a client has to send its request headers.")
     ] = 10.0,
+    send_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.1,
+            help="Seconds an answer may wait for a client that reads nothing of it (then the "
+            "client is dropped); also how long a shutdown lets answers finish.",
+        ),
+    ] = 30.0,
     threads: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(
@@ -202,6 +210,7 @@ def serve(
             max_tokens=max_tokens,
             body_timeout_s=body_timeout,
             header_timeout_s=header_timeout,
+            send_timeout_s=send_timeout,
             stream_interval_s=stream_interval,
             template_timeout_s=template_timeout,
         ),

@@ -23,16 +23,21 @@ from gptkit.serve.schemas import Limits
 MAX_HEADER_BYTES = 16 * 1024
 
 
-def _header_timeout_protocol(seconds: float, http: str = "auto") -> type:
+def _header_timeout_protocol(
+    seconds: float, http: str = "auto", send_timeout: float = 30.0
+) -> type:
     """uvicorn's HTTP/1.1 protocol, with a deadline for a request's headers: a client that
     opens a connection (or keeps one alive) and never finishes its headers is dropped, and one
-    whose request line and headers pass ``MAX_HEADER_BYTES`` gets a 400.
+    whose request line and headers pass ``MAX_HEADER_BYTES`` gets a 400. A client that stops
+    reading its answer is dropped once the answer has waited ``send_timeout`` seconds for it
+    (the connection's buffers full): it held its admission slot, and a shutdown, for ever.
 
     ``auto`` is uvicorn's httptools protocol (a C parser: ~0.1 ms less server CPU per request,
     and less per streamed chunk, than h11; on a small machine that is a share of every first
     token), or its pure-Python h11 protocol where httptools is not installed."""
     base = _protocol_base(http)
-    return type("HeaderTimeoutProtocol", (_HeaderLimits, base), {"header_timeout": seconds})
+    limits = {"header_timeout": seconds, "send_timeout": send_timeout}
+    return type("HeaderTimeoutProtocol", (_HeaderLimits, base), limits)
 
 
 class _HeaderLimits:
@@ -40,7 +45,9 @@ class _HeaderLimits:
     the protocol's own method)."""
 
     header_timeout = 10.0
+    send_timeout = 30.0
     _header_timer: Any = None
+    _send_timer: Any = None
     _header_bytes = 0
     _host_headers = 0
     _refusal = ""  # why this protocol refused the request (uvicorn's 400 does not say)
@@ -104,8 +111,29 @@ class _HeaderLimits:
         if not self.transport.is_closing():  # type: ignore[attr-defined]
             self._arm()  # a kept-alive connection: the next request's headers
 
+    def pause_writing(self) -> None:  # the transport's buffer is full: the client is not reading
+        super().pause_writing()  # type: ignore[misc]
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.send_timeout, self._not_reading)  # type: ignore[attr-defined]
+
+    def resume_writing(self) -> None:
+        self._stop_send_timer()
+        super().resume_writing()  # type: ignore[misc]
+
+    def _stop_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _not_reading(self) -> None:
+        """Drop the connection: the answer is told its client left (a 499; the request's
+        rows leave the batch and its slot is free)."""
+        self._send_timer = None
+        self.transport.abort()  # type: ignore[attr-defined]
+
     def connection_lost(self, exc) -> None:
         self._disarm()
+        self._stop_send_timer()
         super().connection_lost(exc)  # type: ignore[misc]
 
     def _refuse(self, why: str) -> None:
@@ -230,6 +258,9 @@ def serve(
         log_level="warning",
         timeout_keep_alive=5,
         limit_concurrency=1024,  # open connections; requests are capped above
-        http=_header_timeout_protocol(limits.header_timeout_s),
+        http=_header_timeout_protocol(limits.header_timeout_s, send_timeout=limits.send_timeout_s),
+        # SIGTERM: answers under way may finish for this long, then they are cancelled (a
+        # client that stopped reading is dropped after send_timeout_s anyway).
+        timeout_graceful_shutdown=limits.send_timeout_s,
     )
     uvicorn.Server(config).run(sockets=[sock])

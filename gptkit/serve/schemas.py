@@ -24,6 +24,7 @@ class Limits:
     max_body_bytes: int = 64 * 1024
     body_timeout_s: float = 10.0
     header_timeout_s: float = 10.0
+    send_timeout_s: float = 30.0  # a client that reads nothing of its answer this long: dropped
     max_prompt_chars: int = 16 * 1024
     max_tokens: int = 1024
     max_choices: int = 16  # prompts x n

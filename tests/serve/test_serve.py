@@ -5,6 +5,7 @@ import asyncio
 import json
 import logging
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -558,14 +559,17 @@ def test_an_http_1_0_client_gets_a_stream_whole_with_its_length(server):
 
 
 @contextmanager
-def _served_with_a_log(bundle: Path, log: Path):
-    """A ``gptkit serve`` subprocess of its own, its access log in ``log``; yields (url, port)."""
+def _served_with_a_log(bundle: Path, log: Path, *options: str, proc_out: list | None = None):
+    """A ``gptkit serve`` subprocess of its own, its access log in ``log``; yields (url, port)
+    (``proc_out`` gets the process)."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gptkit", "serve", str(bundle), "--port", str(port)],
+        [sys.executable, "-m", "gptkit", "serve", str(bundle), "--port", str(port), *options],
         stdout=subprocess.DEVNULL,
         stderr=open(log, "w"),
     )
+    if proc_out is not None:
+        proc_out.append(proc)
     try:
         yield _wait_for(proc, port, log), port
     finally:
@@ -628,6 +632,45 @@ def test_a_whole_answers_client_that_leaves_has_its_rows_cancelled(bundle, tmp_p
         lines = [x for x in log.read_text().splitlines() if '"POST /v1/completions"' in x]
         # The first may finish on a fast machine; the others were waiting or decoding.
         assert sum('" 499 ' in x for x in lines) >= 3, lines
+
+
+def _not_reading(port: int, body: dict[str, Any]) -> socket.socket:
+    """A client that sends its request and then reads nothing (a tiny receive buffer, so the
+    server's buffers fill soon)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    s.connect(("127.0.0.1", port))
+    s.sendall(_raw_post(body))
+    return s
+
+
+@pytest.mark.slow  # a server of its own; a few seconds of answers nobody reads
+def test_a_client_that_stops_reading_is_dropped_and_does_not_hold_a_shutdown(bundle, tmp_path):
+    """An answer that waits --send-timeout for a client reading nothing drops that client
+    (streamed, 499: its slot is free; it held it, and so 429 for everyone, for ever), and
+    SIGTERM ends the server within that bound (it waited for such a client as long as it
+    stayed)."""
+    log, procs = tmp_path / "stderr.txt", []
+    options = ("--send-timeout", "1", "--max-concurrent", "2", "--max-queued", "0")
+    big = {"prompt": "a", "max_tokens": 1024, "n": 16, "logprobs": 5}  # megabytes of answer
+    with _served_with_a_log(bundle, log, *options, proc_out=procs) as (url, port):
+        stalled = [_not_reading(port, {**big, "stream": True}), _not_reading(port, big)]
+        time.sleep(0.5)
+        assert httpx.post(url + "/v1/completions", json={"prompt": "A"}).status_code == 429
+        _until_idle(url)  # dropped: their slots are free
+        again = httpx.post(url + "/v1/completions", json={"prompt": "A", "max_tokens": 3})
+        assert again.status_code == 200
+        lines = [x for x in log.read_text().splitlines() if '"POST /v1/completions"' in x]
+        # The whole answer was written (200); its unread bytes are dropped with the client.
+        assert sum('" 499 ' in x for x in lines) == 1, lines
+        stalled += [_not_reading(port, {**big, "stream": True}) for _ in range(2)]
+        time.sleep(0.5)
+        started = time.monotonic()
+        procs[0].send_signal(signal.SIGTERM)
+        procs[0].wait(timeout=20)
+        assert time.monotonic() - started < 10
+        for s in stalled:
+            s.close()
 
 
 def test_a_json_body_sent_as_a_form_is_told_its_content_type(server):
