@@ -72,6 +72,26 @@ class OnnxModel:
         """ids/positions (B, T), key_mask (B, P + T) -> last (or all) logits and the new cache."""
         if self.static:
             return self._run_static(ids, positions, key_mask, past, all_logits)
+        return self._run_concat(ids, positions, key_mask, past, all_logits)
+
+    def _failed(self, exc: Exception) -> RunError:
+        """The graph itself failed as onnxruntime ran it (a damaged or hand-edited bundle: an
+        allocation of terabytes, a node that cannot run): the bundle's fault, said as such."""
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        return RunError(
+            f"the bundle's graph {self.path} failed to run: {reason[:500]}",
+            "The bundle is damaged or was changed after export; export the run again.",
+        )
+
+    def _run_concat(
+        self,
+        ids: np.ndarray,
+        positions: np.ndarray,
+        key_mask: np.ndarray,
+        past: Any,
+        all_logits: bool,
+    ) -> tuple[np.ndarray, Any]:
         B = ids.shape[0]
         if past is None:
             empty = np.zeros((B, self.n_kv_heads, 0, self.head_dim), dtype=np.float32)
@@ -82,7 +102,10 @@ class OnnxModel:
             "attention_mask": np.ascontiguousarray(key_mask, dtype=np.int64),
         }
         feeds.update(zip(self.past_names, past))
-        logits, *present = self.session.run(None, feeds)
+        try:
+            logits, *present = self.session.run(None, feeds)
+        except Exception as exc:  # onnxruntime's errors (RuntimeError, Fail, ...)
+            raise self._failed(exc) from None
         return (logits if all_logits else logits[:, -1]), present
 
     def _run_static(
@@ -117,7 +140,10 @@ class OnnxModel:
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", mask)
         binding.bind_cpu_input("cache_position", np.array(L, dtype=np.int64))
-        self.session.run_with_iobinding(binding)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:  # onnxruntime's errors (RuntimeError, Fail, ...)
+            raise self._failed(exc) from None
         logits, *new = binding.copy_outputs_to_cpu()
         past.write(new)
         return (logits if all_logits else logits[:, -1]), past

@@ -502,6 +502,37 @@ def test_damaged_bundles_at_the_cli_exit_2_with_one_paragraph(bundle, tmp_path):
     assert_user_error(run_cli("serve", cases["extra-file"], "--port", "0"), "x.txt")
 
 
+def _allocating_graph(folder: Path, elements: int) -> None:
+    """The attacker's graph: the logits plus the sum of a buffer of ``elements`` zeros (a
+    terabyte-sized allocation that no shape the manifest declares reveals), then rehashed."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(folder / MODEL))
+    graph, logits = model.graph, model.graph.output[0].name
+    for node in graph.node:
+        node.output[:] = ["logits_orig" if o == logits else o for o in node.output]
+    graph.initializer.append(numpy_helper.from_array(np.array([elements]), "bomb_shape"))
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])
+    graph.node.extend([
+        helper.make_node("ConstantOfShape", ["bomb_shape"], ["bomb"], value=zero),
+        helper.make_node("ReduceSum", ["bomb"], ["bomb_sum"], keepdims=0),
+        helper.make_node("Add", ["logits_orig", "bomb_sum"], [logits]),
+    ])  # fmt: skip
+    onnx.save(model, str(folder / MODEL))
+    rehash(folder)
+
+
+def test_a_graph_that_fails_as_it_runs_is_named_not_a_traceback(bundle, tmp_path):
+    """A rehashed bundle whose graph asks onnxruntime for 4 TiB: generate exits 2 naming the
+    bundle's graph (it was onnxruntime's RuntimeError, a traceback and exit 1)."""
+    copy = tmp_path / "bomb"
+    shutil.copytree(bundle, copy)
+    _allocating_graph(copy, 2**40)
+    result = run_cli("generate", copy, "-p", "A", "-n", "3")
+    assert_user_error(result, f"the bundle's graph {copy / MODEL} failed to run", "export the run")
+
+
 # ----------------------------------------------------------------------- export never loses data
 
 
