@@ -38,6 +38,13 @@ class SpecError(GptkitError):
         )
 
 
+class ContextError(GptkitError):
+    """A prompt longer than the model's context (the server's 400 says
+    ``context_length_exceeded``, as OpenAI's does)."""
+
+    code = "context_length_exceeded"
+
+
 class PluginError(GptkitError):
     """A plugin could not be loaded or registered something invalid."""
 

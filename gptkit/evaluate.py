@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from gptkit.data.sources import load_text
+from gptkit.errors import RunError
 
 
 @torch.no_grad()
@@ -109,8 +110,14 @@ def evaluate_run(
     """``gptkit eval``: a run's model scored on a text file (loss, perplexity, bits per byte),
     or, with no file, its mean loss over the run's whole validation split (``split: "val"``,
     ``source``, ``window``)."""
+    from gptkit.store.bundle import MANIFEST
     from gptkit.store.rundir import load_run
 
+    if (Path(run) / MANIFEST).is_file():
+        raise RunError(
+            f"{run} is an export bundle; gptkit eval scores a training run (on torch)",
+            "Pass the run it was exported from (its manifest names it: source_run).",
+        )
     loaded = load_run(run, checkpoint=checkpoint)
     if data is not None:
         return evaluate_text(loaded.model, loaded.tokenizer, data, batch_size)

@@ -34,7 +34,7 @@ import numpy as np
 
 from gptkit.components.base import inverse_cdf_rows
 from gptkit.components.samplers import ROW_WISE, GreedySpec
-from gptkit.errors import GptkitError
+from gptkit.errors import ContextError, GptkitError
 
 REPLACEMENT = "\ufffd"
 
@@ -540,7 +540,7 @@ class DecodeBatch:
         context."""
         ids = list(ids) or [self.tokenizer.eot_id]
         if len(ids) > self.limit:
-            raise GptkitError(
+            raise ContextError(
                 f"{what or f'prompt {index}'} is {len(ids)} tokens; the model's context is "
                 f"{self.limit} (model.max_seq_len)",
                 "Shorten the prompt.",

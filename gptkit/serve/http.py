@@ -213,6 +213,11 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _url_host(host: str) -> str:
+    """``host`` as a URL writes it: an IPv6 address in brackets (RFC 3986), ``http://[::1]:8000``."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def serve(
     bundle_dir: str,  # an export bundle or a training run folder
     host: str = "127.0.0.1",
@@ -249,7 +254,7 @@ def serve(
         access_log.setLevel(logging.INFO)
     bound = sock.getsockname()[1]
     print(
-        f"gptkit: serving {bundle_dir} on http://{host}:{bound} "
+        f"gptkit: serving {bundle_dir} on http://{_url_host(host)}:{bound} "
         f"(loaded in {time.perf_counter() - started:.2f}s)",
         flush=True,
     )

@@ -39,7 +39,7 @@ from gptkit.serve.schemas import (
 )
 from gptkit.serve.templates import TemplateError, TemplateRenderer
 
-_TOKEN_ID = re.compile(r"[0-9]{1,9}")  # a logit_bias key
+_TOKEN_ID = re.compile(r"0|[1-9][0-9]{0,8}")  # a logit_bias key, as JSON writes an int
 
 # Answer ids: 96 random bits, as OpenAI's 24 characters; from a generator seeded once by the
 # OS (an id names an answer, it guards nothing). ``uuid.uuid4`` asks the OS each time: in a
@@ -255,7 +255,9 @@ class CompletionService:
             try:
                 ids = encoder.encode(p, i) if isinstance(p, str) else encoder.checked(p, i)
             except GptkitError as exc:
-                return error_response(400, exc.message, param="prompt")
+                return error_response(
+                    400, exc.message, param="prompt", code=getattr(exc, "code", None)
+                )
             scored = await asyncio.get_running_loop().run_in_executor(
                 None, prompt_logprobs, backend, ids, top, tokenizer.vocab_size
             )
@@ -358,7 +360,8 @@ class CompletionService:
                 for i, p in enumerate(prompts)
             ]
         except GptkitError as exc:  # too long for the context, or characters it never saw
-            return error_response(400, exc.message, param=prompt_param)
+            code = getattr(exc, "code", None)
+            return error_response(400, exc.message, param=prompt_param, code=code)
         if options.max_new_tokens is None:  # chat with no limit: the rest of the context
             room = encoder.limit - max(len(r) for r in ids)
             max_new = min(self.limits.max_tokens, max(1, room))

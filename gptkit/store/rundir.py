@@ -266,7 +266,10 @@ class RunDir:
         if not path.exists():
             raise RunError(f"run not found: {path}", "List your runs with: gptkit runs")
         if not path.is_dir():
-            raise RunError(f"{path} is a file; expected a run directory")
+            raise RunError(
+                f"{path} is a file; expected a run folder (or, where a bundle is taken, an "
+                "export bundle's folder)"
+            )
         found = cls(path)
         if found.is_run():
             return found

@@ -164,6 +164,7 @@ def test_chat_whole_streamed_content_parts_and_max_completion_tokens(client):
         ("chat", {"logit_bias": {"\u00b2": 5}}, "logit_bias"),  # a digit, not an ASCII one
         ("completions", {"logit_bias": {"\u0663": 5}}, "logit_bias"),  # Arabic-Indic three
         ("completions", {"logit_bias": {" 3 ": 5}}, "logit_bias"),
+        ("completions", {"logit_bias": {"03": 5}}, "logit_bias"),  # not how JSON writes 3
         (
             "completions",
             {"extra_body": {"stream_options": {"include_usage": True}}},
@@ -339,13 +340,15 @@ def test_bad_prompts_and_parts_are_400s_naming_the_field(client, bundle_url):
             {"type": "text", "text": "A", "cache_control": {"type": "ephemeral"}}]}]},
          "messages[0].content[0].cache_control"),
     ]  # fmt: skip
-    for endpoint, body, param in cases:
+    too_long = {0, 1, 5}  # past the context: OpenAI's code for it, which clients key on
+    for i, (endpoint, body, param) in enumerate(cases):
         path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
         r = httpx.post(bundle_url + path, json={"max_tokens": 2, **body}, timeout=30)
         assert r.status_code == 400, (body, r.text)
         error = r.json()["error"]
         assert error["param"] == param, (body, error)
         assert error["type"] == "invalid_request_error" and error["message"]
+        assert (error["code"] == "context_length_exceeded") is (i in too_long), (body, error)
 
 
 def test_max_tokens_null_is_the_default_of_16(client):

@@ -1031,6 +1031,35 @@ def test_busy_port_and_bad_host_exit_2_before_serving(server, bundle):
     assert "serving on" not in bad.stdout
 
 
+def test_the_printed_url_works_on_ipv6_and_a_file_is_not_called_a_non_run(bundle, tmp_path):
+    """``--host ::1`` prints ``http://[::1]:PORT`` (RFC 3986; ``http://::1:PORT`` is no URL);
+    a bundle's manifest file given for its folder is told a bundle folder is taken too, and
+    ``gptkit eval`` given a bundle says it scores runs."""
+    try:
+        socket.socket(socket.AF_INET6).bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptkit", "serve", str(bundle), "--host", "::1",
+         "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        url = line.split(" on ")[1].split()[0]
+        assert url == f"http://[::1]:{port}", line
+        assert httpx.get(url + "/health", timeout=30).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    a_file = run_cli("serve", bundle / "gptkit.json", "--port", "0", timeout=60)
+    assert_user_error(a_file, "is a file; expected a run folder (or, where a bundle is taken")
+    assert_user_error(
+        run_cli("eval", bundle), "is an export bundle; gptkit eval scores a training run"
+    )
+
+
 def _drive(scheduler, jobs, loop):
     """Submit the jobs and collect each one's events up to its first that is not "text"."""
 
