@@ -10,7 +10,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from gptkit.cli._common import STARTED, JsonOpt, SetOpt, app, echo, print_table, require_torch
+from gptkit.cli._common import (
+    STARTED,
+    JsonOpt,
+    SetOpt,
+    app,
+    echo,
+    print_table,
+    require_torch,
+    shown,
+)
 from gptkit.errors import GptkitError
 
 
@@ -298,5 +307,5 @@ def compare_cmd(
         echo(json.dumps(result.to_json(), indent=2))
         return
     print_table(result.grid)
-    echo(result.verdict["text"])
+    echo(shown(result.verdict["text"]))
     echo(f"validation curves: {result.plot}")

@@ -111,3 +111,21 @@ def test_hand_edited_records_are_passed_over_on_resume(smoke_run, tmp_path):
     assert list_checkpoints(run / "checkpoints")[-1].name == "step-000030"
     steps = [r["step"] for r in RunDir(run).metrics()]
     assert steps == sorted(steps) and steps[-1] == 30
+
+
+def test_a_run_name_cannot_write_to_the_terminal(smoke_run, tmp_path):
+    """A run.json name holding terminal escapes (retitle the window, recolour what follows)
+    or rich markup is listed as written, the control characters shown as \\x1b."""
+    import json
+
+    run = tmp_path / "runs" / "smoke" / "x"
+    shutil.copytree(smoke_run, run)
+    info = json.loads((run / "run.json").read_text())
+    info["name"] = "evil\x1b]0;pwned\x07\x1b[31m[bold]red"
+    (run / "run.json").write_text(json.dumps(info))
+    listed = run_cli("runs", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert "\x1b" not in listed.stdout and "\x07" not in listed.stdout
+    assert "evil\\x1b]0;pwned\\x07\\x1b[31m[bold]red" in listed.stdout.replace("\n", ""), (
+        listed.stdout
+    )
