@@ -382,6 +382,25 @@ def _check_every_tensor_used(
     )
 
 
+def _check_finite_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights that are not real numbers: NaN or inf (a model of them writes token 0
+    for ever), or integers (cast to floats they are not the model that was trained)."""
+    import torch
+
+    bad = [k for k, t in state.items() if not t.is_floating_point()]
+    if bad:
+        raise RunError(
+            f"{path}: {len(bad)} tensor(s) are not floating point (e.g. {bad[0]}: "
+            f"{state[bad[0]].dtype}); GPT-2 weights are floats"
+        )
+    bad = [k for k, t in state.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise RunError(
+            f"{path}: {len(bad)} tensor(s) hold values that are not finite (NaN or inf), e.g. "
+            f"{bad[0]}: the model cannot be used"
+        )
+
+
 def _model_with_weights(model_spec: Any, src: Path) -> Any:
     """A GPT of ``model_spec`` holding the folder's GPT-2 weights, every one accounted for."""
     from gptkit.model import GPT
@@ -412,6 +431,7 @@ def _model_with_weights(model_spec: Any, src: Path) -> Any:
         _check_tied_head(weights, prefix, weights_path)
         used.add("lm_head.weight")
     _check_every_tensor_used(weights, used, prefix, n_layers, weights_path)
+    _check_finite_weights({k: weights[k] for k in sorted(used)}, weights_path)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shapes that disagree with config.json

@@ -425,3 +425,26 @@ def test_import_takes_reorder_and_upcast_attn_which_is_rounding_only(hf_gpt2, tm
     )
     with torch.no_grad():
         torch.testing.assert_close(gen.model(ids).logits, theirs(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_import_refuses_weights_that_are_not_finite_floats(hf_gpt2, tmp_path):
+    """NaN weights made a model that writes token 0 for ever (exit 0); integer weights were
+    cast to floats, another model. Both refused by tensor, nothing written."""
+    from gptkit.errors import RunError
+
+    folder, _ = hf_gpt2
+
+    def nan(w):
+        w["transformer.h.1.mlp.c_fc.weight"][0, 0] = float("nan")
+        return w
+
+    def ints(w):
+        return {**w, "transformer.ln_f.weight": w["transformer.ln_f.weight"].to(torch.int64)}
+
+    src = _altered_copy(folder, tmp_path / "nan", weights=nan)
+    with pytest.raises(RunError, match=r"1 tensor\(s\) hold values that are not finite.*c_fc"):
+        import_hf(src, tmp_path / "a")
+    src = _altered_copy(folder, tmp_path / "ints", weights=ints)
+    with pytest.raises(RunError, match=r"not floating point \(e\.g\. .*int64\)"):
+        import_hf(src, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

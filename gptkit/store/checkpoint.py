@@ -20,6 +20,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +207,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[dict[str, Any],
             f"checkpoint {path} does not fit this model (missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]})"
         )
+    _check_finite(path, model)
     try:
         # weights_only=True: tensors and plain containers only. A file carrying a pickled
         # object (code) is refused here instead of being run.
@@ -213,6 +215,21 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[dict[str, Any],
     except Exception as exc:
         raise RunError(f"checkpoint {path}: refusing {STATE_FILE}: {_why_refused(exc)}") from None
     return state, _meta(path)
+
+
+def _check_finite(path: Path, model: torch.nn.Module) -> None:
+    """Refuse weights holding NaN or inf (training never writes them: a step with a
+    non-finite loss is skipped): a model of them generates token 0 for ever, silently."""
+    bad = [
+        name
+        for name, t in model.state_dict().items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        raise RunError(
+            f"checkpoint {path} holds weights that are not finite (NaN or inf) in {len(bad)} "
+            f"tensor(s), e.g. {bad[0]}: it cannot be used"
+        )
 
 
 def _why_refused(exc: Exception) -> str:
@@ -264,7 +281,15 @@ def resume_candidates(ckpt_dir: Path) -> list[Path]:
 def checkpoint_candidates(ckpt_dir: Path, which: str = "latest") -> list[Path]:
     """Checkpoints to try for ``which`` (latest, best, or step-N), best guess first."""
     if which == "latest":
-        return resume_candidates(ckpt_dir)
+        found = resume_candidates(ckpt_dir)
+        latest = read_pointer(ckpt_dir / "latest")
+        if latest and found and found[0].name != latest:
+            print(
+                f"gptkit: warning: {ckpt_dir / 'latest'} names {latest}, which is not a "
+                f"complete checkpoint folder (missing, or a link); trying the newest that is",
+                file=sys.stderr,
+            )
+        return found
     if which == "best":
         name = read_pointer(ckpt_dir / "best")
         return [ckpt_dir / name] if name else []

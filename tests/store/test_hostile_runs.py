@@ -129,3 +129,27 @@ def test_a_run_name_cannot_write_to_the_terminal(smoke_run, tmp_path):
     assert "evil\\x1b]0;pwned\\x07\\x1b[31m[bold]red" in listed.stdout.replace("\n", ""), (
         listed.stdout
     )
+
+
+def test_weights_that_are_not_finite_or_a_dangling_latest_are_named(smoke_run, tmp_path):
+    """A latest checkpoint whose weights hold NaN is skipped with a warning (it generated
+    newlines, exit 0), and a ``latest`` naming a folder that is gone says so before an older
+    one is used (it was used silently)."""
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    latest = read_pointer(run / "checkpoints" / "latest")
+    weights = run / "checkpoints" / latest / "model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] * float("nan")
+    save_file(tensors, weights)
+    result = run_cli("generate", run, "-p", "ROMEO:", "-n", "3", "--seed", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "weights that are not finite (NaN or inf)" in result.stderr and latest in result.stderr
+    assert "gptkit: using step-" in result.stderr, result.stderr
+    shutil.rmtree(run / "checkpoints" / latest)
+    result = run_cli("generate", run, "-p", "ROMEO:", "-n", "3", "--seed", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"latest names {latest}, which is not a complete checkpoint" in result.stderr
