@@ -20,6 +20,7 @@ size and time, header time, prompt length, ``max_tokens``, number of choices, an
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -202,6 +203,22 @@ async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _why_unparsed(cause: BaseException | None) -> str | None:
+    """Why a body FastAPI could not parse is not JSON gptkit reads, from the parser's own
+    error: text that is not UTF-8, a number of thousands of digits, nesting too deep."""
+    if isinstance(cause, UnicodeDecodeError):
+        return (
+            f"the request body is not valid JSON: not UTF-8 text ({cause.reason} at byte "
+            f"{cause.start})"
+        )
+    if isinstance(cause, RecursionError):
+        return "the request body nests too deeply to be read (arrays or objects in each other)"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        limit = sys.get_int_max_str_digits()
+        return f"the request body holds a number of more than {limit} digits"
+    return None
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
@@ -209,12 +226,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         404: f"no such endpoint: {request.url.path}",
         405: f"{request.method} is not allowed on {request.url.path}",
     }.get(exc.status_code, str(exc.detail))
-    cause = exc.__cause__
-    if isinstance(cause, UnicodeDecodeError):  # FastAPI says only "error parsing the body"
-        message = (
-            f"the request body is not valid JSON: not UTF-8 text ({cause.reason} at byte "
-            f"{cause.start})"
-        )
+    message = _why_unparsed(exc.__cause__) or message  # FastAPI says "error parsing the body"
     return error_response(
         exc.status_code, message, code=code, headers=getattr(exc, "headers", None)
     )

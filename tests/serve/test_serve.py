@@ -287,6 +287,12 @@ def test_bodies_that_are_not_utf8_or_hold_nan_say_so(server):
     r = httpx.post(url, content=b'{"prompt": "RO\xff\xfeMEO:"}', headers=headers)
     assert r.status_code == 400
     assert r.json()["error"]["message"].startswith("the request body is not valid JSON: not UTF-8")
+    for body, says in (  # both under 64 KiB; FastAPI said "There was an error parsing the body"
+        (b'{"prompt": "A", "seed": ' + b"9" * 5000 + b"}", "a number of more than 4300 digits"),
+        (b'{"prompt": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", "nests too deeply"),
+    ):
+        r = httpx.post(url, content=body, headers=headers)
+        assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
     for field in ("temperature", "top_p", "presence_penalty"):  # JSON has no NaN: Python's does
         for value in ("NaN", "Infinity"):
             body = f'{{"prompt": "A", "{field}": {value}}}'.encode()
