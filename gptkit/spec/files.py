@@ -218,8 +218,9 @@ def _parent_paths(path: Path, extends: Any) -> list[Path]:
     for name in names:
         parent = Path(os.path.normpath(path.parent / name))
         if not parent.is_file():
+            what = "not a regular file" if parent.exists() else "no such file"
             raise GptkitError(
-                f"{path}: extends {name!r}: no such file ({parent})",
+                f"{path}: extends {name!r}: {what} ({parent})",
                 "Paths in 'extends' are relative to the spec file that names them.",
             )
         out.append(parent)

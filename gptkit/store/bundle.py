@@ -74,6 +74,7 @@ class Manifest(BaseModel):
     n_kv_heads: int | None = Field(None, gt=0)
     head_dim: int | None = Field(None, gt=0)
     cache: Literal["static", "concat"] | None = None
+    precision: Literal["fp32", "int8"] | None = None  # what /v1/models says it serves
 
 
 def is_bundle(folder: Path) -> bool:

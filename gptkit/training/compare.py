@@ -7,6 +7,7 @@ it goes to a separate ``<experiment>-comparisons`` experiment, out of the run li
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -342,6 +343,13 @@ def compare(
     quick_timeouts()
     uri = resolve_uri(uri)
     targets = [experiment] if isinstance(experiment, str) else list(experiment or [])
+    store = uri.removeprefix("sqlite:///")
+    if store != uri and not os.path.exists(store):  # MLflow would create it: compare adds nothing
+        raise GptkitError(
+            f"no MLflow store at {store}: nothing was tracked there (a run trained with "
+            "tracking.enabled=false is not in MLflow)",
+            "Run where the runs were trained, or pass --tracking-uri / $MLFLOW_TRACKING_URI.",
+        )
     try:
         from mlflow.tracking import MlflowClient
 

@@ -178,7 +178,7 @@ class SpecTrainer:
             self._choose_run_dir(Path(run_dir) if run_dir else None) if self.dist.main else None
         )
         self.rundir = RunDir(Path(self.dist.broadcast(str(chosen.path) if chosen else None) or "."))
-        self.run_name = run_name or self.rundir.info().get("name") or self.rundir.path.name
+        self.run_name = run_name or self._recorded_info().get("name") or self.rundir.path.name
         self._stop_signal: str | None = None
         # Checkpoints beside training; the host copy of the weights is built on the CPU.
         self.writer = CheckpointWriter(self._write_failed, lambda m: GPT(m.spec))
@@ -211,6 +211,20 @@ class SpecTrainer:
                 "Add --resume to continue it, or choose another --run-dir.",
             )
         return run
+
+    def _recorded_info(self) -> dict[str, Any]:
+        """The run's run.json; one that cannot be read (edited by hand, damaged) is said to be
+        written anew on a resume, which loses what it held (command, overrides, resumes)."""
+        try:
+            return self.rundir.read_info()
+        except RunError as exc:
+            if self.resume and self.dist.main:
+                print(
+                    f"gptkit: warning: {exc}; it is written anew from this resume (the command, "
+                    "overrides and resumes it recorded are lost)",
+                    file=sys.stderr,
+                )
+            return {}
 
     # ------------------------------------------------------------------ set-up
 

@@ -45,3 +45,15 @@ def test_oversized_compositions_are_refused_clearly(tmp_path):
     assert_user_error(
         run_cli("validate", tmp_path / "loop-a.yaml", timeout=60), "loop-a.yaml", "symbolic links"
     )
+
+
+@pytest.mark.parametrize("parent", ["/dev/zero", "."])
+def test_extends_naming_a_device_or_a_folder_says_what_it_is(tmp_path, parent):
+    """It said "no such file" of /dev/zero or a folder, which exist."""
+    from gptkit.errors import GptkitError
+    from gptkit.spec.files import compose_spec_file
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"extends: {parent}\n")
+    with pytest.raises(GptkitError, match=f"extends '{parent}': not a regular file"):
+        compose_spec_file(spec)

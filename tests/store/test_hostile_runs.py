@@ -92,7 +92,8 @@ def test_a_run_folder_with_links_is_not_written_through_them(smoke_run, tmp_path
 
 def test_hand_edited_records_are_passed_over_on_resume(smoke_run, tmp_path):
     """A checkpoint's meta.json whose val_loss is not a number, metrics.jsonl lines whose step
-    is not one: resume trains on (they were a TypeError traceback, exit 1, the run FAILED)."""
+    is not one: resume trains on (they were a TypeError traceback, exit 1, the run FAILED); a
+    run.json that is not JSON is said to be written anew (it was replaced silently)."""
     from gptkit.store.checkpoint import list_checkpoints
 
     run = tmp_path / "run"
@@ -101,11 +102,13 @@ def test_hand_edited_records_are_passed_over_on_resume(smoke_run, tmp_path):
     (run / "checkpoints" / best / "meta.json").write_text('{"val_loss": "x", "step": "y"}')
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": "x"}\n{"step": null, "loss": 1}\n{"step": true}\n')
+    (run / "run.json").write_text("{not json")  # replaced silently, with what it recorded
     result = run_cli(
         "train", "--resume", "--run-dir", run, "--no-progress",
         "--set", "train.max_steps=30", "--set", "tracking.enabled=false", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+    assert "is not valid JSON" in result.stderr and "it is written anew" in result.stderr
     assert read_pointer(run / "checkpoints" / "latest") == "step-000030"
     assert read_pointer(run / "checkpoints" / "best") != best  # its val_loss is unknown now
     assert list_checkpoints(run / "checkpoints")[-1].name == "step-000030"

@@ -221,10 +221,10 @@ def test_a_manifest_integer_of_thousands_of_digits_is_named(bundle, tmp_path):
     assert "set_int_max_str_digits" not in text
 
 
-@pytest.mark.parametrize("field", ["n_layers", "n_kv_heads", "head_dim", "cache"])
+@pytest.mark.parametrize("field", ["n_layers", "n_kv_heads", "head_dim", "cache", "precision"])
 def test_cache_layout_fields_of_a_wrong_type_are_refused(bundle, tmp_path, field):
-    """Optional for bundles older than them, typed when present (``cache: "weird"`` was
-    accepted)."""
+    """Optional for bundles older than them, typed when present (``cache: "weird"`` or
+    ``precision: "int4"`` was accepted, and served as such)."""
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
     m = read_manifest(copy)

@@ -57,3 +57,16 @@ def test_compare_across_two_extends_variants_by_spec_folder_and_experiment(tmp_p
     assert_user_error(
         run_cli("compare", "nothing-here", cwd=tmp_path), "no MLflow experiment or spec"
     )
+
+
+def test_compare_where_nothing_was_tracked_says_so_and_creates_no_store(tmp_path, monkeypatch):
+    """The default store (sqlite:///mlflow.db) missing: a clear error, and no empty mlflow.db
+    left behind (MLflow made one: compare "adds nothing")."""
+    from gptkit.errors import GptkitError
+    from gptkit.training.compare import compare
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(GptkitError, match="no MLflow store at .*mlflow.db: nothing was tracked"):
+        compare(["runs/x"], None, None)
+    assert list(tmp_path.iterdir()) == []
