@@ -13,6 +13,7 @@ class GptkitError(Exception):
     """
 
     exit_code = 2
+    code: str | None = None  # the server's error ``code`` for it, where OpenAI has one
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)

@@ -385,19 +385,21 @@ def _check_every_tensor_used(
 def _check_finite_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     """Refuse weights that are not real numbers: NaN or inf (a model of them writes token 0
     for ever), or integers (cast to floats they are not the model that was trained)."""
-    import torch
+    from gptkit.store.checkpoint import nonfinite_tensors
 
     bad = [k for k, t in state.items() if not t.is_floating_point()]
     if bad:
+        n = len(bad)
         raise RunError(
-            f"{path}: {len(bad)} tensor(s) are not floating point (e.g. {bad[0]}: "
-            f"{state[bad[0]].dtype}); GPT-2 weights are floats"
+            f"{path}: {n} tensor{'s are' if n != 1 else ' is'} not floating point (e.g. "
+            f"{bad[0]}: {state[bad[0]].dtype}); GPT-2 weights are floats"
         )
-    bad = [k for k, t in state.items() if not bool(torch.isfinite(t).all())]
+    bad = nonfinite_tensors(state)
     if bad:
+        n = len(bad)
         raise RunError(
-            f"{path}: {len(bad)} tensor(s) hold values that are not finite (NaN or inf), e.g. "
-            f"{bad[0]}: the model cannot be used"
+            f"{path} holds weights that are not finite (NaN or inf) in {n} "
+            f"tensor{'s' if n != 1 else ''}, e.g. {bad[0]}: the model cannot be used"
         )
 
 

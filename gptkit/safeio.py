@@ -13,8 +13,11 @@ document, not to its expansion.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -137,13 +140,43 @@ def read_json(
     try:
         doc = json.loads(text)
     except ValueError as exc:
-        if "int_max_str_digits" in str(exc) or "integer string conversion" in str(exc):
+        if is_digit_limit(exc):
             raise error(f"{what} {path} holds an integer of thousands of digits") from None
         raise error(f"{what} {path} is not valid JSON: {exc}") from None
     except RecursionError:
         raise error(f"{what} {path} nests too deeply (at most {MAX_DEPTH} levels)") from None
     check_tree(doc, f"{what} {path}", error)
     return doc
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` safe for a terminal: control characters (an escape sequence that retitles the
+    window or recolours what follows, in a run's name someone else wrote) as ``\\x1b``."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def is_digit_limit(exc: BaseException) -> bool:
+    """Whether ``exc`` is Python's refusal of an integer of thousands of digits (JSON that
+    holds one: ``sys.set_int_max_str_digits``)."""
+    text = str(exc)
+    return isinstance(exc, ValueError) and (
+        "int_max_str_digits" in text or "integer string conversion" in text
+    )
+
+
+def finite_number(value: Any) -> float | None:
+    """``value`` as a float if it is a finite number (not a bool, not an integer too large for
+    a float, which ``math.isfinite`` raises on); else None. For numbers read from files."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def check_tree(
@@ -191,6 +224,20 @@ def check_tree(
 
 MAX_WALK_FILES = 100_000  # files one folder walk may return
 MAX_WALK_ENTRIES = 1_000_000  # entries one folder walk may look at
+
+
+def entries(root: str | Path, error: type[GptkitError] = GptkitError) -> Iterator[tuple[str, int]]:
+    """Every entry under ``root`` as (its path relative to ``root``, its ``lstat`` mode):
+    links are reported, never followed; at most :data:`MAX_WALK_ENTRIES`, else ``error``."""
+    root = Path(root)
+    looked = 0
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        for name in [*dirs, *files]:
+            looked += 1
+            if looked > MAX_WALK_ENTRIES:
+                raise error(f"{root} holds more than {MAX_WALK_ENTRIES:,} entries")
+            path = Path(folder) / name
+            yield path.relative_to(root).as_posix(), os.lstat(path).st_mode
 
 
 def walk_files(

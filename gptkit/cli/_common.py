@@ -4,7 +4,6 @@ missing extra into a clear error."""
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from gptkit.errors import GptkitError
+from gptkit.safeio import escape_controls
 
 app = typer.Typer(
     name="gptkit",
@@ -79,25 +79,16 @@ def warn_plugin_problems(registry) -> None:
         echo(f"gptkit: warning: {problem}", err=True)
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def shown(text: str) -> str:
-    """``text`` safe for a terminal: control characters (an escape sequence that retitles the
-    window or recolours what follows, in a run's name someone else wrote) as ``\\x1b``."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
 def print_table(grid: list[list[str]]) -> None:
     """A table of plain text: cells are neither markup (``[red]`` stays as written) nor
-    terminal control sequences (see :func:`shown`)."""
+    terminal control sequences (see :func:`gptkit.safeio.escape_controls`)."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     t = Table()
     for col in grid[0]:
-        t.add_column(Text(shown(str(col))))
+        t.add_column(Text(escape_controls(str(col))))
     for row in grid[1:]:
-        t.add_row(*(Text(shown(str(cell))) for cell in row))
+        t.add_row(*(Text(escape_controls(str(cell))) for cell in row))
     Console(width=None if sys.stdout.isatty() else 200).print(t)

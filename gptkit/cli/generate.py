@@ -97,7 +97,12 @@ def codecs_unescape(text: str) -> str:
 
 @app.command("eval")
 def eval_cmd(
-    run: Annotated[Path, typer.Argument(help="A run directory.")],
+    run: Annotated[
+        Path,
+        typer.Argument(
+            help="A run directory (torch), or an export bundle (onnxruntime; with --data)."
+        ),
+    ],
     data: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(
@@ -110,8 +115,11 @@ def eval_cmd(
 ) -> None:
     """Loss, perplexity and bits per byte of a model on a text file, or its mean loss over
     the run's whole validation split."""
-    require_torch("eval")
     from gptkit.evaluate import evaluate_run
+    from gptkit.store.bundle import is_bundle
+
+    if not is_bundle(run):
+        require_torch("eval")
 
     result = evaluate_run(run, data, checkpoint, batch_size)
     if as_json:  # the split's figures without where they came from, as before
@@ -160,9 +168,13 @@ def serve(
         typer.Option(
             min=0.1,
             help="Seconds an answer may wait for a client that reads nothing of it (then the "
-            "client is dropped); also how long a shutdown lets answers finish.",
+            "client is dropped).",
         ),
-    ] = 30.0,
+    ] = 30.0,  # Limits.send_timeout_s (not imported here: the CLI starts light)
+    shutdown_timeout: Annotated[
+        float,
+        typer.Option(min=0.1, help="Seconds a shutdown (SIGTERM) lets answers under way finish."),
+    ] = 30.0,  # Limits.shutdown_timeout_s
     threads: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(
@@ -211,6 +223,7 @@ def serve(
             body_timeout_s=body_timeout,
             header_timeout_s=header_timeout,
             send_timeout_s=send_timeout,
+            shutdown_timeout_s=shutdown_timeout,
             stream_interval_s=stream_interval,
             template_timeout_s=template_timeout,
         ),

@@ -18,9 +18,9 @@ from gptkit.cli._common import (
     echo,
     print_table,
     require_torch,
-    shown,
 )
 from gptkit.errors import GptkitError
+from gptkit.safeio import escape_controls
 
 
 @app.command()
@@ -307,5 +307,5 @@ def compare_cmd(
         echo(json.dumps(result.to_json(), indent=2))
         return
     print_table(result.grid)
-    echo(shown(result.verdict["text"]))
+    echo(escape_controls(result.verdict["text"]))
     echo(f"validation curves: {result.plot}")

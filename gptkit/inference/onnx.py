@@ -75,13 +75,14 @@ class OnnxModel:
         return self._run_concat(ids, positions, key_mask, past, all_logits)
 
     def _failed(self, exc: Exception) -> RunError:
-        """The graph itself failed as onnxruntime ran it (a damaged or hand-edited bundle: an
-        allocation of terabytes, a node that cannot run): the bundle's fault, said as such."""
+        """The graph failed as onnxruntime ran it: a damaged or edited bundle (an allocation of
+        terabytes, a node that cannot run), or a batch larger than this machine's memory."""
         text = str(exc).strip()
         reason = text.splitlines()[0] if text else type(exc).__name__
         return RunError(
             f"the bundle's graph {self.path} failed to run: {reason[:500]}",
-            "The bundle is damaged or was changed after export; export the run again.",
+            "A bundle changed after export (export the run again), or more memory than this "
+            "machine has (a smaller batch).",
         )
 
     def _run_concat(

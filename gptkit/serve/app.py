@@ -30,6 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptkit.inference.base import Inference
+from gptkit.safeio import is_digit_limit
 from gptkit.serve.middleware import AccessLogMiddleware, BodyLimitMiddleware, StreamedRoutes
 from gptkit.serve.schemas import (
     ERRORS,
@@ -213,7 +214,7 @@ def _why_unparsed(cause: BaseException | None) -> str | None:
         )
     if isinstance(cause, RecursionError):
         return "the request body nests too deeply to be read (arrays or objects in each other)"
-    if isinstance(cause, ValueError) and "digits" in str(cause):
+    if cause is not None and is_digit_limit(cause):
         limit = sys.get_int_max_str_digits()
         return f"the request body holds a number of more than {limit} digits"
     return None

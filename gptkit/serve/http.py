@@ -24,7 +24,7 @@ MAX_HEADER_BYTES = 16 * 1024
 
 
 def _header_timeout_protocol(
-    seconds: float, http: str = "auto", send_timeout: float = 30.0
+    seconds: float, http: str = "auto", send_timeout: float = Limits.send_timeout_s
 ) -> type:
     """uvicorn's HTTP/1.1 protocol, with a deadline for a request's headers: a client that
     opens a connection (or keeps one alive) and never finishes its headers is dropped, and one
@@ -44,8 +44,8 @@ class _HeaderLimits:
     """The header deadline and size limit, mixed into uvicorn's protocol class (``super()`` is
     the protocol's own method)."""
 
-    header_timeout = 10.0
-    send_timeout = 30.0
+    header_timeout = Limits.header_timeout_s
+    send_timeout = Limits.send_timeout_s
     _header_timer: Any = None
     _send_timer: Any = None
     _header_bytes = 0
@@ -264,8 +264,8 @@ def serve(
         timeout_keep_alive=5,
         limit_concurrency=1024,  # open connections; requests are capped above
         http=_header_timeout_protocol(limits.header_timeout_s, send_timeout=limits.send_timeout_s),
-        # SIGTERM: answers under way may finish for this long, then they are cancelled (a
-        # client that stopped reading is dropped after send_timeout_s anyway).
-        timeout_graceful_shutdown=limits.send_timeout_s,
+        # SIGTERM: answers under way may finish for this long, then they are cancelled (it
+        # waited for ever: for a client that stopped reading, as long as it stayed).
+        timeout_graceful_shutdown=limits.shutdown_timeout_s,
     )
     uvicorn.Server(config).run(sockets=[sock])

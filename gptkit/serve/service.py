@@ -255,9 +255,7 @@ class CompletionService:
             try:
                 ids = encoder.encode(p, i) if isinstance(p, str) else encoder.checked(p, i)
             except GptkitError as exc:
-                return error_response(
-                    400, exc.message, param="prompt", code=getattr(exc, "code", None)
-                )
+                return error_response(400, exc.message, param="prompt", code=exc.code)
             scored = await asyncio.get_running_loop().run_in_executor(
                 None, prompt_logprobs, backend, ids, top, tokenizer.vocab_size
             )
@@ -360,8 +358,7 @@ class CompletionService:
                 for i, p in enumerate(prompts)
             ]
         except GptkitError as exc:  # too long for the context, or characters it never saw
-            code = getattr(exc, "code", None)
-            return error_response(400, exc.message, param=prompt_param, code=code)
+            return error_response(400, exc.message, param=prompt_param, code=exc.code)
         if options.max_new_tokens is None:  # chat with no limit: the rest of the context
             room = encoder.limit - max(len(r) for r in ids)
             max_new = min(self.limits.max_tokens, max(1, room))

@@ -132,21 +132,17 @@ def _check_name(name: str, manifest: Path) -> None:
 def folder_files(folder: Path) -> set[str]:
     """Relative names of every file under ``folder``; refuses symlinks and special files."""
     found: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        for name in [*dirnames, *filenames]:
-            path = Path(dirpath) / name
-            mode = os.lstat(path).st_mode
-            rel = path.relative_to(folder).as_posix()
-            if stat.S_ISDIR(mode):
-                continue
-            if stat.S_ISLNK(mode):
-                raise RunError(
-                    f"bundle {folder}: {rel} is a symlink; a bundle holds regular "
-                    "files only (a link could point anywhere)"
-                )
-            if not stat.S_ISREG(mode):
-                raise RunError(f"bundle {folder}: {rel} is not a regular file")
-            found.add(rel)
+    for rel, mode in safeio.entries(folder, RunError):
+        if stat.S_ISDIR(mode):
+            continue
+        if stat.S_ISLNK(mode):
+            raise RunError(
+                f"bundle {folder}: {rel} is a symlink; a bundle holds regular "
+                "files only (a link could point anywhere)"
+            )
+        if not stat.S_ISREG(mode):
+            raise RunError(f"bundle {folder}: {rel} is not a regular file")
+        found.add(rel)
     return found
 
 

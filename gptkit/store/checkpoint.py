@@ -16,11 +16,11 @@ previous checkpoint valid.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from gptkit.errors import RunError
-from gptkit.safeio import check_regular, read_bytes, read_json
+from gptkit.safeio import check_regular, finite_number, read_bytes, read_json
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
@@ -137,9 +137,7 @@ def save_checkpoint(
 def _val_loss(meta: dict[str, Any]) -> float | None:
     """A checkpoint's recorded validation loss; None when it has none, or one edited into
     something that is not a number (that checkpoint then cannot stay the best)."""
-    val = meta.get("val_loss")
-    number = isinstance(val, (int, float)) and not isinstance(val, bool)
-    return float(val) if number and math.isfinite(val) else None
+    return finite_number(meta.get("val_loss"))
 
 
 def _meta(path: Path) -> dict[str, Any]:
@@ -217,18 +215,24 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[dict[str, Any],
     return state, _meta(path)
 
 
-def _check_finite(path: Path, model: torch.nn.Module) -> None:
-    """Refuse weights holding NaN or inf (training never writes them: a step with a
-    non-finite loss is skipped): a model of them generates token 0 for ever, silently."""
-    bad = [
+def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors holding NaN or inf. Training never writes
+    them (a step whose loss or gradient is not finite is skipped); a model of them writes
+    token 0 for ever, silently."""
+    return [
         name
-        for name, t in model.state_dict().items()
+        for name, t in tensors.items()
         if t.is_floating_point() and not bool(torch.isfinite(t).all())
     ]
+
+
+def _check_finite(path: Path, model: torch.nn.Module) -> None:
+    bad = nonfinite_tensors(model.state_dict())
     if bad:
+        n = len(bad)
         raise RunError(
-            f"checkpoint {path} holds weights that are not finite (NaN or inf) in {len(bad)} "
-            f"tensor(s), e.g. {bad[0]}: it cannot be used"
+            f"checkpoint {path} holds weights that are not finite (NaN or inf) in {n} "
+            f"tensor{'s' if n != 1 else ''}, e.g. {bad[0]}: it cannot be used"
         )
 
 

@@ -21,8 +21,8 @@ A run's newest-ness is its creation time (``run.json``), never its folder name.
 from __future__ import annotations
 
 import json
-import math
 import os
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from gptkit.errors import RunError
-from gptkit.safeio import read_bytes, read_json
+from gptkit.safeio import entries, escape_controls, finite_number, read_bytes, read_json
 
 if TYPE_CHECKING:
     from gptkit.spec.models import ExperimentSpec
@@ -44,7 +44,6 @@ RUN_FILE = "run.json"
 MAX_RUN_FILE = 16 << 20  # run.json, plugins.json, mlflow.json: small documents
 MAX_METRICS = 512 << 20  # metrics.jsonl: one line per logged step
 MAX_PID = 1 << 22  # Linux's pid_max ceiling; a larger number in .lock is not a pid
-MAX_WALK_FOLDERS = 100_000  # folders a run (or sweep) folder is searched through for links
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -111,12 +110,8 @@ def _pid_alive(pid: int) -> bool:
 
 def _is_time(value: Any) -> bool:
     """A creation time: a finite number of seconds since 1970, before the year 10000."""
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and 0 <= value < 253_402_300_800
-    )
+    number = finite_number(value)
+    return number is not None and 0 <= number < 253_402_300_800
 
 
 @dataclass(frozen=True)
@@ -267,8 +262,8 @@ class RunDir:
             raise RunError(f"run not found: {path}", "List your runs with: gptkit runs")
         if not path.is_dir():
             raise RunError(
-                f"{path} is a file; expected a run folder (or, where a bundle is taken, an "
-                "export bundle's folder)"
+                f"{path} is a file; expected a run folder (or an export bundle's folder, for "
+                "the commands that take one)"
             )
         found = cls(path)
         if found.is_run():
@@ -283,7 +278,7 @@ class RunDir:
         if announce:
             print(
                 f"gptkit: using {newest.path} (newest run in {path}: "
-                f"{newest.info().get('name') or newest.path.name})",
+                f"{escape_controls(str(newest.info().get('name') or newest.path.name))})",
                 file=sys.stderr,
             )
         return newest
@@ -347,7 +342,7 @@ class RunDir:
         return data if isinstance(data, dict) else {}
 
     def metrics(self) -> list[dict[str, Any]]:
-        """The logged rows; a row whose step is not a whole number (edited by hand) is
+        """The logged rows; a row whose step is not an integer (edited by hand) is
         skipped, as a line cut short is."""
         rows = read_jsonl(self.metrics_file)
         return [r for r in rows if type(r.get("step", 0)) is int]
@@ -434,13 +429,7 @@ class RunDir:
         """Refuse a folder holding symbolic links: training appends to, rewrites and prunes
         the run's files, and through a link it would do so to files elsewhere (a
         ``loss_curve.png`` linked to ``~/.bashrc``, a ``checkpoints`` linked to another run's)."""
-        links: list[str] = []
-        for n, (folder, dirs, files) in enumerate(os.walk(self.path)):  # links not followed
-            if n > MAX_WALK_FOLDERS:
-                break
-            for name in [*dirs, *files]:
-                if os.path.islink(os.path.join(folder, name)):
-                    links.append(os.path.relpath(os.path.join(folder, name), self.path))
+        links = [rel for rel, mode in entries(self.path, RunError) if stat.S_ISLNK(mode)]
         if links:
             shown = ", ".join(
                 f"{link} -> {os.readlink(self.path / link)}" for link in sorted(links)[:3]

@@ -44,6 +44,7 @@ from gptkit.training.distributed import Dist
 from gptkit.training.progress import Progress, one_line, progress_sample
 from gptkit.training.resume import fingerprint, run_to_resume, spec_diff
 from gptkit.training.state import TrainState
+from gptkit.training.tracking import resolve_uri
 
 EVAL_SEED_OFFSET = 1_000_003
 # Where a run's wall time goes besides its training steps (the "done" line's breakdown).
@@ -173,12 +174,15 @@ class SpecTrainer:
                 f"train.batch_size ({spec.train.batch_size}) must be divisible by the number of "
                 f"processes ({self.dist.world}): it is the global batch, split across them"
             )
+        if spec.tracking.enabled and self.dist.main:
+            resolve_uri(spec.tracking.uri)  # a store that is not MLflow's: refused before a run
         # Rank 0 picks the folder (a new one is named by the clock) and tells the others.
         chosen = (
             self._choose_run_dir(Path(run_dir) if run_dir else None) if self.dist.main else None
         )
         self.rundir = RunDir(Path(self.dist.broadcast(str(chosen.path) if chosen else None) or "."))
-        self.run_name = run_name or self._recorded_info().get("name") or self.rundir.path.name
+        recorded = self._recorded_info()  # read (and a damaged one named) whatever the name
+        self.run_name = run_name or recorded.get("name") or self.rundir.path.name
         self._stop_signal: str | None = None
         # Checkpoints beside training; the host copy of the weights is built on the CPU.
         self.writer = CheckpointWriter(self._write_failed, lambda m: GPT(m.spec))

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from gptkit.errors import RunError
+from gptkit.safeio import finite_number
 
 
 @dataclass
@@ -99,6 +100,8 @@ def _get(state: dict[str, Any], key: str, kind: type, where: str, required: bool
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and isinstance(value, int):
+        ok = finite_number(value) is not None  # not an integer too large for a float
     if kind is int:
         ok = ok and float(value).is_integer()
     if not ok:

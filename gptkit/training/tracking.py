@@ -22,6 +22,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from gptkit.errors import GptkitError
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on runs
 OPS = {"params", "tags", "metrics", "artifact", "dataset", "reopen", "end"}
@@ -88,7 +90,39 @@ def resolve_uri(spec_uri: str | None) -> str:
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
         uri = prefix + os.path.abspath(uri[len(prefix) :])
+    if uri.startswith(prefix):
+        check_sqlite_store(Path(uri[len(prefix) :]))
     return uri
+
+
+def check_sqlite_store(path: Path) -> None:
+    """Refuse a SQLite file that exists and is not an MLflow store (a run's spec, perhaps
+    someone else's, may name any file): MLflow would add its tables to that database."""
+    import sqlite3
+
+    if not path.exists() or (path.is_file() and path.stat().st_size == 0):
+        return  # a new store
+    try:
+        with open(path, "rb") as f:
+            is_sqlite = f.read(16) == b"SQLite format 3\x00"
+        tables: set[str] = set()
+        if is_sqlite:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                rows = db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+                tables = {r[0] for r in rows}
+            finally:
+                db.close()
+    except (OSError, sqlite3.Error) as exc:
+        raise GptkitError(f"cannot read the MLflow store {path}: {exc}") from None
+    # No table yet: a store another process is creating. Tables, none of MLflow's: not one.
+    if not is_sqlite or (tables and not tables & {"experiments", "runs", "alembic_version"}):
+        what = "a SQLite database of something else" if is_sqlite else "not a SQLite database"
+        raise GptkitError(
+            f"the tracking store {path} is {what}, not an MLflow store: MLflow would write its "
+            "tables into it",
+            "Name another file in tracking.uri (or $MLFLOW_TRACKING_URI), or a new one.",
+        )
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:

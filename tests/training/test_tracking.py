@@ -214,3 +214,30 @@ def test_a_resume_that_changes_the_spec_is_what_mlflow_and_compare_say(tmp_path)
     shown = compare([str(tmp_path / "resumed"), str(tmp_path / "straight")], uri, tmp_path)
     header = shown.grid[0]
     assert "train.max_steps" not in header and not any("early_stop" in h for h in header)
+
+
+def test_a_tracking_store_that_is_not_mlflows_is_refused_before_a_run(tmp_path):
+    """tracking.uri naming an app's SQLite database (or any other file): MLflow added its
+    tables to it (a resumed run's spec, someone else's, may name any file). Refused before a
+    run folder is made, the file untouched; an MLflow store or a new file is taken."""
+    import sqlite3
+
+    from gptkit.errors import GptkitError
+    from gptkit.training.tracking import resolve_uri
+
+    app = tmp_path / "app.sqlite"
+    with sqlite3.connect(app) as db:
+        db.execute("CREATE TABLE users (name TEXT)")
+    before = app.read_bytes()
+    (tmp_path / "notes.txt").write_text("not a database")
+    for path, says in ((app, "a SQLite database of something else"),
+                       (tmp_path / "notes.txt", "not a SQLite database")):  # fmt: skip
+        with pytest.raises(GptkitError, match=f"{path} is {says}, not an MLflow store"):
+            resolve_uri(f"sqlite:///{path}")
+    result = run_cli(
+        "train", SMOKE, "--run-dir", tmp_path / "run", "--no-progress",
+        "--set", f"tracking.uri=sqlite:///{app}", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2 and "not an MLflow store" in result.stderr, result.stderr
+    assert app.read_bytes() == before and not (tmp_path / "run").exists()
+    assert resolve_uri(f"sqlite:///{tmp_path / 'new.db'}").endswith("new.db")

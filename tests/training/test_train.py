@@ -369,6 +369,29 @@ def test_eval_command(smoke_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_eval_scores_a_bundle_on_onnxruntime_as_its_run_on_torch(smoke_run, smoke_bundle, tmp_path):
+    """``gptkit eval RUN_OR_BUNDLE --data FILE`` (the contract): the bundle scored on
+    onnxruntime, with torch unimportable, gives the run's figures; with no file it says a
+    bundle holds no validation split."""
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be, that is the question:\nWhether 'tis nobler. " * 8)
+    ran = run_cli("eval", smoke_run, "--data", text, "--json")
+    assert ran.returncode == 0, ran.stderr
+    code = "import sys; sys.modules['torch'] = None\nfrom gptkit.cli import main; main()"
+    bundled = subprocess.run(
+        [sys.executable, "-c", code, "eval", str(smoke_bundle), "--data", str(text), "--json",
+         "--batch-size", "3"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bundled.returncode == 0, bundled.stderr
+    run_doc, bundle_doc = json.loads(ran.stdout), json.loads(bundled.stdout)
+    assert bundle_doc["tokens"] == run_doc["tokens"] and bundle_doc["bytes"] == run_doc["bytes"]
+    for key in ("loss", "perplexity", "bits_per_byte"):
+        assert bundle_doc[key] == pytest.approx(run_doc[key], rel=1e-5), key
+    assert_user_error(run_cli("eval", smoke_bundle), "holds no validation split", "--data FILE")
+
+
+@pytest.mark.slow
 def test_the_printed_hint_resumes_exactly_what_was_asked(tmp_path, reference_run):
     """Started with --set overrides, interrupted, resumed by running the hint as printed (no
     --set): it ends at the overridden step with the uninterrupted run's weights, and its MLflow
