@@ -165,6 +165,9 @@ class _HeaderLimits:
         )
         self.transport.write(b"".join(head) + body)  # type: ignore[attr-defined]
         self.transport.close()  # type: ignore[attr-defined]
+        # One access-log line for it too (the method and path may be what was malformed).
+        peer = self.transport.get_extra_info("peername") or ("-",)  # type: ignore[attr-defined]
+        access_log.info('%s "- -" 400 0.000s (malformed HTTP: %s)', peer[0], why)
 
 
 def _protocol_base(http: str) -> type:

@@ -156,3 +156,21 @@ def test_weights_that_are_not_finite_or_a_dangling_latest_are_named(smoke_run, t
     result = run_cli("generate", run, "-p", "ROMEO:", "-n", "3", "--seed", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"latest names {latest}, which is not a complete checkpoint" in result.stderr
+
+
+def test_numbers_too_large_for_a_float_in_run_files_are_not_numbers(tmp_path):
+    """An integer of 400 digits (valid JSON, under the digit limit) as a val_loss, a created
+    time or a training-state count: math.isfinite raised OverflowError (a traceback)."""
+    import json
+
+    from gptkit.store.checkpoint import _val_loss
+    from gptkit.training.state import _get
+
+    huge = 10**400
+    assert _val_loss({"val_loss": huge}) is None and _val_loss({"val_loss": 2}) == 2.0
+    run = RunDir(tmp_path)
+    run.run_file.write_text(json.dumps({"name": "x", "created": huge}))
+    with pytest.raises(RunError, match="created is not a time"):
+        run.read_info()
+    with pytest.raises(RunError, match="'step' should be a number"):
+        _get({"step": huge}, "step", int, "state")
