@@ -139,6 +139,11 @@ def eval_cmd(
         echo(f"  bits per byte   {result['bits_per_byte']:.4f}")
 
 
+def _Seconds(what: str) -> Any:  # noqa: N802 (a type, as typer reads it)
+    """A server time limit's option: ``Seconds WHAT.``, at least 0.1."""
+    return Annotated[float, typer.Option(min=0.1, help=f"Seconds {what}.")]
+
+
 @app.command()
 def serve(
     bundle: Annotated[
@@ -157,24 +162,13 @@ def serve(
     ] = 16,
     max_queued: Annotated[int, typer.Option(min=0, help="Requests waiting beyond those.")] = 64,
     max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens accepted.")] = 1024,
-    body_timeout: Annotated[
-        float, typer.Option(min=0.1, help="Seconds a client has to send its request body.")
-    ] = 10.0,
-    header_timeout: Annotated[
-        float, typer.Option(min=0.1, help="Seconds a client has to send its request headers.")
-    ] = 10.0,
-    send_timeout: Annotated[
-        float,
-        typer.Option(
-            min=0.1,
-            help="Seconds an answer may wait for a client that reads nothing of it (then the "
-            "client is dropped).",
-        ),
-    ] = 30.0,  # Limits.send_timeout_s (not imported here: the CLI starts light)
-    shutdown_timeout: Annotated[
-        float,
-        typer.Option(min=0.1, help="Seconds a shutdown (SIGTERM) lets answers under way finish."),
-    ] = 30.0,  # Limits.shutdown_timeout_s
+    body_timeout: _Seconds("a client has to send its request body") = 10.0,
+    header_timeout: _Seconds("a client has to send its request headers") = 10.0,
+    # Limits' defaults (gptkit.serve.schemas is not imported here: the CLI starts light).
+    send_timeout: _Seconds(
+        "an answer may wait for a client that reads nothing of it (then it is dropped)"
+    ) = 30.0,
+    shutdown_timeout: _Seconds("a shutdown (SIGTERM) lets answers under way finish") = 30.0,
     threads: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(
@@ -183,12 +177,9 @@ def serve(
             "side).",
         ),
     ] = None,
-    template_timeout: Annotated[
-        float,
-        typer.Option(
-            min=0.1, help="Seconds a chat template may render (in its worker process) before 400."
-        ),
-    ] = 2.0,
+    template_timeout: _Seconds(
+        "a chat template may render (in its worker process) before 400"
+    ) = 2.0,
     stream_interval: Annotated[
         float,
         typer.Option(
