@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from safetensors.torch import load_file, save_file
 
 from gptkit.errors import GptkitError, RunError
+from gptkit.safeio import as_new_file
 
 if TYPE_CHECKING:
     import torch
@@ -575,6 +576,7 @@ def export_hf(run: str | Path, out: str | Path, force: bool = False) -> Path:
         for ours, theirs, transpose in name_map(m.n_layers)
     }
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    as_new_file(out / "model.safetensors")
     eot = loaded.tokenizer.eot_id
     config = {
         "architectures": ["GPT2LMHeadModel"],

@@ -167,6 +167,19 @@ def is_digit_limit(exc: BaseException) -> bool:
     )
 
 
+def as_new_file(path: Path) -> None:
+    """Give ``path`` the permissions a file created here gets (the umask's): safetensors
+    writes its files 0600, so a checkpoint's or an export's weights were unreadable to the
+    user's group where its other files are not. The umask is read from a file just made (not
+    with ``os.umask``, which would change it for a moment under other threads)."""
+    probe = path.with_name(f".{path.name}.{os.getpid()}.mode")
+    probe.touch()
+    try:
+        os.chmod(path, probe.stat().st_mode & 0o666)
+    finally:
+        probe.unlink(missing_ok=True)
+
+
 def finite_number(value: Any) -> float | None:
     """``value`` as a float if it is a finite number (not a bool, not an integer too large for
     a float, which ``math.isfinite`` raises on); else None. For numbers read from files."""

@@ -8,7 +8,7 @@ import torch
 import gptkit
 from gptkit.components.tokenizers import BPETokenizerSpec
 from gptkit.data.sources import load_corpus
-from gptkit.hf import import_hf
+from gptkit.hf import export_hf, import_hf
 from tests.helpers import assert_user_error, run_cli
 
 pytestmark = pytest.mark.slow  # every test here trains, serves or spawns the CLI
@@ -448,3 +448,19 @@ def test_import_refuses_weights_that_are_not_finite_floats(hf_gpt2, tmp_path):
     with pytest.raises(RunError, match=r"1 tensor is not floating point \(e\.g\. .*int64\)"):
         import_hf(src, tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_written_weights_are_as_readable_as_the_other_files(hf_gpt2, tmp_path):
+    """safetensors writes 0600: an export's and a checkpoint's weights were unreadable to the
+    group where config.json and meta.json were not. They take the umask's mode now."""
+    import stat
+
+    folder, _ = hf_gpt2
+    run = import_hf(folder, tmp_path / "run")
+    export_hf(run, tmp_path / "hf")
+    ckpt = next((run / "checkpoints").glob("step-*"))
+    for weights, other in (
+        (tmp_path / "hf" / "model.safetensors", tmp_path / "hf" / "config.json"),
+        (ckpt / "model.safetensors", ckpt / "meta.json"),
+    ):
+        assert stat.S_IMODE(weights.stat().st_mode) == stat.S_IMODE(other.stat().st_mode)

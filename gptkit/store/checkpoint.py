@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from gptkit.errors import RunError
-from gptkit.safeio import check_regular, finite_number, read_bytes, read_json
+from gptkit.safeio import as_new_file, check_regular, finite_number, read_bytes, read_json
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
@@ -102,6 +102,7 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         save_model(model, str(tmp / WEIGHTS_FILE))
+        as_new_file(tmp / WEIGHTS_FILE)
         torch.save(state, tmp / STATE_FILE)
         (tmp / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=2))
         for f in tmp.iterdir():
