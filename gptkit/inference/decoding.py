@@ -713,9 +713,15 @@ def max_new_for(sampler: Any, requested: int | None) -> int:
     """The one place the new-token budget is resolved: ``requested``, or the sampler's own
     ``max_new_tokens`` when None."""
     max_new = sampler.max_new_tokens if requested is None else requested
-    if max_new < 0:
-        raise GptkitError(f"max_new_tokens must be >= 0, got {max_new}")
+    if not 0 <= max_new <= MAX_NEW_TOKENS:
+        raise GptkitError(
+            f"max_new_tokens must be from 0 to {MAX_NEW_TOKENS:,}, got {max_new:,} (the text "
+            "is kept in memory as it is generated)"
+        )
     return int(max_new)
+
+
+MAX_NEW_TOKENS = 10_000_000  # one generation's tokens: far past any use, short of a runaway
 
 
 def start_batch(

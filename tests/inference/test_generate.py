@@ -353,6 +353,7 @@ def test_cli_generate_stream_samples_seed_and_sampler(smoke_run):
     ("args", "needle"),
     [
         (["-n", "-1"], "--max-new-tokens must be >= 0"),
+        (["-n", "1000000000000"], "max_new_tokens must be from 0 to 10,000,000"),  # ran unbounded
         (["--set", "sampler.temperature=-1"], "sampler.temperature"),
         (["--set", "sampler.kind=top_p", "--set", "sampler.p=1.5"], "sampler.p"),
         (["--prompt", "x" * 40], "the model's context is 32"),
