@@ -167,6 +167,7 @@ def _run(
     try:
         failures = 0
         while len(study.get_trials(deepcopy=False, states=finished)) < spec.sweep["trials"]:
+            search.check()
             if not _trial(search, raw, spec, study, progress, command):
                 failures += 1
                 if failures > spec.sweep["trials"]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import signal
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -240,6 +241,7 @@ def _run_plan(
             sweep.save()  # the group's MLflow id, before anything can stop it
             done = []
             for run in runs:
+                sweep.check()
                 index += 1
                 name = point_name(run)
                 print(f"=== sweep point {index}/{total}: {name}", flush=True)
@@ -279,6 +281,28 @@ class SweepRun:
         self.watch = start_watch(root, parent) if parent.run_id else None
         state.update(status="running", resume=self.hint)
         self.save()
+        self.signalled = False
+        self._previous = self._install_signal()
+
+    def _install_signal(self) -> dict[int, Any]:
+        """Ctrl-C between runs: KeyboardInterrupt as ever, and remembered. Python drops one
+        raised inside a weakref callback or ``__del__`` ("Exception ignored"), which left the
+        sweep going on to its end; :meth:`check` stops it before the next run then. (A run's
+        trainer puts its own handler over this one while it trains.)"""
+
+        def handler(signum: int, frame: Any) -> None:
+            self.signalled = True
+            raise KeyboardInterrupt
+
+        try:
+            return {signal.SIGINT: signal.signal(signal.SIGINT, handler)}
+        except ValueError:  # not in the main thread
+            return {}
+
+    def check(self) -> None:
+        """Before each run: stop here if an interruption came and was lost."""
+        if self.signalled:
+            raise KeyboardInterrupt
 
     def save(self) -> None:
         _save_state(self.root, self.state, self.results)
@@ -288,6 +312,8 @@ class SweepRun:
         self.save()
         _stop_watch(self.watch)
         RunDir(self.root).unlock()
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
     def stop(self, exc: BaseException) -> NoReturn:
         """Stopped by ``exc``: the open runs KILLED (interrupted) or FAILED, then re-raised

@@ -187,6 +187,12 @@ def test_sweep_makes_child_runs_and_compare_shows_what_differs(tmp_path):
 
 
 def test_compare_unknown_experiment_is_a_clear_error(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    result = run_cli("compare", "nope", cwd=tmp_path)  # no store here at all: said, none made
+    assert result.returncode == 2 and "no MLflow store at" in result.stderr, result.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()  # an empty store
     result = run_cli("compare", "nope", cwd=tmp_path)
     assert result.returncode == 2 and "no MLflow experiment or spec named 'nope'" in result.stderr
 

@@ -263,3 +263,23 @@ def test_a_sweep_folder_continued_imports_only_trusted_plugins(tmp_path):
     spec.write_text(f"extends: {SMOKE}\nsweep: {{plugins: [[evil]]}}\n")
     assert_user_error(run_cli("validate", spec, cwd=tmp_path), "plugins cannot be swept")
     assert not (tmp_path / "IMPORTED").exists()
+
+
+def test_an_interruption_python_dropped_stops_the_sweep_before_its_next_run(tmp_path):
+    """Ctrl-C's KeyboardInterrupt raised inside a weakref callback is dropped by Python
+    ("Exception ignored"): a search in CI went on to its end, exit 0. The sweep remembers it
+    and stops before its next run (KILLED, resumable)."""
+    from gptkit.training.sweep import SweepParent, SweepRun
+
+    before = signal.getsignal(signal.SIGINT)
+    sweep = SweepRun(tmp_path, {}, SweepParent(None, None), "sweep", [])
+    try:
+        sweep.check()  # nothing came: goes on
+        with pytest.raises(KeyboardInterrupt):  # the raise Python may drop
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # as Python calls it
+        with pytest.raises(KeyboardInterrupt):  # remembered
+            sweep.check()
+    finally:
+        sweep._close("killed")
+    assert signal.getsignal(signal.SIGINT) is before
+    assert json.loads((tmp_path / "sweep.json").read_text())["status"] == "killed"
