@@ -7,7 +7,6 @@ it goes to a separate ``<experiment>-comparisons`` experiment, out of the run li
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -338,13 +337,13 @@ def compare(
     separated from the next, and the curves' plot; with ``log``, also kept in MLflow.
     ``experiment``: one target or several (experiments, spec files, run folders, spec names;
     see ``select_runs``); none: the most recently updated experiment."""
-    from gptkit.training.tracking import quick_timeouts, resolve_uri
+    from gptkit.training.tracking import quick_timeouts, resolve_uri, sqlite_path
 
     quick_timeouts()
     uri = resolve_uri(uri)
     targets = [experiment] if isinstance(experiment, str) else list(experiment or [])
-    store = uri.removeprefix("sqlite:///")
-    if store != uri and not os.path.exists(store):  # MLflow would create it: compare adds nothing
+    store = sqlite_path(uri)
+    if store is not None and not store.exists():  # MLflow would create it: compare adds nothing
         raise GptkitError(
             f"no MLflow store at {store}: nothing was tracked there (a run trained with "
             "tracking.enabled=false is not in MLflow)",

@@ -90,9 +90,16 @@ def resolve_uri(spec_uri: str | None) -> str:
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
         uri = prefix + os.path.abspath(uri[len(prefix) :])
-    if uri.startswith(prefix):
-        check_sqlite_store(Path(uri[len(prefix) :]))
+    store = sqlite_path(uri)
+    if store is not None:
+        check_sqlite_store(store)
     return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a ``sqlite:///`` tracking URI (None for a server or another store)."""
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix) :]) if uri.startswith(prefix) else None
 
 
 def check_sqlite_store(path: Path) -> None:
@@ -107,7 +114,7 @@ def check_sqlite_store(path: Path) -> None:
             is_sqlite = f.read(16) == b"SQLite format 3\x00"
         tables: set[str] = set()
         if is_sqlite:
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
             try:
                 rows = db.execute("SELECT name FROM sqlite_master WHERE type='table'")
                 tables = {r[0] for r in rows}
