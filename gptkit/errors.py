@@ -54,6 +54,12 @@ class DataError(GptkitError):
     """Training or evaluation data is missing or unusable."""
 
 
+class EncodeError(DataError):
+    """Text a tokenizer cannot encode (exit 2 at the command line, 400 from the server). A
+    plugin tokenizer raises it (``plugin.EncodeError``) to refuse text, e.g. characters its
+    vocabulary lacks."""
+
+
 class RunError(GptkitError):
     """A run directory, checkpoint or bundle is missing or unusable."""
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from gptkit.components.tokenizers import encode_prompt
 from gptkit.data.sources import load_text
 from gptkit.errors import DataError, GptkitError
 
@@ -118,7 +119,7 @@ def evaluate_text(
     text, which makes models with different tokenizers comparable.
     """
     text = load_text(str(path))
-    ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
+    ids = np.asarray(encode_prompt(tokenizer, text, str(path)), dtype=np.int64)
     if len(ids) < 2:
         raise DataError(f"{path} holds fewer than 2 tokens; nothing to score")
     result = score(ids)

@@ -47,6 +47,9 @@ Rules every component follows:
 - **Components own their initialisation.** The GPT initialises only the modules it builds
   itself (embeddings, MLPs, norms, head). Mark a projection that writes into the residual
   stream with :func:`mark_residual` to get GPT-2's depth-scaled initialisation.
+- **A tokenizer refuses text it cannot encode** by raising :class:`EncodeError` (the user
+  sees the message, exit 2; the server answers 400); any other exception from ``encode`` is
+  reported as the tokenizer's failure to encode the prompt, naming it.
 - **Samplers draw only from the ``rng`` passed in**; per-generation state lives in the object
   :meth:`SamplerSpec.new_state` returns, one per row, passed back at every step.
 - **Optimizers honour the schedule**: the trainer sets each group's ``lr`` every step as
@@ -54,8 +57,8 @@ Rules every component follows:
 - Every component must pass ``gptkit.testing`` (:func:`contract_cases`), which gptkit's
   own suite and ``gptkit export`` rely on.
 
-Provenance: each run (``<run>/plugins.json``) and bundle (manifest key ``plugins``) records,
-for every non-built-in kind, ``{"<slot>.<kind>": {"distribution", "version", "module"}}``
+Provenance: each run (``<run>/plugins.json``) and bundle (key ``plugins`` of ``gptkit.json``)
+records, for every non-built-in kind, ``{"<slot>.<kind>": {"distribution", "version", "module"}}``
 (:func:`gptkit.registry.manager.provenance`), so that opening it without the plugin names
 the package to install.
 """
@@ -78,6 +81,7 @@ from gptkit.components.base import (
     mark_residual,
 )
 from gptkit.components.tokenizers import EOT, Tokenizer
+from gptkit.errors import EncodeError
 from gptkit.registry.hookspecs import Register, hookimpl
 
 # Names that need torch, imported on first use so that ``from gptkit import plugin`` stays
@@ -103,6 +107,7 @@ __all__ = [
     "SamplerSpec",
     "OptimizerSpec",
     "Tokenizer",
+    "EncodeError",
     "EOT",
     "inverse_cdf",
     "mark_residual",

@@ -228,7 +228,9 @@ def _time_shares(result) -> str:
     if not other:
         return ""
     steps = max(0.0, result.elapsed - sum(result.phases.values()))
-    parts = [f"steps {steps:.1f}s"] + [f"{k} {v:.1f}s" for k, v in other.items()]
+    # "tracking" closes the run's record: with MLflow off, the plot and run.json only
+    names = {} if result.mlflow_url else {"tracking": "record"}
+    parts = [f"steps {steps:.1f}s"] + [f"{names.get(k, k)} {v:.1f}s" for k, v in other.items()]
     return f" ({', '.join(parts)})"
 
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError
 
 from gptkit.components.base import TokenizerSpec
-from gptkit.errors import DataError, GptkitError, RunError
+from gptkit.errors import DataError, EncodeError, GptkitError, RunError
 from gptkit.registry.hookspecs import hookimpl
 
 TOKENIZER_FILE = "tokenizer.gptkit.json"
@@ -51,6 +51,8 @@ class Tokenizer:
         """Learn the vocabulary from training text (a no-op for fixed vocabularies)."""
 
     def encode(self, text: str) -> list[int]:
+        """Text to ids; text the vocabulary cannot encode raises :class:`EncodeError` (with
+        ``unk_id`` set, its id stands for such text instead)."""
         raise NotImplementedError
 
     def encode_lenient(self, text: str) -> list[int]:
@@ -172,6 +174,22 @@ def state_file(directory: Path, name: Any) -> Path:
 # --------------------------------------------------------------------------- char
 
 
+def encode_prompt(tokenizer: Any, prompt: str, what: str = "the prompt") -> list[int]:
+    """A prompt's ids; a tokenizer's error (a plugin's ``ValueError`` for a character it lacks,
+    say) is the user's :class:`EncodeError` naming it, not a crash."""
+    if not prompt:
+        return []
+    try:
+        return list(tokenizer.encode(prompt))
+    except GptkitError:
+        raise
+    except (ValueError, LookupError) as exc:
+        kind = getattr(getattr(tokenizer, "spec", None), "kind", type(tokenizer).__name__)
+        raise EncodeError(
+            f"the {kind} tokenizer cannot encode {what}: {type(exc).__name__}: {exc}"
+        ) from None
+
+
 class CharTokenizer(Tokenizer):
     """One token per character seen in the training text, then the special tokens."""
 
@@ -199,7 +217,7 @@ class CharTokenizer(Tokenizer):
         if self.spec.unknown == "skip":
             return self.encode_lenient(text)
         shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in unseen[:5])
-        raise DataError(
+        raise EncodeError(
             f"text has {len(unseen)} character(s) the char tokenizer never saw: {shown}; "
             f"its vocabulary is the {len(self.chars)} characters of the training text",
             "Set tokenizer.unknown=skip to drop them, or use tokenizer: byte.",

@@ -34,7 +34,8 @@ import numpy as np
 
 from gptkit.components.base import inverse_cdf_rows
 from gptkit.components.samplers import ROW_WISE, GreedySpec
-from gptkit.errors import ContextError, GptkitError
+from gptkit.components.tokenizers import encode_prompt
+from gptkit.errors import ContextError, GptkitError, PluginError
 
 REPLACEMENT = "\ufffd"
 
@@ -401,8 +402,27 @@ def sample_next(
     previous = _previous(contexts) if sampler.repetition_penalty != 1.0 else None
     if all(s is None for s in states):
         # Stateless: the three-argument call, so samplers written before states still work.
-        return sampler.sample(logits, rng, previous)
-    return sampler.sample(logits, rng, previous, states)
+        return _checked_ids(sampler, sampler.sample(logits, rng, previous), logits.shape)
+    return _checked_ids(sampler, sampler.sample(logits, rng, previous, states), logits.shape)
+
+
+def _checked_ids(sampler: Any, ids: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A sampler's ids, refused unless one integer in [0, V) per row: a plugin's id past the
+    vocabulary would fail inside the model (or, negative, be read from its end)."""
+    out = np.asarray(ids)
+    rows, vocab = shape
+    if out.shape != (rows,) or not np.issubdtype(out.dtype, np.integer):
+        problem = f"gave {out.dtype} ids of shape {out.shape}, not {rows} integer id(s)"
+    elif rows and (out.min() < 0 or out.max() >= vocab):
+        bad = int(out[(out < 0) | (out >= vocab)][0])
+        problem = f"returned id {bad}, outside the vocabulary [0, {vocab})"
+    else:
+        return out
+    kind = getattr(sampler, "kind", type(sampler).__name__)
+    raise PluginError(
+        f"sampler '{kind}' {problem}",
+        "A bug in the sampler; its contract is checked by gptkit.testing (see docs/plugins.md).",
+    )
 
 
 def sample_each(
@@ -533,7 +553,7 @@ class DecodeBatch:
     def encode(self, prompt: str, index: int = 0, what: str | None = None) -> list[int]:
         """Prompt ids (the end-of-text token for an empty prompt), checked against the context
         (``what``: the prompt's name in the error, "prompt {index}" by default)."""
-        return self.checked(self.tokenizer.encode(prompt) if prompt else [], index, what)
+        return self.checked(encode_prompt(self.tokenizer, prompt), index, what)
 
     def checked(self, ids: Sequence[int], index: int = 0, what: str | None = None) -> list[int]:
         """Prompt ids given as such (the end-of-text token for none), checked against the

@@ -24,6 +24,9 @@ from gptkit.registry import hookspecs
 
 ENTRY_POINT_GROUP = "gptkit"
 HOOK_NAMES = tuple(n for n in dir(hookspecs) if n.startswith("gptkit_"))
+# Where a module the user named comes from: the environment, or a list (a spec's plugins:,
+# --plugin, gptkit.testing's contract_cases([...])). Such a module that fails is an error.
+EXPLICIT_ORIGINS = ("GPTKIT_PLUGINS", "plugins: or --plugin")
 
 
 @dataclass
@@ -32,7 +35,7 @@ class PluginInfo:
 
     name: str
     version: str
-    origin: str  # "builtin", "entry point (dist-name)", "spec plugins:", "GPTKIT_PLUGINS"
+    origin: str  # "builtin", "entry point (dist-name)", or one of EXPLICIT_ORIGINS
     error: str | None = None
     module: str = ""  # the import name of the plugin module
     distribution: str | None = None  # the installed package that ships it, if any
@@ -201,8 +204,8 @@ def plugin_manager(
                 continue
             pm.add(obj, ep.name, version, origin, dist)
 
-    explicit = [(m, "GPTKIT_PLUGINS") for m in env_plugin_modules()]
-    explicit += [(m, "spec plugins:") for m in modules]
+    explicit = [(m, EXPLICIT_ORIGINS[0]) for m in env_plugin_modules()]
+    explicit += [(m, EXPLICIT_ORIGINS[1]) for m in modules]
     for name, origin in explicit:
         try:
             module = importlib.import_module(name)
@@ -313,6 +316,9 @@ def missing_kind_message(
     origin = (recorded or {}).get(f"{slot}.{kind}")
     if not isinstance(origin, Mapping):
         return None
+    refused = registry.refused.get(slot, {}).get(kind)
+    if refused is not None:  # installed, but refused (e.g. two plugins register the name)
+        return f"needs {slot} kind '{kind}', which was refused: {refused}"
     dist, version = origin.get("distribution") or "", origin.get("version") or "unknown"
     module = origin.get("module") or ""
     failed = next(

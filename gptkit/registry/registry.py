@@ -10,8 +10,9 @@ from pydantic import ValidationError
 
 from gptkit.components.base import SLOTS as SLOT_TABLE
 from gptkit.components.base import ComponentSpec
-from gptkit.errors import GptkitError, did_you_mean
+from gptkit.errors import GptkitError, PluginError, did_you_mean
 from gptkit.registry.manager import (
+    EXPLICIT_ORIGINS,
     PluginManager,
     autoload_enabled,
     env_plugin_modules,
@@ -20,6 +21,11 @@ from gptkit.registry.manager import (
 )
 
 SLOTS = tuple(SLOT_TABLE)
+
+
+def plugin_label(name: str, version: str) -> str:
+    """How messages name a plugin: "plugin 'x' 1.2", or "plugin 'x' (version unknown)"."""
+    return f"plugin '{name}' {'(version unknown)' if version == 'unknown' else version}"
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,8 @@ class Registry:
     pm: PluginManager
     components: dict[str, dict[str, Registration]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    # plugin name -> its problems (a clash is both providers'), for a plugin's contract tests
+    problems_of: dict[str, list[str]] = field(default_factory=dict)
     # kinds refused at registration (a clash, a broken contract): slot -> kind -> why
     refused: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -60,30 +68,47 @@ class Registry:
                 try:
                     impl.function(**{arg: register for arg in impl.argnames})
                 except BaseException as exc:  # noqa: BLE001 - sys.exit included
-                    reg.problems.append(
-                        f"plugin '{impl.plugin_name}' {version}: gptkit_register_{slot} "
-                        f"raised {exc!r}"
+                    problem = reg._problem(
+                        f"{plugin_label(impl.plugin_name, version)}: gptkit_register_{slot} "
+                        f"raised {exc!r}",
+                        impl.plugin_name,
                     )
+                    if info is not None and info.origin in EXPLICIT_ORIGINS:
+                        # A module the user named is broken: said as its failed import is, not
+                        # a warning lost before the spec's "unknown kind" error.
+                        raise PluginError(
+                            f"{problem} (from {info.origin})",
+                            "Fix the module's hook, or leave it out of plugins:/--plugin.",
+                        ) from None
         for info in pm.infos:
             if info.error:
-                reg.problems.append(
-                    f"plugin '{info.name}' {info.version} ({info.origin}): {info.error}"
+                reg._problem(
+                    f"{plugin_label(info.name, info.version)} ({info.origin}): {info.error}",
+                    info.name,
                 )
         return reg
 
+    def _problem(self, message: str, *providers: str) -> str:
+        """Record a problem, as the named plugins' (returns it)."""
+        self.problems.append(message)
+        for name in providers:
+            self.problems_of.setdefault(name, []).append(message)
+        return message
+
     def _add(self, slot: str, component: type, provider: str, version: str) -> None:
-        where = f"plugin '{provider}' {version}"
+        where = plugin_label(provider, version)
         base = SLOT_TABLE[slot].base
         if not (isinstance(component, type) and issubclass(component, base)):
-            self.problems.append(
+            self._problem(
                 f"{where} registered {component!r} as a {slot}, but it is not a subclass of "
-                f"{base.__name__}"
+                f"{base.__name__}",
+                provider,
             )
             return
         try:
             kind = component.kind_name()
         except TypeError as exc:
-            self.problems.append(f"{where}: {exc}")
+            self._problem(f"{where}: {exc}", provider)
             return
         try:
             # Validate the defaults too (pydantic does not by default), as a spec would use them.
@@ -96,31 +121,34 @@ class Registry:
         except ValidationError as exc:
             bad = [e for e in exc.errors() if e["type"] != "missing"]
             if bad:
-                self.problems.append(
+                self._problem(
                     f"{where}: {slot} '{kind}' ({component.__name__}) has an invalid default: "
-                    + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in bad)
+                    + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in bad),
+                    provider,
                 )
                 return
         problem = SLOT_TABLE[slot].contract_problem(component)
         if problem is not None:
-            self.problems.append(f"{where}: {slot} '{kind}': {problem}")
-            self.refused[slot][kind] = self.problems[-1]
+            self.refused[slot][kind] = self._problem(
+                f"{where}: {slot} '{kind}': {problem}", provider
+            )
             return
         existing = self.components[slot].get(kind)
         if existing is not None or kind in self.refused[slot]:
             # Neither provider wins: a spec naming the kind must not silently get the class of
             # a package other than the one its author meant (a built-in added later included).
             first = (
-                f"plugin '{existing.provider}' {existing.version}"
+                plugin_label(existing.provider, existing.version)
                 if existing is not None
                 else "an earlier plugin"
             )
-            self.problems.append(
-                f"{slot} kind '{kind}' is provided by both {first} and {where}; refusing "
-                f"both: uninstall or rename one of them"
-            )
             self.components[slot].pop(kind, None)
-            self.refused[slot][kind] = self.problems[-1]
+            self.refused[slot][kind] = self._problem(
+                f"{slot} kind '{kind}' is provided by both {first} and {where}; refusing "
+                f"both: uninstall or rename one of them",
+                provider,
+                *([existing.provider] if existing is not None else []),
+            )
             return
         self.components[slot][kind] = Registration(slot, kind, component, provider, version)
 
@@ -138,7 +166,7 @@ class Registry:
         hint = did_you_mean(str(kind), self.kinds(slot))
         # A plugin that failed to load may be the one that provides it: show its real error.
         broken = "".join(
-            f" Plugin '{i.name}' {i.version} is installed but failed to load: {i.error}."
+            f" P{plugin_label(i.name, i.version)[1:]} is installed but failed to load: {i.error}."
             for i in self.pm.infos
             if i.error
         )

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from gptkit.errors import did_you_mean
 from gptkit.registry.registry import load_registry
 from gptkit.testing.models import PARTNERS, WEIGHTED_POSITIONAL, run_model_case
 from gptkit.testing.optimizers import run_optimizer_case
@@ -44,6 +45,7 @@ class Case(NamedTuple):
     prop: str
     plugins: tuple[str, ...] = ()
     partner: str | None = None
+    failure: str | None = None  # a plugin that could not be tested: why (slot "plugin")
 
     def __str__(self) -> str:
         default = PARTNERS.get(self.slot, ("", None))[1]
@@ -67,11 +69,18 @@ def contract_cases(
     ``props``: narrow further; ``pairs``: run attention and positional components with
     every kind of the other slot (ids such as ``attention-gqa+alibi-kv_cache``), not only
     with the default partner.
+
+    A plugin under test that did not load, whose hook raised, or whose component was refused
+    (a name another plugin also registers, a class that is not a component) gets a failing
+    ``plugin-NAME-loads`` case with the reason, as does a ``provider`` that names nothing
+    loaded (``plugin-NAME-found``): the contract never passes by testing nothing.
     """
     import pytest
 
     registry = load_registry(tuple(plugins))
-    cases = []
+    cases = [
+        pytest.param(case, id=str(case)) for case in _load_failures(registry, plugins, provider)
+    ]
     for slot in slots or PROPERTIES:
         for kind, reg in sorted(registry.components[slot].items()):
             if kinds is not None and kind not in kinds:
@@ -85,6 +94,54 @@ def contract_cases(
                     marks = [pytest.mark.slow] if prop == "onnx" else []
                     cases.append(pytest.param(case, id=str(case), marks=marks))
     return cases
+
+
+def _load_failures(
+    registry: Any, plugins: tuple[str, ...] | list[str], provider: str | None
+) -> list[Case]:
+    """A failing case for each plugin under test (``provider``, else the ``plugins`` modules)
+    with load problems, and for a ``provider`` that matches no loaded plugin."""
+    wanted = [provider] if provider is not None else list(plugins)
+    out = []
+    for name in wanted:
+        plugin_names = [
+            i.name for i in registry.pm.infos if name in _plugin_names(i)
+        ] or _providers_named(registry, name)
+        why = [p for n in plugin_names for p in registry.problems_of.get(n, [])]
+        if why:
+            out.append(Case("plugin", name, "loads", tuple(plugins), None, "; ".join(why)))
+        elif not plugin_names:
+            known = sorted({n for i in registry.pm.infos for n in _plugin_names(i) if n})
+            out.append(
+                Case(
+                    "plugin",
+                    name,
+                    "found",
+                    tuple(plugins),
+                    None,
+                    f"no plugin loaded is named {name!r} (by its entry point, module or "
+                    f"distribution){did_you_mean(name, known)}; is it installed in this "
+                    "environment?",
+                )
+            )
+    return out
+
+
+def _plugin_names(info: Any) -> set[str]:
+    """The names a loaded plugin goes by: entry point, module (and its package), distribution."""
+    return {info.name, info.module, info.module.split(".")[0], info.distribution or ""} - {""}
+
+
+def _providers_named(registry: Any, name: str) -> list[str]:
+    """Plugins that registered a component whose class's package is ``name``."""
+    return sorted(
+        {
+            reg.provider
+            for slot in registry.components.values()
+            for reg in slot.values()
+            if reg.cls.__module__.split(".")[0] == name
+        }
+    )
 
 
 def _pairings(registry: Any, slot: str, pairs: bool) -> list[tuple[str | None, str]]:
@@ -116,6 +173,10 @@ def run_contract(case: Case, tmp_path: Any = None) -> None:
     """Run one contract case (``tmp_path``: a scratch folder, for ONNX and save/load). A
     failure is an ``AssertionError`` naming the component and the property; a component whose
     example cannot be built fails, naming what to add."""
+    if case.failure is not None:
+        import pytest
+
+        pytest.fail(f"plugin {case.kind!r} cannot be tested: {case.failure}", pytrace=False)
     registry = load_registry(case.plugins)
     cls = registry.get(case.slot, case.kind)
     if case.prop == "positional_weights":
@@ -145,6 +206,12 @@ def run_contract(case: Case, tmp_path: Any = None) -> None:
         except AssertionError as exc:
             raise AssertionError(
                 f"{_who(case)} fails the contract's {case.prop} property: {exc}"
+            ) from exc
+        except Exception as exc:  # a component that crashes in a check fails it (pytest's
+            # skip and fail are not Exceptions: they pass through)
+            raise AssertionError(
+                f"{_who(case)} fails the contract's {case.prop} property: it raised "
+                f"{type(exc).__name__}: {exc}"
             ) from exc
 
 

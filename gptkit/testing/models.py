@@ -58,7 +58,21 @@ def _tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
 def check_shapes(model: GPT) -> None:
     """Logits are (B, T, V); the cache holds (B, H_kv, T, hd) per layer; loss is a scalar."""
     idx = _tokens(3, 11)
-    out = model(idx)
+    seen: list[tuple[int, ...]] = []
+    hooks = [
+        block.attn.register_forward_hook(lambda m, args, out: seen.append(tuple(out[0].shape)))
+        for block in model.blocks
+    ]
+    try:
+        out = model(idx)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    want_y = (3, 11, model.spec.d_model)
+    assert all(shape == want_y for shape in seen), (
+        f"the attention's output for (3, 11) tokens is {seen[0] if seen else None}: it must "
+        f"be (B, T, d_model), here {want_y} (the residual add broadcasts a wrong shape)"
+    )
     want = (3, 11, model.spec.vocab_size)
     assert out.logits.shape == want, f"logits for (3, 11) tokens are {out.logits.shape}, not {want}"
     assert len(out.past_key_values) == model.spec.n_layers, "the cache needs one entry per layer"

@@ -27,10 +27,14 @@ def _fresh(sampler: Any, rows: int) -> list[Any]:
 
 
 def _draw(sampler: Any, logits: Any, rng: Any, states: list[Any]) -> Any:
+    from gptkit.errors import PluginError
     from gptkit.inference.decoding import sample_next
 
     contexts = [[0] for _ in range(len(logits))]  # repetition penalty sees one token
-    return sample_next(sampler, logits, rng, contexts, states)
+    try:
+        return sample_next(sampler, logits, rng, contexts, states)
+    except PluginError as exc:  # ids that are not one per row in [0, V): the contract's words
+        raise AssertionError(exc.message) from None
 
 
 def sampler_distribution(sampler: Any, vocab: int = 64, draws: int = 40_000, seed: int = 0) -> None:

@@ -229,6 +229,21 @@ class TransposedCacheSpec(AttentionSpec):
         return _mha(TransposedCacheAttention, model, positional)
 
 
+class LastOnlyAttention(CausalSelfAttention):
+    """Returns the last position's output only, (B, 1, C): the residual add broadcasts it."""
+
+    def forward(self, x, positions, past=None, key_mask=None):
+        y, present = super().forward(x, positions, past, key_mask)
+        return y[:, -1:, :], present
+
+
+class LastOnlySpec(AttentionSpec):
+    kind: Literal["last_only"] = "last_only"
+
+    def build(self, model, *, positional):
+        return _mha(LastOnlyAttention, model, positional)
+
+
 class UnusedGateAttention(CausalSelfAttention):
     """Registers a per-head gate that forward never applies: training never updates it."""
 
@@ -288,6 +303,24 @@ class OwnRngSpec(SamplerSpec):
 
     def sample(self, logits, rng, previous=None, states=None):
         return inverse_cdf(self.probs(logits, previous, states), np.random.default_rng(0))
+
+
+class VocabSizedIdSpec(SamplerSpec):
+    """Returns the vocabulary size (as if it were an end-of-text id): past the last token."""
+
+    kind: Literal["vocab_sized_id"] = "vocab_sized_id"
+
+    def sample(self, logits, rng, previous=None, states=None):
+        return np.full(len(logits), logits.shape[-1], dtype=np.int64)
+
+
+class NegativeIdSpec(SamplerSpec):
+    """Returns -1 (a "no token" sentinel) for every row."""
+
+    kind: Literal["negative_id"] = "negative_id"
+
+    def sample(self, logits, rng, previous=None, states=None):
+        return np.full(len(logits), -1, dtype=np.int64)
 
 
 _SHARED_STATE: dict = {"steps": 0}
@@ -362,6 +395,23 @@ class LossySpec(CharTokenizerSpec):
 
     def build(self):
         return LossyTokenizer(self)
+
+
+class SqueezingTokenizer(CharTokenizer):
+    """Decodes runs of spaces as one space: right on ordinary lines of the fitted text."""
+
+    def decode(self, ids):
+        text = super().decode(ids)
+        while "  " in text:
+            text = text.replace("  ", " ")
+        return text
+
+
+class SqueezingSpec(CharTokenizerSpec):
+    kind: Literal["squeezing"] = "squeezing"  # type: ignore[assignment]
+
+    def build(self):
+        return SqueezingTokenizer(self)
 
 
 class MostlyUnknownTokenizer(ThresholdCharTokenizer):
@@ -539,6 +589,7 @@ def gptkit_register_attention(register):
     register(DecodeMaskDroppingSpec)
     register(FixedInitSpec)
     register(TransposedCacheSpec)
+    register(LastOnlySpec)
     register(UnusedGateSpec)
     register(ReinitsPositionalSpec)
     register(PositionalVandalSpec)
@@ -559,11 +610,14 @@ def gptkit_register_sampler(register):
     register(RescalingSpec)
     register(WideTopKSpec)
     register(HalfMassSpec)
+    register(VocabSizedIdSpec)
+    register(NegativeIdSpec)
 
 
 @hookimpl
 def gptkit_register_tokenizer(register):
     register(LossySpec)
+    register(SqueezingSpec)
     register(ReorderingSpec)
     register(MostlyUnknownSpec)
     register(VanishingUnknownSpec)

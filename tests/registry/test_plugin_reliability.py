@@ -160,8 +160,12 @@ def test_export_checks_also_decode_through_the_static_cache():
 
 
 def test_a_sampler_whose_state_leaks_is_reported_as_leaking_state():
+    import leaky_sampler
+
     from gptkit.testing.samplers import sampler_distribution
 
+    leaky_sampler._STEPS[0] = 0  # its leak sharpens without end: after other tests' draws
+    # it is one-hot, and a one-hot sampler's leak cannot be seen
     registry = _registry("leaky_sampler")
     sampler = registry.get("sampler", "leaky")()
     with pytest.raises(AssertionError, match="sampler state leaks between generations"):
@@ -178,3 +182,29 @@ def test_model_contract_checks_name_the_failing_property(attention, prop):
     check = check_causal if prop == "causal" else check_kv_cache
     with pytest.raises(AssertionError, match=f"^{prop}: "):
         check(model)
+
+
+def test_a_run_whose_kind_two_plugins_claim_is_told_so_not_to_install_it():
+    """With the run's plugin installed and another claiming the same kind, opening the run
+    said 'pip install' the package that is installed."""
+    from gptkit.registry.manager import missing_kind_message
+
+    recorded = {"attention.mha": {"distribution": "gptkit-shadow", "version": "9.9"}}
+    message = missing_kind_message(_registry("duplicate_kind"), "attention", "mha", recorded)
+    assert "needs attention kind 'mha', which was refused" in message
+    assert "provided by both" in message and "pip install" not in message
+
+
+@pytest.mark.slow  # the shared smoke run and its bundle
+@pytest.mark.parametrize("sampler", ["vocab_sized_id", "negative_id"])
+def test_a_sampler_returning_ids_outside_the_vocabulary_is_named_on_torch_and_onnx(
+    smoke_run, smoke_bundle, sampler
+):
+    """Past the end: torch's IndexError traceback, onnxruntime's 'bundle changed?' message;
+    negative: onnxruntime read the id from the vocabulary's end and printed text, exit 0."""
+    for source in (smoke_run, smoke_bundle):
+        result = run_cli(
+            "--plugin", "broken_components", "generate", source, "-n", "4",
+            "--set", f"sampler.kind={sampler}", "--seed", "1",
+        )  # fmt: skip
+        assert_user_error(result, f"sampler '{sampler}' returned id", "outside the vocabulary")

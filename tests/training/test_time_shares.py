@@ -74,3 +74,17 @@ def test_the_records_closing_is_its_own_part_and_not_in_the_rate(tmp_path, monke
     assert re.search(r"tracking 0\.[5-9]s|tracking [1-9]", _train_report(result)), result
     summary = json.loads((tmp_path / "run" / "run.json").read_text())["summary"]
     assert abs(result.tokens_per_sec / summary["tokens_per_sec"] - 1) < 0.1, summary
+
+
+def test_with_tracking_off_the_records_closing_is_not_called_tracking(tmp_path, monkeypatch):
+    from gptkit.training.record import RunRecord
+
+    real = RunRecord.close
+
+    def slow_close(self, *args, **kwargs):
+        time.sleep(0.5)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(RunRecord, "close", slow_close)
+    line = _train_report(_run(tmp_path, "train.sample_tokens=0")).splitlines()[0]
+    assert re.search(r"record 0\.[5-9]s|record [1-9]", line) and "tracking" not in line, line
