@@ -309,5 +309,7 @@ def compare_cmd(
         echo(json.dumps(result.to_json(), indent=2))
         return
     print_table(result.grid)
+    for caveat in result.caveats:
+        echo(f"gptkit: warning: {escape_controls(caveat)}", err=True)
     echo(escape_controls(result.verdict["text"]))
     echo(f"validation curves: {result.plot}")

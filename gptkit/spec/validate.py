@@ -186,17 +186,40 @@ def format_errors(
             msg = f"unknown key '{loc[-1]}'{did_you_mean(str(loc[-1]), known)}"
             if known:
                 msg += f"; allowed here: {', '.join(known)}"
+            msg += _kinds_with(registry, SLOT_PATHS.get(tuple(clean[:-1])), str(loc[-1]))
         elif kind == "cross_field":
             for sub, m in err.get("ctx", {}).get("problems", []):
                 problems.append((f"{path}.{sub}" if path else sub, m))
             continue
-        elif kind not in ("unknown_component", "missing", "component_kind_missing"):
+        elif kind == "value_error":  # a validator's own message, without pydantic's prefix
+            msg = msg.removeprefix("Value error, ")
+        if kind not in (
+            "unknown_component",
+            "missing",
+            "component_kind_missing",
+            "extra_forbidden",
+        ):
             value = err.get("input")
             shown = json.dumps(value, default=str) if not isinstance(value, (dict, list)) else None
             if shown is not None and len(shown) <= 60:
                 msg += f" (got {shown})"
         problems.append((path, msg))
     return problems
+
+
+def _kinds_with(registry: Registry, slot: str | None, key: str) -> str:
+    """For an unknown key of a component: the kinds of its slot that have that field
+    (``theta`` on a ``learned`` positional: "theta is a field of positional kind rope")."""
+    if slot is None:
+        return ""
+    kinds = sorted(
+        kind
+        for kind, reg in registry.components.get(slot, {}).items()
+        if key in reg.cls.model_fields and key != "kind"
+    )
+    if not kinds:
+        return ""
+    return f" ({key} is a field of {slot} kind{'s' if len(kinds) > 1 else ''} {', '.join(kinds)})"
 
 
 def validate_spec(

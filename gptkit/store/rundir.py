@@ -368,6 +368,7 @@ class RunDir:
         the user's, not ours."""
         if self.path.exists() and not self.path.is_dir():
             raise RunError(f"--run-dir {self.path} is a file, not a folder")
+        self._refuse_live_writer()  # first: a run being started there has no spec.yaml yet
         if self.path.is_dir() and not self.is_run() and any(self.path.iterdir()):
             raise RunError(
                 f"{self.path} exists and is not a gptkit run (no {SPEC_FILE}); refusing to write "
@@ -406,8 +407,8 @@ class RunDir:
             return
         raise RunError(f"could not take the lock {self.lock_file}")
 
-    def _take_over_dead_lock(self) -> None:
-        """Refuse a lock held by a live process; remove one left by a dead one (and say so)."""
+    def _refuse_live_writer(self) -> None:
+        """Refuse a folder whose lock a live process (not this one) holds."""
         owner = self._lock_owner()
         if owner is not None and _pid_alive(owner) and owner != os.getpid():
             raise RunError(
@@ -415,6 +416,11 @@ class RunDir:
                 f"Wait for it to finish, or stop it; if pid {owner} is not gptkit, "
                 f"remove {self.lock_file}.",
             )
+
+    def _take_over_dead_lock(self) -> None:
+        """Refuse a lock held by a live process; remove one left by a dead one (and say so)."""
+        self._refuse_live_writer()
+        owner = self._lock_owner()
         print(
             f"gptkit: note: {self.lock_file} was left by a process that is gone "
             f"(pid {owner}); taking over",

@@ -113,18 +113,24 @@ def _folder_runs(client: Any, folder: Path) -> list[Any]:
     from gptkit.store.rundir import RunDir
     from gptkit.training.tracking import read_mlflow_link
 
-    runs = []
+    runs, elsewhere = [], set()
     for run in RunDir.find(folder):
         link = read_mlflow_link(run)
         if link:
             try:
                 runs.append(client.get_run(link["run_id"]))
             except Exception:  # a run of another store, or deleted: not comparable here
+                if isinstance(link.get("uri"), str):
+                    elsewhere.add(link["uri"])
                 continue
     if not runs:
+        where = sorted(u for u in elsewhere if u != client.tracking_uri)
         raise GptkitError(
-            f"{folder}: no runs with an MLflow record in this store",
-            "Pass run folders made by 'gptkit train' with tracking on (or --tracking-uri).",
+            f"{folder}: no runs with an MLflow record in this store ({client.tracking_uri})"
+            + (f"; its runs were tracked at {', '.join(where)}" if where else ""),
+            f"Compare them there: --tracking-uri {where[0]}"
+            if where
+            else "Pass run folders made by 'gptkit train' with tracking on (or --tracking-uri).",
         )
     return runs
 
@@ -158,6 +164,7 @@ def group_runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         buckets.setdefault(json.dumps(same, sort_keys=True), []).append(r)
     groups = []
     for members in buckets.values():
+        members, repeated = _one_per_seed(members)
         final, final_std = mean_std([m["val_loss"] for m in members])
         best, best_std = mean_std([m["best_val_loss"] for m in members])
         rates = [m["tokens_per_sec"] for m in members if m["tokens_per_sec"]]
@@ -176,10 +183,59 @@ def group_runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "finals": [m["val_loss"] for m in members],
                 "tokens_per_sec": sum(rates) / len(rates) if rates else None,
                 "curve": _mean_curve([m["curve"] for m in members]),
+                "repeated": repeated,
             }
         )
     groups.sort(key=lambda g: g["val_loss"])
+    _unique_names(groups)
     return groups
+
+
+def _one_per_seed(members: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """One run per seed: runs with the same params and seed (a copy of a run, a run trained
+    twice) are one training, not independent repeats, so only the first (best) is counted;
+    the others' names are returned, to be said."""
+    kept: dict[str, dict[str, Any]] = {}
+    repeated = []
+    for m in members:
+        seed = str(m["params"].get("seed"))
+        if seed in kept:
+            repeated.append(f"'{m['name']}' (seed {seed}, as '{kept[seed]['name']}')")
+        else:
+            kept[seed] = m
+    return list(kept.values()), repeated
+
+
+def _unique_names(groups: list[dict[str, Any]]) -> None:
+    """Groups of the same name (runs of several sweeps in one folder, the same label in two
+    experiments) get their first run's id after it, so the verdict names one row."""
+    counts: dict[str, int] = {}
+    for g in groups:
+        counts[g["name"]] = counts.get(g["name"], 0) + 1
+    for g in groups:
+        if counts[g["name"]] > 1:
+            g["name"] = f"{g['name']} [{g['run_ids'][0][:8]}]"
+
+
+def caveats(groups: list[dict[str, Any]]) -> list[str]:
+    """What the reader of the table must know: repeated seeds left out, and losses per token
+    of different tokenizers (not comparable: a token is not the same amount of text)."""
+    out = [
+        f"{g['name']}: {r} has the same params and seed; counted once (not an independent repeat)"
+        for g in groups
+        for r in g["repeated"]
+    ]
+    kinds = {
+        (g["params"].get("tokenizer.kind", "?"), g["params"].get("model.vocab_size", "?"))
+        for g in groups
+    }
+    if len(kinds) > 1:
+        shown = ", ".join(f"{k} (vocab {v})" for k, v in sorted(kinds))
+        out.append(
+            f"the runs use different tokenizers: {shown}; validation loss is per token, so it "
+            "is not comparable across them (compare bits per byte: gptkit eval RUN --data FILE)"
+        )
+    return out
 
 
 def _group_name(members: list[dict[str, Any]]) -> str:
@@ -309,6 +365,7 @@ class Comparison:
     groups: list[dict[str, Any]]
     verdict: dict[str, Any]
     plot: Path
+    caveats: list[str]
 
     def to_json(self) -> dict[str, Any]:
         keep = (
@@ -326,6 +383,7 @@ class Comparison:
             "experiment": self.experiment,
             "plot": str(self.plot),
             "verdict": self.verdict,
+            "caveats": self.caveats,
             "groups": [{k: g[k] for k in keep} for g in self.groups],
         }
 
@@ -372,6 +430,7 @@ def compare(
         groups,
         separation(groups),
         out or Path(f"compare-{re.sub(r'[^A-Za-z0-9_.+-]', '-', label)}.png"),
+        caveats(groups),
     )
     plot(groups, result.plot, f"{label}: validation loss (best: {groups[0]['name']})")
     if log:

@@ -265,11 +265,11 @@ class SpecTrainer:
         self.pending: list[tuple[int, float, Any]] = []  # (step, lr, loss and norm) not read
         self.window_start = time.perf_counter()
         # A resume with nothing to train (at max_steps, or patience spent) changes nothing:
-        # not the run's files, not its MLflow record (end time, tags) - unless events wait.
+        # not the run's files, not its MLflow record (end time, tags); MLflow events spooled
+        # while the store was down are sent as they were recorded (their end time included).
         self.idle = (
             self.resume
             and (self.state.step >= spec.train.max_steps or self.patience_spent())
-            and not self.rundir.spool_file.exists()
             and self.rundir.info().get("status") == "FINISHED"  # else its end is recorded now
         )
         if self.dist.main and not self.idle:
@@ -503,7 +503,11 @@ class SpecTrainer:
             quiet=not self.dist.main,
             on_lost=self._output_lost,
         )
-        self.record = RunRecord.start(self) if self.dist.main and not self.idle else None
+        self.record = None
+        if self.dist.main and not self.idle:
+            self.record = RunRecord.start(self)
+        elif self.dist.main and self.rundir.spool_file.exists():
+            self.record = RunRecord.spooled(self)  # idle: only the waiting events are sent
         self._started = time.time()  # training time counts from here
         self._announce()
         previous_handlers = self._install_signals()
@@ -922,15 +926,18 @@ class SpecTrainer:
             f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens"
         )
         for key, old, new in self.changes:
-            self.progress.print(f"resume changes {key}: {old!r} -> {new!r}")
+            if not self.idle:  # nothing is trained, so nothing is changed
+                self.progress.print(f"resume changes {key}: {old!r} -> {new!r}")
 
     def _finish(self, status: str) -> int:
         if not self.dist.main:
             return 0
         self._stop_reason = self.stop_reason(status)
         if self.idle and status == "FINISHED":
-            self.rundir.unlock()
-            return 0
+            try:
+                return self.record.send_spooled() if self.record is not None else 0
+            finally:
+                self.rundir.unlock()
         try:
             summary = self.summary()
             self.rundir.update_info(status=status, stop_reason=self._stop_reason, summary=summary)

@@ -11,6 +11,7 @@ wall time, mean tokens/s) sit beside the per-step curves.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -53,13 +54,48 @@ def changed_params(before: Any, now: Any, facts: dict[str, Any]) -> dict[str, st
 
 def git_commit(cwd: Path | None = None) -> str | None:
     """The commit of the working tree the run was started from, if it is a git checkout."""
+    out = _git(cwd, "rev-parse", "HEAD")
+    return out.strip() or None if out is not None else None
+
+
+def git_dirty(cwd: Path | None = None) -> bool | None:
+    """Whether tracked files of that checkout differ from its commit (None: not known)."""
+    out = _git(cwd, "status", "--porcelain", "--untracked-files=no")
+    return bool(out.strip()) if out is not None else None
+
+
+def _git(cwd: Path | None, *args: str) -> str | None:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return out.stdout if out.returncode == 0 else None
+
+
+def code_tags() -> dict[str, str]:
+    """Which code trained the run: the commit of the folder it was started in (MLflow's own
+    tag) and whether its tracked files had changes, and for a gptkit run from a git checkout
+    (an editable install) gptkit's own commit and changes."""
+    tags = {}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["gptkit.source.git.dirty"] = str(git_dirty()).lower()
+    here = Path(__file__).resolve().parents[1]  # the gptkit package
+    own = git_commit(here) if (here.parent / ".git").exists() else None
+    if own:
+        tags["gptkit.code.git.commit"] = own
+        tags["gptkit.code.git.dirty"] = str(git_dirty(here)).lower()
+    return tags
+
+
+def _started(trainer: Any) -> float:
+    """When the run began: this command, or for a resumed run the one that made it
+    (run.json's ``created``); the MLflow run's start time."""
+    created = trainer.rundir.info().get("created") if trainer.resume else None
+    if isinstance(created, (int, float)) and math.isfinite(created) and created > 0:
+        return float(created)
+    return float(trainer._created)
 
 
 def dataset_input(trainer: Any) -> dict[str, str]:
@@ -115,23 +151,47 @@ class RunRecord:
             return cls(trainer, None)
         uri = resolve_uri(spec.tracking.uri)
         experiment = spec.tracking.experiment or spec.name
-        tracker = Tracker(
+        tracker = cls._tracker(trainer, uri, experiment)
+        record = cls(trainer, tracker)
+        # A run whose store was down from its start has its description in the spool: it is
+        # sent first (the MLflow run made then), and this session is a resume of it.
+        described = any(event.get("op") == "params" for event in tracker.pending)
+        if trainer.resume and (tracker.run_id or described):
+            if tracker.run_id:
+                tracker.reopen()
+            record._tag_resume(record._facts(uri, experiment))
+        else:
+            record._describe(uri, experiment)
+        return record
+
+    @classmethod
+    def spooled(cls, trainer: Any) -> RunRecord:
+        """For a resume with nothing to train: the events a down store left in the spool,
+        sent as they were (nothing added: no resume tag, no new end time)."""
+        spec = trainer.spec
+        uri = resolve_uri(spec.tracking.uri)
+        return cls(trainer, cls._tracker(trainer, uri, spec.tracking.experiment or spec.name))
+
+    @staticmethod
+    def _tracker(trainer: Any, uri: str, experiment: str) -> Tracker:
+        return Tracker(
             uri,
             experiment,
             trainer.run_dir,
             trainer.run_name,
             warn=lambda m: print(f"gptkit: warning: {m}", file=sys.stderr, flush=True),
             parent_run_id=trainer.parent_run_id,
-            start_time=int(trainer._created * 1000),
+            start_time=int(_started(trainer) * 1000),
             on_created=lambda url: trainer.progress.print(f"MLflow run: {url}"),
         )
-        record = cls(trainer, tracker)
-        if trainer.resume and tracker.run_id:
-            tracker.reopen()
-            record._tag_resume(record._facts(uri, experiment))
-        else:
-            record._describe(uri, experiment)
-        return record
+
+    def send_spooled(self) -> int:
+        """Send what waits in the spool and nothing else; returns the events still left."""
+        assert self.tracker is not None
+        self.tracker.on_created = lambda url: None  # the URL is printed below, once
+        spooled = self.tracker.close(end=False)
+        self._report_spool(spooled)
+        return spooled
 
     def _facts(self, uri: str, experiment: str) -> dict[str, Any]:
         """What the params record besides the spec: how the run really ran."""
@@ -151,15 +211,17 @@ class RunRecord:
     def _describe(self, uri: str, experiment: str) -> None:
         trainer, tracker = self.trainer, self.tracker
         tracker.log_params(params_in_force(trainer.spec, self._facts(uri, experiment)))
+        # the command that made the run (a resume's, when the run had no record before)
+        made_by = (trainer.rundir.info().get("command") if trainer.resume else None) or (
+            trainer.command
+        )
         tags = {
-            "mlflow.note.content": f"`{trainer.command or 'gptkit (Python API)'}`\n\n"
+            "mlflow.note.content": f"`{made_by or 'gptkit (Python API)'}`\n\n"
             f"run folder: {Path(trainer.run_dir).resolve()}",
             "gptkit.version": __import__("gptkit").__version__,
             "gptkit.spec_name": trainer.spec.name,
         }
-        commit = git_commit()
-        if commit:
-            tags["mlflow.source.git.commit"] = commit
+        tags.update(code_tags())
         for key, info in spec_provenance(trainer.spec).items():
             tags[f"gptkit.plugin.{key}"] = f"{info['distribution']} {info['version']}"
         if trainer.overrides:
@@ -213,15 +275,19 @@ class RunRecord:
             tracker.log_artifact(run.tokenizer_dir, "tokenizer")
         tracker.on_created = lambda url: None  # the URL is printed below, once
         spooled = tracker.close(status)
+        self._report_spool(spooled)
+        return spooled
+
+    def _report_spool(self, spooled: int) -> None:
+        assert self.tracker is not None
         if spooled:
             print(
                 f"gptkit: warning: {spooled} MLflow events could not be sent; they are "
-                f"kept in {run.spool_file} and sent on --resume",
+                f"kept in {self.trainer.rundir.spool_file} and sent on --resume",
                 file=sys.stderr,
             )
-        if tracker.url:
-            print(f"MLflow run: {tracker.url}", file=sys.stderr)
-        return spooled
+        if self.tracker.url:
+            print(f"MLflow run: {self.tracker.url}", file=sys.stderr)
 
 
 def plot_losses(metrics: Path, out: Path, title: str) -> None:

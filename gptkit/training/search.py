@@ -96,7 +96,14 @@ def run_search(
     root = Path(run_dir or RunDir.new_sweep(spec.name))
     root.mkdir(parents=True, exist_ok=True)
     dump_yaml(raw, root / SWEEP_SPEC)
-    parent = SweepParent.start(spec, default_run_name(spec.name, overrides) + " search", time_ms())
+    parent = SweepParent.start(
+        spec,
+        default_run_name(spec.name, overrides) + " search",
+        time_ms(),
+        root,
+        command,
+        list(overrides),
+    )
     state = {
         "kind": "search",
         "source": source,
@@ -116,7 +123,7 @@ def resume_search(root: Path, state: dict[str, Any], progress: bool, command: st
 
     raw = read_spec_file(root / SWEEP_SPEC)
     spec = opened_sweep_spec(root, raw, state)
-    parent = SweepParent.reopen(spec, state.get("parent_run_id"))
+    parent = SweepParent.reopen(spec, state.get("parent_run_id"), root)
     print(f"resuming search {root}", flush=True)
     return _run(root, state, raw, spec, parent, progress, command)
 
@@ -183,7 +190,7 @@ def _best(study: Any) -> dict[str, Any] | None:
         best = study.best_trial
     except ValueError:  # no complete trial
         return None
-    return {"trial": best.number, "value": best.value, "params": best.params}
+    return {"trial": trial_number(best), "value": best.value, "params": best.params}
 
 
 def _trial(
@@ -207,14 +214,17 @@ def _trial(
     try:
         specs = check_runs(raw, state["source"], state["overrides"], runs, "search trial")
     except GptkitError as exc:
-        print(f"gptkit: warning: trial {trial.number} skipped: {exc.message}", file=sys.stderr)
+        print(
+            f"gptkit: warning: trial {trial_number(trial)} skipped: {exc.message}",
+            file=sys.stderr,
+        )
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return False
     shown = [
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={json.dumps(v)}"
         for k, v in params.items()
     ]
-    label = f"trial {trial.number}: {point_name(shown)}"
+    label = f"trial {trial_number(trial)}: {point_name(shown)}"
     print(f"=== {label}", flush=True)
     group = parent.group(label, point, time_ms()) if len(runs) > 1 else None
     search.group = group
@@ -231,7 +241,7 @@ def _trial(
         result = _point(
             specs[point_name(run)], where, name, over, target, progress, command, report
         )
-        entry = {**result, "group": label, "trial": trial.number}
+        entry = {**result, "group": label, "trial": trial_number(trial)}
         done.append(entry)
         results.append(entry)
         search.save()
@@ -248,10 +258,18 @@ def _ask(study: Any, spec: ExperimentSpec, state: dict[str, Any]) -> tuple[Any, 
     """The next trial, its values, and its folder (a re-asked trial keeps its own)."""
     trial = study.ask()
     params = {key: suggest(trial, key, dim) for key, dim in spec.sweep["space"].items()}
-    folder = trial.user_attrs.get("folder") or f"trial-{trial.number:03d}"
+    number = trial_number(trial)
+    folder = trial.user_attrs.get("folder") or f"trial-{number:03d}"
     trial.set_user_attr("folder", folder)
-    state["folders"][str(trial.number)] = folder
+    trial.set_user_attr("trial", number)
+    state["folders"][str(number)] = folder
     return trial, params, folder
+
+
+def trial_number(trial: Any) -> int:
+    """The trial's number as the user sees it (labels, folders, sweep.json, MLflow): Optuna's,
+    or for a trial asked again after an interruption (Optuna numbers it anew) its first one."""
+    return int(trial.user_attrs.get("trial", trial.number))
 
 
 def _tell(study: Any, trial: Any, done: list[dict[str, Any]]) -> None:

@@ -100,7 +100,14 @@ def run_sweep(
     root = Path(run_dir or RunDir.new_sweep(spec.name))
     root.mkdir(parents=True, exist_ok=True)
     dump_yaml(raw, root / SWEEP_SPEC)
-    parent = SweepParent.start(spec, default_run_name(spec.name, overrides) + " sweep", time_ms())
+    parent = SweepParent.start(
+        spec,
+        default_run_name(spec.name, overrides) + " sweep",
+        time_ms(),
+        root,
+        command,
+        list(overrides),
+    )
     state = {
         "source": source,
         "overrides": list(overrides),
@@ -126,7 +133,7 @@ def resume_sweep(root: Path, progress: bool = True, command: str | None = None) 
     source, overrides = state["source"], state["overrides"]
     spec = opened_sweep_spec(root, raw, state)
     plan, specs = check_sweep(raw, source, overrides, spec)
-    parent = SweepParent.reopen(spec, state.get("parent_run_id"))
+    parent = SweepParent.reopen(spec, state.get("parent_run_id"), root)
     print(f"resuming sweep {root}", flush=True)
     return _run_plan(root, state, spec, specs, plan, parent, progress, command)
 
@@ -181,7 +188,10 @@ def check_sweep(
 ) -> tuple[Plan, dict[str, ExperimentSpec]]:
     """The sweep's plan and every run's validated spec (``gptkit validate`` and ``train`` both
     check each point before anything trains). A bad value is blamed on its sweep entry."""
-    plan = sweep_plan(spec)
+    try:
+        plan = sweep_plan(spec)
+    except GptkitError as exc:  # named with its file, as the spec's other problems are
+        raise GptkitError(f"{source}: {exc.message}", exc.hint) from None
     runs = [run for _, point_runs in plan for run in point_runs]
     return plan, check_runs(raw, source, overrides, runs, "sweep entry")
 
@@ -514,18 +524,47 @@ def group_metrics(members: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def _parent_tags(
+    spec: ExperimentSpec, root: Path | None, command: str | None, overrides: list[str] | None
+) -> dict[str, str]:
+    """What a sweep's or search's parent run says of itself, as a run's record does: the
+    command and folder, the spec's name, its overrides, gptkit's version and the code."""
+    from gptkit.training.record import code_tags
+
+    tags = {
+        "mlflow.note.content": f"`{command or 'gptkit (Python API)'}`"
+        + (f"\n\nsweep folder: {root.resolve()}" if root is not None else ""),
+        "gptkit.spec_name": spec.name,
+        "gptkit.version": __import__("gptkit").__version__,
+        **code_tags(),
+    }
+    if overrides:
+        tags["gptkit.overrides"] = " ".join(overrides)[:5000]
+    return tags
+
+
 class SweepParent:
     """The MLflow run the points nest under (never fatal: tracking never stops training).
 
     With seeds, each grid point has a parent of its own (``gptkit.kind=group``, nested under
     the sweep's) whose metrics are the mean and standard deviation over its seeds."""
 
-    def __init__(self, client: Any, run_id: str | None, uri: str | None = None) -> None:
-        self.client, self.run_id, self.uri = client, run_id, uri
+    def __init__(
+        self, client: Any, run_id: str | None, uri: str | None = None, root: Path | None = None
+    ) -> None:
+        self.client, self.run_id, self.uri, self.root = client, run_id, uri, root
         self.done_key = ""
 
     @classmethod
-    def start(cls, spec: ExperimentSpec, name: str, start_time: int) -> SweepParent:
+    def start(
+        cls,
+        spec: ExperimentSpec,
+        name: str,
+        start_time: int,
+        root: Path | None = None,
+        command: str | None = None,
+        overrides: list[str] | None = None,
+    ) -> SweepParent:
         if not spec.tracking.enabled:
             return cls(None, None)
         from gptkit.training.tracking import ensure_experiment
@@ -533,13 +572,14 @@ class SweepParent:
         try:
             client, uri = cls._client(spec)
             exp_id = ensure_experiment(client, spec.tracking.experiment or spec.name)
-            run = client.create_run(
-                exp_id, start_time=start_time, run_name=name, tags={"gptkit.kind": "sweep"}
-            )
+            tags = {"gptkit.kind": "sweep", **_parent_tags(spec, root, command, overrides)}
+            run = client.create_run(exp_id, start_time=start_time, run_name=name, tags=tags)
             client.log_param(run.info.run_id, "sweep", json.dumps(spec.sweep)[:6000])
             if spec.repeats > 1:
                 client.log_param(run.info.run_id, "repeats", str(spec.repeats))
-            return cls(client, run.info.run_id, uri)
+            if root is not None:  # the composed spec, as a run's spec.yaml is attached
+                client.log_artifact(run.info.run_id, str(root / SWEEP_SPEC))
+            return cls(client, run.info.run_id, uri, root)
         except Exception as exc:
             print(f"gptkit: warning: no MLflow parent run for the sweep: {exc}", file=sys.stderr)
             return cls(None, None)
@@ -555,13 +595,17 @@ class SweepParent:
         return MlflowClient(uri), uri
 
     @classmethod
-    def reopen(cls, spec: ExperimentSpec, run_id: str | None) -> SweepParent:
-        """The parent of a sweep being continued, marked RUNNING again."""
+    def reopen(
+        cls, spec: ExperimentSpec, run_id: str | None, root: Path | None = None
+    ) -> SweepParent:
+        """The parent of a sweep being continued (in ``root``), marked RUNNING again."""
         if not spec.tracking.enabled or not run_id:
             return cls(None, None)
         try:
             client, uri = cls._client(spec)
-            return cls(client, None, uri).reopen_child(run_id)
+            parent = cls(client, None, uri).reopen_child(run_id)
+            parent.root = root if parent.client is not None else None
+            return parent
         except Exception as exc:
             print(
                 f"gptkit: warning: MLflow sweep run {run_id} not reopened: {exc}", file=sys.stderr
@@ -623,6 +667,8 @@ class SweepParent:
             for key, value in metrics.items():
                 if value is not None:
                     self.client.log_metric(self.run_id, key, float(value))
+            if self.root is not None and (self.root / "sweep.json").is_file():
+                self.client.log_artifact(self.run_id, str(self.root / "sweep.json"))
             self.client.set_terminated(self.run_id, end_time=time_ms())
         except Exception as exc:
             print(f"gptkit: warning: sweep parent run not updated: {exc}", file=sys.stderr)

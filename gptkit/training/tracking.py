@@ -39,6 +39,13 @@ def quick_timeouts() -> None:
     """Fail fast against an unreachable server (commands other than training wait on it)."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    quiet_urls()
+
+
+def quiet_urls() -> None:
+    """MLflow prints "View run ... at" to standard output when a run on a server ends (in
+    the middle of gptkit's own output); gptkit prints the run's URL itself."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def ensure_experiment(client: Any, name: str) -> str:
@@ -188,6 +195,7 @@ class Tracker:
         self.run_id: str | None = saved.get("run_id") if saved.get("uri") == uri else None
         self.experiment_id: str | None = saved.get("experiment_id") if self.run_id else None
         self.rejected = 0
+        self.spooled_end: dict[str, Any] | None = None  # the end an earlier process recorded
         self.pending: list[dict[str, Any]] = self._read_spool()
         self.failures = 0
         self._warned = False
@@ -226,9 +234,14 @@ class Tracker:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._put({"op": "artifact", "path": str(path), "artifact_path": artifact_path})
 
-    def close(self, status: str = "FINISHED", timeout: float = 30.0) -> int:
-        """Finish the run; wait up to ``timeout`` s for sending. Returns events left spooled."""
-        self._put({"op": "end", "status": status, "end_time": time_ms()})
+    def close(self, status: str = "FINISHED", timeout: float = 30.0, end: bool = True) -> int:
+        """Finish the run now (``end``), or else send what waits, the end an earlier process
+        spooled included (with its own time); wait up to ``timeout`` s for sending. Returns
+        events left spooled."""
+        if end:
+            self._put({"op": "end", "status": status, "end_time": time_ms()})
+        elif self.spooled_end is not None:
+            self._put(self.spooled_end)
         self._queue.put(None)
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -280,7 +293,7 @@ class Tracker:
                 if not self._warned:
                     self.warn(
                         f"MLflow tracking at {self.uri} failed ({type(exc).__name__}: "
-                        f"{str(exc)[:200]}); training goes on, events are spooled in "
+                        f"{_short(exc)}); training goes on, events are spooled in "
                         f"{self.files.spool_file} and retried"
                     )
                     self._warned = True
@@ -299,6 +312,7 @@ class Tracker:
 
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+            quiet_urls()
             self._client = MlflowClient(tracking_uri=self.uri)
         client = self._client
         if self.run_id is None:
@@ -428,8 +442,10 @@ class Tracker:
             except ValueError:
                 event = line
             if valid_event(event):
-                if event["op"] != "end":  # this process ends the run itself
+                if event["op"] != "end":  # this process ends the run itself (close)
                     events.append(event)
+                else:
+                    self.spooled_end = event
             elif line.strip():
                 bad.append(event)
         if bad:
@@ -464,6 +480,17 @@ def read_mlflow_link(run) -> dict[str, Any]:
     ):
         return {}
     return data
+
+
+def _short(exc: Exception, limit: int = 300) -> str:
+    """An error's message on one line for a warning: a long one keeps its start and its end
+    (where requests' chains say the cause: "Connection refused"), cut between words."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) <= limit:
+        return text
+    head = text[: limit // 2].rsplit(" ", 1)[0]
+    tail = text[-(limit // 2) :].split(" ", 1)[-1]
+    return f"{head} ... {tail}"
 
 
 def _permanent(exc: Exception) -> bool:

@@ -324,3 +324,26 @@ def test_a_plugin_module_not_on_the_import_path_says_how_to_add_it():
         validate_spec({**raw, "plugins": ["my_own_plugin_nowhere"]})
     assert "was not found on the import path" in str(caught.value)
     assert "PYTHONPATH=." in str(caught.value)
+
+
+def test_messages_name_the_kind_a_field_belongs_to_and_drop_pydantics_prefix():
+    """'unknown key theta; allowed here: kind' did not say theta is rope's; a validator's
+    message came as "Value error, sweep.method: ..."."""
+    from gptkit.errors import SpecError
+
+    base = load_spec(ROOT / "experiments" / "smoke.yaml").to_dict()
+    base["model"]["positional"] = {"kind": "learned", "theta": 5}
+    with pytest.raises(SpecError) as info:
+        validate_spec(base)
+    assert "(theta is a field of positional kind rope)" in str(info.value)
+    base = load_spec(ROOT / "experiments" / "smoke.yaml").to_dict()
+    with pytest.raises(SpecError) as info:
+        validate_spec({**base, "sweep": {"method": "grid"}})
+    assert "sweep: sweep.method: 'random' or 'tpe'" in str(info.value)
+    assert "Value error" not in str(info.value)
+
+
+def test_an_empty_sweep_axis_is_named_with_its_file(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"extends: {ROOT / 'experiments' / 'smoke.yaml'}\nsweep: {{train.lr: []}}\n")
+    assert_user_error(run_cli("validate", spec), f"{spec}: sweep.train.lr: give a list")

@@ -70,3 +70,25 @@ def test_compare_where_nothing_was_tracked_says_so_and_creates_no_store(tmp_path
     with pytest.raises(GptkitError, match="no MLflow store at .*mlflow.db: nothing was tracked"):
         compare(["runs/x"], None, None)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # makes an MLflow store (seconds)
+def test_compare_of_a_folder_tracked_on_another_store_names_that_store(tmp_path):
+    """A run trained against a server, compared with the default store, was told "no runs
+    with an MLflow record in this store", though its mlflow.json names the server."""
+    from mlflow.tracking import MlflowClient
+
+    from gptkit.errors import GptkitError
+    from gptkit.training.compare import compare
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(store).search_experiments()  # an MLflow store, without this run
+    run = tmp_path / "runs" / "srv2"
+    run.mkdir(parents=True)
+    (run / "spec.yaml").write_text("name: srv2\n")
+    link = {"uri": "http://127.0.0.1:5077", "run_id": "0f" * 16, "experiment_id": "1"}
+    (run / "mlflow.json").write_text(json.dumps(link))
+    with pytest.raises(GptkitError) as info:
+        compare([str(run)], store, tmp_path / "c.png")
+    assert "its runs were tracked at http://127.0.0.1:5077" in str(info.value)
+    assert "--tracking-uri http://127.0.0.1:5077" in str(info.value)

@@ -91,6 +91,37 @@ def test_runs_differing_only_by_seed_form_one_row_and_the_verdict_flips():
     assert verdict["separated"] is None and "2 or more runs per group" in verdict["text"]
 
 
+def test_runs_of_one_seed_are_one_training_not_repeats():
+    """A run and its copy (an interrupted run and the same run uninterrupted, both seed 7)
+    were n=2 with std 0, and entered Welch's test as independent repeats."""
+    from gptkit.training.compare import caveats
+
+    params = {"model.positional.kind": "rope"}
+    twice = [fake_run("a", 7, 2.4489, params), {**fake_run("a", 7, 2.4489, params), "run_id": "x"}]
+    other = [fake_run("b", 7, 2.40, {"model.positional.kind": "alibi"})]
+    groups = group_runs(twice + other)
+    (a,) = [g for g in groups if g["params"]["model.positional.kind"] == "rope"]
+    assert a["n"] == 1 and a["seeds"] == ["7"]
+    assert separation(groups)["separated"] is None  # one training each: no verdict
+    (said,) = caveats(groups)
+    assert "same params and seed; counted once" in said and "seed 7" in said
+
+
+def test_losses_of_different_tokenizers_are_said_not_comparable_and_names_are_unique():
+    from gptkit.training.compare import caveats
+
+    char = fake_run("base", 1, 2.4, {"tokenizer.kind": "char", "model.vocab_size": "66"})
+    byte = fake_run("base", 1, 2.9, {"tokenizer.kind": "byte", "model.vocab_size": "257"})
+    byte["run_id"] = "e0e0e0e0e0"
+    groups = group_runs([char, byte])
+    (said,) = caveats(groups)
+    assert "different tokenizers: byte (vocab 257), char (vocab 66)" in said
+    assert "not comparable" in said
+    # two groups of one name (two sweeps' "lr=0.003", say): the verdict must name one row
+    assert len({g["name"] for g in groups}) == 2
+    assert all(g["name"].startswith("base seed=1 [") for g in groups)
+
+
 # ---------------------------------------------------------------- real sweeps (slow)
 
 
@@ -130,6 +161,13 @@ def test_sweep_with_seeds_groups_in_mlflow_and_compare_gives_a_verdict(tmp_path,
     runs = client.search_runs([exp.experiment_id])
     groups = [r for r in runs if r.data.tags.get("gptkit.kind") == "group"]
     assert len(groups) == 2
+    # The sweep's parent says what made it, as a run's record does, and keeps its files.
+    parent = client.get_run(summary["parent_run_id"])
+    assert "gptkit train" in parent.data.tags["mlflow.note.content"]
+    assert str((tmp_path / "sweep").resolve()) in parent.data.tags["mlflow.note.content"]
+    assert parent.data.tags["gptkit.spec_name"] == "rep"
+    attached = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"sweep-spec.yaml", "sweep.json"} <= attached, attached
     for group in groups:
         assert group.data.tags["mlflow.parentRunId"] == summary["parent_run_id"]
         kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == group.info.run_id]
@@ -304,4 +342,13 @@ def test_the_record_has_no_blanks_and_a_resume_with_nothing_to_train_changes_not
     after = client.get_run(run_id)
     assert (after.info.status, after.info.end_time) == (run.info.status, run.info.end_time)
     assert after.data.tags == run.data.tags
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == files
+    # A change given to a resume that trains nothing is not said to be made (it was printed
+    # as "resume changes ...", though nothing was stored)
+    changed = run_cli(
+        "train", "--resume", "--run-dir", tmp_path / "run", "--set", "data.val_fraction=0.2",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert changed.returncode == 0, changed.stderr
+    assert "nothing to train" in changed.stdout and "resume changes" not in changed.stdout
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == files

@@ -80,7 +80,15 @@ def test_a_tpe_search_prunes_resumes_after_ctrl_c_and_its_best_trial_is_compared
     assert compared.returncode == 0, compared.stderr
     groups = json.loads(compared.stdout)["groups"]
     top = groups[0]
-    assert top["name"].startswith(f"trial {study.best_trial.number}: ")
+    # A trial asked again after the interruption gets a new number from Optuna; to the user it
+    # keeps its own: its label, folder, sweep.json entry and MLflow run agree.
+    best = study.best_trial.user_attrs["trial"]
+    assert top["name"].startswith(f"trial {best}: ") and state["best"]["trial"] == best
+    for number, folder in state["folders"].items():
+        assert folder == f"trial-{int(number):03d}", state["folders"]
+    for p in state["points"]:
+        assert p["run_dir"].endswith(state["folders"][str(p["trial"])]), p
+        assert p["group"].startswith(f"trial {p['trial']}: "), p
     # A pruned trial's loss is from the step it stopped at: its name says so (trials that
     # drew the same point are one group, named by its first run).
     marked = {g["name"].removesuffix(" (pruned)") for g in groups if "(pruned)" in g["name"]}

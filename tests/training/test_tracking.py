@@ -61,6 +61,9 @@ def test_remote_server_receives_the_run(server, tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
+    # gptkit says where the run is, once; MLflow's own "View run" lines are not mixed in
+    assert "View run" not in result.stdout + result.stderr, result.stdout
+    assert (result.stdout + result.stderr).count("MLflow run: ") == 1
     client = MlflowClient(server.uri)
     run = only_run(client, "remote")
     assert run.data.params["train.max_steps"] == "20"
@@ -126,21 +129,63 @@ def test_server_killed_mid_run_training_finishes_and_catches_up(tmp_path):
     assert (run_dir / "checkpoints" / f"step-{steps:06d}" / "model.safetensors").exists()
     assert (run_dir / "mlflow-spool.jsonl").exists()
 
-    # The server comes back (same store, same port); resuming sends what was spooled.
+    # The server comes back (same store, same port); resuming sends what was spooled, and
+    # nothing else: the resume trains nothing, so the run (its files, its record) is as it was.
+    spooled_end = [
+        json.loads(x)
+        for x in (run_dir / "mlflow-spool.jsonl").read_text().splitlines()
+        if '"op": "end"' in x or '"op":"end"' in x
+    ]
+    info_before = (run_dir / "run.json").read_bytes()
     srv2 = MlflowServer(tmp_path / "srv", port=srv.port).start()
     try:
         again = subprocess.run(
             args + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=300
         )
         assert again.returncode == 0, again.stderr
+        assert "nothing to train" in again.stdout, again.stdout
         client = MlflowClient(srv2.uri)
         run = only_run(client, "outage")
         history = client.get_metric_history(run.info.run_id, "train_loss")
         assert sorted({m.step for m in history}) == list(range(1, steps + 1))
         assert run.info.status == "FINISHED"
         assert not (run_dir / "mlflow-spool.jsonl").exists()
+        assert (run_dir / "run.json").read_bytes() == info_before
+        assert not [t for t in run.data.tags if t.startswith("gptkit.resumed_at")], run.data.tags
+        assert [run.info.end_time] == [e["end_time"] for e in spooled_end]
     finally:
         srv2.kill()
+
+
+def test_a_run_whose_server_was_down_from_its_start_is_recorded_as_it_ran(tmp_path):
+    """No MLflow run could be made: everything was spooled. The run made on --resume starts
+    when the training did, and its description is the command that trained it."""
+    from tests.mlflow_server import free_port
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    command = [
+        "train", SMOKE, "--no-progress", "--run-dir", tmp_path / "run",
+        "--set", f"tracking.uri={uri}", "--set", "tracking.experiment=down",
+        "--set", "train.max_steps=6", "--set", "train.eval_every=3",
+    ]  # fmt: skip
+    first = run_cli(*command, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "run" / "mlflow-spool.jsonl").exists()
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    time.sleep(1.5)  # the resume's clock is visibly later
+    srv = MlflowServer(tmp_path / "srv", port=port).start()
+    try:
+        again = run_cli(*command, "--resume", "--set", "train.max_steps=9", cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+        run = only_run(MlflowClient(uri), "down")
+    finally:
+        srv.kill()
+    assert run.info.start_time == int(info["created"] * 1000)
+    note = run.data.tags["mlflow.note.content"]
+    assert "--resume" not in note and "train.max_steps=6" in note, note
+    assert "gptkit.resumed_at.6" in run.data.tags
+    assert run.data.params["train.max_steps"] == "6"  # the params of the run as it began
 
 
 def test_server_away_and_back_during_the_run_gets_everything_without_resume(tmp_path):

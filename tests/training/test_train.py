@@ -475,6 +475,29 @@ def test_a_non_run_folder_is_not_written_into(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.parametrize("state", ["starting", "with its spec"])
+def test_a_second_training_into_a_folder_being_written_says_so(tmp_path, state):
+    """The second of two trainings started into one --run-dir was told the folder 'is not a
+    gptkit run' (the first had not written spec.yaml yet) or 'already holds a run. Add
+    --resume'; neither is what is happening."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (folder / ".lock").write_text(f"{holder.pid}\n")
+        (folder / "metrics.jsonl").write_text("")
+        if state == "with its spec":
+            (folder / "spec.yaml").write_text("name: smoke\n")
+        result = run_cli("train", SMOKE, "--run-dir", folder, *EXACT, cwd=tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_user_error(result, f"is being written by another gptkit process (pid {holder.pid})")
+
+
 @pytest.mark.slow
 def test_a_second_writer_is_refused_while_the_first_runs(tmp_path, reference_run):
     import shutil

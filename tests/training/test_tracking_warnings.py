@@ -1,0 +1,51 @@
+"""The one-line warning training prints when the MLflow server fails."""
+
+from gptkit.training.tracking import _short
+
+
+def test_a_long_connection_error_keeps_its_cause_and_is_cut_between_words():
+    """The warning cut requests' message at 200 characters, mid-word, before the cause."""
+    message = (
+        "API request to http://127.0.0.1:5077/api/2.0/mlflow/experiments/get-by-name failed "
+        "with exception HTTPConnectionPool(host='127.0.0.1', port=5077): Max retries exceeded "
+        "with url: /api/2.0/mlflow/experiments/get-by-name?experiment_name=trial-base (Caused "
+        "by NewConnectionError('<urllib3.connection.HTTPConnection object at 0x7f3e>: Failed "
+        "to establish a new connection: [Errno 111] Connection refused'))"
+    )
+    short = _short(Exception(message))
+    assert short.startswith("API request to http://127.0.0.1:5077/")
+    assert short.endswith("[Errno 111] Connection refused'))") and " ... " in short
+    assert len(short) <= 305
+    words = set(message.split())
+    assert all(w in words for w in short.replace(" ... ", " ").split())  # no word cut
+    assert _short(Exception("line one\n  line two")) == "line one line two"
+
+
+def test_the_code_tags_say_the_commit_and_whether_it_had_changes(tmp_path, monkeypatch):
+    """Only the commit was tagged: a run trained from a checkout with edited files was
+    recorded as that commit."""
+    import subprocess
+
+    from gptkit.training.record import code_tags
+
+    def git(*args):
+        subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            cwd=tmp_path, check=True, capture_output=True,
+        )  # fmt: skip
+
+    git("init", "-q")
+    (tmp_path / "spec.yaml").write_text("name: a\n")
+    git("add", "spec.yaml")
+    git("commit", "-q", "-m", "spec")
+    monkeypatch.chdir(tmp_path)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True
+    ).stdout.strip()
+    tags = code_tags()
+    assert tags["mlflow.source.git.commit"] == head
+    assert tags["gptkit.source.git.dirty"] == "false"
+    (tmp_path / "spec.yaml").write_text("name: b\n")
+    assert code_tags()["gptkit.source.git.dirty"] == "true"
+    monkeypatch.chdir(tmp_path.parent)  # not a checkout: no commit claimed
+    assert "mlflow.source.git.commit" not in code_tags()
