@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -600,6 +601,13 @@ def export_hf(run: str | Path, out: str | Path, force: bool = False) -> Path:
     hf_tokenizer = loaded.run.tokenizer_dir / "tokenizer.json"
     if hf_tokenizer.is_file():
         shutil.copyfile(hf_tokenizer, out / "tokenizer.json")
+    else:  # said, not found out at the next import-hf ("has no tokenizer.json")
+        print(
+            f"gptkit: note: the run's {loaded.run.read_spec().tokenizer.kind} tokenizer has no "
+            "Hugging Face tokenizer.json: the folder holds the weights and config only (a "
+            "byte-level BPE run, tokenizer: bpe or pretrained, carries its tokenizer)",
+            file=sys.stderr,
+        )
     return out
 
 

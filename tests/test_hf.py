@@ -9,6 +9,7 @@ import gptkit
 from gptkit.components.tokenizers import BPETokenizerSpec
 from gptkit.data.sources import load_corpus
 from gptkit.hf import export_hf, import_hf
+from tests.conftest import ROOT
 from tests.helpers import assert_user_error, run_cli
 
 pytestmark = pytest.mark.slow  # every test here trains, serves or spawns the CLI
@@ -464,3 +465,23 @@ def test_written_weights_are_as_readable_as_the_other_files(hf_gpt2, tmp_path):
         (ckpt / "model.safetensors", ckpt / "meta.json"),
     ):
         assert stat.S_IMODE(weights.stat().st_mode) == stat.S_IMODE(other.stat().st_mode)
+
+
+@pytest.mark.slow  # trains a few steps
+def test_export_hf_of_a_run_without_a_hf_tokenizer_says_so(tmp_path):
+    """A char-tokenizer run exported silently to weights and config only; the next import-hf
+    then failed on the missing tokenizer.json."""
+    spec = tmp_path / "gpt2ish.yaml"
+    spec.write_text(
+        f"extends: {ROOT / 'experiments' / 'smoke.yaml'}\n"
+        "model: {bias: true, norm: layernorm, activation: gelu_tanh, tie_embeddings: true,\n"
+        "  positional: learned, attention: mha}\n"
+        "train: {max_steps: 2, eval_every: 2, sample_tokens: 0}\ntracking: {enabled: false}\n"
+    )
+    run = tmp_path / "run"
+    trained = run_cli("train", spec, "--no-progress", "--run-dir", run, cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    result = run_cli("export-hf", run, tmp_path / "hf")
+    assert result.returncode == 0, result.stderr
+    assert "char tokenizer has no Hugging Face tokenizer.json" in result.stderr
+    assert not (tmp_path / "hf" / "tokenizer.json").exists()

@@ -312,5 +312,10 @@ def format_serving(r: dict[str, Any]) -> str:
             f"({r[f'server_over_runtime_{n}']:.0%} of the runtime), first token "
             f"{r[f'clients_{n}_first_token_s'] * 1e3:.1f} ms "
             f"({r['first_token_n_over_1']:.2f}x one client's)",
+            f"    CPU per token, 1 / {n} clients: server "
+            f"{r['clients_1_server_cpu_us_per_token']:.0f} / "
+            f"{r[f'clients_{n}_server_cpu_us_per_token']:.0f} us, clients "
+            f"{r['clients_1_client_cpu_us_per_token']:.0f} / "
+            f"{r[f'clients_{n}_client_cpu_us_per_token']:.0f} us",
         ]
     )

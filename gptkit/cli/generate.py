@@ -41,7 +41,8 @@ def generate(
     ] = None,
     checkpoint: Annotated[str, typer.Option(help="For runs: latest, best, or step-N.")] = "latest",
     device: Annotated[
-        str, typer.Option(help="For runs: cpu, cuda or auto (bundles run on onnxruntime's CPU).")
+        str,
+        typer.Option(help="For runs: cpu, cuda, mps or auto (bundles run on onnxruntime's CPU)."),
     ] = "cpu",
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Recompute the whole context for every token.")

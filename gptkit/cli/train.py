@@ -106,8 +106,9 @@ def _resumption(spec: Path | None, run_dir: Path | None, sets: list[str]):
     from gptkit.training.resume import resume_spec
 
     resumption = resume_spec(spec, run_dir, sets)
-    for note in resumption.notes:
-        echo(f"gptkit: {note}", err=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per process
+        for note in resumption.notes:
+            echo(f"gptkit: {note}", err=True)
     return resumption.spec, resumption.run_dir
 
 
@@ -238,7 +239,11 @@ def _time_shares(result) -> str:
 def runs_cmd(
     experiment: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Argument(help="Only the runs of this spec name (a folder under runs/)."),
+        typer.Argument(
+            metavar="SPEC_NAME",
+            help="Only the runs of this spec name (a folder under runs/; not an MLflow "
+            "experiment, which several specs may share).",
+        ),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:

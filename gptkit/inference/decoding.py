@@ -35,7 +35,7 @@ import numpy as np
 from gptkit.components.base import inverse_cdf_rows
 from gptkit.components.samplers import ROW_WISE, GreedySpec
 from gptkit.components.tokenizers import encode_prompt
-from gptkit.errors import ContextError, GptkitError, PluginError
+from gptkit.errors import ContextError, GptkitError, PluginError, did_you_mean
 
 REPLACEMENT = "\ufffd"
 
@@ -267,10 +267,26 @@ def derive_sampler(registry: Any, base: Any, changes: dict[str, Any]) -> Any:
     except ValidationError as exc:
         raise GptkitError(
             "; ".join(
-                f"sampler.{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                for e in exc.errors(include_url=False)
+                _sampler_problem(registry, cls, kind, e) for e in exc.errors(include_url=False)
             )
         ) from None
+
+
+def _sampler_problem(registry: Any, cls: Any, kind: str, error: Any) -> str:
+    """One sampler field's problem as the spec's are said: an unknown key names the kind's
+    fields, and the kinds that have it (``p`` on ``top_k``: ``top_p``, ``min_p``)."""
+    key = ".".join(map(str, error["loc"]))
+    if error["type"] != "extra_forbidden":
+        return f"sampler.{key}: {error['msg']}"
+    known = sorted(f for f in cls.model_fields if f != "kind")
+    others = sorted(
+        k for k, r in registry.components["sampler"].items() if key in r.cls.model_fields
+    )
+    message = f"sampler.{key}: not a field of sampler kind '{kind}'{did_you_mean(key, known)}"
+    message += f"; its fields: {', '.join(known)}"
+    if others:
+        message += f" ({key} is a field of {', '.join(others)}: set sampler.kind too)"
+    return message
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -153,7 +153,8 @@ def _add_builtins(pm: PluginManager, builtins: tuple[str, ...], torch_optional: 
                 )
                 continue
             raise PluginError(
-                f"gptkit's built-in {name.rsplit('.', 1)[-1]} need PyTorch, which is not installed",
+                f"gptkit's built-in {name.rsplit('.', 1)[-1]} components (the model's parts) "
+                "need PyTorch, which is not installed",
                 "Install the training extra: pip install 'gptkit[train]' (exported bundles run "
                 "without it: gptkit generate BUNDLE, gptkit serve BUNDLE).",
             ) from None

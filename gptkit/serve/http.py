@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gptkit.errors import GptkitError
-from gptkit.inference.base import Inference
+from gptkit.inference.base import Inference, check_model_path
 from gptkit.serve.app import create_app
 from gptkit.serve.middleware import access_log
 from gptkit.serve.schemas import Limits
@@ -234,13 +234,9 @@ def serve(
 
     limits = limits or Limits()
     started = time.perf_counter()
+    check_model_path(Path(bundle_dir))  # the path's own mistake first, then the port's
     sock = bind(host, port)  # before anything is printed: a busy port is a plain error
     # A bundle runs on onnxruntime (no torch in the process); a run folder on torch.
-    if not Path(bundle_dir).exists():
-        raise GptkitError(
-            f"bundle or run not found: {bundle_dir}",
-            "Pass an export bundle (gptkit export) or a training run folder (gptkit runs).",
-        )
     # onnxruntime's threads neither spin nor take every core: the HTTP side needs a core too
     # (on 2 cores a spinning 2-thread session left the server at half its runtime's speed).
     threads = threads or max(1, (os.cpu_count() or 1) - 1)

@@ -91,7 +91,10 @@ def parse_document(text: str, suffix: str, source: str) -> Any:
     except DuplicateKey as exc:
         raise GptkitError(f"{source}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise GptkitError(f"{source} is not valid YAML: {exc}") from None
+        where = str(exc).replace(
+            "<unicode string>", source
+        )  # the mark names the text, not the file
+        raise GptkitError(f"{source} is not valid YAML: {where}") from None
     except RecursionError:
         raise GptkitError(
             f"{source} nests too deeply (at most {safeio.MAX_DEPTH} levels)"

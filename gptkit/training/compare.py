@@ -62,10 +62,27 @@ def rows_of(client: Any, runs: list[Any]) -> list[dict[str, Any]]:
                     "summary.tokens_per_sec", metrics.get("tokens_per_sec")
                 ),
                 "curve": sorted((m.step, m.value) for m in history),
+                "status": run.info.status,
+                "step": max((m.step for m in history), default=0),
             }
         )
     rows.sort(key=lambda r: r["val_loss"])
     return rows
+
+
+def finished_rows(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The runs that finished (a pruned trial or an early stop included), and what is said of
+    the others (killed, failed, still running): their loss is from wherever they stopped, so
+    they are left out, unless no run finished (then all are shown, and that is said)."""
+    done = [r for r in rows if r["status"] == "FINISHED"]
+    others = [r for r in rows if r["status"] != "FINISHED"]
+    if not others:
+        return rows, []
+    shown = ", ".join(f"'{r['name']}' ({r['status']} at step {r['step']})" for r in others[:5])
+    more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+    if not done:
+        return rows, [f"no run finished; shown as they stopped: {shown}{more}"]
+    return done, [f"left out {len(others)} run(s) that did not finish: {shown}{more}"]
 
 
 def select_runs(client: Any, target: str) -> list[Any]:
@@ -423,6 +440,7 @@ def compare(
     label = "+".join(Path(t).name or t for t in targets)
     if not rows:
         raise GptkitError(f"{', '.join(targets)}: no runs with a validation loss yet")
+    rows, unfinished = finished_rows(rows)
     groups = group_runs(rows)
     result = Comparison(
         label,
@@ -430,7 +448,7 @@ def compare(
         groups,
         separation(groups),
         out or Path(f"compare-{re.sub(r'[^A-Za-z0-9_.+-]', '-', label)}.png"),
-        caveats(groups),
+        unfinished + caveats(groups),
     )
     plot(groups, result.plot, f"{label}: validation loss (best: {groups[0]['name']})")
     if log:

@@ -37,6 +37,11 @@ def run_to_resume(spec_name: str, path: Path | None = None) -> RunDir:
             f"nothing to resume: no run of '{spec_name}' under {RUNS_ROOT / spec_name}",
             "Start it without --resume.",
         )
+    if not found.path.exists():
+        raise RunError(
+            f"nothing to resume: {found.path} does not exist",
+            "Check the path (gptkit runs lists the runs), or start it without --resume.",
+        )
     if not found.is_run():
         raise RunError(
             f"nothing to resume in {found.path}: it is not a gptkit run (no spec.yaml)",

@@ -123,3 +123,20 @@ def test_a_sampler_that_keeps_no_token_is_named_not_drawn_from():
     assert int(_Epsilon(epsilon=0.5).sample(peaked, np.random.default_rng(0))[0]) == 0
     rows = [_Epsilon(epsilon=0.02).sample(flat, np.random.default_rng(s)) for s in range(5)]
     assert len({int(r[0]) for r in rows}) > 1  # a setting that keeps tokens draws as before
+
+
+def test_a_field_the_sampler_kind_lacks_names_the_kinds_that_have_it():
+    """`generate RUN --set sampler.p=2` on a top_k run said pydantic's "Extra inputs are not
+    permitted"."""
+    from gptkit.errors import GptkitError
+    from gptkit.inference.decoding import derive_sampler
+    from gptkit.registry.registry import load_registry
+
+    registry = load_registry()
+    top_k = registry.get("sampler", "top_k")(kind="top_k")
+    with pytest.raises(GptkitError) as info:
+        derive_sampler(registry, top_k, {"p": 2})
+    message = str(info.value)
+    assert "sampler.p: not a field of sampler kind 'top_k'" in message
+    assert "its fields: k," in message and "p is a field of min_p, top_p" in message
+    assert "Extra inputs" not in message

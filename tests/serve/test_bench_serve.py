@@ -34,3 +34,22 @@ def test_bench_serve_without_a_folder_or_a_spec_is_a_clear_error(tmp_path):
     assert_user_error(run_cli("bench"), "give a spec file, or --serve")
     (tmp_path / "f.txt").write_text("x")
     assert_user_error(run_cli("bench", "--serve", tmp_path / "f.txt"), "not a folder")
+
+
+def test_the_text_report_shows_the_cpu_per_token_beside_the_ratios():
+    """The README says the CPU per token is "reported beside the ratios"; it was in --json
+    only."""
+    from gptkit.bench.serve import format_serving
+
+    report = {
+        "path": "b", "max_tokens": 16, "temperature": 1.0, "clients": 8,
+        "batch_1_tokens_per_s": 2000.0, "clients_1_tokens_per_s": 1900.0,
+        "server_over_runtime_1": 0.95, "clients_1_first_token_s": 0.003,
+        "batch_8_tokens_per_s": 9000.0, "clients_8_tokens_per_s": 8000.0,
+        "server_over_runtime_8": 0.89, "clients_8_first_token_s": 0.0066,
+        "first_token_n_over_1": 2.2,
+        "clients_1_server_cpu_us_per_token": 519.4, "clients_8_server_cpu_us_per_token": 145.2,
+        "clients_1_client_cpu_us_per_token": 80.0, "clients_8_client_cpu_us_per_token": 95.0,
+    }  # fmt: skip
+    text = format_serving(report)
+    assert "CPU per token, 1 / 8 clients: server 519 / 145 us, clients 80 / 95 us" in text

@@ -1059,7 +1059,16 @@ def test_the_printed_url_works_on_ipv6_and_a_file_is_not_called_a_non_run(bundle
         proc.terminate()
         proc.wait(timeout=30)
     a_file = run_cli("serve", bundle / "gptkit.json", "--port", "0", timeout=60)
-    assert_user_error(a_file, "is a file; expected a run folder (or an export bundle")
+    assert_user_error(
+        a_file, "is a file; expected an export bundle's folder", "the bundle's folder"
+    )
+    # the path's mistake is said before a busy port's (it said "port N is in use")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        taken = str(busy.getsockname()[1])
+        assert_user_error(run_cli("serve", bundle / "nope", "--port", taken), "not found")
+        assert_user_error(run_cli("serve", bundle / "gptkit.json", "--port", taken), "is a file")
 
 
 def _drive(scheduler, jobs, loop):

@@ -343,7 +343,16 @@ def test_messages_name_the_kind_a_field_belongs_to_and_drop_pydantics_prefix():
     assert "Value error" not in str(info.value)
 
 
+@pytest.mark.slow  # a CLI process
 def test_an_empty_sweep_axis_is_named_with_its_file(tmp_path):
     spec = tmp_path / "s.yaml"
     spec.write_text(f"extends: {ROOT / 'experiments' / 'smoke.yaml'}\nsweep: {{train.lr: []}}\n")
     assert_user_error(run_cli("validate", spec), f"{spec}: sweep.train.lr: give a list")
+
+
+def test_a_yaml_error_names_the_file_in_its_position_lines(tmp_path):
+    bad = tmp_path / "s1.yaml"
+    bad.write_text("name: x\nmodel: {d_model: [1, 2\n")
+    result = run_cli("validate", bad)
+    assert_user_error(result, "is not valid YAML", f'{bad}", line 2, column 18')
+    assert "<unicode string>" not in result.stderr

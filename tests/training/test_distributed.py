@@ -235,3 +235,20 @@ def test_fsdp_two_processes_train_checkpoint_and_resume(tmp_path):
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
         torch.testing.assert_close(c[k], b[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow  # the shared smoke run
+@pytest.mark.parametrize(("rank", "said"), [("0", True), ("1", False)])
+def test_the_resume_note_is_printed_by_the_first_process_only(
+    smoke_run, tmp_path, monkeypatch, capsys, rank, said
+):
+    """Under torchrun every process printed 'resuming ... (newest run of ...)'."""
+    import shutil
+
+    from gptkit.cli.train import _resumption
+
+    shutil.copytree(smoke_run, tmp_path / "runs" / "smoke" / "20260101-000000")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RANK", rank)
+    _resumption(ROOT / "experiments" / "smoke.yaml", None, [])
+    assert ("newest run of 'smoke'" in capsys.readouterr().err) is said

@@ -51,6 +51,8 @@ def fake_run(name, seed, final, params):
         "best_val_loss": final - 0.01,
         "tokens_per_sec": 100.0,
         "curve": [(2, final + 0.5), (4, final)],
+        "status": "FINISHED",
+        "step": 4,
     }
 
 
@@ -105,6 +107,20 @@ def test_runs_of_one_seed_are_one_training_not_repeats():
     assert separation(groups)["separated"] is None  # one training each: no verdict
     (said,) = caveats(groups)
     assert "same params and seed; counted once" in said and "seed 7" in said
+
+
+def test_a_run_that_did_not_finish_is_left_out_and_named():
+    """A run killed at step 10 was averaged with the finished run of its config (n=2)."""
+    from gptkit.training.compare import finished_rows
+
+    params = {"model.positional.kind": "rope"}
+    done = fake_run("a", 1, 2.18, params)
+    killed = {**fake_run("a", 2, 3.67, params), "status": "KILLED", "step": 10}
+    rows, said = finished_rows([done, killed])
+    assert rows == [done]
+    assert said == ["left out 1 run(s) that did not finish: 'a seed=2' (KILLED at step 10)"]
+    rows, said = finished_rows([killed])  # nothing finished: shown, and said so
+    assert rows == [killed] and "no run finished" in said[0]
 
 
 def test_losses_of_different_tokenizers_are_said_not_comparable_and_names_are_unique():

@@ -300,6 +300,11 @@ def test_nothing_to_resume_and_existing_run_dir(tmp_path, reference_run):
     assert_user_error(
         run_cli("train", SMOKE, "--resume", *EXACT, cwd=tmp_path), "nothing to resume"
     )
+    assert_user_error(  # it said "not a gptkit run (no spec.yaml)" of a folder that is not there
+        run_cli("train", "--resume", "--run-dir", tmp_path / "runs" / "nope", cwd=tmp_path),
+        "nothing to resume: ",
+        "runs/nope does not exist",
+    )
     assert_user_error(
         run_cli("train", SMOKE, "--run-dir", reference_run, *EXACT, cwd=tmp_path),
         "already holds a run",
@@ -364,8 +369,13 @@ def test_eval_command(smoke_run, tmp_path):
     assert doc["bits_per_byte"] == pytest.approx(
         doc["loss"] * doc["tokens"] / doc["bytes"] / math.log(2)
     )
-    assert_user_error(run_cli("eval", tmp_path / "missing", "--data", text), "run not found")
+    assert_user_error(
+        run_cli("eval", tmp_path / "missing", "--data", text), "bundle or run not found"
+    )
     assert_user_error(run_cli("eval", tmp_path, "--data", text), "not a gptkit run directory")
+    missing = run_cli("eval", smoke_run, "--data", tmp_path / "my_text.txt")
+    assert_user_error(missing, "my_text.txt: no such file to score", "--data")
+    assert "data.source" not in missing.stderr
 
 
 @pytest.mark.slow
@@ -475,6 +485,7 @@ def test_a_non_run_folder_is_not_written_into(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.slow  # two CLI processes
 @pytest.mark.parametrize("state", ["starting", "with its spec"])
 def test_a_second_training_into_a_folder_being_written_says_so(tmp_path, state):
     """The second of two trainings started into one --run-dir was told the folder 'is not a
