@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     except GptkitError as exc:
         echo(f"gptkit: error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except SystemExit as exc:  # the CLI library's exit 130 for a bare Ctrl-C is silent
+        if exc.code == 130:
+            echo("gptkit: interrupted", err=True)
+        raise
 
 
 def check_tempdir() -> None:

@@ -414,6 +414,20 @@ class SpecTrainer:
             )
         return forward
 
+    def _interrupted_in_setup(self) -> Interrupted:
+        """Ctrl-C while the run was being set up: nothing was trained; a new run's folder that
+        holds nothing yet is removed (a later run would have reused it anyway)."""
+        folder = self.rundir.path
+        if not self.resume and self.dist.main and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        if self.resume:
+            return Interrupted(
+                f"interrupted while the run was being set up: nothing was trained; {folder} "
+                "is as it was",
+                f"Continue it with: {self.resume_hint()}",
+            )
+        return Interrupted("interrupted while the run was being set up: nothing was trained")
+
     def _record_run(self) -> None:
         """Write what the run is (spec, tokenizer, name, command, provenance), now that the
         resume (if any) is known to work; a refused resume has changed nothing."""
@@ -489,9 +503,11 @@ class SpecTrainer:
         self._created = self.started_at or time.time()  # the MLflow run's start
         try:
             self._setup()
-        except BaseException:
+        except BaseException as exc:
             if self.dist.main:
                 self.rundir.unlock()
+            if isinstance(exc, KeyboardInterrupt):  # before the first step: said, not silent
+                raise self._interrupted_in_setup() from None
             raise
         t = self.spec.train
         self.tokens_per_step = t.batch_size * self.spec.model.max_seq_len * t.grad_accum_steps

@@ -88,3 +88,31 @@ def test_with_tracking_off_the_records_closing_is_not_called_tracking(tmp_path, 
     monkeypatch.setattr(RunRecord, "close", slow_close)
     line = _train_report(_run(tmp_path, "train.sample_tokens=0")).splitlines()[0]
     assert re.search(r"record 0\.[5-9]s|record [1-9]", line) and "tracking" not in line, line
+
+
+def test_a_ctrl_c_before_the_first_step_is_said_and_leaves_no_empty_folder(
+    tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C in the first seconds of `gptkit train` exited 130 with nothing said, leaving
+    an empty run folder."""
+    import pytest
+
+    from gptkit.cli import main
+    from gptkit.training.loop import Interrupted
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SpecTrainer, "_setup", interrupted)
+    spec = load_spec(SMOKE, BASE)
+    trainer = SpecTrainer(spec, run_dir=tmp_path / "run", progress=False)
+    with pytest.raises(Interrupted, match="being set up: nothing was trained"):
+        trainer.run()
+    assert not (tmp_path / "run").exists()
+
+    import gptkit.spec.files as files
+
+    monkeypatch.setattr(files, "compose_spec_file", lambda *a, **k: interrupted(None))
+    with pytest.raises(SystemExit) as info:  # a bare Ctrl-C anywhere in a command
+        main(["validate", str(SMOKE)])
+    assert info.value.code == 130 and "gptkit: interrupted" in capsys.readouterr().err
