@@ -16,7 +16,7 @@ from typing import Any
 
 from gptkit.errors import GptkitError
 from gptkit.spec.models import ExperimentSpec
-from gptkit.store.rundir import RunDir, default_run_name
+from gptkit.store.rundir import RunDir
 from gptkit.training.sweep import (
     SWEEP_SPEC,
     SweepParent,
@@ -26,6 +26,7 @@ from gptkit.training.sweep import (
     opened_sweep_spec,
     point_name,
     run_overrides,
+    start_sweep_folder,
 )
 
 
@@ -88,22 +89,10 @@ def run_search(
     command: str | None = None,
 ) -> list[dict[str, Any]]:
     """Start a search in a new folder (``runs/<name>/sweep-<time>``)."""
-    from gptkit.store.rundir import dump_yaml
-    from gptkit.training.tracking import time_ms
 
     optuna_module()
     check_search(raw, source, overrides, spec)  # a bad choice fails before anything trains
-    root = Path(run_dir or RunDir.new_sweep(spec.name))
-    root.mkdir(parents=True, exist_ok=True)
-    dump_yaml(raw, root / SWEEP_SPEC)
-    parent = SweepParent.start(
-        spec,
-        default_run_name(spec.name, overrides) + " search",
-        time_ms(),
-        root,
-        command,
-        list(overrides),
-    )
+    root, parent = start_sweep_folder(raw, spec, run_dir, list(overrides), command, "search")
     state = {
         "kind": "search",
         "source": source,

@@ -89,25 +89,13 @@ def run_sweep(
 
     The sweep's folder keeps what it needs to be continued (``sweep-spec.yaml`` and
     ``sweep.json``): ``resume_sweep`` goes on from where it stopped."""
-    from gptkit.store.rundir import dump_yaml
-    from gptkit.training.tracking import time_ms
 
     plan, specs = check_sweep(raw, source, overrides, spec)  # a bad point fails first
     from gptkit.spec.validate import spec_warnings
 
     for warning in spec_warnings(specs.values()):
         print(f"gptkit: warning: {warning}", file=sys.stderr)
-    root = Path(run_dir or RunDir.new_sweep(spec.name))
-    root.mkdir(parents=True, exist_ok=True)
-    dump_yaml(raw, root / SWEEP_SPEC)
-    parent = SweepParent.start(
-        spec,
-        default_run_name(spec.name, overrides) + " sweep",
-        time_ms(),
-        root,
-        command,
-        list(overrides),
-    )
+    root, parent = start_sweep_folder(raw, spec, run_dir, overrides, command, "sweep")
     state = {
         "source": source,
         "overrides": list(overrides),
@@ -136,6 +124,26 @@ def resume_sweep(root: Path, progress: bool = True, command: str | None = None) 
     parent = SweepParent.reopen(spec, state.get("parent_run_id"), root)
     print(f"resuming sweep {root}", flush=True)
     return _run_plan(root, state, spec, specs, plan, parent, progress, command)
+
+
+def start_sweep_folder(
+    raw: dict[str, Any],
+    spec: ExperimentSpec,
+    run_dir: Path | None,
+    overrides: list[str],
+    command: str | None,
+    what: str,
+) -> tuple[Path, SweepParent]:
+    """A new sweep's or search's folder (its composed spec kept for a resume) and its MLflow
+    parent run."""
+    from gptkit.store.rundir import dump_yaml
+    from gptkit.training.tracking import time_ms
+
+    root = Path(run_dir or RunDir.new_sweep(spec.name))
+    root.mkdir(parents=True, exist_ok=True)
+    dump_yaml(raw, root / SWEEP_SPEC)
+    name = f"{default_run_name(spec.name, overrides)} {what}"
+    return root, SweepParent.start(spec, name, time_ms(), root, command, list(overrides))
 
 
 def opened_sweep_spec(root: Path, raw: dict[str, Any], state: dict[str, Any]) -> ExperimentSpec:
