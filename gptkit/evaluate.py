@@ -144,8 +144,9 @@ def evaluate_run(
     """``gptkit eval``: a run's model scored on a text file (loss, perplexity, bits per byte),
     or, with no file, its mean loss over the run's whole validation split (``split: "val"``,
     ``source``, ``window``). An export bundle is scored on a text file, on onnxruntime."""
-    from gptkit.store.bundle import is_bundle
+    from gptkit.store.bundle import check_model_path, is_bundle
 
+    check_model_path(Path(run))
     if is_bundle(Path(run)):
         return _evaluate_bundle(run, data, batch_size)
     from gptkit.store.rundir import load_run

@@ -20,23 +20,6 @@ from gptkit.inference.decoding import (
 from gptkit.memory import check_fits
 
 
-def check_model_path(path: Path) -> None:
-    """A path that cannot be a bundle or a run, said as such before anything else is tried
-    (``gptkit serve`` checks it before it takes its port)."""
-    if not path.exists():
-        raise GptkitError(
-            f"bundle or run not found: {path}",
-            "Pass an export bundle (gptkit export) or a training run folder (gptkit runs).",
-        )
-    if not path.is_dir():
-        from gptkit.store.bundle import MANIFEST
-
-        told = " (pass the bundle's folder)" if path.name == MANIFEST else ""
-        raise GptkitError(
-            f"{path} is a file; expected an export bundle's folder or a training run folder" + told
-        )
-
-
 class Inference:
     """Generation, whatever runs the model: a training run (torch) or an export bundle
     (onnxruntime). Options have one meaning everywhere (see ``GenerationOptions``):
@@ -85,7 +68,7 @@ class Inference:
         backend is picked from what the folder holds. ``gptkit.load`` is this function;
         ``checkpoint`` and ``device`` are for runs, ``threads`` and ``spin`` (onnxruntime's
         threads spin-wait between ops) for bundles."""
-        from gptkit.store.bundle import is_bundle
+        from gptkit.store.bundle import check_model_path, is_bundle
 
         path = Path(path)
         check_model_path(path)

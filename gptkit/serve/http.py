@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from gptkit.errors import GptkitError
-from gptkit.inference.base import Inference, check_model_path
+from gptkit.inference.base import Inference
 from gptkit.serve.app import create_app
 from gptkit.serve.middleware import access_log
 from gptkit.serve.schemas import Limits
+from gptkit.store.bundle import check_model_path
 
 # The most bytes of request line and headers a request may send: h11's own limit (16 KiB),
 # enforced for httptools too (which has none: 4 MB of headers were read and answered).
