@@ -222,6 +222,21 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
+def _server_class() -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, saying when it has stopped (Ctrl-C, SIGTERM): the process then
+        ends by the signal, with nothing else printed."""
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            print("gptkit: stopping: no new requests; answers under way finish", file=sys.stderr)
+            await super().shutdown(sockets)
+            print("gptkit: server stopped", file=sys.stderr, flush=True)
+
+    return Server
+
+
 def serve(
     bundle_dir: str,  # an export bundle or a training run folder
     host: str = "127.0.0.1",
@@ -268,4 +283,4 @@ def serve(
         # waited for ever: for a client that stopped reading, as long as it stayed).
         timeout_graceful_shutdown=limits.shutdown_timeout_s,
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    _server_class()(config).run(sockets=[sock])

@@ -675,6 +675,8 @@ def test_a_client_that_stops_reading_is_dropped_and_does_not_hold_a_shutdown(bun
         procs[0].send_signal(signal.SIGTERM)
         procs[0].wait(timeout=20)
         assert time.monotonic() - started < 10
+        said = log.read_text()  # it ended with nothing said
+        assert "gptkit: stopping: no new requests" in said and "gptkit: server stopped" in said
         for s in stalled:
             s.close()
 
