@@ -24,6 +24,10 @@ class GptkitError(Exception):
         return self.message if not self.hint else f"{self.message}\n{self.hint}"
 
 
+class QuietExit(SystemExit):
+    """An exit whose reason was already said (``gptkit serve`` stopped by Ctrl-C)."""
+
+
 class SpecError(GptkitError):
     """The experiment spec is invalid; ``problems`` holds (dotted path, message) pairs."""
 

@@ -118,9 +118,14 @@ def evaluate_text(
     each window is only context). Bits per byte divide the total loss by the UTF-8 size of the
     text, which makes models with different tokenizers comparable.
     """
-    if not Path(path).exists():  # said as the file to score, not as a spec's data.source
-        raise DataError(f"{path}: no such file to score", "Pass a UTF-8 text file with --data.")
-    text = load_text(str(path))
+    try:
+        text = load_text(str(path))  # a file, a glob or an embedded corpus's name
+    except DataError as exc:  # said as the file to score, not as a spec's data.source
+        if "file not found" in exc.message:
+            raise DataError(
+                f"{path}: no such file to score", "Pass a UTF-8 text file with --data."
+            ) from None
+        raise
     ids = np.asarray(encode_prompt(tokenizer, text, str(path)), dtype=np.int64)
     if len(ids) < 2:
         raise DataError(f"{path} holds fewer than 2 tokens; nothing to score")

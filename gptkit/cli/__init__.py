@@ -13,7 +13,7 @@ from gptkit.cli import spec, train, generate, export, bench  # noqa: F401
 
 # isort: on
 from gptkit.cli._common import app, echo
-from gptkit.errors import GptkitError
+from gptkit.errors import GptkitError, QuietExit
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
         echo(f"gptkit: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except SystemExit as exc:  # the CLI library's exit 130 for a bare Ctrl-C is silent
-        if exc.code == 130:
+        if exc.code == 130 and not isinstance(exc, QuietExit):
             echo("gptkit: interrupted", err=True)
         raise
 

@@ -93,7 +93,7 @@ def train(
     bundle = trainer.rundir.default_bundle
     del trainer  # with its DDP/FSDP wrapper, before the process group closes
     close_process_group()
-    if os.environ.get("RANK", "0") != "0":
+    if not _first_process():
         return  # under torchrun, rank 0 reports
     if resolved.export.onnx:  # export: {onnx: true} in the spec: a bundle inside the run
         from gptkit.export.bundle import export_run
@@ -102,11 +102,16 @@ def train(
     echo(_train_report(result))
 
 
+def _first_process() -> bool:
+    """Whether this is torchrun's rank 0 (or no torchrun): the one that speaks."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _resumption(spec: Path | None, run_dir: Path | None, sets: list[str]):
     from gptkit.training.resume import resume_spec
 
     resumption = resume_spec(spec, run_dir, sets)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per process
+    if _first_process():  # under torchrun: once, not once per process
         for note in resumption.notes:
             echo(f"gptkit: {note}", err=True)
     return resumption.spec, resumption.run_dir
@@ -230,7 +235,7 @@ def _time_shares(result) -> str:
         return ""
     steps = max(0.0, result.elapsed - sum(result.phases.values()))
     # "tracking" closes the run's record: with MLflow off, the plot and run.json only
-    names = {} if result.mlflow_url else {"tracking": "record"}
+    names = {} if result.tracked else {"tracking": "record"}
     parts = [f"steps {steps:.1f}s"] + [f"{names.get(k, k)} {v:.1f}s" for k, v in other.items()]
     return f" ({', '.join(parts)})"
 

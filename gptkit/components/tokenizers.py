@@ -183,7 +183,7 @@ def encode_prompt(tokenizer: Any, prompt: str, what: str = "the prompt") -> list
         return list(tokenizer.encode(prompt))
     except GptkitError:
         raise
-    except (ValueError, LookupError) as exc:
+    except Exception as exc:  # a plugin's ValueError, KeyError, or a bug: named, not a crash
         kind = getattr(getattr(tokenizer, "spec", None), "kind", type(tokenizer).__name__)
         raise EncodeError(
             f"the {kind} tokenizer cannot encode {what}: {type(exc).__name__}: {exc}"

@@ -279,9 +279,7 @@ def _sampler_problem(registry: Any, cls: Any, kind: str, error: Any) -> str:
     if error["type"] != "extra_forbidden":
         return f"sampler.{key}: {error['msg']}"
     known = sorted(f for f in cls.model_fields if f != "kind")
-    others = sorted(
-        k for k, r in registry.components["sampler"].items() if key in r.cls.model_fields
-    )
+    others = registry.kinds_with_field("sampler", key)
     message = f"sampler.{key}: not a field of sampler kind '{kind}'{did_you_mean(key, known)}"
     message += f"; its fields: {', '.join(known)}"
     if others:

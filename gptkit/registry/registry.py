@@ -23,9 +23,10 @@ from gptkit.registry.manager import (
 SLOTS = tuple(SLOT_TABLE)
 
 
-def plugin_label(name: str, version: str) -> str:
+def plugin_label(name: str, version: str, capital: bool = False) -> str:
     """How messages name a plugin: "plugin 'x' 1.2", or "plugin 'x' (version unknown)"."""
-    return f"plugin '{name}' {'(version unknown)' if version == 'unknown' else version}"
+    shown = "(version unknown)" if version == "unknown" else version
+    return f"{'P' if capital else 'p'}lugin '{name}' {shown}"
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class Registry:
                         # a warning lost before the spec's "unknown kind" error.
                         raise PluginError(
                             f"{problem} (from {info.origin})",
-                            "Fix the module's hook, or leave it out of plugins:/--plugin.",
+                            f"Fix the module's hook, or leave it out of {info.origin}.",
                         ) from None
         for info in pm.infos:
             if info.error:
@@ -152,6 +153,14 @@ class Registry:
             return
         self.components[slot][kind] = Registration(slot, kind, component, provider, version)
 
+    def kinds_with_field(self, slot: str, key: str) -> list[str]:
+        """The kinds of ``slot`` that have a field ``key`` (for "unknown key" messages)."""
+        return sorted(
+            kind
+            for kind, reg in self.components.get(slot, {}).items()
+            if key != "kind" and key in reg.cls.model_fields
+        )
+
     def kinds(self, slot: str) -> list[str]:
         return sorted(self.components[slot])
 
@@ -166,7 +175,8 @@ class Registry:
         hint = did_you_mean(str(kind), self.kinds(slot))
         # A plugin that failed to load may be the one that provides it: show its real error.
         broken = "".join(
-            f" P{plugin_label(i.name, i.version)[1:]} is installed but failed to load: {i.error}."
+            f" {plugin_label(i.name, i.version, capital=True)} is installed but failed to load: "
+            f"{i.error}."
             for i in self.pm.infos
             if i.error
         )

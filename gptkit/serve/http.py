@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gptkit.errors import GptkitError
+from gptkit.errors import GptkitError, QuietExit
 from gptkit.inference.base import Inference
 from gptkit.serve.app import create_app
 from gptkit.serve.middleware import access_log
@@ -283,4 +283,7 @@ def serve(
         # waited for ever: for a client that stopped reading, as long as it stayed).
         timeout_graceful_shutdown=limits.shutdown_timeout_s,
     )
-    _server_class()(config).run(sockets=[sock])
+    try:
+        _server_class()(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn raises Ctrl-C again once stopped: already said
+        raise QuietExit(130) from None

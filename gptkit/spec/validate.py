@@ -210,13 +210,7 @@ def format_errors(
 def _kinds_with(registry: Registry, slot: str | None, key: str) -> str:
     """For an unknown key of a component: the kinds of its slot that have that field
     (``theta`` on a ``learned`` positional: "theta is a field of positional kind rope")."""
-    if slot is None:
-        return ""
-    kinds = sorted(
-        kind
-        for kind, reg in registry.components.get(slot, {}).items()
-        if key in reg.cls.model_fields and key != "kind"
-    )
+    kinds = registry.kinds_with_field(slot, key) if slot is not None else []
     if not kinds:
         return ""
     return f" ({key} is a field of {slot} kind{'s' if len(kinds) > 1 else ''} {', '.join(kinds)})"

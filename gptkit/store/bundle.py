@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from gptkit import safeio
 from gptkit.components.tokenizers import TOKENIZER_FILE
-from gptkit.errors import GptkitError, RunError
+from gptkit.errors import RunError
 
 MANIFEST = "gptkit.json"
 MODEL_FILE = "model.onnx"
@@ -81,13 +81,13 @@ def check_model_path(path: Path) -> None:
     """A path that cannot be a bundle or a run, said as such before anything else is tried
     (``gptkit serve`` checks it before it takes its port)."""
     if not path.exists():
-        raise GptkitError(
+        raise RunError(
             f"bundle or run not found: {path}",
             "Pass an export bundle (gptkit export) or a training run folder (gptkit runs).",
         )
     if not path.is_dir():
         told = " (pass the bundle's folder)" if path.name == MANIFEST else ""
-        raise GptkitError(
+        raise RunError(
             f"{path} is a file; expected an export bundle's folder or a training run folder" + told
         )
 

@@ -70,10 +70,12 @@ def contract_cases(
     every kind of the other slot (ids such as ``attention-gqa+alibi-kv_cache``), not only
     with the default partner.
 
-    A plugin under test that did not load, whose hook raised, or whose component was refused
-    (a name another plugin also registers, a class that is not a component) gets a failing
-    ``plugin-NAME-loads`` case with the reason, as does a ``provider`` that names nothing
-    loaded (``plugin-NAME-found``): the contract never passes by testing nothing.
+    An installed plugin under test that did not load, whose hook raised, or whose component
+    was refused (a name another plugin also registers, a class that is not a component) gets a
+    failing ``plugin-NAME-loads`` case with the reason, as does a ``provider`` that names
+    nothing loaded (``plugin-NAME-found``): the contract never passes by testing nothing. A
+    module given in ``plugins`` that fails to import or whose hook raises is a
+    ``PluginError`` at collection.
     """
     import pytest
 

@@ -215,7 +215,10 @@ def _one_per_seed(members: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
     kept: dict[str, dict[str, Any]] = {}
     repeated = []
     for m in members:
-        seed = str(m["params"].get("seed"))
+        seed = m["params"].get("seed")
+        if seed is None:  # a run that records no seed: nothing to say it repeats another
+            kept[m["run_id"]] = m
+            continue
         if seed in kept:
             repeated.append(f"'{m['name']}' (seed {seed}, as '{kept[seed]['name']}')")
         else:
@@ -243,8 +246,9 @@ def caveats(groups: list[dict[str, Any]]) -> list[str]:
         for r in g["repeated"]
     ]
     kinds = {
-        (g["params"].get("tokenizer.kind", "?"), g["params"].get("model.vocab_size", "?"))
+        (g["params"]["tokenizer.kind"], g["params"].get("model.vocab_size", "?"))
         for g in groups
+        if "tokenizer.kind" in g["params"]  # a run that records none is not said to differ
     }
     if len(kinds) > 1:
         shown = ", ".join(f"{k} (vocab {v})" for k, v in sorted(kinds))

@@ -82,6 +82,7 @@ class TrainResult:
     # "checkpoints" (the part the loop waited for; a background write is not counted) and
     # "tracking" (the run's record closed: plot, MLflow artifacts and end).
     phases: dict[str, float] = field(default_factory=dict)
+    tracked: bool = False  # tracking.enabled (the MLflow run may not exist: a down server)
 
 
 def lr_at(step: int, train: Any) -> float:
@@ -243,6 +244,7 @@ class SpecTrainer:
         tune(self.device)
         self._prepare_data()
         if self.dist.main:
+            self._made_folder = not self.rundir.path.exists()  # (removed if interrupted now)
             self.rundir.lock()  # one writer per run, from here on
         self.model = self._build_model()
         self.data_gen = torch.Generator().manual_seed(spec.seed)
@@ -418,7 +420,8 @@ class SpecTrainer:
         """Ctrl-C while the run was being set up: nothing was trained; a new run's folder that
         holds nothing yet is removed (a later run would have reused it anyway)."""
         folder = self.rundir.path
-        if not self.resume and self.dist.main and folder.is_dir() and not any(folder.iterdir()):
+        made = getattr(self, "_made_folder", False)  # not a folder the user made for it
+        if made and self.dist.main and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
         if self.resume:
             return Interrupted(
@@ -995,4 +998,5 @@ class SpecTrainer:
             self.record.url if self.record is not None else None,
             self.stop_reason("FINISHED"),
             dict(self.phase_seconds),
+            bool(self.spec.tracking.enabled),
         )

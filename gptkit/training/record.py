@@ -72,6 +72,23 @@ def _git(cwd: Path | None, *args: str) -> str | None:
     return out.stdout if out.returncode == 0 else None
 
 
+def description_tags(
+    command: str | None, where: str, spec_name: str, overrides: list[str] | None
+) -> dict[str, str]:
+    """What a run (or a sweep's parent) says of itself in MLflow: the command that made it and
+    its folder (``where``) as the description, the spec's name, its overrides, gptkit's version
+    and the code (:func:`code_tags`)."""
+    tags = {
+        "mlflow.note.content": f"`{command or 'gptkit (Python API)'}`\n\n{where}".rstrip(),
+        "gptkit.version": __import__("gptkit").__version__,
+        "gptkit.spec_name": spec_name,
+        **code_tags(),
+    }
+    if overrides:
+        tags["gptkit.overrides"] = " ".join(overrides)[:5000]
+    return tags
+
+
 def code_tags() -> dict[str, str]:
     """Which code trained the run: the commit of the folder it was started in (MLflow's own
     tag) and whether its tracked files had changes, and for a gptkit run from a git checkout
@@ -80,12 +97,14 @@ def code_tags() -> dict[str, str]:
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
-        tags["gptkit.source.git.dirty"] = str(git_dirty()).lower()
+        if (dirty := git_dirty()) is not None:
+            tags["gptkit.source.git.dirty"] = str(dirty).lower()
     here = Path(__file__).resolve().parents[1]  # the gptkit package
     own = git_commit(here) if (here.parent / ".git").exists() else None
     if own:
         tags["gptkit.code.git.commit"] = own
-        tags["gptkit.code.git.dirty"] = str(git_dirty(here)).lower()
+        if (dirty := git_dirty(here)) is not None:
+            tags["gptkit.code.git.dirty"] = str(dirty).lower()
     return tags
 
 
@@ -215,17 +234,12 @@ class RunRecord:
         made_by = (trainer.rundir.info().get("command") if trainer.resume else None) or (
             trainer.command
         )
-        tags = {
-            "mlflow.note.content": f"`{made_by or 'gptkit (Python API)'}`\n\n"
-            f"run folder: {Path(trainer.run_dir).resolve()}",
-            "gptkit.version": __import__("gptkit").__version__,
-            "gptkit.spec_name": trainer.spec.name,
-        }
-        tags.update(code_tags())
+        tags = description_tags(
+            made_by, f"run folder: {Path(trainer.run_dir).resolve()}", trainer.spec.name,
+            trainer.overrides,
+        )  # fmt: skip
         for key, info in spec_provenance(trainer.spec).items():
             tags[f"gptkit.plugin.{key}"] = f"{info['distribution']} {info['version']}"
-        if trainer.overrides:
-            tags["gptkit.overrides"] = " ".join(trainer.overrides)
         tracker.set_tags(tags)
         tracker.log_dataset(dataset_input(trainer))
 

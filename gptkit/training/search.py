@@ -258,7 +258,10 @@ def _ask(study: Any, spec: ExperimentSpec, state: dict[str, Any]) -> tuple[Any, 
 def trial_number(trial: Any) -> int:
     """The trial's number as the user sees it (labels, folders, sweep.json, MLflow): Optuna's,
     or for a trial asked again after an interruption (Optuna numbers it anew) its first one."""
-    return int(trial.user_attrs.get("trial", trial.number))
+    if "trial" in trial.user_attrs:
+        return int(trial.user_attrs["trial"])
+    folder = str(trial.user_attrs.get("folder", ""))  # asked again by an older gptkit
+    return int(folder[6:]) if folder.startswith("trial-") and folder[6:].isdigit() else trial.number
 
 
 def _tell(study: Any, trial: Any, done: list[dict[str, Any]]) -> None:

@@ -535,20 +535,11 @@ def group_metrics(members: list[dict[str, Any]]) -> dict[str, float]:
 def _parent_tags(
     spec: ExperimentSpec, root: Path | None, command: str | None, overrides: list[str] | None
 ) -> dict[str, str]:
-    """What a sweep's or search's parent run says of itself, as a run's record does: the
-    command and folder, the spec's name, its overrides, gptkit's version and the code."""
-    from gptkit.training.record import code_tags
+    """What a sweep's or search's parent run says of itself, as a run's record does."""
+    from gptkit.training.record import description_tags
 
-    tags = {
-        "mlflow.note.content": f"`{command or 'gptkit (Python API)'}`"
-        + (f"\n\nsweep folder: {root.resolve()}" if root is not None else ""),
-        "gptkit.spec_name": spec.name,
-        "gptkit.version": __import__("gptkit").__version__,
-        **code_tags(),
-    }
-    if overrides:
-        tags["gptkit.overrides"] = " ".join(overrides)[:5000]
-    return tags
+    where = f"sweep folder: {root.resolve()}" if root is not None else ""
+    return description_tags(command, where, spec.name, overrides)
 
 
 class SweepParent:
@@ -675,8 +666,8 @@ class SweepParent:
             for key, value in metrics.items():
                 if value is not None:
                     self.client.log_metric(self.run_id, key, float(value))
-            if self.root is not None and (self.root / "sweep.json").is_file():
-                self.client.log_artifact(self.run_id, str(self.root / "sweep.json"))
+            if self.root is not None and RunDir.sweep_file(self.root).is_file():
+                self.client.log_artifact(self.run_id, str(RunDir.sweep_file(self.root)))
             self.client.set_terminated(self.run_id, end_time=time_ms())
         except Exception as exc:
             print(f"gptkit: warning: sweep parent run not updated: {exc}", file=sys.stderr)

@@ -681,6 +681,19 @@ def test_a_client_that_stops_reading_is_dropped_and_does_not_hold_a_shutdown(bun
             s.close()
 
 
+def test_ctrl_c_stops_the_server_saying_so_once(bundle, tmp_path):
+    """Ctrl-C ended the server with nothing said (then, with 'interrupted' after 'server
+    stopped')."""
+    log, procs = tmp_path / "stderr.txt", []
+    with _served_with_a_log(bundle, log, proc_out=procs) as (url, _):
+        assert httpx.get(url + "/health").status_code == 200
+        procs[0].send_signal(signal.SIGINT)
+        assert procs[0].wait(timeout=30) == 130
+    said = log.read_text()
+    assert "gptkit: server stopped" in said and "interrupted" not in said, said
+    assert "Traceback" not in said
+
+
 def test_a_json_body_sent_as_a_form_is_told_its_content_type(server):
     """``curl -d '{...}'`` says form-urlencoded: the 400 says what to send, not that the body is
     not an object."""

@@ -103,12 +103,17 @@ def test_a_ctrl_c_before_the_first_step_is_said_and_leaves_no_empty_folder(
     def interrupted(self):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(SpecTrainer, "_setup", interrupted)
+    monkeypatch.setattr(SpecTrainer, "_build_model", interrupted)  # after the folder's lock
     spec = load_spec(SMOKE, BASE)
     trainer = SpecTrainer(spec, run_dir=tmp_path / "run", progress=False)
     with pytest.raises(Interrupted, match="being set up: nothing was trained"):
         trainer.run()
     assert not (tmp_path / "run").exists()
+    (tmp_path / "mine").mkdir()  # a folder the user made for the run is theirs: kept
+    trainer = SpecTrainer(spec, run_dir=tmp_path / "mine", progress=False)
+    with pytest.raises(Interrupted):
+        trainer.run()
+    assert (tmp_path / "mine").is_dir()
 
     import gptkit.spec.files as files
 

@@ -1,5 +1,7 @@
 """The one-line warning training prints when the MLflow server fails."""
 
+from pathlib import Path
+
 from gptkit.training.tracking import _short
 
 
@@ -48,4 +50,10 @@ def test_the_code_tags_say_the_commit_and_whether_it_had_changes(tmp_path, monke
     (tmp_path / "spec.yaml").write_text("name: b\n")
     assert code_tags()["gptkit.source.git.dirty"] == "true"
     monkeypatch.chdir(tmp_path.parent)  # not a checkout: no commit claimed
-    assert "mlflow.source.git.commit" not in code_tags()
+    tags = code_tags()
+    assert "mlflow.source.git.commit" not in tags
+    import gptkit
+
+    if (Path(gptkit.__file__).resolve().parents[1] / ".git").exists():  # an editable checkout
+        assert len(tags["gptkit.code.git.commit"]) == 40
+        assert tags["gptkit.code.git.dirty"] in ("true", "false")

@@ -373,6 +373,9 @@ def test_eval_command(smoke_run, tmp_path):
         run_cli("eval", tmp_path / "missing", "--data", text), "bundle or run not found"
     )
     assert_user_error(run_cli("eval", tmp_path, "--data", text), "not a gptkit run directory")
+    globbed = run_cli("eval", smoke_run, "--data", str(text.parent / "*.txt"), "--json")
+    assert globbed.returncode == 0, globbed.stderr  # a glob is a source too
+    assert json.loads(globbed.stdout)["tokens"] == doc["tokens"]
     missing = run_cli("eval", smoke_run, "--data", tmp_path / "my_text.txt")
     assert_user_error(missing, "my_text.txt: no such file to score", "--data")
     assert "data.source" not in missing.stderr
