@@ -7,6 +7,8 @@ import json
 import re
 import time
 
+import pytest
+
 from gptkit.cli.train import _train_report
 from gptkit.spec.files import load_spec
 from gptkit.training import loop
@@ -76,6 +78,7 @@ def test_the_records_closing_is_its_own_part_and_not_in_the_rate(tmp_path, monke
     assert abs(result.tokens_per_sec / summary["tokens_per_sec"] - 1) < 0.1, summary
 
 
+@pytest.mark.slow  # trains
 def test_with_tracking_off_the_records_closing_is_not_called_tracking(tmp_path, monkeypatch):
     from gptkit.training.record import RunRecord
 
@@ -90,6 +93,7 @@ def test_with_tracking_off_the_records_closing_is_not_called_tracking(tmp_path, 
     assert re.search(r"record 0\.[5-9]s|record [1-9]", line) and "tracking" not in line, line
 
 
+@pytest.mark.slow  # sets up two trainers
 def test_a_ctrl_c_before_the_first_step_is_said_and_leaves_no_empty_folder(
     tmp_path, monkeypatch, capsys
 ):
