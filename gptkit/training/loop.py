@@ -188,6 +188,7 @@ class SpecTrainer:
         # Checkpoints beside training; the host copy of the weights is built on the CPU.
         self.writer = CheckpointWriter(self._write_failed, lambda m: GPT(m.spec))
         self.idle = False
+        self._made_folder = False  # set when the run takes its folder: made by it, or not
         self.phase_seconds = dict.fromkeys(PHASES, 0.0)
         self._timing = False  # inside a block counted by _timed
         self.changes: list[tuple[str, Any, Any]] = []  # (field, before, now) on a resume
@@ -420,8 +421,7 @@ class SpecTrainer:
         """Ctrl-C while the run was being set up: nothing was trained; a new run's folder that
         holds nothing yet is removed (a later run would have reused it anyway)."""
         folder = self.rundir.path
-        made = getattr(self, "_made_folder", False)  # not a folder the user made for it
-        if made and self.dist.main and folder.is_dir() and not any(folder.iterdir()):
+        if self._made_folder and self.dist.main and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
         if self.resume:
             return Interrupted(

@@ -11,13 +11,13 @@ wall time, mean tokens/s) sit beside the per-step curves.
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from gptkit.registry.registry import spec_provenance
+from gptkit.safeio import finite_number
 from gptkit.training.tracking import PARAM_TAG, Tracker, flatten, resolve_uri
 
 
@@ -111,10 +111,8 @@ def code_tags() -> dict[str, str]:
 def _started(trainer: Any) -> float:
     """When the run began: this command, or for a resumed run the one that made it
     (run.json's ``created``); the MLflow run's start time."""
-    created = trainer.rundir.info().get("created") if trainer.resume else None
-    if isinstance(created, (int, float)) and math.isfinite(created) and created > 0:
-        return float(created)
-    return float(trainer._created)
+    created = finite_number(trainer.rundir.info().get("created")) if trainer.resume else None
+    return created if created is not None and created > 0 else float(trainer._created)
 
 
 def dataset_input(trainer: Any) -> dict[str, str]:
@@ -168,9 +166,8 @@ class RunRecord:
         spec = trainer.spec
         if not spec.tracking.enabled:
             return cls(trainer, None)
-        uri = resolve_uri(spec.tracking.uri)
-        experiment = spec.tracking.experiment or spec.name
-        tracker = cls._tracker(trainer, uri, experiment)
+        tracker = cls._tracker(trainer)
+        uri, experiment = tracker.uri, tracker.experiment
         record = cls(trainer, tracker)
         # A run whose store was down from its start has its description in the spool: it is
         # sent first (the MLflow run made then), and this session is a resume of it.
@@ -187,15 +184,16 @@ class RunRecord:
     def spooled(cls, trainer: Any) -> RunRecord:
         """For a resume with nothing to train: the events a down store left in the spool,
         sent as they were (nothing added: no resume tag, no new end time)."""
-        spec = trainer.spec
-        uri = resolve_uri(spec.tracking.uri)
-        return cls(trainer, cls._tracker(trainer, uri, spec.tracking.experiment or spec.name))
+        return cls(trainer, cls._tracker(trainer))
 
     @staticmethod
-    def _tracker(trainer: Any, uri: str, experiment: str) -> Tracker:
+    def _tracker(trainer: Any) -> Tracker:
+        """The run's tracker: its resolved store, its experiment (the spec's name unless
+        ``tracking.experiment`` says otherwise), its start time."""
+        spec = trainer.spec
         return Tracker(
-            uri,
-            experiment,
+            resolve_uri(spec.tracking.uri),
+            spec.tracking.experiment or spec.name,
             trainer.run_dir,
             trainer.run_name,
             warn=lambda m: print(f"gptkit: warning: {m}", file=sys.stderr, flush=True),
