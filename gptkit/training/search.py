@@ -227,13 +227,15 @@ def _trial(
         report = _reporter(trial) if i == 0 else None
         target = group.run_id if group else parent.run_id
         over = [*run_overrides(state["overrides"]), *run]
-        result = _point(
+        result, stopped = _point(
             specs[point_name(run)], where, name, over, target, progress, command, report
         )
         entry = {**result, "group": label, "trial": trial_number(trial)}
         done.append(entry)
         results.append(entry)
         search.save()
+        if stopped:  # a signal as the run ended: it is kept, and the search stops here
+            raise KeyboardInterrupt
         if result["stop_reason"] == "pruned":
             break
     if group is not None:

@@ -266,10 +266,12 @@ def _run_plan(
                 folder = RunDir.sweep_point(root, index, name)
                 target = group.run_id if group else parent.run_id
                 over = [*run_overrides(state["overrides"]), *run]
-                result = _point(specs[name], folder, name, over, target, progress, command)
+                result, stopped = _point(specs[name], folder, name, over, target, progress, command)
                 done.append({**result, "group": group_name})
                 sweep.results.append(done[-1])
                 sweep.save()
+                if stopped:  # a signal as the run ended: it is kept, and the sweep stops here
+                    raise KeyboardInterrupt
             if group is not None:
                 group.finish(done, grouped=True)
                 state["groups_done"].append(group.done_key)
@@ -407,15 +409,17 @@ def _point(
     progress: bool,
     command: str | None,
     on_eval: Any = None,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], bool]:
     """One run of the sweep: kept if it finished before, resumed from its checkpoint if it was
-    stopped, else trained from the start. ``on_eval``: a search's pruner (see SpecTrainer)."""
+    stopped, else trained from the start. ``on_eval``: a search's pruner (see SpecTrainer).
+    Its result, and whether a signal came as the run was ending (after its last check): the
+    run is finished and kept, and the sweep stops after recording it."""
     from gptkit.store.checkpoint import resume_candidates
     from gptkit.training.loop import SpecTrainer
 
     if folder.is_run() and folder.info().get("status") == "FINISHED":
         print(f"    finished before, kept: {folder.path}", flush=True)
-        return _point_result(spec, folder, name)
+        return _point_result(spec, folder, name), False
     resume = folder.is_run() and bool(resume_candidates(folder.checkpoints))
     if not resume and folder.path.exists():
         _discard(folder)
@@ -431,11 +435,7 @@ def _point(
         on_eval=on_eval,
     )
     trainer.run()
-    if trainer.stop_signal is not None:
-        # The signal came as the run was ending (after its last check): the run is finished
-        # and kept, and the sweep stops here rather than go on to the next run.
-        raise KeyboardInterrupt
-    return _point_result(spec, folder, name)
+    return _point_result(spec, folder, name), trainer.stop_signal is not None
 
 
 def _discard(folder: RunDir) -> None:

@@ -220,10 +220,12 @@ def test_a_signal_as_a_point_ends_stops_the_sweep_before_the_next(tmp_path, monk
     monkeypatch.setattr(SpecTrainer, "_fit", fit_then_late_signal)
     composed = compose_spec_file(spec)
     resolved = validate_composed(composed, str(spec), [])
-    with pytest.raises(Interrupted):
+    with pytest.raises(Interrupted, match="after 1 finished run"):
         run_sweep(composed.data, str(spec), [], resolved, tmp_path / "s", progress=False)
     assert len(runs) == 1
-    assert read_sweep_state(tmp_path / "s")["status"] == "killed"
+    state = read_sweep_state(tmp_path / "s")
+    assert state["status"] == "killed"
+    assert [p["point"] for p in state["points"]] == ["lr=0.003"]  # the kept run counted
     resume_sweep(tmp_path / "s", progress=False)
     assert len(runs) == 2  # the first point was kept, not trained again
     assert read_sweep_state(tmp_path / "s")["status"] == "finished"
