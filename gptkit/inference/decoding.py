@@ -38,6 +38,7 @@ from gptkit.components.tokenizers import encode_prompt
 from gptkit.errors import ContextError, GptkitError, PluginError, did_you_mean
 
 REPLACEMENT = "\ufffd"
+PROMPT_CONTEXT = 4  # the prompt's last tokens a continuation's text is decoded after
 
 
 def prompt_logprobs(
@@ -311,12 +312,21 @@ class _TextStream:
     so a step costs the same at token 10 and at token 10,000. Text settles at a cut where
     decoding the two sides apart gives what decoding them together gives (so a cut inside a
     multi-byte character, or before a token whose leading space a tokenizer drops at the start
-    of a text, does not settle), with at least ``SETTLE`` tokens after it."""
+    of a text, does not settle), with at least ``SETTLE`` tokens after it.
+
+    The first tokens are decoded after the prompt's last few (``context``), and the prompt's
+    text taken off: a tokenizer whose decoder drops the space that begins a text (Metaspace,
+    as Llama's and T5's; WordPiece, as BERT's) would otherwise run the continuation's first
+    word into the prompt's last."""
 
     SETTLE = 8
 
-    def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str]) -> None:
+    def __init__(
+        self, decode: Callable[[list[int]], str], stops: Sequence[str], context: Sequence[int] = ()
+    ) -> None:
         self.decode = decode
+        self.context = list(context)
+        self.context_text = decode(self.context) if self.context else ""
         self.stops = [s for s in stops if s]
         self.longest_stop = max((len(s) for s in self.stops), default=0)
         self.tokens: list[int] = []
@@ -333,7 +343,7 @@ class _TextStream:
     def add(self, token: int) -> None:
         self.starts.append(len(self.text.rstrip(REPLACEMENT)))
         self.tokens.append(token)
-        tail = self.decode(self.tokens[self.settled :])
+        tail = self._decode(self.settled)
         if len(self.tokens) - self.settled >= self.next_try:
             tail = self._settle(tail)
         self.text = self.settled_text + tail
@@ -347,7 +357,7 @@ class _TextStream:
         """Settle the tail's tokens but the last ``SETTLE`` if the cut is clean; returns the
         tail left."""
         cut = len(self.tokens) - self.SETTLE
-        head, rest = self.decode(self.tokens[self.settled : cut]), self.decode(self.tokens[cut:])
+        head, rest = self._decode(self.settled, cut), self.decode(self.tokens[cut:])
         if head + rest != tail or head.endswith(REPLACEMENT):
             self.next_try += self.SETTLE  # not a clean cut: try again a few tokens on
             return tail
@@ -355,13 +365,23 @@ class _TextStream:
         self.next_try = 2 * self.SETTLE
         return rest
 
+    def _decode(self, start: int, end: int | None = None) -> str:
+        """The text of ``tokens[start:end]``; from the first token, as it reads after the
+        prompt (its context's text taken off; decoded alone if that text is not a prefix)."""
+        tokens = self.tokens[start:end]
+        if start == 0 and self.context:
+            text = self.decode(self.context + tokens)
+            if text.startswith(self.context_text):
+                return text[len(self.context_text) :]
+        return self.decode(tokens)
+
     def text_tokens(self) -> int:
         """How many tokens begin inside the text: all of them, but for a stop string's tokens
         cut from its end (the ones a stream never shows either)."""
         tokens, text = self.tokens, self.text
         j = len(tokens)
         if self.stopped:  # a few tokens back at most: a stop string is short
-            while j > 0 and self.decode(tokens[: j - 1]).startswith(text):
+            while j > 0 and self._decode(0, j - 1).startswith(text):
                 j -= 1
         return j
 
@@ -594,7 +614,7 @@ class DecodeBatch:
             list(ids),
             sampler,
             rng,
-            _TextStream(self.tokenizer.decode, sampler.stop),
+            _TextStream(self.tokenizer.decode, sampler.stop, ids[-PROMPT_CONTEXT:]),
             max_new,
             on_text,
             new_states(sampler, 1)[0],

@@ -209,3 +209,74 @@ def test_the_tokens_of_a_stop_cut_text_are_those_that_begin_inside_it(kind, fitt
             stream.text
         )  # none fewer would do
         assert k < len(stream.tokens)  # the stop string's tokens are left out
+
+
+def _metaspace_and_wordpiece(folder):
+    """Two tokenizer.json files whose decoders drop the space that begins a text: a unigram
+    one with a Metaspace decoder (Llama, T5) and a WordPiece one (BERT)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    special = ["<|endoftext|>", "<unk>"]
+    uni = Tokenizer(models.Unigram())
+    uni.pre_tokenizer, uni.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    uni.train_from_iterator(
+        [CORPUS[:20_000]], trainers.UnigramTrainer(vocab_size=200, special_tokens=special)
+    )
+    wp = Tokenizer(models.WordPiece(unk_token="<unk>"))
+    wp.normalizer = normalizers.BertNormalizer(lowercase=False)
+    wp.pre_tokenizer, wp.decoder = pre_tokenizers.BertPreTokenizer(), decoders.WordPiece()
+    wp.train_from_iterator(
+        [CORPUS[:20_000]], trainers.WordPieceTrainer(vocab_size=200, special_tokens=special)
+    )
+    paths = {"metaspace": folder / "metaspace.json", "wordpiece": folder / "wordpiece.json"}
+    uni.save(str(paths["metaspace"]))
+    wp.save(str(paths["wordpiece"]))
+    return paths
+
+
+class _Scripted:
+    """A backend whose greedy choice is a fixed continuation (the prompt's length read from
+    the first call; no cache)."""
+
+    max_seq_len = 256
+
+    def __init__(self, script, vocab):
+        self.script, self.vocab, self.prompt = script, vocab, None
+
+    def __call__(self, ids, positions, key_mask, past):
+        import numpy as np
+
+        self.prompt = self.prompt or ids.shape[1]
+        logits = np.zeros((ids.shape[0], self.vocab), dtype=np.float32)
+        logits[:, self.script[min(ids.shape[1] - self.prompt, len(self.script) - 1)]] = 10.0
+        return logits, None
+
+
+@pytest.mark.parametrize("kind", ["metaspace", "wordpiece"])
+def test_a_continuation_reads_as_it_does_after_its_prompt(kind, tmp_path):
+    """A tokenizer whose decoder drops the space that begins a text: the continuation's text
+    is the text after the prompt's in decoding both together (as transformers' pipelines
+    give it), whole and streamed; decoded on its own, its first word ran into the prompt's
+    last ("thy" + "father" -> "thyfather")."""
+    from gptkit.inference.decoding import decode_loop
+
+    tok = make("pretrained", path=str(_metaspace_and_wordpiece(tmp_path)[kind]))
+    tok.fit(CORPUS)  # a pretrained tokenizer is read, not trained
+    prompt, after = "Deny thy", " father and refuse thy name"
+    script = tok.encode(prompt + after)[len(tok.encode(prompt)) :]
+    want = tok.decode(tok.encode(prompt) + script)[len(tok.decode(tok.encode(prompt))) :]
+    assert want.startswith(" ") and not tok.decode(script).startswith(" ")
+    sampler = load_registry().get("sampler", "greedy").model_validate({"kind": "greedy"})
+    pieces = []
+    out = decode_loop(
+        _Scripted(script, tok.vocab_size),
+        tok,
+        [prompt],
+        sampler,
+        max_new_tokens=len(script),
+        use_cache=False,
+        on_text=lambda row, piece: pieces.append(piece),
+    )
+    assert out[0].tokens == script
+    assert out[0].text == want
+    assert "".join(pieces) == want
