@@ -189,6 +189,30 @@ def read_chat_template(src: Path) -> str | None:
     return head + template
 
 
+def read_eot_token(src: Path, config: dict[str, Any]) -> str:
+    """The end-of-text token: GPT-2's ``<|endoftext|>`` when tokenizer.json has it, else the
+    ``eos_token`` that tokenizer_config.json (or special_tokens_map.json) names, else the token
+    of config.json's ``eos_token_id``."""
+    from gptkit.components.tokenizers import EOT, read_tokenizer_json
+
+    hf = read_tokenizer_json(src / "tokenizer.json", "tokenizer.json")
+    named = {
+        **_special_tokens(_optional_json(src / "special_tokens_map.json")),
+        **_special_tokens(_optional_json(src / "tokenizer_config.json")),
+    }.get("eos_token")
+    eos_id = config.get("eos_token_id")
+    declared = hf.id_to_token(eos_id) if isinstance(eos_id, int) and eos_id >= 0 else None
+    for token in (EOT, named, declared):
+        if token is not None and hf.token_to_id(token) is not None:
+            return token
+    raise RunError(
+        f"{src / 'tokenizer.json'} has no end-of-text token: not {EOT!r}, and neither "
+        "tokenizer_config.json's eos_token nor config.json's eos_token_id names one of its "
+        "tokens",
+        "Name it as eos_token in tokenizer_config.json.",
+    )
+
+
 def read_stop_tokens(src: Path, tokenizer: Any) -> list[str]:
     """The tokens besides end-of-text that end a generation: ``generation_config.json``'s
     ``eos_token_id`` (an id or a list; a chat fine-tune lists its end of turn there, which
@@ -449,6 +473,45 @@ def _model_with_weights(model_spec: Any, src: Path) -> Any:
     return model
 
 
+def _imported_spec(
+    src: Path, config: dict[str, Any], name: str
+) -> tuple[Any, Any, dict[str, Any], str | None]:
+    """The spec a GPT-2 folder makes, its tokenizer (checked against the model's vocabulary),
+    the tokenizer's chat fields, and what of the folder's sampling is left out."""
+    from gptkit.components.tokenizers import vocabulary_misfit
+    from gptkit.spec.validate import validate_spec
+
+    model_fields = _model_fields(config)
+    chat = {"chat_template": t} if (t := read_chat_template(src)) is not None else {}
+    chat["eot_token"] = read_eot_token(src, config)
+    sampler, note = read_sampler(src)
+    spec = validate_spec(
+        {
+            "name": name,
+            **({"sampler": sampler} if sampler else {}),
+            "tokenizer": {
+                "kind": "pretrained",
+                "path": str((src / "tokenizer.json").resolve()),
+                **chat,
+            },
+            "model": model_fields,
+            "tracking": {"enabled": False},
+        },
+        str(src / "config.json"),
+    )
+    tok = spec.tokenizer.build()
+    tok.fit("")
+    if misfit := vocabulary_misfit(tok, model_fields["vocab_size"]):
+        raise RunError(
+            f"{src}: {misfit} (config.json's vocab_size): tokens were added to the tokenizer "
+            "after the model was saved",
+            "Resize the model to its tokenizer and save it again (transformers: "
+            "model.resize_token_embeddings(len(tokenizer))), or use the tokenizer.json it "
+            "was trained with.",
+        )
+    return spec, tok, chat, note
+
+
 def import_hf(
     src: str | Path,
     out: str | Path | None = None,
@@ -471,25 +534,7 @@ def import_hf(
         raise RunError(f"{run} already holds a run; choose another --out")
     # Everything is read and checked before the run folder is made: a failed import leaves
     # nothing behind.
-    model_fields = _model_fields(config)
-    chat = {"chat_template": t} if (t := read_chat_template(src)) is not None else {}
-    sampler, note = read_sampler(src)
-    spec = validate_spec(
-        {
-            "name": name,
-            **({"sampler": sampler} if sampler else {}),
-            "tokenizer": {
-                "kind": "pretrained",
-                "path": str((src / "tokenizer.json").resolve()),
-                **chat,
-            },
-            "model": model_fields,
-            "tracking": {"enabled": False},
-        },
-        str(src / "config.json"),
-    )
-    tok = spec.tokenizer.build()
-    tok.fit("")
+    spec, tok, chat, note = _imported_spec(src, config, name)
     stops = {"stop_tokens": s} if (s := read_stop_tokens(src, tok)) else {}
     model = _model_with_weights(spec.model, src)
     run.tokenizer_dir.mkdir(parents=True, exist_ok=True)

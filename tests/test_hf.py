@@ -485,3 +485,66 @@ def test_export_hf_of_a_run_without_a_hf_tokenizer_says_so(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "char tokenizer has no Hugging Face tokenizer.json" in result.stderr
     assert not (tmp_path / "hf" / "tokenizer.json").exists()
+
+
+def _retokenized(folder, dst, change):
+    """A copy of a GPT-2 folder whose tokenizer.json is changed by ``change(Tokenizer)``."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    shutil.copytree(folder, dst)
+    tok = Tokenizer.from_file(str(dst / "tokenizer.json"))
+    change(tok)
+    tok.save(str(dst / "tokenizer.json"))
+    return dst
+
+
+def test_import_refuses_a_tokenizer_with_more_tokens_than_the_model(hf_gpt2, tmp_path):
+    """Tokens added to tokenizer.json after the model was saved (no resize): the import says
+    so, naming both sizes, and makes nothing; before, it imported a run whose generate and
+    eval ended in an IndexError traceback at the first added token. A run in that state
+    (its tokenizer folder replaced) is refused when opened."""
+    folder, hf = hf_gpt2
+    grown = _retokenized(
+        folder, tmp_path / "grown", lambda t: t.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    )
+    result = run_cli("import-hf", grown, "--out", tmp_path / "a")
+    n = hf.config.vocab_size
+    assert_user_error(
+        result, f"has {n + 2} tokens", f"the model only {n}", "resize_token_embeddings"
+    )
+    assert not (tmp_path / "a").exists()
+    run = import_hf(folder, tmp_path / "b")
+    (run / "tokenizer" / "tokenizer.json").write_bytes((grown / "tokenizer.json").read_bytes())
+    generated = run_cli("generate", run, "-p", "hi <|im_end|>", "--max-new-tokens", "2")
+    assert_user_error(generated, f"the model only {n}", "do not belong together")
+
+
+def test_import_takes_the_end_of_text_token_the_folder_names(hf_gpt2, tmp_path):
+    """A GPT-2 whose tokenizer has no <|endoftext|> (a SentencePiece-style vocabulary with
+    </s>): the end-of-text token is the eos_token tokenizer_config.json names, else config.json's
+    eos_token_id's; the import said "no end-of-text token '<|endoftext|>'" and offered a spec
+    field import-hf does not take. With none of them, exit 2 saying where to name it."""
+    import shutil
+
+    folder, _ = hf_gpt2
+    src = shutil.copytree(folder, tmp_path / "s")
+    data = json.loads((src / "tokenizer.json").read_text())
+    data["model"]["vocab"]["</s>"] = data["model"]["vocab"].pop("<|endoftext|>")
+    for added in data["added_tokens"]:
+        added["content"] = added["content"].replace("<|endoftext|>", "</s>")
+    (src / "tokenizer.json").write_text(json.dumps(data))
+    eos = json.loads((src / "config.json").read_text())["eos_token_id"]
+    result = run_cli("import-hf", src, "--out", tmp_path / "none")
+    assert result.returncode == 0, result.stderr  # config.json's eos_token_id names </s>
+    gen = gptkit.load(tmp_path / "none")
+    assert gen.tokenizer.eot_id == eos
+    assert gen.tokenizer.hf.id_to_token(eos) == "</s>"
+    (src / "config.json").write_text(
+        json.dumps({**json.loads((src / "config.json").read_text()), "eos_token_id": None})
+    )
+    result = run_cli("import-hf", src, "--out", tmp_path / "bare")
+    assert_user_error(result, "has no end-of-text token", "eos_token in tokenizer_config.json")
+    (src / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    assert gptkit.load(import_hf(src, tmp_path / "named")).tokenizer.eot_id == eos

@@ -490,24 +490,36 @@ class SentencePieceSpec(TokenizerSpec):
         return SentencePieceTokenizer(self)
 
 
+def read_tokenizer_json(path: Path, what: str = "tokenizer.path") -> Any:
+    """A local Hugging Face ``tokenizer.json`` (bounded in size) as a ``tokenizers.Tokenizer``."""
+    tk = _require("tokenizers", "pretrained")
+    from gptkit.safeio import check_regular
+
+    if not path.exists():
+        raise DataError(f"{what} not found: {path}", "Point it at a local tokenizer.json file.")
+    check_regular(path, what, MAX_TOKENIZER_BYTES, DataError)
+    try:
+        return tk.Tokenizer.from_file(str(path))
+    except Exception as exc:
+        raise DataError(f"{what} {path} is not a tokenizer.json: {exc}") from None
+
+
+def vocabulary_misfit(tokenizer: Tokenizer, vocab_size: int) -> str | None:
+    """Why ``tokenizer`` cannot feed a model with ``vocab_size`` embeddings, or None: a token
+    id past the model's table is an index error in the middle of a generation."""
+    if tokenizer.vocab_size <= vocab_size and tokenizer.eot_id < vocab_size:
+        return None
+    return (
+        f"the tokenizer has {tokenizer.vocab_size} tokens (end-of-text id {tokenizer.eot_id}) "
+        f"but the model only {vocab_size}"
+    )
+
+
 class PretrainedTokenizer(HFTokenizer):
     """A ready-made ``tokenizer.json`` from a local file (nothing is downloaded)."""
 
     def fit(self, text: str) -> None:
-        tk = _require("tokenizers", "pretrained")
-        from gptkit.safeio import check_regular
-
-        path = Path(self.spec.path)
-        if not path.exists():
-            raise DataError(
-                f"tokenizer.path not found: {path}", "Point it at a local tokenizer.json file."
-            )
-        check_regular(path, "tokenizer.path", MAX_TOKENIZER_BYTES, DataError)
-        try:
-            hf = tk.Tokenizer.from_file(str(path))
-        except Exception as exc:
-            raise DataError(f"tokenizer.path {path} is not a tokenizer.json: {exc}") from None
-        self._attach(hf, self.spec.eot_token)
+        self._attach(read_tokenizer_json(Path(self.spec.path)), self.spec.eot_token)
 
     def _attach(self, hf, eot: str | None) -> None:
         super()._attach(hf, eot)

@@ -497,7 +497,7 @@ class RunDir:
         device: str = "cpu",
     ) -> LoadedRun:
         """The run's spec, tokenizer and model weights (``checkpoint``: latest, best, step-N)."""
-        from gptkit.components.tokenizers import load_tokenizer
+        from gptkit.components.tokenizers import load_tokenizer, vocabulary_misfit
         from gptkit.model import GPT
         from gptkit.store.checkpoint import checkpoint_candidates, load_checkpoint
 
@@ -508,6 +508,12 @@ class RunDir:
                 "spec that 'gptkit train' writes (was it replaced by hand?)"
             )
         tokenizer = load_tokenizer(self.tokenizer_dir, spec_class=type(spec.tokenizer))
+        misfit = vocabulary_misfit(tokenizer, spec.model.vocab_size)
+        if misfit:
+            raise RunError(
+                f"run {self.path}: {misfit}; they do not belong together",
+                "Was its tokenizer folder or spec.yaml replaced? Open the run as it was trained.",
+            )
         candidates = checkpoint_candidates(self.checkpoints, checkpoint)
         if not candidates:
             raise RunError(f"run {self.path} has no checkpoint yet", "Train it: gptkit train SPEC")
