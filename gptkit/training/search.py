@@ -10,11 +10,12 @@ the search's folder, so an interrupted search continues like a sweep: ``gptkit t
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from gptkit.errors import GptkitError
+from gptkit.errors import GptkitError, RunError
 from gptkit.spec.models import ExperimentSpec
 from gptkit.store.rundir import RunDir
 from gptkit.training.sweep import (
@@ -28,6 +29,9 @@ from gptkit.training.sweep import (
     run_overrides,
     start_sweep_folder,
 )
+
+NOT_GPTKITS_STUDY = "The search's study.db is not the one gptkit wrote: start the search again."
+TRIAL_FOLDER = re.compile(r"trial-[0-9]{3,9}")  # a trial's folder, inside the search's
 
 
 def optuna_module() -> Any:
@@ -130,14 +134,21 @@ def _open_study(root: Path, spec: ExperimentSpec) -> Any:
         if s.get("pruner", "median") == "median"
         else optuna.pruners.NopPruner()
     )
-    study = optuna.create_study(
-        study_name=spec.name,
-        storage=f"sqlite:///{(root / 'study.db').resolve()}",
-        sampler=sampler,
-        pruner=pruner,
-        direction="minimize",
-        load_if_exists=True,
-    )
+    try:
+        study = optuna.create_study(
+            study_name=spec.name,
+            storage=f"sqlite:///{(root / 'study.db').resolve()}",
+            sampler=sampler,
+            pruner=pruner,
+            direction="minimize",
+            load_if_exists=True,
+        )
+    except Exception as exc:  # a damaged or foreign file: SQLAlchemy's and Optuna's errors
+        raise RunError(
+            f"{root / 'study.db'} cannot be opened as the search's study: "
+            f"{type(exc).__name__}: {str(exc)[:200]}",
+            NOT_GPTKITS_STUDY,
+        ) from None
     running = optuna.trial.TrialState.RUNNING
     for stale in study.get_trials(deepcopy=False, states=(running,)):
         # Left by a stopped process: failed in the study, asked again with the same values
@@ -248,9 +259,21 @@ def _trial(
 def _ask(study: Any, spec: ExperimentSpec, state: dict[str, Any]) -> tuple[Any, dict, str]:
     """The next trial, its values, and its folder (a re-asked trial keeps its own)."""
     trial = study.ask()
-    params = {key: suggest(trial, key, dim) for key, dim in spec.sweep["space"].items()}
     number = trial_number(trial)
+    try:
+        params = {key: suggest(trial, key, dim) for key, dim in spec.sweep["space"].items()}
+    except ValueError as exc:  # a trial enqueued with values of another space
+        raise RunError(
+            f"study.db gives trial {number} values outside the search's space: {exc}",
+            NOT_GPTKITS_STUDY,
+        ) from None
     folder = trial.user_attrs.get("folder") or f"trial-{number:03d}"
+    if not isinstance(folder, str) or not TRIAL_FOLDER.fullmatch(folder):
+        raise RunError(
+            f"study.db gives trial {number} the folder {str(folder)[:80]!r}; a trial's "
+            "folder is trial-NNN inside the search's folder",
+            NOT_GPTKITS_STUDY,
+        )
     trial.set_user_attr("folder", folder)
     trial.set_user_attr("trial", number)
     state["folders"][str(number)] = folder
@@ -261,7 +284,13 @@ def trial_number(trial: Any) -> int:
     """The trial's number as the user sees it (labels, folders, sweep.json, MLflow): Optuna's,
     or for a trial asked again after an interruption (Optuna numbers it anew) its first one."""
     if "trial" in trial.user_attrs:
-        return int(trial.user_attrs["trial"])
+        number = trial.user_attrs["trial"]
+        if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+            raise RunError(
+                f"study.db gives a trial the number {str(number)[:40]!r}, not a count",
+                NOT_GPTKITS_STUDY,
+            )
+        return number
     folder = str(trial.user_attrs.get("folder", ""))  # asked again by an older gptkit
     return int(folder[6:]) if folder.startswith("trial-") and folder[6:].isdigit() else trial.number
 

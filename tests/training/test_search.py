@@ -106,3 +106,48 @@ def test_a_bad_search_space_is_refused_naming_the_entry(tmp_path):
     assert_user_error(run_cli("validate", spec), 'search space model.positional.kind="rpoe"')
     spec.write_text(f"extends: {SMOKE}\nname: bad\nsweep: {{method: grid, trials: 3}}\n")
     assert_user_error(run_cli("validate", spec), "sweep.method: 'random' or 'tpe'")
+
+
+@pytest.mark.slow  # three CLI resumes
+def test_a_search_folder_whose_study_names_folders_outside_it_is_refused(tmp_path):
+    """A search folder someone hands you: its study.db (Optuna's, read on resume) says where
+    each trial's run is. A folder that is not trial-NNN inside the search (an absolute path,
+    ``../x``) or a trial number that is not a count is refused, exit 2, nothing written
+    outside; before, resume trained (and pruned the checkpoints of) whatever run it named."""
+    optuna = pytest.importorskip("optuna")
+    import yaml
+
+    from gptkit.spec.files import compose_spec_file
+
+    root = tmp_path / "s"
+    root.mkdir()
+    (tmp_path / "srch.yaml").write_text(
+        f"extends: {SMOKE}\nname: srch\ntracking: {{enabled: false}}\n"
+        "train: {max_steps: 2, eval_every: 2, sample_tokens: 0, warmup_steps: 0}\n"
+        "sweep: {method: random, trials: 1, space: {train.lr: [0.001, 0.002]}}\n"
+    )
+    composed = compose_spec_file(tmp_path / "srch.yaml").data
+    (root / "sweep-spec.yaml").write_text(yaml.safe_dump(composed))
+    state = {"kind": "search", "source": "x.yaml", "overrides": [], "parent_run_id": None}
+    outside = tmp_path / "victim"
+    for folder, number, said in (
+        (str(outside), 0, "the folder"),
+        ("../victim", 0, "the folder"),
+        ("trial-000", "abc", "not a count"),
+    ):
+        (root / "study.db").unlink(missing_ok=True)
+        (root / "sweep.json").write_text(
+            json.dumps({**state, "folders": {}, "status": "running", "points": [], "groups": []})
+        )
+        study = optuna.create_study(study_name="srch", storage=f"sqlite:///{root / 'study.db'}")
+        lr = optuna.distributions.CategoricalDistribution([0.001, 0.002])
+        trial = study.ask({"train.lr": lr})
+        trial.set_user_attr("folder", folder)
+        trial.set_user_attr("trial", number)
+        resumed = run_cli("train", "--resume", "--run-dir", root, "--no-progress", cwd=tmp_path)
+        assert_user_error(resumed, "study.db gives", said, "start the search again")
+        assert not outside.exists()
+        assert not list(root.glob("trial-*/checkpoints"))
+    (root / "study.db").write_bytes(b"not a database" * 100)
+    resumed = run_cli("train", "--resume", "--run-dir", root, "--no-progress", cwd=tmp_path)
+    assert_user_error(resumed, "cannot be opened as the search's study", "start the search again")
