@@ -200,8 +200,8 @@ def read_eot_token(src: Path, config: dict[str, Any]) -> str:
         **_special_tokens(_optional_json(src / "special_tokens_map.json")),
         **_special_tokens(_optional_json(src / "tokenizer_config.json")),
     }.get("eos_token")
-    eos_id = config.get("eos_token_id")
-    declared = hf.id_to_token(eos_id) if isinstance(eos_id, int) and eos_id >= 0 else None
+    eos_id, size = config.get("eos_token_id"), hf.get_vocab_size(with_added_tokens=True)
+    declared = hf.id_to_token(eos_id) if isinstance(eos_id, int) and 0 <= eos_id < size else None
     for token in (EOT, named, declared):
         if token is not None and hf.token_to_id(token) is not None:
             return token
@@ -224,7 +224,7 @@ def read_stop_tokens(src: Path, tokenizer: Any) -> list[str]:
     for i in ids:
         if isinstance(i, bool) or not isinstance(i, int) or i == tokenizer.eot_id:
             continue
-        token = tokenizer.hf.id_to_token(i)
+        token = tokenizer.hf.id_to_token(i) if 0 <= i < tokenizer.vocab_size else None
         if token is None:
             raise RunError(
                 f"{src / 'generation_config.json'}: eos_token_id {i} is not in tokenizer.json's "

@@ -8,6 +8,7 @@ import torch
 import gptkit
 from gptkit.components.tokenizers import BPETokenizerSpec
 from gptkit.data.sources import load_corpus
+from gptkit.errors import RunError
 from gptkit.hf import export_hf, import_hf
 from tests.conftest import ROOT
 from tests.helpers import assert_user_error, run_cli
@@ -249,6 +250,10 @@ def test_import_samples_as_generation_config_asks(hf_gpt2, tmp_path):
     hot = run_cli("import-hf", src, "--out", tmp_path / "f")
     assert_user_error(hot, "generation_config.json: temperature must be a number")
     assert not (tmp_path / "f").exists()
+    for far in (10**20, -1):  # 10**20 was an OverflowError traceback from tokenizers
+        (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [far]}))
+        with pytest.raises(RunError, match=f"eos_token_id {far} is not in"):
+            import_hf(src, tmp_path / "g")
 
 
 def test_import_refuses_what_it_cannot_read(tmp_path, smoke_run):

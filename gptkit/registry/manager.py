@@ -314,14 +314,18 @@ def missing_kind_message(
     """Why ``kind`` is not available, naming the package to install, or None if it is."""
     if kind in registry.components[slot]:
         return None
-    origin = (recorded or {}).get(f"{slot}.{kind}")
+    origin = recorded.get(f"{slot}.{kind}") if isinstance(recorded, Mapping) else None
     if not isinstance(origin, Mapping):
         return None
     refused = registry.refused.get(slot, {}).get(kind)
     if refused is not None:  # installed, but refused (e.g. two plugins register the name)
         return f"needs {slot} kind '{kind}', which was refused: {refused}"
-    dist, version = origin.get("distribution") or "", origin.get("version") or "unknown"
-    module = origin.get("module") or ""
+
+    def said(key: str) -> str:  # a run's record is a file: what is not text is not said
+        value = origin.get(key)
+        return value if isinstance(value, str) else ""
+
+    dist, version, module = said("distribution"), said("version") or "unknown", said("module")
     failed = next(
         (
             i

@@ -48,6 +48,16 @@ class _ManifestSpec(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     tokenizer: _Kind
     sampler: _Kind | None = None
+    plugins: list[str] = []  # modules the spec names (never imported for merely being named)
+
+
+class _PluginOrigin(BaseModel):
+    """Where a component of the bundle came from (``registry.manager.provenance``)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    distribution: str = ""
+    version: str = ""
+    module: str = ""
 
 
 class _SpecialTokens(BaseModel):
@@ -75,6 +85,7 @@ class Manifest(BaseModel):
     head_dim: int | None = Field(None, gt=0)
     cache: Literal["static", "concat"] | None = None
     precision: Literal["fp32", "int8"] | None = None  # what /v1/models says it serves
+    plugins: dict[str, _PluginOrigin] | None = None  # "slot.kind" -> the plugin that made it
 
 
 def check_model_path(path: Path) -> None:

@@ -259,6 +259,13 @@ def test_manifest_fields_missing_or_of_any_wrong_type(bundle, tmp_path, field):
         (lambda m: m["spec"].update(sampler={"kind": "top_k", "k": -1}), "spec.sampler.k"),
         (lambda m: m["spec"].update(sampler={"kind": "top_p", "p": "x"}), "spec.sampler.p"),
         (lambda m: m["spec"].update(sampler=[1]), "spec.sampler"),
+        # The plugin fields (names and origins, never imported for being named) are typed:
+        # [[1]] was an unhashable-type traceback, "evil" refused letter by letter, a list of
+        # origins an AttributeError when a kind was missing, {"distribution": 5} "pip install 5".
+        (lambda m: m["spec"].update(plugins=[[1]]), "spec.plugins"),
+        (lambda m: m["spec"].update(plugins="evil"), "spec.plugins"),
+        (lambda m: m.update(plugins=[1, 2]), "plugins"),
+        (lambda m: m.update(plugins={"sampler.zz": {"distribution": 5}}), "plugins.sampler.zz"),
         (lambda m: m["special_tokens"].update(eot=10**6), "end-of-text"),
         (lambda m: m["special_tokens"].update(pad="x"), "special_tokens.pad"),
         (lambda m: m.update(vocab_size=10), "vocab_size"),
