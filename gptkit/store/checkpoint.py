@@ -250,13 +250,18 @@ def _why_refused(exc: Exception) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})  # safetensors' names for float tensors
+
+
 def _check_shapes(file: Path, model: torch.nn.Module) -> None:
     """Compare tensor shapes from the safetensors header with the model, for a short message."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(file), framework="pt") as f:
-            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118
+            shapes = {k: list(v.get_shape()) for k, v in slices.items()}
+            dtypes = {k: v.get_dtype() for k, v in slices.items()}
     except Exception as exc:
         raise RunError(
             f"checkpoint {file.parent}: {WEIGHTS_FILE} is unreadable "
@@ -270,6 +275,13 @@ def _check_shapes(file: Path, model: torch.nn.Module) -> None:
             f"checkpoint {file.parent} does not fit this model: {len(bad)} tensors differ in "
             f"shape (e.g. {k}: {shapes[k]} in the checkpoint, {wanted[k]} in the model)",
             "Was spec.yaml edited? The model must be built from the spec it was trained with.",
+        )
+    floats = {k for k, v in model.state_dict().items() if v.is_floating_point()}
+    ints = [k for k in shapes if k in floats and dtypes[k] not in FLOAT_DTYPES]
+    if ints:  # loaded, they would be cast: weights truncated to whole numbers, silently
+        raise RunError(
+            f"checkpoint {file.parent}: {len(ints)} weight tensors are not floating point "
+            f"(e.g. {ints[0]}: {dtypes[ints[0]]}); training writes floats: it cannot be used"
         )
 
 

@@ -174,3 +174,22 @@ def test_numbers_too_large_for_a_float_in_run_files_are_not_numbers(tmp_path):
         run.read_info()
     with pytest.raises(RunError, match="'step' should be a number"):
         _get({"step": huge}, "step", int, "state")
+
+
+def test_weights_of_an_integer_type_are_skipped_not_cast(smoke_run, tmp_path):
+    """A checkpoint whose weights were written as integers: loaded, they were cast into the
+    float parameters (mostly zeros); generate and export went on with them, parity included.
+    Now skipped with a warning naming the tensor and its type, as NaN weights are."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    latest = read_pointer(run / "checkpoints" / "latest")
+    weights = run / "checkpoints" / latest / "model.safetensors"
+    tensors = {k: v.to(torch.int64) for k, v in load_file(weights).items()}
+    save_file(tensors, weights)
+    result = run_cli("generate", run, "-p", "ROMEO:", "-n", "3", "--seed", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "are not floating point" in result.stderr and "I64" in result.stderr, result.stderr
+    assert "gptkit: using step-" in result.stderr, result.stderr
