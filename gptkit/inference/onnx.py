@@ -284,6 +284,27 @@ def _check_vocab(folder: Path, manifest: dict[str, Any], tokenizer: Any, model: 
         )
 
 
+def _check_logits(folder: Path, model: OnnxModel, token: int) -> None:
+    """The graph answers one token with one finite logit per vocabulary entry: a graph that
+    is not gptkit's (logits of another rank) or whose weights are NaN is named here, not
+    met as an IndexError or as token 0 written for ever."""
+    rank = len(model.session.get_outputs()[0].shape)
+    if rank != 3:
+        raise RunError(
+            f"bundle {folder}: {MODEL_FILE}'s logits have {rank} dimensions; a gptkit "
+            "decoder's are (batch, sequence, vocabulary)",
+            "Export the bundle again.",
+        )
+    one = np.array([[token]], dtype=np.int64)
+    logits, _ = model.run(one, np.zeros_like(one), np.ones((1, 1), dtype=bool), None)
+    if not np.isfinite(logits).all():
+        raise RunError(
+            f"bundle {folder}: {MODEL_FILE} answers with logits that are not finite (NaN or "
+            "inf): its weights are damaged",
+            "Export the bundle again.",
+        )
+
+
 def open_bundle(path: str | Path, threads: int | None = None, spin: bool = True) -> dict[str, Any]:
     """The parts of an ``Inference`` over a verified export bundle (see ``gptkit.load``):
     onnxruntime model, tokenizer and default sampler. A bundle runs on onnxruntime's CPU
@@ -322,6 +343,7 @@ def open_bundle(path: str | Path, threads: int | None = None, spin: bool = True)
         ) from None
     model = _open_model(folder, manifest, threads, spin)
     _check_vocab(folder, manifest, tokenizer, model)
+    _check_logits(folder, model, int(manifest["special_tokens"]["eot"]))
     return {
         "backend": OnnxBackend(model, int(manifest["max_seq_len"])),
         "tokenizer": tokenizer,

@@ -646,3 +646,42 @@ def test_disk_full_while_writing_the_token_cache(tmp_path):
         if p.name.endswith(".tmp") or p.name == "meta.json"
     ]
     assert leftovers == []  # no half-written entry that a later run would trust
+
+
+def _rewired_logits(folder: Path, kind: str) -> None:
+    """A graph that is not gptkit's behind the manifest's names (then rehashed): its logits
+    averaged over the sequence (rank 2), or multiplied by NaN (weights gone bad)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(folder / MODEL))
+    graph, logits = model.graph, model.graph.output[0].name
+    for node in graph.node:
+        node.output[:] = ["logits_orig" if o == logits else o for o in node.output]
+    if kind == "rank-2":
+        graph.initializer.append(numpy_helper.from_array(np.array([1]), "seq_axis"))
+        graph.node.append(
+            helper.make_node("ReduceMean", ["logits_orig", "seq_axis"], [logits], keepdims=0)
+        )
+        del graph.output[0].type.tensor_type.shape.dim[1]
+    else:
+        graph.initializer.append(numpy_helper.from_array(np.array([np.nan], np.float32), "nan"))
+        graph.node.append(helper.make_node("Mul", ["logits_orig", "nan"], [logits]))
+    onnx.save(model, str(folder / MODEL))
+    rehash(folder)
+
+
+@pytest.mark.parametrize(
+    "kind, needle", [("rank-2", "logits have 2 dimensions"), ("nan", "not finite (NaN or inf)")]
+)
+def test_a_graph_whose_logits_are_not_a_decoders_is_refused_when_opened(
+    bundle, tmp_path, kind, needle
+):
+    """Rank-2 logits were an IndexError traceback in the sampler; NaN logits wrote token 0
+    for ever (generate exit 0, eval 'perplexity nan' exit 0)."""
+    copy = tmp_path / kind
+    shutil.copytree(bundle, copy)
+    _rewired_logits(copy, kind)
+    refused(copy, needle)
+    (tmp_path / "t.txt").write_text("ROMEO: hi\n" * 20)
+    assert_user_error(run_cli("eval", copy, "--data", tmp_path / "t.txt"), needle)
