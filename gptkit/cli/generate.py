@@ -163,6 +163,14 @@ def serve(
     ] = 16,
     max_queued: Annotated[int, typer.Option(min=0, help="Requests waiting beyond those.")] = 64,
     max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens accepted.")] = 1024,
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Open connections; past it the longest idle one is closed (a new one gets "
+            "503 when none is idle).",
+        ),
+    ] = 1024,
     body_timeout: _Seconds("a client has to send its request body") = 10.0,
     header_timeout: _Seconds("a client has to send its request headers") = 10.0,
     # Limits' defaults (gptkit.serve.schemas is not imported here: the CLI starts light).
@@ -212,6 +220,7 @@ def serve(
             max_concurrent=max_concurrent,
             max_queued=max_queued,
             max_tokens=max_tokens,
+            max_connections=max_connections,
             body_timeout_s=body_timeout,
             header_timeout_s=header_timeout,
             send_timeout_s=send_timeout,

@@ -25,19 +25,29 @@ MAX_HEADER_BYTES = 16 * 1024
 
 
 def _header_timeout_protocol(
-    seconds: float, http: str = "auto", send_timeout: float = Limits.send_timeout_s
+    seconds: float,
+    http: str = "auto",
+    send_timeout: float = Limits.send_timeout_s,
+    max_connections: int = Limits.max_connections,
 ) -> type:
     """uvicorn's HTTP/1.1 protocol, with a deadline for a request's headers: a client that
     opens a connection (or keeps one alive) and never finishes its headers is dropped, and one
     whose request line and headers pass ``MAX_HEADER_BYTES`` gets a 400. A client that stops
     reading its answer is dropped once the answer has waited ``send_timeout`` seconds for it
     (the connection's buffers full): it held its admission slot, and a shutdown, for ever.
+    Past ``max_connections`` open connections, the one idle longest (no request under way: kept
+    alive, or still sending its headers) is closed to make room; when none is idle, the new one
+    gets a 503 and is closed (idle sockets no longer lock everyone out, /health included).
 
     ``auto`` is uvicorn's httptools protocol (a C parser: ~0.1 ms less server CPU per request,
     and less per streamed chunk, than h11; on a small machine that is a share of every first
     token), or its pure-Python h11 protocol where httptools is not installed."""
     base = _protocol_base(http)
-    limits = {"header_timeout": seconds, "send_timeout": send_timeout}
+    limits = {
+        "header_timeout": seconds,
+        "send_timeout": send_timeout,
+        "max_connections": max_connections,
+    }
     return type("HeaderTimeoutProtocol", (_HeaderLimits, base), limits)
 
 
@@ -47,6 +57,8 @@ class _HeaderLimits:
 
     header_timeout = Limits.header_timeout_s
     send_timeout = Limits.send_timeout_s
+    max_connections = Limits.max_connections
+    _idle_since = 0.0  # when its last answer ended (or it opened)
     _header_timer: Any = None
     _send_timer: Any = None
     _header_bytes = 0
@@ -55,7 +67,32 @@ class _HeaderLimits:
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
+        self._idle_since = self.loop.time()  # type: ignore[attr-defined]
         self._arm()
+        if len(self.connections) > self.max_connections:  # type: ignore[attr-defined]
+            self._make_room()
+
+    def _idle(self) -> bool:
+        cycle = self.cycle  # type: ignore[attr-defined]
+        return cycle is None or cycle.response_complete
+
+    def _make_room(self) -> None:
+        """One connection too many: close the one idle longest, or refuse this one."""
+        others = [
+            c
+            for c in self.connections  # type: ignore[attr-defined]
+            if c is not self and c._idle() and not c.transport.is_closing()
+        ]
+        if others:
+            min(others, key=lambda c: c._idle_since).transport.close()
+            return
+        self._send_error(
+            b"503 Service Unavailable",
+            f"{self.max_connections} connections are open, each with a request under way; "
+            "try again shortly",
+            "server_error",
+            b"retry-after: 1\r\n",
+        )
 
     def _arm(self) -> None:
         self._disarm()
@@ -109,6 +146,7 @@ class _HeaderLimits:
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
+        self._idle_since = self.loop.time()  # type: ignore[attr-defined]
         if not self.transport.is_closing():  # type: ignore[attr-defined]
             self._arm()  # a kept-alive connection: the next request's headers
 
@@ -147,28 +185,27 @@ class _HeaderLimits:
         OpenAI's error shape, as every other error (uvicorn's own is plain text), saying why
         where gptkit refused it."""
         why = self._refusal or "not a well-formed HTTP/1.1 request line and headers"
-        body = json.dumps(
-            {
-                "error": {
-                    "message": f"malformed HTTP request: {why}",
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": None,
-                }
-            }
-        ).encode()
-        head = [b"HTTP/1.1 400 Bad Request\r\n"]
+        self._send_error(
+            b"400 Bad Request", f"malformed HTTP request: {why}", "invalid_request_error"
+        )
+
+    def _send_error(self, status: bytes, message: str, kind: str, headers: bytes = b"") -> None:
+        """Answer ``status`` in OpenAI's error shape outside any request cycle (uvicorn's own
+        answers are plain text), close the connection, and log it."""
+        error = {"message": message, "type": kind, "param": None, "code": None}
+        body = json.dumps({"error": error}).encode()
+        head = [b"HTTP/1.1 %s\r\n" % status]
         for name, value in self.server_state.default_headers:  # type: ignore[attr-defined]
             head.append(b"%s: %s\r\n" % (name, value))  # server, date
         head.append(
-            b"content-type: application/json\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n" % len(body)
+            b"content-type: application/json\r\ncontent-length: %d\r\n%s"
+            b"connection: close\r\n\r\n" % (len(body), headers)
         )
         self.transport.write(b"".join(head) + body)  # type: ignore[attr-defined]
         self.transport.close()  # type: ignore[attr-defined]
         # One access-log line for it too (the method and path may be what was malformed).
         peer = self.transport.get_extra_info("peername") or ("-",)  # type: ignore[attr-defined]
-        access_log.info('%s "- -" 400 0.000s (malformed HTTP: %s)', peer[0], why)
+        access_log.info('%s "- -" %s 0.000s (%s)', peer[0], status[:3].decode(), message)
 
 
 def _protocol_base(http: str) -> type:
@@ -277,8 +314,11 @@ def serve(
         app,
         log_level="warning",
         timeout_keep_alive=5,
-        limit_concurrency=1024,  # open connections; requests are capped above
-        http=_header_timeout_protocol(limits.header_timeout_s, send_timeout=limits.send_timeout_s),
+        http=_header_timeout_protocol(
+            limits.header_timeout_s,
+            send_timeout=limits.send_timeout_s,
+            max_connections=limits.max_connections,
+        ),
         # SIGTERM: answers under way may finish for this long, then they are cancelled (it
         # waited for ever: for a client that stopped reading, as long as it stayed).
         timeout_graceful_shutdown=limits.shutdown_timeout_s,

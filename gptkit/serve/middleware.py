@@ -57,7 +57,8 @@ class BodyLimitMiddleware:
                 return await error_response(
                     408, "request body not received in time", code="request_timeout"
                 )(scope, receive, send)
-            if message["type"] == "http.disconnect":
+            if message["type"] == "http.disconnect":  # gone before its body was all sent
+                scope[CLIENT_LEFT] = True
                 return None
             body = message.get("body", b"")
             received += len(body)

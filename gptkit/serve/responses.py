@@ -41,7 +41,9 @@ class EventStream(StreamingResponse):
     fewer per request than Starlette's), and the client leaving is watched by one task."""
 
     def __init__(self, content: AsyncIterator[tuple[str, bool]], done: Once) -> None:
-        super().__init__(content, media_type="text/event-stream")
+        # Not cached, not buffered by a proxy (nginx holds a stream's events back otherwise).
+        headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+        super().__init__(content, media_type="text/event-stream", headers=headers)
         self.done = done
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:

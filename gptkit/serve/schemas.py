@@ -25,6 +25,7 @@ class Limits:
     body_timeout_s: float = 10.0
     header_timeout_s: float = 10.0
     send_timeout_s: float = 30.0  # a client that reads nothing of its answer this long: dropped
+    max_connections: int = 1024  # open connections; past it the longest idle one is closed
     shutdown_timeout_s: float = 30.0  # on SIGTERM, answers under way may finish this long
     max_prompt_chars: int = 16 * 1024
     max_tokens: int = 1024

@@ -182,3 +182,52 @@ def test_headers_past_the_limit_get_a_400_under_both_parsers(port):
     assert MAX_HEADER_BYTES > len(fits) + 100
     ok = _reply(port, b"POST / HTTP/1.1\r\nHost: x\r\n" + fits + b"Content-Length: 0\r\n\r\n")
     assert ok.startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_idle_connections_make_room_and_busy_ones_get_a_503(parser, caplog):
+    """Past ``max_connections`` the connection idle longest is closed, so idle sockets cannot
+    lock everyone out (1024 of them made uvicorn answer every request, /health included, with
+    a plain-text 503, unlogged); when all are busy, a new one gets a 503 in OpenAI's error
+    shape with Retry-After, logged."""
+    pytest.importorskip(parser)
+    caplog.set_level(logging.INFO, logger="gptkit.access")
+    sock = bind("127.0.0.1", 0)
+    protocol = _header_timeout_protocol(30.0, parser, max_connections=3)
+    server = uvicorn.Server(uvicorn.Config(_app, log_level="warning", http=protocol))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    port = sock.getsockname()[1]
+    try:
+        idle = []
+        for _ in range(3):  # opened in this order: the first is idle longest
+            idle.append(socket.create_connection(("127.0.0.1", port)))
+            time.sleep(0.05)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/", body=b"hi")
+        assert conn.getresponse().read() == b"got hi"  # answered: room was made
+        assert _dropped_within(idle[0], 5)
+        assert not _dropped_within(idle[2], 0.2)
+        busy = []
+        for _ in range(4):  # each with a request under way (its body not all sent)
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhi")
+            busy.append(s)
+            time.sleep(0.1)
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.settimeout(10)
+            answer = b""
+            while chunk := s.recv(4096):
+                answer += chunk
+        head, body = answer.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in head.lower()
+        assert json.loads(body)["error"]["message"].startswith("3 connections are open")
+        assert any('"- -" 503' in r.getMessage() for r in caplog.records)
+        for s in [*idle, *busy]:
+            s.close()
+        conn.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -162,6 +162,8 @@ def test_streaming_server_sent_events(server):
     pieces, ids, done = [], set(), False
     with httpx.stream("POST", server["url"] + "/v1/completions", json=body) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["cache-control"] == "no-cache"  # and not held back by a proxy
+        assert r.headers["x-accel-buffering"] == "no"
         for line in r.iter_lines():
             if not line.startswith("data: "):
                 continue
@@ -613,6 +615,24 @@ def test_a_streamed_client_that_leaves_mid_stream_is_logged_499(bundle, tmp_path
         assert got.startswith(b"HTTP/1.1 200")
         _until_idle(url)  # its rows left
         for _ in range(100):  # the line is written as the request's handling ends
+            lines = [x for x in log.read_text().splitlines() if '"POST /v1/completions"' in x]
+            if lines:
+                break
+            time.sleep(0.05)
+        assert len(lines) == 1 and '" 499 ' in lines[0], lines
+
+
+def test_a_client_that_leaves_before_its_body_is_sent_is_logged_499(bundle, tmp_path):
+    """Gone half-way through its body: the access log said status 0."""
+    log = tmp_path / "stderr.txt"
+    with _served_with_a_log(bundle, log) as (url, port):
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{"
+            )
+            time.sleep(0.3)
+        for _ in range(100):
             lines = [x for x in log.read_text().splitlines() if '"POST /v1/completions"' in x]
             if lines:
                 break
