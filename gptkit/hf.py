@@ -574,7 +574,13 @@ def import_hf(
     return run.path
 
 
-HF_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+HF_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+)
 
 
 def export_hf(run: str | Path, out: str | Path, force: bool = False) -> Path:
@@ -604,7 +610,6 @@ def export_hf(run: str | Path, out: str | Path, force: bool = False) -> Path:
             ("model.norm", m.norm, "layernorm"),
             ("model.bias", m.bias, True),
             ("model.scale_embeddings", m.scale_embeddings, False),
-            ("model.tie_embeddings", m.tie_embeddings, True),
         )
         if v != want
     ]
@@ -621,6 +626,8 @@ def export_hf(run: str | Path, out: str | Path, force: bool = False) -> Path:
         f"transformer.{theirs}": (sd[ours].t() if transpose else sd[ours]).contiguous()
         for ours, theirs, transpose in name_map(m.n_layers)
     }
+    if not m.tie_embeddings:  # an output head of its own (tie_word_embeddings: false)
+        tensors["lm_head.weight"] = sd["lm_head.weight"].contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     as_new_file(out / "model.safetensors")
     eot = loaded.tokenizer.eot_id
@@ -638,7 +645,7 @@ def export_hf(run: str | Path, out: str | Path, force: bool = False) -> Path:
         "resid_pdrop": 0.0,
         "embd_pdrop": 0.0,
         "attn_pdrop": 0.0,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": m.tie_embeddings,
         "bos_token_id": eot,
         "eos_token_id": eot,
     }
@@ -646,6 +653,7 @@ def export_hf(run: str | Path, out: str | Path, force: bool = False) -> Path:
     hf_tokenizer = loaded.run.tokenizer_dir / "tokenizer.json"
     if hf_tokenizer.is_file():
         shutil.copyfile(hf_tokenizer, out / "tokenizer.json")
+        _write_generation_files(out, loaded)
     else:  # said, not found out at the next import-hf ("has no tokenizer.json")
         print(
             f"gptkit: note: the run's {loaded.run.read_spec().tokenizer.kind} tokenizer has no "
@@ -654,6 +662,41 @@ def export_hf(run: str | Path, out: str | Path, force: bool = False) -> Path:
             file=sys.stderr,
         )
     return out
+
+
+def generation_config(sampler: Any, eos: list[int]) -> dict[str, Any]:
+    """``generation_config.json`` for a gptkit sampler and the ids that end a generation:
+    what :func:`read_sampler` and :func:`read_stop_tokens` read back."""
+    config: dict[str, Any] = {
+        "bos_token_id": eos[0],
+        "eos_token_id": eos[0] if len(eos) == 1 else eos,
+    }
+    penalty = getattr(sampler, "repetition_penalty", 1.0)
+    if penalty != 1.0:
+        config["repetition_penalty"] = penalty
+    if sampler.kind == "greedy" or sampler.temperature == 0:
+        return {**config, "do_sample": False}
+    config.update(do_sample=True, temperature=sampler.temperature, top_k=0)  # top_k 0: off
+    for key, kind, field, *_ in _TRUNCATIONS:
+        if sampler.kind == kind:
+            config[key] = getattr(sampler, field)
+    return config
+
+
+def _write_generation_files(out: Path, loaded: Any) -> None:
+    """What import-hf read besides the weights: the end-of-text and stop tokens, the chat
+    template (``tokenizer_config.json``) and the sampler (``generation_config.json``), so a
+    chat model exported back stops at its end of turn and renders its chat in transformers."""
+    tok, spec = loaded.tokenizer, loaded.spec
+    eot = tok.hf.id_to_token(tok.eot_id)
+    stops = sorted(tok.stop_ids - {tok.eot_id})
+    tokenizer_config: dict[str, Any] = {"bos_token": eot, "eos_token": eot}
+    template = getattr(spec.tokenizer, "chat_template", None)
+    if template:
+        tokenizer_config["chat_template"] = template
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    config = generation_config(spec.sampler, [tok.eot_id, *stops])
+    (out / "generation_config.json").write_text(json.dumps(config, indent=2))
 
 
 __all__ = ["import_hf", "export_hf"]

@@ -203,6 +203,21 @@ def test_import_renders_chat_as_transformers_and_stops_where_generate_does(hf_gp
     )[0, len(prompt) :].tolist()  # fmt: skip
     assert stopped == greedy[: k + 1]  # generate keeps the end token; the text leaves it out
 
+    # Exported back, transformers renders the same chat and stops at the same end of turn
+    # (export-hf wrote the weights, config and tokenizer only: apply_chat_template failed and
+    # generation ran past the end of turn); imported again, the run is the same.
+    export_hf(tmp_path / "run", tmp_path / "back")
+    back = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert back.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
+        expected
+    )
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "back").eos_token_id == [
+        tok.eot_id,
+        greedy[k],
+    ]
+    again = gptkit.load(import_hf(tmp_path / "back", tmp_path / "again"))
+    assert again.tokenizer.stop_ids == run.tokenizer.stop_ids and again.sampler == run.sampler
+
 
 def test_import_samples_as_generation_config_asks(hf_gpt2, tmp_path):
     """``generation_config.json``'s sampling (``do_sample``, temperature, repetition penalty,
@@ -237,6 +252,8 @@ def test_import_samples_as_generation_config_asks(hf_gpt2, tmp_path):
     assert 1 < (expected > 0).sum() < expected.shape[-1]  # top_p truncated something
     np.testing.assert_allclose(ours, expected, atol=1e-9)
 
+    export_hf(tmp_path / "a", tmp_path / "a-back")  # written back as transformers reads it
+    assert gptkit.load(import_hf(tmp_path / "a-back", tmp_path / "a2")).sampler == run.sampler
     (src / "generation_config.json").write_text(json.dumps({**asked, "top_k": 20}))
     result = run_cli("import-hf", src, "--out", tmp_path / "b")
     assert result.returncode == 0, result.stderr
@@ -553,3 +570,25 @@ def test_import_takes_the_end_of_text_token_the_folder_names(hf_gpt2, tmp_path):
     assert_user_error(result, "has no end-of-text token", "eos_token in tokenizer_config.json")
     (src / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     assert gptkit.load(import_hf(src, tmp_path / "named")).tokenizer.eot_id == eos
+
+
+def test_an_untied_gpt2_goes_there_and_back(hf_gpt2, tmp_path):
+    """An output head of its own (tie_word_embeddings: false): import-hf took it, export-hf
+    refused it ("GPT-2 needs True"); transformers loads the export with equal logits."""
+    folder, hf = hf_gpt2
+
+    def untied(w):
+        w["lm_head.weight"] = torch.randn_like(w["transformer.wte.weight"])
+        return w
+
+    src = _altered_copy(folder, tmp_path / "src", {"tie_word_embeddings": False}, untied)
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(src).eval()
+    export_hf(import_hf(src, tmp_path / "run"), tmp_path / "back")
+    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back").eval()
+    assert again.config.tie_word_embeddings is False
+    ids = torch.randint(
+        0, hf.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(2)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, theirs(ids).logits, rtol=0, atol=1e-5)
+        assert not torch.allclose(again(ids).logits, hf(ids).logits, atol=1e-2)  # its own head
