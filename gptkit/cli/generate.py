@@ -164,12 +164,7 @@ def serve(
     max_queued: Annotated[int, typer.Option(min=0, help="Requests waiting beyond those.")] = 64,
     max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens accepted.")] = 1024,
     max_connections: Annotated[
-        int,
-        typer.Option(
-            min=1,
-            help="Open connections; past it the longest idle one is closed (a new one gets "
-            "503 when none is idle).",
-        ),
+        int, typer.Option(min=1, help="Open connections; past it the longest idle is closed.")
     ] = 1024,
     body_timeout: _Seconds("a client has to send its request body") = 10.0,
     header_timeout: _Seconds("a client has to send its request headers") = 10.0,
@@ -212,26 +207,19 @@ def serve(
     from gptkit.serve.http import serve as run_server
     from gptkit.serve.schemas import Limits
 
-    run_server(
-        str(bundle),
-        host,
-        port,
-        Limits(
-            max_concurrent=max_concurrent,
-            max_queued=max_queued,
-            max_tokens=max_tokens,
-            max_connections=max_connections,
-            body_timeout_s=body_timeout,
-            header_timeout_s=header_timeout,
-            send_timeout_s=send_timeout,
-            shutdown_timeout_s=shutdown_timeout,
-            stream_interval_s=stream_interval,
-            template_timeout_s=template_timeout,
-        ),
-        name=served_model_name,
-        access=access_log,
-        threads=threads,
+    limits = Limits(
+        max_concurrent=max_concurrent,
+        max_queued=max_queued,
+        max_tokens=max_tokens,
+        max_connections=max_connections,
+        body_timeout_s=body_timeout,
+        header_timeout_s=header_timeout,
+        send_timeout_s=send_timeout,
+        shutdown_timeout_s=shutdown_timeout,
+        stream_interval_s=stream_interval,
+        template_timeout_s=template_timeout,
     )
+    run_server(str(bundle), host, port, limits, served_model_name, access_log, threads)
 
 
 def _open(path: Path, checkpoint: str, device: str) -> Any:
