@@ -332,6 +332,13 @@ def _config_template(config: dict[str, Any], path: Path) -> str | None:
 
 def _check_hf_folder(src: Path) -> None:
     """The files import-hf reads must be there before anything is made."""
+    if not (src / "model.safetensors").is_file() and (src / "pytorch_model.bin").is_file():
+        raise RunError(
+            f"{src} holds its weights as pytorch_model.bin, a pickle, which gptkit does not "
+            "open (loading one can run code); import-hf reads model.safetensors",
+            'Convert it where you trust the file: python -c "from transformers import '
+            f"AutoModelForCausalLM as M; M.from_pretrained('{src}').save_pretrained('{src}')\"",
+        )
     for f in ("config.json", "model.safetensors"):
         if not (src / f).is_file():
             raise RunError(

@@ -275,6 +275,10 @@ def test_import_samples_as_generation_config_asks(hf_gpt2, tmp_path):
 
 def test_import_refuses_what_it_cannot_read(tmp_path, smoke_run):
     assert_user_error(run_cli("import-hf", tmp_path), "has no config.json")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"a pickle")  # never opened
+    assert_user_error(
+        run_cli("import-hf", tmp_path), "holds its weights as pytorch_model.bin", "save_pretrained"
+    )
     assert_user_error(
         run_cli("export-hf", smoke_run, tmp_path / "x"),
         "this run is not a GPT-2",

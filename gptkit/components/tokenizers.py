@@ -220,7 +220,8 @@ class CharTokenizer(Tokenizer):
         raise EncodeError(
             f"text has {len(unseen)} character(s) the char tokenizer never saw: {shown}; "
             f"its vocabulary is the {len(self.chars)} characters of the training text",
-            "Set tokenizer.unknown=skip to drop them, or use tokenizer: byte.",
+            "In a prompt, leave them out; in a spec, set tokenizer.unknown=skip to drop them, "
+            "or use tokenizer: byte.",
         )
 
     def encode_lenient(self, text: str) -> list[int]:

@@ -357,7 +357,7 @@ def test_cli_generate_stream_samples_seed_and_sampler(smoke_run):
         (["--set", "sampler.temperature=-1"], "sampler.temperature"),
         (["--set", "sampler.kind=top_p", "--set", "sampler.p=1.5"], "sampler.p"),
         (["--prompt", "x" * 40], "the model's context is 32"),
-        (["--prompt", "ROMEO: ☃"], "never saw"),
+        (["--prompt", "ROMEO: ☃"], "In a prompt, leave them out"),  # not a spec field
         (["--set", "sampler.kind=mni_p"], "did you mean 'min_p'"),
         (["--device", "tpu"], "use cpu, cuda, mps or auto"),
     ],
