@@ -22,6 +22,8 @@ from gptkit.store.bundle import check_model_path
 # The most bytes of request line and headers a request may send: h11's own limit (16 KiB),
 # enforced for httptools too (which has none: 4 MB of headers were read and answered).
 MAX_HEADER_BYTES = 16 * 1024
+FILES_BESIDES_CONNECTIONS = 64  # the model's files, the listening socket, pipes, logs
+OVER_CAPACITY_GRACE_S = 2.0  # a connection answered 503 on arrival is closed this much later
 
 
 def _header_timeout_protocol(
@@ -64,6 +66,7 @@ class _HeaderLimits:
     _header_bytes = 0
     _host_headers = 0
     _refusal = ""  # why this protocol refused the request (uvicorn's 400 does not say)
+    _over = False  # one connection too many: answered 503, its requests never parsed
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -86,13 +89,26 @@ class _HeaderLimits:
         if others:
             min(others, key=lambda c: c._idle_since).transport.close()
             return
+        # The answer goes before the request is read; what the client sends meanwhile is
+        # read and dropped, and the socket closed only after a grace period: closed with
+        # unread data, the connection is reset and the client never sees the 503.
+        self._over = True
+        self._disarm()
         self._send_error(
             b"503 Service Unavailable",
             f"{self.max_connections} connections are open, each with a request under way; "
             "try again shortly",
             "server_error",
             b"retry-after: 1\r\n",
+            close=False,
         )
+        if self.transport.can_write_eof():  # type: ignore[attr-defined]
+            self.transport.write_eof()  # type: ignore[attr-defined]
+        self.loop.call_later(OVER_CAPACITY_GRACE_S, self.transport.close)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        if not self._over:
+            super().data_received(data)  # type: ignore[misc]
 
     def _arm(self) -> None:
         self._disarm()
@@ -105,9 +121,7 @@ class _HeaderLimits:
 
     def _headers_too_slow(self) -> None:
         self._header_timer = None
-        cycle = self.cycle  # type: ignore[attr-defined]
-        waiting = cycle is None or cycle.response_complete
-        if waiting and not self.transport.is_closing():  # type: ignore[attr-defined]
+        if self._idle() and not self.transport.is_closing():  # type: ignore[attr-defined]
             self.transport.close()  # type: ignore[attr-defined]
 
     def handle_events(self) -> None:  # h11: the parser's events are read here
@@ -189,9 +203,11 @@ class _HeaderLimits:
             b"400 Bad Request", f"malformed HTTP request: {why}", "invalid_request_error"
         )
 
-    def _send_error(self, status: bytes, message: str, kind: str, headers: bytes = b"") -> None:
+    def _send_error(
+        self, status: bytes, message: str, kind: str, headers: bytes = b"", close: bool = True
+    ) -> None:
         """Answer ``status`` in OpenAI's error shape outside any request cycle (uvicorn's own
-        answers are plain text), close the connection, and log it."""
+        answers are plain text), close the connection (unless told not to), and log it."""
         error = {"message": message, "type": kind, "param": None, "code": None}
         body = json.dumps({"error": error}).encode()
         head = [b"HTTP/1.1 %s\r\n" % status]
@@ -202,7 +218,8 @@ class _HeaderLimits:
             b"connection: close\r\n\r\n" % (len(body), headers)
         )
         self.transport.write(b"".join(head) + body)  # type: ignore[attr-defined]
-        self.transport.close()  # type: ignore[attr-defined]
+        if close:
+            self.transport.close()  # type: ignore[attr-defined]
         # One access-log line for it too (the method and path may be what was malformed).
         peer = self.transport.get_extra_info("peername") or ("-",)  # type: ignore[attr-defined]
         access_log.info('%s "- -" %s 0.000s (%s)', peer[0], status[:3].decode(), message)
@@ -274,6 +291,35 @@ def _server_class() -> Any:
     return Server
 
 
+def _connection_cap(wanted: int) -> int:
+    """``wanted`` open connections, if the process may hold that many files: its soft limit
+    is raised towards the hard one (a common soft limit of 1024 made accept() fail before
+    the cap was reached, and idle sockets were never closed to make room); else a cap that
+    fits, said on stderr."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = wanted + FILES_BESIDES_CONNECTIONS
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        cap = max(1, soft - FILES_BESIDES_CONNECTIONS)
+        print(
+            f"gptkit: note: this process may open {soft} files: at most {cap} connections "
+            f"(not --max-connections {wanted})",
+            file=sys.stderr,
+        )
+        return cap
+    return wanted
+
+
 def serve(
     bundle_dir: str,  # an export bundle or a training run folder
     host: str = "127.0.0.1",
@@ -317,7 +363,7 @@ def serve(
         http=_header_timeout_protocol(
             limits.header_timeout_s,
             send_timeout=limits.send_timeout_s,
-            max_connections=limits.max_connections,
+            max_connections=_connection_cap(limits.max_connections),
         ),
         # SIGTERM: answers under way may finish for this long, then they are cancelled (it
         # waited for ever: for a client that stopped reading, as long as it stayed).

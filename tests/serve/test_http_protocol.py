@@ -5,6 +5,7 @@ import http.client
 import json
 import logging
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -211,13 +212,15 @@ def test_idle_connections_make_room_and_busy_ones_get_a_503(parser, caplog):
         assert _dropped_within(idle[0], 5)
         assert not _dropped_within(idle[2], 0.2)
         busy = []
-        for _ in range(4):  # each with a request under way (its body not all sent)
+        for _ in range(3):  # each with a request under way (its body not all sent)
             s = socket.create_connection(("127.0.0.1", port))
             s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhi")
             busy.append(s)
             time.sleep(0.1)
-        with socket.create_connection(("127.0.0.1", port)) as s:
-            s.settimeout(10)
+        with socket.create_connection(("127.0.0.1", port)) as s:  # a client sending a
+            time.sleep(0.2)  # request as the answer comes: still read (closed with unread
+            s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")  # data,
+            s.settimeout(10)  # the connection was reset and the 503 lost)
             answer = b""
             while chunk := s.recv(4096):
                 answer += chunk
@@ -231,3 +234,22 @@ def test_idle_connections_make_room_and_busy_ones_get_a_503(parser, caplog):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_the_connection_cap_fits_the_files_the_process_may_open():
+    """A soft file limit of 1024 (a common default) made accept() fail before 1024
+    connections, so idle ones were never closed to make room: the soft limit is raised
+    towards the hard one, and a cap above even that is lowered, said on stderr."""
+    pytest.importorskip("resource")
+    code = (
+        "import resource, sys\n"
+        "from gptkit.serve.http import _connection_cap\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, int(sys.argv[1])))\n"
+        "print(_connection_cap(1024), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+    run = [sys.executable, "-c", code]
+    roomy = subprocess.run([*run, "4096"], capture_output=True, text=True, timeout=60)
+    assert roomy.stdout.split() == ["1024", "1088"] and not roomy.stderr, roomy
+    tight = subprocess.run([*run, "512"], capture_output=True, text=True, timeout=60)
+    assert tight.stdout.split() == ["448", "512"], tight
+    assert "at most 448 connections (not --max-connections 1024)" in tight.stderr
