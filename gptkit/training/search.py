@@ -206,7 +206,7 @@ def _trial(
     from gptkit.training.tracking import time_ms
 
     optuna = optuna_module()
-    root, state, parent, results = search.root, search.state, search.parent, search.results
+    root, state, parent = search.root, search.state, search.parent
     trial, params, folder = _ask(study, spec, state)
     point = [f"{k}={json.dumps(v)}" for k, v in params.items()]
     seeds = [spec.seed + i for i in range(spec.repeats)]
@@ -243,8 +243,7 @@ def _trial(
         )
         entry = {**result, "group": label, "trial": trial_number(trial)}
         done.append(entry)
-        results.append(entry)
-        search.save()
+        _record(search, entry)
         if stopped:  # a signal as the run ended: it is kept, and the search stops here
             raise KeyboardInterrupt
         if result["stop_reason"] == "pruned":
@@ -254,6 +253,14 @@ def _trial(
         search.group = None
     _tell(study, trial, done)
     return True
+
+
+def _record(search: SweepRun, entry: dict[str, Any]) -> None:
+    """A run's entry in sweep.json: one kept from before (its trial asked again after the
+    search stopped as the run ended) replaces the entry it had."""
+    search.results[:] = [r for r in search.results if r["run_dir"] != entry["run_dir"]]
+    search.results.append(entry)
+    search.save()
 
 
 def _ask(study: Any, spec: ExperimentSpec, state: dict[str, Any]) -> tuple[Any, dict, str]:

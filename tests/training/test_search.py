@@ -148,6 +148,18 @@ def test_a_search_folder_whose_study_names_folders_outside_it_is_refused(tmp_pat
         assert_user_error(resumed, "study.db gives", said, "start the search again")
         assert not outside.exists()
         assert not list(root.glob("trial-*/checkpoints"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (root / "trial-007").symlink_to(elsewhere)  # a trial-NNN name, but a link out
+    (root / "study.db").unlink()
+    study = optuna.create_study(study_name="srch", storage=f"sqlite:///{root / 'study.db'}")
+    trial = study.ask({"train.lr": lr})
+    trial.set_user_attr("folder", "trial-007")
+    trial.set_user_attr("trial", 7)
+    resumed = run_cli("train", "--resume", "--run-dir", root, "--no-progress", cwd=tmp_path)
+    assert_user_error(resumed, "holds symbolic links: trial-007")  # the run folder's own rule
+    assert not any(elsewhere.iterdir())
+    (root / "trial-007").unlink()
     (root / "study.db").write_bytes(b"not a database" * 100)
     resumed = run_cli("train", "--resume", "--run-dir", root, "--no-progress", cwd=tmp_path)
     assert_user_error(resumed, "cannot be opened as the search's study", "start the search again")

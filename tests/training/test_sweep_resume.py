@@ -231,6 +231,45 @@ def test_a_signal_as_a_point_ends_stops_the_sweep_before_the_next(tmp_path, monk
     assert read_sweep_state(tmp_path / "s")["status"] == "finished"
 
 
+@pytest.mark.slow  # a two-trial search of four steps, stopped and resumed
+def test_a_signal_as_a_search_trial_ends_keeps_it_once(tmp_path, monkeypatch):
+    """The search's version: the trial whose run ended as the signal came is recorded, asked
+    again on resume (kept, not trained again), and in sweep.json once (it was twice)."""
+    pytest.importorskip("optuna")
+    from gptkit.spec.files import compose_spec_file, validate_composed
+    from gptkit.training.loop import Interrupted, SpecTrainer
+    from gptkit.training.search import resume_search, run_search
+    from gptkit.training.sweep import read_sweep_state
+
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "late.yaml"
+    spec.write_text(
+        f"extends: {SMOKE}\nname: late\ntracking: {{enabled: false}}\n"
+        "train: {max_steps: 4, eval_every: 2, eval_batches: 1, sample_tokens: 0, threads: 1}\n"
+        "sweep: {method: random, trials: 2, space: {train.lr: [0.003, 0.001]}}\n"
+    )
+    fit, runs = SpecTrainer._fit, []
+
+    def fit_then_late_signal(self):
+        fit(self)
+        runs.append(self.run_dir.name)
+        if len(runs) == 1:
+            self._stop_signal = "SIGINT"  # after the loop's last look at it
+
+    monkeypatch.setattr(SpecTrainer, "_fit", fit_then_late_signal)
+    composed = compose_spec_file(spec)
+    resolved = validate_composed(composed, str(spec), [])
+    with pytest.raises(Interrupted, match="after 1 finished run"):
+        run_search(composed.data, str(spec), [], resolved, tmp_path / "s", progress=False)
+    state = read_sweep_state(tmp_path / "s")
+    assert [p["run_dir"] for p in state["points"]] == [str(tmp_path / "s" / "trial-000")]
+    resume_search(tmp_path / "s", state, progress=False, command=None)
+    assert len(runs) == 2 and runs.count("trial-000") == 1  # kept, not trained again
+    state = read_sweep_state(tmp_path / "s")
+    dirs = [p["run_dir"] for p in state["points"]]
+    assert len(dirs) == 2 and len(set(dirs)) == 2 and state["status"] == "finished", dirs
+
+
 @pytest.mark.slow  # a two-point sweep of two steps, then three resumes: ~15 s
 def test_a_sweep_folder_continued_imports_only_trusted_plugins(tmp_path):
     """A sweep folder is opened as any run is: a module its spec (or the overrides its
