@@ -206,9 +206,9 @@ def read_eot_token(src: Path, config: dict[str, Any]) -> str:
         if token is not None and hf.token_to_id(token) is not None:
             return token
     raise RunError(
-        f"{src / 'tokenizer.json'} has no end-of-text token: not {EOT!r}, and neither "
-        "tokenizer_config.json's eos_token nor config.json's eos_token_id names one of its "
-        "tokens",
+        f"{src / 'tokenizer.json'} has no end-of-text token: not {EOT!r}, and neither the "
+        "eos_token of tokenizer_config.json (or special_tokens_map.json) nor config.json's "
+        "eos_token_id names one of its tokens",
         "Name it as eos_token in tokenizer_config.json.",
     )
 
@@ -593,21 +593,23 @@ HF_FILES = (
 def export_hf(run: str | Path, out: str | Path, force: bool = False) -> Path:
     """Write a run as a Hugging Face GPT-2 folder that ``GPT2LMHeadModel.from_pretrained`` loads.
 
-    Existing ``config.json`` / ``model.safetensors`` / ``tokenizer.json`` in ``out`` are
-    replaced only with ``force``; other files there are left alone.
+    The files it writes (``HF_FILES``; the last three only for a run with a Hugging Face
+    tokenizer) are replaced only with ``force``, ``tokenizer_config.json`` updated in place;
+    other files there are left alone.
     """
+    from gptkit.store.rundir import load_run
+
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise GptkitError(f"{out} is a file; export-hf writes a folder")
-    existing = [f for f in HF_FILES if (out / f).exists()]
+    loaded = load_run(run)
+    has_tokenizer = (loaded.run.tokenizer_dir / "tokenizer.json").is_file()
+    existing = [f for f in HF_FILES[: None if has_tokenizer else 2] if (out / f).exists()]
     if existing and not force:
         raise GptkitError(
             f"{out} already holds {', '.join(existing)}; refusing to overwrite",
             "Choose another folder, or pass --force to replace them.",
         )
-    from gptkit.store.rundir import load_run
-
-    loaded = load_run(run)
     m = loaded.spec.model
     problems = [
         f"{k} is {v!r}, GPT-2 needs {want!r}"
@@ -657,9 +659,8 @@ def export_hf(run: str | Path, out: str | Path, force: bool = False) -> Path:
         "eos_token_id": eot,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    hf_tokenizer = loaded.run.tokenizer_dir / "tokenizer.json"
-    if hf_tokenizer.is_file():
-        shutil.copyfile(hf_tokenizer, out / "tokenizer.json")
+    if has_tokenizer:
+        shutil.copyfile(loaded.run.tokenizer_dir / "tokenizer.json", out / "tokenizer.json")
         _write_generation_files(out, loaded)
     else:  # said, not found out at the next import-hf ("has no tokenizer.json")
         print(
@@ -678,10 +679,9 @@ def generation_config(sampler: Any, eos: list[int]) -> dict[str, Any]:
         "bos_token_id": eos[0],
         "eos_token_id": eos[0] if len(eos) == 1 else eos,
     }
-    penalty = getattr(sampler, "repetition_penalty", 1.0)
-    if penalty != 1.0:
-        config["repetition_penalty"] = penalty
-    if sampler.kind == "greedy" or sampler.temperature == 0:
+    if sampler.repetition_penalty != 1.0:
+        config["repetition_penalty"] = sampler.repetition_penalty
+    if sampler.kind == "greedy":
         return {**config, "do_sample": False}
     config.update(do_sample=True, temperature=sampler.temperature, top_k=0)  # top_k 0: off
     for key, kind, field, *_ in _TRUNCATIONS:
@@ -697,13 +697,31 @@ def _write_generation_files(out: Path, loaded: Any) -> None:
     tok, spec = loaded.tokenizer, loaded.spec
     eot = tok.hf.id_to_token(tok.eot_id)
     stops = sorted(tok.stop_ids - {tok.eot_id})
-    tokenizer_config: dict[str, Any] = {"bos_token": eot, "eos_token": eot}
+    path = out / "tokenizer_config.json"
+    try:  # one already there (--force) keeps its other fields
+        tokenizer_config = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        tokenizer_config = {}
+    if not isinstance(tokenizer_config, dict):
+        tokenizer_config = {}
+    tokenizer_config.update(bos_token=eot, eos_token=eot)
     template = getattr(spec.tokenizer, "chat_template", None)
-    if template:
-        tokenizer_config["chat_template"] = template
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    if template:  # as written, without the token names import-hf set at its head
+        tokenizer_config["chat_template"] = _TEMPLATE_HEAD.sub("", template, count=1)
+    path.write_text(json.dumps(tokenizer_config, indent=2))
+    known = {"greedy", "temperature", *(t[1] for t in _TRUNCATIONS)}
+    if spec.sampler.kind not in known:
+        print(
+            f"gptkit: note: sampler kind '{spec.sampler.kind}' has no transformers equivalent: "
+            "generation_config.json samples at its temperature, untruncated",
+            file=sys.stderr,
+        )
     config = generation_config(spec.sampler, [tok.eot_id, *stops])
     (out / "generation_config.json").write_text(json.dumps(config, indent=2))
+
+
+# The token names import-hf sets at a chat template's head (``read_chat_template``).
+_TEMPLATE_HEAD = re.compile(r'\A(?:\{% set (?:bos|eos)_token = "(?:[^"\\]|\\.)*" %\})+')
 
 
 __all__ = ["import_hf", "export_hf"]

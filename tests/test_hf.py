@@ -217,6 +217,11 @@ def test_import_renders_chat_as_transformers_and_stops_where_generate_does(hf_gp
     ]
     again = gptkit.load(import_hf(tmp_path / "back", tmp_path / "again"))
     assert again.tokenizer.stop_ids == run.tokenizer.stop_ids and again.sampler == run.sampler
+    assert again.tokenizer.chat_template == run.tokenizer.chat_template  # did not grow
+    mine = tmp_path / "back" / "tokenizer_config.json"  # a fuller file of one's own: updated
+    mine.write_text(json.dumps({**json.loads(mine.read_text()), "model_max_length": 64}))
+    export_hf(tmp_path / "run", tmp_path / "back", force=True)
+    assert json.loads(mine.read_text())["model_max_length"] == 64
 
 
 def test_import_samples_as_generation_config_asks(hf_gpt2, tmp_path):

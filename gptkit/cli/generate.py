@@ -219,7 +219,9 @@ def serve(
         stream_interval_s=stream_interval,
         template_timeout_s=template_timeout,
     )
-    run_server(str(bundle), host, port, limits, served_model_name, access_log, threads)
+    run_server(
+        str(bundle), host, port, limits, name=served_model_name, access=access_log, threads=threads
+    )
 
 
 def _open(path: Path, checkpoint: str, device: str) -> Any:

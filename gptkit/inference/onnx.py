@@ -284,7 +284,7 @@ def _check_vocab(folder: Path, manifest: dict[str, Any], tokenizer: Any, model: 
         )
 
 
-def _check_logits(folder: Path, model: OnnxModel, token: int) -> None:
+def _check_logits(folder: Path, model: OnnxModel, token: int, vocab: int) -> None:
     """The graph answers one token with one finite logit per vocabulary entry: a graph that
     is not gptkit's (logits of another rank) or whose weights are NaN is named here, not
     met as an IndexError or as token 0 written for ever."""
@@ -297,6 +297,12 @@ def _check_logits(folder: Path, model: OnnxModel, token: int) -> None:
         )
     one = np.array([[token]], dtype=np.int64)
     logits, _ = model.run(one, np.zeros_like(one), np.ones((1, 1), dtype=bool), None)
+    if logits.shape[-1] != vocab:
+        raise RunError(
+            f"bundle {folder}: {MODEL_FILE} gives {logits.shape[-1]} logits per token, but "
+            f"{MANIFEST} says vocab_size {vocab}",
+            "Export the bundle again.",
+        )
     if not np.isfinite(logits).all():
         raise RunError(
             f"bundle {folder}: {MODEL_FILE} answers with logits that are not finite (NaN or "
@@ -343,7 +349,7 @@ def open_bundle(path: str | Path, threads: int | None = None, spin: bool = True)
         ) from None
     model = _open_model(folder, manifest, threads, spin)
     _check_vocab(folder, manifest, tokenizer, model)
-    _check_logits(folder, model, int(manifest["special_tokens"]["eot"]))
+    _check_logits(folder, model, int(manifest["special_tokens"]["eot"]), manifest["vocab_size"])
     return {
         "backend": OnnxBackend(model, int(manifest["max_seq_len"])),
         "tokenizer": tokenizer,

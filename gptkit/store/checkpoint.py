@@ -196,7 +196,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[dict[str, Any],
             raise RunError(f"checkpoint {path} is incomplete: {f} is missing")
         # torch.load and safetensors open the files themselves: a FIFO would block them.
         check_regular(path / f, f"checkpoint file {f}", error=RunError)
-    _check_shapes(path / WEIGHTS_FILE, model)
+    _check_header(path / WEIGHTS_FILE, model)
     try:
         missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False)
     except Exception as exc:
@@ -250,11 +250,13 @@ def _why_refused(exc: Exception) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})  # safetensors' names for float tensors
+# safetensors' names for floating-point tensors
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
 
-def _check_shapes(file: Path, model: torch.nn.Module) -> None:
-    """Compare tensor shapes from the safetensors header with the model, for a short message."""
+def _check_header(file: Path, model: torch.nn.Module) -> None:
+    """Compare tensor shapes and types from the safetensors header with the model, for a
+    short message."""
     from safetensors import safe_open
 
     try:
