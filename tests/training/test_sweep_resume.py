@@ -193,21 +193,19 @@ def test_a_point_killed_before_its_first_checkpoint_starts_again_and_leaves_no_s
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
-def test_a_signal_as_a_point_ends_stops_the_sweep_before_the_next(tmp_path, monkeypatch):
-    """A signal that arrives as a point's run is ending (after the run's last check) finishes
-    that run, and the sweep stops before the next point instead of losing the signal (a search
-    interrupted this way went on to its last trial and exited 0); the printed command then
-    keeps the finished point and trains the rest."""
+def _late_signal_spec(tmp_path, monkeypatch, sweep):
+    """A sweep (or search) spec of 4-step runs whose first run gets a signal as it ends
+    (after the loop's last look at it): the composed spec, its validation, and the names of
+    the runs trained, in order."""
     from gptkit.spec.files import compose_spec_file, validate_composed
-    from gptkit.training.loop import Interrupted, SpecTrainer
-    from gptkit.training.sweep import read_sweep_state, resume_sweep, run_sweep
+    from gptkit.training.loop import SpecTrainer
 
     monkeypatch.chdir(tmp_path)
     spec = tmp_path / "late.yaml"
     spec.write_text(
         f"extends: {SMOKE}\nname: late\ntracking: {{enabled: false}}\n"
         "train: {max_steps: 4, eval_every: 2, eval_batches: 1, sample_tokens: 0, threads: 1}\n"
-        "sweep: {train.lr: [0.003, 0.001]}\n"
+        f"sweep: {sweep}\n"
     )
     fit, runs = SpecTrainer._fit, []
 
@@ -215,13 +213,26 @@ def test_a_signal_as_a_point_ends_stops_the_sweep_before_the_next(tmp_path, monk
         fit(self)
         runs.append(self.run_dir.name)
         if len(runs) == 1:
-            self._stop_signal = "SIGINT"  # after the loop's last look at it
+            self._stop_signal = "SIGINT"
 
     monkeypatch.setattr(SpecTrainer, "_fit", fit_then_late_signal)
     composed = compose_spec_file(spec)
-    resolved = validate_composed(composed, str(spec), [])
+    return composed, validate_composed(composed, str(spec), []), runs
+
+
+def test_a_signal_as_a_point_ends_stops_the_sweep_before_the_next(tmp_path, monkeypatch):
+    """A signal that arrives as a point's run is ending (after the run's last check) finishes
+    that run, and the sweep stops before the next point instead of losing the signal (a search
+    interrupted this way went on to its last trial and exited 0); the printed command then
+    keeps the finished point and trains the rest."""
+    from gptkit.training.loop import Interrupted
+    from gptkit.training.sweep import read_sweep_state, resume_sweep, run_sweep
+
+    composed, resolved, runs = _late_signal_spec(
+        tmp_path, monkeypatch, "{train.lr: [0.003, 0.001]}"
+    )
     with pytest.raises(Interrupted, match="after 1 finished run"):
-        run_sweep(composed.data, str(spec), [], resolved, tmp_path / "s", progress=False)
+        run_sweep(composed.data, "late.yaml", [], resolved, tmp_path / "s", progress=False)
     assert len(runs) == 1
     state = read_sweep_state(tmp_path / "s")
     assert state["status"] == "killed"
@@ -236,31 +247,15 @@ def test_a_signal_as_a_search_trial_ends_keeps_it_once(tmp_path, monkeypatch):
     """The search's version: the trial whose run ended as the signal came is recorded, asked
     again on resume (kept, not trained again), and in sweep.json once (it was twice)."""
     pytest.importorskip("optuna")
-    from gptkit.spec.files import compose_spec_file, validate_composed
-    from gptkit.training.loop import Interrupted, SpecTrainer
+    from gptkit.training.loop import Interrupted
     from gptkit.training.search import resume_search, run_search
     from gptkit.training.sweep import read_sweep_state
 
-    monkeypatch.chdir(tmp_path)
-    spec = tmp_path / "late.yaml"
-    spec.write_text(
-        f"extends: {SMOKE}\nname: late\ntracking: {{enabled: false}}\n"
-        "train: {max_steps: 4, eval_every: 2, eval_batches: 1, sample_tokens: 0, threads: 1}\n"
-        "sweep: {method: random, trials: 2, space: {train.lr: [0.003, 0.001]}}\n"
+    composed, resolved, runs = _late_signal_spec(
+        tmp_path, monkeypatch, "{method: random, trials: 2, space: {train.lr: [0.003, 0.001]}}"
     )
-    fit, runs = SpecTrainer._fit, []
-
-    def fit_then_late_signal(self):
-        fit(self)
-        runs.append(self.run_dir.name)
-        if len(runs) == 1:
-            self._stop_signal = "SIGINT"  # after the loop's last look at it
-
-    monkeypatch.setattr(SpecTrainer, "_fit", fit_then_late_signal)
-    composed = compose_spec_file(spec)
-    resolved = validate_composed(composed, str(spec), [])
     with pytest.raises(Interrupted, match="after 1 finished run"):
-        run_search(composed.data, str(spec), [], resolved, tmp_path / "s", progress=False)
+        run_search(composed.data, "late.yaml", [], resolved, tmp_path / "s", progress=False)
     state = read_sweep_state(tmp_path / "s")
     assert [p["run_dir"] for p in state["points"]] == [str(tmp_path / "s" / "trial-000")]
     resume_search(tmp_path / "s", state, progress=False, command=None)
