@@ -28,6 +28,9 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on runs
 OPS = {"params", "tags", "metrics", "artifact", "dataset", "reopen", "end"}
 # MLflow error codes that no retry can fix: the event is set aside, the others go on.
+REQUEST_TIMEOUT_S = 10  # one MLflow HTTP request (MLFLOW_HTTP_REQUEST_TIMEOUT, unless set)
+END_RETRY_S = 1.0  # at a run's end, a server there but slow is tried again this soon
+SLOW_SEND_EVENTS = 200  # a close() with more than this left to send says so
 PERMANENT = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "MALFORMED_REQUEST"}
 
 
@@ -198,6 +201,8 @@ class Tracker:
         self.spooled_end: dict[str, Any] | None = None  # the end an earlier process recorded
         self.pending: list[dict[str, Any]] = self._read_spool()
         self.failures = 0
+        self.sent = 0  # events sent by this process (close() waits while it grows)
+        self._lock = threading.Lock()  # pending and the spool file, between worker and close
         self._warned = False
         self._queue: queue.Queue = queue.Queue()
         self._client = None
@@ -236,19 +241,34 @@ class Tracker:
 
     def close(self, status: str = "FINISHED", timeout: float = 30.0, end: bool = True) -> int:
         """Finish the run now (``end``), or else send what waits, the end an earlier process
-        spooled included (with its own time); wait up to ``timeout`` s for sending. Returns
-        events left spooled."""
+        spooled included (with its own time). Waits while events are being sent, and gives up
+        after ``timeout`` s in which none was. Returns events left spooled."""
         if end:
             self._put({"op": "end", "status": status, "end_time": time_ms()})
         elif self.spooled_end is not None:
             self._put(self.spooled_end)
         self._queue.put(None)
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            self._stop = True
-        left = len(self.pending)
-        self._write_spool()
+        self._wait_for_sending(timeout)
+        with self._lock:
+            left = len(self.pending)
+            self._write_spool()
         return left
+
+    def _wait_for_sending(self, stall: float) -> None:
+        """Join the worker while it makes progress (a slow server that takes every batch is
+        waited for; one that takes none for ``stall`` s is not), saying so when it is long."""
+        sent, since, said = self.sent, time.monotonic(), False
+        while self._thread.is_alive():
+            self._thread.join(0.25)
+            if self.sent != sent:
+                sent, since = self.sent, time.monotonic()
+            elif time.monotonic() - since > stall:
+                self._stop = True  # the request under way ends (sent or timed out), no other
+                self._thread.join(REQUEST_TIMEOUT_S + 1)
+                return
+            if not said and self._thread.is_alive() and len(self.pending) > SLOW_SEND_EVENTS:
+                self.warn(f"sending {len(self.pending)} MLflow events to {self.uri} ...")
+                said = True
 
     # ------------------------------------------------------------------ worker
 
@@ -257,28 +277,28 @@ class Tracker:
     def _put(self, event: dict[str, Any]) -> None:
         self._queue.put(event)
 
-    def _work(self) -> None:
-        retry_at = 0.0
+    def _take(self, timeout: float | None) -> bool:
+        """Move what was queued (waiting up to ``timeout`` for the first) into ``pending``;
+        True once the end-of-queue mark has been taken."""
         done = False
-        while not (done and not self.pending) and not self._stop:
-            try:
-                timeout = max(0.05, retry_at - time.time()) if self.pending else None
-                item = self._queue.get(timeout=timeout)
+        try:
+            item = self._queue.get(timeout=timeout)
+            while True:  # take everything already queued, then send
                 if item is None:
                     done = True
                 else:
                     self.pending.append(item)
-                    while True:  # take everything already queued, then send
-                        try:
-                            item = self._queue.get_nowait()
-                        except queue.Empty:
-                            break
-                        if item is None:
-                            done = True
-                        else:
-                            self.pending.append(item)
-            except queue.Empty:
-                pass
+                item = self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        return done
+
+    def _work(self) -> None:
+        retry_at = 0.0
+        done = False
+        while not (done and not self.pending) and not self._stop:
+            timeout = max(0.05, retry_at - time.time()) if self.pending else None
+            done = self._take(timeout) or done
             if time.time() < retry_at and not done:
                 continue
             try:
@@ -289,17 +309,24 @@ class Tracker:
                     self._warned = False
             except Exception as exc:
                 self.failures += 1
-                self._write_spool()
-                if not self._warned:
-                    self.warn(
-                        f"MLflow tracking at {self.uri} failed ({type(exc).__name__}: "
-                        f"{_short(exc)}); training goes on, events are spooled in "
-                        f"{self.files.spool_file} and retried"
-                    )
-                    self._warned = True
-                if done:
-                    return  # one last try at the end; what is left stays in the spool
-                retry_at = time.time() + min(30.0, self.retry_seconds * 2 ** min(self.failures, 4))
+                with self._lock:
+                    self._write_spool()
+                self._warn_failed(exc)
+                if done and _nobody_listening(exc):
+                    return  # the end: no server to wait for; what is left stays in the spool
+                # at the end, a server that is there but slow (a timeout, a dropped
+                # connection) is tried again soon; close() bounds how long
+                wait = END_RETRY_S if done else self.retry_seconds * 2 ** min(self.failures, 4)
+                retry_at = time.time() + min(30.0, wait)
+
+    def _warn_failed(self, exc: Exception) -> None:
+        if not self._warned:
+            self.warn(
+                f"MLflow tracking at {self.uri} failed ({type(exc).__name__}: "
+                f"{_short(exc)}); training goes on, events are spooled in "
+                f"{self.files.spool_file} and retried"
+            )
+            self._warned = True
 
     def _connect(self):
         if self._client is None:
@@ -311,7 +338,7 @@ class Tracker:
                 logging.getLogger(name).setLevel(logging.WARNING)
 
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(REQUEST_TIMEOUT_S))
             quiet_urls()
             self._client = MlflowClient(tracking_uri=self.uri)
         client = self._client
@@ -339,7 +366,7 @@ class Tracker:
         if not self.pending:
             return
         client = self._connect()
-        while self.pending:
+        while self.pending and not self._stop:
             n = self._batchable()
             try:
                 self._send(client, self.pending[:n])
@@ -347,8 +374,11 @@ class Tracker:
                 if not _permanent(exc):
                     raise
                 self._reject(self.pending[:n], exc)
-            del self.pending[:n]
-        self._write_spool()
+            with self._lock:
+                del self.pending[:n]
+                self.sent += n
+        with self._lock:
+            self._write_spool()
 
     def _batchable(self) -> int:
         """How many events from the head go in one request (consecutive metrics, <= 900)."""
@@ -491,6 +521,19 @@ def _short(exc: Exception, limit: int = 300) -> str:
     head = text[: limit // 2].rsplit(" ", 1)[0]
     tail = text[-(limit // 2) :].split(" ", 1)[-1]
     return f"{head} ... {tail}"
+
+
+def _nobody_listening(exc: BaseException) -> bool:
+    """A connection refused (no server at the address), found in the chain of causes that
+    MLflow's and requests' wrappers keep; a timeout or a dropped connection is not."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ConnectionRefusedError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _permanent(exc: Exception) -> bool:

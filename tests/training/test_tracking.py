@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import ROOT
 from tests.helpers import run_cli
-from tests.mlflow_server import MlflowServer
+from tests.mlflow_server import MlflowServer, Proxy
 
 pytestmark = pytest.mark.slow  # every test here trains, serves or spawns the CLI
 
@@ -213,7 +213,7 @@ def test_server_away_and_back_during_the_run_gets_everything_without_resume(tmp_
         assert proc.poll() is None, "training ended before the server came back"
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
-        assert "failed" in err and "is back" in err
+        assert "failed" in err and "is back" in err, err
         assert not (tmp_path / "run" / "mlflow-spool.jsonl").exists()
         client = MlflowClient(srv2.uri)
         run = only_run(client, "flaky")
@@ -286,3 +286,67 @@ def test_a_tracking_store_that_is_not_mlflows_is_refused_before_a_run(tmp_path):
     assert result.returncode == 2 and "not an MLflow store" in result.stderr, result.stderr
     assert app.read_bytes() == before and not (tmp_path / "run").exists()
     assert resolve_uri(f"sqlite:///{tmp_path / 'new.db'}").endswith("new.db")
+
+
+def _tracker(uri, run_dir):
+    from gptkit.training.tracking import Tracker
+
+    warned: list[str] = []
+    run_dir.mkdir(exist_ok=True)
+    return Tracker(uri, "net", run_dir, "r", warn=warned.append), warned
+
+
+def _wait_for_run(run_dir, timeout=60.0):
+    deadline = time.time() + timeout
+    while not (run_dir / "mlflow.json").exists():
+        assert time.time() < deadline, "the tracker made no MLflow run"
+        time.sleep(0.05)
+    return json.loads((run_dir / "mlflow.json").read_text())["run_id"]
+
+
+def test_a_slow_server_is_waited_for_at_the_end_while_it_takes_events(server, tmp_path):
+    """close()'s timeout bounds a wait in which nothing is sent, not the whole sending: a
+    backlog that takes longer than it to send, request after request, is all delivered."""
+    proxy = Proxy(server.port, delay=0.5)
+    try:
+        tracker, _ = _tracker(proxy.uri, tmp_path)
+        tracker.log_params({"a": "1"})
+        run_id = _wait_for_run(tmp_path)  # made; then a backlog as an outage leaves one
+        for i in range(20):
+            tracker.set_tags({f"t{i}": str(i)})  # a request each: 10 s or more in all
+        t0 = time.time()
+        assert tracker.close(timeout=4.0) == 0
+        assert time.time() - t0 > 4.0  # it did outlast the timeout
+    finally:
+        proxy.close()
+    tags = MlflowClient(server.uri).get_run(run_id).data.tags
+    assert {f"t{i}" for i in range(20)} <= set(tags)
+    assert not (tmp_path / "mlflow-spool.jsonl").exists()
+
+
+def test_a_dropped_connection_at_the_end_is_tried_again_a_refused_one_is_not(server, tmp_path):
+    """At a run's end a server that is there (a dropped connection, a timeout) gets more
+    tries within close()'s timeout; an address nobody listens on gets one."""
+    from tests.mlflow_server import free_port
+
+    proxy = Proxy(server.port)
+    try:
+        tracker, warned = _tracker(proxy.uri, tmp_path / "dropped")
+        tracker.log_metrics({"loss": 1.0}, 1)
+        run_id = _wait_for_run(tmp_path / "dropped")
+        proxy.drop(3)
+        tracker.log_metrics({"loss": 0.5}, 2)
+        assert tracker.close(timeout=20.0) == 0, warned
+    finally:
+        proxy.close()
+    history = MlflowClient(server.uri).get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2]
+    assert any("failed" in w for w in warned) and any("is back" in w for w in warned), warned
+    assert MlflowClient(server.uri).get_run(run_id).info.status == "FINISHED"
+
+    nobody, _ = _tracker(f"http://127.0.0.1:{free_port()}", tmp_path / "nobody")
+    nobody.log_metrics({"loss": 1.0}, 1)
+    t0 = time.time()
+    assert nobody.close(timeout=30.0) > 0  # spooled for --resume ...
+    assert time.time() - t0 < 20.0  # ... without waiting out the timeout for nobody
+    assert (tmp_path / "nobody" / "mlflow-spool.jsonl").exists()
