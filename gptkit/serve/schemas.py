@@ -218,8 +218,8 @@ class ChatMessage(Strict):
 class ChatRequest(SharedFields):
     model: str | None = None
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: Int | None = Field(None, ge=0)
-    max_completion_tokens: Int | None = Field(None, ge=0, description="max_tokens' new name.")
+    max_tokens: Int | None = Field(None, ge=1)  # OpenAI's chat refuses 0 too
+    max_completion_tokens: Int | None = Field(None, ge=1, description="max_tokens' new name.")
     temperature: float | None = Field(None, ge=0, le=10)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None

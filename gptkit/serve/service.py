@@ -156,7 +156,12 @@ class CompletionService:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         render = TextRender(self.model_name, echo, self.token_bytes)
         if req.echo and req.logprobs is not None:  # the prompt's own log-probabilities too
-            scored = await self._prompt_logprobs(prompts, req.logprobs)
+            if not self.admit():  # scoring is work: admitted like generating
+                return _busy()
+            try:
+                scored = await self._prompt_logprobs(prompts, req.logprobs)
+            finally:
+                self.release()
             if isinstance(scored, JSONResponse):
                 return scored
             render.prompt_logprobs = [s for s in scored for _ in range(req.n)]
@@ -364,13 +369,7 @@ class CompletionService:
             max_new = min(self.limits.max_tokens, max(1, room))
         rows = [r for r in ids for _ in range(n)]
         if not self.admit():
-            return error_response(
-                429,
-                "server busy; retry later",
-                "rate_limit_error",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": "1"},
-            )
+            return _busy()
         loop = asyncio.get_running_loop()
         processing = Processing.from_options(options)
         job = Job(rows, sampler, options.seed, max_new, stream, loop, processing=processing)
@@ -476,6 +475,17 @@ def _chat_messages(req: ChatRequest) -> list[dict[str, str]] | JSONResponse:
         named = {"name": message.name} if message.name is not None else {}
         out.append({"role": message.role, "content": content, **named})
     return out
+
+
+def _busy() -> JSONResponse:
+    """OpenAI's answer when every slot (running and queued) is taken."""
+    return error_response(
+        429,
+        "server busy; retry later",
+        "rate_limit_error",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": "1"},
+    )
 
 
 def _refused(req: SharedFields) -> JSONResponse | None:

@@ -173,6 +173,8 @@ def test_chat_whole_streamed_content_parts_and_max_completion_tokens(client):
         ("chat", {"extra_body": {"stream": "yes"}}, "stream"),  # not coerced to true
         ("completions", {"extra_body": {"echo": 1}}, "echo"),
         ("chat", {"max_completion_tokens": 100_000}, "max_completion_tokens"),
+        ("chat", {"max_tokens": 0}, "max_tokens"),  # OpenAI's chat refuses 0 too
+        ("chat", {"max_completion_tokens": 0}, "max_completion_tokens"),
         ("chat", {"extra_body": {"store": True}}, "store"),  # nothing is stored
         ("completions", {"extra_body": {"parallel_tool_calls": True}}, "parallel_tool_calls"),
     ],

@@ -1552,3 +1552,32 @@ def test_a_full_server_answers_429_in_openais_shape(bundle):
     service.release()
     answered = asyncio.run(service.completions(CompletionRequest(prompt="KING", max_tokens=2)))
     assert answered["usage"]["completion_tokens"] == 2
+
+
+def test_a_full_server_refuses_prompt_scoring_before_doing_it(bundle, monkeypatch):
+    """``echo`` with ``logprobs`` scores the prompt (a forward pass): that work is admitted
+    like generating, so a full server answers 429 without it, and it holds a slot while it
+    runs (a flood of scoring requests is bounded as generation is)."""
+    import gptkit
+    from gptkit.serve import service as service_module
+    from gptkit.serve.schemas import CompletionRequest
+    from gptkit.serve.service import CompletionService
+
+    service = CompletionService(gptkit.load(bundle), Limits(max_concurrent=1, max_queued=0))
+    scored, active = [], []
+    real = service_module.prompt_logprobs
+
+    def spy(*args):
+        scored.append(args[1])
+        active.append(service.active)
+        return real(*args)
+
+    monkeypatch.setattr(service_module, "prompt_logprobs", spy)
+    req = CompletionRequest(prompt="KING", max_tokens=0, echo=True, logprobs=1)
+    assert service.admit()  # the one slot is taken
+    refused = asyncio.run(service.completions(req))
+    assert refused.status_code == 429 and scored == []
+    service.release()
+    answered = asyncio.run(service.completions(req))
+    assert len(scored) == 1 and active == [1]  # scored holding the slot
+    assert answered["choices"][0]["text"] == "KING" and service.active == 0
