@@ -323,7 +323,10 @@ class HFTokenizer(Tokenizer):
 
     def _attach(self, hf, eot: str | None) -> None:
         self.hf = hf
-        self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+        # Ids can have gaps (a hand-made vocabulary): the size is past the largest id, so
+        # every id it encodes to has a row in the model's embedding table.
+        ids = hf.get_vocab(with_added_tokens=True).values()
+        self.vocab_size = max(hf.get_vocab_size(with_added_tokens=True), max(ids, default=-1) + 1)
         eot_id = hf.token_to_id(eot) if eot else None
         if eot_id is None:
             raise DataError(

@@ -280,3 +280,24 @@ def test_a_continuation_reads_as_it_does_after_its_prompt(kind, tmp_path):
     assert out[0].tokens == script
     assert out[0].text == want
     assert "".join(pieces) == want
+
+
+def test_a_vocabulary_with_id_gaps_is_sized_past_its_largest_id(tmp_path):
+    """A hand-made tokenizer.json whose ids skip (5 tokens, the last id 5000): its size is
+    5001, so a model of 100 embeddings is refused for it (it counted 5 and passed, then the
+    first "z" indexed row 5000) and sampling ranges over every id it can decode."""
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models, pre_tokenizers
+
+    from gptkit.components.tokenizers import vocabulary_misfit
+
+    vocab = {"a": 0, "b": 1, "[UNK]": 2, "<|endoftext|>": 3, "z": 5000}
+    hf = HF(models.WordLevel(vocab, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = make("pretrained", path=str(tmp_path / "tokenizer.json"))
+    tok.fit("")
+    assert tok.encode("a z") == [0, 5000]
+    assert tok.vocab_size == 5001
+    assert "the model only 100" in vocabulary_misfit(tok, 100)
+    assert vocabulary_misfit(tok, 5001) is None
