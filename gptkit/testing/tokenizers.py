@@ -70,8 +70,16 @@ def run_tokenizer_case(case: Any, example: Any, registry: Any, folder: Path) -> 
         # its whitespace runs are not in the fitted text: a vocabulary cut by frequency may
         # send them all to unk_id, but what it keeps must come back exactly
         check_roundtrip(tok, pieces[-1], max_unknown=1.0)
+        check_unseen(tok)
     elif case.prop == "save_load":
         from gptkit.components.tokenizers import load_tokenizer
+
+        refitted = example.build()
+        refitted.fit(text)
+        assert all(refitted.encode(p) == tok.encode(p) for p in pieces), (
+            "fitted twice on the same text it encodes differently: fit() must be "
+            "deterministic (runs that fit their own tokenizer, repeats and sweeps, compare)"
+        )
 
         try:
             tok.save(folder / "tokenizer")
@@ -100,9 +108,27 @@ def _spacing(lines: list[str]) -> str:
 
 
 MAX_UNKNOWN = 0.1  # the share of fitted text a vocabulary may leave to unk_id
+FITTED = "text the tokenizer was fitted on"
 
 
-def check_roundtrip(tok: Any, piece: str, max_unknown: float = MAX_UNKNOWN) -> None:
+# Characters the fitted text (Tiny Shakespeare) does not have: accents, typographic
+# punctuation, CJK, an emoji.
+UNSEEN = "Zo\u00eb\u2019s caf\u00e9 \u2014 \u6771\u4eac \U0001f642"
+
+
+def check_unseen(tok: Any) -> None:
+    """Text outside the fitted vocabulary is refused (an exception: gptkit names it to the
+    user) or encodes exactly, rare runs to ``unk_id`` allowed; never silently shortened."""
+    try:
+        tok.encode(UNSEEN)
+    except Exception:
+        return  # refused
+    check_roundtrip(tok, UNSEEN, 1.0, "text it never saw (refuse it, or give it back exactly)")
+
+
+def check_roundtrip(
+    tok: Any, piece: str, max_unknown: float = MAX_UNKNOWN, what: str = FITTED
+) -> None:
     """decode(encode(x)) == x on fitted text. A tokenizer with an ``unk_id`` (a vocabulary cut
     by frequency) may send rare text to it: each ``unk_id`` then stands for a non-empty run of
     the text, everything between them must come back exactly, and the unknown runs must be
@@ -111,12 +137,15 @@ def check_roundtrip(tok: Any, piece: str, max_unknown: float = MAX_UNKNOWN) -> N
 
     ids = tok.encode(piece)
     assert all(0 <= i < tok.vocab_size for i in ids), "encode gave ids outside the vocab"
+    assert tok.eot_id not in ids, (
+        f"encode gave the end-of-text id {tok.eot_id} for ordinary text ({piece[:30]!r}): "
+        "a generation would stop wherever that text comes; eot_id must be an id of its own"
+    )
     unk = getattr(tok, "unk_id", None)
     if unk is None:
         back = tok.decode(ids)
         assert back == piece, (
-            f"decode(encode(x)) != x for text the tokenizer was fitted "
-            f"on: {piece[:60]!r} came back as {back[:60]!r}"
+            f"decode(encode(x)) != x for {what}: {piece[:60]!r} came back as {back[:60]!r}"
         )
         return
     assert isinstance(unk, int) and 0 <= unk < tok.vocab_size, f"unk_id {unk!r} outside the vocab"
@@ -126,7 +155,7 @@ def check_roundtrip(tok: Any, piece: str, max_unknown: float = MAX_UNKNOWN) -> N
     known = [tok.decode(run) for run in runs]
     match = re.fullmatch("(.+?)".join(map(re.escape, known)), piece, re.DOTALL)
     assert match is not None, (
-        f"decode(encode(x)) != x for text the tokenizer was fitted on, outside the parts sent to "
+        f"decode(encode(x)) != x for {what}, outside the parts sent to "
         f"unk_id: {piece[:60]!r} came back as {'<unk>'.join(known)[:60]!r}"
     )
     share = sum(len(g) for g in match.groups()) / max(1, len(piece))

@@ -476,6 +476,54 @@ class ReorderingSpec(CharTokenizerSpec):
         return ReorderingTokenizer(self)
 
 
+class EotClashTokenizer(CharTokenizer):
+    """Gives its end-of-text id to its first character (a newline in the fitted text): every
+    generation stops at its first newline."""
+
+    def _set_chars(self, chars):
+        super()._set_chars(chars)
+        self.eot_id, self.vocab_size = 0, len(chars)
+
+
+class EotClashSpec(CharTokenizerSpec):
+    kind: Literal["eot_clash"] = "eot_clash"  # type: ignore[assignment]
+
+    def build(self):
+        return EotClashTokenizer(self)
+
+
+class DroppingTokenizer(CharTokenizer):
+    """Has no unk_id, and drops the characters it never saw instead of refusing them."""
+
+    def encode(self, text):
+        return self.encode_lenient(text)
+
+
+class DroppingSpec(CharTokenizerSpec):
+    kind: Literal["dropping"] = "dropping"  # type: ignore[assignment]
+
+    def build(self):
+        return DroppingTokenizer(self)
+
+
+class ShufflingTokenizer(CharTokenizer):
+    """Numbers its characters in a random order each time it is fitted."""
+
+    def fit(self, text):
+        import random
+
+        chars = sorted(set(text))
+        random.Random().shuffle(chars)
+        self._set_chars(chars)
+
+
+class ShufflingSpec(CharTokenizerSpec):
+    kind: Literal["shuffling"] = "shuffling"  # type: ignore[assignment]
+
+    def build(self):
+        return ShufflingTokenizer(self)
+
+
 class FixedLrAdamW(torch.optim.Optimizer):
     """Plain Adam that keeps the lr it was built with: ignores the trainer's schedule
     (``gated``: except that an lr of 0 skips the step, so only the step size is wrong)."""
@@ -622,6 +670,9 @@ def gptkit_register_tokenizer(register):
     register(MostlyUnknownSpec)
     register(VanishingUnknownSpec)
     register(SetStateSpec)
+    register(EotClashSpec)
+    register(DroppingSpec)
+    register(ShufflingSpec)
 
 
 @hookimpl

@@ -120,6 +120,9 @@ BROKEN = [
     ("sampler", "vocab_sized_id", "distribution", "broken_components", "returned id 64, outside"),
     ("sampler", "negative_id", "distribution", "broken_components", "returned id -1, outside"),
     ("tokenizer", "set_state", "save_load", "broken_components", "must be plain JSON data"),
+    ("tokenizer", "eot_clash", "roundtrip", "broken_components", "the end-of-text id 0 for"),
+    ("tokenizer", "dropping", "roundtrip", "broken_components", "for text it never saw"),
+    ("tokenizer", "shuffling", "save_load", "broken_components", "fit() must be deterministic"),
     ("sampler", "global_rng", "seeded", "broken_components", "numpy's global RNG"),
     ("sampler", "own_rng", "seeded", "broken_components", "the rng is ignored"),
     ("sampler", "leaky", "state", "leaky_sampler", "leaks between generations"),
@@ -189,6 +192,9 @@ def test_the_broken_components_pass_the_properties_they_do_not_break(tmp_path):
         ("optimizer", "unsaved_step", "descends", "broken_components"),
         ("tokenizer", "reordering", "roundtrip", "broken_components"),
         ("tokenizer", "torch_char", "save_load", "torch_importing"),
+        ("tokenizer", "eot_clash", "save_load", "broken_components"),
+        ("tokenizer", "dropping", "save_load", "broken_components"),
+        ("tokenizer", "shuffling", "roundtrip", "broken_components"),
     ]:
         run_contract(Case(slot, kind, prop, (module,)), tmp_path / kind)
 
