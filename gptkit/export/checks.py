@@ -30,19 +30,41 @@ def _refuse(spec: Any, prop: str, detail: str) -> GptkitError:
     )
 
 
-def _decoded(model: Any, idx: torch.Tensor, static: bool) -> list[torch.Tensor]:
+# How a model decodes, as (name, static, fixed-shape steps): the concatenating cache; the
+# preallocated one, read as slices of the slots in use; and the step the exported graph (and a
+# CUDA graph) runs, over the whole buffers with the free slots masked, which an attention
+# that ignores the mask there gets wrong.
+_CACHES = (
+    ("KV cache", False, False),
+    ("preallocated (static) KV cache", True, False),
+    ("fixed-shape steps over the whole preallocated cache (as the exported graph)", True, True),
+)
+
+
+def _decoded(
+    model: Any, idx: torch.Tensor, static: bool, whole: bool
+) -> tuple[list[torch.Tensor], str | None]:
     """The logits of each position of ``idx`` (1, T), decoded one token at a time through the
-    model's concatenating cache or (``static``) its preallocated one."""
+    model's concatenating cache or (``static``) its preallocated one, by steps over its
+    whole buffers (``whole``: run directly, not captured, on the CPU); and why those steps
+    could not run, if they could not."""
+    import warnings
+
     from gptkit.inference.torch import TorchBackend
 
-    backend = TorchBackend(model, next(model.parameters()).device, static=static, graphs=False)
+    device = next(model.parameters()).device
+    backend = TorchBackend(model, device, static=static, graphs=whole)
+    if whole:
+        backend.capture_after = 0  # every decode step over the whole buffers
     ids = idx.cpu().numpy()
     past, out = None, []
-    for t in range(ids.shape[1]):
-        mask = np.ones((1, t + 1), dtype=bool)
-        logits, past = backend(ids[:, t : t + 1], np.array([[t]]), mask, past)
-        out.append(torch.as_tensor(np.asarray(logits, dtype=np.float32)))
-    return out
+    with warnings.catch_warnings():  # a step that fails says so in the refusal instead
+        warnings.simplefilter("ignore")
+        for t in range(ids.shape[1]):
+            mask = np.ones((1, t + 1), dtype=bool)
+            logits, past = backend(ids[:, t : t + 1], np.array([[t]]), mask, past)
+            out.append(torch.as_tensor(np.asarray(logits, dtype=np.float32)))
+    return out, (backend.graphs_off if whole and not backend.graphs else None)
 
 
 @torch.no_grad()
@@ -76,11 +98,13 @@ def model_checks(model: Any, spec: Any, vocab_size: int) -> dict[str, Any]:
             return report
         # Both caches: the exported graph decodes over the preallocated one where the
         # components support it, and parity compares it with torch's, which shares its code.
-        for static in (False, True) if model.static_cache else (False,):
-            for t, logits in enumerate(_decoded(model, idx, static)):
+        for cache, static, whole in _CACHES if model.static_cache else _CACHES[:1]:
+            decoded, failed = _decoded(model, idx, static, whole)
+            if failed:
+                raise _refuse(spec, "cache-equals-full-forward", f"the {cache} failed: {failed}")
+            for t, logits in enumerate(decoded):
                 diff = float((logits - full[:, t]).abs().max())
                 if diff > tol:
-                    cache = "preallocated (static) KV cache" if static else "KV cache"
                     raise _refuse(
                         spec,
                         "cache-equals-full-forward",

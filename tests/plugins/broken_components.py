@@ -140,6 +140,23 @@ class ShiftedStaticSpec(AttentionSpec):
         return _mha(ShiftedStaticAttention, model, positional)
 
 
+class FreeSlotsAttention(CausalSelfAttention):
+    """Right when the static cache is read as its slots in use, wrong over its whole buffers
+    (the exported graph's step, a CUDA graph's): it takes every slot as in use and ignores
+    ``key_mask`` there, so it attends to the free slots."""
+
+    def attend_static(self, q, k, v, past: StaticKV, key_mask):
+        every = torch.full_like(past.position, past.keys.size(2))
+        return super().attend_static(q, k, v, past._replace(position=every, shared=None), None)
+
+
+class FreeSlotsSpec(AttentionSpec):
+    kind: Literal["free_slots"] = "free_slots"
+
+    def build(self, model, *, positional):
+        return _mha(FreeSlotsAttention, model, positional)
+
+
 class HostSlicingAttention(CausalSelfAttention):
     """Correct, but reads the cache's first free slot on the host to slice the slots in use
     (``int(past.position)``): a decode step that cannot be captured as a CUDA graph."""
@@ -631,6 +648,7 @@ def gptkit_register_attention(register):
     register(ForgetfulSpec)
     register(MaskIgnoringSpec)
     register(ShiftedStaticSpec)
+    register(FreeSlotsSpec)
     register(HostSlicingSpec)
     register(HostListingSpec)
     register(NoExampleSpec)

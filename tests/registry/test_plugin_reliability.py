@@ -154,6 +154,11 @@ def test_export_checks_also_decode_through_the_static_cache():
     assert broken.static_cache
     with pytest.raises(GptkitError, match=r"preallocated \(static\) KV cache gives logits"):
         model_checks(broken, SimpleNamespace(model=broken.spec), VOCAB)
+    # Right over the slots in use, wrong over the whole buffers with the free ones masked
+    # (the exported graph's step): ONNX parity caught it, and --tolerance let it through.
+    free = tiny_model("free_slots", plugins=["broken_components"])
+    with pytest.raises(GptkitError, match=r"fixed-shape steps over the whole preallocated"):
+        model_checks(free, SimpleNamespace(model=free.spec), VOCAB)
     good = tiny_model("mha")
     report = model_checks(good, SimpleNamespace(model=good.spec), VOCAB)
     assert good.static_cache and report["cache_equals_full"]
