@@ -49,9 +49,11 @@ Rules every component follows:
   stream with :func:`mark_residual` to get GPT-2's depth-scaled initialisation.
 - **A tokenizer refuses text it cannot encode** by raising :class:`EncodeError` (the user
   sees the message, exit 2; the server answers 400); any other exception from ``encode`` is
-  reported as the tokenizer's failure to encode the prompt, naming it.
+  reported as the tokenizer's failure to encode the prompt, naming it. It never drops text
+  silently, gives no text its ``eot_id``, and fits the same way every time.
 - **Samplers draw only from the ``rng`` passed in**; per-generation state lives in the object
-  :meth:`SamplerSpec.new_state` returns, one per row, passed back at every step.
+  :meth:`SamplerSpec.new_state` returns, one per row, passed back at every step. Every one
+  honours ``temperature`` and ``repetition_penalty`` (a replaced ``probs`` or ``adjust`` too).
 - **Optimizers honour the schedule**: the trainer sets each group's ``lr`` every step as
   ``group["initial_lr"] * lr_at(step) / train.lr``; see :class:`OptimizerSpec`.
 - Every component must pass ``gptkit.testing`` (:func:`contract_cases`), which gptkit's

@@ -65,9 +65,36 @@ def sampler_distribution(sampler: Any, vocab: int = 64, draws: int = 40_000, see
         want = p
         if type(sampler).probs is _base_probs():
             _check_truncation_only_removes(sampler, logits, previous, p)
+    _check_honours_options(sampler, logits)
     gen = np.random.default_rng(2)
     for row in range(len(logits)):  # every row: a sampler that mixes rows up is caught
         _check_draws(sampler, logits[row], want[row], gen, draws // len(logits))
+
+
+def _check_honours_options(sampler: Any, logits: Any) -> None:
+    """``temperature`` and ``repetition_penalty``, every sampler's fields, change what
+    ``probs`` gives (a new kind's own ``probs`` or ``adjust`` must apply them, as the base
+    ``adjust`` does), unless it picks one token per row whatever they are. The penalised
+    token is each row's likeliest, which no truncation removes."""
+    import numpy as np
+
+    previous = logits.argmax(-1)[:, None]
+
+    def probs(**change: float) -> Any:
+        changed = sampler.model_copy(update=change)
+        return changed.probs(logits, previous, _fresh(changed, len(logits)))
+
+    if np.isin(probs(), (0.0, 1.0)).all():
+        return  # one token per row: nothing for the options to sharpen or flatten
+    for field, low, high in (("temperature", 0.5, 2.0), ("repetition_penalty", 1.0, 3.0)):
+        if field in type(sampler).model_fields and np.allclose(
+            probs(**{field: low}), probs(**{field: high}), rtol=0, atol=1e-12
+        ):
+            raise AssertionError(
+                f"probs() is the same at {field} {low} and {high}: the sampler ignores its "
+                f"{field} (the base adjust() applies it; a sampler that replaces probs() or "
+                "adjust() must apply it too)"
+            )
 
 
 def _base_probs() -> Any:

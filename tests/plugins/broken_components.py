@@ -393,6 +393,26 @@ class HalfMassSpec(SamplerSpec):
         return 0.5 * super().probs(logits, previous, states)
 
 
+class ColdSpec(SamplerSpec):
+    """Its own ``probs``: the softmax of the raw logits, so ``temperature`` (and the
+    repetition penalty) change nothing."""
+
+    kind: Literal["cold"] = "cold"
+
+    def probs(self, logits, previous=None, states=None):
+        e = np.exp(logits - logits.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+
+class ForgivingSpec(SamplerSpec):
+    """Its own ``adjust`` applies the temperature and forgets the repetition penalty."""
+
+    kind: Literal["forgiving"] = "forgiving"
+
+    def adjust(self, logits, previous=None):
+        return np.asarray(logits, dtype=np.float64) / self.temperature
+
+
 class WideTopKSpec(TopKSpec):
     """Its example k is wider than the contract's vocabulary: truncation would go untested."""
 
@@ -678,6 +698,8 @@ def gptkit_register_sampler(register):
     register(HalfMassSpec)
     register(VocabSizedIdSpec)
     register(NegativeIdSpec)
+    register(ColdSpec)
+    register(ForgivingSpec)
 
 
 @hookimpl

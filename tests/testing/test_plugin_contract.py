@@ -119,6 +119,8 @@ BROKEN = [
     ("sampler", "half_mass", "distribution", "broken_components", "must sum to 1 (they sum to"),
     ("sampler", "vocab_sized_id", "distribution", "broken_components", "returned id 64, outside"),
     ("sampler", "negative_id", "distribution", "broken_components", "returned id -1, outside"),
+    ("sampler", "cold", "distribution", "broken_components", "ignores its temperature"),
+    ("sampler", "forgiving", "distribution", "broken_components", "its repetition_penalty"),
     ("tokenizer", "set_state", "save_load", "broken_components", "must be plain JSON data"),
     ("tokenizer", "eot_clash", "roundtrip", "broken_components", "the end-of-text id 0 for"),
     ("tokenizer", "dropping", "roundtrip", "broken_components", "for text it never saw"),
