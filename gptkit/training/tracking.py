@@ -27,10 +27,10 @@ from gptkit.errors import GptkitError
 DEFAULT_URI = "sqlite:///mlflow.db"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on runs
 OPS = {"params", "tags", "metrics", "artifact", "dataset", "reopen", "end"}
-# MLflow error codes that no retry can fix: the event is set aside, the others go on.
 REQUEST_TIMEOUT_S = 10  # one MLflow HTTP request (MLFLOW_HTTP_REQUEST_TIMEOUT, unless set)
 END_RETRY_S = 1.0  # at a run's end, a server there but slow is tried again this soon
 SLOW_SEND_EVENTS = 200  # a close() with more than this left to send says so
+# MLflow error codes that no retry can fix: the event is set aside, the others go on.
 PERMANENT = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "MALFORMED_REQUEST"}
 
 
@@ -312,7 +312,7 @@ class Tracker:
                 with self._lock:
                     self._write_spool()
                 self._warn_failed(exc)
-                if done and _nobody_listening(exc):
+                if done and not _there_but_slow(exc):
                     return  # the end: no server to wait for; what is left stays in the spool
                 # at the end, a server that is there but slow (a timeout, a dropped
                 # connection) is tried again soon; close() bounds how long
@@ -523,17 +523,41 @@ def _short(exc: Exception, limit: int = 300) -> str:
     return f"{head} ... {tail}"
 
 
-def _nobody_listening(exc: BaseException) -> bool:
-    """A connection refused (no server at the address), found in the chain of causes that
-    MLflow's and requests' wrappers keep; a timeout or a dropped connection is not."""
+# What a server that is there but slow or restarting gives (by class name, through the
+# wrappers of MLflow, requests and urllib3): a timeout, a connection dropped or reset. Not a
+# refused connection (nobody listening), nor a local store's error.
+_TRANSIENT = {
+    "TimeoutError",
+    "Timeout",
+    "ReadTimeout",
+    "ReadTimeoutError",
+    "ProtocolError",
+    "RemoteDisconnected",
+    "ConnectionResetError",
+    "ConnectionAbortedError",
+    "BrokenPipeError",
+}
+
+
+# No connection was made (refused, or the connect itself timed out): nobody to wait for.
+# urllib3's NewConnectionError is a kind of TimeoutError, so these are looked for first.
+_NOT_CONNECTED = {"ConnectionRefusedError", "NewConnectionError", "ConnectTimeoutError"}
+
+
+def _there_but_slow(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps: its causes, context, ``reason`` and exception
+    arguments) is one of ``_TRANSIENT`` on a connection that was made."""
     seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, ConnectionRefusedError):
-            return True
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return False
+    todo: list[Any] = [exc]
+    kinds: set[str] = set()  # the class names of everything in the chain, and their bases
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        kinds.update(c.__name__ for c in type(e).__mro__)
+        todo += [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
+    return not kinds & _NOT_CONNECTED and bool(kinds & _TRANSIENT)
 
 
 def _permanent(exc: Exception) -> bool:

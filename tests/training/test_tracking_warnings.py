@@ -57,3 +57,44 @@ def test_the_code_tags_say_the_commit_and_whether_it_had_changes(tmp_path, monke
     if (Path(gptkit.__file__).resolve().parents[1] / ".git").exists():  # an editable checkout
         assert len(tags["gptkit.code.git.commit"]) == 40
         assert tags["gptkit.code.git.dirty"] in ("true", "false")
+
+
+def test_only_a_server_that_is_there_but_slow_is_waited_for_at_a_runs_end(tmp_path, monkeypatch):
+    """The errors the real MLflow client raises: a dropped connection is worth another try at
+    the end of a run; a refused one (nobody listening, though urllib3 calls it a kind of
+    timeout) and a local store's error are not."""
+    import socket
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    from gptkit.training.tracking import _there_but_slow
+    from tests.mlflow_server import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # as the tracker sets them
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    (tmp_path / "file").write_text("")
+
+    def error_of(uri):
+        try:
+            MlflowClient(uri).search_experiments()
+        except Exception as exc:
+            return exc
+        raise AssertionError(f"{uri} answered")
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def drop():
+        while True:
+            conn, _ = listener.accept()
+            conn.recv(100)
+            conn.close()  # read the request, answer nothing
+
+    threading.Thread(target=drop, daemon=True).start()
+    port = listener.getsockname()[1]
+    try:
+        assert _there_but_slow(error_of(f"http://127.0.0.1:{port}"))
+    finally:
+        listener.close()
+    assert not _there_but_slow(error_of(f"http://127.0.0.1:{free_port()}"))
+    assert not _there_but_slow(error_of(f"sqlite:///{tmp_path / 'file' / 'm.db'}"))
