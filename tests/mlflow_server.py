@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -74,8 +75,6 @@ class Proxy:
     dropped, not refused)."""
 
     def __init__(self, port: int, delay: float = 0.0) -> None:
-        import threading
-
         self.target, self.delay, self._drops = port, delay, 0
         self._open: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -99,8 +98,6 @@ class Proxy:
         _close(self._listener)
 
     def _accept(self) -> None:
-        import threading
-
         while True:
             try:
                 client, _ = self._listener.accept()

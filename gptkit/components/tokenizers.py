@@ -514,8 +514,8 @@ def vocabulary_misfit(tokenizer: Tokenizer, vocab_size: int) -> str | None:
     if tokenizer.vocab_size <= vocab_size and tokenizer.eot_id < vocab_size:
         return None
     return (
-        f"the tokenizer has {tokenizer.vocab_size} tokens (end-of-text id {tokenizer.eot_id}) "
-        f"but the model only {vocab_size}"
+        f"the tokenizer has {tokenizer.vocab_size} tokens (ids up to {tokenizer.vocab_size - 1}, "
+        f"end-of-text id {tokenizer.eot_id}) but the model only {vocab_size}"
     )
 
 

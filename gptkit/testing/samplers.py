@@ -48,7 +48,8 @@ def sampler_distribution(sampler: Any, vocab: int = 64, draws: int = 40_000, see
     uses the base ``probs``, its ``truncate`` may only remove tokens: on what it keeps,
     ``probs`` is the softmax of the adjusted logits. A sampler that replaces ``probs`` is held
     to its own ``probs``. Each draw is the first step of a fresh generation (its own new
-    state), so stateful samplers are judged fairly."""
+    state), so stateful samplers are judged fairly. ``temperature`` and
+    ``repetition_penalty`` must change ``probs`` (:func:`_check_honours_options`)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -80,8 +81,8 @@ def _check_honours_options(sampler: Any, logits: Any) -> None:
 
     previous = logits.argmax(-1)[:, None]
 
-    def probs(**change: float) -> Any:
-        changed = sampler.model_copy(update=change)
+    def probs(**change: float) -> Any:  # built as gptkit builds it: validated
+        changed = type(sampler).model_validate({**sampler.model_dump(), **change})
         return changed.probs(logits, previous, _fresh(changed, len(logits)))
 
     if np.isin(probs(), (0.0, 1.0)).all():

@@ -264,7 +264,7 @@ class Tracker:
                 sent, since = self.sent, time.monotonic()
             elif time.monotonic() - since > stall:
                 self._stop = True  # the request under way ends (sent or timed out), no other
-                self._thread.join(REQUEST_TIMEOUT_S + 1)
+                self._thread.join(_request_timeout() + 1)
                 return
             if not said and self._thread.is_alive() and len(self.pending) > SLOW_SEND_EVENTS:
                 self.warn(f"sending {len(self.pending)} MLflow events to {self.uri} ...")
@@ -303,6 +303,8 @@ class Tracker:
                 continue
             try:
                 self._flush()
+                if self._stop:
+                    return  # close() gave up: what is left is spooled there
                 self.failures = 0
                 if self._warned:
                     self.warn(f"MLflow tracking at {self.uri} is back; spooled events sent")
@@ -363,7 +365,7 @@ class Tracker:
         return client
 
     def _flush(self) -> None:
-        if not self.pending:
+        if not self.pending or self._stop:
             return
         client = self._connect()
         while self.pending and not self._stop:
@@ -539,14 +541,33 @@ _TRANSIENT = {
 }
 
 
+# MLflow's codes for an HTTP 5xx or 429 answer (mlflow.exceptions.get_error_code); an
+# MlflowException that wraps another error has INTERNAL_ERROR too, so only an answer counts.
+_BUSY_CODES = {
+    "INTERNAL_ERROR",
+    "TEMPORARILY_UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "RESOURCE_EXHAUSTED",
+    "REQUEST_LIMIT_EXCEEDED",
+}
 # No connection was made (refused, or the connect itself timed out): nobody to wait for.
 # urllib3's NewConnectionError is a kind of TimeoutError, so these are looked for first.
 _NOT_CONNECTED = {"ConnectionRefusedError", "NewConnectionError", "ConnectTimeoutError"}
 
 
+def _request_timeout() -> float:
+    """One MLflow HTTP request's timeout in seconds: the user's MLFLOW_HTTP_REQUEST_TIMEOUT,
+    else ours."""
+    try:
+        return float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", REQUEST_TIMEOUT_S))
+    except ValueError:
+        return REQUEST_TIMEOUT_S
+
+
 def _there_but_slow(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what it wraps: its causes, context, ``reason`` and exception
-    arguments) is one of ``_TRANSIENT`` on a connection that was made."""
+    """Whether ``exc`` says the server is there but slow or restarting: a 5xx or 429 answer,
+    or (in what it wraps: its causes, context, ``reason`` and exception arguments) one of
+    ``_TRANSIENT`` on a connection that was made."""
     seen: set[int] = set()
     todo: list[Any] = [exc]
     kinds: set[str] = set()  # the class names of everything in the chain, and their bases
@@ -557,7 +578,12 @@ def _there_but_slow(exc: BaseException) -> bool:
         seen.add(id(e))
         kinds.update(c.__name__ for c in type(e).__mro__)
         todo += [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
-    return not kinds & _NOT_CONNECTED and bool(kinds & _TRANSIENT)
+    if kinds & _NOT_CONNECTED:
+        return False
+    answered = "RestException" in kinds or "failed with error code" in str(exc)
+    if answered and getattr(exc, "error_code", None) in _BUSY_CODES:
+        return True  # a 5xx or 429 answer (a proxy's 502 while MLflow restarts, say)
+    return bool(kinds & _TRANSIENT)
 
 
 def _permanent(exc: Exception) -> bool:

@@ -307,20 +307,20 @@ def _wait_for_run(run_dir, timeout=60.0):
 def test_a_slow_server_is_waited_for_at_the_end_while_it_takes_events(server, tmp_path):
     """close()'s timeout bounds a wait in which nothing is sent, not the whole sending: a
     backlog that takes longer than it to send, request after request, is all delivered."""
-    proxy = Proxy(server.port, delay=0.5)
+    proxy = Proxy(server.port, delay=0.5)  # 0.5 s a request; 8 s without any is a stall
     try:
         tracker, _ = _tracker(proxy.uri, tmp_path)
         tracker.log_params({"a": "1"})
         run_id = _wait_for_run(tmp_path)  # made; then a backlog as an outage leaves one
-        for i in range(20):
-            tracker.set_tags({f"t{i}": str(i)})  # a request each: 10 s or more in all
+        for i in range(30):
+            tracker.set_tags({f"t{i}": str(i)})  # a request each: 15 s or more in all
         t0 = time.time()
-        assert tracker.close(timeout=4.0) == 0
-        assert time.time() - t0 > 4.0  # it did outlast the timeout
+        assert tracker.close(timeout=8.0) == 0
+        assert time.time() - t0 > 8.0  # it did outlast the timeout
     finally:
         proxy.close()
     tags = MlflowClient(server.uri).get_run(run_id).data.tags
-    assert {f"t{i}" for i in range(20)} <= set(tags)
+    assert {f"t{i}" for i in range(30)} <= set(tags)
     assert not (tmp_path / "mlflow-spool.jsonl").exists()
 
 

@@ -60,9 +60,11 @@ def test_the_code_tags_say_the_commit_and_whether_it_had_changes(tmp_path, monke
 
 
 def test_only_a_server_that_is_there_but_slow_is_waited_for_at_a_runs_end(tmp_path, monkeypatch):
-    """The errors the real MLflow client raises: a dropped connection is worth another try at
-    the end of a run; a refused one (nobody listening, though urllib3 calls it a kind of
-    timeout) and a local store's error are not."""
+    """The errors the real MLflow client raises: a dropped connection or a 502 (a proxy in
+    front of a restarting MLflow) is worth another try at the end of a run; a refused one
+    (nobody listening, though urllib3 calls it a kind of timeout) and a local store's error
+    are not."""
+    import http.server
     import socket
     import threading
 
@@ -82,19 +84,37 @@ def test_only_a_server_that_is_there_but_slow_is_waited_for_at_a_runs_end(tmp_pa
             return exc
         raise AssertionError(f"{uri} answered")
 
+    class BadGateway(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(502)
+            self.end_headers()
+            self.wfile.write(b"<html>502 Bad Gateway</html>")
+
+        do_POST = do_GET  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    gateway = http.server.ThreadingHTTPServer(("127.0.0.1", 0), BadGateway)
+    threading.Thread(target=gateway.serve_forever, daemon=True).start()
     listener = socket.create_server(("127.0.0.1", 0))
 
     def drop():
         while True:
-            conn, _ = listener.accept()
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed at the end
             conn.recv(100)
             conn.close()  # read the request, answer nothing
 
     threading.Thread(target=drop, daemon=True).start()
-    port = listener.getsockname()[1]
     try:
-        assert _there_but_slow(error_of(f"http://127.0.0.1:{port}"))
+        assert _there_but_slow(error_of(f"http://127.0.0.1:{listener.getsockname()[1]}"))
+        assert _there_but_slow(error_of(f"http://127.0.0.1:{gateway.server_address[1]}"))
     finally:
+        listener.shutdown(socket.SHUT_RDWR)
         listener.close()
+        gateway.shutdown()
     assert not _there_but_slow(error_of(f"http://127.0.0.1:{free_port()}"))
     assert not _there_but_slow(error_of(f"sqlite:///{tmp_path / 'file' / 'm.db'}"))
