@@ -249,10 +249,7 @@ class Tracker:
             self._put(self.spooled_end)
         self._queue.put(None)
         self._wait_for_sending(timeout)
-        with self._lock:
-            left = len(self.pending)
-            self._write_spool()
-        return left
+        return self._write_spool()
 
     def _wait_for_sending(self, stall: float) -> None:
         """Join the worker while it makes progress (a slow server that takes every batch is
@@ -311,13 +308,12 @@ class Tracker:
                     self._warned = False
             except Exception as exc:
                 self.failures += 1
-                with self._lock:
-                    self._write_spool()
+                self._write_spool()
                 self._warn_failed(exc)
                 if done and not _there_but_slow(exc):
                     return  # the end: no server to wait for; what is left stays in the spool
                 # at the end, a server that is there but slow (a timeout, a dropped
-                # connection) is tried again soon; close() bounds how long
+                # connection, a 5xx answer) is tried again soon; close() bounds how long
                 wait = END_RETRY_S if done else self.retry_seconds * 2 ** min(self.failures, 4)
                 retry_at = time.time() + min(30.0, wait)
 
@@ -379,8 +375,7 @@ class Tracker:
             with self._lock:
                 del self.pending[:n]
                 self.sent += n
-        with self._lock:
-            self._write_spool()
+        self._write_spool()
 
     def _batchable(self) -> int:
         """How many events from the head go in one request (consecutive metrics, <= 900)."""
@@ -484,14 +479,17 @@ class Tracker:
             self._reject(bad, "damaged spool line")
         return events
 
-    def _write_spool(self) -> None:
+    def _write_spool(self) -> int:
+        """The spool file holds what is pending (none: no file); returns how many events."""
         from gptkit.store.rundir import atomic_write_text
 
         path = self.files.spool_file
-        if not self.pending:
-            path.unlink(missing_ok=True)
-            return
-        atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in self.pending))
+        with self._lock:  # the worker and close() both write it
+            if not self.pending:
+                path.unlink(missing_ok=True)
+                return 0
+            atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in self.pending))
+            return len(self.pending)
 
 
 def read_mlflow_link(run) -> dict[str, Any]:
